@@ -1,0 +1,11 @@
+//! The contracts between emulated devices and the VMM.
+//!
+//! Devices never touch KVM. They answer port or MMIO accesses routed to them by a [`Bus`], and
+//! they raise interrupts through an [`InterruptGroup`] that the VMM implements with irqfds.
+//! Keeping both contracts here lets device crates be unit-tested without a VM.
+
+pub mod bus;
+pub mod interrupt;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use interrupt::{InterruptGroup, MsiMessage};
