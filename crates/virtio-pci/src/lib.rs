@@ -1,0 +1,1 @@
+//! The modern virtio-pci transport.
