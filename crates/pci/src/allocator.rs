@@ -1,0 +1,214 @@
+//! Placing BARs in the VMM's MMIO windows, as firmware would.
+//!
+//! `vm_allocator::AddressAllocator` already does aligned first-fit allocation in an interval
+//! tree, which is exactly what natural BAR alignment needs, so we only add the window policy.
+
+use std::sync::{Arc, Mutex};
+
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+
+use crate::msix::lock;
+use crate::{BarKind, PciBarRegion, PciDevice, PciError};
+
+/// One placed BAR: insert `region` on the MMIO bus at `base` for `len` bytes.
+pub struct BarMapping {
+    pub bar: usize,
+    pub base: u64,
+    pub len: u64,
+    pub region: Arc<Mutex<PciBarRegion>>,
+}
+
+/// Hands out naturally aligned BAR addresses from a 32-bit window and an optional 64-bit one.
+///
+/// 64-bit BARs go to the 64-bit window when there is one and fall back to the 32-bit window
+/// when it is absent or full; 32-bit BARs only ever use the 32-bit window.
+pub struct BarAllocator {
+    mmio32: AddressAllocator,
+    mmio64: Option<AddressAllocator>,
+}
+
+impl BarAllocator {
+    /// `mmio32` must lie below 4 GiB; windows are `(base, size)`.
+    pub fn new(mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Result<Self, PciError> {
+        let window = |(base, size): (u64, u64)| {
+            AddressAllocator::new(base, size).map_err(|_| PciError::WindowInvalid { base, size })
+        };
+        let (base, size) = mmio32;
+        if base.checked_add(size).is_none_or(|end| end > 1 << 32) {
+            return Err(PciError::WindowInvalid { base, size });
+        }
+        Ok(Self {
+            mmio32: window(mmio32)?,
+            mmio64: mmio64.map(window).transpose()?,
+        })
+    }
+
+    /// Places every BAR of `device`, programs the addresses into its configuration space and
+    /// returns one mapping per BAR. On failure nothing stays allocated and no address changes.
+    pub fn allocate(
+        &mut self,
+        device: &Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<Vec<BarMapping>, PciError> {
+        let bars: Vec<_> = lock(device).config().bars().collect();
+        let mut placed: Vec<(usize, RangeInclusive, bool)> = Vec::new();
+        for (bar, spec) in bars {
+            match self.allocate_one(spec.size, spec.kind) {
+                Ok((range, in_mmio64)) => placed.push((bar, range, in_mmio64)),
+                Err(source) => {
+                    self.release(&placed);
+                    return Err(PciError::BarAllocation {
+                        bar,
+                        size: spec.size,
+                        source,
+                    });
+                }
+            }
+        }
+
+        let mut dev = lock(device);
+        let mut mappings = Vec::with_capacity(placed.len());
+        for &(bar, range, _) in &placed {
+            if let Err(err) = dev.config_mut().set_bar_address(bar, range.start()) {
+                // Ranges from our own windows always suit the BAR; still, never leak them.
+                self.release(&placed);
+                return Err(err);
+            }
+            mappings.push(BarMapping {
+                bar,
+                base: range.start(),
+                len: range.len(),
+                region: Arc::new(Mutex::new(PciBarRegion::new(device.clone(), bar))),
+            });
+        }
+        Ok(mappings)
+    }
+
+    fn allocate_one(
+        &mut self,
+        size: u64,
+        kind: BarKind,
+    ) -> Result<(RangeInclusive, bool), vm_allocator::Error> {
+        if kind == BarKind::Memory64 {
+            if let Some(mmio64) = &mut self.mmio64 {
+                if let Ok(range) = mmio64.allocate(size, size, AllocPolicy::FirstMatch) {
+                    return Ok((range, true));
+                }
+            }
+        }
+        let range = self.mmio32.allocate(size, size, AllocPolicy::FirstMatch)?;
+        Ok((range, false))
+    }
+
+    fn release(&mut self, placed: &[(usize, RangeInclusive, bool)]) {
+        for (_, range, in_mmio64) in placed {
+            let window = match (in_mmio64, &mut self.mmio64) {
+                (true, Some(mmio64)) => mmio64,
+                _ => &mut self.mmio32,
+            };
+            // Freeing a range we just allocated cannot fail.
+            let _ = window.free(range);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::root::tests::TestDevice;
+    use crate::BarSpec;
+
+    fn spec(size: u64, kind: BarKind) -> BarSpec {
+        BarSpec {
+            size,
+            kind,
+            prefetchable: false,
+        }
+    }
+
+    fn device(bars: &[(usize, BarSpec)]) -> Arc<Mutex<dyn PciDevice>> {
+        Arc::new(Mutex::new(TestDevice::new(1, bars)))
+    }
+
+    #[test]
+    fn bars_are_naturally_aligned_and_programmed() {
+        let mut alloc = BarAllocator::new((0xc000_0000, 0x2000_0000), None).unwrap();
+        let small = device(&[(0, spec(0x100, BarKind::Memory32))]);
+        alloc.allocate(&small).unwrap();
+        let dev = device(&[
+            (0, spec(0x4000, BarKind::Memory64)),
+            (2, spec(0x10_0000, BarKind::Memory32)),
+        ]);
+        let mappings = alloc.allocate(&dev).unwrap();
+        let summary: Vec<_> = mappings.iter().map(|m| (m.bar, m.base, m.len)).collect();
+        assert_eq!(
+            summary,
+            vec![(0, 0xc000_4000, 0x4000), (2, 0xc010_0000, 0x10_0000)]
+        );
+        let dev = dev.lock().unwrap();
+        assert_eq!(dev.config().bar_address(0), Some(0xc000_4000));
+        assert_eq!(dev.config().read_reg(4), 0xc000_4004);
+        assert_eq!(dev.config().read_reg(6), 0xc010_0000);
+    }
+
+    #[test]
+    fn bar64_prefers_the_64bit_window_and_falls_back() {
+        let mut alloc =
+            BarAllocator::new((0xc000_0000, 0x1_0000), Some((0x10_0000_0000, 0x8000))).unwrap();
+        let dev = device(&[
+            (0, spec(0x8000, BarKind::Memory64)),
+            (2, spec(0x1000, BarKind::Memory32)),
+        ]);
+        let mappings = alloc.allocate(&dev).unwrap();
+        assert_eq!(mappings[0].base, 0x10_0000_0000);
+        assert_eq!(mappings[1].base, 0xc000_0000);
+        assert_eq!(dev.lock().unwrap().config().read_reg(5), 0x10);
+        // The 64-bit window is now full: the next 64-bit BAR lands below 4 GiB.
+        let dev = device(&[(0, spec(0x4000, BarKind::Memory64))]);
+        assert_eq!(alloc.allocate(&dev).unwrap()[0].base, 0xc000_4000);
+    }
+
+    #[test]
+    fn exhaustion_fails_without_leaking() {
+        let mut alloc = BarAllocator::new((0xc000_0000, 0x4000), None).unwrap();
+        let dev = device(&[
+            (0, spec(0x2000, BarKind::Memory32)),
+            (1, spec(0x4000, BarKind::Memory32)),
+        ]);
+        let err = alloc.allocate(&dev).err().unwrap();
+        assert!(matches!(
+            err,
+            PciError::BarAllocation {
+                bar: 1,
+                size: 0x4000,
+                ..
+            }
+        ));
+        assert_eq!(dev.lock().unwrap().config().bar_address(0), Some(0));
+        // The first BAR's range was released: the whole window is still usable.
+        let fits = device(&[(0, spec(0x4000, BarKind::Memory32))]);
+        assert_eq!(alloc.allocate(&fits).unwrap()[0].base, 0xc000_0000);
+        let more = device(&[(0, spec(0x10, BarKind::Memory32))]);
+        assert!(alloc.allocate(&more).is_err());
+    }
+
+    #[test]
+    fn windows_are_validated() {
+        assert!(BarAllocator::new((0xf000_0000, 0x2000_0000), None).is_err());
+        assert!(BarAllocator::new((0xc000_0000, 0), None).is_err());
+        assert!(BarAllocator::new((0xc000_0000, 0x1000), Some((1 << 40, 0))).is_err());
+        assert!(BarAllocator::new((0xc000_0000, 0x4000_0000), Some((1 << 40, 1 << 30))).is_ok());
+    }
+
+    #[test]
+    fn mapping_region_reaches_the_device() {
+        let mut alloc = BarAllocator::new((0xc000_0000, 0x1_0000), None).unwrap();
+        let dev = device(&[(3, spec(0x1000, BarKind::Memory32))]);
+        let mappings = alloc.allocate(&dev).unwrap();
+        let mut bus = vm_device::Bus::new();
+        let m = &mappings[0];
+        bus.insert(m.region.clone(), m.base, m.len).unwrap();
+        let mut data = [0u8; 1];
+        assert!(bus.read(m.base + 5, &mut data));
+        assert_eq!(data, [0x35]);
+    }
+}
