@@ -1,0 +1,176 @@
+//! The DSDT: the PCI host bridge, COM1, a motherboard-resource device, and `\_S5_`.
+
+use std::ops::Range;
+
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
+    Path, ResourceTemplate, Scope, IO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::Aml;
+
+use crate::{
+    aml_bytes, AcpiLayout, OEM_ID, OEM_REVISION, OEM_TABLE_ID, PCI_CONFIG_PORTS, SLEEP_TYPE_S5,
+};
+
+/// Revision 2 and later make AML integers 64 bits wide, which the 64-bit window needs.
+const DSDT_REVISION: u8 = 6;
+
+/// The PCI I/O window minus the configuration ports, as inclusive `(min, max)` pairs.
+fn io_windows(io: &Range<u32>) -> Vec<(u16, u16)> {
+    let pieces = [
+        io.start..io.end.min(PCI_CONFIG_PORTS.start),
+        io.start.max(PCI_CONFIG_PORTS.end)..io.end,
+    ];
+    pieces
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        // The layout check keeps every port below 0x10000.
+        .map(|r| (r.start as u16, (r.end - 1) as u16))
+        .collect()
+}
+
+/// `\_SB.PCI0`: a PCI Express host bridge (PNP0A08, compatible with conventional PNP0A03).
+///
+/// Its `_CRS` consumes the configuration ports 0xCF8..=0xCFF (Linux drops exactly that entry
+/// from the bridge's windows) and produces the bus range and the I/O and memory windows that
+/// Linux allocates BARs from.
+fn pci_host_bridge(layout: &AcpiLayout) -> Vec<u8> {
+    let ecam = layout.ecam;
+    let buses = AddressSpace::<u16>::new_bus_number(ecam.bus_start.into(), ecam.bus_end.into());
+    let config_ports = IO::new(
+        PCI_CONFIG_PORTS.start as u16,
+        PCI_CONFIG_PORTS.start as u16,
+        1,
+        (PCI_CONFIG_PORTS.end - PCI_CONFIG_PORTS.start) as u8,
+    );
+    let io: Vec<AddressSpace<u16>> = layout
+        .pci_io
+        .as_ref()
+        .map(io_windows)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(min, max)| AddressSpace::new_io(min, max, None))
+        .collect();
+    // The layout check keeps mmio32 below 4 GiB.
+    let mmio32 = (!layout.mmio32.is_empty()).then(|| {
+        AddressSpace::<u32>::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            layout.mmio32.start as u32,
+            (layout.mmio32.end - 1) as u32,
+            None,
+        )
+    });
+    let mmio64 = (!layout.mmio64.is_empty()).then(|| {
+        AddressSpace::<u64>::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            layout.mmio64.start,
+            layout.mmio64.end - 1,
+            None,
+        )
+    });
+
+    let mut resources: Vec<&dyn Aml> = vec![&buses, &config_ports];
+    resources.extend(io.iter().map(|w| w as &dyn Aml));
+    if let Some(w) = &mmio32 {
+        resources.push(w);
+    }
+    if let Some(w) = &mmio64 {
+        resources.push(w);
+    }
+
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let seg = Name::new("_SEG".into(), &ecam.segment);
+    let bbn = Name::new("_BBN".into(), &ecam.bus_start);
+    let uid = Name::new("_UID".into(), &0u8);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
+    aml_bytes(&Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &seg, &bbn, &uid, &crs],
+    ))
+}
+
+/// `\_SB.COM1` (PNP0501) with its ports and an edge-triggered, active-high interrupt.
+fn serial(port: u16, irq: u32) -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid = Name::new("_UID".into(), &1u8);
+    let ports = IO::new(port, port, 1, 8);
+    let interrupt = Interrupt::new(true, true, false, false, irq);
+    let crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&ports, &interrupt]),
+    );
+    aml_bytes(&Device::new("COM1".into(), vec![&hid, &uid, &crs]))
+}
+
+/// `\_SB.MBRS` (PNP0C02, motherboard resources): the ECAM region and the sleep registers.
+///
+/// Linux only uses the MCFG's ECAM region if it finds it reserved, either in the E820 map (the
+/// VMM does that too) or among the `_CRS` of PNP0C01/PNP0C02 devices; declaring it here makes
+/// the guest not depend on the E820 map alone, and keeps BARs off it. The sleep registers are
+/// listed so that nothing else claims those ports.
+fn motherboard_resources(layout: &AcpiLayout) -> Vec<u8> {
+    let region = layout.ecam.region();
+    // The layout check keeps the ECAM region below 4 GiB.
+    let ecam = Memory32Fixed::new(
+        true,
+        region.start as u32,
+        (region.end - region.start) as u32,
+    );
+    let control = layout.sleep.control_port;
+    let status = layout.sleep.status_port;
+    let control_port = IO::new(control, control, 1, 1);
+    let status_port = IO::new(status, status, 1, 1);
+    let mut resources: Vec<&dyn Aml> = vec![&ecam, &control_port];
+    if status != control {
+        resources.push(&status_port);
+    }
+
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let uid = Name::new("_UID".into(), &0u8);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
+    aml_bytes(&Device::new("MBRS".into(), vec![&hid, &uid, &crs]))
+}
+
+/// The DSDT's bytes, header included (checksum left to the caller).
+pub(crate) fn build(layout: &AcpiLayout) -> Vec<u8> {
+    let mut devices = vec![pci_host_bridge(layout), motherboard_resources(layout)];
+    if let Some(s) = &layout.serial {
+        devices.push(serial(s.port, s.irq));
+    }
+    let system_bus = Scope::raw(Path::new("\\_SB_"), devices.concat());
+    // `_S5_` = { SLP_TYP for the sleep control register, (PM1b SLP_TYP, unused) }. Linux
+    // offers ACPI power-off only if this exists and the FADT has both sleep registers.
+    let s5 = Name::new("_S5_".into(), &Package::new(vec![&SLEEP_TYPE_S5, &0u8]));
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    dsdt.append_slice(&system_bus);
+    dsdt.append_slice(&aml_bytes(&s5));
+    dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_window_is_split_around_the_config_ports() {
+        assert_eq!(io_windows(&(0x1000..0x10000)), vec![(0x1000, 0xffff)]);
+        assert_eq!(
+            io_windows(&(0x0c00..0x2000)),
+            vec![(0x0c00, 0x0cf7), (0x0d00, 0x1fff)]
+        );
+        assert_eq!(io_windows(&(0x0cf8..0x0d00)), vec![]);
+        assert_eq!(io_windows(&(0x0400..0x0cf8)), vec![(0x0400, 0x0cf7)]);
+    }
+}
