@@ -3,13 +3,78 @@
 //! A device here sees queues and guest memory, never PCI registers: the virtio-pci transport
 //! (crate `virtio-pci`) owns feature negotiation, queue configuration and interrupt vectors, and
 //! hands a device its ready queues on DRIVER_OK through [`VirtioDevice::activate`].
+//!
+//! Devices are generic over the memory they access ([`DeviceMemory`]): plain guest RAM
+//! (`GuestMemoryMmap`) for a device outside the IOMMU, or `vm_memory::IommuMemory` for one
+//! behind it, where every access is translated and permission-checked. Each device is
+//! monomorphised for its memory type, so the unprotected path pays nothing for the IOMMU.
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::Queue;
+use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
+
+pub mod block;
+mod buffers;
+pub mod console;
+pub mod rng;
+#[cfg(test)]
+mod test_utils;
+mod worker;
+
+pub use block::{Block, BlockError, BlockOptions};
+pub use console::Console;
+pub use rng::{Rng, RngError};
+
+/// The memory a device reads and writes guest buffers through: the device's I/O address space.
+///
+/// Implemented by `GuestMemoryMmap` (direct access to guest RAM) and by
+/// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device
+/// keeps its own clone and hands another to its worker thread.
+pub trait DeviceMemory: GuestMemory + Clone + Send + Sync + 'static {}
+
+impl<T: GuestMemory + Clone + Send + Sync + 'static> DeviceMemory for T {}
+
+/// Feature bits every device here offers. `access_platform` is set for a device behind the
+/// IOMMU, so the driver uses DMA addresses rather than guest-physical ones.
+fn common_features(access_platform: bool) -> u64 {
+    let mut features = (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+    if access_platform {
+        features |= 1 << VIRTIO_F_ACCESS_PLATFORM;
+    }
+    features
+}
+
+/// Copies the bytes of `config` at `offset` into `data`; bytes past its end read as zero.
+fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(offset..) {
+        let len = src.len().min(data.len());
+        data[..len].copy_from_slice(&src[..len]);
+    }
+}
+
+/// Takes queue `index` out of `queues`, or reports that the driver did not enable it.
+fn take_queue(
+    queues: &mut Vec<ActivatedQueue>,
+    index: usize,
+) -> Result<ActivatedQueue, ActivateError> {
+    let position = queues
+        .iter()
+        .position(|q| q.index == index)
+        .ok_or(ActivateError::MissingQueue(index))?;
+    Ok(queues.swap_remove(position))
+}
 
 /// Raised by a device to tell the driver about used buffers or a config change.
 ///

@@ -1,0 +1,169 @@
+//! Driver-side helpers for tests: real split queues laid out in guest memory.
+
+use std::io;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::VirtioInterrupt;
+
+/// Guest RAM for tests: 1 MiB at 0. The driver's rings sit at the bottom, so buffers go at
+/// 0x10000 and above.
+pub(crate) fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+}
+
+/// One buffer of a chain as the driver builds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) writable: bool,
+}
+
+/// A buffer the device reads.
+pub(crate) fn ro(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: false,
+    }
+}
+
+/// A buffer the device writes.
+pub(crate) fn wo(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: true,
+    }
+}
+
+/// The driver side of one split queue.
+pub(crate) struct Driver<'a, M: GuestMemory> {
+    mem: &'a M,
+    mock: MockSplitQueue<'a, M>,
+    next_desc: u16,
+    size: u16,
+}
+
+impl<'a, M: GuestMemory> Driver<'a, M> {
+    /// Lays out a queue of `size` entries at guest address `base`.
+    pub(crate) fn new(mem: &'a M, base: u64, size: u16) -> Self {
+        Driver {
+            mem,
+            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            next_desc: 0,
+            size,
+        }
+    }
+
+    /// A device-side queue configured the way the transport would hand it over.
+    pub(crate) fn queue(&self) -> Queue {
+        self.mock.create_queue().unwrap()
+    }
+
+    /// Makes `descs` available as one chain; returns its head index.
+    pub(crate) fn add(&mut self, descs: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut flags = if d.writable { VRING_DESC_F_WRITE } else { 0 } as u16;
+                let last = i + 1 == descs.len();
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last { 0 } else { head + i as u16 + 1 };
+                RawDescriptor::from(Descriptor::new(d.addr, d.len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, head).unwrap();
+        self.next_desc += descs.len() as u16;
+        head
+    }
+
+    /// Entries the device put in the used ring so far, as (head, len).
+    pub(crate) fn used(&self) -> Vec<(u32, u32)> {
+        let count = self.mock.used().idx().load();
+        (0..count)
+            .map(|i| {
+                let elem: VirtqUsedElem = self
+                    .mock
+                    .used()
+                    .ring()
+                    .ref_at(usize::from(i % self.size))
+                    .unwrap()
+                    .load();
+                (elem.id(), elem.len())
+            })
+            .collect()
+    }
+
+    /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index passes it.
+    pub(crate) fn set_used_event(&self, value: u16) {
+        let addr = self
+            .mock
+            .avail_addr()
+            .unchecked_add(4 + 2 * u64::from(self.size));
+        self.mem.write_obj(value, addr).unwrap();
+    }
+}
+
+/// Records the interrupts a device raises.
+#[derive(Default)]
+pub(crate) struct FakeInterrupt {
+    queue_counts: Mutex<Vec<usize>>,
+    changed: Condvar,
+}
+
+impl FakeInterrupt {
+    /// How many times queue `index` was signalled.
+    pub(crate) fn count(&self, index: usize) -> usize {
+        self.queue_counts
+            .lock()
+            .unwrap()
+            .get(index)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits up to five seconds for queue `index` to have been signalled `at_least` times.
+    pub(crate) fn wait_for(&self, index: usize, at_least: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut counts = self.queue_counts.lock().unwrap();
+        loop {
+            if counts.get(index).copied().unwrap_or(0) >= at_least {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            counts = self.changed.wait_timeout(counts, deadline - now).unwrap().0;
+        }
+    }
+}
+
+impl VirtioInterrupt for FakeInterrupt {
+    fn notify_queue(&self, queue_index: usize) -> io::Result<()> {
+        let mut counts = self.queue_counts.lock().unwrap();
+        if counts.len() <= queue_index {
+            counts.resize(queue_index + 1, 0);
+        }
+        counts[queue_index] += 1;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    fn notify_config(&self) -> io::Result<()> {
+        Ok(())
+    }
+}

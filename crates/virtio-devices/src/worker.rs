@@ -1,0 +1,254 @@
+//! The thread that serves a device between `activate` and `reset`.
+//!
+//! Each active device gets one thread that waits in epoll on its queue notifiers, a kill eventfd
+//! and whatever file descriptors the device itself needs (console input). Device logic lives in a
+//! [`WorkerHandler`]; this module owns the thread, the wake-up plumbing and the
+//! enable/disable-notification loop that every queue shares.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use log::{error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::VirtioInterrupt;
+
+/// Epoll data of the kill eventfd.
+const KILL_TOKEN: u64 = u64::MAX;
+/// Set in the epoll data of device-specific fds, to tell them apart from queue notifiers.
+const DEVICE_TOKEN_BIT: u64 = 1 << 32;
+
+/// Lets a handler add and remove its own file descriptors in the worker's epoll set.
+pub(crate) struct Poller<'a> {
+    epoll: &'a Epoll,
+}
+
+impl Poller<'_> {
+    /// Starts waiting for `fd` to become readable; [`WorkerHandler::fd_ready`] gets `token`.
+    pub(crate) fn add(&self, fd: RawFd, token: u32) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, DEVICE_TOKEN_BIT | u64::from(token)),
+        )
+    }
+
+    /// Stops waiting for `fd`.
+    pub(crate) fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
+/// The device-specific half of a worker thread.
+pub(crate) trait WorkerHandler: Send + 'static {
+    /// Registers device-specific fds before the thread starts waiting.
+    fn start(&mut self, _poller: &Poller) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The driver notified queue `index` (or the worker just started). The notifier has already
+    /// been drained, so the handler must consume everything that is available.
+    fn queue_notified(&mut self, index: usize, poller: &Poller);
+
+    /// A device-specific fd added with `token` is readable (or hung up).
+    fn fd_ready(&mut self, _token: u32, _poller: &Poller) {}
+}
+
+/// A running worker thread; dropping it stops the thread and waits for it.
+pub(crate) struct Worker {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts thread `name` serving `handler`; `notifiers` pairs each queue index with the
+    /// eventfd the driver's notifications arrive on.
+    pub(crate) fn spawn<H: WorkerHandler>(
+        name: String,
+        notifiers: Vec<(usize, EventFd)>,
+        mut handler: H,
+    ) -> io::Result<Worker> {
+        let epoll = Epoll::new()?;
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+        )?;
+        for (position, (_, notifier)) in notifiers.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                notifier.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, position as u64),
+            )?;
+        }
+        handler.start(&Poller { epoll: &epoll })?;
+
+        let thread = thread::Builder::new()
+            .name(name)
+            .spawn(move || run(epoll, notifiers, handler))?;
+        Ok(Worker {
+            kill,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if let Err(err) = self.kill.write(1) {
+            // Without the kill event the thread would never end; joining would hang the VMM.
+            error!("cannot stop device worker: {err}");
+            return;
+        }
+        if thread.join().is_err() {
+            error!("device worker panicked");
+        }
+    }
+}
+
+fn run<H: WorkerHandler>(epoll: Epoll, notifiers: Vec<(usize, EventFd)>, mut handler: H) {
+    let poller = Poller { epoll: &epoll };
+    // Buffers made available before activation (or whose notification raced with it) must not
+    // wait for the next kick; this first pass also arms EVENT_IDX.
+    for (index, _) in &notifiers {
+        handler.queue_notified(*index, &poller);
+    }
+
+    let mut events = vec![EpollEvent::default(); notifiers.len() + 4];
+    loop {
+        let count = match epoll.wait(-1, &mut events) {
+            Ok(count) => count,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                error!("device worker cannot wait for events: {err}");
+                return;
+            }
+        };
+        for event in &events[..count] {
+            let token = event.data();
+            if token == KILL_TOKEN {
+                return;
+            }
+            if token & DEVICE_TOKEN_BIT != 0 {
+                handler.fd_ready(token as u32, &poller);
+                continue;
+            }
+            let Some((index, notifier)) = notifiers.get(token as usize) else {
+                warn!("device worker woken with unknown token {token:#x}");
+                continue;
+            };
+            if let Err(err) = notifier.read() {
+                if err.kind() != io::ErrorKind::WouldBlock {
+                    warn!("cannot drain queue {index} notifier: {err}");
+                }
+            }
+            handler.queue_notified(*index, &poller);
+        }
+    }
+}
+
+/// An activated queue together with the means to tell the driver about used buffers.
+pub(crate) struct DeviceQueue {
+    index: usize,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl DeviceQueue {
+    /// Wraps queue `index`; `event_idx` says whether the driver accepted
+    /// `VIRTIO_RING_F_EVENT_IDX`, which the device (not the transport) applies to the queue.
+    pub(crate) fn new(
+        index: usize,
+        mut queue: Queue,
+        event_idx: bool,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Self {
+        queue.set_event_idx(event_idx);
+        DeviceQueue {
+            index,
+            queue,
+            interrupt,
+        }
+    }
+
+    /// Hands every available chain to `handle` and returns it to the driver as used.
+    ///
+    /// `handle` returns how many bytes it wrote into the chain, or `None` to leave the chain in
+    /// the ring and stop (the console's receive queue does so when it has nothing to deliver).
+    /// Notifications from the driver are suppressed while the ring is drained and re-enabled
+    /// before returning, re-checking the ring afterwards, so a buffer added meanwhile is never
+    /// left without either a notification or processing. The driver is interrupted at most
+    /// once per call, and only if the queue says it wants to be.
+    pub(crate) fn process<M, F>(&mut self, mem: &M, mut handle: F)
+    where
+        M: GuestMemory,
+        F: FnMut(DescriptorChain<&M>) -> Option<u32>,
+    {
+        let mut used_any = false;
+        let mut idle_rounds = 0;
+        'rounds: loop {
+            if let Err(err) = self.queue.disable_notification(mem) {
+                warn!("queue {}: cannot disable notifications: {err}", self.index);
+            }
+            let mut progressed = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let Some(len) = handle(chain) else {
+                    self.queue.go_to_previous_position();
+                    break 'rounds;
+                };
+                if let Err(err) = self.queue.add_used(mem, head, len) {
+                    error!(
+                        "queue {}: cannot return descriptor {head}: {err}",
+                        self.index
+                    );
+                    break 'rounds;
+                }
+                used_any = true;
+                progressed = true;
+            }
+            match self.queue.enable_notification(mem) {
+                Ok(false) => break,
+                Ok(true) => {
+                    // More buffers arrived while notifications were off: go round again. Two
+                    // rounds in a row without a chain mean the avail index itself is bogus.
+                    idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
+                    if idle_rounds > 1 {
+                        error!("queue {}: available ring index is invalid", self.index);
+                        break;
+                    }
+                }
+                Err(err) => {
+                    error!("queue {}: cannot enable notifications: {err}", self.index);
+                    break;
+                }
+            }
+        }
+        if used_any {
+            self.signal_used(mem);
+        }
+    }
+
+    fn signal_used<M: GuestMemory>(&mut self, mem: &M) {
+        let needed = self.queue.needs_notification(mem).unwrap_or_else(|err| {
+            // A spurious interrupt is harmless; a lost one hangs the driver.
+            warn!("queue {}: cannot read used_event: {err}", self.index);
+            true
+        });
+        if needed {
+            if let Err(err) = self.interrupt.notify_queue(self.index) {
+                error!("queue {}: cannot interrupt the driver: {err}", self.index);
+            }
+        }
+    }
+}
