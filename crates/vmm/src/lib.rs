@@ -1,1 +1,17 @@
-//! placeholder
+//! Builds one KVM virtual machine from a [`config::VmConfig`] and runs it to its end.
+//!
+//! [`builder::run`] is the whole boot path, top to bottom; the modules beside it each own one
+//! piece of the machine (its address map, RAM, interrupt routing, legacy devices, kernel
+//! loading, vCPUs).
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod interrupts;
+pub mod layout;
+pub mod legacy;
+pub mod memory;
+pub mod vcpu;
+
+pub use builder::{run, VmmError};
+pub use legacy::GuestExit;

@@ -1,1 +1,70 @@
-fn main() {}
+//! `warden`: parse the command line, build the VM, run it, and exit with the guest's verdict.
+
+mod cli;
+mod options;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::GuestExit;
+
+/// Exit code for a wrong command line, a missing file or a host set up wrongly for the request.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when the guest did not power off cleanly, or the VMM failed while running.
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid command line");
+            eprintln!(
+                "warden: {}; see warden --help",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(cli.log_level);
+    let config = match cli.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("warden: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match vmm::run(&config) {
+        Ok(GuestExit::Poweroff) => ExitCode::SUCCESS,
+        Ok(GuestExit::Reset(why)) => {
+            eprintln!("warden: the guest asked for a reset ({why}): it rebooted or panicked; warden does not restart guests");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Ok(GuestExit::Crash(why)) => {
+            eprintln!("warden: the guest stopped abnormally: {why}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(err) => {
+            eprintln!("warden: {err}");
+            ExitCode::from(if err.is_user_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            })
+        }
+    }
+}
+
+fn init_logging(level: Option<log::LevelFilter>) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(level) = level {
+        builder.filter_level(level);
+    }
+    builder.init();
+}

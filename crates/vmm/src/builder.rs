@@ -1,0 +1,243 @@
+//! The boot path: from a validated configuration to a running guest, in order.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_device::Bus;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_superio::Serial;
+
+use crate::boot::{self, BootInfo};
+use crate::config::{OutputConfig, VmConfig};
+use crate::interrupts::GsiRouter;
+use crate::layout;
+use crate::legacy::{AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, Topology, Vcpu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm: {0}; warden needs KVM (load kvm_intel or kvm_amd, and run as a user who may open /dev/kvm)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("device setup: {0}")]
+    Device(String),
+}
+
+impl VmmError {
+    /// Errors the user can fix by changing the command line or preparing the host.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            VmmError::Memory(_) | VmmError::Boot(_) | VmmError::NoKvm(_)
+        )
+    }
+}
+
+fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// Builds the machine `config` describes, runs it, and returns how the guest stopped.
+pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+    warn_if_kvm_cannot_run_linux();
+
+    let ram = memory::create_guest_ram(&config.memory)?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create VM"))?);
+    register_ram(&vm, &ram.memory)?;
+    set_up_irqchip(&vm)?;
+    let router = GsiRouter::new(Arc::clone(&vm)).map_err(|source| VmmError::Io {
+        what: "set GSI routing".into(),
+        source,
+    })?;
+
+    let (exits_tx, exits) = channel();
+    let mut pio = Bus::new();
+    let mmio = Bus::new();
+    add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
+
+    let entry = boot::load_kernel(
+        &ram.memory,
+        &BootInfo {
+            kernel: &config.kernel,
+            initramfs: config.initramfs.as_deref(),
+            cmdline: &config.cmdline,
+            rsdp: GuestAddress(layout::ACPI_START),
+        },
+    )?;
+    vcpu::write_boot_tables(&ram.memory, entry)
+        .map_err(|reason| VmmError::Vcpu(vcpu::VcpuError::Memory { id: 0, reason }))?;
+
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_error("get supported CPUID"))?;
+    let topology = Topology { cpus: config.cpus };
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_error("create vCPU"))?;
+        let vcpu = Vcpu::configure(id, fd, &supported_cpuid, &topology, entry)?;
+        let (pio, mmio, exits) = (Arc::clone(&pio), Arc::clone(&mmio), exits_tx.clone());
+        thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run(pio, mmio, exits))
+            .map_err(|source| VmmError::Io {
+                what: format!("start vCPU {id} thread"),
+                source,
+            })?;
+    }
+    drop(exits_tx);
+
+    exits
+        .recv()
+        .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()))
+}
+
+/// kvm_pvm runs guest kernel code through an instruction emulator: say so once, up front,
+/// instead of leaving the user to wonder why the guest never reaches userspace.
+fn warn_if_kvm_cannot_run_linux() {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "warden: warning: this host's KVM is kvm_pvm (no VMX/SVM): guest kernel code is emulated, so an unmodified Linux guest will crawl and cannot start userspace here; use a host with hardware virtualization"
+        );
+    }
+}
+
+fn register_ram(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let region_info = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which outlives the VM's use
+        // of it: both are kept until the process exits.
+        unsafe { vm.set_user_memory_region(region_info) }
+            .map_err(kvm_error("register guest RAM"))?;
+    }
+    Ok(())
+}
+
+fn set_up_irqchip(vm: &VmFd) -> Result<(), VmmError> {
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+        .map_err(kvm_error("set identity map address"))?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(kvm_error("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_error("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_error("create PIT"))
+}
+
+fn add_legacy_devices(
+    pio: &mut Bus,
+    router: &GsiRouter,
+    serial: &OutputConfig,
+    exits: &Sender<GuestExit>,
+) -> Result<(), VmmError> {
+    let insert =
+        |pio: &mut Bus, device: Arc<Mutex<dyn vm_device::BusDevice>>, base: u16, len: u16| {
+            pio.insert(device, u64::from(base), u64::from(len))
+                .map_err(|err| VmmError::Device(err.to_string()))
+        };
+    if *serial != OutputConfig::Off {
+        let irq = router
+            .legacy_irqfd(layout::COM1_IRQ)
+            .map_err(|source| VmmError::Io {
+                what: "serial interrupt".into(),
+                source,
+            })?;
+        let out = open_output(serial, "--serial")?;
+        let port = Arc::new(Mutex::new(SerialPort(Serial::new(IrqfdTrigger(irq), out))));
+        insert(pio, port.clone(), layout::COM1_PORT, 8)?;
+        if *serial == OutputConfig::Tty && io::stdin().is_terminal() {
+            forward_stdin(port);
+        }
+    }
+    insert(
+        pio,
+        Arc::new(Mutex::new(Cmos::default())),
+        layout::RTC_PORT,
+        2,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(I8042::new(exits.clone()))),
+        layout::I8042_PORT,
+        5,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(AcpiSleep::new(exits.clone()))),
+        layout::ACPI_SLEEP_CONTROL_PORT,
+        2,
+    )?;
+    Ok(())
+}
+
+/// Opens where a character device writes: the terminal, or a file named by `option`.
+fn open_output(output: &OutputConfig, option: &str) -> Result<Box<dyn Write + Send>, VmmError> {
+    match output {
+        OutputConfig::Off | OutputConfig::Null => Ok(Box::new(io::sink())),
+        OutputConfig::Tty => Ok(Box::new(io::stdout())),
+        OutputConfig::File(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|file| Box::new(file) as Box<dyn Write + Send>)
+            .map_err(|source| VmmError::Io {
+                what: format!("{option}: cannot open file={}", path.display()),
+                source,
+            }),
+    }
+}
+
+/// Feeds terminal input to the guest's serial port from a thread of its own.
+fn forward_stdin(port: Arc<Mutex<SerialPort>>) {
+    let spawned = thread::Builder::new()
+        .name("serial-input".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 64];
+            let mut stdin = io::stdin();
+            while let Ok(count) = stdin.read(&mut buffer) {
+                if count == 0 {
+                    break;
+                }
+                let mut port = port
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(err) = port.0.enqueue_raw_bytes(&buffer[..count]) {
+                    log::debug!("serial input dropped: {err:?}");
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        log::warn!("no serial input: {err}");
+    }
+}

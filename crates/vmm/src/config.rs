@@ -1,0 +1,60 @@
+//! What the user asked for, already validated by the command line parser.
+
+use std::path::PathBuf;
+
+/// The whole machine description the builder turns into a running VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub cpus: u8,
+    pub memory: MemoryConfig,
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub disks: Vec<DiskConfig>,
+    pub rng: Option<RngConfig>,
+    pub serial: OutputConfig,
+    pub console: OutputConfig,
+}
+
+/// Guest RAM and what backs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: u64,
+    pub backing: MemoryBacking,
+    /// Map the backing `MAP_SHARED` (visible to other processes mapping the same file).
+    pub shared: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A file, or an unlinked file created inside a directory (e.g. a hugetlbfs mount).
+    File(PathBuf),
+    /// A `memfd` with `MFD_HUGETLB`: huge pages without a mounted hugetlbfs.
+    Hugepages,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub iommu: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RngConfig {
+    pub src: PathBuf,
+    pub iommu: bool,
+}
+
+/// Where a character device's output goes (and, for `Tty`, where input comes from).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputConfig {
+    /// No device at all.
+    Off,
+    /// The device exists; what the guest writes is discarded.
+    Null,
+    Tty,
+    File(PathBuf),
+}

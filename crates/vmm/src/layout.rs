@@ -1,0 +1,106 @@
+//! The guest-physical address map of an x86_64 warden machine.
+//!
+//! Low RAM runs from 0 up to the 32-bit hole at 3 GiB; the hole holds the 32-bit PCI window, the
+//! ECAM region, the IOAPIC and the LAPIC; RAM beyond 3 GiB continues at 4 GiB; the 64-bit PCI
+//! window sits above the end of RAM.
+
+/// Where the boot GDT lives (four 8-byte entries).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// An empty IDT right after the GDT: interrupts stay off until the kernel installs its own.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, then its module list and memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MODLIST_START: u64 = 0x6040;
+pub const PVH_MEMMAP_START: u64 = 0x6100;
+/// The Linux boot protocol's zero page (`boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack for the 64-bit entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity page tables covering the first GiB with 2 MiB pages.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+/// Start of the extended BIOS data area: RAM below it is usable by the guest.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, RSDP first, in the legacy BIOS area where Linux also scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// Where protected-mode kernels are loaded.
+pub const HIGH_RAM_START: u64 = 0x100000;
+
+/// Start of the 32-bit hole; low RAM ends here at the latest.
+pub const MEM_32BIT_HOLE_START: u64 = 0xc000_0000;
+/// The 32-bit PCI MMIO window, for BARs that must stay below 4 GiB.
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration (ECAM) for bus 0 only.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// In-kernel IOAPIC and LAPIC.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// KVM needs three pages for the real-mode TSS and one for the identity map, in the hole.
+pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
+/// RAM beyond the hole continues here.
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// Size of the 64-bit PCI window placed after the end of RAM.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// The x86 MSI doorbell: writes here are interrupts, never DMA.
+pub const MSI_DOORBELL_START: u64 = 0xfee0_0000;
+pub const MSI_DOORBELL_END: u64 = 0xfeef_ffff;
+
+/// Legacy I/O ports.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_PORT_SIZE: u16 = 8;
+pub const RTC_PORT: u16 = 0x70;
+pub const I8042_PORT: u16 = 0x60;
+/// ACPI hardware-reduced sleep control and status registers (one byte each).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+
+/// First GSI handed to MSI vectors; 0..24 are the IOAPIC pins.
+pub const MSI_GSI_BASE: u32 = 24;
+pub const IOAPIC_PINS: u32 = 24;
+
+/// The RAM regions for `size` bytes of guest memory: below the hole, then above 4 GiB.
+pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MEM_32BIT_HOLE_START);
+    let mut regions = vec![(0, low)];
+    if size > low {
+        regions.push((RAM_64BIT_START, size - low));
+    }
+    regions
+}
+
+/// The 64-bit PCI window for a guest with `ram_size` bytes of RAM: 1 GiB-aligned past its end.
+pub fn pci_mmio64_start(ram_size: u64) -> u64 {
+    let ram_end = ram_regions(ram_size)
+        .last()
+        .map_or(0, |&(start, len)| start + len);
+    ram_end.max(RAM_64BIT_START).next_multiple_of(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guests_fit_below_the_hole() {
+        assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(pci_mmio64_start(512 << 20), RAM_64BIT_START);
+    }
+
+    #[test]
+    fn large_guests_continue_above_4g() {
+        let regions = ram_regions(8 << 30);
+        assert_eq!(regions, vec![(0, 3 << 30), (RAM_64BIT_START, 5 << 30)]);
+        assert_eq!(pci_mmio64_start(8 << 30), 9 << 30);
+    }
+}

@@ -1,0 +1,243 @@
+//! The few PC legacy devices a Linux guest expects: COM1, the CMOS clock, the i8042 reset line
+//! and the ACPI sleep registers that turn `poweroff` into an exit.
+
+use std::io::{self, Write};
+use std::sync::mpsc::Sender;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use vm_device::BusDevice;
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the guest stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// ACPI S5 (`poweroff`): the normal end of a run.
+    Poweroff,
+    /// The guest asked for a reset (`reboot`, or `panic=N`); warden does not reboot guests.
+    Reset(&'static str),
+    /// A vCPU stopped in a way the guest did not ask for.
+    Crash(String),
+}
+
+/// Raises the serial line's interrupt by writing its irqfd.
+pub struct IrqfdTrigger(pub EventFd);
+
+impl Trigger for IrqfdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The 16550A UART on COM1, from `vm-superio`, as a port-bus device.
+pub struct SerialPort(pub Serial<IrqfdTrigger, NoEvents, Box<dyn Write + Send>>);
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if let (Some(byte), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            *byte = self.0.read(offset);
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if let (Some(&byte), Ok(offset)) = (data.first(), u8::try_from(offset)) {
+            if let Err(err) = self.0.write(offset, byte) {
+                log::debug!("serial write: {err:?}");
+            }
+        }
+    }
+}
+
+/// The CMOS real-time clock at ports 0x70/0x71, read-only wall-clock time in BCD.
+///
+/// Without it Linux waits for an RTC at boot and starts with the epoch as its date.
+pub struct Cmos {
+    index: u8,
+    nvram: [u8; 128],
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Cmos {
+            index: 0,
+            nvram: [0; 128],
+        }
+    }
+}
+
+impl Cmos {
+    fn register(&self, index: u8) -> u8 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (year, month, day) = civil_from_days((now / 86_400) as i64);
+        let seconds_of_day = now % 86_400;
+        let bcd = |v: u64| (((v / 10) << 4) | (v % 10)) as u8;
+        match index {
+            0x00 => bcd(seconds_of_day % 60),
+            0x02 => bcd(seconds_of_day / 60 % 60),
+            0x04 => bcd(seconds_of_day / 3600),
+            0x06 => bcd(((now / 86_400 + 4) % 7) + 1),
+            0x07 => bcd(day),
+            0x08 => bcd(month),
+            0x09 => bcd(year % 100),
+            0x32 => bcd(year / 100),
+            // Status A: no update in progress. B: 24-hour mode, BCD. D: battery good.
+            0x0a => 0x26,
+            0x0b => 0x02,
+            0x0c => 0x00,
+            0x0d => 0x80,
+            _ => self.nvram[usize::from(index & 0x7f)],
+        }
+    }
+}
+
+/// Converts days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(days: i64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year as u64, month as u64, day as u64)
+}
+
+impl BusDevice for Cmos {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let Some(byte) = data.first_mut() else { return };
+        *byte = match offset {
+            0 => self.index,
+            _ => self.register(self.index),
+        };
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let Some(&byte) = data.first() else { return };
+        match offset {
+            // Bit 7 of the index port is the NMI mask; it has no effect here.
+            0 => self.index = byte & 0x7f,
+            _ => self.nvram[usize::from(self.index)] = byte,
+        }
+    }
+}
+
+/// Just enough of the i8042 controller for its CPU-reset command, which Linux uses to reboot.
+pub struct I8042 {
+    exits: Sender<GuestExit>,
+}
+
+impl I8042 {
+    pub fn new(exits: Sender<GuestExit>) -> Self {
+        I8042 { exits }
+    }
+}
+
+const I8042_COMMAND_OFFSET: u64 = 4;
+const I8042_RESET_CPU: u8 = 0xfe;
+
+impl BusDevice for I8042 {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        // Status: output buffer empty, input buffer empty; data: nothing pending.
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset == I8042_COMMAND_OFFSET && data.first() == Some(&I8042_RESET_CPU) {
+            let _ = self.exits.send(GuestExit::Reset("i8042 reset"));
+        }
+    }
+}
+
+/// The ACPI hardware-reduced sleep control register (and its status register right after it).
+///
+/// The DSDT's `_S5_` package gives [`S5_SLEEP_TYPE`]; Linux powers off by writing
+/// `SLP_TYP << 2 | SLP_EN` to the control register.
+pub struct AcpiSleep {
+    exits: Sender<GuestExit>,
+}
+
+/// The sleep type value the DSDT's `_S5_` object advertises.
+pub const S5_SLEEP_TYPE: u8 = 5;
+const SLP_EN: u8 = 1 << 5;
+
+impl AcpiSleep {
+    pub fn new(exits: Sender<GuestExit>) -> Self {
+        AcpiSleep { exits }
+    }
+}
+
+impl BusDevice for AcpiSleep {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        // Status: never asleep, never woken.
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        if offset == 0 && value & SLP_EN != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE {
+            let _ = self.exits.send(GuestExit::Poweroff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn cmos_reports_bcd_time_and_keeps_nvram() {
+        let mut cmos = Cmos::default();
+        let mut byte = [0u8];
+        cmos.write(0x70, 0, &[0x0b]);
+        cmos.read(0x70, 1, &mut byte);
+        assert_eq!(byte[0], 0x02, "24-hour BCD mode");
+        cmos.write(0x70, 0, &[0x80 | 0x09]);
+        cmos.read(0x70, 1, &mut byte);
+        assert!(
+            byte[0] >> 4 <= 9 && byte[0] & 0xf <= 9,
+            "year is BCD: {:#x}",
+            byte[0]
+        );
+        cmos.write(0x70, 0, &[0x40]);
+        cmos.write(0x70, 1, &[0xab]);
+        cmos.read(0x70, 1, &mut byte);
+        assert_eq!(byte[0], 0xab);
+    }
+
+    #[test]
+    fn s5_write_powers_off_and_other_states_do_not() {
+        let (tx, rx) = channel();
+        let mut sleep = AcpiSleep::new(tx);
+        sleep.write(0, 0, &[(3 << 2) | SLP_EN]);
+        sleep.write(0, 0, &[S5_SLEEP_TYPE << 2]);
+        assert!(rx.try_recv().is_err());
+        sleep.write(0, 0, &[(S5_SLEEP_TYPE << 2) | SLP_EN]);
+        assert_eq!(rx.try_recv(), Ok(GuestExit::Poweroff));
+    }
+
+    #[test]
+    fn i8042_reset_command_resets() {
+        let (tx, rx) = channel();
+        let mut i8042 = I8042::new(tx);
+        i8042.write(0x60, 0, &[I8042_RESET_CPU]);
+        assert!(rx.try_recv().is_err());
+        i8042.write(0x60, 4, &[I8042_RESET_CPU]);
+        assert!(matches!(rx.try_recv(), Ok(GuestExit::Reset(_))));
+    }
+}
