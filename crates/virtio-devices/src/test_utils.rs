@@ -1,15 +1,19 @@
 //! Driver-side helpers for tests: real split queues laid out in guest memory.
 
 use std::io;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Iotlb,
+    Permissions,
+};
 
 use crate::VirtioInterrupt;
 
@@ -51,17 +55,29 @@ pub(crate) struct Driver<'a, M: GuestMemory> {
     mock: MockSplitQueue<'a, M>,
     next_desc: u16,
     size: u16,
+    /// Device side used by [`Driver::chain`] to hand chains straight to request handlers.
+    device_side: Queue,
 }
 
 impl<'a, M: GuestMemory> Driver<'a, M> {
     /// Lays out a queue of `size` entries at guest address `base`.
     pub(crate) fn new(mem: &'a M, base: u64, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        let device_side = mock.create_queue().unwrap();
         Driver {
             mem,
-            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            mock,
             next_desc: 0,
             size,
+            device_side,
         }
+    }
+
+    /// Makes `descs` available and pops them as the device would, for calling a device's
+    /// per-chain handler directly.
+    pub(crate) fn chain(&mut self, descs: &[Desc]) -> DescriptorChain<&'a M> {
+        self.add(descs);
+        self.device_side.pop_descriptor_chain(self.mem).unwrap()
     }
 
     /// A device-side queue configured the way the transport would hand it over.
@@ -166,4 +182,48 @@ impl VirtioInterrupt for FakeInterrupt {
     fn notify_config(&self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// An IOMMU that translates only what the test mapped, like a guest that mapped its DMA buffers
+/// through the virtual IOMMU and nothing else.
+#[derive(Debug, Default)]
+pub(crate) struct TestIommu {
+    iotlb: RwLock<Iotlb>,
+}
+
+impl TestIommu {
+    /// Maps `len` bytes at I/O virtual address `iova` to guest-physical `phys` with `perm`.
+    pub(crate) fn map(&self, iova: u64, phys: u64, len: usize, perm: Permissions) {
+        self.iotlb
+            .write()
+            .unwrap()
+            .set_mapping(GuestAddress(iova), GuestAddress(phys), len, perm)
+            .unwrap();
+    }
+}
+
+impl Iommu for TestIommu {
+    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+
+    fn translate(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
+        Iotlb::lookup(self.iotlb.read().unwrap(), iova, length, access).map_err(|fails| {
+            IommuError::CannotResolve {
+                iova_range: IovaRange { base: iova, length },
+                reason: format!("not mapped for {access:?}: {fails:?}"),
+            }
+        })
+    }
+}
+
+/// Memory seen through [`TestIommu`], with the bottom 64 KiB (where [`Driver`] puts its rings)
+/// identity-mapped read-write and nothing else.
+pub(crate) fn iommu_memory() -> IommuMemory<GuestMemoryMmap, TestIommu> {
+    let mem = IommuMemory::new(guest_memory(), TestIommu::default(), true, ());
+    mem.iommu().map(0, 0, 0x1_0000, Permissions::ReadWrite);
+    mem
 }
