@@ -205,3 +205,136 @@ fn fill_chain<M: GuestMemory>(source: &File, mem: &M, chain: DescriptorChain<&M>
     // At most MAX_REQUEST_BYTES.
     delivered as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+    use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt};
+
+    const BUF: u64 = 0x2_0000;
+
+    /// A source file of 256 KiB whose byte `i` is `i % 251`.
+    fn source() -> TempFile {
+        let temp = TempFile::new().unwrap();
+        let bytes: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        temp.as_file().write_all_at(&bytes, 0).unwrap();
+        temp
+    }
+
+    fn expected(offset: usize, len: usize) -> Vec<u8> {
+        (offset..offset + len).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn fills_writable_buffers_and_skips_readable_ones() {
+        let mem = guest_memory();
+        let temp = source();
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        mem.write_slice(&[0xee; 16], GuestAddress(BUF + 0x1000))
+            .unwrap();
+
+        let chain = driver.chain(&[wo(BUF, 100), ro(BUF + 0x1000, 16), wo(BUF + 100, 50)]);
+        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 150);
+        assert_eq!(read(&mem, BUF, 150), expected(0, 150));
+        assert_eq!(read(&mem, BUF + 0x1000, 16), vec![0xee; 16]);
+    }
+
+    #[test]
+    fn requests_are_capped() {
+        let mem = guest_memory();
+        let temp = source();
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let cap = MAX_REQUEST_BYTES as usize;
+        mem.write_slice(&[0xee; 16], GuestAddress(BUF + cap as u64))
+            .unwrap();
+
+        let chain = driver.chain(&[wo(BUF, 2 * cap as u32)]);
+        assert_eq!(fill_chain(temp.as_file(), &mem, chain), cap as u32);
+        assert_eq!(read(&mem, BUF, cap), expected(0, cap));
+        assert_eq!(read(&mem, BUF + cap as u64, 16), vec![0xee; 16]);
+    }
+
+    #[test]
+    fn inaccessible_buffers_deliver_nothing() {
+        let mem = iommu_memory();
+        let temp = source();
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        mem.iommu()
+            .map(0x1000_0000, BUF, 0x1000, Permissions::Write);
+        mem.get_backend()
+            .write_slice(&[0xee; 64], GuestAddress(BUF))
+            .unwrap();
+
+        // The second buffer is not mapped: the first must not be filled either.
+        let chain = driver.chain(&[wo(0x1000_0000, 64), wo(0x3000_0000, 64)]);
+        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 0);
+        assert_eq!(read(mem.get_backend(), BUF, 64), vec![0xee; 64]);
+
+        // Outside guest RAM altogether.
+        let plain = guest_memory();
+        let mut driver = Driver::new(&plain, 0, QUEUE_SIZE);
+        let chain = driver.chain(&[wo(0x20_0000, 64)]);
+        assert_eq!(fill_chain(temp.as_file(), &plain, chain), 0);
+
+        // Through the mapping alone, the device fills the translated RAM.
+        let chain = Driver::new(&mem, 0, QUEUE_SIZE).chain(&[wo(0x1000_0000, 64)]);
+        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 64);
+        assert_eq!(read(mem.get_backend(), BUF, 64), expected(0, 64));
+    }
+
+    #[test]
+    fn missing_source_is_reported() {
+        let err = Rng::new(guest_memory(), Path::new("/nonexistent/entropy"), false)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/entropy"), "{err}");
+    }
+
+    #[test]
+    fn worker_fills_requests_from_urandom_until_reset() {
+        let mem = guest_memory();
+        let mut dev = Rng::new(mem.clone(), Path::new(DEFAULT_SOURCE), true).unwrap();
+        assert_eq!(dev.device_type(), VIRTIO_ID_RNG);
+        assert_ne!(
+            dev.features() & (1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM),
+            0
+        );
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(FakeInterrupt::default());
+        dev.ack_features(dev.features());
+        dev.activate(
+            vec![ActivatedQueue {
+                index: 0,
+                queue: driver.queue(),
+                notifier: notifier.try_clone().unwrap(),
+            }],
+            interrupt.clone(),
+        )
+        .unwrap();
+
+        let head = driver.add(&[wo(BUF, 64)]);
+        notifier.write(1).unwrap();
+        assert!(interrupt.wait_for(0, 1));
+        assert_eq!(driver.used(), vec![(u32::from(head), 64)]);
+        assert_ne!(read(&mem, BUF, 64), vec![0; 64]);
+
+        dev.reset();
+        driver.add(&[wo(BUF, 64)]);
+        notifier.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(driver.used().len(), 1);
+    }
+}

@@ -252,3 +252,118 @@ impl DeviceQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Sender};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::test_utils::{guest_memory, wo, Driver, FakeInterrupt};
+
+    const BUF: u64 = 0x2_0000;
+
+    #[test]
+    fn one_interrupt_per_batch_without_event_idx() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0, 16);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
+
+        let heads: Vec<u16> = (0..3)
+            .map(|i| driver.add(&[wo(BUF + i * 16, 16)]))
+            .collect();
+        let mut seen = Vec::new();
+        queue.process(&mem, |chain| {
+            seen.push(chain.head_index());
+            Some(8)
+        });
+        assert_eq!(seen, heads);
+        assert_eq!(
+            driver.used(),
+            heads.iter().map(|&h| (u32::from(h), 8)).collect::<Vec<_>>()
+        );
+        assert_eq!(interrupt.count(0), 1);
+
+        // Nothing used, nothing signalled.
+        queue.process(&mem, |_| Some(0));
+        assert_eq!(interrupt.count(0), 1);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0, 16);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let mut queue = DeviceQueue::new(0, driver.queue(), true, interrupt.clone());
+
+        // The driver wants an interrupt only once the fourth buffer is used.
+        driver.set_used_event(3);
+        driver.add(&[wo(BUF, 16)]);
+        queue.process(&mem, |_| Some(1));
+        assert_eq!(driver.used().len(), 1);
+        assert_eq!(interrupt.count(0), 0);
+
+        driver.set_used_event(1);
+        driver.add(&[wo(BUF, 16)]);
+        queue.process(&mem, |_| Some(1));
+        assert_eq!(interrupt.count(0), 1);
+    }
+
+    #[test]
+    fn a_declined_chain_stays_available() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0, 16);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
+
+        let head = driver.add(&[wo(BUF, 16)]);
+        queue.process(&mem, |_| None);
+        assert!(driver.used().is_empty());
+        assert_eq!(interrupt.count(0), 0);
+
+        queue.process(&mem, |chain| {
+            assert_eq!(chain.head_index(), head);
+            Some(4)
+        });
+        assert_eq!(driver.used(), vec![(u32::from(head), 4)]);
+    }
+
+    struct Recorder {
+        calls: Sender<usize>,
+    }
+
+    impl WorkerHandler for Recorder {
+        fn queue_notified(&mut self, index: usize, _poller: &Poller) {
+            self.calls.send(index).unwrap();
+        }
+    }
+
+    #[test]
+    fn worker_dispatches_notifiers_and_stops_when_dropped() {
+        let (calls, seen) = channel();
+        let a = EventFd::new(EFD_NONBLOCK).unwrap();
+        let b = EventFd::new(EFD_NONBLOCK).unwrap();
+        let worker = Worker::spawn(
+            "worker-test".into(),
+            vec![(3, a.try_clone().unwrap()), (5, b.try_clone().unwrap())],
+            Recorder { calls },
+        )
+        .unwrap();
+        let timeout = Duration::from_secs(5);
+        // The initial pass visits every queue.
+        assert_eq!(seen.recv_timeout(timeout).unwrap(), 3);
+        assert_eq!(seen.recv_timeout(timeout).unwrap(), 5);
+
+        b.write(1).unwrap();
+        assert_eq!(seen.recv_timeout(timeout).unwrap(), 5);
+        a.write(1).unwrap();
+        assert_eq!(seen.recv_timeout(timeout).unwrap(), 3);
+        // The worker drained the notifier it woke for.
+        assert!(a.read().is_err());
+
+        drop(worker);
+        // The handler (and its sender) went away with the thread.
+        assert!(seen.recv_timeout(timeout).is_err());
+    }
+}
