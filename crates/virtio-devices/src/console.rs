@@ -340,3 +340,269 @@ fn write_tx_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, output: &
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt};
+
+    const RX_BASE: u64 = 0;
+    const TX_BASE: u64 = 0x8000;
+    const BUF: u64 = 0x2_0000;
+
+    /// Output captured for inspection.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn bytes(&self) -> Vec<u8> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    /// Polls `done` for up to five seconds.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn transmit_writes_every_readable_buffer_in_order() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, TX_BASE, QUEUE_SIZE);
+        mem.write_slice(b"hello ", GuestAddress(BUF)).unwrap();
+        mem.write_slice(b"world", GuestAddress(BUF + 0x100))
+            .unwrap();
+        let mut out = Vec::new();
+
+        let chain = driver.chain(&[ro(BUF, 6), wo(BUF + 0x200, 8), ro(BUF + 0x100, 5)]);
+        write_tx_chain(&mem, chain, &mut out);
+        assert_eq!(out, b"hello world");
+
+        // A buffer beyond guest RAM drops the whole chain, and nothing panics.
+        let chain = driver.chain(&[ro(BUF, 6), ro(0x20_0000, 16)]);
+        write_tx_chain(&mem, chain, &mut out);
+        assert_eq!(out, b"hello world");
+    }
+
+    #[test]
+    fn receive_fills_buffers_and_keeps_the_rest_pending() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, RX_BASE, QUEUE_SIZE);
+        let mut pending: VecDeque<u8> = b"abcdefgh".iter().copied().collect();
+
+        let chain = driver.chain(&[wo(BUF, 3), wo(BUF + 0x100, 2)]);
+        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 5);
+        assert_eq!(read(&mem, BUF, 3), b"abc");
+        assert_eq!(read(&mem, BUF + 0x100, 2), b"de");
+
+        // An inaccessible buffer takes nothing from the pending input.
+        let chain = driver.chain(&[wo(0x20_0000, 16)]);
+        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 0);
+        assert_eq!(pending.iter().copied().collect::<Vec<_>>(), b"fgh");
+
+        let chain = driver.chain(&[wo(BUF, 64)]);
+        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 3);
+        assert_eq!(read(&mem, BUF, 3), b"fgh");
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn transmit_through_the_iommu() {
+        let mem = iommu_memory();
+        mem.iommu()
+            .map(0x1000_0000, BUF, 0x1000, vm_memory::Permissions::Read);
+        mem.get_backend()
+            .write_slice(b"dma", GuestAddress(BUF))
+            .unwrap();
+        let mut driver = Driver::new(&mem, TX_BASE, QUEUE_SIZE);
+        let mut out = Vec::new();
+
+        let chain = driver.chain(&[ro(0x1000_0000, 3)]);
+        write_tx_chain(&mem, chain, &mut out);
+        assert_eq!(out, b"dma");
+
+        // The guest-physical address is not an I/O address for this device.
+        let chain = driver.chain(&[ro(BUF, 3)]);
+        write_tx_chain(&mem, chain, &mut out);
+        assert_eq!(out, b"dma");
+    }
+
+    struct Running {
+        dev: Console<GuestMemoryMmap>,
+        rx_notifier: EventFd,
+        tx_notifier: EventFd,
+        interrupt: Arc<FakeInterrupt>,
+        output: Captured,
+    }
+
+    fn start(
+        mem: &GuestMemoryMmap,
+        rx: &Driver<GuestMemoryMmap>,
+        tx: &Driver<GuestMemoryMmap>,
+        input: Option<OwnedFd>,
+    ) -> Running {
+        let output = Captured::default();
+        let mut dev = Console::new(mem.clone(), Box::new(output.clone()), input, false);
+        assert_eq!(dev.device_type(), VIRTIO_ID_CONSOLE);
+        assert_eq!(dev.queue_max_sizes().len(), 2);
+        let rx_notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tx_notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(FakeInterrupt::default());
+        dev.ack_features(dev.features());
+        dev.activate(
+            vec![
+                ActivatedQueue {
+                    index: TX_QUEUE,
+                    queue: tx.queue(),
+                    notifier: tx_notifier.try_clone().unwrap(),
+                },
+                ActivatedQueue {
+                    index: RX_QUEUE,
+                    queue: rx.queue(),
+                    notifier: rx_notifier.try_clone().unwrap(),
+                },
+            ],
+            interrupt.clone(),
+        )
+        .unwrap();
+        Running {
+            dev,
+            rx_notifier,
+            tx_notifier,
+            interrupt,
+            output,
+        }
+    }
+
+    #[test]
+    fn worker_delivers_input_and_writes_output_until_reset() {
+        let mem = guest_memory();
+        let mut rx = Driver::new(&mem, RX_BASE, QUEUE_SIZE);
+        let mut tx = Driver::new(&mem, TX_BASE, QUEUE_SIZE);
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let mut running = start(&mem, &rx, &tx, Some(OwnedFd::from(guest)));
+
+        // Typed before the guest posted a receive buffer: held until one arrives.
+        host.write_all(b"ping").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let head = rx.add(&[wo(BUF, 64)]);
+        running.rx_notifier.write(1).unwrap();
+        assert!(running.interrupt.wait_for(RX_QUEUE, 1));
+        assert_eq!(rx.used(), vec![(u32::from(head), 4)]);
+        assert_eq!(read(&mem, BUF, 4), b"ping");
+
+        // With a buffer already posted, input goes straight through. Like a real driver with
+        // EVENT_IDX, ask for an interrupt once the used index moves past what was seen.
+        rx.set_used_event(1);
+        let head = rx.add(&[wo(BUF + 0x100, 64)]);
+        running.rx_notifier.write(1).unwrap();
+        host.write_all(b"pong").unwrap();
+        assert!(running.interrupt.wait_for(RX_QUEUE, 2));
+        assert_eq!(rx.used()[1], (u32::from(head), 4));
+        assert_eq!(read(&mem, BUF + 0x100, 4), b"pong");
+
+        // End of input does not stop the console.
+        drop(host);
+        mem.write_slice(b"hello", GuestAddress(BUF + 0x200))
+            .unwrap();
+        let head = tx.add(&[ro(BUF + 0x200, 5)]);
+        running.tx_notifier.write(1).unwrap();
+        assert!(running.interrupt.wait_for(TX_QUEUE, 1));
+        assert_eq!(tx.used(), vec![(u32::from(head), 0)]);
+        assert_eq!(running.output.bytes(), b"hello");
+
+        running.dev.reset();
+        tx.add(&[ro(BUF + 0x200, 5)]);
+        running.tx_notifier.write(1).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(tx.used().len(), 1);
+        assert_eq!(running.output.bytes(), b"hello");
+    }
+
+    #[test]
+    fn input_beyond_the_pending_bound_waits_for_the_guest() {
+        let mem = guest_memory();
+        let mut rx = Driver::new(&mem, RX_BASE, QUEUE_SIZE);
+        let tx = Driver::new(&mem, TX_BASE, QUEUE_SIZE);
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let running = start(&mem, &rx, &tx, Some(OwnedFd::from(guest)));
+
+        let total = PENDING_MAX + 5000;
+        let input: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let input = input.clone();
+            thread::spawn(move || host.write_all(&input).unwrap())
+        };
+        // Let the worker fill its pending buffer and stop reading.
+        thread::sleep(Duration::from_millis(200));
+        // Each read of the input fills its own buffer, so post more than the minimum.
+        const BUFFERS: u64 = 6;
+        for i in 0..BUFFERS {
+            rx.add(&[wo(BUF + i * 0x8000, 0x8000)]);
+        }
+        running.rx_notifier.write(1).unwrap();
+        assert!(eventually(|| {
+            rx.used()
+                .iter()
+                .map(|&(_, len)| len as usize)
+                .sum::<usize>()
+                == total
+        }));
+        writer.join().unwrap();
+        let mut received = Vec::new();
+        for (i, (head, len)) in rx.used().into_iter().enumerate() {
+            assert_eq!(head as usize, i);
+            received.extend(read(&mem, BUF + i as u64 * 0x8000, len as usize));
+        }
+        assert_eq!(received, input);
+    }
+
+    #[test]
+    fn activation_needs_both_queues() {
+        let mem = guest_memory();
+        let rx = Driver::new(&mem, RX_BASE, QUEUE_SIZE);
+        let mut dev = Console::new(mem.clone(), Box::new(io::sink()), None, false);
+        let err = dev
+            .activate(
+                vec![ActivatedQueue {
+                    index: RX_QUEUE,
+                    queue: rx.queue(),
+                    notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+                }],
+                Arc::new(FakeInterrupt::default()),
+            )
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::MissingQueue(TX_QUEUE)));
+    }
+}
