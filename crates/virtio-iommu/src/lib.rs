@@ -1,1 +1,33 @@
-//! placeholder
+//! virtio-iommu device model for warden.
+//!
+//! The crate holds the device's whole behaviour and no I/O of its own: guest memory is
+//! reached through `vm-memory`, queues through `virtio-queue`, and the outside world through
+//! three thin adapter points:
+//! - **queues**: [`VirtioIommu::process_request_queue`] and
+//!   [`VirtioIommu::process_event_queue`], plus a [`FaultNotifier`] telling the VMM that
+//!   faults wait for the event queue;
+//! - **translation**: [`VirtioIommu::translate`] for device models that translate explicitly,
+//!   and [`EndpointIommu`] (`vm_memory::Iommu`) for devices whose memory is an
+//!   `IommuMemory<GuestMemoryMmap, EndpointIommu>`;
+//! - **external mappers**: [`ExternalMapper`], registered per endpoint, mirrors a domain's
+//!   mappings into e.g. a VFIO container.
+//!
+//! Fuzzing: see `README.md` in this crate.
+
+mod device;
+mod iommu_memory;
+pub mod mapper;
+pub mod protocol;
+mod queue;
+mod stats;
+pub mod table;
+
+pub use device::{
+    Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,
+    IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, VIRTIO_F_VERSION_1,
+};
+pub use iommu_memory::EndpointIommu;
+pub use mapper::{ExternalMapper, MapPerms, MapperError};
+pub use protocol::{ReservedRegion, Status};
+pub use queue::{Answer, ChainLayout, Error};
+pub use stats::{IommuStats, StatsSnapshot};

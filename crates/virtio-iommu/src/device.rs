@@ -1,0 +1,1225 @@
+//! The device model: configuration, features, domains, endpoints, request semantics,
+//! translation for devices and fault bookkeeping.
+//!
+//! All state sits behind one `RwLock`: requests (rare, ordered) take it for writing; device
+//! translations take it for reading and never block each other. Per-endpoint IOTLBs are
+//! invalidated while the write lock is held, and filled while the read lock is held, so an
+//! IOTLB can never be refilled with a mapping an UNMAP has already removed.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use log::{error, warn};
+use thiserror::Error;
+use vm_memory::{GuestAddress, Iotlb, Permissions};
+
+use crate::mapper::{ExternalMapper, MapPerms, MapperError};
+use crate::protocol::*;
+use crate::stats::{Counters, IommuStats, StatsSnapshot};
+use crate::table::{Mapping, MappingTable, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE};
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Feature bit every *protected* virtio device must offer so its guest driver routes DMA
+/// through the IOMMU (`VIRTIO_F_ACCESS_PLATFORM`). The IOMMU device itself does not offer it:
+/// its own queues are not translated.
+pub const PROTECTED_DEVICE_FEATURES: u64 =
+    1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
+
+/// Largest accepted `probe_size`: PROBE answers are built in memory, so keep them small.
+pub const MAX_PROBE_SIZE: u32 = 64 * 1024;
+
+/// Parameters of the device. `Default` gives the values warden uses on x86.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuConfig {
+    /// Supported page sizes; the lowest set bit is the mapping granule (at least 8 bytes).
+    pub page_size_mask: u64,
+    /// Inclusive IOVA range the device translates.
+    pub input_range: (u64, u64),
+    /// Inclusive range of domain IDs the driver may use.
+    pub domain_range: (u32, u32),
+    /// Size of the PROBE properties area; 0 means PROBE is not offered.
+    pub probe_size: u32,
+    /// Reserved regions reported for endpoints registered without their own list.
+    pub reserved_regions: Vec<ReservedRegion>,
+    /// MAP beyond this many mappings in a domain fails with NOMEM.
+    pub max_mappings_per_domain: usize,
+    /// ATTACH creating a domain beyond this many fails with NOMEM.
+    pub max_domains: usize,
+    /// Initial (and system-reset) value of the `bypass` config field.
+    pub boot_bypass: bool,
+    /// Offer VIRTIO_IOMMU_F_MMIO (MAP flag MMIO).
+    pub offer_mmio: bool,
+    /// Fault records kept while the driver has no event buffer; older ones are kept, newer
+    /// ones dropped and counted.
+    pub max_pending_faults: usize,
+}
+
+impl Default for IommuConfig {
+    fn default() -> Self {
+        IommuConfig {
+            page_size_mask: (1 << 12) | (1 << 21) | (1 << 30),
+            input_range: (0, u64::MAX),
+            domain_range: (0, u32::MAX),
+            probe_size: 512,
+            reserved_regions: vec![ReservedRegion::X86_MSI],
+            max_mappings_per_domain: 1 << 21,
+            max_domains: 4096,
+            boot_bypass: true,
+            offer_mmio: true,
+            max_pending_faults: 256,
+        }
+    }
+}
+
+/// Invalid device or endpoint configuration.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The granule (lowest bit of `page_size_mask`) is missing or below 8 bytes.
+    #[error("page_size_mask {0:#x} must have a lowest set bit of at least 8 bytes")]
+    PageSizeMask(u64),
+    /// `start > end`, or `input_range` not aligned on the granule.
+    #[error("invalid range {0:#x}..={1:#x}")]
+    Range(u64, u64),
+    /// The reserved regions do not fit in `probe_size`, or `probe_size` exceeds
+    /// [`MAX_PROBE_SIZE`] (then `needed` is that maximum).
+    #[error("probe_size {probe_size} invalid: {needed} bytes needed or allowed")]
+    ProbeSize {
+        /// Bytes the properties need.
+        needed: usize,
+        /// Configured `probe_size`.
+        probe_size: u32,
+    },
+    /// The endpoint is already registered.
+    #[error("endpoint {0:#x} already registered")]
+    DuplicateEndpoint(u32),
+    /// The endpoint is not registered.
+    #[error("endpoint {0:#x} not registered")]
+    UnknownEndpoint(u32),
+}
+
+/// How a registered endpoint is described to the driver and mirrored outside the model.
+#[derive(Clone, Default)]
+pub struct EndpointConfig {
+    /// Reserved regions for PROBE and MAP checks; `None` uses the device default.
+    pub reserved_regions: Option<Vec<ReservedRegion>>,
+    /// Where this endpoint's domain mappings must also be applied (e.g. its VFIO container).
+    pub mapper: Option<Arc<dyn ExternalMapper>>,
+}
+
+/// Kind of a device access being translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// The endpoint reads guest memory (DMA to the device).
+    Read,
+    /// The endpoint writes guest memory.
+    Write,
+}
+
+impl Access {
+    fn perms(self) -> u8 {
+        match self {
+            Access::Read => PERM_READ,
+            Access::Write => PERM_WRITE,
+        }
+    }
+}
+
+pub(crate) fn perms_of(p: Permissions) -> u8 {
+    match p {
+        Permissions::No => 0,
+        Permissions::Read => PERM_READ,
+        Permissions::Write => PERM_WRITE,
+        Permissions::ReadWrite => PERM_READ | PERM_WRITE,
+    }
+}
+
+fn permissions_from(perms: u8) -> Permissions {
+    match perms & (PERM_READ | PERM_WRITE) {
+        0 => Permissions::No,
+        PERM_READ => Permissions::Read,
+        PERM_WRITE => Permissions::Write,
+        _ => Permissions::ReadWrite,
+    }
+}
+
+/// Why a translation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultReason {
+    /// The endpoint is not registered with the device.
+    Unknown,
+    /// The endpoint is not attached to a domain and not in bypass mode.
+    Domain,
+    /// The address is not mapped, or not with the needed permission.
+    Mapping,
+}
+
+/// A refused translation. It has been counted and, for registered endpoints, queued as an
+/// event-queue FAULT record by the time the caller sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Why.
+    pub reason: FaultReason,
+    /// Faulting endpoint.
+    pub endpoint: u32,
+    /// First IOVA that could not be translated.
+    pub address: u64,
+    /// `PERM_*` bits the access needed.
+    pub(crate) need: u8,
+}
+
+impl Fault {
+    /// The event-queue record for this fault.
+    pub fn record(&self) -> FaultRecord {
+        let mut flags = VIRTIO_IOMMU_FAULT_F_ADDRESS;
+        if self.need & PERM_READ != 0 {
+            flags |= VIRTIO_IOMMU_FAULT_F_READ;
+        }
+        if self.need & PERM_WRITE != 0 {
+            flags |= VIRTIO_IOMMU_FAULT_F_WRITE;
+        }
+        FaultRecord {
+            reason: match self.reason {
+                FaultReason::Unknown => VIRTIO_IOMMU_FAULT_R_UNKNOWN,
+                FaultReason::Domain => VIRTIO_IOMMU_FAULT_R_DOMAIN,
+                FaultReason::Mapping => VIRTIO_IOMMU_FAULT_R_MAPPING,
+            },
+            flags,
+            endpoint: self.endpoint,
+            address: self.address,
+        }
+    }
+}
+
+/// One guest-physical piece of a translated access.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRange {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+const INLINE_PIECES: usize = 2;
+
+/// The guest-physical pieces covering a translated IOVA range, in order. Physically
+/// contiguous pieces are merged; up to two pieces are stored without heap allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    inline: [GuestRange; INLINE_PIECES],
+    n: usize,
+    spill: Vec<GuestRange>,
+}
+
+impl Translation {
+    fn push(&mut self, gpa: u64, len: u64) {
+        let last = if !self.spill.is_empty() {
+            self.spill.last_mut()
+        } else if self.n > 0 {
+            Some(&mut self.inline[self.n - 1])
+        } else {
+            None
+        };
+        if let Some(l) = last {
+            if l.gpa.checked_add(l.len) == Some(gpa) {
+                l.len += len;
+                return;
+            }
+        }
+        if self.n < INLINE_PIECES {
+            self.inline[self.n] = GuestRange { gpa, len };
+            self.n += 1;
+        } else {
+            self.spill.push(GuestRange { gpa, len });
+        }
+    }
+
+    /// Pieces in IOVA order.
+    pub fn iter(&self) -> impl Iterator<Item = &GuestRange> {
+        self.inline[..self.n].iter().chain(self.spill.iter())
+    }
+
+    /// Number of pieces.
+    pub fn len(&self) -> usize {
+        self.n + self.spill.len()
+    }
+
+    /// Whether the translated access was empty.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The first piece (the whole translation when the access stays in one mapping).
+    pub fn first(&self) -> Option<GuestRange> {
+        (self.n > 0).then_some(self.inline[0])
+    }
+}
+
+/// Fast `u32`-key hasher: IDs are not attacker-chosen hash-flooding inputs in a way that
+/// matters (the set of endpoints is fixed by the VMM, domains are capped by `max_domains`).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// State an endpoint shares with its [`crate::EndpointIommu`] handles.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointShared {
+    pub(crate) iotlb: RwLock<Iotlb>,
+    pub(crate) hits: AtomicU64,
+}
+
+pub(crate) fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Endpoint {
+    domain: Option<u32>,
+    reserved: Vec<ReservedRegion>,
+    mapper: Option<Arc<dyn ExternalMapper>>,
+    shared: Arc<EndpointShared>,
+}
+
+struct Domain {
+    bypass: bool,
+    table: MappingTable,
+    endpoints: Vec<u32>,
+    /// Distinct mappers of attached endpoints, with how many endpoints use each.
+    mappers: Vec<(Arc<dyn ExternalMapper>, usize)>,
+    counters: Counters,
+}
+
+struct State {
+    domains: IdMap<Domain>,
+    endpoints: IdMap<Endpoint>,
+    bypass: bool,
+    acked_features: u64,
+}
+
+#[derive(Default)]
+struct FaultQueue {
+    pending: std::collections::VecDeque<FaultRecord>,
+    dropped: u64,
+}
+
+/// Called (from whichever thread faulted) when a fault record is queued. It must not block
+/// and must not call back into the device; signalling an `EventFd` is the intended use.
+pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
+
+/// The virtio-iommu device model. Share it in an `Arc` between the request-queue thread and
+/// the translating device threads.
+pub struct VirtioIommu {
+    config: IommuConfig,
+    granule_shift: u32,
+    state: RwLock<State>,
+    faults: Mutex<FaultQueue>,
+    notifier: RwLock<Option<FaultNotifier>>,
+    /// Destroyed domains, bypass translations and unattached-endpoint faults.
+    totals: Counters,
+}
+
+impl std::fmt::Debug for VirtioIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioIommu")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn mapper_status(e: &MapperError) -> Status {
+    match e {
+        MapperError::NoResources => Status::NoMem,
+        MapperError::Failed(_) => Status::DevErr,
+    }
+}
+
+fn map_perms(perms: u8) -> MapPerms {
+    MapPerms {
+        read: perms & PERM_READ != 0,
+        write: perms & PERM_WRITE != 0,
+    }
+}
+
+fn mapper_refs(d: &Domain, m: &Arc<dyn ExternalMapper>) -> usize {
+    d.mappers
+        .iter()
+        .find(|(x, _)| Arc::ptr_eq(x, m))
+        .map_or(0, |(_, n)| *n)
+}
+
+fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// Invalidate `[start, end]` in an IOTLB. Entries never include `u64::MAX` (see
+/// `clip_len`), so the length computation cannot overflow.
+fn invalidate(shared: &EndpointShared, start: u64, end: u64) {
+    let len = end.min(u64::MAX - 1) - start + 1;
+    write_lock(&shared.iotlb).invalidate_mapping(GuestAddress(start), len as usize);
+}
+
+/// Map `m` into each mapper; on failure undo the ones already done.
+fn mappers_map(mappers: &[(Arc<dyn ExternalMapper>, usize)], m: &Mapping) -> Result<(), Status> {
+    for (i, (mapper, _)) in mappers.iter().enumerate() {
+        if let Err(e) = mapper.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
+            warn!(
+                "external mapper MAP {:#x}+{:#x} failed: {e}",
+                m.start,
+                m.size()
+            );
+            for (done, _) in &mappers[..i] {
+                if let Err(e) = done.unmap(m.start, m.size()) {
+                    error!("rollback unmap {:#x} failed: {e}", m.start);
+                }
+            }
+            return Err(mapper_status(&e));
+        }
+    }
+    Ok(())
+}
+
+/// Replay every mapping of `table` into `mapper`; on failure undo what was replayed.
+fn replay(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Status> {
+    let mut done: Vec<Mapping> = Vec::new();
+    for m in table.iter() {
+        if let Err(e) = mapper.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
+            warn!("external mapper replay of {:#x} failed: {e}", m.start);
+            unreplay(&done, mapper);
+            return Err(mapper_status(&e));
+        }
+        done.push(m);
+    }
+    Ok(())
+}
+
+/// Unmap `mappings` from `mapper` during a rollback; failures can only be logged.
+fn unreplay(mappings: &[Mapping], mapper: &dyn ExternalMapper) {
+    for m in mappings {
+        if let Err(e) = mapper.unmap(m.start, m.size()) {
+            error!("rollback unmap {:#x} failed: {e}", m.start);
+        }
+    }
+}
+
+/// Remove every mapping of `table` from `mapper`; on failure re-map what was removed.
+fn withdraw(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Status> {
+    let mut done: Vec<Mapping> = Vec::new();
+    for m in table.iter() {
+        if let Err(e) = mapper.unmap(m.start, m.size()) {
+            warn!("external mapper unmap of {:#x} failed: {e}", m.start);
+            for d in &done {
+                if let Err(e) = mapper.map(d.start, d.phys, d.size(), map_perms(d.perms)) {
+                    error!("rollback map {:#x} failed: {e}", d.start);
+                }
+            }
+            return Err(mapper_status(&e));
+        }
+        done.push(m);
+    }
+    Ok(())
+}
+
+impl VirtioIommu {
+    /// Create a device; validates the configuration.
+    pub fn new(config: IommuConfig) -> Result<Self, ConfigError> {
+        let granule_shift = config.page_size_mask.trailing_zeros();
+        if config.page_size_mask == 0 || granule_shift < MIN_GRANULE_SHIFT {
+            return Err(ConfigError::PageSizeMask(config.page_size_mask));
+        }
+        let g = (1u64 << granule_shift) - 1;
+        let (s, e) = config.input_range;
+        if s > e || s & g != 0 || e.wrapping_add(1) & g != 0 {
+            return Err(ConfigError::Range(s, e));
+        }
+        let (ds, de) = config.domain_range;
+        if ds > de {
+            return Err(ConfigError::Range(ds.into(), de.into()));
+        }
+        let dev = VirtioIommu {
+            granule_shift,
+            state: RwLock::new(State {
+                domains: IdMap::default(),
+                endpoints: IdMap::default(),
+                bypass: config.boot_bypass,
+                acked_features: 0,
+            }),
+            faults: Mutex::new(FaultQueue::default()),
+            notifier: RwLock::new(None),
+            totals: Counters::default(),
+            config,
+        };
+        if dev.config.probe_size > MAX_PROBE_SIZE {
+            return Err(ConfigError::ProbeSize {
+                needed: MAX_PROBE_SIZE as usize,
+                probe_size: dev.config.probe_size,
+            });
+        }
+        dev.check_probe_fit(&dev.config.reserved_regions)?;
+        Ok(dev)
+    }
+
+    /// The configuration the device was built with.
+    pub fn config(&self) -> &IommuConfig {
+        &self.config
+    }
+
+    fn check_probe_fit(&self, regions: &[ReservedRegion]) -> Result<(), ConfigError> {
+        let needed = regions.len() * RESV_MEM_PROPERTY_SIZE;
+        if self.config.probe_size > 0 && needed > self.config.probe_size as usize {
+            return Err(ConfigError::ProbeSize {
+                needed,
+                probe_size: self.config.probe_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Register an endpoint ID (e.g. a PCI BDF) the device manages. Requests naming any other
+    /// endpoint get NOENT. The endpoint starts unattached.
+    pub fn add_endpoint(&self, id: u32, cfg: EndpointConfig) -> Result<(), ConfigError> {
+        let reserved = cfg
+            .reserved_regions
+            .unwrap_or_else(|| self.config.reserved_regions.clone());
+        self.check_probe_fit(&reserved)?;
+        let mut st = write_lock(&self.state);
+        if st.endpoints.contains_key(&id) {
+            return Err(ConfigError::DuplicateEndpoint(id));
+        }
+        st.endpoints.insert(
+            id,
+            Endpoint {
+                domain: None,
+                reserved,
+                mapper: cfg.mapper,
+                shared: Arc::default(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Unregister an endpoint (hot-unplug), detaching it first. Fails, leaving it attached,
+    /// if its mapper refuses to withdraw the domain's mappings.
+    pub fn remove_endpoint(&self, id: u32) -> Result<(), ConfigError> {
+        let mut st = write_lock(&self.state);
+        let Some(domain) = st.endpoints.get(&id).map(|e| e.domain) else {
+            return Err(ConfigError::UnknownEndpoint(id));
+        };
+        if let Some(d) = domain {
+            if self.detach(&mut st, id, d) != Status::Ok {
+                return Err(ConfigError::UnknownEndpoint(id));
+            }
+        }
+        st.endpoints.remove(&id);
+        Ok(())
+    }
+
+    pub(crate) fn endpoint_shared(&self, id: u32) -> Option<Arc<EndpointShared>> {
+        read_lock(&self.state)
+            .endpoints
+            .get(&id)
+            .map(|e| e.shared.clone())
+    }
+
+    /// Register the callback signalled when a fault record is queued (replaces any previous).
+    pub fn set_fault_notifier(&self, notifier: Option<FaultNotifier>) {
+        *write_lock(&self.notifier) = notifier;
+    }
+
+    // ---- features and config space ----
+
+    /// Feature bits the device offers.
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_IOMMU_F_INPUT_RANGE)
+            | (1 << VIRTIO_IOMMU_F_DOMAIN_RANGE)
+            | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)
+            | (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG);
+        if self.config.probe_size > 0 {
+            f |= 1 << VIRTIO_IOMMU_F_PROBE;
+        }
+        if self.config.offer_mmio {
+            f |= 1 << VIRTIO_IOMMU_F_MMIO;
+        }
+        f
+    }
+
+    /// Record the features the driver accepted (bits not offered are dropped).
+    pub fn ack_features(&self, features: u64) {
+        write_lock(&self.state).acked_features = features & self.features();
+    }
+
+    /// Features negotiated so far.
+    pub fn acked_features(&self) -> u64 {
+        read_lock(&self.state).acked_features
+    }
+
+    fn acked(st: &State, bit: u32) -> bool {
+        st.acked_features & (1 << bit) != 0
+    }
+
+    fn config_space(&self, st: &State) -> ConfigSpace {
+        ConfigSpace {
+            page_size_mask: self.config.page_size_mask,
+            input_range: self.config.input_range,
+            domain_range: self.config.domain_range,
+            probe_size: self.config.probe_size,
+            bypass: u8::from(st.bypass),
+        }
+    }
+
+    /// Read the config space; bytes past its end read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config_space(&read_lock(&self.state)).encode();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Write the config space. Only `bypass` is writable, and only once BYPASS_CONFIG is
+    /// negotiated; other writes are ignored. Only bit 0 is kept, so the field stays 0 or 1.
+    pub fn write_config(&self, offset: u64, data: &[u8]) {
+        let idx = (CONFIG_BYPASS_OFFSET as u64).checked_sub(offset);
+        let Some(value) = idx
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| data.get(i))
+        else {
+            warn!("ignoring write to read-only iommu config at {offset:#x}");
+            return;
+        };
+        let mut st = write_lock(&self.state);
+        if !Self::acked(&st, VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+            warn!("ignoring bypass write: BYPASS_CONFIG not negotiated");
+            return;
+        }
+        let bypass = value & 1 != 0;
+        if st.bypass != bypass {
+            st.bypass = bypass;
+            for ep in st.endpoints.values().filter(|e| e.domain.is_none()) {
+                write_lock(&ep.shared.iotlb).invalidate_all();
+            }
+        }
+    }
+
+    /// Current value of the `bypass` config field.
+    pub fn bypass(&self) -> bool {
+        read_lock(&self.state).bypass
+    }
+
+    /// Device reset: every endpoint is detached and every domain destroyed, features and
+    /// pending faults are cleared. `bypass` keeps its value, as the spec asks.
+    pub fn reset(&self) {
+        let mut st = write_lock(&self.state);
+        let attached: Vec<(u32, u32)> = st
+            .endpoints
+            .iter()
+            .filter_map(|(&id, e)| e.domain.map(|d| (id, d)))
+            .collect();
+        for (id, d) in attached {
+            if self.detach(&mut st, id, d) != Status::Ok {
+                // A mapper that refuses to let go cannot hold the guest's state hostage.
+                error!("reset: forcing detach of endpoint {id:#x}");
+                self.unlink(&mut st, id, d);
+            }
+        }
+        st.acked_features = 0;
+        let mut fq = lock(&self.faults);
+        fq.pending.clear();
+    }
+
+    /// Restore the `bypass` field to its boot value (system reset, not device reset).
+    pub fn system_reset(&self) {
+        self.reset();
+        let mut st = write_lock(&self.state);
+        st.bypass = self.config.boot_bypass;
+        for ep in st.endpoints.values() {
+            write_lock(&ep.shared.iotlb).invalidate_all();
+        }
+    }
+
+    // ---- requests ----
+
+    /// Execute one decoded request. `props_len` is the size of the PROBE properties area the
+    /// driver provided; the returned bytes (PROBE only) fill it.
+    pub fn handle_request(&self, req: &Request, props_len: usize) -> (Status, Vec<u8>) {
+        let mut st = write_lock(&self.state);
+        match *req {
+            Request::Attach(r) => (self.attach_req(&mut st, r), Vec::new()),
+            Request::Detach(r) => (self.detach_req(&mut st, r), Vec::new()),
+            Request::Map(r) => (self.map_req(&mut st, r), Vec::new()),
+            Request::Unmap(r) => (self.unmap_req(&mut st, r), Vec::new()),
+            Request::Probe(r) => self.probe_req(&st, r, props_len),
+        }
+    }
+
+    fn attach_req(&self, st: &mut State, r: AttachRequest) -> Status {
+        if r.reserved != [0; 4] {
+            return Status::Inval;
+        }
+        let known = if Self::acked(st, VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+            VIRTIO_IOMMU_ATTACH_F_BYPASS
+        } else {
+            0
+        };
+        if r.flags & !known != 0 {
+            return Status::Inval;
+        }
+        let bypass = r.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
+        let Some(ep) = st.endpoints.get(&r.endpoint) else {
+            return Status::NoEnt;
+        };
+        let (lo, hi) = self.config.domain_range;
+        if r.domain < lo || r.domain > hi {
+            return Status::Range;
+        }
+        let old = ep.domain;
+        let mapper = ep.mapper.clone();
+        match st.domains.get(&r.domain) {
+            Some(d) => {
+                if d.bypass != bypass {
+                    return Status::Inval;
+                }
+                if old == Some(r.domain) {
+                    return Status::Ok;
+                }
+                // Properties must be compatible: no existing mapping in a reserved region.
+                if ep
+                    .reserved
+                    .iter()
+                    .any(|rr| d.table.overlaps(rr.start, rr.end))
+                {
+                    return Status::Unsupp;
+                }
+            }
+            None => {
+                // Moving the sole endpoint of a domain destroys that domain, freeing a slot.
+                let frees_one = old
+                    .and_then(|o| st.domains.get(&o))
+                    .is_some_and(|d| d.endpoints.len() == 1);
+                if st.domains.len() >= self.config.max_domains && !frees_one {
+                    return Status::NoMem;
+                }
+            }
+        }
+        // All fallible mapper work happens before any bookkeeping, so a failure leaves the
+        // device exactly as it was.
+        if let Some(m) = &mapper {
+            let old_d = old.and_then(|o| st.domains.get(&o));
+            let leaves_old = old_d.filter(|d| mapper_refs(d, m) == 1);
+            if let Some(od) = leaves_old {
+                if let Err(s) = withdraw(&od.table, m.as_ref()) {
+                    return s;
+                }
+            }
+            if let Some(nd) = st.domains.get(&r.domain).filter(|d| mapper_refs(d, m) == 0) {
+                if let Err(s) = replay(&nd.table, m.as_ref()) {
+                    if let Some(od) = leaves_old {
+                        if replay(&od.table, m.as_ref()).is_err() {
+                            error!("endpoint {:#x}: mapper lost its old domain", r.endpoint);
+                        }
+                    }
+                    return s;
+                }
+            }
+        }
+        if let Some(o) = old {
+            self.unlink(st, r.endpoint, o);
+        }
+        self.link(st, r.endpoint, r.domain, bypass);
+        Status::Ok
+    }
+
+    /// Record that endpoint `id` is attached to `domain` (created if needed). Mapper content
+    /// has already been replayed by the caller.
+    fn link(&self, st: &mut State, id: u32, domain: u32, bypass: bool) {
+        let State {
+            domains, endpoints, ..
+        } = st;
+        let Some(ep) = endpoints.get_mut(&id) else {
+            return;
+        };
+        let d = domains.entry(domain).or_insert_with(|| Domain {
+            bypass,
+            table: MappingTable::new(self.granule_shift),
+            endpoints: Vec::new(),
+            mappers: Vec::new(),
+            counters: Counters::default(),
+        });
+        if let Some(mapper) = &ep.mapper {
+            match d.mappers.iter_mut().find(|(m, _)| Arc::ptr_eq(m, mapper)) {
+                Some(slot) => slot.1 += 1,
+                None => d.mappers.push((mapper.clone(), 1)),
+            }
+        }
+        d.endpoints.push(id);
+        ep.domain = Some(domain);
+        // Leaving bypass (boot or domain) or another domain: drop every cached entry.
+        write_lock(&ep.shared.iotlb).invalidate_all();
+    }
+
+    /// Record that endpoint `id` left `domain`, destroying the domain (and its mappings) if
+    /// it was the last endpoint. Mapper content has already been withdrawn by the caller.
+    fn unlink(&self, st: &mut State, id: u32, domain: u32) {
+        let State {
+            domains, endpoints, ..
+        } = st;
+        let Some(ep) = endpoints.get_mut(&id) else {
+            return;
+        };
+        ep.domain = None;
+        write_lock(&ep.shared.iotlb).invalidate_all();
+        let Some(d) = domains.get_mut(&domain) else {
+            return;
+        };
+        if let Some(mapper) = &ep.mapper {
+            if let Some(pos) = d.mappers.iter().position(|(m, _)| Arc::ptr_eq(m, mapper)) {
+                d.mappers[pos].1 -= 1;
+                if d.mappers[pos].1 == 0 {
+                    d.mappers.remove(pos);
+                }
+            }
+        }
+        d.endpoints.retain(|&e| e != id);
+        if d.endpoints.is_empty() {
+            if let Some(d) = domains.remove(&domain) {
+                for m in d.table.iter() {
+                    d.counters.unmapped(m.size());
+                }
+                self.totals.absorb(&d.counters.snapshot());
+            }
+        }
+    }
+
+    /// Detach an endpoint from `domain`: withdraw the domain's mappings from its mapper if
+    /// no other endpoint of the domain shares it, then unlink.
+    fn detach(&self, st: &mut State, id: u32, domain: u32) -> Status {
+        let (Some(ep), Some(d)) = (st.endpoints.get(&id), st.domains.get(&domain)) else {
+            return Status::Inval;
+        };
+        if let Some(m) = ep.mapper.as_ref().filter(|m| mapper_refs(d, m) == 1) {
+            if let Err(s) = withdraw(&d.table, m.as_ref()) {
+                return s;
+            }
+        }
+        self.unlink(st, id, domain);
+        Status::Ok
+    }
+
+    fn detach_req(&self, st: &mut State, r: DetachRequest) -> Status {
+        let Some(ep) = st.endpoints.get(&r.endpoint) else {
+            return Status::NoEnt;
+        };
+        if ep.domain != Some(r.domain) {
+            return Status::Inval;
+        }
+        self.detach(st, r.endpoint, r.domain)
+    }
+
+    fn map_req(&self, st: &mut State, r: MapRequest) -> Status {
+        let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+        if Self::acked(st, VIRTIO_IOMMU_F_MMIO) {
+            known |= VIRTIO_IOMMU_MAP_F_MMIO;
+        }
+        if r.flags & !known != 0 {
+            return Status::Inval;
+        }
+        let State {
+            domains, endpoints, ..
+        } = st;
+        let Some(d) = domains.get_mut(&r.domain) else {
+            return Status::NoEnt;
+        };
+        if d.bypass || r.virt_end < r.virt_start {
+            return Status::Inval;
+        }
+        let g = (1u64 << self.granule_shift) - 1;
+        if r.virt_start & g != 0 || r.phys_start & g != 0 || r.virt_end.wrapping_add(1) & g != 0 {
+            return Status::Range;
+        }
+        let (lo, hi) = self.config.input_range;
+        if r.virt_start < lo || r.virt_end > hi {
+            return Status::Range;
+        }
+        if r.phys_start
+            .checked_add(r.virt_end - r.virt_start)
+            .is_none()
+        {
+            return Status::Range;
+        }
+        let range = (r.virt_start, r.virt_end);
+        let reserved_hit = d
+            .endpoints
+            .iter()
+            .filter_map(|e| endpoints.get(e))
+            .any(|e| {
+                e.reserved
+                    .iter()
+                    .any(|rr| ranges_overlap(range, (rr.start, rr.end)))
+            });
+        if reserved_hit || d.table.overlaps(r.virt_start, r.virt_end) {
+            return Status::Inval;
+        }
+        if d.table.len() >= self.config.max_mappings_per_domain {
+            return Status::NoMem;
+        }
+        let mut perms = 0;
+        if r.flags & VIRTIO_IOMMU_MAP_F_READ != 0 {
+            perms |= PERM_READ;
+        }
+        if r.flags & VIRTIO_IOMMU_MAP_F_WRITE != 0 {
+            perms |= PERM_WRITE;
+        }
+        let m = Mapping {
+            start: r.virt_start,
+            end: r.virt_end,
+            phys: r.phys_start,
+            perms,
+            mmio: r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0,
+        };
+        if let Err(s) = mappers_map(&d.mappers, &m) {
+            return s;
+        }
+        d.table.insert(m);
+        d.counters.mapped(m.size());
+        Status::Ok
+    }
+
+    fn unmap_req(&self, st: &mut State, r: UnmapRequest) -> Status {
+        let State {
+            domains, endpoints, ..
+        } = st;
+        let Some(d) = domains.get_mut(&r.domain) else {
+            return Status::NoEnt;
+        };
+        if d.bypass || r.virt_end < r.virt_start {
+            return Status::Inval;
+        }
+        let (lo, hi) = self.config.input_range;
+        if r.virt_start < lo || r.virt_end > hi {
+            return Status::Range;
+        }
+        let Ok(plan) = d.table.unmap_plan(r.virt_start, r.virt_end) else {
+            return Status::Range;
+        };
+        for (i, (mapper, _)) in d.mappers.iter().enumerate() {
+            for (j, m) in plan.iter().enumerate() {
+                if let Err(e) = mapper.unmap(m.start, m.size()) {
+                    warn!("external mapper UNMAP {:#x} failed: {e}", m.start);
+                    // Re-map what this request already removed, newest first.
+                    let undo = |mp: &Arc<dyn ExternalMapper>, ms: &[Mapping]| {
+                        for m in ms.iter().rev() {
+                            if let Err(e) = mp.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
+                                error!("rollback map {:#x} failed: {e}", m.start);
+                            }
+                        }
+                    };
+                    undo(mapper, &plan[..j]);
+                    for (done, _) in d.mappers[..i].iter().rev() {
+                        undo(done, &plan);
+                    }
+                    return mapper_status(&e);
+                }
+            }
+        }
+        for m in &plan {
+            d.table.remove(m.start);
+            d.counters.unmapped(m.size());
+            for e in d.endpoints.iter().filter_map(|e| endpoints.get(e)) {
+                invalidate(&e.shared, m.start, m.end);
+            }
+        }
+        Status::Ok
+    }
+
+    fn probe_req(&self, st: &State, r: ProbeRequest, props_len: usize) -> (Status, Vec<u8>) {
+        let Some(ep) = st.endpoints.get(&r.endpoint) else {
+            return (Status::NoEnt, Vec::new());
+        };
+        if props_len < self.config.probe_size as usize {
+            return (Status::Inval, Vec::new());
+        }
+        let mut props = Vec::with_capacity(props_len);
+        for rr in &ep.reserved {
+            rr.encode_property(&mut props);
+        }
+        props.resize(props_len, 0);
+        (Status::Ok, props)
+    }
+
+    // ---- translation ----
+
+    /// Translate a DMA access of `len` bytes at `iova` by `endpoint`: the guest-physical
+    /// pieces covering it (the access may span several mappings), or the fault, which has
+    /// already been counted and queued for the event queue.
+    #[inline]
+    pub fn translate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        let st = read_lock(&self.state);
+        let mut out = Translation::default();
+        self.walk(&st, endpoint, iova, len, access.perms(), |_, gpa, n, _| {
+            out.push(gpa, n)
+        })?;
+        Ok(out)
+    }
+
+    /// Resolve `[iova, iova + len)` for `endpoint`, calling `piece(iova, gpa, len, perms)` for
+    /// each contiguous piece, with the state lock held by the caller.
+    #[inline]
+    fn walk(
+        &self,
+        st: &State,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        need: u8,
+        mut piece: impl FnMut(u64, u64, u64, u8),
+    ) -> Result<(), Fault> {
+        let fault = |reason, address| Fault {
+            reason,
+            endpoint,
+            address,
+            need,
+        };
+        let Some(ep) = st.endpoints.get(&endpoint) else {
+            return Err(self.fault(st, fault(FaultReason::Unknown, iova)));
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let Some(last) = iova.checked_add(len - 1) else {
+            return Err(self.fault(st, fault(FaultReason::Mapping, iova)));
+        };
+        let domain = match ep.domain {
+            None if st.bypass => {
+                piece(iova, iova, len, PERM_READ | PERM_WRITE);
+                self.totals.translation();
+                return Ok(());
+            }
+            None => return Err(self.fault(st, fault(FaultReason::Domain, iova))),
+            Some(d) => d,
+        };
+        let Some(d) = st.domains.get(&domain) else {
+            return Err(self.fault(st, fault(FaultReason::Unknown, iova)));
+        };
+        if d.bypass {
+            piece(iova, iova, len, PERM_READ | PERM_WRITE);
+            d.counters.translation();
+            return Ok(());
+        }
+        let mut cur = iova;
+        loop {
+            let hit = match d.table.lookup(cur) {
+                Some(h) if h.perms & need == need => h,
+                _ => return Err(self.fault(st, fault(FaultReason::Mapping, cur))),
+            };
+            let end = hit.last.min(last);
+            piece(cur, hit.phys, end - cur + 1, hit.perms);
+            if end == last {
+                break;
+            }
+            cur = end + 1;
+        }
+        d.counters.translation();
+        Ok(())
+    }
+
+    /// Fill an endpoint IOTLB so that `[iova, iova + len)` hits, with whole mappings so that
+    /// neighbouring accesses hit too. Holding the state read lock while inserting is what
+    /// keeps a concurrent UNMAP from being undone by a stale fill.
+    pub(crate) fn fill_iotlb(
+        &self,
+        endpoint: u32,
+        shared: &EndpointShared,
+        iova: u64,
+        len: u64,
+        need: u8,
+    ) -> Result<(), Fault> {
+        let st = read_lock(&self.state);
+        let domain = st
+            .endpoints
+            .get(&endpoint)
+            .and_then(|e| e.domain)
+            .and_then(|d| st.domains.get(&d));
+        let mut entries: Vec<(u64, u64, u64, u8)> = Vec::new();
+        match domain {
+            Some(d) if !d.bypass => {
+                self.walk(&st, endpoint, iova, len, need, |cur, _, _, _| {
+                    if entries.last().is_some_and(|e| e.1 >= cur) {
+                        return;
+                    }
+                    if let Some(m) = d.table.find(cur) {
+                        entries.push((m.start, m.end, m.phys, m.perms));
+                    }
+                })?;
+            }
+            _ => {
+                // Identity (bypass) or a fault, which walk() records.
+                self.walk(&st, endpoint, iova, len, need, |cur, gpa, n, perms| {
+                    entries.push((cur, cur + (n - 1), gpa, perms))
+                })?;
+            }
+        }
+        let mut tlb = write_lock(&shared.iotlb);
+        for (start, end, phys, perms) in entries {
+            let n = end.min(u64::MAX - 1) - start + 1;
+            // Cannot fail: set_mapping only reports errors for invalid permissions.
+            let _ = tlb.set_mapping(
+                GuestAddress(start),
+                GuestAddress(phys),
+                n as usize,
+                permissions_from(perms),
+            );
+        }
+        Ok(())
+    }
+
+    /// Record the fault for an access the IOTLB cannot represent (it reaches the last byte of
+    /// the 64-bit space).
+    pub(crate) fn translate_fault_at_top(&self, endpoint: u32, iova: u64, need: u8) -> Fault {
+        let st = read_lock(&self.state);
+        let reason = if st.endpoints.contains_key(&endpoint) {
+            FaultReason::Mapping
+        } else {
+            FaultReason::Unknown
+        };
+        self.fault(
+            &st,
+            Fault {
+                reason,
+                endpoint,
+                address: iova,
+                need,
+            },
+        )
+    }
+
+    /// Count a fault and queue its record (registered endpoints only), then notify.
+    fn fault(&self, st: &State, f: Fault) -> Fault {
+        let domain = st
+            .endpoints
+            .get(&f.endpoint)
+            .and_then(|e| e.domain)
+            .and_then(|d| st.domains.get(&d));
+        match domain {
+            Some(d) => d.counters.fault(),
+            None => self.totals.fault(),
+        }
+        if f.reason == FaultReason::Unknown && !st.endpoints.contains_key(&f.endpoint) {
+            // No valid endpoint ID to report: counted only.
+            return f;
+        }
+        {
+            let mut q = lock(&self.faults);
+            if q.pending.len() >= self.config.max_pending_faults {
+                q.dropped += 1;
+                return f;
+            }
+            q.pending.push_back(f.record());
+        }
+        if let Some(n) = read_lock(&self.notifier).as_ref() {
+            n();
+        }
+        f
+    }
+
+    /// Fault records waiting for event-queue buffers.
+    pub fn pending_faults(&self) -> usize {
+        lock(&self.faults).pending.len()
+    }
+
+    pub(crate) fn front_fault(&self) -> Option<FaultRecord> {
+        lock(&self.faults).pending.front().copied()
+    }
+
+    pub(crate) fn pop_fault(&self) {
+        lock(&self.faults).pending.pop_front();
+    }
+
+    // ---- introspection ----
+
+    /// Statistics snapshot: totals and per live domain.
+    pub fn stats(&self) -> IommuStats {
+        let st = read_lock(&self.state);
+        let mut domains: Vec<(u32, StatsSnapshot)> = st
+            .domains
+            .iter()
+            .map(|(&id, d)| (id, d.counters.snapshot()))
+            .collect();
+        domains.sort_by_key(|(id, _)| *id);
+        let base = self.totals.snapshot();
+        let total =
+            StatsSnapshot::sum(std::iter::once(&base).chain(domains.iter().map(|(_, s)| s)));
+        IommuStats {
+            total,
+            domains,
+            dropped_fault_events: lock(&self.faults).dropped,
+            iotlb_hits: st
+                .endpoints
+                .values()
+                .map(|e| e.shared.hits.load(Ordering::Relaxed))
+                .sum(),
+        }
+    }
+
+    /// Statistics of one live domain.
+    pub fn domain_stats(&self, domain: u32) -> Option<StatsSnapshot> {
+        read_lock(&self.state)
+            .domains
+            .get(&domain)
+            .map(|d| d.counters.snapshot())
+    }
+
+    /// The domain an endpoint is attached to.
+    pub fn endpoint_domain(&self, endpoint: u32) -> Option<u32> {
+        read_lock(&self.state)
+            .endpoints
+            .get(&endpoint)
+            .and_then(|e| e.domain)
+    }
+
+    /// The mappings of a domain, in IOVA order (for migration, debugging and tests).
+    pub fn domain_mappings(&self, domain: u32) -> Option<Vec<Mapping>> {
+        read_lock(&self.state)
+            .domains
+            .get(&domain)
+            .map(|d| d.table.iter().collect())
+    }
+
+    /// Number of live domains.
+    pub fn domain_count(&self) -> usize {
+        read_lock(&self.state).domains.len()
+    }
+}
