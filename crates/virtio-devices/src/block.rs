@@ -106,6 +106,8 @@ impl<M: DeviceMemory> Block<M> {
             serial[..len].copy_from_slice(&id.as_bytes()[..len]);
         }
 
+        // No VIRTIO_BLK_F_SIZE_MAX: any segment length is served, so there is no limit to
+        // announce; SEG_MAX keeps requests within what the ring can always carry.
         let mut features = common_features(options.access_platform)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_FLUSH);

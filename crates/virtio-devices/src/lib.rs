@@ -91,7 +91,9 @@ pub trait VirtioInterrupt: Send + Sync {
 pub struct ActivatedQueue {
     /// Index of the queue in the device's queue list.
     pub index: usize,
-    /// The queue with the addresses and size the driver configured.
+    /// The queue with the addresses and size the driver configured. The transport need not
+    /// call `set_event_idx`: the device applies `VIRTIO_RING_F_EVENT_IDX` from the features it
+    /// was given through [`VirtioDevice::ack_features`].
     pub queue: Queue,
     /// Written (by KVM through an ioeventfd, or by the transport) when the driver notifies.
     pub notifier: EventFd,
