@@ -936,6 +936,49 @@ mod tests {
     }
 
     #[test]
+    fn protected_device_serves_requests_through_the_worker() {
+        let mem = iommu_memory();
+        mem.iommu()
+            .map(0x1000_0000, 0x2_0000, 0x1_0000, Permissions::ReadWrite);
+        let temp = image();
+        let mut dev = block(
+            mem.clone(),
+            &temp,
+            BlockOptions {
+                access_platform: true,
+                ..Default::default()
+            },
+        );
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(FakeInterrupt::default());
+        dev.ack_features(dev.features());
+        dev.activate(
+            vec![ActivatedQueue {
+                index: 0,
+                queue: driver.queue(),
+                notifier: notifier.try_clone().unwrap(),
+            }],
+            interrupt.clone(),
+        )
+        .unwrap();
+
+        let (hdr, data, status_iova) = (0x1000_0000, 0x1000_1000, 0x1000_3000);
+        header(&mem, hdr, VIRTIO_BLK_T_IN, 11);
+        let head = driver.add(&[ro(hdr, 16), wo(data, 1024), wo(status_iova, 1)]);
+        notifier.write(1).unwrap();
+        assert!(interrupt.wait_for(0, 1));
+        assert_eq!(driver.used(), vec![(u32::from(head), 1025)]);
+        let mut read = vec![0u8; 1024];
+        mem.get_backend()
+            .read_slice(&mut read, GuestAddress(0x2_1000))
+            .unwrap();
+        assert_eq!(&read[..512], &[11; 512][..]);
+        assert_eq!(&read[512..], &[12; 512][..]);
+        dev.reset();
+    }
+
+    #[test]
     fn activation_needs_queue_zero() {
         let mem = guest_memory();
         let temp = image();
