@@ -22,8 +22,9 @@ pub const HOST_BRIDGE_DEVICE_ID: u16 = 0x0d57;
 const EXTENDED_CONFIG_REGS: usize = 4096 / 4;
 const CONVENTIONAL_CONFIG_REGS: usize = crate::CONFIG_SPACE_SIZE / 4;
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
-/// Enable, bus, device, function and register bits; reserved bits read back as zero.
-const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
+/// Enable, extended register (bits 27:24, the AMD extension Linux uses for registers past 255
+/// when there is no ECAM), bus, device, function and register bits; the rest read as zero.
+const CONFIG_ADDRESS_MASK: u32 = 0x8fff_fffc;
 
 /// The host bridge at 00:00.0: a header with no BARs, there so guests find a root complex.
 pub struct HostBridge {
@@ -201,7 +202,7 @@ impl PciConfigIo {
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as u8,
             ((a >> 8) & 0x7) as u8,
-            ((a >> 2) & 0x3f) as usize,
+            (((a >> 16) & 0xf00 | a & 0xfc) >> 2) as usize,
         ))
     }
 }
@@ -408,7 +409,7 @@ pub(crate) mod tests {
         let (root, _) = root_with_device();
         let mut io = PciConfigIo::new(root);
         io_write(&mut io, 0xcf8, 0xffff_ffff, 4);
-        assert_eq!(io_read(&mut io, 0xcf8, 4), 0x80ff_fffc);
+        assert_eq!(io_read(&mut io, 0xcf8, 4), 0x8fff_fffc);
         io_write(&mut io, 0xcf8, 0x8000_0000, 4);
         assert_eq!(io_read(&mut io, 0xcf8, 4), 0x8000_0000);
         // Byte writes (0xCFB, 0xCF9) do not change CONFIG_ADDRESS.
@@ -433,6 +434,9 @@ pub(crate) mod tests {
         assert_eq!(io_read(&mut io, 0xcfd, 2), 0xffff, "misaligned");
         io_write(&mut io, 0xcf8, cf8(3, 0, 0x10), 4);
         assert_eq!(io_read(&mut io, 0xcfc, 4), 0xc000_0000);
+        // Extended register 0x110 (bits 27:24 = 1): zero, not an alias of register 0x10.
+        io_write(&mut io, 0xcf8, cf8(3, 0, 0x10) | 1 << 24, 4);
+        assert_eq!(io_read(&mut io, 0xcfc, 4), 0);
         for address in [cf8(4, 0, 0), cf8(3, 1, 0), cf8(3, 0, 0) | 1 << 16] {
             io_write(&mut io, 0xcf8, address, 4);
             assert_eq!(io_read(&mut io, 0xcfc, 4), 0xffff_ffff, "{address:#x}");

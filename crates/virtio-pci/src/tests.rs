@@ -715,3 +715,53 @@ fn arbitrary_guest_accesses_never_panic() {
     h.dev.write_bar(0, u64::MAX - 1, &[0; 4]);
     h.dev.write_bar(1, 0, &[0; 4]);
 }
+
+/// The VMM's wiring: root, ECAM, BAR allocation, MMIO bus, ioeventfds.
+#[test]
+fn works_end_to_end_on_a_pci_root() {
+    use pci::{BarAllocator, PciConfigMmio, PciRoot};
+    use vm_device::{Bus, BusDevice};
+
+    let Harness { dev, log, .. } = harness();
+    let device: Arc<Mutex<VirtioPciDevice>> = Arc::new(Mutex::new(dev));
+    let root = Arc::new(Mutex::new(PciRoot::new()));
+    root.lock().unwrap().add_device(2, device.clone()).unwrap();
+    let mut allocator =
+        BarAllocator::new((0xc000_0000, 0x2000_0000), Some((1 << 36, 1 << 30))).unwrap();
+    let dyn_device: Arc<Mutex<dyn PciDevice>> = device.clone();
+    let mappings = allocator.allocate(&dyn_device).unwrap();
+    let mut mmio = Bus::new();
+    for m in &mappings {
+        mmio.insert(m.region.clone(), m.base, m.len).unwrap();
+    }
+    let ecam: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(PciConfigMmio::new(root.clone())));
+    mmio.insert(ecam, 0xe000_0000, pci::ECAM_BUS_SIZE).unwrap();
+
+    let mut id = [0u8; 4];
+    assert!(mmio.read(0xe000_0000 | 2 << 15, &mut id));
+    assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+    let bar0 = mappings[0].base;
+    assert_eq!(bar0, 1 << 36);
+    let fds = device.lock().unwrap().ioeventfds().len();
+    assert_eq!(fds, 2);
+    assert_eq!(device.lock().unwrap().ioeventfds()[1].1, bar0 + 0x3004);
+
+    // Drive the device through the bus as the guest would.
+    let mut num_queues = [0u8; 2];
+    assert!(mmio.read(bar0 + NUM_QUEUES, &mut num_queues));
+    assert_eq!(u16::from_le_bytes(num_queues), 2);
+    mmio.write(bar0 + DEVICE_STATUS, &[S_ACK_DRIVER]);
+    mmio.write(bar0 + DRIVER_FEATURE_SELECT, &1u32.to_le_bytes());
+    mmio.write(bar0 + DRIVER_FEATURE, &1u32.to_le_bytes());
+    mmio.write(bar0 + DEVICE_STATUS, &[S_ACK_DRIVER | STATUS_FEATURES_OK]);
+    mmio.write(bar0 + QUEUE_ENABLE, &1u16.to_le_bytes());
+    mmio.write(
+        bar0 + DEVICE_STATUS,
+        &[S_ACK_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK],
+    );
+    assert_eq!(log.lock().unwrap().acked, vec![F_VERSION_1]);
+    assert_eq!(log.lock().unwrap().activations[0][0].index, 0);
+    assert!(mmio.write(bar0 + 0x3000, &0u16.to_le_bytes()));
+    assert_eq!(log.lock().unwrap().notifiers[0].read().unwrap(), 1);
+    assert!(root.lock().unwrap().take_bar_moves().is_empty());
+}
