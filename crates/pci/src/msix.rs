@@ -71,11 +71,6 @@ impl MsixState {
         }
     }
 
-    /// Number of vectors in the table.
-    pub fn vector_count(&self) -> usize {
-        self.entries.len()
-    }
-
     /// Whether the guest set the MSI-X enable bit.
     pub fn enabled(&self) -> bool {
         self.enabled

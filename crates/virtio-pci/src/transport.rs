@@ -161,6 +161,8 @@ pub struct VirtioPciDevice {
     msix: Msix,
     device: Box<dyn VirtioDevice>,
     layout: BarLayout,
+    /// Size of the MSI-X table.
+    msix_vectors: usize,
     /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability in configuration space.
     pci_cfg_cap: usize,
     offered_features: u64,
@@ -209,7 +211,8 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: SUBSYSTEM_ID,
         });
-        let layout = BarLayout::new(max_sizes.len(), interrupt.len());
+        let msix_vectors = interrupt.len();
+        let layout = BarLayout::new(max_sizes.len(), msix_vectors);
         // Non-prefetchable: reading the ISR has a side effect.
         config.add_bar(
             VIRTIO_BAR,
@@ -252,7 +255,6 @@ impl VirtioPciDevice {
         // pci_cfg_data; all four fields are writable.
         let mut window = region_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0);
         window[2] += 4;
-        window[4] = 0;
         window.extend_from_slice(&[0; 4]);
         let mut writable = vec![0u8; window.len()];
         writable[4] = 0xff;
@@ -280,6 +282,7 @@ impl VirtioPciDevice {
             msix,
             device,
             layout,
+            msix_vectors,
             pci_cfg_cap,
             offered_features: features & !UNSUPPORTED_FEATURES,
             device_feature_select: 0,
@@ -298,18 +301,10 @@ impl VirtioPciDevice {
         self.layout.size
     }
 
-    fn vector_count(&self) -> usize {
-        self.msix
-            .state()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .vector_count()
-    }
-
     /// The vector as the device accepted it: out-of-range vectors read back as NO_VECTOR,
     /// which is how the driver learns the mapping failed.
     fn checked_vector(&self, vector: u16) -> u16 {
-        if vector != VIRTIO_MSI_NO_VECTOR && usize::from(vector) >= self.vector_count() {
+        if vector != VIRTIO_MSI_NO_VECTOR && usize::from(vector) >= self.msix_vectors {
             warn!("driver chose MSI-X vector {vector} beyond the table");
             return VIRTIO_MSI_NO_VECTOR;
         }
