@@ -77,13 +77,19 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let mmio = Bus::new();
     add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
 
+    let rsdp = acpi::write_tables(
+        &acpi_layout(config),
+        &ram.memory,
+        GuestAddress(layout::ACPI_START),
+    )
+    .map_err(|err| VmmError::Device(format!("ACPI tables: {err}")))?;
     let entry = boot::load_kernel(
         &ram.memory,
         &BootInfo {
             kernel: &config.kernel,
             initramfs: config.initramfs.as_deref(),
             cmdline: &config.cmdline,
-            rsdp: GuestAddress(layout::ACPI_START),
+            rsdp,
         },
     )?;
     vcpu::write_boot_tables(&ram.memory, entry)
@@ -113,6 +119,42 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     exits
         .recv()
         .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()))
+}
+
+/// The machine as the guest's ACPI tables describe it.
+fn acpi_layout(config: &VmConfig) -> acpi::AcpiLayout {
+    let mmio64_start = layout::pci_mmio64_start(config.memory.size);
+    acpi::AcpiLayout {
+        cpus: config.cpus,
+        ioapic: acpi::IoApic {
+            // After the LAPIC IDs 0..cpus, so that no two interrupt controllers share an ID.
+            id: config.cpus,
+            address: layout::IOAPIC_START as u32,
+            gsi_base: 0,
+        },
+        lapic_address: layout::LAPIC_START as u32,
+        ecam: acpi::Ecam {
+            base: layout::PCI_ECAM_START,
+            segment: 0,
+            bus_start: 0,
+            bus_end: 0,
+        },
+        mmio32: layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE,
+        mmio64: mmio64_start..mmio64_start + layout::PCI_MMIO64_SIZE,
+        // Modern virtio-pci needs no I/O BARs.
+        pci_io: None,
+        serial: (config.serial != OutputConfig::Off).then_some(acpi::Serial {
+            port: layout::COM1_PORT,
+            irq: layout::COM1_IRQ,
+        }),
+        sleep: acpi::SleepRegisters {
+            control_port: layout::ACPI_SLEEP_CONTROL_PORT,
+            status_port: layout::ACPI_SLEEP_STATUS_PORT,
+        },
+        // Our i8042 only implements the reset line: keep Linux from probing it for a keyboard.
+        i8042: false,
+        iommu: None,
+    }
 }
 
 /// kvm_pvm runs guest kernel code through an instruction emulator: say so once, up front,

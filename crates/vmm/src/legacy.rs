@@ -157,15 +157,11 @@ impl BusDevice for I8042 {
 
 /// The ACPI hardware-reduced sleep control register (and its status register right after it).
 ///
-/// The DSDT's `_S5_` package gives [`S5_SLEEP_TYPE`]; Linux powers off by writing
+/// The DSDT's `_S5_` package gives [`acpi::SLEEP_TYPE_S5`]; Linux powers off by writing
 /// `SLP_TYP << 2 | SLP_EN` to the control register.
 pub struct AcpiSleep {
     exits: Sender<GuestExit>,
 }
-
-/// The sleep type value the DSDT's `_S5_` object advertises.
-pub const S5_SLEEP_TYPE: u8 = 5;
-const SLP_EN: u8 = 1 << 5;
 
 impl AcpiSleep {
     pub fn new(exits: Sender<GuestExit>) -> Self {
@@ -181,7 +177,7 @@ impl BusDevice for AcpiSleep {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        if offset == 0 && value & SLP_EN != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE {
+        if offset == 0 && acpi::requested_sleep_type(value) == Some(acpi::SLEEP_TYPE_S5) {
             let _ = self.exits.send(GuestExit::Poweroff);
         }
     }
@@ -191,6 +187,8 @@ impl BusDevice for AcpiSleep {
 mod tests {
     use super::*;
     use std::sync::mpsc::channel;
+
+    const SLP_EN: u8 = 1 << 5;
 
     #[test]
     fn civil_dates() {
@@ -225,9 +223,9 @@ mod tests {
         let (tx, rx) = channel();
         let mut sleep = AcpiSleep::new(tx);
         sleep.write(0, 0, &[(3 << 2) | SLP_EN]);
-        sleep.write(0, 0, &[S5_SLEEP_TYPE << 2]);
+        sleep.write(0, 0, &[acpi::SLEEP_TYPE_S5 << 2]);
         assert!(rx.try_recv().is_err());
-        sleep.write(0, 0, &[(S5_SLEEP_TYPE << 2) | SLP_EN]);
+        sleep.write(0, 0, &[(acpi::SLEEP_TYPE_S5 << 2) | SLP_EN]);
         assert_eq!(rx.try_recv(), Ok(GuestExit::Poweroff));
     }
 
