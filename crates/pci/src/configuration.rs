@@ -15,8 +15,6 @@ pub const NUM_BARS: usize = 6;
 
 /// Command register: decode memory BARs.
 pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
-/// Command register: allow the function to master DMA.
-pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 
 const NUM_REGS: usize = CONFIG_SPACE_SIZE / 4;
 const COMMAND_REG: usize = 1;

@@ -14,8 +14,8 @@ mod root;
 
 pub use allocator::{BarAllocator, BarMapping};
 pub use configuration::{
-    BarKind, BarMove, BarSpec, PciConfiguration, PciHeader, COMMAND_BUS_MASTER,
-    COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE, NUM_BARS,
+    BarKind, BarMove, BarSpec, PciConfiguration, PciHeader, COMMAND_MEMORY_SPACE,
+    CONFIG_SPACE_SIZE, NUM_BARS,
 };
 pub use device::PciDevice;
 pub use msix::{Msix, MsixState, MAX_MSIX_VECTORS, MSIX_CAPABILITY_ID, MSIX_TABLE_ENTRY_SIZE};
