@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use virtio_devices::{Block, BlockOptions, Console, Rng, VirtioDevice};
 use vm_device::Bus;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::Serial;
@@ -21,6 +23,7 @@ use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
 use crate::memory::{self, MemoryError};
+use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::vcpu::{self, Topology, Vcpu};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +77,15 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
 
     let (exits_tx, exits) = channel();
     let mut pio = Bus::new();
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
     add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
+    let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
+    for (device_number, device) in
+        (IOMMU_DEVICE_NUMBER + 1..).zip(virtio_devices(config, &ram.memory)?)
+    {
+        pci.add_virtio(device_number, device, &router, &vm, &mut mmio)
+            .map_err(VmmError::Device)?;
+    }
 
     let rsdp = acpi::write_tables(
         &acpi_layout(config),
@@ -119,6 +129,46 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     exits
         .recv()
         .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()))
+}
+
+/// The virtio devices in the order the guest sees them on bus 0: console, disks, rng.
+fn virtio_devices(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if config.console != OutputConfig::Off {
+        let input = if config.console == OutputConfig::Tty && io::stdin().is_terminal() {
+            Some(
+                io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| VmmError::Io {
+                        what: "--console: duplicate stdin".into(),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        let output = open_output(&config.console, "--console")?;
+        devices.push(Box::new(Console::new(memory.clone(), output, input, false)));
+    }
+    for disk in &config.disks {
+        let options = BlockOptions {
+            readonly: disk.readonly,
+            ..Default::default()
+        };
+        let block = Block::open(memory.clone(), &disk.path, options)
+            .map_err(|err| VmmError::Device(format!("--disk: {err}")))?;
+        devices.push(Box::new(block));
+    }
+    if let Some(rng) = &config.rng {
+        let rng = Rng::new(memory.clone(), &rng.src, false)
+            .map_err(|err| VmmError::Device(format!("--rng: {err}")))?;
+        devices.push(Box::new(rng));
+    }
+    Ok(devices)
 }
 
 /// The machine as the guest's ACPI tables describe it.

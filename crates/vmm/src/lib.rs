@@ -11,6 +11,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod pci_bus;
 pub mod vcpu;
 
 pub use builder::{run, VmmError};
