@@ -1,0 +1,118 @@
+//! `IommuMemory<GuestMemoryMmap, EndpointIommu>`: a protected device's view of memory.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use virtio_iommu::protocol::*;
+use virtio_iommu::{EndpointIommu, IommuConfig, Status, VirtioIommu};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
+
+type DevMem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+
+fn setup(bypass: bool) -> (Arc<VirtioIommu>, GuestMemoryMmap, DevMem) {
+    let d = device_with(IommuConfig {
+        boot_bypass: bypass,
+        ..Default::default()
+    });
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let iommu = EndpointIommu::new(d.clone(), 1).unwrap();
+    let dev_mem = IommuMemory::new(mem.clone(), iommu, true, ());
+    (d, mem, dev_mem)
+}
+
+const IOVA: u64 = 0x10_0000_0000;
+
+#[test]
+fn reads_and_writes_go_through_mappings() {
+    let (d, mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    // Two IOVA-contiguous pages backed by discontiguous guest pages.
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x9000, RW), Status::Ok);
+    dm.write_obj(0xdead_beef_u32, GuestAddress(IOVA + 0x10)).unwrap();
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x4010)).unwrap(), 0xdead_beef);
+    // An access straddling both pages lands in both guest pages.
+    dm.write_obj(0x1122_3344_5566_7788_u64, GuestAddress(IOVA + 0xffc)).unwrap();
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x4ffc)).unwrap(), 0x5566_7788);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0x1122_3344);
+    assert_eq!(
+        dm.read_obj::<u64>(GuestAddress(IOVA + 0xffc)).unwrap(),
+        0x1122_3344_5566_7788
+    );
+    let hits = EndpointIommu::new(d.clone(), 1).unwrap().iotlb_hits();
+    assert!(hits > 0, "repeat accesses hit the IOTLB");
+    assert_eq!(d.pending_faults(), 0);
+}
+
+#[test]
+fn unmapped_iova_is_refused_and_reported() {
+    let (d, _mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, VIRTIO_IOMMU_MAP_F_READ), Status::Ok);
+    assert!(dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).is_err());
+    assert!(dm.write_obj(1u32, GuestAddress(IOVA)).is_err(), "read-only mapping");
+    assert_eq!(d.pending_faults(), 2);
+    let s = d.domain_stats(1).unwrap();
+    assert_eq!(s.faults, 2);
+    // Reaching the last byte of the address space is refused, not a panic.
+    assert!(dm.read_obj::<u32>(GuestAddress(u64::MAX - 3)).is_err());
+}
+
+#[test]
+fn unmap_and_detach_invalidate_the_iotlb() {
+    let (d, _mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x5000, RW), Status::Ok);
+    dm.read_obj::<u32>(GuestAddress(IOVA)).unwrap();
+    dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).unwrap();
+    assert_eq!(unmap(&d, 1, IOVA, IOVA + 0xfff), Status::Ok);
+    assert!(dm.read_obj::<u32>(GuestAddress(IOVA)).is_err());
+    dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).unwrap();
+    assert_eq!(detach(&d, 1, 1), Status::Ok);
+    assert!(dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).is_err());
+}
+
+#[test]
+fn bypass_modes_in_the_iotlb() {
+    let (d, mem, dm) = setup(true);
+    mem.write_obj(0x55aa_u16, GuestAddress(0x7000)).unwrap();
+    assert_eq!(dm.read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0x55aa);
+    // Clearing bypass must drop the cached identity entries.
+    d.write_config(CONFIG_BYPASS_OFFSET as u64, &[0]);
+    assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());
+    // A bypass domain is identity again; moving to a translated domain ends it.
+    assert_eq!(attach_flags(&d, 1, 1, VIRTIO_IOMMU_ATTACH_F_BYPASS), Status::Ok);
+    assert_eq!(dm.read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0x55aa);
+    assert_eq!(attach(&d, 2, 1), Status::Ok);
+    assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());
+}
+
+#[test]
+fn virtio_queue_is_translated() {
+    let (d, mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    // Ring and buffers live at IOVAs backed by guest memory at 0x2_0000 and up.
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xffff, 0x2_0000, RW), Status::Ok);
+    mem.write_slice(b"hello", GuestAddress(0x2_8000)).unwrap();
+    let vq = MockSplitQueue::create(&dm, GuestAddress(IOVA), 16);
+    let desc = RawDescriptor::from(SplitDescriptor::new(IOVA + 0x8000, 5, 0, 0));
+    vq.add_desc_chains(&[desc], 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let chain = q.pop_descriptor_chain(&dm).unwrap();
+    let mut r = chain.clone().reader(&dm).unwrap();
+    let mut buf = [0u8; 5];
+    std::io::Read::read_exact(&mut r, &mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    q.add_used(&dm, chain.head_index(), 0).unwrap();
+    // Once the ring is unmapped the device cannot reach it any more.
+    assert_eq!(unmap(&d, 1, IOVA, IOVA + 0xffff), Status::Ok);
+    assert!(q.pop_descriptor_chain(&dm).is_none());
+    assert!(q.add_used(&dm, 0, 0).is_err());
+    assert!(d.pending_faults() > 0);
+}
