@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 mod buffers;
 pub mod console;
+pub mod iommu;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
@@ -29,6 +30,7 @@ mod worker;
 
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
+pub use iommu::Iommu;
 pub use rng::{Rng, RngError};
 
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.

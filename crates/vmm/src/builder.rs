@@ -12,13 +12,16 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use virtio_devices::{Block, BlockOptions, Console, Rng, VirtioDevice};
+use virtio_devices::{Block, BlockOptions, Console, DeviceMemory, Iommu, Rng, VirtioDevice};
+use virtio_iommu::{EndpointConfig, EndpointIommu, IommuConfig, VirtioIommu};
 use vm_device::Bus;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
+};
 use vm_superio::Serial;
 
 use crate::boot::{self, BootInfo};
-use crate::config::{OutputConfig, VmConfig};
+use crate::config::{DiskConfig, OutputConfig, RngConfig, VmConfig};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
@@ -80,15 +83,38 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let mut mmio = Bus::new();
     add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
     let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
-    for (device_number, device) in
-        (IOMMU_DEVICE_NUMBER + 1..).zip(virtio_devices(config, &ram.memory)?)
-    {
-        pci.add_virtio(device_number, device, &router, &vm, &mut mmio)
+    let devices = plan_devices(config);
+    let protected: Vec<acpi::PciBdf> = devices
+        .iter()
+        .filter(|device| device.iommu)
+        .map(PlannedDevice::endpoint)
+        .collect();
+    let iommu = if config.needs_iommu() {
+        let model = create_iommu_model(ram.backing_page_size, &protected)?;
+        let device = Box::new(Iommu::new(Arc::clone(&model), ram.memory.clone()));
+        pci.add_virtio(IOMMU_DEVICE_NUMBER, device, &router, &vm, &mut mmio)
+            .map_err(VmmError::Device)?;
+        Some(model)
+    } else {
+        None
+    };
+    for planned in &devices {
+        let device = match (&iommu, planned.iommu) {
+            (Some(model), true) => {
+                let endpoint = planned.endpoint().endpoint_id();
+                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
+                    .expect("every protected device was registered as an endpoint");
+                let mem = IommuMemory::new(ram.memory.clone(), translator, true, ());
+                build_device(&planned.kind, mem, true, config)?
+            }
+            _ => build_device(&planned.kind, ram.memory.clone(), false, config)?,
+        };
+        pci.add_virtio(planned.device_number, device, &router, &vm, &mut mmio)
             .map_err(VmmError::Device)?;
     }
 
     let rsdp = acpi::write_tables(
-        &acpi_layout(config),
+        &acpi_layout(config, iommu.is_some().then_some(protected)),
         &ram.memory,
         GuestAddress(layout::ACPI_START),
     )
@@ -126,53 +152,148 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     }
     drop(exits_tx);
 
-    exits
+    let exit = exits
         .recv()
-        .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()))
+        .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()));
+    if let Some(model) = &iommu {
+        report_iommu_stats(model);
+    }
+    exit
 }
 
-/// The virtio devices in the order the guest sees them on bus 0: console, disks, rng.
-fn virtio_devices(
+/// One virtio device to plug in, before its memory view is chosen.
+enum DeviceKind<'a> {
+    Console,
+    Disk(&'a DiskConfig),
+    Rng(&'a RngConfig),
+}
+
+/// A virtio device with its place on bus 0 and whether the IOMMU translates its DMA.
+struct PlannedDevice<'a> {
+    device_number: u8,
+    kind: DeviceKind<'a>,
+    iommu: bool,
+}
+
+impl PlannedDevice<'_> {
+    /// The endpoint ID the guest uses for this device in IOMMU requests: its PCI BDF, as the
+    /// VIOT's PCI range nodes define it.
+    fn endpoint(&self) -> acpi::PciBdf {
+        acpi::PciBdf::new(0, 0, self.device_number, 0)
+    }
+}
+
+/// The virtio devices in the order the guest sees them on bus 0: console, disks, rng, after
+/// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
+/// their addresses when the IOMMU is switched on).
+fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
+    let console = (config.console != OutputConfig::Off)
+        .then_some((DeviceKind::Console, config.console_iommu));
+    let disks = config
+        .disks
+        .iter()
+        .map(|disk| (DeviceKind::Disk(disk), disk.iommu));
+    let rng = config
+        .rng
+        .as_ref()
+        .map(|rng| (DeviceKind::Rng(rng), rng.iommu));
+    (IOMMU_DEVICE_NUMBER + 1..)
+        .zip(console.into_iter().chain(disks).chain(rng))
+        .map(|(device_number, (kind, iommu))| PlannedDevice {
+            device_number,
+            kind,
+            iommu,
+        })
+        .collect()
+}
+
+/// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`.
+///
+/// Page sizes larger than 4 KiB are offered only where RAM is really backed by them, so that a
+/// guest mapping a 2 MiB IOMMU page also maps one contiguous host page (what VFIO needs).
+fn create_iommu_model(
+    backing_page_size: u64,
+    endpoints: &[acpi::PciBdf],
+) -> Result<Arc<VirtioIommu>, VmmError> {
+    let page_size_mask = [4 << 10, 2 << 20, 1 << 30]
+        .into_iter()
+        .filter(|&size| size <= backing_page_size.max(4 << 10))
+        .fold(0, |mask, size| mask | size);
+    let model = VirtioIommu::new(IommuConfig {
+        page_size_mask,
+        ..IommuConfig::default()
+    })
+    .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))?;
+    for endpoint in endpoints {
+        model
+            .add_endpoint(endpoint.endpoint_id(), EndpointConfig::default())
+            .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))?;
+    }
+    Ok(Arc::new(model))
+}
+
+/// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU.
+fn build_device<M: DeviceMemory>(
+    kind: &DeviceKind,
+    mem: M,
+    access_platform: bool,
     config: &VmConfig,
-    memory: &GuestMemoryMmap,
-) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if config.console != OutputConfig::Off {
-        let input = if config.console == OutputConfig::Tty && io::stdin().is_terminal() {
-            Some(
-                io::stdin()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|source| VmmError::Io {
-                        what: "--console: duplicate stdin".into(),
-                        source,
-                    })?,
+) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    Ok(match kind {
+        DeviceKind::Console => {
+            let input =
+                if config.console == OutputConfig::Tty && io::stdin().is_terminal() {
+                    Some(io::stdin().as_fd().try_clone_to_owned().map_err(|source| {
+                        VmmError::Io {
+                            what: "--console: duplicate stdin".into(),
+                            source,
+                        }
+                    })?)
+                } else {
+                    None
+                };
+            let output = open_output(&config.console, "--console")?;
+            Box::new(Console::new(mem, output, input, access_platform))
+        }
+        DeviceKind::Disk(disk) => {
+            let options = BlockOptions {
+                readonly: disk.readonly,
+                access_platform,
+                ..Default::default()
+            };
+            Box::new(
+                Block::open(mem, &disk.path, options)
+                    .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
             )
-        } else {
-            None
-        };
-        let output = open_output(&config.console, "--console")?;
-        devices.push(Box::new(Console::new(memory.clone(), output, input, false)));
+        }
+        DeviceKind::Rng(rng) => Box::new(
+            Rng::new(mem, &rng.src, access_platform)
+                .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
+        ),
+    })
+}
+
+/// Prints what the virtio-iommu did, per domain and in total.
+fn report_iommu_stats(model: &VirtioIommu) {
+    let stats = model.stats();
+    let line = |name: &str, s: &virtio_iommu::StatsSnapshot| {
+        eprintln!(
+            "warden: virtio-iommu {name}: {} maps, {} unmaps, {} bytes mapped, {} faults, {} translations",
+            s.maps, s.unmaps, s.bytes_mapped, s.faults, s.translations
+        );
+    };
+    for (domain, snapshot) in &stats.domains {
+        line(&format!("domain {domain}"), snapshot);
     }
-    for disk in &config.disks {
-        let options = BlockOptions {
-            readonly: disk.readonly,
-            ..Default::default()
-        };
-        let block = Block::open(memory.clone(), &disk.path, options)
-            .map_err(|err| VmmError::Device(format!("--disk: {err}")))?;
-        devices.push(Box::new(block));
-    }
-    if let Some(rng) = &config.rng {
-        let rng = Rng::new(memory.clone(), &rng.src, false)
-            .map_err(|err| VmmError::Device(format!("--rng: {err}")))?;
-        devices.push(Box::new(rng));
-    }
-    Ok(devices)
+    line("total", &stats.total);
+    eprintln!(
+        "warden: virtio-iommu: {} IOTLB hits, {} fault events dropped",
+        stats.iotlb_hits, stats.dropped_fault_events
+    );
 }
 
 /// The machine as the guest's ACPI tables describe it.
-fn acpi_layout(config: &VmConfig) -> acpi::AcpiLayout {
+fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi::AcpiLayout {
     let mmio64_start = layout::pci_mmio64_start(config.memory.size);
     acpi::AcpiLayout {
         cpus: config.cpus,
@@ -203,7 +324,10 @@ fn acpi_layout(config: &VmConfig) -> acpi::AcpiLayout {
         },
         // Our i8042 only implements the reset line: keep Linux from probing it for a keyboard.
         i8042: false,
-        iommu: None,
+        iommu: protected.map(|protected| acpi::Viot {
+            iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
+            protected,
+        }),
     }
 }
 

@@ -14,6 +14,17 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     pub serial: OutputConfig,
     pub console: OutputConfig,
+    /// Put the virtio-console behind the IOMMU.
+    pub console_iommu: bool,
+}
+
+impl VmConfig {
+    /// Whether any device asked for `iommu=on`: only then does the machine get a virtio-iommu.
+    pub fn needs_iommu(&self) -> bool {
+        (self.console != OutputConfig::Off && self.console_iommu)
+            || self.disks.iter().any(|disk| disk.iommu)
+            || self.rng.as_ref().is_some_and(|rng| rng.iommu)
+    }
 }
 
 /// Guest RAM and what backs it.

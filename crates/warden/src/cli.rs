@@ -160,9 +160,6 @@ impl Cli {
                 message: "VFIO passthrough is not implemented yet; remove --device".into(),
             });
         }
-        // The IOMMU is wired in by a later change; until then iommu=on is accepted and has
-        // no effect, so that command lines written for it already work.
-        let _ = console_iommu;
         Ok(VmConfig {
             cpus,
             memory,
@@ -173,6 +170,7 @@ impl Cli {
             rng: Some(rng),
             serial,
             console,
+            console_iommu,
         })
     }
 }
