@@ -31,7 +31,10 @@ impl fmt::Display for BusError {
                 write!(f, "invalid bus range {base:#x}+{len:#x}")
             }
             BusError::Overlap { base, len } => {
-                write!(f, "bus range {base:#x}+{len:#x} overlaps a registered device")
+                write!(
+                    f,
+                    "bus range {base:#x}+{len:#x} overlaps a registered device"
+                )
             }
         }
     }
@@ -116,7 +119,9 @@ impl Bus {
 /// Locks a device even if a previous holder panicked: a device's state is still the best
 /// answer we have, and one poisoned lock must not take every vCPU down with it.
 fn lock(device: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    device
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -160,17 +165,26 @@ mod tests {
         bus.insert(recorder(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(recorder(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(recorder(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
         );
         assert!(bus.insert(recorder(), 0x110, 0x10).is_ok());
         assert!(bus.insert(recorder(), 0xf0, 0x10).is_ok());
         assert_eq!(
             bus.insert(recorder(), 0x200, 0),
-            Err(BusError::InvalidRange { base: 0x200, len: 0 })
+            Err(BusError::InvalidRange {
+                base: 0x200,
+                len: 0
+            })
         );
         assert!(bus.insert(recorder(), u64::MAX, 2).is_err());
     }
