@@ -99,6 +99,9 @@ pub enum ConfigError {
     /// The endpoint is not registered.
     #[error("endpoint {0:#x} not registered")]
     UnknownEndpoint(u32),
+    /// The endpoint's external mapper refused to withdraw its domain's mappings.
+    #[error("endpoint {0:#x}: external mapper refused to detach")]
+    MapperRefused(u32),
 }
 
 /// How a registered endpoint is described to the driver and mirrored outside the model.
@@ -531,7 +534,7 @@ impl VirtioIommu {
         };
         if let Some(d) = domain {
             if self.detach(&mut st, id, d) != Status::Ok {
-                return Err(ConfigError::UnknownEndpoint(id));
+                return Err(ConfigError::MapperRefused(id));
             }
         }
         st.endpoints.remove(&id);

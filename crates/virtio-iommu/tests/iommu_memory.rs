@@ -33,13 +33,27 @@ fn reads_and_writes_go_through_mappings() {
     assert_eq!(attach(&d, 1, 1), Status::Ok);
     // Two IOVA-contiguous pages backed by discontiguous guest pages.
     assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
-    assert_eq!(map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x9000, RW), Status::Ok);
-    dm.write_obj(0xdead_beef_u32, GuestAddress(IOVA + 0x10)).unwrap();
-    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x4010)).unwrap(), 0xdead_beef);
+    assert_eq!(
+        map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x9000, RW),
+        Status::Ok
+    );
+    dm.write_obj(0xdead_beef_u32, GuestAddress(IOVA + 0x10))
+        .unwrap();
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x4010)).unwrap(),
+        0xdead_beef
+    );
     // An access straddling both pages lands in both guest pages.
-    dm.write_obj(0x1122_3344_5566_7788_u64, GuestAddress(IOVA + 0xffc)).unwrap();
-    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x4ffc)).unwrap(), 0x5566_7788);
-    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0x1122_3344);
+    dm.write_obj(0x1122_3344_5566_7788_u64, GuestAddress(IOVA + 0xffc))
+        .unwrap();
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x4ffc)).unwrap(),
+        0x5566_7788
+    );
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(),
+        0x1122_3344
+    );
     assert_eq!(
         dm.read_obj::<u64>(GuestAddress(IOVA + 0xffc)).unwrap(),
         0x1122_3344_5566_7788
@@ -53,9 +67,15 @@ fn reads_and_writes_go_through_mappings() {
 fn unmapped_iova_is_refused_and_reported() {
     let (d, _mem, dm) = setup(false);
     assert_eq!(attach(&d, 1, 1), Status::Ok);
-    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, VIRTIO_IOMMU_MAP_F_READ), Status::Ok);
+    assert_eq!(
+        map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, VIRTIO_IOMMU_MAP_F_READ),
+        Status::Ok
+    );
     assert!(dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).is_err());
-    assert!(dm.write_obj(1u32, GuestAddress(IOVA)).is_err(), "read-only mapping");
+    assert!(
+        dm.write_obj(1u32, GuestAddress(IOVA)).is_err(),
+        "read-only mapping"
+    );
     assert_eq!(d.pending_faults(), 2);
     let s = d.domain_stats(1).unwrap();
     assert_eq!(s.faults, 2);
@@ -68,7 +88,10 @@ fn unmap_and_detach_invalidate_the_iotlb() {
     let (d, _mem, dm) = setup(false);
     assert_eq!(attach(&d, 1, 1), Status::Ok);
     assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
-    assert_eq!(map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x5000, RW), Status::Ok);
+    assert_eq!(
+        map(&d, 1, IOVA + 0x1000, IOVA + 0x1fff, 0x5000, RW),
+        Status::Ok
+    );
     dm.read_obj::<u32>(GuestAddress(IOVA)).unwrap();
     dm.read_obj::<u32>(GuestAddress(IOVA + 0x1000)).unwrap();
     assert_eq!(unmap(&d, 1, IOVA, IOVA + 0xfff), Status::Ok);
@@ -87,7 +110,10 @@ fn bypass_modes_in_the_iotlb() {
     d.write_config(CONFIG_BYPASS_OFFSET as u64, &[0]);
     assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());
     // A bypass domain is identity again; moving to a translated domain ends it.
-    assert_eq!(attach_flags(&d, 1, 1, VIRTIO_IOMMU_ATTACH_F_BYPASS), Status::Ok);
+    assert_eq!(
+        attach_flags(&d, 1, 1, VIRTIO_IOMMU_ATTACH_F_BYPASS),
+        Status::Ok
+    );
     assert_eq!(dm.read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0x55aa);
     assert_eq!(attach(&d, 2, 1), Status::Ok);
     assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());

@@ -57,7 +57,10 @@ impl ExternalMapper for FakeContainer {
         if i.limit.is_some_and(|l| i.maps.len() >= l) {
             return Err(MapperError::NoResources);
         }
-        assert!(i.maps.insert(iova, (gpa, size)).is_none(), "double map {iova:#x}");
+        assert!(
+            i.maps.insert(iova, (gpa, size)).is_none(),
+            "double map {iova:#x}"
+        );
         Ok(())
     }
     fn unmap(&self, iova: u64, size: u64) -> Result<(), MapperError> {
@@ -91,7 +94,10 @@ fn map_unmap_are_mirrored() {
     assert_eq!(attach(&d, 1, 10), Status::Ok);
     assert_eq!(map(&d, 1, 0x1000, 0x2fff, 0x8000, RW), Status::Ok);
     assert_eq!(map(&d, 1, 0x4000, 0x4fff, 0xa000, RW), Status::Ok);
-    assert_eq!(c.contents(), vec![(0x1000, 0x8000, 0x2000), (0x4000, 0xa000, 0x1000)]);
+    assert_eq!(
+        c.contents(),
+        vec![(0x1000, 0x8000, 0x2000), (0x4000, 0xa000, 0x1000)]
+    );
     assert_eq!(unmap(&d, 1, 0, 0x3fff), Status::Ok);
     assert_eq!(c.contents(), vec![(0x4000, 0xa000, 0x1000)]);
     // A failed UNMAP (split) does not touch the container.
@@ -114,7 +120,11 @@ fn replay_on_attach_and_removal_on_detach() {
     assert_eq!(c.contents().len(), 2, "replayed");
     assert_eq!(detach(&d, 1, 10), Status::Ok);
     assert!(c.contents().is_empty(), "withdrawn on detach");
-    assert_eq!(d.domain_mappings(1).unwrap().len(), 2, "domain keeps its mappings");
+    assert_eq!(
+        d.domain_mappings(1).unwrap().len(),
+        2,
+        "domain keeps its mappings"
+    );
 }
 
 #[test]
@@ -170,6 +180,11 @@ fn failures_roll_back() {
     assert_eq!(detach(&d, 1, 10), Status::DevErr);
     assert_eq!(d.endpoint_domain(10), Some(1));
     assert_eq!(c.contents().len(), 2);
+    // Hot-unplug is refused the same way.
+    assert_eq!(
+        d.remove_endpoint(10),
+        Err(virtio_iommu::ConfigError::MapperRefused(10))
+    );
     // ATTACH-move failing to withdraw the old domain: nothing changes.
     assert_eq!(attach(&d, 2, 10), Status::DevErr);
     assert_eq!(d.endpoint_domain(10), Some(1));

@@ -11,11 +11,33 @@ use virtio_iommu::{Access, IommuConfig, Status};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Attach { domain: u32, ep: u32 },
-    Detach { domain: u32, ep: u32 },
-    Map { domain: u32, page: u64, pages: u64, phys: u64, write: bool },
-    Unmap { domain: u32, page: u64, pages: u64 },
-    Translate { ep: u32, page: u64, off: u64, len: u64, write: bool },
+    Attach {
+        domain: u32,
+        ep: u32,
+    },
+    Detach {
+        domain: u32,
+        ep: u32,
+    },
+    Map {
+        domain: u32,
+        page: u64,
+        pages: u64,
+        phys: u64,
+        write: bool,
+    },
+    Unmap {
+        domain: u32,
+        page: u64,
+        pages: u64,
+    },
+    Translate {
+        ep: u32,
+        page: u64,
+        off: u64,
+        len: u64,
+        write: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,12 +48,27 @@ fn op() -> impl Strategy<Value = Op> {
         (0u32..3, 1u32..4).prop_map(|(domain, ep)| Op::Attach { domain, ep }),
         (0u32..3, 1u32..4).prop_map(|(domain, ep)| Op::Detach { domain, ep }),
         (0u32..3, page.clone(), 1u64..9, 0u64..1024, any::<bool>()).prop_map(
-            |(domain, page, pages, phys, write)| Op::Map { domain, page, pages, phys, write }
+            |(domain, page, pages, phys, write)| Op::Map {
+                domain,
+                page,
+                pages,
+                phys,
+                write
+            }
         ),
-        (0u32..3, page.clone(), 1u64..20)
-            .prop_map(|(domain, page, pages)| Op::Unmap { domain, page, pages }),
+        (0u32..3, page.clone(), 1u64..20).prop_map(|(domain, page, pages)| Op::Unmap {
+            domain,
+            page,
+            pages
+        }),
         (1u32..4, page, 0u64..0x1000, 1u64..0x3000, any::<bool>()).prop_map(
-            |(ep, page, off, len, write)| Op::Translate { ep, page, off, len, write }
+            |(ep, page, off, len, write)| Op::Translate {
+                ep,
+                page,
+                off,
+                len,
+                write
+            }
         ),
     ]
 }
@@ -68,7 +105,9 @@ impl Model {
             return Status::NoEnt;
         };
         let end = page + pages - 1;
-        if m.iter().any(|(&s, &(n, _, _))| s <= end && page <= s + n - 1) {
+        if m.iter()
+            .any(|(&s, &(n, _, _))| s <= end && page < s + n)
+        {
             return Status::Inval;
         }
         m.insert(page, (pages, phys, write));
@@ -81,7 +120,7 @@ impl Model {
         let end = page + pages - 1;
         let hit: Vec<u64> = m
             .iter()
-            .filter(|(&s, &(n, _, _))| s <= end && page <= s + n - 1)
+            .filter(|(&s, &(n, _, _))| s <= end && page < s + n)
             .map(|(&s, _)| s)
             .collect();
         if hit.iter().any(|s| *s < page || s + m[s].0 - 1 > end) {

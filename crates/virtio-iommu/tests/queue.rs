@@ -26,7 +26,9 @@ fn chains(list: &[&[(u64, u32, bool)]]) -> Vec<RawDescriptor> {
             let last = i + 1 == chain.len();
             let flags = if w { WRITE } else { 0 } | if last { 0 } else { NEXT };
             let next = if last { 0 } else { out.len() as u16 + 1 };
-            out.push(RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)));
+            out.push(RawDescriptor::from(SplitDescriptor::new(
+                addr, len, flags, next,
+            )));
         }
     }
     out
@@ -57,9 +59,12 @@ fn requests_split_across_descriptors() {
     })
     .encode();
     // ATTACH in 3 pieces (1 + 7 + 12 bytes) and a plain tail.
-    mem.write_slice(&attach[..1], GuestAddress(0x1_0000)).unwrap();
-    mem.write_slice(&attach[1..8], GuestAddress(0x1_0100)).unwrap();
-    mem.write_slice(&attach[8..], GuestAddress(0x1_0200)).unwrap();
+    mem.write_slice(&attach[..1], GuestAddress(0x1_0000))
+        .unwrap();
+    mem.write_slice(&attach[1..8], GuestAddress(0x1_0100))
+        .unwrap();
+    mem.write_slice(&attach[8..], GuestAddress(0x1_0200))
+        .unwrap();
     // MAP in one piece plus an empty descriptor, tail split 1 + 3.
     mem.write_slice(&map, GuestAddress(0x2_0000)).unwrap();
     let descs = chains(&[
@@ -106,9 +111,17 @@ fn bad_layouts_and_out_of_ram_buffers() {
     mem.write_slice(&[0xee; 4], GuestAddress(0x3_0000)).unwrap();
     let descs = chains(&[
         // readable after writable: untouched
-        &[(0x1_0000, 10, false), (0x3_0000, 4, true), (0x1_000a, 10, false)],
+        &[
+            (0x1_0000, 10, false),
+            (0x3_0000, 4, true),
+            (0x1_000a, 10, false),
+        ],
         // readable part outside guest RAM: FAULT
-        &[(0x1_0000, 10, false), (0x4000_0000, 10, false), (0x3_1000, 4, true)],
+        &[
+            (0x1_0000, 10, false),
+            (0x4000_0000, 10, false),
+            (0x3_1000, 4, true),
+        ],
         // tail outside guest RAM: untouched
         &[(0x1_0000, 20, false), (0x4000_0000, 4, true)],
         // no writable part: untouched
@@ -121,7 +134,10 @@ fn bad_layouts_and_out_of_ram_buffers() {
     let mut q: Queue = vq.create_queue().unwrap();
     d.process_request_queue(&mem, &mut q).unwrap();
     assert_eq!(used(&vq, 0).1, 0);
-    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3_0000)).unwrap(), 0xeeee_eeee);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x3_0000)).unwrap(),
+        0xeeee_eeee
+    );
     assert_eq!(used(&vq, 1).1, 4);
     assert_eq!(
         mem.read_obj::<u8>(GuestAddress(0x3_1000)).unwrap(),
@@ -146,7 +162,8 @@ fn probe_through_the_queue() {
     });
     let probe = Request::Probe(ProbeRequest { endpoint: 2 }).encode();
     mem.write_slice(&probe, GuestAddress(0x1_0000)).unwrap();
-    mem.write_slice(&[0xcc; 68], GuestAddress(0x2_0000)).unwrap();
+    mem.write_slice(&[0xcc; 68], GuestAddress(0x2_0000))
+        .unwrap();
     let descs = chains(&[&[
         (0x1_0000, 72, false),
         (0x2_0000, 30, true),
@@ -158,8 +175,10 @@ fn probe_through_the_queue() {
     d.process_request_queue(&mem, &mut q).unwrap();
     assert_eq!(used(&vq, 0).1, 68);
     let mut props = vec![0u8; 64];
-    mem.read_slice(&mut props[..30], GuestAddress(0x2_0000)).unwrap();
-    mem.read_slice(&mut props[30..], GuestAddress(0x2_0100)).unwrap();
+    mem.read_slice(&mut props[..30], GuestAddress(0x2_0000))
+        .unwrap();
+    mem.read_slice(&mut props[30..], GuestAddress(0x2_0100))
+        .unwrap();
     assert_eq!(
         ReservedRegion::decode_properties(&props),
         vec![ReservedRegion::X86_MSI]
@@ -196,12 +215,17 @@ fn faults_are_delivered_to_event_buffers() {
     assert_eq!(d.pending_faults(), 0);
     assert_eq!(q.next_avail(), 3, "fourth buffer kept for later faults");
     let mut rec = [0u8; FAULT_SIZE];
-    mem.read_slice(&mut rec[..10], GuestAddress(0x3_1000)).unwrap();
-    mem.read_slice(&mut rec[10..], GuestAddress(0x3_2000)).unwrap();
+    mem.read_slice(&mut rec[..10], GuestAddress(0x3_1000))
+        .unwrap();
+    mem.read_slice(&mut rec[10..], GuestAddress(0x3_2000))
+        .unwrap();
     let f = FaultRecord::decode(&rec);
     assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_DOMAIN);
     assert_eq!((f.endpoint, f.address), (1, 0x5000));
-    assert_eq!(f.flags, VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS);
+    assert_eq!(
+        f.flags,
+        VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS
+    );
     mem.read_slice(&mut rec, GuestAddress(0x3_3000)).unwrap();
     assert_eq!(FaultRecord::decode(&rec).endpoint, 2);
     // No pending fault: buffers stay with the device.

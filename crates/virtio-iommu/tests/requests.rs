@@ -18,7 +18,10 @@ fn spec_example_sequence() {
     let (a0, a1) = pages(1, 1);
     let (b0, b1) = pages(2, 2);
     let (c0, c1) = pages(8, 4);
-    assert_eq!(map(&d, 1, a0, a1, 0xa000, VIRTIO_IOMMU_MAP_F_READ), Status::Ok);
+    assert_eq!(
+        map(&d, 1, a0, a1, 0xa000, VIRTIO_IOMMU_MAP_F_READ),
+        Status::Ok
+    );
     assert_eq!(map(&d, 1, b0, b1, 0x10_0000, RW), Status::Ok);
     assert_eq!(map(&d, 1, c0, c1, 0x20_0000, RW), Status::Ok);
     // Both endpoints see the mapping.
@@ -64,7 +67,12 @@ fn spec_unmap_examples_through_requests() {
             assert_eq!(map(&d, 7, p(s), e(t), 0, RW), Status::Ok);
         }
         assert_eq!(unmap(&d, 7, p(us), e(ue)), status, "example {}", i + 1);
-        assert_eq!(d.domain_mappings(7).unwrap().len(), left, "example {}", i + 1);
+        assert_eq!(
+            d.domain_mappings(7).unwrap().len(),
+            left,
+            "example {}",
+            i + 1
+        );
     }
 }
 
@@ -84,7 +92,11 @@ fn attach_statuses() {
         })
     };
     assert_eq!(run(&d, req([0, 0, 1, 0])), Status::Inval, "reserved");
-    assert_eq!(attach_flags(&d, 1, 1, 1 << 5), Status::Inval, "unknown flag");
+    assert_eq!(
+        attach_flags(&d, 1, 1, 1 << 5),
+        Status::Inval,
+        "unknown flag"
+    );
     assert_eq!(attach(&d, 1, 99), Status::NoEnt);
     assert_eq!(attach(&d, 0, 1), Status::Range);
     assert_eq!(attach(&d, 101, 1), Status::Range);
@@ -187,17 +199,37 @@ fn map_statuses() {
     });
     assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, RW), Status::NoEnt);
     assert_eq!(attach(&d, 1, 1), Status::Ok);
-    assert_eq!(map(&d, 1, 0x1001, 0x1fff, 0, RW), Status::Range, "virt_start");
-    assert_eq!(map(&d, 1, 0x1000, 0x1ffe, 0, RW), Status::Range, "virt_end+1");
+    assert_eq!(
+        map(&d, 1, 0x1001, 0x1fff, 0, RW),
+        Status::Range,
+        "virt_start"
+    );
+    assert_eq!(
+        map(&d, 1, 0x1000, 0x1ffe, 0, RW),
+        Status::Range,
+        "virt_end+1"
+    );
     assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0x10, RW), Status::Range, "phys");
-    assert_eq!(map(&d, 1, 0x2000, 0x1fff, 0, RW), Status::Inval, "end < start");
-    assert_eq!(map(&d, 1, 1 << 48, (1 << 48) + 0xfff, 0, RW), Status::Range, "input_range");
+    assert_eq!(
+        map(&d, 1, 0x2000, 0x1fff, 0, RW),
+        Status::Inval,
+        "end < start"
+    );
+    assert_eq!(
+        map(&d, 1, 1 << 48, (1 << 48) + 0xfff, 0, RW),
+        Status::Range,
+        "input_range"
+    );
     assert_eq!(
         map(&d, 1, 0x1000, 0x2fff, u64::MAX - 0xfff, RW),
         Status::Range,
         "phys end overflows"
     );
-    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, 1 << 3), Status::Inval, "unknown flag");
+    assert_eq!(
+        map(&d, 1, 0x1000, 0x1fff, 0, 1 << 3),
+        Status::Inval,
+        "unknown flag"
+    );
     assert_eq!(
         map(&d, 1, 0xfee0_0000, 0xfee0_0fff, 0, RW),
         Status::Inval,
@@ -205,14 +237,30 @@ fn map_statuses() {
     );
     assert_eq!(map(&d, 1, 0x1000, 0x2fff, 0, RW), Status::Ok);
     assert_eq!(map(&d, 1, 0x2000, 0x2fff, 0, RW), Status::Inval, "overlap");
-    assert_eq!(map(&d, 1, 0x0, 0x1fff, 0, RW), Status::Inval, "overlap at start");
-    assert_eq!(map(&d, 1, 0x3000, 0x3fff, 0, 0), Status::Ok, "no-access mapping");
-    assert_eq!(map(&d, 1, 0x4000, 0x4fff, 0, RW), Status::NoMem, "max mappings");
+    assert_eq!(
+        map(&d, 1, 0x0, 0x1fff, 0, RW),
+        Status::Inval,
+        "overlap at start"
+    );
+    assert_eq!(
+        map(&d, 1, 0x3000, 0x3fff, 0, 0),
+        Status::Ok,
+        "no-access mapping"
+    );
+    assert_eq!(
+        map(&d, 1, 0x4000, 0x4fff, 0, RW),
+        Status::NoMem,
+        "max mappings"
+    );
     assert_eq!(
         attach_flags(&d, 2, 2, VIRTIO_IOMMU_ATTACH_F_BYPASS),
         Status::Ok
     );
-    assert_eq!(map(&d, 2, 0x1000, 0x1fff, 0, RW), Status::Inval, "bypass domain");
+    assert_eq!(
+        map(&d, 2, 0x1000, 0x1fff, 0, RW),
+        Status::Inval,
+        "bypass domain"
+    );
 }
 
 #[test]
@@ -237,7 +285,10 @@ fn map_top_of_address_space() {
     );
     let t = d.translate(1, u64::MAX - 7, 8, Access::Read).unwrap();
     assert_eq!(t.first().unwrap().gpa, 0x7ff8);
-    assert!(d.translate(1, u64::MAX - 7, 9, Access::Read).is_err(), "wraps");
+    assert!(
+        d.translate(1, u64::MAX - 7, 9, Access::Read).is_err(),
+        "wraps"
+    );
     assert_eq!(unmap(&d, 1, 0, u64::MAX), Status::Ok);
     assert!(d.domain_mappings(1).unwrap().is_empty());
 }
@@ -253,7 +304,11 @@ fn unmap_statuses() {
     assert_eq!(unmap(&d, 1, 0x2000, 0x1fff), Status::Inval);
     assert_eq!(unmap(&d, 1, 0, 0xfff), Status::Range, "below input_range");
     assert_eq!(map(&d, 1, 0x1000, 0x3fff, 0, RW), Status::Ok);
-    assert_eq!(unmap(&d, 1, 0x2000, 0x5fff), Status::Range, "split at start");
+    assert_eq!(
+        unmap(&d, 1, 0x2000, 0x5fff),
+        Status::Range,
+        "split at start"
+    );
     assert_eq!(unmap(&d, 1, 0x1000, 0x2fff), Status::Range, "split at end");
     assert_eq!(unmap(&d, 1, 0x1000, 0x3fff), Status::Ok);
     assert_eq!(
@@ -359,7 +414,10 @@ fn malformed_requests() {
         d.answer(&[], false, 4),
         Answer::Write(encode_tail(Status::Fault).to_vec())
     );
-    assert_eq!(d.answer(&attach, true, 4), Answer::Write(encode_tail(Status::Ok).to_vec()));
+    assert_eq!(
+        d.answer(&attach, true, 4),
+        Answer::Write(encode_tail(Status::Ok).to_vec())
+    );
 }
 
 #[test]
@@ -398,7 +456,11 @@ fn config_space_and_features() {
     ] {
         assert_ne!(f & (1 << bit), 0, "bit {bit}");
     }
-    assert_eq!(f & (1 << VIRTIO_IOMMU_F_BYPASS), 0, "legacy bypass not offered");
+    assert_eq!(
+        f & (1 << VIRTIO_IOMMU_F_BYPASS),
+        0,
+        "legacy bypass not offered"
+    );
     assert_eq!(
         f & virtio_iommu::PROTECTED_DEVICE_FEATURES,
         0,

@@ -15,9 +15,17 @@ fn boot_bypass_until_driver_clears_it() {
     let d = device();
     assert!(d.bypass());
     let t = d.translate(1, 0x1234_5000, 0x100, Access::Write).unwrap();
-    assert_eq!(t.first(), Some(GuestRange { gpa: 0x1234_5000, len: 0x100 }));
+    assert_eq!(
+        t.first(),
+        Some(GuestRange {
+            gpa: 0x1234_5000,
+            len: 0x100
+        })
+    );
     d.write_config(CONFIG_BYPASS_OFFSET as u64, &[0]);
-    let f = d.translate(1, 0x1234_5000, 0x100, Access::Write).unwrap_err();
+    let f = d
+        .translate(1, 0x1234_5000, 0x100, Access::Write)
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Domain);
     // Attached endpoints never bypass because of the global field.
     d.write_config(CONFIG_BYPASS_OFFSET as u64, &[1]);
@@ -56,8 +64,14 @@ fn access_spanning_mappings_returns_pieces() {
     assert_eq!(
         pieces,
         vec![
-            GuestRange { gpa: 0x10_0ff0, len: 0x10 },
-            GuestRange { gpa: 0x50_0000, len: 0x2000 },
+            GuestRange {
+                gpa: 0x10_0ff0,
+                len: 0x10
+            },
+            GuestRange {
+                gpa: 0x50_0000,
+                len: 0x2000
+            },
         ]
     );
     assert_eq!(t.len(), 2);
@@ -93,16 +107,28 @@ fn permission_faults_are_recorded_with_flags() {
         s.fetch_add(1, Ordering::SeqCst);
     })));
     assert_eq!(attach(&d, 1, 1), Status::Ok);
-    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0x8000, VIRTIO_IOMMU_MAP_F_READ), Status::Ok);
-    assert_eq!(map(&d, 1, 0x2000, 0x2fff, 0x9000, VIRTIO_IOMMU_MAP_F_WRITE), Status::Ok);
+    assert_eq!(
+        map(&d, 1, 0x1000, 0x1fff, 0x8000, VIRTIO_IOMMU_MAP_F_READ),
+        Status::Ok
+    );
+    assert_eq!(
+        map(&d, 1, 0x2000, 0x2fff, 0x9000, VIRTIO_IOMMU_MAP_F_WRITE),
+        Status::Ok
+    );
     assert!(d.translate(1, 0x1000, 8, Access::Read).is_ok());
     let f = d.translate(1, 0x1008, 8, Access::Write).unwrap_err();
     let rec = f.record();
     assert_eq!(rec.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
-    assert_eq!(rec.flags, VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS);
+    assert_eq!(
+        rec.flags,
+        VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS
+    );
     assert_eq!((rec.endpoint, rec.address), (1, 0x1008));
     let f = d.translate(1, 0x2000, 8, Access::Read).unwrap_err();
-    assert_eq!(f.record().flags, VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS);
+    assert_eq!(
+        f.record().flags,
+        VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS
+    );
     assert_eq!(d.pending_faults(), 2);
     assert_eq!(signals.load(Ordering::SeqCst), 2);
     let st = d.domain_stats(1).unwrap();
@@ -157,15 +183,27 @@ fn stats_per_domain_and_total() {
     assert_eq!(s.domains.len(), 2);
     let (id, d1) = s.domains[0];
     assert_eq!(id, 1);
-    assert_eq!((d1.maps, d1.unmaps, d1.bytes_mapped, d1.translations), (1, 0, 0x2000, 1));
+    assert_eq!(
+        (d1.maps, d1.unmaps, d1.bytes_mapped, d1.translations),
+        (1, 0, 0x2000, 1)
+    );
     let d2 = s.domains[1].1;
-    assert_eq!((d2.maps, d2.unmaps, d2.live_bytes(), d2.translations), (2, 1, 0x1000, 2));
-    assert_eq!((s.total.maps, s.total.unmaps, s.total.translations), (3, 1, 3));
+    assert_eq!(
+        (d2.maps, d2.unmaps, d2.live_bytes(), d2.translations),
+        (2, 1, 0x1000, 2)
+    );
+    assert_eq!(
+        (s.total.maps, s.total.unmaps, s.total.translations),
+        (3, 1, 3)
+    );
     // Totals survive domain destruction.
     assert_eq!(detach(&d, 1, 1), Status::Ok);
     let s = d.stats();
     assert_eq!(s.domains.len(), 1);
-    assert_eq!((s.total.maps, s.total.unmaps, s.total.translations), (3, 2, 3));
+    assert_eq!(
+        (s.total.maps, s.total.unmaps, s.total.translations),
+        (3, 2, 3)
+    );
     assert_eq!(s.total.live_bytes(), 0x1000);
 }
 
@@ -181,7 +219,11 @@ fn concurrent_translation_and_requests() {
                 for _ in 0..20_000 {
                     // Page 0 is never unmapped; page 1 comes and goes.
                     assert_eq!(
-                        d.translate(1, 0x10, 4, Access::Read).unwrap().first().unwrap().gpa,
+                        d.translate(1, 0x10, 4, Access::Read)
+                            .unwrap()
+                            .first()
+                            .unwrap()
+                            .gpa,
                         0x7010
                     );
                     if let Ok(t) = d.translate(1, 0x1000, 4, Access::Read) {
