@@ -14,13 +14,14 @@ echo "BOOT-DISK-SECTOR0=$(head -c 18 /dev/vda)"
 printf 'WARDEN-GUEST-MARKER' | dd of=/dev/vda bs=512 seek=1 conv=notrunc,fsync 2>/dev/null
 echo "BOOT-RNG-SOURCE=$(cat /sys/class/misc/hw_random/rng_current)"
 echo "BOOT-RNG-BYTES=$(head -c 16 /dev/hwrng | wc -c)"
+echo "BOOT-IOMMU-GROUPS=$(ls /sys/kernel/iommu_groups | wc -l)"
+dmesg | grep -q 'ACPI: VIOT' && echo BOOT-VIOT=present
 for dev in /sys/bus/pci/devices/*; do
     echo "BOOT-PCI ${dev##*/} $(cat "$dev/vendor") $(cat "$dev/device") $(cat "$dev/class")"
 done
 "#;
 
 #[test]
-#[ignore = "needs the VMM (issue 2)"]
 fn boot_linux_with_disk_and_rng() {
     let Some(out) = Scenario::new("boot_linux_with_disk_and_rng")
         .host_setup(
@@ -60,6 +61,11 @@ fn boot_linux_with_disk_and_rng() {
     assert_eq!(out.marker("BOOT-RNG-SOURCE"), Some("virtio_rng.0"), "{out}");
     assert_eq!(out.marker("BOOT-RNG-BYTES"), Some("16"), "{out}");
     assert_pci_topology(&out);
+    // Default iommu=off: no virtio-iommu (the topology above has no 1af4:1057), no VIOT, no
+    // group, and no IOMMU statistics from warden.
+    assert_eq!(out.marker("BOOT-IOMMU-GROUPS"), Some("0"), "{out}");
+    assert_eq!(out.marker("BOOT-VIOT"), None, "{out}");
+    assert!(!out.guest_output().contains("virtio-iommu"), "{out}");
     assert_eq!(
         out.warden_exit,
         Some(0),
@@ -106,7 +112,6 @@ fn assert_pci_topology(out: &Outcome) {
 
 /// warden also boots the ELF vmlinux (PVH entry) extracted from the same kernel.
 #[test]
-#[ignore = "needs the VMM (issue 2)"]
 fn boot_linux_elf_kernel() {
     let Some(out) = Scenario::new("boot_linux_elf_kernel")
         .kernel(Kernel::Elf)
