@@ -305,6 +305,8 @@ struct Endpoint {
     domain: Option<u32>,
     reserved: Vec<ReservedRegion>,
     mapper: Option<Arc<dyn ExternalMapper>>,
+    /// Whether the mapper currently holds the bypass identity map.
+    identity: bool,
     shared: Arc<EndpointShared>,
 }
 
@@ -447,6 +449,49 @@ fn withdraw(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Sta
     Ok(())
 }
 
+/// One reversible piece of mapper work.
+enum Step<'a> {
+    Withdraw(&'a MappingTable),
+    Identity(bool),
+    Replay(&'a MappingTable),
+}
+
+fn apply(m: &dyn ExternalMapper, step: &Step) -> Result<(), Status> {
+    match step {
+        Step::Withdraw(t) => withdraw(t, m),
+        Step::Identity(on) => m.set_identity(*on).map_err(|e| {
+            warn!("external mapper identity={on} failed: {e}");
+            mapper_status(&e)
+        }),
+        Step::Replay(t) => replay(t, m),
+    }
+}
+
+fn revert(m: &dyn ExternalMapper, step: &Step) {
+    let undone = match step {
+        Step::Withdraw(t) => replay(t, m),
+        Step::Identity(on) => m.set_identity(!on).map_err(|e| mapper_status(&e)),
+        Step::Replay(t) => withdraw(t, m),
+    };
+    if undone.is_err() {
+        error!("external mapper rollback failed; its mappings no longer match the domain");
+    }
+}
+
+/// Run steps in order; on failure undo the completed ones (each step already undoes its own
+/// partial progress), so the mapper ends as it started.
+fn run_steps(m: &dyn ExternalMapper, steps: &[Step]) -> Result<(), Status> {
+    for (i, step) in steps.iter().enumerate() {
+        if let Err(s) = apply(m, step) {
+            for done in steps[..i].iter().rev() {
+                revert(m, done);
+            }
+            return Err(s);
+        }
+    }
+    Ok(())
+}
+
 impl VirtioIommu {
     /// Create a device; validates the configuration.
     pub fn new(config: IommuConfig) -> Result<Self, ConfigError> {
@@ -513,12 +558,20 @@ impl VirtioIommu {
         if st.endpoints.contains_key(&id) {
             return Err(ConfigError::DuplicateEndpoint(id));
         }
+        // A new endpoint is unattached: under boot bypass its DMA must already reach RAM.
+        let identity = st.bypass && cfg.mapper.is_some();
+        if let Some(m) = cfg.mapper.as_ref().filter(|_| identity) {
+            if m.set_identity(true).is_err() {
+                return Err(ConfigError::MapperRefused(id));
+            }
+        }
         st.endpoints.insert(
             id,
             Endpoint {
                 domain: None,
                 reserved,
                 mapper: cfg.mapper,
+                identity,
                 shared: Arc::default(),
             },
         );
@@ -537,7 +590,13 @@ impl VirtioIommu {
                 return Err(ConfigError::MapperRefused(id));
             }
         }
-        st.endpoints.remove(&id);
+        if let Some(ep) = st.endpoints.remove(&id) {
+            if let Some(m) = ep.mapper.filter(|_| ep.identity) {
+                if let Err(e) = m.set_identity(false) {
+                    error!("endpoint {id:#x}: identity map left behind: {e}");
+                }
+            }
+        }
         Ok(())
     }
 
@@ -623,11 +682,21 @@ impl VirtioIommu {
             warn!("ignoring bypass write: BYPASS_CONFIG not negotiated");
             return;
         }
-        let bypass = value & 1 != 0;
-        if st.bypass != bypass {
-            st.bypass = bypass;
-            for ep in st.endpoints.values().filter(|e| e.domain.is_none()) {
-                write_lock(&ep.shared.iotlb).invalidate_all();
+        Self::set_global_bypass(&mut st, value & 1 != 0);
+    }
+
+    /// Change the `bypass` field: unattached endpoints switch mode, so their IOTLBs are
+    /// flushed and their mappers gain or drop the identity map. A mapper failure here cannot
+    /// be reported to the driver; it is logged and the mapper keeps its previous state.
+    fn set_global_bypass(st: &mut State, bypass: bool) {
+        st.bypass = bypass;
+        for (id, ep) in st.endpoints.iter_mut().filter(|(_, e)| e.domain.is_none()) {
+            write_lock(&ep.shared.iotlb).invalidate_all();
+            if let Some(m) = ep.mapper.as_ref().filter(|_| ep.identity != bypass) {
+                match m.set_identity(bypass) {
+                    Ok(()) => ep.identity = bypass,
+                    Err(e) => error!("endpoint {id:#x}: identity={bypass} failed: {e}"),
+                }
             }
         }
     }
@@ -662,10 +731,7 @@ impl VirtioIommu {
     pub fn system_reset(&self) {
         self.reset();
         let mut st = write_lock(&self.state);
-        st.bypass = self.config.boot_bypass;
-        for ep in st.endpoints.values() {
-            write_lock(&ep.shared.iotlb).invalidate_all();
-        }
+        Self::set_global_bypass(&mut st, self.config.boot_bypass);
     }
 
     // ---- requests ----
@@ -733,24 +799,31 @@ impl VirtioIommu {
             }
         }
         // All fallible mapper work happens before any bookkeeping, so a failure leaves the
-        // device exactly as it was.
+        // device exactly as it was. The identity map (bypass) and translated mappings never
+        // coexist in a mapper: identity goes before a replay and comes after a withdrawal.
         if let Some(m) = &mapper {
-            let old_d = old.and_then(|o| st.domains.get(&o));
-            let leaves_old = old_d.filter(|d| mapper_refs(d, m) == 1);
-            if let Some(od) = leaves_old {
-                if let Err(s) = withdraw(&od.table, m.as_ref()) {
-                    return s;
-                }
+            let identity = ep.identity;
+            let mut steps = Vec::new();
+            if let Some(od) = old
+                .and_then(|o| st.domains.get(&o))
+                .filter(|d| mapper_refs(d, m) == 1)
+            {
+                steps.push(Step::Withdraw(&od.table));
+            }
+            if identity && !bypass {
+                steps.push(Step::Identity(false));
             }
             if let Some(nd) = st.domains.get(&r.domain).filter(|d| mapper_refs(d, m) == 0) {
-                if let Err(s) = replay(&nd.table, m.as_ref()) {
-                    if let Some(od) = leaves_old {
-                        if replay(&od.table, m.as_ref()).is_err() {
-                            error!("endpoint {:#x}: mapper lost its old domain", r.endpoint);
-                        }
-                    }
-                    return s;
-                }
+                steps.push(Step::Replay(&nd.table));
+            }
+            if bypass && !identity {
+                steps.push(Step::Identity(true));
+            }
+            if let Err(s) = run_steps(m.as_ref(), &steps) {
+                return s;
+            }
+            if let Some(ep) = st.endpoints.get_mut(&r.endpoint) {
+                ep.identity = bypass;
             }
         }
         if let Some(o) = old {
@@ -827,12 +900,24 @@ impl VirtioIommu {
         let (Some(ep), Some(d)) = (st.endpoints.get(&id), st.domains.get(&domain)) else {
             return Status::Inval;
         };
-        if let Some(m) = ep.mapper.as_ref().filter(|m| mapper_refs(d, m) == 1) {
-            if let Err(s) = withdraw(&d.table, m.as_ref()) {
+        if let Some(m) = &ep.mapper {
+            // Unattached, the endpoint bypasses exactly when the global field says so.
+            let mut steps = Vec::new();
+            if mapper_refs(d, m) == 1 {
+                steps.push(Step::Withdraw(&d.table));
+            }
+            if ep.identity != st.bypass {
+                steps.push(Step::Identity(st.bypass));
+            }
+            if let Err(s) = run_steps(m.as_ref(), &steps) {
                 return s;
             }
         }
+        let bypass = st.bypass;
         self.unlink(st, id, domain);
+        if let Some(ep) = st.endpoints.get_mut(&id).filter(|e| e.mapper.is_some()) {
+            ep.identity = bypass;
+        }
         Status::Ok
     }
 

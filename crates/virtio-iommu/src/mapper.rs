@@ -30,7 +30,8 @@ pub enum MapperError {
 /// several endpoints of the same domain is called once per mapping, not once per endpoint
 /// (mappers are compared by `Arc` identity).
 ///
-/// Contract, per mapper:
+/// Contract, per mapper (bypass state is tracked per endpoint, so an endpoint that needs
+/// bypass should have a mapper of its own):
 /// - `map` is called for each new mapping of the domain, and for every existing mapping when
 ///   the mapper joins a domain (replay on ATTACH);
 /// - `unmap` is called with exactly the ranges earlier passed to `map` (whole mappings), when
@@ -43,4 +44,10 @@ pub trait ExternalMapper: Send + Sync {
     fn map(&self, iova: u64, gpa: u64, size: u64, perms: MapPerms) -> Result<(), MapperError>;
     /// Unmap `size` bytes at `iova`, a range earlier passed to `map`.
     fn unmap(&self, iova: u64, size: u64) -> Result<(), MapperError>;
+    /// Enter (`true`) or leave bypass mode: map all guest RAM 1:1, or remove that identity
+    /// map. Called when the endpoint is registered under boot bypass, when the `bypass` config
+    /// field changes while it is unattached, and on ATTACH/DETACH to or from bypass. The
+    /// identity map and domain mappings never coexist: it is removed before a replay and
+    /// added after a withdrawal.
+    fn set_identity(&self, enabled: bool) -> Result<(), MapperError>;
 }

@@ -23,6 +23,8 @@ struct Inner {
     limit: Option<usize>,
     fail_map_at: Option<u64>,
     fail_unmap_at: Option<u64>,
+    fail_identity: bool,
+    identity: bool,
     calls: usize,
 }
 
@@ -42,6 +44,12 @@ impl FakeContainer {
     fn fail_unmap_at(&self, iova: Option<u64>) {
         self.inner.lock().unwrap().fail_unmap_at = iova;
     }
+    fn identity(&self) -> bool {
+        self.inner.lock().unwrap().identity
+    }
+    fn fail_identity(&self, fail: bool) {
+        self.inner.lock().unwrap().fail_identity = fail;
+    }
     fn calls(&self) -> usize {
         self.inner.lock().unwrap().calls
     }
@@ -57,10 +65,25 @@ impl ExternalMapper for FakeContainer {
         if i.limit.is_some_and(|l| i.maps.len() >= l) {
             return Err(MapperError::NoResources);
         }
+        assert!(!i.identity, "domain mapping while identity-mapped");
         assert!(
             i.maps.insert(iova, (gpa, size)).is_none(),
             "double map {iova:#x}"
         );
+        Ok(())
+    }
+    fn set_identity(&self, enabled: bool) -> Result<(), MapperError> {
+        let mut i = self.inner.lock().unwrap();
+        i.calls += 1;
+        if i.fail_identity {
+            return Err(MapperError::Failed("injected".into()));
+        }
+        assert_ne!(i.identity, enabled, "redundant identity call");
+        assert!(
+            i.maps.is_empty(),
+            "identity map while domain mappings exist"
+        );
+        i.identity = enabled;
         Ok(())
     }
     fn unmap(&self, iova: u64, size: u64) -> Result<(), MapperError> {
@@ -129,7 +152,11 @@ fn replay_on_attach_and_removal_on_detach() {
 
 #[test]
 fn shared_container_is_mapped_once() {
-    let d = device();
+    // Bypass is mirrored per endpoint, so a shared container is only used without it.
+    let d = device_with(IommuConfig {
+        boot_bypass: false,
+        ..Default::default()
+    });
     let c = Arc::new(FakeContainer::default());
     with_mapper(&d, 10, &c);
     with_mapper(&d, 11, &c);
@@ -238,4 +265,62 @@ fn reset_and_removal_withdraw_mappings() {
     d.remove_endpoint(10).unwrap();
     assert!(c.contents().is_empty());
     assert_eq!(attach(&d, 1, 10), Status::NoEnt);
+}
+
+#[test]
+fn bypass_mode_is_mirrored_as_identity_map() {
+    use virtio_iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_IOMMU_ATTACH_F_BYPASS};
+    let d = device();
+    let c = Arc::new(FakeContainer::default());
+    with_mapper(&d, 10, &c);
+    assert!(c.identity(), "boot bypass: unattached endpoint reaches RAM");
+    assert_eq!(attach(&d, 1, 10), Status::Ok);
+    assert!(!c.identity());
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, RW), Status::Ok);
+    assert_eq!(detach(&d, 1, 10), Status::Ok);
+    assert!(c.identity() && c.contents().is_empty());
+    d.write_config(CONFIG_BYPASS_OFFSET as u64, &[0]);
+    assert!(!c.identity(), "driver cleared bypass");
+    assert_eq!(
+        attach_flags(&d, 2, 10, VIRTIO_IOMMU_ATTACH_F_BYPASS),
+        Status::Ok
+    );
+    assert!(c.identity(), "bypass domain");
+    assert_eq!(detach(&d, 2, 10), Status::Ok);
+    assert!(!c.identity());
+
+    // Failing to leave bypass rolls the ATTACH back, replay included.
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, RW), Status::Ok);
+    assert_eq!(
+        attach_flags(&d, 2, 10, VIRTIO_IOMMU_ATTACH_F_BYPASS),
+        Status::Ok
+    );
+    c.fail_identity(true);
+    assert_eq!(attach(&d, 1, 10), Status::DevErr);
+    assert_eq!(d.endpoint_domain(10), Some(2));
+    assert!(c.identity() && c.contents().is_empty());
+    c.fail_identity(false);
+    assert_eq!(attach(&d, 1, 10), Status::Ok);
+    assert_eq!(c.contents().len(), 1);
+    // Hot-unplug leaves nothing behind.
+    d.write_config(CONFIG_BYPASS_OFFSET as u64, &[1]);
+    d.remove_endpoint(10).unwrap();
+    assert!(!c.identity() && c.contents().is_empty());
+}
+
+#[test]
+fn registration_under_boot_bypass_needs_the_identity_map() {
+    let d = device();
+    let c = Arc::new(FakeContainer::default());
+    c.fail_identity(true);
+    let r = d.add_endpoint(
+        12,
+        EndpointConfig {
+            reserved_regions: None,
+            mapper: Some(c.clone()),
+        },
+    );
+    assert_eq!(r, Err(virtio_iommu::ConfigError::MapperRefused(12)));
+    assert_eq!(attach(&d, 1, 12), Status::NoEnt);
 }

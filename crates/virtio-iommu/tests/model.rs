@@ -105,9 +105,7 @@ impl Model {
             return Status::NoEnt;
         };
         let end = page + pages - 1;
-        if m.iter()
-            .any(|(&s, &(n, _, _))| s <= end && page < s + n)
-        {
+        if m.iter().any(|(&s, &(n, _, _))| s <= end && page < s + n) {
             return Status::Inval;
         }
         m.insert(page, (pages, phys, write));
