@@ -23,9 +23,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    GuestMemory, Permissions, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
-};
+use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
 use crate::buffers::{self, AccessError, Buffer};
 use crate::worker::{DeviceQueue, Poller, Worker, WorkerHandler};
@@ -348,13 +346,7 @@ impl Disk {
                 }
                 let offset = self.check_range(sector, in_len)?;
                 let slices = buffers::slices(mem, writable, 0, in_len, Permissions::Write)?;
-                let mut file = FileAt {
-                    file: &self.file,
-                    offset,
-                };
-                for mut slice in slices {
-                    file.read_exact_volatile(&mut slice).map_err(volatile_io)?;
-                }
+                transfer_vectored(&self.file, offset, &slices, Direction::FromImage)?;
                 Ok(in_len)
             }
             VIRTIO_BLK_T_OUT => {
@@ -367,13 +359,7 @@ impl Disk {
                 let offset = self.check_range(sector, out_data)?;
                 let slices =
                     buffers::slices(mem, readable, HEADER_LEN, out_data, Permissions::Read)?;
-                let mut file = FileAt {
-                    file: &self.file,
-                    offset,
-                };
-                for slice in slices {
-                    file.write_all_volatile(&slice).map_err(volatile_io)?;
-                }
+                transfer_vectored(&self.file, offset, &slices, Direction::ToImage)?;
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -411,80 +397,92 @@ impl Disk {
     }
 }
 
-fn volatile_io(err: VolatileMemoryError) -> RequestError {
-    match err {
-        VolatileMemoryError::IOError(err) => RequestError::Io(err),
-        other => RequestError::Io(io::Error::other(other)),
-    }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    FromImage,
+    ToImage,
 }
 
-/// Positional I/O on the image: each transfer carries its own offset, so no seek state is shared
-/// and guest buffers are handed to the kernel directly.
-struct FileAt<'a> {
-    file: &'a File,
+/// Most iovecs one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
+/// Moves a request's data between the image at `offset` and the guest's buffers with one
+/// `preadv`/`pwritev` per batch of slices, positioned so that no seek state is shared.
+///
+/// A request's data usually arrives as one descriptor per guest page: a system call per
+/// slice made a 1 MiB read cost 256 of them, the dominant cost of unprotected I/O.
+fn transfer_vectored<B: BitmapSlice>(
+    file: &File,
     offset: u64,
-}
-
-impl FileAt<'_> {
-    fn offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EOVERFLOW))
+    slices: &[VolatileSlice<B>],
+    direction: Direction,
+) -> Result<(), RequestError> {
+    // The guards keep the slices' pointers valid until the system calls are done (a mutable
+    // guard for both directions: `pwritev` only reads through it).
+    let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard_mut()).collect();
+    let mut iovecs: Vec<libc::iovec> = guards
+        .iter()
+        .zip(slices)
+        .map(|(guard, slice)| libc::iovec {
+            iov_base: guard.as_ptr().cast(),
+            iov_len: slice.len(),
         })
-    }
-}
-
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard_mut();
-        // SAFETY: the fd is open for as long as `self.file` is borrowed, and the pointer is valid
-        // for writes of `buf.len()` bytes by the invariants of `VolatileSlice`.
-        let read = unsafe {
-            libc::pread(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
+        .collect();
+    let mut done = 0usize;
+    let mut position = offset;
+    while done < iovecs.len() {
+        let batch = &iovecs[done..iovecs.len().min(done + MAX_IOVECS)];
+        let file_offset = libc::off_t::try_from(position)
+            .map_err(|_| RequestError::Io(io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        // SAFETY: every iovec points into a live guest-memory slice of the length given (the
+        // guards above pin them), writable when reading from the image; the fd is open.
+        let moved = unsafe {
+            match direction {
+                Direction::FromImage => libc::preadv(
+                    file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as libc::c_int,
+                    file_offset,
+                ),
+                Direction::ToImage => libc::pwritev(
+                    file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as libc::c_int,
+                    file_offset,
+                ),
+            }
         };
-        if read < 0 {
-            // A partial read may have happened: dirty-page tracking must assume it did.
-            buf.bitmap().mark_dirty(0, buf.len());
-            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
-        }
-        let read = read as usize;
-        buf.bitmap().mark_dirty(0, read);
-        self.offset += read as u64;
-        Ok(read)
-    }
-}
-
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard();
-        // SAFETY: the fd is open for as long as `self.file` is borrowed, and the pointer is valid
-        // for reads of `buf.len()` bytes by the invariants of `VolatileSlice`.
-        let written = unsafe {
-            libc::pwrite(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
+        let mut moved = match moved {
+            n if n < 0 => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(RequestError::Io(err));
+            }
+            0 => return Err(RequestError::Io(io::ErrorKind::UnexpectedEof.into())),
+            n => n as usize,
         };
-        if written < 0 {
-            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        position += moved as u64;
+        // Skip what was fully transferred and trim a partially transferred iovec.
+        while moved > 0 {
+            let iovec = &mut iovecs[done];
+            let step = moved.min(iovec.iov_len);
+            if direction == Direction::FromImage {
+                slices[done]
+                    .bitmap()
+                    .mark_dirty(slices[done].len() - iovec.iov_len, step);
+            }
+            iovec.iov_len -= step;
+            // SAFETY: stays within the slice the iovec was built from.
+            iovec.iov_base = unsafe { iovec.iov_base.cast::<u8>().add(step).cast() };
+            moved -= step;
+            if iovec.iov_len == 0 {
+                done += 1;
+            }
         }
-        self.offset += written as u64;
-        Ok(written as usize)
     }
+    Ok(())
 }
 
 #[cfg(test)]
