@@ -6,10 +6,14 @@
 //! copied to the data area the descriptors point into. Addresses may fall outside guest RAM.
 #![no_main]
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use virtio_iommu::{Access, EndpointConfig, EndpointIommu, IommuConfig, VirtioIommu};
+use virtio_iommu::{
+    Access, EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, MapPerms, MapperError,
+    VirtioIommu,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -18,6 +22,35 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
 const DATA: u64 = 0x1_0000;
 const MEM_SIZE: usize = 0x2_0000;
 const QUEUE_SIZE: u16 = 16;
+
+/// A mapper that fails every `period`-th call, to drive the rollback paths.
+struct FlakyMapper {
+    calls: AtomicU32,
+    period: u32,
+}
+
+impl FlakyMapper {
+    fn call(&self) -> Result<(), MapperError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        if n % self.period == self.period - 1 {
+            Err(MapperError::NoResources)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl ExternalMapper for FlakyMapper {
+    fn map(&self, _: u64, _: u64, _: u64, _: MapPerms) -> Result<(), MapperError> {
+        self.call()
+    }
+    fn unmap(&self, _: u64, _: u64) -> Result<(), MapperError> {
+        self.call()
+    }
+    fn set_identity(&self, _: bool) -> Result<(), MapperError> {
+        self.call()
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = data.split_first() else {
@@ -41,9 +74,21 @@ fuzz_target!(|data: &[u8]| {
         })
         .unwrap(),
     );
-    for ep in 0..4 {
+    for ep in 0..3 {
         dev.add_endpoint(ep, EndpointConfig::default()).unwrap();
     }
+    // Endpoint 3 mirrors into a mapper failing every 2nd..9th call (chosen by the input).
+    let mapper = Arc::new(FlakyMapper {
+        calls: AtomicU32::new(0),
+        period: u32::from(n as u8 % 8) + 2,
+    });
+    let _ = dev.add_endpoint(
+        3,
+        EndpointConfig {
+            reserved_regions: None,
+            mapper: Some(mapper),
+        },
+    );
     dev.ack_features(dev.features());
 
     let mut raw = Vec::with_capacity(n);
