@@ -1,5 +1,12 @@
 //! The virtio-iommu as a virtio device: a thin adapter from queues to the device model in the
 //! `virtio-iommu` crate, which holds all of the IOMMU's behaviour.
+//!
+//! The Linux driver sends each request synchronously and spins until it is answered, so the
+//! round trip of one request is what protected I/O costs. Requests are therefore served on the
+//! notifying vCPU's own thread: measured in the nested test host, 2048 4 KiB reads through a
+//! protected disk took 6.6–7.6 s this way against 2.2–54 s (median 14 s) with a device thread
+//! woken through an ioeventfd, which must be scheduled while the vCPU waits. Fault events come
+//! from device threads at any time, so the event queue keeps a worker.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -32,6 +39,8 @@ pub struct Iommu<M> {
     model: Arc<VirtioIommu>,
     mem: M,
     thread_name: String,
+    /// The request queue, served on the notifying vCPU's thread while the device is active.
+    requests: Option<(Queue, Arc<dyn VirtioInterrupt>)>,
     worker: Option<Worker>,
 }
 
@@ -44,8 +53,32 @@ impl<M: DeviceMemory> Iommu<M> {
                 "virtio-iommu-{}",
                 NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
             ),
+            requests: None,
             worker: None,
         }
+    }
+}
+
+/// Serves queue `index` (requests or events) and interrupts the driver if it must be.
+fn serve_queue<M: DeviceMemory>(
+    model: &VirtioIommu,
+    mem: &M,
+    queue: &mut Queue,
+    index: usize,
+    interrupt: &dyn VirtioInterrupt,
+) {
+    let result = match index {
+        REQUEST_QUEUE => model.process_request_queue(mem, queue),
+        _ => model.process_event_queue(mem, queue),
+    };
+    match result {
+        Ok(true) => {
+            if let Err(err) = interrupt.notify_queue(index) {
+                error!("virtio-iommu: cannot interrupt the driver: {err}");
+            }
+        }
+        Ok(false) => {}
+        Err(err) => warn!("virtio-iommu: queue {index}: {err}"),
     }
 }
 
@@ -88,25 +121,33 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             // A full counter still wakes the worker; nothing is lost by ignoring EAGAIN.
             let _ = signal.write(1);
         })));
-        let handler = IommuWorker {
+        self.requests = Some((requests.queue, Arc::clone(&interrupt)));
+        let handler = EventWorker {
             model: Arc::clone(&self.model),
             mem: self.mem.clone(),
-            requests: requests.queue,
             events: events.queue,
             fault_event,
             interrupt,
         };
         let worker = Worker::spawn(
             self.thread_name.clone(),
-            vec![
-                (REQUEST_QUEUE, requests.notifier),
-                (EVENT_QUEUE, events.notifier),
-            ],
+            vec![(EVENT_QUEUE, events.notifier)],
             handler,
         )
         .map_err(ActivateError::Io)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn serves_inline(&self, index: usize) -> bool {
+        index == REQUEST_QUEUE
+    }
+
+    fn serve_inline(&mut self, index: usize) {
+        if let Some((queue, interrupt)) = self.requests.as_mut().filter(|_| index == REQUEST_QUEUE)
+        {
+            serve_queue(&self.model, &self.mem, queue, index, interrupt.as_ref());
+        }
     }
 
     fn reset(&mut self) {
@@ -120,54 +161,43 @@ impl<M> Iommu<M> {
     fn stop(&mut self) {
         self.model.set_fault_notifier(None);
         self.worker = None;
+        self.requests = None;
     }
 }
 
-struct IommuWorker<M> {
+/// Delivers fault events: when the driver posts event buffers, and when the model queues a
+/// fault.
+struct EventWorker<M> {
     model: Arc<VirtioIommu>,
     mem: M,
-    requests: Queue,
     events: Queue,
     fault_event: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
-impl<M: DeviceMemory> IommuWorker<M> {
-    fn serve(&mut self, index: usize) {
-        let (queue, result) = match index {
-            REQUEST_QUEUE => (
-                REQUEST_QUEUE,
-                self.model
-                    .process_request_queue(&self.mem, &mut self.requests),
-            ),
-            _ => (
-                EVENT_QUEUE,
-                self.model.process_event_queue(&self.mem, &mut self.events),
-            ),
-        };
-        match result {
-            Ok(true) => {
-                if let Err(err) = self.interrupt.notify_queue(queue) {
-                    error!("virtio-iommu: cannot interrupt the driver: {err}");
-                }
-            }
-            Ok(false) => {}
-            Err(err) => warn!("virtio-iommu: queue {queue}: {err}"),
-        }
+impl<M: DeviceMemory> EventWorker<M> {
+    fn deliver(&mut self) {
+        serve_queue(
+            &self.model,
+            &self.mem,
+            &mut self.events,
+            EVENT_QUEUE,
+            self.interrupt.as_ref(),
+        );
     }
 }
 
-impl<M: DeviceMemory> WorkerHandler for IommuWorker<M> {
+impl<M: DeviceMemory> WorkerHandler for EventWorker<M> {
     fn start(&mut self, poller: &Poller) -> io::Result<()> {
         poller.add(self.fault_event.as_raw_fd(), FAULT_TOKEN)
     }
 
-    fn queue_notified(&mut self, index: usize, _poller: &Poller) {
-        self.serve(index);
+    fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
+        self.deliver();
     }
 
     fn fd_ready(&mut self, _token: u32, _poller: &Poller) {
         let _ = self.fault_event.read();
-        self.serve(EVENT_QUEUE);
+        self.deliver();
     }
 }

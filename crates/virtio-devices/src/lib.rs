@@ -142,6 +142,14 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
+    /// Whether notifications of queue `index` are served on the notifying vCPU's own thread
+    /// (through [`VirtioDevice::serve_inline`]) instead of by a worker woken through an
+    /// ioeventfd. The transport then exposes no ioeventfd for that queue.
+    fn serves_inline(&self, _index: usize) -> bool {
+        false
+    }
+    /// Serves a notification of queue `index` on the calling vCPU thread.
+    fn serve_inline(&mut self, _index: usize) {}
     /// Stops processing and forgets the queues (the driver reset the device); returns only once
     /// no worker touches guest memory any more.
     fn reset(&mut self);

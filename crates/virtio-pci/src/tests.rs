@@ -56,12 +56,15 @@ struct Log {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     resets: usize,
     config_writes: Vec<(u64, Vec<u8>)>,
+    served_inline: Vec<usize>,
 }
 
 struct FakeDevice {
     features: u64,
     max_sizes: Vec<u16>,
     fail_activate: bool,
+    /// A queue the device serves on the notifying thread.
+    inline_queue: Option<usize>,
     log: Arc<Mutex<Log>>,
 }
 
@@ -116,6 +119,12 @@ impl VirtioDevice for FakeDevice {
         log.interrupt = Some(interrupt);
         Ok(())
     }
+    fn serves_inline(&self, index: usize) -> bool {
+        self.inline_queue == Some(index)
+    }
+    fn serve_inline(&mut self, index: usize) {
+        self.log.lock().unwrap().served_inline.push(index);
+    }
     fn reset(&mut self) {
         let mut log = self.log.lock().unwrap();
         log.resets += 1;
@@ -160,13 +169,17 @@ struct Harness {
 }
 
 fn harness_with(features: u64, max_sizes: &[u16], fail_activate: bool) -> Harness {
-    let log = Arc::new(Mutex::new(Log::default()));
-    let device = FakeDevice {
+    harness_of(FakeDevice {
         features,
         max_sizes: max_sizes.to_vec(),
         fail_activate,
-        log: log.clone(),
-    };
+        inline_queue: None,
+        log: Arc::default(),
+    })
+}
+
+fn harness_of(device: FakeDevice) -> Harness {
+    let log = device.log.clone();
     let irq = Arc::new(FakeInterrupts {
         vectors: msix_vectors(&device),
         updates: Mutex::new(Vec::new()),
@@ -603,6 +616,33 @@ fn notify_writes_signal_the_queue_eventfd() {
 }
 
 #[test]
+fn inline_queues_get_no_ioeventfd_and_are_served_on_the_writing_thread() {
+    let mut h = harness_of(FakeDevice {
+        features: F_VERSION_1,
+        max_sizes: vec![256, 128],
+        fail_activate: false,
+        inline_queue: Some(0),
+        log: Arc::default(),
+    });
+    let addresses: Vec<u64> = h.dev.ioeventfds().iter().map(|(_, a)| *a).collect();
+    assert_eq!(
+        addresses,
+        vec![BAR_BASE + 0x3004],
+        "only queue 1 goes through KVM"
+    );
+    h.negotiate(F_VERSION_1);
+    h.setup_queue(0, 256, 0x10_0000);
+    h.setup_queue(1, 128, 0x20_0000);
+    h.driver_ok();
+    h.write(NOTIFY_OFFSET, 0, 2);
+    h.write(NOTIFY_OFFSET + 4, 1, 2);
+    let log = h.log.lock().unwrap();
+    assert_eq!(log.served_inline, vec![0]);
+    assert!(log.notifiers[0].read().is_err(), "queue 0 is not signalled");
+    assert_eq!(log.notifiers[1].read().unwrap(), 1);
+}
+
+#[test]
 fn ioeventfds_follow_a_bar_move() {
     let mut h = harness();
     h.config_write32(0x04, u32::from(pci::COMMAND_MEMORY_SPACE));
@@ -651,6 +691,7 @@ fn construction_rejects_devices_the_transport_cannot_drive() {
             features,
             max_sizes: sizes.to_vec(),
             fail_activate: false,
+            inline_queue: None,
             log: Arc::default(),
         })
     };

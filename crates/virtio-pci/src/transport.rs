@@ -584,8 +584,12 @@ impl VirtioPciDevice {
         }
     }
 
-    fn notify(&self, offset: u64) {
+    fn notify(&mut self, offset: u64) {
         let index = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
+        if self.device.serves_inline(index as usize) {
+            self.device.serve_inline(index as usize);
+            return;
+        }
         match self.notifiers.get(index as usize) {
             Some(notifier) => {
                 if let Err(err) = notifier.write(1) {
@@ -692,6 +696,7 @@ impl PciDevice for VirtioPciDevice {
         self.notifiers
             .iter()
             .enumerate()
+            .filter(|(index, _)| !self.device.serves_inline(*index))
             .map(|(index, fd)| (fd, base + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)))
             .collect()
     }
