@@ -66,6 +66,7 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 
 /// Builds the machine `config` describes, runs it, and returns how the guest stopped.
 pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
+    let sigusr1 = block_sigusr1()?;
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     warn_if_kvm_cannot_run_linux();
 
@@ -111,6 +112,10 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         };
         pci.add_virtio(planned.device_number, device, &router, &vm, &mut mmio)
             .map_err(VmmError::Device)?;
+    }
+
+    if let Some(model) = &iommu {
+        report_stats_on_sigusr1(Arc::clone(model), sigusr1)?;
     }
 
     let rsdp = acpi::write_tables(
@@ -271,6 +276,44 @@ fn build_device<M: DeviceMemory>(
                 .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
         ),
     })
+}
+
+/// Blocks SIGUSR1 in the calling thread, before any other thread starts, so that every
+/// thread inherits the mask and the signal is only consumed by [`report_stats_on_sigusr1`].
+fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if blocked != 0 {
+        return Err(VmmError::Io {
+            what: "block SIGUSR1".into(),
+            source: io::Error::from_raw_os_error(blocked),
+        });
+    }
+    Ok(set)
+}
+
+/// Prints the IOMMU's counters whenever the process gets SIGUSR1, from a thread of its own.
+fn report_stats_on_sigusr1(model: Arc<VirtioIommu>, set: libc::sigset_t) -> Result<(), VmmError> {
+    thread::Builder::new()
+        .name("iommu-stats".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: `set` and `signal` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                report_iommu_stats(&model);
+            }
+        })
+        .map(drop)
+        .map_err(|source| VmmError::Io {
+            what: "start the statistics thread".into(),
+            source,
+        })
 }
 
 /// Prints what the virtio-iommu did, per domain and in total.
