@@ -35,7 +35,7 @@ pub const MAX_PROBE_SIZE: u32 = 64 * 1024;
 /// Parameters of the device. `Default` gives the values warden uses on x86.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IommuConfig {
-    /// Supported page sizes; the lowest set bit is the mapping granule (at least 8 bytes).
+    /// Supported page sizes; the lowest set bit is the mapping granule (at least 16 bytes).
     pub page_size_mask: u64,
     /// Inclusive IOVA range the device translates.
     pub input_range: (u64, u64),
@@ -78,8 +78,8 @@ impl Default for IommuConfig {
 /// Invalid device or endpoint configuration.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// The granule (lowest bit of `page_size_mask`) is missing or below 8 bytes.
-    #[error("page_size_mask {0:#x} must have a lowest set bit of at least 8 bytes")]
+    /// The granule (lowest bit of `page_size_mask`) is missing or below 16 bytes.
+    #[error("page_size_mask {0:#x} must have a lowest set bit of at least 16 bytes")]
     PageSizeMask(u64),
     /// `start > end`, or `input_range` not aligned on the granule.
     #[error("invalid range {0:#x}..={1:#x}")]
@@ -1077,14 +1077,25 @@ impl VirtioIommu {
     ) -> Result<Translation, Fault> {
         let st = read_lock(&self.state);
         let mut out = Translation::default();
-        self.walk(&st, endpoint, iova, len, access.perms(), |_, gpa, n, _| {
-            out.push(gpa, n)
-        })?;
+        let end = iova.saturating_add(len.saturating_sub(1));
+        self.walk(
+            &st,
+            endpoint,
+            iova,
+            len,
+            access.perms(),
+            |first, last, phys, _| {
+                // Clip the block to the access.
+                let from = first.max(iova);
+                out.push(phys + (from - first), last.min(end) - from + 1)
+            },
+        )?;
         Ok(out)
     }
 
-    /// Resolve `[iova, iova + len)` for `endpoint`, calling `piece(iova, gpa, len, perms)` for
-    /// each contiguous piece, with the state lock held by the caller.
+    /// Resolve `[iova, iova + len)` for `endpoint`, calling `block(first, last, gpa, perms)`
+    /// for each contiguous block covering it (`gpa` is where `first` goes; blocks may extend
+    /// past the access), with the state lock held by the caller.
     #[inline]
     fn walk(
         &self,
@@ -1093,7 +1104,7 @@ impl VirtioIommu {
         iova: u64,
         len: u64,
         need: u8,
-        mut piece: impl FnMut(u64, u64, u64, u8),
+        mut block: impl FnMut(u64, u64, u64, u8),
     ) -> Result<(), Fault> {
         let fault = |reason, address| Fault {
             reason,
@@ -1112,7 +1123,7 @@ impl VirtioIommu {
         };
         let domain = match ep.domain {
             None if st.bypass => {
-                piece(iova, iova, len, PERM_READ | PERM_WRITE);
+                block(iova, last, iova, PERM_READ | PERM_WRITE);
                 self.totals.translation();
                 return Ok(());
             }
@@ -1123,7 +1134,7 @@ impl VirtioIommu {
             return Err(self.fault(st, fault(FaultReason::Unknown, iova)));
         };
         if d.bypass {
-            piece(iova, iova, len, PERM_READ | PERM_WRITE);
+            block(iova, last, iova, PERM_READ | PERM_WRITE);
             d.counters.translation();
             return Ok(());
         }
@@ -1133,12 +1144,11 @@ impl VirtioIommu {
                 Some(h) if h.perms & need == need => h,
                 _ => return Err(self.fault(st, fault(FaultReason::Mapping, cur))),
             };
-            let end = hit.last.min(last);
-            piece(cur, hit.phys, end - cur + 1, hit.perms);
-            if end == last {
+            block(hit.first, hit.last, hit.phys - (cur - hit.first), hit.perms);
+            if hit.last >= last {
                 break;
             }
-            cur = end + 1;
+            cur = hit.last + 1;
         }
         d.counters.translation();
         Ok(())
@@ -1156,30 +1166,17 @@ impl VirtioIommu {
         need: u8,
     ) -> Result<(), Fault> {
         let st = read_lock(&self.state);
-        let domain = st
-            .endpoints
-            .get(&endpoint)
-            .and_then(|e| e.domain)
-            .and_then(|d| st.domains.get(&d));
+        // Whole leaf blocks go in (the IOTLB merges neighbouring blocks of one mapping), so
+        // the next accesses to the same page or mapping hit.
         let mut entries: Vec<(u64, u64, u64, u8)> = Vec::new();
-        match domain {
-            Some(d) if !d.bypass => {
-                self.walk(&st, endpoint, iova, len, need, |cur, _, _, _| {
-                    if entries.last().is_some_and(|e| e.1 >= cur) {
-                        return;
-                    }
-                    if let Some(m) = d.table.find(cur) {
-                        entries.push((m.start, m.end, m.phys, m.perms));
-                    }
-                })?;
-            }
-            _ => {
-                // Identity (bypass) or a fault, which walk() records.
-                self.walk(&st, endpoint, iova, len, need, |cur, gpa, n, perms| {
-                    entries.push((cur, cur + (n - 1), gpa, perms))
-                })?;
-            }
-        }
+        self.walk(
+            &st,
+            endpoint,
+            iova,
+            len,
+            need,
+            |first, last, phys, perms| entries.push((first, last, phys, perms)),
+        )?;
         let mut tlb = write_lock(&shared.iotlb);
         for (start, end, phys, perms) in entries {
             let n = end.min(u64::MAX - 1) - start + 1;
@@ -1300,10 +1297,11 @@ impl VirtioIommu {
 
     /// The mappings of a domain, in IOVA order (for migration, debugging and tests).
     pub fn domain_mappings(&self, domain: u32) -> Option<Vec<Mapping>> {
-        read_lock(&self.state)
-            .domains
-            .get(&domain)
-            .map(|d| d.table.iter().collect())
+        read_lock(&self.state).domains.get(&domain).map(|d| {
+            let mut v: Vec<Mapping> = d.table.iter().collect();
+            v.sort_by_key(|m| m.start);
+            v
+        })
     }
 
     /// Number of live domains.

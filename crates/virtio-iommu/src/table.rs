@@ -1,25 +1,28 @@
 //! Per-domain mapping table.
 //!
 //! Two structures describe the same mappings:
-//! - a range table (`BTreeMap` keyed by first IOVA) that remembers each mapping exactly as one
-//!   MAP request created it, which UNMAP semantics need (no splitting, whole-mapping removal),
-//!   and which answers overlap queries in O(log n);
-//! - a radix page table, like a hardware IOMMU's, used for translation. It has 512-entry
+//! - a record per mapping (hash map keyed by first IOVA) that remembers each mapping exactly
+//!   as one MAP request created it, which UNMAP semantics need (no splitting, whole-mapping
+//!   removal);
+//! - a radix page table, like a hardware IOMMU's, used for translation, overlap checks and
+//!   ordered walks (the leaf at a mapping's first IOVA is tagged START). It has 512-entry
 //!   nodes over the IOVA page number, grows its height only as far as the highest mapped IOVA
 //!   needs (typical guests map below 4 GiB: three levels at 4 KiB granule), and stores large
 //!   aligned blocks as leaves at upper levels, so a 1 GiB mapping costs one entry, not 262144.
 //!   A lookup is a handful of dependent loads with no comparisons, which is what makes random
-//!   hits over a million mappings several times faster than an ordered-map search.
+//!   hits over a million mappings several times faster than an ordered-map search, and MAP or
+//!   UNMAP touch one hash slot instead of walking an ordered map.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Access rights of a mapping, as MAP flags grant them.
 pub const PERM_READ: u8 = 1;
 /// See [`PERM_READ`].
 pub const PERM_WRITE: u8 = 2;
 
-/// Smallest supported granule shift: leaf entries keep three tag bits below the address.
-pub const MIN_GRANULE_SHIFT: u32 = 3;
+/// Smallest supported granule shift: leaf entries keep four tag bits below the address.
+pub const MIN_GRANULE_SHIFT: u32 = 4;
 
 /// One mapping as created by a single MAP request. `end` is inclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,20 +46,45 @@ impl Mapping {
     }
 }
 
-/// The result of a radix lookup: where `iova` goes and how far that stays contiguous.
+/// The result of a radix lookup: where `iova` goes, within which contiguous leaf block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hit {
     /// Guest-physical address of the looked-up IOVA.
     pub phys: u64,
     /// `PERM_*` bits of the mapping.
     pub perms: u8,
-    /// Last IOVA (inclusive) that the same leaf translates contiguously.
+    /// First IOVA of the leaf block (inside one mapping, translated contiguously).
+    pub first: u64,
+    /// Last IOVA (inclusive) of the leaf block.
     pub last: u64,
 }
 
-/// UNMAP would split the given mapping, so nothing was removed.
+/// UNMAP would split the mapping containing `at`, so nothing was removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SplitError(pub Mapping);
+pub struct SplitError {
+    /// An IOVA of the mapping that would be split.
+    pub at: u64,
+}
+
+/// Hasher for page-aligned IOVA keys: a multiply, then the high product bits folded down,
+/// since the table index uses the low bits and the keys' low bits are all zero.
+#[derive(Default, Clone, Copy)]
+struct IovaHasher(u64);
+
+impl Hasher for IovaHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64((self.0 << 8) | u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        let h = (self.0 ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct RangeEntry {
@@ -69,11 +97,13 @@ struct RangeEntry {
 const BITS: u32 = 9;
 const FANOUT: usize = 1 << BITS;
 const TAG_LEAF: u64 = 1;
-const TAG_MASK: u64 = 0b111;
+const TAG_START: u64 = 0b1000;
+const TAG_MASK: u64 = 0b1111;
 
 /// Radix page table. Entry encoding (u64): 0 = empty; bit 0 set = leaf whose upper bits are the
-/// guest-physical address of the block start and bits 1-2 the permissions; otherwise a table
-/// entry holding `child_index << 3` (child indices start at 1, so a table entry is non-zero).
+/// guest-physical address of the block start, bits 1-2 the permissions and bit 3 set when the
+/// block starts its mapping; otherwise a table entry holding `child_index << 3` (child indices
+/// start at 1, so a table entry is non-zero).
 #[derive(Debug)]
 struct Radix {
     shift: u32,
@@ -121,6 +151,7 @@ impl Radix {
                 return Some(Hit {
                     phys: (entry & !TAG_MASK).wrapping_add(iova & mask),
                     perms: ((entry >> 1) & 0b11) as u8,
+                    first: iova & !mask,
                     last: iova | mask,
                 });
             }
@@ -193,7 +224,8 @@ impl Radix {
             if s == bstart && e == bend {
                 debug_assert_eq!(entry, 0, "radix overlap at {bstart:#x}");
                 let phys = m.phys.wrapping_add(bstart - m.start);
-                self.nodes[node][idx] = (phys & !TAG_MASK) | leaf_bits;
+                let start_bit = if bstart == m.start { TAG_START } else { 0 };
+                self.nodes[node][idx] = (phys & !TAG_MASK) | leaf_bits | start_bit;
                 self.live[node] += 1;
             } else {
                 debug_assert!(level > 0 && entry & TAG_LEAF == 0);
@@ -277,6 +309,57 @@ impl Radix {
         })
     }
 
+    /// The first leaf intersecting `[from, to]`, in IOVA order: `(block start, entry)`. The
+    /// block may start before `from` when `from` falls inside a large leaf.
+    fn first_leaf(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let top = self.covered_bits();
+        if top < 64 && from >> top != 0 {
+            return None;
+        }
+        let to = if top < 64 {
+            to.min((1u64 << top) - 1)
+        } else {
+            to
+        };
+        self.first_in(0, self.levels - 1, 0, from, to)
+    }
+
+    fn first_in(
+        &self,
+        node: usize,
+        level: u32,
+        base: u64,
+        from: u64,
+        to: u64,
+    ) -> Option<(u64, u64)> {
+        let shift = self.level_shift(level);
+        let mask = (1u64 << shift) - 1;
+        let first = ((from - base) >> shift) as usize;
+        let last = ((to - base) >> shift) as usize;
+        for idx in first..=last {
+            let entry = self.nodes[node][idx];
+            if entry == 0 {
+                continue;
+            }
+            let bstart = base + ((idx as u64) << shift);
+            if entry & TAG_LEAF != 0 {
+                return Some((bstart, entry));
+            }
+            let child = (entry >> 3) as usize;
+            let hit = self.first_in(
+                child,
+                level - 1,
+                bstart,
+                from.max(bstart),
+                to.min(bstart | mask),
+            );
+            if hit.is_some() {
+                return hit;
+            }
+        }
+        None
+    }
+
     fn node_count(&self) -> usize {
         self.nodes.len() - self.free.len()
     }
@@ -285,7 +368,7 @@ impl Radix {
 /// All mappings of one domain.
 #[derive(Debug)]
 pub struct MappingTable {
-    ranges: BTreeMap<u64, RangeEntry>,
+    ranges: HashMap<u64, RangeEntry, BuildHasherDefault<IovaHasher>>,
     radix: Radix,
 }
 
@@ -294,7 +377,7 @@ impl MappingTable {
     /// `granule_shift` must be at least [`MIN_GRANULE_SHIFT`] (the device config enforces it).
     pub fn new(granule_shift: u32) -> Self {
         MappingTable {
-            ranges: BTreeMap::new(),
+            ranges: HashMap::default(),
             radix: Radix::new(granule_shift.max(MIN_GRANULE_SHIFT)),
         }
     }
@@ -339,24 +422,30 @@ impl MappingTable {
         true
     }
 
-    /// The mappings UNMAP `[start, end]` would remove, or the mapping it would split.
+    /// The mappings UNMAP `[start, end]` would remove (in IOVA order), or the mapping it
+    /// would split. Walks the radix leaves of the range, jumping over each mapping found.
     pub fn unmap_plan(&self, start: u64, end: u64) -> Result<Vec<Mapping>, SplitError> {
-        // One backwards walk from `end`: mappings starting inside the range, then the first
-        // one starting before it, which must not reach into the range.
         let mut out = Vec::new();
-        for (&s, e) in self.ranges.range(..=end).rev() {
-            if s < start {
-                if e.end >= start {
-                    return Err(SplitError(to_mapping(s, e)));
-                }
+        let mut from = start;
+        while let Some((bstart, entry)) = self.radix.first_leaf(from, end) {
+            // A leaf that is not the first of its mapping (or begins before the range) belongs
+            // to a mapping that started before `from`, hence before `start`.
+            let Some(e) = self
+                .ranges
+                .get(&bstart)
+                .filter(|_| bstart >= from && entry & TAG_START != 0)
+            else {
+                return Err(SplitError { at: from });
+            };
+            if e.end > end {
+                return Err(SplitError { at: bstart });
+            }
+            out.push(to_mapping(bstart, e));
+            if e.end == end {
                 break;
             }
-            if e.end > end {
-                return Err(SplitError(to_mapping(s, e)));
-            }
-            out.push(to_mapping(s, e));
+            from = e.end + 1;
         }
-        out.reverse();
         Ok(out)
     }
 
@@ -383,16 +472,7 @@ impl MappingTable {
         self.radix.lookup(iova)
     }
 
-    /// The whole mapping containing `iova` (range-table lookup; used to fill IOTLBs).
-    pub fn find(&self, iova: u64) -> Option<Mapping> {
-        self.ranges
-            .range(..=iova)
-            .next_back()
-            .filter(|(_, e)| e.end >= iova)
-            .map(|(&s, e)| to_mapping(s, e))
-    }
-
-    /// All mappings in IOVA order.
+    /// All mappings, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
         self.ranges.iter().map(|(&s, e)| to_mapping(s, e))
     }
@@ -518,11 +598,13 @@ mod tests {
     fn split_at_start_is_rejected_too() {
         let mut t = MappingTable::new(12);
         t.insert(m(0x1000, 0x4fff, 0));
-        assert_eq!(
-            t.unmap(0x2000, 0x8fff),
-            Err(SplitError(m(0x1000, 0x4fff, 0)))
-        );
+        assert_eq!(t.unmap(0x2000, 0x8fff), Err(SplitError { at: 0x2000 }));
+        assert_eq!(t.unmap(0x0, 0x1fff), Err(SplitError { at: 0x1000 }));
         assert_eq!(t.len(), 1);
+        // A large leaf (2 MiB block) straddling the range start is caught too.
+        assert!(t.insert(m(0x20_0000, 0x5f_ffff, 0x20_0000)));
+        assert!(t.unmap(0x30_0000, 0x6f_ffff).is_err());
+        assert_eq!(t.unmap(0x5000, 0x5f_ffff).unwrap().len(), 1);
     }
 
     #[test]
@@ -536,7 +618,10 @@ mod tests {
         t.insert(wo);
         assert_eq!(t.lookup(0x1004).unwrap().perms, PERM_READ);
         assert_eq!(t.lookup(0x2004).unwrap().perms, PERM_WRITE);
-        assert_eq!(t.find(0x2ff0), Some(wo));
-        assert_eq!(t.find(0x3000), None);
+        assert_eq!(t.lookup(0x2ff0).unwrap().first, 0x2000);
+        assert!(t.lookup(0x3000).is_none());
+        let mut all: Vec<Mapping> = t.iter().collect();
+        all.sort_by_key(|x| x.start);
+        assert_eq!(all, vec![ro, wo]);
     }
 }
