@@ -201,3 +201,164 @@ impl<M: DeviceMemory> WorkerHandler for EventWorker<M> {
         self.deliver();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN};
+    use virtio_iommu::protocol::{
+        AttachRequest, FaultRecord, MapRequest, Request, FAULT_SIZE, VIRTIO_IOMMU_FAULT_F_ADDRESS,
+        VIRTIO_IOMMU_FAULT_F_WRITE, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_MAP_F_READ,
+        VIRTIO_IOMMU_MAP_F_WRITE,
+    };
+    use virtio_iommu::{EndpointConfig, EndpointIommu, IommuConfig, Status};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use crate::test_utils::{guest_memory, ro, wo, Driver, FakeInterrupt};
+    use crate::{Block, BlockOptions};
+
+    /// The protected device's endpoint ID: PCI 00:03.0.
+    const ENDPOINT: u32 = 3 << 3;
+    const DOMAIN: u32 = 1;
+    /// IOVA window the guest maps one-to-one for the block device's ring and request header.
+    const MAPPED: u64 = 0x8_0000;
+    const MAPPED_LEN: u64 = 0x1_0000;
+    /// An IOVA the guest never mapped.
+    const UNMAPPED: u64 = 0xa_0000;
+
+    fn activated(driver: &Driver<GuestMemoryMmap>, index: usize) -> ActivatedQueue {
+        ActivatedQueue {
+            index,
+            queue: driver.queue(),
+            notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    /// Sends `request` on the IOMMU's request queue the way the driver does and returns the
+    /// status the device wrote.
+    fn send(
+        iommu: &mut Iommu<GuestMemoryMmap>,
+        driver: &mut Driver<GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        request: Request,
+    ) -> u8 {
+        let bytes = request.encode();
+        mem.write_slice(&bytes, GuestAddress(0x4000)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x4100)).unwrap();
+        driver.add(&[ro(0x4000, bytes.len() as u32), wo(0x4100, 4)]);
+        iommu.serve_inline(REQUEST_QUEUE);
+        mem.read_obj(GuestAddress(0x4100)).unwrap()
+    }
+
+    /// The whole path of a refused DMA: the guest attaches a disk to a domain and maps its ring,
+    /// then submits a read into a buffer it never mapped. The read is not performed (IOERR), the
+    /// fault is counted, and a FAULT event naming the endpoint and address reaches the driver.
+    #[test]
+    fn an_unmapped_dma_is_refused_counted_and_reported() {
+        let mem = guest_memory();
+        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
+        model
+            .add_endpoint(ENDPOINT, EndpointConfig::default())
+            .unwrap();
+
+        let mut requests = Driver::new(&mem, 0, 16);
+        let mut events = Driver::new(&mem, 0x1000, 16);
+        events.add(&[wo(0x5000, FAULT_SIZE as u32)]);
+        let iommu_interrupt = Arc::new(FakeInterrupt::default());
+        let mut iommu = Iommu::new(Arc::clone(&model), mem.clone());
+        iommu
+            .activate(
+                vec![activated(&requests, 0), activated(&events, 1)],
+                iommu_interrupt.clone(),
+            )
+            .unwrap();
+        let attach = Request::Attach(AttachRequest {
+            domain: DOMAIN,
+            endpoint: ENDPOINT,
+            flags: 0,
+            reserved: [0; 4],
+        });
+        assert_eq!(
+            send(&mut iommu, &mut requests, &mem, attach),
+            Status::Ok as u8
+        );
+        let map = Request::Map(MapRequest {
+            domain: DOMAIN,
+            virt_start: MAPPED,
+            virt_end: MAPPED + MAPPED_LEN - 1,
+            phys_start: MAPPED,
+            flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
+        });
+        assert_eq!(send(&mut iommu, &mut requests, &mem, map), Status::Ok as u8);
+        assert_eq!(iommu_interrupt.count(REQUEST_QUEUE), 2);
+
+        // The disk sees guest memory only through its endpoint's translation.
+        let translated = IommuMemory::new(
+            mem.clone(),
+            EndpointIommu::new(Arc::clone(&model), ENDPOINT).unwrap(),
+            true,
+            (),
+        );
+        let image = TempFile::new().unwrap();
+        image.as_file().set_len(1 << 20).unwrap();
+        let mut disk = Block::new(
+            translated.clone(),
+            image.into_file(),
+            BlockOptions {
+                access_platform: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut ring = Driver::new(&translated, MAPPED, 16);
+        let (header, status) = (MAPPED + 0x8000, MAPPED + 0x8100);
+        let mut request = [0u8; 16];
+        request[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&request, GuestAddress(header)).unwrap();
+        mem.write_slice(&[0x5a; 512], GuestAddress(UNMAPPED))
+            .unwrap();
+        ring.add(&[ro(header, 16), wo(UNMAPPED, 512), wo(status, 1)]);
+        let disk_interrupt = Arc::new(FakeInterrupt::default());
+        disk.activate(
+            vec![ActivatedQueue {
+                index: 0,
+                queue: ring.queue(),
+                notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            disk_interrupt.clone(),
+        )
+        .unwrap();
+        assert!(disk_interrupt.wait_for(0, 1), "the request completed");
+        disk.reset();
+
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        let mut untouched = [0u8; 512];
+        mem.read_slice(&mut untouched, GuestAddress(UNMAPPED))
+            .unwrap();
+        assert_eq!(untouched, [0x5a; 512], "the refused read wrote nothing");
+        assert!(model.stats().total.faults >= 1);
+
+        assert!(
+            iommu_interrupt.wait_for(EVENT_QUEUE, 1),
+            "the fault event reached the driver"
+        );
+        let mut record = [0u8; FAULT_SIZE];
+        mem.read_slice(&mut record, GuestAddress(0x5000)).unwrap();
+        assert_eq!(
+            FaultRecord::decode(&record),
+            FaultRecord {
+                reason: VIRTIO_IOMMU_FAULT_R_MAPPING,
+                flags: VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS,
+                endpoint: ENDPOINT,
+                address: UNMAPPED,
+            }
+        );
+        assert_eq!(events.used().len(), 1);
+        iommu.reset();
+    }
+}
