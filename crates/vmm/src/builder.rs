@@ -79,6 +79,10 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         source,
     })?;
 
+    // Keystrokes go to the guest unprocessed (Ctrl-C included), as on a serial line.
+    let _raw_terminal = (config.serial == OutputConfig::Tty || config.console == OutputConfig::Tty)
+        .then(RawTerminal::enter)
+        .flatten();
     let (exits_tx, exits) = channel();
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -474,6 +478,41 @@ fn open_output(output: &OutputConfig, option: &str) -> Result<Box<dyn Write + Se
                 what: format!("{option}: cannot open file={}", path.display()),
                 source,
             }),
+    }
+}
+
+/// The terminal on stdin in raw mode, restored to what it was when dropped.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Switches stdin to raw mode; `None` when stdin is not a terminal.
+    fn enter() -> Option<Self> {
+        if !io::stdin().is_terminal() {
+            return None;
+        }
+        // SAFETY: termios is plain data, filled in by tcgetattr before any use.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is open and `saved` is a valid termios to fill in.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: `raw` is a valid termios; cfmakeraw only edits its flags.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: fd 0 is open and `raw` is a valid termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: fd 0 is open and `saved` is the termios it had before.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
     }
 }
 

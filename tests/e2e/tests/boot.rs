@@ -126,3 +126,30 @@ fn boot_linux_elf_kernel() {
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");
     assert_eq!(out.warden_exit, Some(0), "{out}");
 }
+
+/// A guest that panics (and so reboots, with `panic=-1`) makes warden say so and exit 1
+/// rather than boot it again.
+#[test]
+fn guest_panic_is_reported_not_rebooted() {
+    let Some(out) = Scenario::new("boot_guest_panic")
+        .warden_args(["--cpus", "1", "--memory", "size=512M"])
+        .guest_script("echo BOOT-PANICKING=yes\necho c >/proc/sysrq-trigger")
+        .timeout(Duration::from_secs(180))
+        .run()
+    else {
+        return;
+    };
+    assert_eq!(out.marker("BOOT-PANICKING"), Some("yes"), "{out}");
+    assert!(out.guest_output().contains("Kernel panic"), "{out}");
+    assert_eq!(out.warden_exit, Some(1), "{out}");
+    assert!(
+        out.guest_output()
+            .contains("warden: the guest asked for a reset"),
+        "warden explains why it stopped\n{out}"
+    );
+    assert_eq!(
+        out.guest_output().matches("WARDEN-L2-INIT").count(),
+        1,
+        "the guest was not booted again\n{out}"
+    );
+}
