@@ -241,3 +241,11 @@ fn concurrent_translation_and_requests() {
         w.join().unwrap();
     }
 }
+
+#[test]
+fn device_and_endpoint_iommu_are_shareable_across_threads() {
+    // Compile-time property: the VMM shares these between vCPU and device threads.
+    fn shareable<T: Send + Sync>() {}
+    shareable::<virtio_iommu::VirtioIommu>();
+    shareable::<virtio_iommu::EndpointIommu>();
+}
