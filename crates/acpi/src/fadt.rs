@@ -40,6 +40,11 @@ pub(crate) fn build(layout: &AcpiLayout, dsdt_addr: u64) -> Vec<u8> {
     // zero. The sleep registers replace PM1 for S5.
     fadt.sleep_control_reg = io_byte(layout.sleep.control_port);
     fadt.sleep_status_reg = io_byte(layout.sleep.status_port);
+    if let Some(reset) = layout.reset {
+        fadt = fadt.flag(Flags::ResetRegSup);
+        fadt.reset_reg = io_byte(reset.port);
+        fadt.reset_value = reset.value;
+    }
     // No VGA to probe; ASPM is meaningless on virtual links and Linux leaves it alone when
     // told. The CMOS RTC is present, so its "not present" bit stays clear.
     let mut boot_arch = BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_PCIE_ASPM_CONTROLS;

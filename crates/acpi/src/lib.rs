@@ -194,6 +194,16 @@ pub struct SleepRegisters {
     pub status_port: u16,
 }
 
+/// The FADT reset register: an I/O port where writing `value` resets the machine.
+///
+/// It is the first way Linux tries to reboot (and to restart after a panic); without it Linux
+/// falls back to the keyboard controller and a triple fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetRegister {
+    pub port: u16,
+    pub value: u8,
+}
+
 /// The virtio-iommu and the devices whose DMA it translates, for the VIOT.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Viot {
@@ -225,6 +235,7 @@ pub struct AcpiLayout {
     /// hardware-reduced mode Linux sets up no legacy ISA IRQs on its own).
     pub serial: Option<Serial>,
     pub sleep: SleepRegisters,
+    pub reset: Option<ResetRegister>,
     /// The VMM emulates an i8042 controller at 0x60/0x64: sets the FADT `8042` boot flag,
     /// without which Linux does not probe the controller (it still uses port 0x64 to reset).
     pub i8042: bool,

@@ -36,6 +36,10 @@ fn layout() -> AcpiLayout {
             control_port: 0x3C0,
             status_port: 0x3C1,
         },
+        reset: Some(ResetRegister {
+            port: 0x3C2,
+            value: 0x0E,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(0, 0, 3, 0),
@@ -223,6 +227,16 @@ fn mcfg_has_the_ecam_entry() {
 }
 
 #[test]
+fn fadt_without_reset_register_says_so() {
+    let mut l = layout();
+    l.reset = None;
+    let tables = build_tables(&l, RSDP_AT).unwrap();
+    let fadt = &table(&tables, "FACP").bytes;
+    assert_eq!(u32_at(fadt, 112) & (1 << 10), 0, "no RESET_REG_SUP");
+    assert_eq!(u64_at(fadt, 120), 0);
+}
+
+#[test]
 fn fadt_is_hardware_reduced_with_sleep_registers_and_x_dsdt() {
     for i8042 in [false, true] {
         let mut l = layout();
@@ -253,6 +267,11 @@ fn fadt_is_hardware_reduced_with_sleep_registers_and_x_dsdt() {
             "the RTC is there"
         );
         assert_eq!(boot_arch & BOOT_ARCH_8042 != 0, i8042);
+
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(fadt[116], 1, "reset register in system I/O space");
+        assert_eq!(u64_at(fadt, 120), 0x3C2, "reset register port");
+        assert_eq!(fadt[128], 0x0E, "reset value");
 
         // Sleep control / status: GAS in system I/O, 8 bits at offset 0, byte access.
         assert_eq!(&fadt[244..248], [1, 8, 0, 1]);

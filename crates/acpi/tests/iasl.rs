@@ -39,6 +39,10 @@ fn layout() -> AcpiLayout {
             control_port: 0x3C0,
             status_port: 0x3C1,
         },
+        reset: Some(acpi::ResetRegister {
+            port: 0x3C2,
+            value: 0x0E,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(1, 0, 3, 0),

@@ -113,6 +113,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<EntryPoint,
     };
 
     let cmdline = write_cmdline(mem, info.cmdline)?;
+    write_reset_vector(mem)?;
     let initrd_limit = loaded
         .setup_header
         .filter(|_| is_bzimage)
@@ -165,6 +166,27 @@ pub fn load_kernel(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<EntryPoint,
         loaded.kernel_load
     };
     Ok(EntryPoint::Linux64 { entry })
+}
+
+/// Puts a three-instruction stand-in for firmware at the reset vector: it writes the ACPI reset
+/// register and halts.
+///
+/// Linux on x86_64 can reboot "through the BIOS" (`reboot=b`, which Debian's 6.12 kernel picks
+/// here for panics and `reboot`): it drops to real mode and jumps to the reset vector. Without
+/// code there the vCPU would run through zeroed memory forever instead of stopping the VM.
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let port = layout::ACPI_RESET_PORT.to_le_bytes();
+    let stub = [
+        0xba,
+        port[0],
+        port[1], // mov dx, ACPI_RESET_PORT
+        0xb0,
+        layout::ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
+        0xee,                     // out dx, al
+        0xf4,                     // hlt
+    ];
+    vm_memory::Bytes::write_slice(mem, &stub, GuestAddress(layout::RESET_VECTOR))
+        .map_err(|err| BootError::BootParams(format!("reset vector: {err}")))
 }
 
 fn write_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<String, BootError> {
@@ -301,6 +323,24 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_reset_vector_writes_the_acpi_reset_register() {
+        let mem = ram(128 << 20);
+        write_reset_vector(&mem).unwrap();
+        let mut code = [0u8; 7];
+        vm_memory::Bytes::read_slice(&mem, &mut code, GuestAddress(layout::RESET_VECTOR)).unwrap();
+        assert_eq!(
+            code,
+            [0xba, 0xc2, 0x03, 0xb0, layout::ACPI_RESET_VALUE, 0xee, 0xf4]
+        );
+        let reserved = e820_map(&mem).into_iter().any(|(start, len, kind)| {
+            kind == E820_RESERVED
+                && start <= layout::RESET_VECTOR
+                && layout::RESET_VECTOR + 16 <= start + len
+        });
+        assert!(reserved, "the guest must not reuse the reset vector's page");
     }
 
     #[test]

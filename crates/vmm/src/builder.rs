@@ -24,7 +24,7 @@ use crate::boot::{self, BootInfo};
 use crate::config::{DiskConfig, OutputConfig, RngConfig, VmConfig};
 use crate::interrupts::GsiRouter;
 use crate::layout;
-use crate::legacy::{AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
+use crate::legacy::{AcpiReset, AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
 use crate::memory::{self, MemoryError};
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::vcpu::{self, Topology, Vcpu};
@@ -369,6 +369,10 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
             control_port: layout::ACPI_SLEEP_CONTROL_PORT,
             status_port: layout::ACPI_SLEEP_STATUS_PORT,
         },
+        reset: Some(acpi::ResetRegister {
+            port: layout::ACPI_RESET_PORT,
+            value: layout::ACPI_RESET_VALUE,
+        }),
         // Our i8042 only implements the reset line: keep Linux from probing it for a keyboard.
         i8042: false,
         iommu: protected.map(|protected| acpi::Viot {
@@ -460,6 +464,12 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(AcpiSleep::new(exits.clone()))),
         layout::ACPI_SLEEP_CONTROL_PORT,
         2,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(AcpiReset::new(exits.clone()))),
+        layout::ACPI_RESET_PORT,
+        1,
     )?;
     Ok(())
 }

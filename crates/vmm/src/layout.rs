@@ -28,6 +28,8 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables, RSDP first, in the legacy BIOS area where Linux also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
+/// The x86 reset vector, where a CPU leaving for "the BIOS" resumes (real mode, 0xF000:0xFFF0).
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Where protected-mode kernels are loaded.
 pub const HIGH_RAM_START: u64 = 0x100000;
 
@@ -64,6 +66,9 @@ pub const I8042_PORT: u16 = 0x60;
 /// ACPI hardware-reduced sleep control and status registers (one byte each).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// ACPI reset register, and the value that resets.
+pub const ACPI_RESET_PORT: u16 = 0x3c2;
+pub const ACPI_RESET_VALUE: u8 = 0x0e;
 
 /// First GSI handed to MSI vectors; 0..24 are the IOAPIC pins.
 pub const MSI_GSI_BASE: u32 = 24;

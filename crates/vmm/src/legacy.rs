@@ -10,6 +10,8 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::layout;
+
 /// Why the guest stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuestExit {
@@ -155,6 +157,29 @@ impl BusDevice for I8042 {
     }
 }
 
+/// The FADT's reset register: the guest writes [`layout::ACPI_RESET_VALUE`] to reboot.
+pub struct AcpiReset {
+    exits: Sender<GuestExit>,
+}
+
+impl AcpiReset {
+    pub fn new(exits: Sender<GuestExit>) -> Self {
+        AcpiReset { exits }
+    }
+}
+
+impl BusDevice for AcpiReset {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        if data.first() == Some(&layout::ACPI_RESET_VALUE) {
+            let _ = self.exits.send(GuestExit::Reset("ACPI reset"));
+        }
+    }
+}
+
 /// The ACPI hardware-reduced sleep control register (and its status register right after it).
 ///
 /// The DSDT's `_S5_` package gives [`acpi::SLEEP_TYPE_S5`]; Linux powers off by writing
@@ -227,6 +252,16 @@ mod tests {
         assert!(rx.try_recv().is_err());
         sleep.write(0, 0, &[(acpi::SLEEP_TYPE_S5 << 2) | SLP_EN]);
         assert_eq!(rx.try_recv(), Ok(GuestExit::Poweroff));
+    }
+
+    #[test]
+    fn acpi_reset_value_resets() {
+        let (tx, rx) = channel();
+        let mut reset = AcpiReset::new(tx);
+        reset.write(0x3c2, 0, &[0x01]);
+        assert!(rx.try_recv().is_err());
+        reset.write(0x3c2, 0, &[layout::ACPI_RESET_VALUE]);
+        assert_eq!(rx.try_recv(), Ok(GuestExit::Reset("ACPI reset")));
     }
 
     #[test]
