@@ -5,12 +5,15 @@
 use e2e::{Outcome, Scenario};
 use std::time::Duration;
 
-/// Host side: two disks holding the same 4 MiB of random data, whose checksum the host prints.
-const TWO_DISKS: &str = "dd if=/dev/urandom of=payload bs=1M count=4 2>/dev/null
-dd if=/dev/zero of=protected.img bs=1M count=16 2>/dev/null
-dd if=payload of=protected.img conv=notrunc 2>/dev/null
-cp protected.img plain.img
-echo \"HOST-PAYLOAD-MD5=$(md5sum <payload | cut -d' ' -f1)\"";
+/// Host side: two disks holding different 4 MiB of random data, whose checksums the host
+/// prints (different, so that reading one disk for the other cannot pass).
+const TWO_DISKS: &str = "for disk in protected plain; do
+    dd if=/dev/urandom of=$disk.payload bs=1M count=4 2>/dev/null
+    dd if=/dev/zero of=$disk.img bs=1M count=16 2>/dev/null
+    dd if=$disk.payload of=$disk.img conv=notrunc 2>/dev/null
+done
+echo \"HOST-PROTECTED-PAYLOAD-MD5=$(md5sum <protected.payload | cut -d' ' -f1)\"
+echo \"HOST-PLAIN-PAYLOAD-MD5=$(md5sum <plain.payload | cut -d' ' -f1)\"";
 
 /// Guest side: topology, groups and driver state, then a read and a write on each disk.
 const GUEST_CHECKS: &str = r#"
@@ -27,15 +30,24 @@ dmesg | grep -q 'ACPI: VIOT' && echo IOMMU-VIOT=parsed
 dmesg | grep -q 'virtio_iommu virtio[0-9]*: input address' && echo IOMMU-DRIVER=bound
 echo "IOMMU-PAGE-MASK=$(dmesg | sed -n 's/.*virtio_iommu.*page mask: //p')"
 echo "IOMMU-RNG-BYTES=$(head -c 64 /dev/hwrng | wc -c)"
+# Disk names follow probe order, and the protected disk waits for the IOMMU driver: find each
+# disk by whether its PCI function is in an IOMMU group.
+for disk in /sys/block/vd*; do
+    pci=$(readlink -f "$disk/device/..")
+    if [ -e "$pci/iommu_group" ]; then protected=/dev/${disk##*/}; protected_pci=${pci##*/}
+    else plain=/dev/${disk##*/}; plain_pci=${pci##*/}; fi
+done
+echo "IOMMU-PROTECTED-DISK-PCI=$protected_pci"
+echo "IOMMU-PLAIN-DISK-PCI=$plain_pci"
 md5() { md5sum | cut -d' ' -f1; }
-echo "GUEST-PROTECTED-READ-MD5=$(head -c 4194304 /dev/vda | md5)"
-echo "GUEST-PLAIN-READ-MD5=$(head -c 4194304 /dev/vdb | md5)"
+echo "GUEST-PROTECTED-READ-MD5=$(head -c 4194304 "$protected" | md5)"
+echo "GUEST-PLAIN-READ-MD5=$(head -c 4194304 "$plain" | md5)"
 dd if=/dev/urandom of=/tmp/written bs=1M count=4 2>/dev/null
 echo "GUEST-WRITTEN-MD5=$(md5 </tmp/written)"
-dd if=/tmp/written of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null
-dd if=/tmp/written of=/dev/vdb bs=1M seek=8 conv=fsync 2>/dev/null
+dd if=/tmp/written of="$protected" bs=1M seek=8 conv=fsync 2>/dev/null
+dd if=/tmp/written of="$plain" bs=1M seek=8 conv=fsync 2>/dev/null
 echo 3 >/proc/sys/vm/drop_caches
-echo "GUEST-PROTECTED-REREAD-MD5=$(dd if=/dev/vda bs=1M skip=8 count=4 iflag=direct 2>/dev/null | md5)"
+echo "GUEST-PROTECTED-REREAD-MD5=$(dd if="$protected" bs=1M skip=8 count=4 iflag=direct 2>/dev/null | md5)"
 "#;
 
 const HOST_CHECK: &str = "md5() { md5sum | cut -d' ' -f1; }
@@ -104,13 +116,27 @@ fn protected_disk_and_rng_are_translated_and_the_plain_disk_is_not() {
     );
     assert_eq!(out.marker("IOMMU-RNG-BYTES"), Some("64"), "{out}");
 
-    let payload = out.marker("HOST-PAYLOAD-MD5").expect("host checksum");
     assert_eq!(
-        out.marker("GUEST-PROTECTED-READ-MD5"),
-        Some(payload),
+        out.marker("IOMMU-PROTECTED-DISK-PCI"),
+        Some("0000:00:03.0"),
         "{out}"
     );
-    assert_eq!(out.marker("GUEST-PLAIN-READ-MD5"), Some(payload), "{out}");
+    assert_eq!(
+        out.marker("IOMMU-PLAIN-DISK-PCI"),
+        Some("0000:00:04.0"),
+        "{out}"
+    );
+    let protected = out
+        .marker("HOST-PROTECTED-PAYLOAD-MD5")
+        .expect("host checksum");
+    let plain = out.marker("HOST-PLAIN-PAYLOAD-MD5").expect("host checksum");
+    assert_ne!(protected, plain);
+    assert_eq!(
+        out.marker("GUEST-PROTECTED-READ-MD5"),
+        Some(protected),
+        "{out}"
+    );
+    assert_eq!(out.marker("GUEST-PLAIN-READ-MD5"), Some(plain), "{out}");
     let written = out.marker("GUEST-WRITTEN-MD5").expect("guest checksum");
     assert_eq!(
         out.marker("GUEST-PROTECTED-REREAD-MD5"),
