@@ -6,12 +6,12 @@
 //! invalidated while the write lock is held, and filled while the read lock is held, so an
 //! IOTLB can never be refilled with a mapping an UNMAP has already removed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use log::{error, warn};
+use log::{debug, error, warn};
 use thiserror::Error;
 use vm_memory::{GuestAddress, Iotlb, Permissions};
 
@@ -346,7 +346,13 @@ pub struct VirtioIommu {
     notifier: RwLock<Option<FaultNotifier>>,
     /// Destroyed domains, bypass translations and unattached-endpoint faults.
     totals: Counters,
+    /// The last destroyed domains' counters, newest last: a guest resets the IOMMU when it
+    /// shuts down, and what each domain did must still be reportable afterwards.
+    retired: Mutex<VecDeque<(u32, StatsSnapshot)>>,
 }
+
+/// How many destroyed domains [`IommuStats::retired_domains`] remembers.
+pub const RETIRED_DOMAINS_KEPT: usize = 64;
 
 impl std::fmt::Debug for VirtioIommu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -519,6 +525,7 @@ impl VirtioIommu {
             faults: Mutex::new(FaultQueue::default()),
             notifier: RwLock::new(None),
             totals: Counters::default(),
+            retired: Mutex::new(VecDeque::new()),
             config,
         };
         if dev.config.probe_size > MAX_PROBE_SIZE {
@@ -740,13 +747,15 @@ impl VirtioIommu {
     /// driver provided; the returned bytes (PROBE only) fill it.
     pub fn handle_request(&self, req: &Request, props_len: usize) -> (Status, Vec<u8>) {
         let mut st = write_lock(&self.state);
-        match *req {
+        let answer = match *req {
             Request::Attach(r) => (self.attach_req(&mut st, r), Vec::new()),
             Request::Detach(r) => (self.detach_req(&mut st, r), Vec::new()),
             Request::Map(r) => (self.map_req(&mut st, r), Vec::new()),
             Request::Unmap(r) => (self.unmap_req(&mut st, r), Vec::new()),
             Request::Probe(r) => self.probe_req(&st, r, props_len),
-        }
+        };
+        debug!("virtio-iommu: {req:?} -> {:?}", answer.0);
+        answer
     }
 
     fn attach_req(&self, st: &mut State, r: AttachRequest) -> Status {
@@ -889,7 +898,13 @@ impl VirtioIommu {
                 for m in d.table.iter() {
                     d.counters.unmapped(m.size());
                 }
-                self.totals.absorb(&d.counters.snapshot());
+                let snapshot = d.counters.snapshot();
+                self.totals.absorb(&snapshot);
+                let mut retired = lock(&self.retired);
+                if retired.len() == RETIRED_DOMAINS_KEPT {
+                    retired.pop_front();
+                }
+                retired.push_back((domain, snapshot));
             }
         }
     }
@@ -1270,6 +1285,7 @@ impl VirtioIommu {
         IommuStats {
             total,
             domains,
+            retired_domains: lock(&self.retired).iter().copied().collect(),
             dropped_fault_events: lock(&self.faults).dropped,
             iotlb_hits: st
                 .endpoints

@@ -24,7 +24,8 @@ pub mod table;
 
 pub use device::{
     Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,
-    IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, VIRTIO_F_VERSION_1,
+    IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, RETIRED_DOMAINS_KEPT,
+    VIRTIO_F_VERSION_1,
 };
 pub use iommu_memory::EndpointIommu;
 pub use mapper::{ExternalMapper, MapPerms, MapperError};

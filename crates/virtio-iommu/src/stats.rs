@@ -110,6 +110,9 @@ pub struct IommuStats {
     pub total: StatsSnapshot,
     /// Live domains, by domain ID.
     pub domains: Vec<(u32, StatsSnapshot)>,
+    /// Destroyed domains (by detach or reset), oldest first, up to
+    /// [`crate::device::RETIRED_DOMAINS_KEPT`] of them.
+    pub retired_domains: Vec<(u32, StatsSnapshot)>,
     /// Fault records dropped because the pending queue was full.
     pub dropped_fault_events: u64,
     /// Translations answered from endpoint IOTLBs without consulting the model.

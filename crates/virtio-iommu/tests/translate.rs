@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use virtio_iommu::protocol::*;
-use virtio_iommu::{Access, FaultReason, GuestRange, IommuConfig, Status};
+use virtio_iommu::{Access, FaultReason, GuestRange, IommuConfig, Status, RETIRED_DOMAINS_KEPT};
 
 #[test]
 fn boot_bypass_until_driver_clears_it() {
@@ -205,6 +205,31 @@ fn stats_per_domain_and_total() {
         (3, 2, 3)
     );
     assert_eq!(s.total.live_bytes(), 0x1000);
+    // ... and so does what each destroyed domain did, through detach and device reset alike.
+    d.reset();
+    let s = d.stats();
+    assert!(s.domains.is_empty());
+    let retired: Vec<(u32, u64, u64, u64)> = s
+        .retired_domains
+        .iter()
+        .map(|(id, r)| (*id, r.maps, r.unmaps, r.translations))
+        .collect();
+    assert_eq!(retired, [(1, 1, 1, 1), (2, 2, 2, 2)]);
+}
+
+#[test]
+fn retired_domains_are_bounded() {
+    let d = device();
+    for domain in 1..=(RETIRED_DOMAINS_KEPT as u32 + 3) {
+        assert_eq!(attach(&d, domain, 1), Status::Ok);
+    }
+    let retired = d.stats().retired_domains;
+    assert_eq!(retired.len(), RETIRED_DOMAINS_KEPT);
+    assert_eq!(
+        retired.first().map(|(id, _)| *id),
+        Some(3),
+        "oldest dropped first"
+    );
 }
 
 #[test]

@@ -329,6 +329,9 @@ fn report_iommu_stats(model: &VirtioIommu) {
             s.maps, s.unmaps, s.bytes_mapped, s.faults, s.translations
         );
     };
+    for (domain, snapshot) in &stats.retired_domains {
+        line(&format!("domain {domain} (destroyed)"), snapshot);
+    }
     for (domain, snapshot) in &stats.domains {
         line(&format!("domain {domain}"), snapshot);
     }
