@@ -492,6 +492,7 @@ mod tests {
     use std::time::Duration;
 
     use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
@@ -892,8 +893,15 @@ mod tests {
         dev.read_config(20, &mut past_end);
         assert_eq!(past_end, [0; 8]);
 
+        assert_eq!(
+            features & (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            0,
+            "behind the IOMMU an indirect table costs a MAP request per I/O"
+        );
+
         let plain = block(guest_memory(), &temp, BlockOptions::default());
         assert_eq!(plain.features() & (1 << VIRTIO_F_ACCESS_PLATFORM), 0);
+        assert_ne!(plain.features() & (1 << VIRTIO_RING_F_INDIRECT_DESC), 0);
     }
 
     #[test]
