@@ -5,12 +5,16 @@
 //!   all guest RAM at start or mirrored from the virtio-iommu (an
 //!   [`virtio_iommu::ExternalMapper`]), with the host's entry limit and statistics;
 //! - [`device`]: [`VfioPciDevice`], the function on warden's PCI bus (configuration space
-//!   forwarded with BARs and MSI-X emulated, BARs trapped or mapped into the guest).
+//!   forwarded with BARs and MSI-X emulated, BARs trapped or mapped into the guest);
 //! - [`open`]: opening a device from its sysfs path, with the checks that turn the usual host
 //!   mistakes into one-line errors.
 
 pub mod container;
+pub mod device;
 pub mod mapper;
+pub mod open;
 
 pub use container::{DmaContainer, HostContainer, HostIommuInfo};
+pub use device::{BarMmap, VfioPciDevice};
 pub use mapper::{host_dma_entry_limit, VfioMapper, VfioStats, DMA_ENTRY_LIMIT_PATH};
+pub use open::{open, OpenError, OpenedDevice};
