@@ -18,3 +18,5 @@ pub use container::{DmaContainer, HostContainer, HostIommuInfo};
 pub use device::{BarMmap, VfioPciDevice};
 pub use mapper::{host_dma_entry_limit, VfioMapper, VfioStats, DMA_ENTRY_LIMIT_PATH};
 pub use open::{open, OpenError, OpenedDevice};
+/// The VM's KVM VFIO device, as [`open`] takes it.
+pub use vfio_ioctls::VfioDeviceFd;

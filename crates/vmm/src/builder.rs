@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_pit_config,
+    kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper, VfioPciDevice};
 use virtio_devices::{Block, BlockOptions, Console, DeviceMemory, Iommu, Rng, VirtioDevice};
-use virtio_iommu::{EndpointConfig, EndpointIommu, IommuConfig, VirtioIommu};
+use virtio_iommu::{
+    EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
+};
 use vm_device::Bus;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
@@ -21,7 +25,7 @@ use vm_memory::{
 use vm_superio::Serial;
 
 use crate::boot::{self, BootInfo};
-use crate::config::{DiskConfig, OutputConfig, RngConfig, VmConfig};
+use crate::config::{DeviceConfig, DiskConfig, OutputConfig, RngConfig, VmConfig};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{AcpiReset, AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
@@ -48,6 +52,8 @@ pub enum VmmError {
     Io { what: String, source: io::Error },
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Vfio(#[from] vfio::OpenError),
 }
 
 impl VmmError {
@@ -55,7 +61,7 @@ impl VmmError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            VmmError::Memory(_) | VmmError::Boot(_) | VmmError::NoKvm(_)
+            VmmError::Memory(_) | VmmError::Boot(_) | VmmError::NoKvm(_) | VmmError::Vfio(_)
         )
     }
 }
@@ -89,13 +95,20 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
     let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
     let devices = plan_devices(config);
+    let passthrough = open_passthrough(config, &vm, &devices, &ram.memory)?;
     let protected: Vec<acpi::PciBdf> = devices
         .iter()
         .filter(|device| device.iommu)
         .map(PlannedDevice::endpoint)
+        .chain(
+            passthrough
+                .iter()
+                .filter(|p| p.config.iommu)
+                .map(Passthrough::endpoint),
+        )
         .collect();
     let iommu = if config.needs_iommu() {
-        let model = create_iommu_model(ram.backing_page_size, &protected)?;
+        let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough)?;
         let device = Box::new(Iommu::new(Arc::clone(&model), ram.memory.clone()));
         pci.add_virtio(IOMMU_DEVICE_NUMBER, device, &router, &vm, &mut mmio)
             .map_err(VmmError::Device)?;
@@ -117,9 +130,34 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         pci.add_virtio(planned.device_number, device, &router, &vm, &mut mmio)
             .map_err(VmmError::Device)?;
     }
+    // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
+    let mut next_slot = ram.memory.num_regions() as u32;
+    let mut vfio_devices = Vec::new();
+    let mut vfio_stats = Vec::new();
+    for p in passthrough {
+        let name = p.config.name();
+        let device =
+            VfioPciDevice::new(&name, p.opened.device, |vectors| router.msi_group(vectors))
+                .map_err(|err| VmmError::Device(format!("--device {name}: {err}")))?;
+        let device = Arc::new(Mutex::new(device));
+        pci.add_vfio(
+            p.device_number,
+            device.clone(),
+            &vm,
+            &mut mmio,
+            &mut next_slot,
+        )
+        .map_err(|err| VmmError::Device(format!("--device {name}: {err}")))?;
+        vfio_devices.push(device);
+        vfio_stats.push((name, p.mapper));
+    }
 
-    if let Some(model) = &iommu {
-        report_stats_on_sigusr1(Arc::clone(model), sigusr1)?;
+    let report = Arc::new(StatsReport {
+        iommu: iommu.clone(),
+        vfio: vfio_stats,
+    });
+    if report.has_any() {
+        report_stats_on_sigusr1(Arc::clone(&report), sigusr1)?;
     }
 
     let rsdp = acpi::write_tables(
@@ -164,10 +202,95 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let exit = exits
         .recv()
         .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()));
-    if let Some(model) = &iommu {
-        report_iommu_stats(model);
+    report.print();
+    for device in &vfio_devices {
+        device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reset();
     }
     exit
+}
+
+/// A host device to pass through, opened, with its place on bus 0 and its DMA mapper.
+struct Passthrough<'a> {
+    config: &'a DeviceConfig,
+    device_number: u8,
+    opened: OpenedDevice,
+    mapper: Arc<VfioMapper>,
+}
+
+impl Passthrough<'_> {
+    fn endpoint(&self) -> acpi::PciBdf {
+        acpi::PciBdf::new(0, 0, self.device_number, 0)
+    }
+}
+
+/// Opens every `--device`, in order, on the bus slots after the virtio devices. A device
+/// without `iommu=on` gets all guest RAM mapped now (IOVA = GPA, as if there were no IOMMU);
+/// one with `iommu=on` gets nothing until the guest maps it through the virtio-iommu.
+fn open_passthrough<'a>(
+    config: &'a VmConfig,
+    vm: &VmFd,
+    devices: &[PlannedDevice],
+    memory: &GuestMemoryMmap,
+) -> Result<Vec<Passthrough<'a>>, VmmError> {
+    if config.devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kvm_vfio = kvm_vfio_device(vm);
+    let first = devices
+        .last()
+        .map_or(IOMMU_DEVICE_NUMBER, |d| d.device_number)
+        + 1;
+    let entry_limit = vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH));
+    let mut opened = Vec::new();
+    for (device_config, device_number) in config.devices.iter().zip(first..) {
+        if device_number >= pci::MAX_DEVICES {
+            return Err(VmmError::Device(
+                "--device: bus 0 is full (32 slots); pass fewer devices".into(),
+            ));
+        }
+        let name = device_config.name();
+        let device = vfio::open(&device_config.path, kvm_vfio.clone())?;
+        let mapper = Arc::new(VfioMapper::new(
+            &name,
+            device.container.clone(),
+            memory.clone(),
+            entry_limit,
+        ));
+        if !device_config.iommu {
+            mapper.set_identity(true).map_err(|err| {
+                VmmError::Device(format!(
+                    "--device {name}: cannot map guest RAM for its DMA: {err}"
+                ))
+            })?;
+        }
+        opened.push(Passthrough {
+            config: device_config,
+            device_number,
+            opened: device,
+            mapper,
+        });
+    }
+    Ok(opened)
+}
+
+/// The VM's KVM VFIO device, through which KVM learns which groups the guest uses (for DMA
+/// coherency); passthrough works without it, so a failure only costs a warning.
+fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
+    let mut request = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    match vm.create_device(&mut request) {
+        Ok(fd) => Some(Arc::new(VfioDeviceFd::new_from_kvm(fd))),
+        Err(err) => {
+            log::warn!("no KVM VFIO device: {err}");
+            None
+        }
+    }
 }
 
 /// One virtio device to plug in, before its memory view is chosen.
@@ -216,29 +339,96 @@ fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
         .collect()
 }
 
-/// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`.
+/// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`,
+/// with the protected virtio devices and passed-through devices as endpoints.
 ///
 /// Page sizes larger than 4 KiB are offered only where RAM is really backed by them, so that a
-/// guest mapping a 2 MiB IOMMU page also maps one contiguous host page (what VFIO needs).
+/// guest mapping a 2 MiB IOMMU page also maps one contiguous host page (what VFIO needs). With
+/// passed-through endpoints, page sizes and the input range are narrowed to what their host
+/// IOMMU supports, each such endpoint reports the host's IOVA holes as reserved regions, and
+/// boot bypass is off: a real device could otherwise DMA anywhere in guest RAM before the
+/// guest's IOMMU driver attaches it.
 fn create_iommu_model(
     backing_page_size: u64,
-    endpoints: &[acpi::PciBdf],
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
 ) -> Result<Arc<VirtioIommu>, VmmError> {
-    let page_size_mask = [4 << 10, 2 << 20, 1 << 30]
+    let mut page_size_mask = [4 << 10, 2 << 20, 1 << 30]
         .into_iter()
         .filter(|&size| size <= backing_page_size.max(4 << 10))
         .fold(0, |mask, size| mask | size);
+    let mut input_range = (0, u64::MAX);
+    let behind_iommu: Vec<&Passthrough> = passthrough.iter().filter(|p| p.config.iommu).collect();
+    for p in &behind_iommu {
+        let host = &p.opened.iommu;
+        page_size_mask = intersect_page_sizes(page_size_mask, host.page_sizes);
+        let (first, last) = (
+            host.iova_ranges[0],
+            host.iova_ranges[host.iova_ranges.len() - 1],
+        );
+        input_range = (input_range.0.max(first.0), input_range.1.min(last.1));
+    }
+    if page_size_mask == 0 || input_range.0 > input_range.1 {
+        return Err(VmmError::Device(format!(
+            "--device: the host IOMMU's page sizes or IOVA ranges leave the virtio-iommu nothing to offer (page sizes {page_size_mask:#x}, range {:#x}..={:#x})",
+            input_range.0, input_range.1
+        )));
+    }
     let model = VirtioIommu::new(IommuConfig {
         page_size_mask,
+        input_range,
+        boot_bypass: behind_iommu.is_empty(),
         ..IommuConfig::default()
     })
     .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))?;
-    for endpoint in endpoints {
+    let add = |endpoint: acpi::PciBdf, cfg: EndpointConfig| {
         model
-            .add_endpoint(endpoint.endpoint_id(), EndpointConfig::default())
-            .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))?;
+            .add_endpoint(endpoint.endpoint_id(), cfg)
+            .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))
+    };
+    for device in devices.iter().filter(|device| device.iommu) {
+        add(device.endpoint(), EndpointConfig::default())?;
+    }
+    for p in behind_iommu {
+        let mapper: Arc<dyn ExternalMapper> = p.mapper.clone();
+        add(
+            p.endpoint(),
+            EndpointConfig {
+                reserved_regions: Some(host_reserved_regions(&p.opened.iommu.iova_ranges)),
+                mapper: Some(mapper),
+            },
+        )?;
     }
     Ok(Arc::new(model))
+}
+
+/// The page sizes both sides support. The host IOMMU can map any multiple of its granule, so a
+/// guest page size the host lacks is still fine if it is a multiple of the host's granule.
+fn intersect_page_sizes(guest: u64, host: u64) -> u64 {
+    if host == 0 {
+        return guest;
+    }
+    let host_granule = host & host.wrapping_neg();
+    guest & !(host_granule - 1)
+}
+
+/// The MSI doorbell plus the gaps between the host's usable IOVA ranges: the guest must not
+/// map there, since the host IOMMU would refuse (or the host's MSI window would shadow it).
+fn host_reserved_regions(iova_ranges: &[(u64, u64)]) -> Vec<ReservedRegion> {
+    let mut regions = vec![ReservedRegion::X86_MSI];
+    for pair in iova_ranges.windows(2) {
+        let (start, end) = (pair[0].1 + 1, pair[1].0 - 1);
+        let gap = ReservedRegion {
+            subtype: virtio_iommu::protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+            start,
+            end,
+        };
+        // The host's own MSI window usually is the x86 doorbell, already reserved.
+        if !(start >= ReservedRegion::X86_MSI.start && end <= ReservedRegion::X86_MSI.end) {
+            regions.push(gap);
+        }
+    }
+    regions
 }
 
 /// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU.
@@ -302,15 +492,37 @@ fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
     Ok(set)
 }
 
-/// Prints the IOMMU's counters whenever the process gets SIGUSR1, from a thread of its own.
-fn report_stats_on_sigusr1(model: Arc<VirtioIommu>, set: libc::sigset_t) -> Result<(), VmmError> {
+/// What warden reports about DMA on exit and on SIGUSR1.
+struct StatsReport {
+    iommu: Option<Arc<VirtioIommu>>,
+    /// Per passed-through device: its name and mapper.
+    vfio: Vec<(String, Arc<VfioMapper>)>,
+}
+
+impl StatsReport {
+    fn has_any(&self) -> bool {
+        self.iommu.is_some() || !self.vfio.is_empty()
+    }
+
+    fn print(&self) {
+        if let Some(model) = &self.iommu {
+            report_iommu_stats(model);
+        }
+        for (name, mapper) in &self.vfio {
+            eprintln!("warden: vfio {name}: {}", mapper.stats());
+        }
+    }
+}
+
+/// Prints the counters whenever the process gets SIGUSR1, from a thread of its own.
+fn report_stats_on_sigusr1(report: Arc<StatsReport>, set: libc::sigset_t) -> Result<(), VmmError> {
     thread::Builder::new()
-        .name("iommu-stats".into())
+        .name("stats".into())
         .spawn(move || loop {
             let mut signal = 0;
             // SAFETY: `set` and `signal` are valid for the call.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                report_iommu_stats(&model);
+                report.print();
             }
         })
         .map(drop)

@@ -16,6 +16,8 @@ pub struct VmConfig {
     pub console: OutputConfig,
     /// Put the virtio-console behind the IOMMU.
     pub console_iommu: bool,
+    /// Host PCI functions passed through with VFIO.
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl VmConfig {
@@ -24,6 +26,7 @@ impl VmConfig {
         (self.console != OutputConfig::Off && self.console_iommu)
             || self.disks.iter().any(|disk| disk.iommu)
             || self.rng.as_ref().is_some_and(|rng| rng.iommu)
+            || self.devices.iter().any(|device| device.iommu)
     }
 }
 
@@ -68,4 +71,28 @@ pub enum OutputConfig {
     Null,
     Tty,
     File(PathBuf),
+}
+
+/// A host PCI function passed through with VFIO (`--device`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Its sysfs directory, e.g. `/sys/bus/pci/devices/0000:01:00.0`.
+    pub path: PathBuf,
+    /// Behind the virtio-iommu: its DMA mappings follow the guest's MAP/UNMAP requests instead
+    /// of covering all guest RAM.
+    pub iommu: bool,
+    /// Names the device in messages and statistics; defaults to the path's last component.
+    pub id: Option<String>,
+}
+
+impl DeviceConfig {
+    /// The name messages use: `id=` if given, else the PCI address.
+    pub fn name(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            self.path.file_name().map_or_else(
+                || self.path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        })
+    }
 }

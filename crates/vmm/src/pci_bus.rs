@@ -3,8 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use vfio::VfioPciDevice;
 use virtio_devices::VirtioDevice;
 use virtio_pci::VirtioPciDevice;
 use vm_device::Bus;
@@ -74,6 +76,53 @@ impl PciBus {
         }
         lock(&self.root)
             .add_device(device_number, transport)
+            .map_err(|err| err.to_string())
+    }
+}
+
+impl PciBus {
+    /// Plugs a passed-through device in at `device_number`. Every BAR goes on `mmio`, where
+    /// accesses trap to the device model; BARs the host let us map also become KVM memory
+    /// slots (numbered from `next_slot` on), so the guest reaches them without exits.
+    pub fn add_vfio(
+        &mut self,
+        device_number: u8,
+        device: Arc<Mutex<VfioPciDevice>>,
+        vm: &VmFd,
+        mmio: &mut Bus,
+        next_slot: &mut u32,
+    ) -> Result<(), String> {
+        let pci_device: Arc<Mutex<dyn PciDevice>> = device.clone();
+        for bar in self
+            .allocator
+            .allocate(&pci_device)
+            .map_err(|err| err.to_string())?
+        {
+            mmio.insert(bar.region, bar.base, bar.len)
+                .map_err(|err| err.to_string())?;
+        }
+        let dev = lock(&device);
+        for m in dev.mmaps() {
+            let base = dev
+                .config()
+                .bar_address(m.bar)
+                .ok_or_else(|| format!("BAR {} was not placed", m.bar))?;
+            let region = kvm_userspace_memory_region {
+                slot: *next_slot,
+                guest_phys_addr: base,
+                memory_size: m.len,
+                userspace_addr: m.host_addr,
+                flags: 0,
+            };
+            // SAFETY: the mapping belongs to the device, which lives as long as the VM (both
+            // are kept until the process exits).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|err| format!("map BAR {} at {base:#x} into the guest: {err}", m.bar))?;
+            *next_slot += 1;
+        }
+        drop(dev);
+        lock(&self.root)
+            .add_device(device_number, pci_device)
             .map_err(|err| err.to_string())
     }
 }

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use vmm::config::{DiskConfig, MemoryBacking, MemoryConfig, OutputConfig, RngConfig, VmConfig};
+use vmm::config::{
+    DeviceConfig, DiskConfig, MemoryBacking, MemoryConfig, OutputConfig, RngConfig, VmConfig,
+};
 use vmm::memory::MIN_MEMORY;
 
 use crate::options::{parse_size, KeyValues, ParseResult};
@@ -74,8 +76,9 @@ pub struct Cli {
     #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=..,mask=..][,iommu=on]")]
     net: Vec<String>,
 
-    /// VFIO passthrough of a host PCI device: path=/sys/bus/pci/devices/..[,iommu=on][,id=ID].
-    /// Accepts iommu=on. Not implemented yet: refused with a message.
+    /// VFIO passthrough of a host PCI device (repeatable): path=/sys/bus/pci/devices/..[,iommu=on][,id=ID].
+    /// Accepts iommu=on: its DMA then follows the guest's IOMMU mappings; without, all guest
+    /// RAM is mapped for it. The device must be bound to vfio-pci; warden needs root.
     #[arg(long, value_name = "path=SYSFS_PATH[,iommu=on][,id=ID]")]
     device: Vec<String>,
 
@@ -153,12 +156,21 @@ impl Cli {
                 message: "virtio-net is not implemented yet; remove --net".into(),
             });
         }
-        if let Some(device) = self.device.first() {
-            in_option("device", parse_device(device))?;
-            return Err(CliError {
-                option: "device",
-                message: "VFIO passthrough is not implemented yet; remove --device".into(),
-            });
+        let devices = self
+            .device
+            .iter()
+            .map(|text| in_option("device", parse_device(text)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for device in &devices {
+            if !device.path.exists() {
+                return Err(CliError {
+                    option: "device",
+                    message: format!(
+                        "{} does not exist; give a host PCI device's sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0",
+                        device.path.display()
+                    ),
+                });
+            }
         }
         Ok(VmConfig {
             cpus,
@@ -171,6 +183,7 @@ impl Cli {
             serial,
             console,
             console_iommu,
+            devices,
         })
     }
 }
@@ -308,13 +321,17 @@ fn parse_net(text: &str) -> ParseResult<()> {
     Ok(())
 }
 
-fn parse_device(text: &str) -> ParseResult<()> {
+fn parse_device(text: &str) -> ParseResult<DeviceConfig> {
     let kv = KeyValues::parse(text, &["path", "iommu", "id"])?;
-    kv.get("path")
+    let path = kv
+        .get("path")
         .filter(|path| !path.is_empty())
         .ok_or("path= is required, e.g. path=/sys/bus/pci/devices/0000:01:00.0")?;
-    kv.switch("iommu")?;
-    Ok(())
+    Ok(DeviceConfig {
+        path: PathBuf::from(path),
+        iommu: kv.switch("iommu")?,
+        id: kv.get("id").filter(|id| !id.is_empty()).map(String::from),
+    })
 }
 
 #[cfg(test)]
@@ -421,21 +438,48 @@ mod tests {
     }
 
     #[test]
-    fn net_and_device_are_parsed_then_refused() {
+    fn devices() {
+        let c = config(&[
+            "--device",
+            "path=/proc/self,iommu=on,id=nic0",
+            "--device",
+            "path=/proc",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.devices,
+            [
+                DeviceConfig {
+                    path: "/proc/self".into(),
+                    iommu: true,
+                    id: Some("nic0".into())
+                },
+                DeviceConfig {
+                    path: "/proc".into(),
+                    iommu: false,
+                    id: None
+                }
+            ]
+        );
+        assert!(c.needs_iommu());
+        assert_eq!(c.devices[0].name(), "nic0");
+        assert_eq!(
+            error(&["--device", "path=/sys/bus/pci/devices/0000:ff:00.0,iommu=on"]),
+            "--device: /sys/bus/pci/devices/0000:ff:00.0 does not exist; give a host PCI device's sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0"
+        );
+        assert!(error(&["--device", "iommu=on"]).starts_with("--device: path= is required"));
+        assert!(error(&["--device", "path=/proc,iommu=yes"])
+            .starts_with("--device: iommu=yes is not on or off"));
+    }
+
+    #[test]
+    fn net_is_parsed_then_refused() {
         assert_eq!(
             error(&["--net", "tap=,mac=,iommu=on"]),
             "--net: virtio-net is not implemented yet; remove --net"
         );
         assert!(error(&["--net", "tap=,mac=zz"]).starts_with("--net: mac=zz is not a MAC address"));
         assert!(error(&["--net", "tapp=x"]).starts_with("--net: unknown key 'tapp'"));
-        assert_eq!(
-            error(&[
-                "--device",
-                "path=/sys/bus/pci/devices/0000:00:01.0,iommu=on"
-            ]),
-            "--device: VFIO passthrough is not implemented yet; remove --device"
-        );
-        assert!(error(&["--device", "iommu=on"]).starts_with("--device: path= is required"));
     }
 
     #[test]
