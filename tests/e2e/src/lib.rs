@@ -11,6 +11,11 @@
 //!    then powers off. It runs with `set -e` and can call `wait_for PATH [SECONDS]`.
 //! 4. `host_check`: shell on the KVM host after warden exits (read back what the guest wrote).
 //!
+//! A scenario can also shape the nested test host itself (see [`Scenario::l1_qemu_args`]):
+//! extra QEMU devices for L1 (an emulated IOMMU and a PCI device to pass through), options for
+//! L1's kernel, and files prepared beside QEMU first (`qemu_setup`). Such a scenario always
+//! runs nested, since only there can the harness give the KVM host a device of its own.
+//!
 //! Host scripts run in a scratch directory, so relative paths (`disk.img`) work in both
 //! the scripts and `warden_args`; `$WARDEN`, `$L2_KERNEL` and `$L2_INITRAMFS` name the files
 //! warden gets. Everything printed (the host's console, warden's serial output, so the guest's
@@ -78,6 +83,10 @@ pub struct Scenario {
     host_check: String,
     timeout: Duration,
     kernel: Kernel,
+    qemu_setup: String,
+    l1_qemu_args: Vec<String>,
+    l1_cmdline: String,
+    guest_tools: Vec<String>,
 }
 
 impl Scenario {
@@ -100,7 +109,40 @@ impl Scenario {
             host_check: String::new(),
             timeout: Duration::from_secs(120),
             kernel: Kernel::BzImage,
+            qemu_setup: String::new(),
+            l1_qemu_args: Vec::new(),
+            l1_cmdline: String::new(),
+            guest_tools: Vec::new(),
         }
+    }
+
+    /// Shell run on this machine in the scratch directory before QEMU starts (`sh -e`), to
+    /// prepare files for [`Scenario::l1_qemu_args`] such as disk images; what it prints goes
+    /// to the console, so it can print markers.
+    pub fn qemu_setup(mut self, script: &str) -> Self {
+        self.qemu_setup = script.to_string();
+        self
+    }
+
+    /// Extra QEMU options for the nested KVM host, e.g. an emulated IOMMU and a device to pass
+    /// through; QEMU runs in the scratch directory, so relative file names work. Makes the
+    /// scenario nested-only.
+    pub fn l1_qemu_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.l1_qemu_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Extra words for L1's kernel command line (e.g. `intel_iommu=on`).
+    pub fn l1_cmdline(mut self, extra: &str) -> Self {
+        self.l1_cmdline = extra.to_string();
+        self
+    }
+
+    /// Puts binary `name` of this crate (`src/bin/<name>.rs`, built static) in the guest's
+    /// `/bin`, for guest scripts that need more than busybox.
+    pub fn guest_tool(mut self, name: &str) -> Self {
+        self.guest_tools.push(name.to_string());
+        self
     }
 
     /// Shell run on the KVM host, in the scratch directory, before warden starts.
@@ -245,9 +287,18 @@ impl fmt::Display for Outcome {
 struct Prepared {
     /// `guest/build.sh`'s output directory.
     guest: PathBuf,
-    /// The static warden binary.
+    /// The directory of the static binaries: warden and the guest tools.
     warden: PathBuf,
 }
+
+impl Prepared {
+    fn binary(&self, name: &str) -> PathBuf {
+        self.warden.join(name)
+    }
+}
+
+/// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
+const GUEST_TOOLS: [&str; 1] = ["vfio-map"];
 
 /// Serializes runs: tests in a crate run on parallel threads, and one QEMU already wants
 /// both cores of a small CI machine (and a nested guest is too slow to share them).
@@ -259,7 +310,19 @@ static STATE: Mutex<Option<Prepared>> = Mutex::new(None);
 /// Panics if the guest images or warden can't be built, or the run can't be started: a
 /// broken harness must not look like a passing test.
 pub fn run(scenario: &Scenario) -> Option<Outcome> {
-    let Some(mode) = detect_mode() else {
+    let nested_only = !scenario.l1_qemu_args.is_empty();
+    let mode = match detect_mode() {
+        Some(Mode::Direct) if nested_only && in_path("qemu-system-x86_64") => Some(Mode::Nested),
+        Some(Mode::Direct) if nested_only => {
+            eprintln!(
+                "E2E SKIPPED: scenario '{}' gives the nested KVM host devices of its own and needs qemu-system-x86_64 (Debian package qemu-system-x86)",
+                scenario.name
+            );
+            return None;
+        }
+        mode => mode,
+    };
+    let Some(mode) = mode else {
         eprintln!(
             "E2E SKIPPED: neither real KVM (/dev/kvm with VMX/SVM) nor qemu-system-x86_64 \
              (Debian package qemu-system-x86) is available: scenario '{}' did not run",
@@ -273,7 +336,7 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     if state.is_none() {
         *state = Some(Prepared {
             guest: build_guest_images(),
-            warden: build_static_warden(),
+            warden: build_static_binaries(),
         });
     }
     let prepared = state.as_ref().expect("prepared above");
@@ -284,7 +347,7 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     }
     fs::create_dir_all(&run_dir).expect("create the scenario's scratch directory");
     let l2_initramfs = run_dir.join("l2-initramfs.cpio");
-    write_l2_initramfs(scenario, &prepared.guest, &l2_initramfs);
+    write_l2_initramfs(scenario, prepared, &l2_initramfs);
     let kernel = prepared.guest.join("l2").join(match scenario.kernel {
         Kernel::BzImage => "vmlinuz",
         Kernel::Elf => "vmlinux",
@@ -309,6 +372,7 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
         Mode::Nested => {
             let l1_initramfs = run_dir.join("l1-initramfs.cpio");
             write_l1_initramfs(scenario, prepared, &kernel, &l2_initramfs, &l1_initramfs);
+            run_qemu_setup(scenario, &run_dir);
             let mut cmd = Command::new("nice");
             // QEMU's exit status when L1 powers off is 0, whatever the scenario did.
             cmd.args(["-n", "10", "timeout", "--kill-after=10"])
@@ -316,11 +380,15 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
                 .arg("qemu-system-x86_64")
                 .args(["-machine", "q35", "-accel", "tcg,thread=multi"])
                 .args(["-cpu", "qemu64,+svm,+npt", "-m", "2G", "-smp", "2"])
-                .args(["-nographic", "-no-reboot", "-kernel"])
+                .args(["-nographic", "-no-reboot"])
+                .args(&scenario.l1_qemu_args)
+                .arg("-kernel")
                 .arg(prepared.guest.join("l1/vmlinuz"))
                 .arg("-initrd")
                 .arg(&l1_initramfs)
-                .args(["-append", "console=ttyS0 panic=-1"]);
+                .arg("-append")
+                .arg(format!("console=ttyS0 panic=-1 {}", scenario.l1_cmdline).trim_end())
+                .current_dir(&run_dir);
             run_logged(cmd, &run_dir)
         }
     };
@@ -410,12 +478,19 @@ fn build_guest_images() -> PathBuf {
     PathBuf::from(dir.trim())
 }
 
-/// Builds warden as a static binary (it must run in L1's busybox-only initramfs) in its own
-/// target directory, so the flags don't invalidate the normal build.
-fn build_static_warden() -> PathBuf {
+/// Builds warden and the guest tools as static binaries (they must run in busybox-only
+/// initramfs images) in their own target directory, so the flags don't invalidate the normal
+/// build; returns the directory that holds them.
+fn build_static_binaries() -> PathBuf {
     let target = target_dir().join("e2e-static");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--release", "-p", "warden", "--target"])
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--release", "-p", "warden", "-p", "e2e"])
+        .args(["--bin", "warden"]);
+    for tool in GUEST_TOOLS {
+        cmd.args(["--bin", tool]);
+    }
+    let status = cmd
+        .arg("--target")
         .arg(STATIC_TARGET)
         .arg("--target-dir")
         .arg(&target)
@@ -431,13 +506,36 @@ fn build_static_warden() -> PathBuf {
         status.success(),
         "building the static warden failed ({status})"
     );
-    target.join(STATIC_TARGET).join("release/warden")
+    target.join(STATIC_TARGET).join("release")
 }
 
-/// L2's initramfs for this scenario: the cached base plus an archive with `/scenario.sh`.
-fn write_l2_initramfs(scenario: &Scenario, guest: &Path, dest: &Path) {
+/// Runs the scenario's `qemu_setup` in the scratch directory; its output starts console.log.
+fn run_qemu_setup(scenario: &Scenario, run_dir: &Path) {
+    if scenario.qemu_setup.is_empty() {
+        return;
+    }
+    let log = File::create(run_dir.join("console.log")).expect("create console.log");
+    let status = Command::new("sh")
+        .args(["-e", "-c", &scenario.qemu_setup])
+        .current_dir(run_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup console.log"))
+        .stderr(log)
+        .status()
+        .expect("cannot run sh");
+    assert!(
+        status.success(),
+        "the scenario's qemu_setup failed ({status}): see {}",
+        run_dir.join("console.log").display()
+    );
+}
+
+/// L2's initramfs for this scenario: the cached base plus an archive with `/scenario.sh` and
+/// the guest tools it asked for.
+fn write_l2_initramfs(scenario: &Scenario, prepared: &Prepared, dest: &Path) {
     let mut out = BufWriter::new(File::create(dest).expect("create L2 initramfs"));
-    let mut base = File::open(guest.join("l2/initramfs.cpio")).expect("open L2 base initramfs");
+    let mut base =
+        File::open(prepared.guest.join("l2/initramfs.cpio")).expect("open L2 base initramfs");
     std::io::copy(&mut base, &mut out).expect("copy L2 base initramfs");
     let script = format!(
         "# generated by the e2e harness: scenario {}\n. /etc/warden-helpers.sh\nset -e\n{}\n",
@@ -447,6 +545,15 @@ fn write_l2_initramfs(scenario: &Scenario, guest: &Path, dest: &Path) {
     archive
         .file("scenario.sh", 0o755, script.as_bytes())
         .expect("write L2 scenario archive");
+    for tool in &scenario.guest_tools {
+        assert!(
+            GUEST_TOOLS.contains(&tool.as_str()),
+            "guest tool {tool} is not in GUEST_TOOLS"
+        );
+        archive
+            .file_from(&format!("bin/{tool}"), 0o755, &prepared.binary(tool))
+            .expect("write a guest tool");
+    }
     archive.finish().expect("finish L2 initramfs");
 }
 
@@ -476,7 +583,7 @@ fn write_l1_initramfs(
         for (name, text) in &scripts {
             archive.file(&format!("e2e/{name}"), 0o755, text.as_bytes())?;
         }
-        archive.file_from("e2e/warden", 0o755, &prepared.warden)?;
+        archive.file_from("e2e/warden", 0o755, &prepared.binary("warden"))?;
         archive.file_from("e2e/kernel", 0o644, kernel)?;
         archive.file_from("e2e/initramfs", 0o644, l2_initramfs)?;
         archive.finish()?;
@@ -558,7 +665,11 @@ printf '\nWARDEN-HOST-CHECK-EXIT=%d\n' "$?"
 /// Runs `cmd` with stdout and stderr going to `dir/console.log` (readable live with `tail -f`)
 /// and returns its exit status and whether `timeout` (status 124) killed it.
 fn run_logged(mut cmd: Command, dir: &Path) -> (i32, bool) {
-    let log = File::create(dir.join("console.log")).expect("create console.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("console.log"))
+        .expect("open console.log");
     let status = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup console.log"))
