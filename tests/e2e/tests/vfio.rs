@@ -50,7 +50,7 @@ fn passthrough(name: &str, device_arg: &str) -> Scenario {
         .qemu_setup(IMAGE)
         .l1_qemu_args([
             "-device",
-            "intel-iommu,intremap=off",
+            "intel-iommu,intremap=on",
             "-drive",
             "if=none,id=pt,file=passthrough.img,format=raw",
             "-device",
