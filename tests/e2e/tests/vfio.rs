@@ -165,14 +165,16 @@ fn passthrough_with_all_ram_mapped() {
 
 /// The seed's "faster mappings" claim, measured through the whole chain: in L2, a device
 /// behind warden's virtio-iommu is bound to vfio-pci and `vfio-map` maps a 64 MiB buffer with
-/// one `VFIO_IOMMU_MAP_DMA`, once from 4 KiB pages and once from 2 MiB huge pages. L2's type1
-/// driver sends one MAP request per physically contiguous run; warden turns each into one
-/// VFIO mapping in L1. The device is QEMU's `edu` (no L2 driver, so no other DMA traffic):
-/// warden's totals are exactly the buffer's.
+/// one `VFIO_IOMMU_MAP_DMA`, from 4 KiB pages (in a fresh guest, and with the guest's memory
+/// fragmented as after a long run) and from 2 MiB huge pages. L2's type1 driver sends one MAP
+/// request per physically contiguous run; warden turns each into one VFIO mapping in L1. The
+/// device is QEMU's `edu` (no L2 driver, so no other DMA traffic): warden's totals are the
+/// buffer's, plus one 8 KiB MAP/UNMAP pair type1 makes when the container is set up (its
+/// fine-grained super page probe).
 #[test]
 fn huge_pages_need_far_fewer_mappings() {
     let mut rows = Vec::new();
-    for mode in ["4k", "2m"] {
+    for mode in ["4k", "4k-fragmented", "2m"] {
         let hugepages = if mode == "2m" {
             "echo 40 >/proc/sys/vm/nr_hugepages\necho \"L2-HUGEPAGES=$(cat /proc/sys/vm/nr_hugepages)\"\n"
         } else {
@@ -184,8 +186,12 @@ echo vfio-pci >$dev/driver_override
 echo {L2_BDF} >/sys/bus/pci/drivers_probe
 echo "L2-DRIVER=$(basename "$(readlink $dev/driver)")"
 echo "L2-GROUP-DEVICES=$(ls "$(readlink -f $dev/iommu_group)/devices")"
+# The virtio-iommu offers no interrupt remapping on x86, which type1 insists on unless told
+# otherwise; the device's MSIs are still remapped by L1's IOMMU.
+echo 1 >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
 {hugepages}vfio-map $dev {mode} 64 &
-wait_for /tmp/vfio-map.done 240
+pid=$!
+while [ ! -e /tmp/vfio-map.done ]; do kill -0 $pid; usleep 100000; done
 "#
         );
         let Some(out) = Scenario::new(&format!("vfio_map_{mode}"))
@@ -233,10 +239,10 @@ wait_for /tmp/vfio-map.done 240
             let start = vfio[..end - 1].rfind(' ').map_or(0, |i| i + 1);
             vfio[start..end - 1].parse().expect(name)
         };
-        assert_eq!(
-            field("bytes mapped"),
-            64 << 20,
-            "exactly the buffer went to VFIO\n{out}"
+        let bytes = field("bytes mapped");
+        assert!(
+            (64 << 20..(64 << 20) + (64 << 10)).contains(&bytes),
+            "the buffer, and no more than type1's probe, went to VFIO: {bytes}\n{out}"
         );
         rows.push((mode, requests, field("peak entries"), ms));
     }
@@ -245,14 +251,15 @@ wait_for /tmp/vfio-map.done 240
     for (mode, requests, entries, ms) in &rows {
         eprintln!("| {mode} | {requests} | {entries} | {ms} ms |");
     }
-    let (small, huge) = (rows[0].1, rows[1].1);
+    // 32 huge pages at most, plus type1's probe.
+    let (fragmented, huge) = (rows[1].1, rows[2].1);
     assert!(
-        huge <= 32,
+        huge <= 33,
         "64 MiB of 2 MiB pages is at most 32 runs: {rows:?}"
     );
     assert!(
-        small >= 256 * huge,
-        "4 KiB pages need at least 256 times the MAP requests: {rows:?}"
+        fragmented >= 256 * huge,
+        "scattered 4 KiB pages need at least 256 times the MAP requests: {rows:?}"
     );
 }
 

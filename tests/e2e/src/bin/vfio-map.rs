@@ -1,11 +1,17 @@
 //! Guest tool for the mapping-cost measurement: maps one buffer for DMA by a device bound to
 //! vfio-pci, the way a user-space driver would, and keeps it mapped.
 //!
-//! `vfio-map SYSFS_DEVICE_PATH 4k|2m MIB`: opens the device's group in a fresh type1
-//! container, allocates MIB MiB from 4 KiB pages (transparent huge pages refused) or from
+//! `vfio-map SYSFS_DEVICE_PATH 4k|4k-fragmented|2m MIB`: opens the device's group in a fresh
+//! type1 container, allocates MIB MiB from 4 KiB pages (transparent huge pages refused) or from
 //! 2 MiB hugetlb pages, maps it with one `VFIO_IOMMU_MAP_DMA`, prints
 //! `VFIO-MAP-<MODE>=mapped ms=<time>`, creates `/tmp/vfio-map.done` and then sleeps holding the
-//! mapping, so that the VMM's statistics at the guest's poweroff still show it.
+//! mapping.
+//!
+//! The type1 driver sends the IOMMU one mapping per *physically contiguous* run of the buffer,
+//! so with 4 KiB pages the count depends on how fragmented the guest's free memory is: a fresh
+//! guest hands out long contiguous runs. `4k-fragmented` reproduces a long-running guest's
+//! memory: each buffer page is faulted in alternately with a page of a spacer buffer that is
+//! then freed, so that no two buffer pages are physically adjacent.
 
 use std::ffi::CString;
 use std::fs;
@@ -113,17 +119,44 @@ fn run(device: &Path, mode: &str, mib: u64) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    if mode == "4k" {
+    if mode.starts_with("4k") {
+        let spacer = if mode == "4k-fragmented" {
+            // SAFETY: a fresh anonymous mapping, freed below.
+            let spacer = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if spacer == libc::MAP_FAILED {
+                return Err(format!("mmap spacer: {}", std::io::Error::last_os_error()));
+            }
+            Some(spacer)
+        } else {
+            None
+        };
         // The guest kernel's transparent huge pages are "always": refuse them before the first
         // touch, so the buffer really is made of 4 KiB pages.
-        // SAFETY: the range is our mapping.
+        // SAFETY: the ranges are our mappings; the spacer is unmapped once the buffer is in.
         unsafe {
-            check(
-                "madvise",
-                libc::madvise(buffer, size as usize, libc::MADV_NOHUGEPAGE),
-            )?;
+            for region in std::iter::once(buffer).chain(spacer) {
+                check(
+                    "madvise",
+                    libc::madvise(region, size as usize, libc::MADV_NOHUGEPAGE),
+                )?;
+            }
             for page in (0..size).step_by(4096) {
                 *(buffer as *mut u8).add(page as usize) = 1;
+                if let Some(spacer) = spacer {
+                    *(spacer as *mut u8).add(page as usize) = 1;
+                }
+            }
+            if let Some(spacer) = spacer {
+                libc::munmap(spacer, size as usize);
             }
         }
     }
@@ -155,13 +188,13 @@ fn run(device: &Path, mode: &str, mib: u64) -> Result<(), String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let parsed = match args.as_slice() {
-        [_, device, mode, mib] if mode == "4k" || mode == "2m" => {
+        [_, device, mode, mib] if ["4k", "4k-fragmented", "2m"].contains(&mode.as_str()) => {
             mib.parse::<u64>().ok().map(|mib| (device, mode, mib))
         }
         _ => None,
     };
     let Some((device, mode, mib)) = parsed else {
-        eprintln!("usage: vfio-map SYSFS_DEVICE_PATH 4k|2m MIB");
+        eprintln!("usage: vfio-map SYSFS_DEVICE_PATH 4k|4k-fragmented|2m MIB");
         return ExitCode::from(2);
     };
     match run(Path::new(device), mode, mib) {
