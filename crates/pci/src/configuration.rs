@@ -13,6 +13,8 @@ pub const CONFIG_SPACE_SIZE: usize = 256;
 /// Number of BAR slots in a type-0 header.
 pub const NUM_BARS: usize = 6;
 
+/// Command register: decode I/O BARs.
+pub const COMMAND_IO_SPACE: u16 = 1 << 0;
 /// Command register: decode memory BARs.
 pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
 
@@ -31,9 +33,11 @@ const FIRST_CAPABILITY_OFFSET: usize = 0x40;
 const COMMAND_WRITABLE: u32 = 0x0547;
 /// Status bit 4: the capability pointer is valid.
 const STATUS_CAPABILITY_LIST: u32 = 1 << 4;
+const BAR_IO_SPACE: u32 = 1;
 const BAR_MEMORY_64: u32 = 0b10 << 1;
 const BAR_PREFETCHABLE: u32 = 1 << 3;
-const BAR_FLAGS_MASK: u32 = 0xf;
+/// Largest I/O BAR: the whole 16-bit port space.
+const MAX_IO_BAR_SIZE: u64 = 1 << 16;
 
 /// The identity of a function: what the guest matches drivers against.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,12 +52,33 @@ pub struct PciHeader {
     pub subsystem_id: u16,
 }
 
-/// Whether a memory BAR decodes 32 or 64 address bits.
+/// The address space a BAR decodes in, and for memory how many address bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {
     Memory32,
     /// Occupies two BAR slots: `index` and `index + 1`.
     Memory64,
+    /// Port I/O: a guest `out` to it exits to the VMM with the port already decoded, cheaper
+    /// than an MMIO access the hypervisor must decode from the instruction.
+    Io,
+}
+
+impl BarKind {
+    /// The low bits of the BAR register that hold flags rather than address bits.
+    fn flags_mask(self) -> u32 {
+        match self {
+            BarKind::Io => 0x3,
+            BarKind::Memory32 | BarKind::Memory64 => 0xf,
+        }
+    }
+
+    /// The command register bit that makes the function decode BARs of this kind.
+    fn decode_bit(self) -> u16 {
+        match self {
+            BarKind::Io => COMMAND_IO_SPACE,
+            BarKind::Memory32 | BarKind::Memory64 => COMMAND_MEMORY_SPACE,
+        }
+    }
 }
 
 /// What a device asks of one BAR.
@@ -132,7 +157,7 @@ impl PciConfiguration {
     /// Declares BAR `index`; its address stays zero until [`PciConfiguration::set_bar_address`].
     pub fn add_bar(&mut self, index: usize, spec: BarSpec) -> Result<(), PciError> {
         let slots = match spec.kind {
-            BarKind::Memory32 => 1,
+            BarKind::Memory32 | BarKind::Io => 1,
             BarKind::Memory64 => 2,
         };
         if index + slots > NUM_BARS {
@@ -144,15 +169,18 @@ impl PciConfiguration {
         {
             return Err(PciError::BarInUse(index));
         }
-        let max_size = match spec.kind {
-            BarKind::Memory32 => 1 << 31,
-            BarKind::Memory64 => 1 << 63,
+        let (min_size, max_size) = match spec.kind {
+            BarKind::Memory32 => (16, 1 << 31),
+            BarKind::Memory64 => (16, 1 << 63),
+            BarKind::Io => (4, MAX_IO_BAR_SIZE),
         };
-        if !spec.size.is_power_of_two() || spec.size < 16 || spec.size > max_size {
+        if !spec.size.is_power_of_two() || spec.size < min_size || spec.size > max_size {
             return Err(PciError::BarSizeInvalid(spec.size));
         }
         let mut flags = 0;
-        if spec.prefetchable {
+        if spec.kind == BarKind::Io {
+            flags |= BAR_IO_SPACE;
+        } else if spec.prefetchable {
             flags |= BAR_PREFETCHABLE;
         }
         let size_mask = !(spec.size - 1);
@@ -164,7 +192,7 @@ impl PciConfiguration {
             self.bars[index + 1] = BarSlot::Upper;
         }
         self.regs[reg] = flags;
-        self.writable[reg] = size_mask as u32 & !BAR_FLAGS_MASK;
+        self.writable[reg] = size_mask as u32 & !spec.kind.flags_mask();
         self.bars[index] = BarSlot::Bar { spec, mapped: 0 };
         Ok(())
     }
@@ -198,6 +226,7 @@ impl PciConfiguration {
         let fits = match spec.kind {
             BarKind::Memory32 => address.checked_add(spec.size) <= Some(1 << 32),
             BarKind::Memory64 => address.checked_add(spec.size).is_some(),
+            BarKind::Io => address.checked_add(spec.size) <= Some(MAX_IO_BAR_SIZE),
         };
         if !address.is_multiple_of(spec.size) || !fits {
             return Err(PciError::BarAddressInvalid {
@@ -208,7 +237,8 @@ impl PciConfiguration {
         *mapped = address;
         let kind = spec.kind;
         let reg = BAR0_REG + index;
-        self.regs[reg] = (self.regs[reg] & BAR_FLAGS_MASK) | (address as u32 & !BAR_FLAGS_MASK);
+        let flags = kind.flags_mask();
+        self.regs[reg] = (self.regs[reg] & flags) | (address as u32 & !flags);
         if kind == BarKind::Memory64 {
             self.regs[reg + 1] = (address >> 32) as u32;
         }
@@ -290,7 +320,7 @@ impl PciConfiguration {
                 // A 64-bit BAR is only complete once its upper half is written (Linux writes the
                 // lower half first), so only that write can move it.
                 let moved = match self.bars[index] {
-                    BarSlot::Bar { spec, .. } if spec.kind == BarKind::Memory32 => {
+                    BarSlot::Bar { spec, .. } if spec.kind != BarKind::Memory64 => {
                         self.check_bar_move(index)
                     }
                     BarSlot::Upper => self.check_bar_move(index - 1),
@@ -304,20 +334,20 @@ impl PciConfiguration {
 
     /// The address the guest programmed into BAR `index` (which must be a BAR slot).
     fn programmed_address(&self, index: usize, kind: BarKind) -> u64 {
-        let low = u64::from(self.regs[BAR0_REG + index] & !BAR_FLAGS_MASK);
+        let low = u64::from(self.regs[BAR0_REG + index] & !kind.flags_mask());
         match kind {
-            BarKind::Memory32 => low,
+            BarKind::Memory32 | BarKind::Io => low,
             BarKind::Memory64 => u64::from(self.regs[BAR0_REG + index + 1]) << 32 | low,
         }
     }
 
     fn check_bar_move(&mut self, index: usize) -> Option<BarMove> {
-        if self.command() & COMMAND_MEMORY_SPACE == 0 {
-            return None;
-        }
         let BarSlot::Bar { spec, mapped } = self.bars[index] else {
             return None;
         };
+        if self.command() & spec.kind.decode_bit() == 0 {
+            return None;
+        }
         let programmed = self.programmed_address(index, spec.kind);
         if programmed == mapped {
             return None;
@@ -646,5 +676,38 @@ mod tests {
             }]
         );
         assert!(write32(&mut config, 1, u32::from(COMMAND_MEMORY_SPACE)).is_empty());
+    }
+
+    #[test]
+    fn io_bars_size_and_move_with_io_decoding() {
+        let mut config = PciConfiguration::new(&header());
+        let spec = BarSpec {
+            size: 0x20,
+            kind: BarKind::Io,
+            prefetchable: false,
+        };
+        config.add_bar(1, spec).unwrap();
+        config.set_bar_address(1, 0x1000).unwrap();
+        assert_eq!(config.read_reg(5), 0x1001);
+        assert!(write32(&mut config, 5, 0xffff_ffff).is_empty(), "sizing");
+        assert_eq!(config.read_reg(5), 0xffff_ffe1);
+        assert!(write32(&mut config, 5, 0x1000).is_empty());
+        assert!(
+            config.set_bar_address(1, 0xfff0).is_err(),
+            "past the port space"
+        );
+        // Memory decoding does not move an I/O BAR; I/O decoding does.
+        assert!(write32(&mut config, 5, 0x2000).is_empty());
+        assert!(write32(&mut config, 1, u32::from(COMMAND_MEMORY_SPACE)).is_empty());
+        let moves = write32(&mut config, 1, u32::from(COMMAND_IO_SPACE));
+        assert_eq!(
+            moves,
+            vec![BarMove {
+                bar: 1,
+                old_base: 0x1000,
+                new_base: 0x2000,
+                len: 0x20
+            }]
+        );
     }
 }

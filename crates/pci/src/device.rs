@@ -4,6 +4,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{BarMove, PciConfiguration};
 
+/// Where a KVM ioeventfd listens: a port, or a guest-physical MMIO address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventAddress {
+    Port(u16),
+    Memory(u64),
+}
+
 /// A function on the PCI bus.
 ///
 /// Config accesses arrive as dword registers of the conventional 256-byte space (the root
@@ -33,9 +40,9 @@ pub trait PciDevice: Send {
     /// Writes `data` at `offset` within BAR `bar`.
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
 
-    /// Eventfds the VMM should register as KVM ioeventfds, with the guest-physical MMIO
-    /// address of each; valid once BARs are placed, and shifted by any [`BarMove`].
-    fn ioeventfds(&self) -> Vec<(&EventFd, u64)> {
+    /// Eventfds the VMM should register as KVM ioeventfds, with the address of each; valid
+    /// once BARs are placed, and shifted by any [`BarMove`].
+    fn ioeventfds(&self) -> Vec<(&EventFd, EventAddress)> {
         Vec::new()
     }
 }

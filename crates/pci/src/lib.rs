@@ -14,10 +14,10 @@ mod root;
 
 pub use allocator::{BarAllocator, BarMapping};
 pub use configuration::{
-    BarKind, BarMove, BarSpec, PciConfiguration, PciHeader, COMMAND_MEMORY_SPACE,
+    BarKind, BarMove, BarSpec, PciConfiguration, PciHeader, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
     CONFIG_SPACE_SIZE, NUM_BARS,
 };
-pub use device::PciDevice;
+pub use device::{EventAddress, PciDevice};
 pub use msix::{Msix, MsixState, MAX_MSIX_VECTORS, MSIX_CAPABILITY_ID, MSIX_TABLE_ENTRY_SIZE};
 pub use root::{
     HostBridge, PciBarRegion, PciConfigIo, PciConfigMmio, PciRoot, ECAM_BUS_SIZE,

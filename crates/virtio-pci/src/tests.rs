@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use pci::PciDevice;
+use pci::{EventAddress, PciDevice};
 use virtio_devices::{ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt};
 use virtio_queue::QueueT;
 use vm_device::{InterruptGroup, MsiMessage};
@@ -13,6 +13,8 @@ use super::*;
 use crate::interrupt::{ISR_CONFIG, ISR_QUEUE};
 
 const BAR_BASE: u64 = 0x10_0000_0000;
+/// Where the harness places the notification (I/O) BAR.
+const NOTIFY_PORT: u16 = 0x1000;
 const F_DEVICE: u64 = 1 << 0;
 const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
@@ -187,6 +189,9 @@ fn harness_of(device: FakeDevice) -> Harness {
     });
     let mut dev = VirtioPciDevice::new(Box::new(device), irq.clone()).unwrap();
     dev.config_mut().set_bar_address(0, BAR_BASE).unwrap();
+    dev.config_mut()
+        .set_bar_address(NOTIFY_BAR, u64::from(NOTIFY_PORT))
+        .unwrap();
     Harness { dev, log, irq }
 }
 
@@ -203,6 +208,12 @@ impl Harness {
 
     fn write(&mut self, offset: u64, value: u64, len: usize) {
         self.dev.write_bar(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    /// Notifies queue `index` as Linux does: its index, 16 bits, at the queue's register.
+    fn notify(&mut self, index: u16) {
+        let offset = u64::from(index) * u64::from(NOTIFY_OFF_MULTIPLIER);
+        self.dev.write_bar(NOTIFY_BAR, offset, &index.to_le_bytes());
     }
 
     fn status(&mut self) -> u8 {
@@ -263,7 +274,7 @@ impl Harness {
         self.dev
             .write_config_register(cap / 4, 2, &0x8000u16.to_le_bytes());
         for v in 0..vectors {
-            let entry = self.dev.layout.msix_table_offset + v * 16;
+            let entry = MSIX_TABLE_OFFSET + v * 16;
             self.write(entry, 0xfee0_0000, 4);
             self.write(entry + 8, 0x40 + v, 4);
             self.write(entry + 12, 0, 4);
@@ -325,20 +336,28 @@ fn capability_chain_is_what_linux_walks() {
         virtio,
         vec![
             (1, 16, 0, 0x0000, 0x1000, None),
-            (2, 20, 0, 0x3000, 0x1000, Some(NOTIFY_OFF_MULTIPLIER)),
+            // Notifications: in the I/O BAR, one dword per queue.
+            (2, 20, 2, 0, 8, Some(NOTIFY_OFF_MULTIPLIER)),
             (3, 16, 0, 0x1000, 0x1000, None),
             (4, 16, 0, 0x2000, 0x1000, None),
             (5, 20, 0, 0, 0, Some(0)),
         ]
     );
-    // 3 vectors (2 queues + config), table and PBA in BAR 0 after the notify area.
-    assert_eq!(msix, Some((2, 0x4000, 0x5000)));
+    // 3 vectors (2 queues + config), table and PBA in BAR 0 after the device config.
+    assert_eq!(msix, Some((2, 0x3000, 0x4000)));
+    // BAR 2 is an I/O BAR (bit 0) as large as the notify structure.
+    assert_eq!(
+        h.dev.read_config_register(4 + 2),
+        u32::from(NOTIFY_PORT) | 1
+    );
+    h.config_write32(0x18, 0xffff_ffff);
+    assert_eq!(h.dev.read_config_register(4 + 2), !(8 - 1) | 1);
     // Every queue's notify address lies inside the notify structure.
     let num_queues = h.read(NUM_QUEUES, 2);
     for q in 0..num_queues {
         h.write(QUEUE_SELECT, q, 2);
         let off = h.read(QUEUE_NOTIFY_OFF, 2);
-        assert!(off * u64::from(NOTIFY_OFF_MULTIPLIER) + 2 <= 0x1000);
+        assert!(off * u64::from(NOTIFY_OFF_MULTIPLIER) + 2 <= 8);
     }
 }
 
@@ -509,7 +528,7 @@ fn reset_stops_the_device_and_clears_transport_state() {
     h.setup_queue(1, 64, 0x20_0000);
     h.write(QUEUE_MSIX_VECTOR, 2, 2);
     h.driver_ok();
-    h.write(NOTIFY_OFFSET + 4, 1, 2);
+    h.notify(1);
     h.set_status(0);
 
     assert_eq!(h.log.lock().unwrap().resets, 1);
@@ -575,7 +594,7 @@ fn interrupts_follow_the_vectors_the_driver_chose() {
     assert!(interrupt.notify_queue(2).is_err());
 
     // Masking the vector parks the interrupt in the PBA until unmasked.
-    let entry2 = h.dev.layout.msix_table_offset + 2 * 16;
+    let entry2 = MSIX_TABLE_OFFSET + 2 * 16;
     h.write(entry2 + 12, 1, 4);
     interrupt.notify_queue(0).unwrap();
     assert!(h.irq.take_triggers().is_empty());
@@ -595,15 +614,21 @@ fn interrupts_follow_the_vectors_the_driver_chose() {
 #[test]
 fn notify_writes_signal_the_queue_eventfd() {
     let mut h = harness();
-    let addresses: Vec<u64> = h.dev.ioeventfds().iter().map(|(_, a)| *a).collect();
-    assert_eq!(addresses, vec![BAR_BASE + 0x3000, BAR_BASE + 0x3004]);
+    let addresses: Vec<EventAddress> = h.dev.ioeventfds().iter().map(|(_, a)| *a).collect();
+    assert_eq!(
+        addresses,
+        vec![
+            EventAddress::Port(NOTIFY_PORT),
+            EventAddress::Port(NOTIFY_PORT + 4)
+        ]
+    );
 
     h.negotiate(F_VERSION_1);
     h.setup_queue(0, 256, 0x10_0000);
     h.setup_queue(1, 128, 0x20_0000);
     h.driver_ok();
     // Linux writes the queue index as a 16-bit value at the queue's notify address.
-    h.write(NOTIFY_OFFSET + 4, 1, 2);
+    h.notify(1);
     let log = h.log.lock().unwrap();
     assert_eq!(log.notifiers[1].read().unwrap(), 1);
     assert!(log.notifiers[0].read().is_err(), "queue 0 was not notified");
@@ -612,7 +637,7 @@ fn notify_writes_signal_the_queue_eventfd() {
     h.dev.ioeventfds()[0].0.write(3).unwrap();
     assert_eq!(h.log.lock().unwrap().notifiers[0].read().unwrap(), 3);
     // Past the last queue: ignored.
-    h.write(NOTIFY_OFFSET + 8, 2, 2);
+    h.notify(2);
 }
 
 #[test]
@@ -624,18 +649,18 @@ fn inline_queues_get_no_ioeventfd_and_are_served_on_the_writing_thread() {
         inline_queue: Some(0),
         log: Arc::default(),
     });
-    let addresses: Vec<u64> = h.dev.ioeventfds().iter().map(|(_, a)| *a).collect();
+    let addresses: Vec<EventAddress> = h.dev.ioeventfds().iter().map(|(_, a)| *a).collect();
     assert_eq!(
         addresses,
-        vec![BAR_BASE + 0x3004],
+        vec![EventAddress::Port(NOTIFY_PORT + 4)],
         "only queue 1 goes through KVM"
     );
     h.negotiate(F_VERSION_1);
     h.setup_queue(0, 256, 0x10_0000);
     h.setup_queue(1, 128, 0x20_0000);
     h.driver_ok();
-    h.write(NOTIFY_OFFSET, 0, 2);
-    h.write(NOTIFY_OFFSET + 4, 1, 2);
+    h.notify(0);
+    h.notify(1);
     let log = h.log.lock().unwrap();
     assert_eq!(log.served_inline, vec![0]);
     assert!(log.notifiers[0].read().is_err(), "queue 0 is not signalled");
@@ -645,13 +670,12 @@ fn inline_queues_get_no_ioeventfd_and_are_served_on_the_writing_thread() {
 #[test]
 fn ioeventfds_follow_a_bar_move() {
     let mut h = harness();
-    h.config_write32(0x04, u32::from(pci::COMMAND_MEMORY_SPACE));
-    h.config_write32(0x10, 0x8000);
+    h.config_write32(0x04, u32::from(pci::COMMAND_IO_SPACE));
     let moves = h
         .dev
-        .write_config_register(0x14 / 4, 0, &0x20u32.to_le_bytes());
+        .write_config_register(0x18 / 4, 0, &0x2000u32.to_le_bytes());
     assert_eq!(moves.len(), 1);
-    assert_eq!(h.dev.ioeventfds()[1].1, 0x20_0000_8000 + 0x3004);
+    assert_eq!(h.dev.ioeventfds()[1].1, EventAddress::Port(0x2004));
 }
 
 #[test]
@@ -767,13 +791,22 @@ fn works_end_to_end_on_a_pci_root() {
     let device: Arc<Mutex<VirtioPciDevice>> = Arc::new(Mutex::new(dev));
     let root = Arc::new(Mutex::new(PciRoot::new()));
     root.lock().unwrap().add_device(2, device.clone()).unwrap();
-    let mut allocator =
-        BarAllocator::new((0xc000_0000, 0x2000_0000), Some((1 << 36, 1 << 30))).unwrap();
+    let mut allocator = BarAllocator::new(
+        (0xc000_0000, 0x2000_0000),
+        Some((1 << 36, 1 << 30)),
+        Some((0x1000, 0x1000)),
+    )
+    .unwrap();
     let dyn_device: Arc<Mutex<dyn PciDevice>> = device.clone();
     let mappings = allocator.allocate(&dyn_device).unwrap();
-    let mut mmio = Bus::new();
+    let (mut mmio, mut pio) = (Bus::new(), Bus::new());
     for m in &mappings {
-        mmio.insert(m.region.clone(), m.base, m.len).unwrap();
+        let bus = if m.kind == pci::BarKind::Io {
+            &mut pio
+        } else {
+            &mut mmio
+        };
+        bus.insert(m.region.clone(), m.base, m.len).unwrap();
     }
     let ecam: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(PciConfigMmio::new(root.clone())));
     mmio.insert(ecam, 0xe000_0000, pci::ECAM_BUS_SIZE).unwrap();
@@ -785,7 +818,10 @@ fn works_end_to_end_on_a_pci_root() {
     assert_eq!(bar0, 1 << 36);
     let fds = device.lock().unwrap().ioeventfds().len();
     assert_eq!(fds, 2);
-    assert_eq!(device.lock().unwrap().ioeventfds()[1].1, bar0 + 0x3004);
+    assert_eq!(
+        device.lock().unwrap().ioeventfds()[1].1,
+        EventAddress::Port(0x1004)
+    );
 
     // Drive the device through the bus as the guest would.
     let mut num_queues = [0u8; 2];
@@ -802,7 +838,7 @@ fn works_end_to_end_on_a_pci_root() {
     );
     assert_eq!(log.lock().unwrap().acked, vec![F_VERSION_1]);
     assert_eq!(log.lock().unwrap().activations[0][0].index, 0);
-    assert!(mmio.write(bar0 + 0x3000, &0u16.to_le_bytes()));
+    assert!(pio.write(0x1000, &0u16.to_le_bytes()));
     assert_eq!(log.lock().unwrap().notifiers[0].read().unwrap(), 1);
     assert!(root.lock().unwrap().take_bar_moves().is_empty());
 }

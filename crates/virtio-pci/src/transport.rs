@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{debug, error, warn};
-use pci::{BarKind, BarMove, BarSpec, Msix, PciConfiguration, PciDevice, PciHeader};
+use pci::{BarKind, BarMove, BarSpec, EventAddress, Msix, PciConfiguration, PciDevice, PciHeader};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
@@ -36,14 +36,18 @@ const SUBSYSTEM_ID: u16 = 0x40;
 const REVISION: u8 = 1;
 
 const VIRTIO_BAR: usize = 0;
-const VIRTIO_BAR_U8: u8 = VIRTIO_BAR as u8;
+/// The queue notification registers live in an I/O BAR of their own (BAR 0 is 64-bit and
+/// takes slots 0 and 1): a guest's `out` exits with the port already decoded, whereas an MMIO
+/// notification must be decoded by the hypervisor from the instruction. Notifications are
+/// the hottest guest exit there is, and the virtio-iommu's are synchronous.
+const NOTIFY_BAR: usize = 2;
 const PAGE: u64 = 0x1000;
-/// BAR 0 layout: one page each for common config, ISR and device config, then the notify
-/// area, the MSI-X table and the PBA, each page aligned so the guest can map them separately.
+/// BAR 0 layout: one page each for common config, ISR and device config, then the MSI-X
+/// table and the PBA, each page aligned so the guest can map them separately.
 const COMMON_CFG_OFFSET: u64 = 0;
 const ISR_OFFSET: u64 = PAGE;
 const DEVICE_CFG_OFFSET: u64 = 2 * PAGE;
-const NOTIFY_OFFSET: u64 = 3 * PAGE;
+const MSIX_TABLE_OFFSET: u64 = 3 * PAGE;
 
 const PCI_CAP_ID_VENDOR: u8 = 0x09;
 const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
@@ -88,26 +92,26 @@ fn class_code(device_type: u32) -> (u8, u8) {
     }
 }
 
-/// Where things sit in BAR 0.
+/// Where things sit in BAR 0, and the size of the notification BAR.
 #[derive(Clone, Copy, Debug)]
 struct BarLayout {
+    /// Bytes of notification registers: one dword per queue.
     notify_len: u64,
-    msix_table_offset: u64,
     msix_pba_offset: u64,
     size: u64,
+    notify_bar_size: u64,
 }
 
 impl BarLayout {
     fn new(queues: usize, vectors: usize) -> Self {
-        let notify_len = (queues as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)).next_multiple_of(PAGE);
-        let msix_table_offset = NOTIFY_OFFSET + notify_len;
-        let msix_pba_offset = msix_table_offset + Msix::table_len(vectors).next_multiple_of(PAGE);
+        let notify_len = queues as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+        let msix_pba_offset = MSIX_TABLE_OFFSET + Msix::table_len(vectors).next_multiple_of(PAGE);
         let end = msix_pba_offset + Msix::pba_len(vectors).next_multiple_of(PAGE);
         Self {
             notify_len,
-            msix_table_offset,
             msix_pba_offset,
             size: end.next_power_of_two(),
+            notify_bar_size: notify_len.next_power_of_two(),
         }
     }
 }
@@ -222,14 +226,22 @@ impl VirtioPciDevice {
                 prefetchable: false,
             },
         )?;
+        config.add_bar(
+            NOTIFY_BAR,
+            BarSpec {
+                size: layout.notify_bar_size,
+                kind: BarKind::Io,
+                prefetchable: false,
+            },
+        )?;
 
-        let region_cap = |cfg_type: u8, offset: u64, len: u64| {
+        let region_cap = |cfg_type: u8, bar: usize, offset: u64, len: u64| {
             let mut cap = vec![
                 PCI_CAP_ID_VENDOR,
                 0,
                 VIRTIO_PCI_CAP_LEN,
                 cfg_type,
-                VIRTIO_BAR_U8,
+                bar as u8,
                 0,
                 0,
                 0,
@@ -239,21 +251,34 @@ impl VirtioPciDevice {
             cap
         };
         config.add_capability(
-            &region_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, PAGE),
+            &region_cap(
+                VIRTIO_PCI_CAP_COMMON_CFG,
+                VIRTIO_BAR,
+                COMMON_CFG_OFFSET,
+                PAGE,
+            ),
             &[],
         )?;
-        let mut notify = region_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFFSET, layout.notify_len);
+        let mut notify = region_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_BAR, 0, layout.notify_len);
         notify[2] += 4;
         notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
         config.add_capability(&notify, &[])?;
-        config.add_capability(&region_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, PAGE), &[])?;
         config.add_capability(
-            &region_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, PAGE),
+            &region_cap(VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_BAR, ISR_OFFSET, PAGE),
+            &[],
+        )?;
+        config.add_capability(
+            &region_cap(
+                VIRTIO_PCI_CAP_DEVICE_CFG,
+                VIRTIO_BAR,
+                DEVICE_CFG_OFFSET,
+                PAGE,
+            ),
             &[],
         )?;
         // The PCI_CFG window: the driver chooses bar, offset and length, then accesses
         // pci_cfg_data; all four fields are writable.
-        let mut window = region_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0);
+        let mut window = region_cap(VIRTIO_PCI_CAP_PCI_CFG, VIRTIO_BAR, 0, 0);
         window[2] += 4;
         window.extend_from_slice(&[0; 4]);
         let mut writable = vec![0u8; window.len()];
@@ -264,7 +289,7 @@ impl VirtioPciDevice {
         let msix = Msix::new(
             &mut config,
             interrupt,
-            (VIRTIO_BAR, layout.msix_table_offset as u32),
+            (VIRTIO_BAR, MSIX_TABLE_OFFSET as u32),
             (VIRTIO_BAR, layout.msix_pba_offset as u32),
         )?;
         let notifiers = max_sizes
@@ -607,8 +632,9 @@ impl VirtioPciDevice {
         let bar = (self.config.read_reg(reg + 1) & 0xff) as usize;
         let offset = u64::from(self.config.read_reg(reg + 2));
         let len = self.config.read_reg(reg + 3) as usize;
-        let valid =
-            bar == VIRTIO_BAR && matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64);
+        let valid = (bar == VIRTIO_BAR || bar == NOTIFY_BAR)
+            && matches!(len, 1 | 2 | 4)
+            && offset.is_multiple_of(len as u64);
         if !valid {
             debug!("PCI_CFG window bar {bar} offset {offset:#x} length {len} unusable");
         }
@@ -664,7 +690,7 @@ impl PciDevice for VirtioPciDevice {
         match offset {
             o if end <= ISR_OFFSET => self.read_common_cfg(o - COMMON_CFG_OFFSET, data),
             o if o >= ISR_OFFSET && end <= DEVICE_CFG_OFFSET => self.read_isr(o - ISR_OFFSET, data),
-            o if o >= DEVICE_CFG_OFFSET && end <= NOTIFY_OFFSET => {
+            o if o >= DEVICE_CFG_OFFSET && end <= MSIX_TABLE_OFFSET => {
                 self.device.read_config(o - DEVICE_CFG_OFFSET, data)
             }
             _ => {
@@ -675,29 +701,36 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let end = offset.saturating_add(data.len() as u64);
+        if bar == NOTIFY_BAR {
+            if end <= self.layout.notify_len {
+                self.notify(offset);
+            }
+            return;
+        }
         if bar != VIRTIO_BAR || self.msix.write_bar(bar, offset, data) {
             return;
         }
-        let end = offset.saturating_add(data.len() as u64);
         match offset {
             o if end <= ISR_OFFSET => self.write_common_cfg(o - COMMON_CFG_OFFSET, data),
-            o if o >= DEVICE_CFG_OFFSET && end <= NOTIFY_OFFSET => {
+            o if o >= DEVICE_CFG_OFFSET && end <= MSIX_TABLE_OFFSET => {
                 self.device.write_config(o - DEVICE_CFG_OFFSET, data)
-            }
-            o if o >= NOTIFY_OFFSET && end <= NOTIFY_OFFSET + self.layout.notify_len => {
-                self.notify(o - NOTIFY_OFFSET)
             }
             _ => debug!("write of {} bytes at BAR 0 offset {offset:#x}", data.len()),
         }
     }
 
-    fn ioeventfds(&self) -> Vec<(&EventFd, u64)> {
-        let base = self.config.bar_address(VIRTIO_BAR).unwrap_or(0) + NOTIFY_OFFSET;
+    fn ioeventfds(&self) -> Vec<(&EventFd, EventAddress)> {
+        let base = self.config.bar_address(NOTIFY_BAR).unwrap_or(0);
         self.notifiers
             .iter()
             .enumerate()
             .filter(|(index, _)| !self.device.serves_inline(*index))
-            .map(|(index, fd)| (fd, base + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)))
+            .map(|(index, fd)| {
+                let port = base + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+                // The allocator keeps I/O BARs inside the 16-bit port space.
+                (fd, EventAddress::Port(port as u16))
+            })
             .collect()
     }
 }

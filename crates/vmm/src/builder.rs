@@ -110,8 +110,15 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let iommu = if config.needs_iommu() {
         let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough)?;
         let device = Box::new(Iommu::new(Arc::clone(&model), ram.memory.clone()));
-        pci.add_virtio(IOMMU_DEVICE_NUMBER, device, &router, &vm, &mut mmio)
-            .map_err(VmmError::Device)?;
+        pci.add_virtio(
+            IOMMU_DEVICE_NUMBER,
+            device,
+            &router,
+            &vm,
+            &mut pio,
+            &mut mmio,
+        )
+        .map_err(VmmError::Device)?;
         Some(model)
     } else {
         None
@@ -127,8 +134,15 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             }
             _ => build_device(&planned.kind, ram.memory.clone(), false, config)?,
         };
-        pci.add_virtio(planned.device_number, device, &router, &vm, &mut mmio)
-            .map_err(VmmError::Device)?;
+        pci.add_virtio(
+            planned.device_number,
+            device,
+            &router,
+            &vm,
+            &mut pio,
+            &mut mmio,
+        )
+        .map_err(VmmError::Device)?;
     }
     // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
     let mut next_slot = ram.memory.num_regions() as u32;
@@ -144,6 +158,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             p.device_number,
             device.clone(),
             &vm,
+            &mut pio,
             &mut mmio,
             &mut next_slot,
         )
@@ -574,8 +589,8 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
         },
         mmio32: layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE,
         mmio64: mmio64_start..mmio64_start + layout::PCI_MMIO64_SIZE,
-        // Modern virtio-pci needs no I/O BARs.
-        pci_io: None,
+        // Virtio queue notifications live in I/O BARs.
+        pci_io: Some(layout::PCI_IO_START..layout::PCI_IO_END),
         serial: (config.serial != OutputConfig::Off).then_some(acpi::Serial {
             port: layout::COM1_PORT,
             irq: layout::COM1_IRQ,

@@ -56,6 +56,10 @@ pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 pub const MSI_DOORBELL_START: u64 = 0xfee0_0000;
 pub const MSI_DOORBELL_END: u64 = 0xfeef_ffff;
 
+/// The PCI I/O port window, above every legacy port, for I/O BARs (virtio notifications).
+pub const PCI_IO_START: u32 = 0x1000;
+pub const PCI_IO_END: u32 = 0x1_0000;
+
 /// Legacy I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;

@@ -1,11 +1,11 @@
 //! Bus 0 as the VMM assembles it: devices plugged in at fixed numbers, BARs placed in the PCI
-//! windows and put on the MMIO bus, queue notifications turned into KVM ioeventfds.
+//! windows and put on the port or MMIO bus, queue notifications turned into KVM ioeventfds.
 
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use pci::{BarAllocator, BarKind, EventAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 use vfio::VfioPciDevice;
 use virtio_devices::VirtioDevice;
 use virtio_pci::VirtioPciDevice;
@@ -31,6 +31,10 @@ impl PciBus {
         let allocator = BarAllocator::new(
             (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
             Some((layout::pci_mmio64_start(ram_size), layout::PCI_MMIO64_SIZE)),
+            Some((
+                u64::from(layout::PCI_IO_START),
+                u64::from(layout::PCI_IO_END - layout::PCI_IO_START),
+            )),
         )
         .map_err(|err| err.to_string())?;
         pio.insert(
@@ -48,31 +52,53 @@ impl PciBus {
         Ok(PciBus { root, allocator })
     }
 
+    /// Places `device`'s BARs and puts each on the bus of its address space, where accesses
+    /// reach the device model.
+    fn place_bars(
+        &mut self,
+        device: &Arc<Mutex<dyn PciDevice>>,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<(), String> {
+        for bar in self
+            .allocator
+            .allocate(device)
+            .map_err(|err| err.to_string())?
+        {
+            let bus = if bar.kind == BarKind::Io {
+                &mut *pio
+            } else {
+                &mut *mmio
+            };
+            bus.insert(bar.region, bar.base, bar.len)
+                .map_err(|err| err.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Plugs `device` in behind the virtio-pci transport at `device_number`: MSI-X vectors
-    /// from `router`, BARs on `mmio`, queue notifications as ioeventfds of `vm`.
+    /// from `router`, BARs on `pio` and `mmio`, queue notifications as ioeventfds of `vm`.
     pub fn add_virtio(
         &mut self,
         device_number: u8,
         device: Box<dyn VirtioDevice>,
         router: &Arc<GsiRouter>,
         vm: &VmFd,
+        pio: &mut Bus,
         mmio: &mut Bus,
     ) -> Result<(), String> {
         let vectors = virtio_pci::msix_vectors(device.as_ref());
         let interrupt = router.msi_group(vectors).map_err(|err| err.to_string())?;
         let transport = VirtioPciDevice::new(device, interrupt).map_err(|err| err.to_string())?;
         let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
-        for bar in self
-            .allocator
-            .allocate(&transport)
-            .map_err(|err| err.to_string())?
-        {
-            mmio.insert(bar.region, bar.base, bar.len)
-                .map_err(|err| err.to_string())?;
-        }
+        self.place_bars(&transport, pio, mmio)?;
         for (eventfd, address) in lock(&transport).ioeventfds() {
-            vm.register_ioevent(eventfd, &IoEventAddress::Mmio(address), NoDatamatch)
-                .map_err(|err| format!("ioeventfd at {address:#x}: {err}"))?;
+            let kvm_address = match address {
+                EventAddress::Port(port) => IoEventAddress::Pio(u64::from(port)),
+                EventAddress::Memory(addr) => IoEventAddress::Mmio(addr),
+            };
+            vm.register_ioevent(eventfd, &kvm_address, NoDatamatch)
+                .map_err(|err| format!("ioeventfd at {address:x?}: {err}"))?;
         }
         lock(&self.root)
             .add_device(device_number, transport)
@@ -81,7 +107,7 @@ impl PciBus {
 }
 
 impl PciBus {
-    /// Plugs a passed-through device in at `device_number`. Every BAR goes on `mmio`, where
+    /// Plugs a passed-through device in at `device_number`. Every BAR goes on its bus, where
     /// accesses trap to the device model; BARs the host let us map also become KVM memory
     /// slots (numbered from `next_slot` on), so the guest reaches them without exits.
     pub fn add_vfio(
@@ -89,18 +115,12 @@ impl PciBus {
         device_number: u8,
         device: Arc<Mutex<VfioPciDevice>>,
         vm: &VmFd,
+        pio: &mut Bus,
         mmio: &mut Bus,
         next_slot: &mut u32,
     ) -> Result<(), String> {
         let pci_device: Arc<Mutex<dyn PciDevice>> = device.clone();
-        for bar in self
-            .allocator
-            .allocate(&pci_device)
-            .map_err(|err| err.to_string())?
-        {
-            mmio.insert(bar.region, bar.base, bar.len)
-                .map_err(|err| err.to_string())?;
-        }
+        self.place_bars(&pci_device, pio, mmio)?;
         let dev = lock(&device);
         for m in dev.mmaps() {
             let base = dev
