@@ -40,8 +40,6 @@ use datapath::NetWorker;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue (guest to host).
 pub const TX_QUEUE: usize = 1;
-/// Queue size unless the VMM asks for another.
-pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
 /// Numbers worker threads `virtio-net-N`.
 static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
