@@ -36,7 +36,9 @@ n=0
 until ping -c 1 -W 1 192.168.249.2 >/dev/null 2>&1; do
     n=$((n + 1)); [ "$n" -lt 400 ] || { echo "$label-HOST-PING=timeout"; exit 1; }
 done
-echo "$label-HOST-PING=$(ping -c 3 -w 30 192.168.249.2 | sed -n 's/.*, \([0-9]*\) packets received.*/\1/p')"
+ping -c 4 -w 30 192.168.249.2 >ping-$label.txt || true
+echo "$label-HOST-PING=$(sed -n 's/.*, \([0-9]*\) packets received.*/\1/p' ping-$label.txt)"
+echo "$label-HOST-PING-RTT=$(sed -n 's/.*min\/avg\/max = //p' ping-$label.txt)"
 nc -l -p 5002 -e ./send.sh &
 nc -l -p 5001 -e ./recv.sh
 wait
@@ -62,7 +64,9 @@ echo "$MODE-NET-FEATURES=$(cat /sys/class/net/eth0/device/features)"
 ip link set lo up
 ip addr add 192.168.249.2/24 dev eth0
 ip link set eth0 up
-echo "$MODE-GUEST-PING=$(ping -c 3 -w 30 192.168.249.1 | sed -n 's/.*, \([0-9]*\) packets received.*/\1/p')"
+ping -c 4 -w 30 192.168.249.1 >/tmp/ping.txt || true
+echo "$MODE-GUEST-PING=$(sed -n 's/.*, \([0-9]*\) packets received.*/\1/p' /tmp/ping.txt)"
+echo "$MODE-GUEST-PING-RTT=$(sed -n 's/.*min\/avg\/max = //p' /tmp/ping.txt)"
 
 now() { cut -d' ' -f1 /proc/uptime; }
 rate() { awk -v b="$1" -v a="$2" -v z="$3" 'BEGIN { d = z - a; if (d < 0.01) d = 0.01; printf "%d\n", b / d }'; }
@@ -133,8 +137,18 @@ fn check_boot(out: &Outcome, mode: &str) -> (u64, u64) {
     }
 
     assert_eq!(marker("HOST-TAP-ADDR"), Some("192.168.249.1/24"), "{out}");
-    assert_eq!(marker("GUEST-PING"), Some("3"), "guest pings host\n{out}");
-    assert_eq!(marker("HOST-PING"), Some("3"), "host pings guest\n{out}");
+    // Busybox ping waits only about two round trips for the last reply, and round trips
+    // under TCG vary by far more than that: one late reply is not a lost packet.
+    for (key, what) in [
+        ("GUEST-PING", "guest pings host"),
+        ("HOST-PING", "host pings guest"),
+    ] {
+        let replies: u32 = marker(key).and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(
+            replies >= 3,
+            "{mode}: {what}: {replies} of 4 replies\n{out}"
+        );
+    }
     let uploaded = marker("GUEST-SENT-MD5").expect("guest checksum");
     assert_eq!(marker("HOST-RECEIVED-MD5"), Some(uploaded), "upload\n{out}");
     let downloaded = out.marker("HOST-SENT-MD5").expect("host checksum");
