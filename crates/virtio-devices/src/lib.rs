@@ -23,6 +23,7 @@ pub mod block;
 mod buffers;
 pub mod console;
 pub mod iommu;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
@@ -31,6 +32,7 @@ mod worker;
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
 pub use iommu::Iommu;
+pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
 
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.

@@ -123,6 +123,21 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
             .collect()
     }
 
+    /// The driver's available index: how many chains it made available so far.
+    pub(crate) fn avail_idx(&self) -> u16 {
+        self.mock.avail().idx().load()
+    }
+
+    /// `avail_event` (EVENT_IDX): the device wants a notification once the available index
+    /// passes it.
+    pub(crate) fn avail_event(&self) -> u16 {
+        let addr = self
+            .mock
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(self.size));
+        self.mem.read_obj(addr).unwrap()
+    }
+
     /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index passes it.
     pub(crate) fn set_used_event(&self, value: u16) {
         let addr = self

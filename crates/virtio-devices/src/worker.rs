@@ -239,7 +239,39 @@ impl DeviceQueue {
         }
     }
 
-    fn signal_used<M: GuestMemory>(&mut self, mem: &M) {
+    /// Takes the next available chain, for devices that cannot complete chains one at a
+    /// time (virtio-net's receive queue spreads one packet over several).
+    pub(crate) fn pop<'m, M: GuestMemory>(&mut self, mem: &'m M) -> Option<DescriptorChain<&'m M>> {
+        self.queue.pop_descriptor_chain(mem)
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written; `false` (logged) if the
+    /// used ring cannot be written.
+    pub(crate) fn add_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> bool {
+        match self.queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(err) => {
+                error!(
+                    "queue {}: cannot return descriptor {head}: {err}",
+                    self.index
+                );
+                false
+            }
+        }
+    }
+
+    /// Asks the driver to notify when it makes buffers available beyond those already taken
+    /// (with EVENT_IDX, from the current avail index on); returns whether some already are,
+    /// in which case no notification will come for them.
+    pub(crate) fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        self.queue.enable_notification(mem).unwrap_or_else(|err| {
+            error!("queue {}: cannot enable notifications: {err}", self.index);
+            false
+        })
+    }
+
+    /// Interrupts the driver about used buffers, if it wants to be.
+    pub(crate) fn signal_used<M: GuestMemory>(&mut self, mem: &M) {
         let needed = self.queue.needs_notification(mem).unwrap_or_else(|err| {
             // A spurious interrupt is harmless; a lost one hangs the driver.
             warn!("queue {}: cannot read used_event: {err}", self.index);

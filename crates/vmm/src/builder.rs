@@ -14,7 +14,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper, VfioPciDevice};
-use virtio_devices::{Block, BlockOptions, Console, DeviceMemory, Iommu, Rng, VirtioDevice};
+use virtio_devices::{
+    Block, BlockOptions, Console, DeviceMemory, Iommu, Net, NetOptions, Rng, VirtioDevice,
+};
 use virtio_iommu::{
     EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
 };
@@ -25,7 +27,7 @@ use vm_memory::{
 use vm_superio::Serial;
 
 use crate::boot::{self, BootInfo};
-use crate::config::{DeviceConfig, DiskConfig, OutputConfig, RngConfig, VmConfig};
+use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig, RngConfig, VmConfig};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{AcpiReset, AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
@@ -54,6 +56,10 @@ pub enum VmmError {
     Device(String),
     #[error(transparent)]
     Vfio(#[from] vfio::OpenError),
+    /// A tap that cannot be used as asked: the host lacks the tun driver or the permission,
+    /// or the name is taken.
+    #[error("--net: {0}")]
+    Net(#[from] net_util::TapError),
 }
 
 impl VmmError {
@@ -61,7 +67,11 @@ impl VmmError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            VmmError::Memory(_) | VmmError::Boot(_) | VmmError::NoKvm(_) | VmmError::Vfio(_)
+            VmmError::Memory(_)
+                | VmmError::Boot(_)
+                | VmmError::NoKvm(_)
+                | VmmError::Vfio(_)
+                | VmmError::Net(_)
         )
     }
 }
@@ -312,6 +322,7 @@ fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
 enum DeviceKind<'a> {
     Console,
     Disk(&'a DiskConfig),
+    Net(&'a NetConfig),
     Rng(&'a RngConfig),
 }
 
@@ -330,7 +341,7 @@ impl PlannedDevice<'_> {
     }
 }
 
-/// The virtio devices in the order the guest sees them on bus 0: console, disks, rng, after
+/// The virtio devices in the order the guest sees them on bus 0: console, disks, nets, rng, after
 /// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
 /// their addresses when the IOMMU is switched on).
 fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
@@ -340,12 +351,16 @@ fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
         .disks
         .iter()
         .map(|disk| (DeviceKind::Disk(disk), disk.iommu));
+    let nets = config
+        .nets
+        .iter()
+        .map(|net| (DeviceKind::Net(net), net.iommu));
     let rng = config
         .rng
         .as_ref()
         .map(|rng| (DeviceKind::Rng(rng), rng.iommu));
     (IOMMU_DEVICE_NUMBER + 1..)
-        .zip(console.into_iter().chain(disks).chain(rng))
+        .zip(console.into_iter().chain(disks).chain(nets).chain(rng))
         .map(|(device_number, (kind, iommu))| PlannedDevice {
             device_number,
             kind,
@@ -479,6 +494,30 @@ fn build_device<M: DeviceMemory>(
                 Block::open(mem, &disk.path, options)
                     .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
             )
+        }
+        DeviceKind::Net(net) => {
+            let tap = net_util::Tap::open(&net.tap)?;
+            if let Some((ip, mask)) = net.host_ipv4 {
+                tap.set_ipv4(ip, mask)?;
+            }
+            // The name matters to whoever configures the host side of a tap warden created.
+            log::info!(
+                "--net: tap {} for the guest's {} (queues of {}{})",
+                tap.name(),
+                net.mac,
+                net.queue_size,
+                if access_platform {
+                    ", behind the IOMMU"
+                } else {
+                    ""
+                }
+            );
+            let options = NetOptions {
+                mac: net.mac,
+                queue_size: net.queue_size,
+                access_platform,
+            };
+            Box::new(Net::new(mem, tap, options))
         }
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
@@ -777,5 +816,80 @@ fn forward_stdin(port: Arc<Mutex<SerialPort>>) {
         });
     if let Err(err) = spawned {
         log::warn!("no serial input: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::{MacAddr, MemoryBacking, MemoryConfig};
+
+    #[test]
+    fn nets_sit_between_disks_and_rng_and_count_for_the_iommu() {
+        let disk = DiskConfig {
+            path: PathBuf::from("disk.img"),
+            readonly: false,
+            iommu: false,
+        };
+        let net = NetConfig {
+            tap: String::new(),
+            mac: MacAddr::new([0x02, 0, 0, 0, 0, 1]),
+            host_ipv4: None,
+            queue_size: NetConfig::DEFAULT_QUEUE_SIZE,
+            iommu: true,
+        };
+        let config = VmConfig {
+            cpus: 1,
+            memory: MemoryConfig {
+                size: 512 << 20,
+                backing: MemoryBacking::Anonymous,
+                shared: false,
+            },
+            kernel: PathBuf::from("vmlinux"),
+            initramfs: None,
+            cmdline: String::new(),
+            disks: vec![disk.clone(), disk],
+            nets: vec![
+                net.clone(),
+                NetConfig {
+                    iommu: false,
+                    ..net
+                },
+            ],
+            rng: Some(RngConfig {
+                src: PathBuf::from("/dev/urandom"),
+                iommu: false,
+            }),
+            serial: OutputConfig::Off,
+            console: OutputConfig::Null,
+            console_iommu: false,
+            devices: Vec::new(),
+        };
+        assert!(config.needs_iommu(), "a protected net needs the IOMMU");
+        let plan: Vec<(u8, &str, bool)> = plan_devices(&config)
+            .iter()
+            .map(|device| {
+                let kind = match device.kind {
+                    DeviceKind::Console => "console",
+                    DeviceKind::Disk(_) => "disk",
+                    DeviceKind::Net(_) => "net",
+                    DeviceKind::Rng(_) => "rng",
+                };
+                (device.device_number, kind, device.iommu)
+            })
+            .collect();
+        assert_eq!(
+            plan,
+            [
+                (2, "console", false),
+                (3, "disk", false),
+                (4, "disk", false),
+                (5, "net", true),
+                (6, "net", false),
+                (7, "rng", false),
+            ]
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! What the user asked for, already validated by the command line parser.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+
+pub use net_util::MacAddr;
 
 /// The whole machine description the builder turns into a running VM.
 #[derive(Clone, Debug)]
@@ -11,6 +14,7 @@ pub struct VmConfig {
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub rng: Option<RngConfig>,
     pub serial: OutputConfig,
     pub console: OutputConfig,
@@ -25,6 +29,7 @@ impl VmConfig {
     pub fn needs_iommu(&self) -> bool {
         (self.console != OutputConfig::Off && self.console_iommu)
             || self.disks.iter().any(|disk| disk.iommu)
+            || self.nets.iter().any(|net| net.iommu)
             || self.rng.as_ref().is_some_and(|rng| rng.iommu)
             || self.devices.iter().any(|device| device.iommu)
     }
@@ -54,6 +59,25 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub iommu: bool,
+}
+
+/// A virtio-net device on a tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap to open, created if it does not exist; empty: a new tap `vmtapN`.
+    pub tap: String,
+    /// The guest's MAC address (the command line picks a random one when none is given).
+    pub mac: MacAddr,
+    /// Address and netmask for the host end of the tap, if warden is to set them.
+    pub host_ipv4: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Size of the receive and the transmit queue.
+    pub queue_size: u16,
+    pub iommu: bool,
+}
+
+impl NetConfig {
+    /// Queue size unless `queue_size=` says otherwise (Cloud Hypervisor's default).
+    pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

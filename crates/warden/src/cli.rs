@@ -1,10 +1,12 @@
 //! The command line, compatible with Cloud Hypervisor's, turned into a [`VmConfig`].
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use vmm::config::{
-    DeviceConfig, DiskConfig, MemoryBacking, MemoryConfig, OutputConfig, RngConfig, VmConfig,
+    DeviceConfig, DiskConfig, MacAddr, MemoryBacking, MemoryConfig, NetConfig, OutputConfig,
+    RngConfig, VmConfig,
 };
 use vmm::memory::MIN_MEMORY;
 
@@ -71,8 +73,11 @@ pub struct Cli {
     )]
     console: String,
 
-    /// virtio-net on a tap device: tap=NAME,mac=MAC[,ip=IP,mask=MASK][,num_queues=N][,queue_size=N][,iommu=on].
-    /// Accepts iommu=on. Not implemented yet: refused with a message.
+    /// virtio-net on a tap device (repeatable):
+    /// tap=NAME,mac=MAC[,ip=IP,mask=MASK][,num_queues=2][,queue_size=256][,iommu=on].
+    /// An empty or absent tap= creates a new tap vmtapN; an existing tap is opened. An empty or
+    /// absent mac= picks a random locally administered MAC. ip=/mask= (default 255.255.255.0)
+    /// configure the host end of the tap. One queue pair. Accepts iommu=on.
     #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=..,mask=..][,iommu=on]")]
     net: Vec<String>,
 
@@ -149,12 +154,21 @@ impl Cli {
                 message: "only one of --serial and --console can be tty; set the other to null, off or file=PATH".into(),
             });
         }
-        if let Some(net) = self.net.first() {
-            in_option("net", parse_net(net))?;
-            return Err(CliError {
-                option: "net",
-                message: "virtio-net is not implemented yet; remove --net".into(),
-            });
+        let nets = self
+            .net
+            .iter()
+            .map(|text| in_option("net", parse_net(text)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, net) in nets.iter().enumerate() {
+            if !net.tap.is_empty() && nets[..i].iter().any(|other| other.tap == net.tap) {
+                return Err(CliError {
+                    option: "net",
+                    message: format!(
+                        "tap={} is given twice; each --net needs its own tap",
+                        net.tap
+                    ),
+                });
+            }
         }
         let devices = self
             .device
@@ -179,6 +193,7 @@ impl Cli {
             initramfs: self.initramfs,
             cmdline: self.cmdline,
             disks,
+            nets,
             rng: Some(rng),
             serial,
             console,
@@ -283,8 +298,8 @@ fn parse_output(text: &str, dma: bool) -> ParseResult<(OutputConfig, bool)> {
     }
 }
 
-/// Checks `--net`'s syntax so that a typo is reported as such, not as "not implemented".
-fn parse_net(text: &str) -> ParseResult<()> {
+/// Parses `--net`; an empty or absent `mac=` gets a random locally administered address.
+fn parse_net(text: &str) -> ParseResult<NetConfig> {
     let kv = KeyValues::parse(
         text,
         &[
@@ -298,27 +313,77 @@ fn parse_net(text: &str) -> ParseResult<()> {
             "id",
         ],
     )?;
-    if let Some(mac) = kv.get("mac").filter(|mac| !mac.is_empty()) {
-        let octets: Vec<_> = mac.split(':').collect();
-        if octets.len() != 6
-            || octets
-                .iter()
-                .any(|o| o.len() != 2 || u8::from_str_radix(o, 16).is_err())
-        {
+    let given = |key: &str| kv.get(key).filter(|value| !value.is_empty());
+
+    let tap = kv.get("tap").unwrap_or_default();
+    net_util::validate_tap_name(tap).map_err(|err| err.to_string())?;
+
+    let mac = match given("mac") {
+        Some(text) => {
+            let mac: MacAddr = text
+                .parse()
+                .map_err(|_| format!("mac={text} is not a MAC address like 52:54:00:12:34:56"))?;
+            if mac.is_multicast() {
+                return Err(format!(
+                    "mac={text} is a multicast address; give a unicast one (even first octet), or mac= for a random one"
+                ));
+            }
+            mac
+        }
+        None => MacAddr::random_local()
+            .map_err(|err| format!("cannot pick a random MAC ({err}); give one with mac="))?,
+    };
+
+    let ipv4 = |key: &str, value: &str| {
+        value
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{key}={value} is not an IPv4 address like 192.168.249.1"))
+    };
+    let ip = given("ip").map(|ip| ipv4("ip", ip)).transpose()?;
+    let mask = given("mask").map(|mask| ipv4("mask", mask)).transpose()?;
+    if let Some(mask) = mask {
+        // A netmask is ones then zeroes.
+        if u32::from(mask).leading_ones() + u32::from(mask).trailing_zeros() != 32 {
             return Err(format!(
-                "mac={mac} is not a MAC address like 52:54:00:12:34:56"
+                "mask={mask} is not a netmask; give one like 255.255.255.0"
             ));
         }
     }
-    for key in ["num_queues", "queue_size"] {
-        if let Some(value) = kv.get(key) {
+    let host_ipv4 = match (ip, mask) {
+        (Some(ip), mask) => Some((ip, mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0)))),
+        (None, Some(_)) => {
+            return Err("mask= needs ip=, the address of the host end of the tap".into())
+        }
+        (None, None) => None,
+    };
+
+    let number = |key: &str, default: u16| -> ParseResult<u16> {
+        given(key).map_or(Ok(default), |value| {
             value
                 .parse::<u16>()
-                .map_err(|_| format!("{key}={value} is not a number"))?;
-        }
+                .map_err(|_| format!("{key}={value} is not a number"))
+        })
+    };
+    let num_queues = number("num_queues", 2)?;
+    if num_queues != 2 {
+        return Err(format!(
+            "num_queues={num_queues} is not supported: warden serves one receive and one transmit queue; give num_queues=2 (the default)"
+        ));
     }
-    kv.switch("iommu")?;
-    Ok(())
+    let queue_size = number("queue_size", NetConfig::DEFAULT_QUEUE_SIZE)?;
+    if !queue_size.is_power_of_two() || queue_size < 2 {
+        return Err(format!(
+            "queue_size={queue_size} is not a power of two from 2 to 32768; give e.g. queue_size=256"
+        ));
+    }
+
+    Ok(NetConfig {
+        tap: tap.to_string(),
+        mac,
+        host_ipv4,
+        queue_size,
+        iommu: kv.switch("iommu")?,
+    })
 }
 
 fn parse_device(text: &str) -> ParseResult<DeviceConfig> {
@@ -473,13 +538,102 @@ mod tests {
     }
 
     #[test]
-    fn net_is_parsed_then_refused() {
+    fn net_defaults_pick_a_new_tap_and_a_random_local_mac() {
+        let c = config(&["--net", "tap=,mac=,iommu=on", "--net", "tap=tap1"]).unwrap();
+        assert!(c.needs_iommu());
+        let [first, second] = c.nets.as_slice() else {
+            panic!("two nets: {:?}", c.nets)
+        };
+        assert_eq!(first.tap, "");
+        assert!(first.iommu);
+        assert_eq!(first.host_ipv4, None);
+        assert_eq!(first.queue_size, 256);
+        for mac in [first.mac, second.mac] {
+            assert_eq!(
+                mac.octets()[0] & 0x03,
+                0x02,
+                "unicast, locally administered: {mac}"
+            );
+        }
+        assert_ne!(first.mac, second.mac);
+        assert_eq!(second.tap, "tap1");
+        assert!(!second.iommu);
+        assert!(!config(&["--net", "tap=tap1"]).unwrap().needs_iommu());
+    }
+
+    #[test]
+    fn net_options_are_parsed() {
+        let c = config(&[
+            "--net",
+            "tap=vmtap7,mac=52:54:00:AB:cd:01,ip=192.168.249.1,mask=255.255.0.0,num_queues=2,queue_size=1024,id=n0",
+        ])
+        .unwrap();
+        let net = &c.nets[0];
+        assert_eq!(net.tap, "vmtap7");
+        assert_eq!(net.mac.to_string(), "52:54:00:ab:cd:01");
         assert_eq!(
-            error(&["--net", "tap=,mac=,iommu=on"]),
-            "--net: virtio-net is not implemented yet; remove --net"
+            net.host_ipv4,
+            Some((
+                Ipv4Addr::new(192, 168, 249, 1),
+                Ipv4Addr::new(255, 255, 0, 0)
+            ))
         );
-        assert!(error(&["--net", "tap=,mac=zz"]).starts_with("--net: mac=zz is not a MAC address"));
-        assert!(error(&["--net", "tapp=x"]).starts_with("--net: unknown key 'tapp'"));
+        assert_eq!(net.queue_size, 1024);
+        let c = config(&["--net", "ip=10.0.0.1"]).unwrap();
+        assert_eq!(
+            c.nets[0].host_ipv4,
+            Some((Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(255, 255, 255, 0)))
+        );
+    }
+
+    #[test]
+    fn net_errors_name_the_option_and_the_fix() {
+        for (arg, expected) in [
+            (
+                "tap=,mac=zz",
+                "--net: mac=zz is not a MAC address like 52:54:00:12:34:56",
+            ),
+            (
+                "mac=52:54:00:12:34",
+                "--net: mac=52:54:00:12:34 is not a MAC address",
+            ),
+            (
+                "mac=01:00:5e:00:00:01",
+                "--net: mac=01:00:5e:00:00:01 is a multicast address",
+            ),
+            ("tapp=x", "--net: unknown key 'tapp'"),
+            ("tap=a/b", "--net: tap=\"a/b\" is not an interface name"),
+            (
+                "tap=waytoolongtapname",
+                "--net: tap=\"waytoolongtapname\" is not",
+            ),
+            ("ip=fe80::1", "--net: ip=fe80::1 is not an IPv4 address"),
+            (
+                "ip=10.0.0.1,mask=255.0.255.0",
+                "--net: mask=255.0.255.0 is not a netmask",
+            ),
+            ("mask=255.255.255.0", "--net: mask= needs ip="),
+            ("num_queues=4", "--net: num_queues=4 is not supported"),
+            ("num_queues=1", "--net: num_queues=1 is not supported"),
+            ("num_queues=x", "--net: num_queues=x is not a number"),
+            (
+                "queue_size=100",
+                "--net: queue_size=100 is not a power of two",
+            ),
+            (
+                "queue_size=70000",
+                "--net: queue_size=70000 is not a number",
+            ),
+            ("iommu=yes", "--net: iommu=yes is not on or off"),
+        ] {
+            let err = error(&["--net", arg]);
+            assert!(err.starts_with(expected), "{arg}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        assert_eq!(
+            error(&["--net", "tap=t0", "--net", "tap=t0"]),
+            "--net: tap=t0 is given twice; each --net needs its own tap"
+        );
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! The network worker: frames between the tap and the receive/transmit queues.
+//!
+//! Receive: a frame is read from the tap into a bounce buffer (its size is only known once
+//! read), then copied into receive chains. With `VIRTIO_NET_F_MRG_RXBUF` a frame takes as
+//! many chains as it needs and `num_buffers` in its header says how many; without it, one
+//! chain must hold it. When the driver has too few buffers, the frame (and the chains already
+//! taken for it) wait, and the tap is not read until the driver adds buffers: the kernel
+//! queues, then drops, what arrives meanwhile, as a full NIC ring would.
+//!
+//! Transmit: each chain is one frame with its header in front, written to the tap with one
+//! `writev` straight from the guest's buffers.
+//!
+//! A malformed chain (a buffer in the wrong direction, out of guest memory or refused by the
+//! IOMMU, a frame of impossible size) costs its frame, never the worker: it is logged and
+//! returned to the driver unused.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use net_util::VNET_HDR_LEN;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemory, Permissions};
+
+use super::{NetBackend, RX_QUEUE};
+use crate::buffers::{self, Buffer};
+use crate::worker::{DeviceQueue, Poller, WorkerHandler};
+use crate::DeviceMemory;
+
+/// Largest Ethernet frame a tap delivers or accepts: a 64 KiB segmentation-offload packet
+/// with an Ethernet header and a VLAN tag.
+pub(super) const MAX_FRAME_LEN: usize = 65_536 + 14 + 4;
+/// Largest frame with its virtio-net header.
+pub(super) const MAX_PACKET_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Shortest frame worth delivering: a header and an Ethernet header.
+const MIN_PACKET_LEN: usize = VNET_HDR_LEN + 14;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Frames received per wake-up, so that a flood cannot starve the transmit queue.
+const RX_BUDGET: usize = 64;
+/// Most iovecs one `writev` takes (Linux's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+/// Epoll token of the tap.
+const TAP_TOKEN: u32 = 0;
+
+/// A receive chain taken for the waiting frame: its head and device-writable buffers.
+struct RxChain {
+    head: u16,
+    buffers: Vec<Buffer>,
+    capacity: u64,
+}
+
+/// What became of the waiting frame.
+enum Delivery {
+    /// Written into the guest's buffers.
+    Delivered,
+    /// Discarded (its chains, if any, returned unused).
+    Dropped,
+    /// Not enough receive buffers: it keeps waiting.
+    NoBuffers,
+}
+
+pub(super) struct NetWorker<M, B> {
+    mem: M,
+    backend: Arc<B>,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
+    mrg_rxbuf: bool,
+    /// Bounce buffer for one received frame; one byte longer than the longest frame, so that
+    /// a truncated read shows.
+    frame: Box<[u8]>,
+    /// Length of the received frame in `frame` not yet delivered.
+    pending: Option<usize>,
+    /// Chains taken for the pending frame, in order.
+    reserved: Vec<RxChain>,
+    /// Whether the tap is in the worker's epoll set.
+    tap_watched: bool,
+    /// Set after an unexpected tap read error: the tap is left alone until the driver next
+    /// notifies a queue, rather than retried in a busy loop.
+    tap_failed: bool,
+    /// Whether used receive chains await an interrupt.
+    rx_used: bool,
+}
+
+impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
+    pub(super) fn new(
+        mem: M,
+        backend: Arc<B>,
+        rx: DeviceQueue,
+        tx: DeviceQueue,
+        mrg_rxbuf: bool,
+    ) -> Self {
+        NetWorker {
+            mem,
+            backend,
+            rx,
+            tx,
+            mrg_rxbuf,
+            frame: vec![0; MAX_PACKET_LEN + 1].into_boxed_slice(),
+            pending: None,
+            reserved: Vec::new(),
+            tap_watched: false,
+            tap_failed: false,
+            rx_used: false,
+        }
+    }
+
+    /// Delivers the waiting frame, then reads and delivers more until the tap is empty, the
+    /// budget is spent or the driver runs out of buffers.
+    fn receive(&mut self, poller: &Poller) {
+        for _ in 0..RX_BUDGET {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.read_frame() {
+                    Some(len) => {
+                        self.pending = Some(len);
+                        len
+                    }
+                    None => break,
+                },
+            };
+            match self.deliver(len) {
+                Delivery::Delivered | Delivery::Dropped => self.pending = None,
+                Delivery::NoBuffers => break,
+            }
+        }
+        if std::mem::take(&mut self.rx_used) {
+            self.rx.signal_used(&self.mem);
+        }
+        self.update_tap_watch(poller);
+    }
+
+    /// Reads one frame from the tap; `None` when there is none (or the tap failed).
+    fn read_frame(&mut self) -> Option<usize> {
+        let fd = self.backend.as_raw_fd();
+        loop {
+            // SAFETY: reads into the live bounce buffer, at most its length.
+            let read = unsafe { libc::read(fd, self.frame.as_mut_ptr().cast(), self.frame.len()) };
+            if read < 0 {
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {}
+                    _ => {
+                        warn!("virtio-net: cannot read from the tap: {err}");
+                        self.tap_failed = true;
+                    }
+                }
+                return None;
+            }
+            let len = read as usize;
+            if (MIN_PACKET_LEN..=MAX_PACKET_LEN).contains(&len) {
+                return Some(len);
+            }
+            warn!("virtio-net: dropping a {len}-byte frame from the tap");
+        }
+    }
+
+    /// Takes receive chains until the pending `len`-byte frame fits, and writes it into them.
+    fn deliver(&mut self, len: usize) -> Delivery {
+        let len64 = len as u64;
+        let mut rechecked = false;
+        loop {
+            let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
+            if capacity >= len64 || (!self.mrg_rxbuf && !self.reserved.is_empty()) {
+                break;
+            }
+            let Some(chain) = self.rx.pop(&self.mem) else {
+                // The driver notifies once it adds buffers, unless it did so just now.
+                if !rechecked && self.rx.enable_notification(&self.mem) {
+                    rechecked = true;
+                    continue;
+                }
+                return Delivery::NoBuffers;
+            };
+            rechecked = false;
+            let head = chain.head_index();
+            let buffers = buffers::collect(chain);
+            if buffers.iter().any(|b| !b.writable) {
+                warn!("virtio-net: receive chain {head} has device-readable buffers; dropping a frame");
+                self.reserved.push(RxChain {
+                    head,
+                    buffers: Vec::new(),
+                    capacity: 0,
+                });
+                return self.drop_frame();
+            }
+            let capacity = buffers::total_len(&buffers);
+            self.reserved.push(RxChain {
+                head,
+                buffers,
+                capacity,
+            });
+        }
+
+        let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
+        if capacity < len64 {
+            warn!(
+                "virtio-net: a {len}-byte frame does not fit the {capacity}-byte receive chain {}; dropping it",
+                self.reserved[0].head
+            );
+            return self.drop_frame();
+        }
+        // At most the queue size (<= 32768) chains.
+        let num_buffers = self.reserved.len() as u16;
+        self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
+
+        let mut lens = Vec::with_capacity(self.reserved.len());
+        let mut offset = 0usize;
+        for chain in &self.reserved {
+            // Below `len`, so fits in usize.
+            let count = chain.capacity.min((len - offset) as u64) as usize;
+            let data = &self.frame[offset..offset + count];
+            if let Err(err) = buffers::write_from(&self.mem, &chain.buffers, 0, data) {
+                warn!(
+                    "virtio-net: receive chain {}: {err}; dropping a frame",
+                    chain.head
+                );
+                break;
+            }
+            lens.push(count as u32);
+            offset += count;
+        }
+        if lens.len() < self.reserved.len() {
+            return self.drop_frame();
+        }
+        for (chain, written) in std::mem::take(&mut self.reserved).into_iter().zip(lens) {
+            self.rx_used |= self.rx.add_used(&self.mem, chain.head, written);
+        }
+        Delivery::Delivered
+    }
+
+    /// Discards the pending frame and returns the chains taken for it unused.
+    fn drop_frame(&mut self) -> Delivery {
+        for chain in std::mem::take(&mut self.reserved) {
+            self.rx_used |= self.rx.add_used(&self.mem, chain.head, 0);
+        }
+        Delivery::Dropped
+    }
+
+    /// Watches the tap only while a frame read from it has somewhere to go: level-triggered
+    /// epoll would otherwise wake the worker in a loop while the driver has no buffers.
+    fn update_tap_watch(&mut self, poller: &Poller) {
+        let want = self.pending.is_none() && !self.tap_failed;
+        if want == self.tap_watched {
+            return;
+        }
+        let fd = self.backend.as_raw_fd();
+        let result = if want {
+            poller.add(fd, TAP_TOKEN)
+        } else {
+            poller.remove(fd)
+        };
+        match result {
+            Ok(()) => self.tap_watched = want,
+            Err(err) => warn!("virtio-net: cannot (un)watch the tap: {err}"),
+        }
+    }
+
+    fn transmit(&mut self) {
+        let mem = &self.mem;
+        let fd = self.backend.as_raw_fd();
+        self.tx.process(mem, |chain| {
+            send_chain(mem, fd, chain);
+            Some(0)
+        });
+    }
+}
+
+impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
+    fn queue_notified(&mut self, index: usize, poller: &Poller) {
+        // Any sign of life from the driver is a reason to try the tap again.
+        self.tap_failed = false;
+        if index == RX_QUEUE {
+            self.receive(poller);
+        } else {
+            self.transmit();
+            self.update_tap_watch(poller);
+        }
+    }
+
+    fn fd_ready(&mut self, _token: u32, poller: &Poller) {
+        self.receive(poller);
+    }
+}
+
+/// Writes the frame in `chain` (header first) to the tap `fd`; a frame that cannot be sent is
+/// dropped with a message, like a NIC drops what it cannot transmit.
+fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
+    let head = chain.head_index();
+    let buffers = buffers::collect(chain);
+    if buffers.iter().any(|b| b.writable) {
+        warn!("virtio-net: transmit chain {head} has device-writable buffers; dropping it");
+        return;
+    }
+    let len = buffers::total_len(&buffers);
+    if !(MIN_PACKET_LEN as u64..=MAX_PACKET_LEN as u64).contains(&len) {
+        warn!("virtio-net: transmit chain {head} holds {len} bytes, not a frame; dropping it");
+        return;
+    }
+    let slices = match buffers::slices(mem, &buffers, 0, len, Permissions::Read) {
+        Ok(slices) => slices,
+        Err(err) => {
+            warn!("virtio-net: transmit chain {head}: {err}; dropping it");
+            return;
+        }
+    };
+    if slices.len() > MAX_IOVECS {
+        warn!(
+            "virtio-net: transmit chain {head} has {} segments; dropping it",
+            slices.len()
+        );
+        return;
+    }
+    // The guards keep the slices' pointers valid until the system call is done.
+    let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard()).collect();
+    let iovecs: Vec<libc::iovec> = guards
+        .iter()
+        .zip(&slices)
+        .map(|(guard, slice)| libc::iovec {
+            iov_base: guard.as_ptr() as *mut libc::c_void,
+            iov_len: slice.len(),
+        })
+        .collect();
+    loop {
+        // SAFETY: every iovec points into a live guest-memory slice of the length given,
+        // which `writev` only reads; at most MAX_IOVECS of them.
+        let written = unsafe { libc::writev(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
+        if written >= 0 {
+            return;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // The kernel rejected the header the driver wrote.
+            Some(libc::EINVAL) => {
+                warn!("virtio-net: transmit chain {head}: the tap refused the frame: {err}")
+            }
+            // The tap is down or its queue full: a host condition, not the guest's fault.
+            _ => debug!("virtio-net: transmit chain {head}: {err}; dropped"),
+        }
+        return;
+    }
+}

@@ -1,0 +1,229 @@
+//! virtio-net (virtio v1.2 §5.1) on a tap device: one receive and one transmit queue.
+//!
+//! Frames cross the tap with the same 12-byte `virtio_net_hdr` the driver uses, so checksum
+//! and segmentation offloads pass through untouched: what the driver sends with
+//! `VIRTIO_NET_F_CSUM`/`HOST_TSO*` the host kernel completes, and what the host sends
+//! unsegmented reaches a driver that accepted `GUEST_CSUM`/`GUEST_TSO*` as it is. The device
+//! offers the guest offloads only where the tap accepted them, and allows the tap to deliver
+//! them only once the driver accepted them (see [`NetBackend::set_offloads`]).
+//!
+//! The data path is in `datapath.rs`: transmit frames are written to the tap straight from the
+//! guest's buffers; received frames are read into a bounce buffer and copied into as many
+//! receive chains as they need (`VIRTIO_NET_F_MRG_RXBUF`).
+
+mod datapath;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use net_util::{MacAddr, Tap};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+
+use crate::worker::{DeviceQueue, Worker};
+use crate::{
+    common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
+    VirtioDevice, VirtioInterrupt,
+};
+use datapath::NetWorker;
+
+/// Index of the receive queue (host to guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest to host).
+pub const TX_QUEUE: usize = 1;
+
+/// Numbers worker threads `virtio-net-N`.
+static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
+
+/// The host end of the link: a non-blocking file descriptor carrying one Ethernet frame per
+/// `read` and per `write`, each preceded by a 12-byte virtio-net header. In warden this is a
+/// [`Tap`]; the device's tests use a datagram socket pair.
+pub trait NetBackend: AsRawFd + Send + Sync + 'static {
+    /// The `TUN_F_*` offloads the backend can deliver once allowed.
+    fn supported_offloads(&self) -> u32;
+    /// Allows the backend to deliver frames needing `offloads` (`TUN_F_*`) unfinished.
+    fn set_offloads(&self, offloads: u32) -> io::Result<()>;
+}
+
+impl NetBackend for Tap {
+    fn supported_offloads(&self) -> u32 {
+        Tap::supported_offloads(self)
+    }
+
+    fn set_offloads(&self, offloads: u32) -> io::Result<()> {
+        Tap::set_offloads(self, offloads)
+    }
+}
+
+/// How the VMM wants the network device presented.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// The guest's MAC address, in the configuration space (`VIRTIO_NET_F_MAC`).
+    pub mac: MacAddr,
+    /// Maximum size of each queue; a power of two.
+    pub queue_size: u16,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM`: set when the device's memory is an `IommuMemory`.
+    pub access_platform: bool,
+}
+
+/// A virtio-net device over guest memory `M` (plain or behind the IOMMU), attached to `B`.
+pub struct Net<M, B = Tap> {
+    mem: M,
+    backend: Arc<B>,
+    features: u64,
+    acked_features: u64,
+    config: Vec<u8>,
+    queue_sizes: [u16; 2],
+    thread_name: String,
+    worker: Option<Worker>,
+}
+
+impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
+    /// A network device on `backend`, offering the guest offloads `backend` can deliver.
+    pub fn new(mem: M, backend: B, options: NetOptions) -> Self {
+        // The tap parses a header on every write, so transmit offloads are always available.
+        let mut features = common_features(options.access_platform)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6);
+        let offloads = backend.supported_offloads();
+        // GUEST_TSO* depend on GUEST_CSUM (virtio v1.2 §5.1.3.1).
+        if offloads & libc::TUN_F_CSUM != 0 {
+            features |= 1 << VIRTIO_NET_F_GUEST_CSUM;
+            if offloads & libc::TUN_F_TSO4 != 0 {
+                features |= 1 << VIRTIO_NET_F_GUEST_TSO4;
+            }
+            if offloads & libc::TUN_F_TSO6 != 0 {
+                features |= 1 << VIRTIO_NET_F_GUEST_TSO6;
+            }
+        }
+
+        // Config layout: mac[6], status (le16), max_virtqueue_pairs (le16, meaningful only
+        // with VIRTIO_NET_F_MQ, not offered: one pair). The link is always up: the tap exists
+        // for as long as the device does.
+        let mut config = Vec::with_capacity(10);
+        config.extend_from_slice(&options.mac.octets());
+        config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config.extend_from_slice(&1u16.to_le_bytes());
+
+        Net {
+            mem,
+            backend: Arc::new(backend),
+            features,
+            acked_features: 0,
+            config,
+            queue_sizes: [options.queue_size; 2],
+            thread_name: format!(
+                "virtio-net-{}",
+                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
+            ),
+            worker: None,
+        }
+    }
+}
+
+/// The `TUN_F_*` offloads matching the guest offloads in `features`.
+fn tap_offloads(features: u64) -> u32 {
+    [
+        (VIRTIO_NET_F_GUEST_CSUM, libc::TUN_F_CSUM),
+        (VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
+        (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
+    ]
+    .into_iter()
+    .filter(|&(bit, _)| features & (1 << bit) != 0)
+    .fold(0, |offloads, (_, flag)| offloads | flag)
+}
+
+impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only for legacy drivers; status is read-only.
+        debug!(
+            "virtio-net: ignoring config write of {} bytes at {offset}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mut queues: Vec<ActivatedQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        // A second activation without reset replaces the running worker.
+        self.worker = None;
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        for activated in [&rx, &tx] {
+            if !activated.queue.is_valid(&self.mem) {
+                warn!(
+                    "virtio-net: queue {} is not accessible; it will not work",
+                    activated.index
+                );
+            }
+        }
+        // The tap must not hand over unfinished frames a driver cannot take.
+        self.backend
+            .set_offloads(tap_offloads(self.acked_features))
+            .map_err(ActivateError::Io)?;
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let handler = NetWorker::new(
+            self.mem.clone(),
+            Arc::clone(&self.backend),
+            DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
+            DeviceQueue::new(TX_QUEUE, tx.queue, event_idx, interrupt),
+            self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+        );
+        let worker = Worker::spawn(
+            self.thread_name.clone(),
+            vec![(RX_QUEUE, rx.notifier), (TX_QUEUE, tx.notifier)],
+            handler,
+        )
+        .map_err(ActivateError::Io)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping the worker stops and joins its thread, which also drops the queues and a
+        // received frame not yet delivered.
+        self.worker = None;
+        self.acked_features = 0;
+        if let Err(err) = self.backend.set_offloads(0) {
+            warn!("virtio-net: cannot disable the tap's offloads: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
