@@ -133,7 +133,8 @@ fn boot_linux_elf_kernel() {
 fn guest_panic_is_reported_not_rebooted() {
     let Some(out) = Scenario::new("boot_guest_panic")
         .warden_args(["--cpus", "1", "--memory", "size=512M"])
-        .guest_script("echo BOOT-PANICKING=yes\necho c >/proc/sysrq-trigger")
+        // The pause lets the tty drain the marker before the panic writes over the console.
+        .guest_script("echo BOOT-PANICKING=yes\nsleep 1\necho c >/proc/sysrq-trigger")
         .timeout(Duration::from_secs(180))
         .run()
     else {
