@@ -10,7 +10,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -26,7 +25,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
 use crate::buffers::{self, AccessError, Buffer};
-use crate::worker::{DeviceQueue, Poller, Worker, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
     VirtioDevice, VirtioInterrupt,
@@ -42,9 +41,6 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// `struct virtio_blk_req` header: type, reserved (ioprio), sector.
 const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-
-/// Numbers worker threads `virtio-blk-N`.
-static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
 /// How the VMM wants the disk presented.
 #[derive(Clone, Debug, Default)]
@@ -78,11 +74,8 @@ pub enum BlockError {
 pub struct Block<M> {
     mem: M,
     disk: Arc<Disk>,
-    features: u64,
-    acked_features: u64,
+    core: DeviceWorker,
     config: Vec<u8>,
-    thread_name: String,
-    worker: Option<Worker>,
 }
 
 impl<M: DeviceMemory> Block<M> {
@@ -128,14 +121,8 @@ impl<M: DeviceMemory> Block<M> {
                 readonly: options.readonly,
                 serial,
             }),
-            features,
-            acked_features: 0,
+            core: DeviceWorker::new("blk", features),
             config,
-            thread_name: format!(
-                "virtio-blk-{}",
-                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
-            ),
-            worker: None,
         })
     }
 
@@ -174,11 +161,11 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.core.features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+        self.core.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -198,32 +185,21 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
         mut queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        // A second activation without reset replaces the running worker.
-        self.worker = None;
         let activated = take_queue(&mut queues, 0)?;
         if !activated.queue.is_valid(&self.mem) {
             warn!("virtio-blk: queue 0 is not accessible; requests will fail");
         }
-        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = BlockWorker {
             mem: self.mem.clone(),
             disk: Arc::clone(&self.disk),
             queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
         };
-        let worker = Worker::spawn(
-            self.thread_name.clone(),
-            vec![(0, activated.notifier)],
-            handler,
-        )
-        .map_err(ActivateError::Io)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.core.start(vec![(0, activated.notifier)], handler)
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops and joins its thread, which also drops the queue.
-        self.worker = None;
-        self.acked_features = 0;
+        self.core.reset();
     }
 }
 

@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{debug, warn};
@@ -19,7 +18,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
 use crate::buffers::{self, Buffer};
-use crate::worker::{DeviceQueue, Poller, Worker, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
     VirtioInterrupt,
@@ -38,9 +37,6 @@ const INPUT_CHUNK: usize = 4096;
 /// Epoll token of the input fd.
 const INPUT_TOKEN: u32 = 0;
 
-/// Numbers worker threads `virtio-con-N`.
-static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
-
 /// Where guest output goes; shared with the worker so it survives a reset.
 type Output = Arc<Mutex<Box<dyn Write + Send>>>;
 
@@ -49,10 +45,7 @@ pub struct Console<M> {
     mem: M,
     output: Output,
     input: Option<Arc<File>>,
-    features: u64,
-    acked_features: u64,
-    thread_name: String,
-    worker: Option<Worker>,
+    core: DeviceWorker,
 }
 
 impl<M: DeviceMemory> Console<M> {
@@ -69,13 +62,7 @@ impl<M: DeviceMemory> Console<M> {
             mem,
             output: Arc::new(Mutex::new(output)),
             input: input.map(|fd| Arc::new(File::from(fd))),
-            features: common_features(access_platform),
-            acked_features: 0,
-            thread_name: format!(
-                "virtio-con-{}",
-                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
-            ),
-            worker: None,
+            core: DeviceWorker::new("con", common_features(access_platform)),
         }
     }
 }
@@ -90,11 +77,11 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.core.features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+        self.core.ack_features(features);
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -114,8 +101,6 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
         mut queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        // A second activation without reset replaces the running worker.
-        self.worker = None;
         let rx = take_queue(&mut queues, RX_QUEUE)?;
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         for activated in [&rx, &tx] {
@@ -126,7 +111,7 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
                 );
             }
         }
-        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = ConsoleWorker {
             mem: self.mem.clone(),
             rx: DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
@@ -136,21 +121,16 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
             input_watched: false,
             pending: VecDeque::new(),
         };
-        let worker = Worker::spawn(
-            self.thread_name.clone(),
+        self.core.start(
             vec![(RX_QUEUE, rx.notifier), (TX_QUEUE, tx.notifier)],
             handler,
         )
-        .map_err(ActivateError::Io)?;
-        self.worker = Some(worker);
-        Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread, which also drops the queues and any
         // input not yet delivered.
-        self.worker = None;
-        self.acked_features = 0;
+        self.core.reset();
     }
 }
 

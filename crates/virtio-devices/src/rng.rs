@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -17,7 +16,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemory, Permissions, ReadVolatile, VolatileMemoryError};
 
 use crate::buffers::{self, Buffer};
-use crate::worker::{DeviceQueue, Poller, Worker, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
     VirtioInterrupt,
@@ -29,9 +28,6 @@ pub const DEFAULT_SOURCE: &str = "/dev/urandom";
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes delivered per request.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
-
-/// Numbers worker threads `virtio-rng-N`.
-static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
 /// Why an entropy device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +46,7 @@ pub enum RngError {
 pub struct Rng<M> {
     mem: M,
     source: Arc<File>,
-    features: u64,
-    acked_features: u64,
-    thread_name: String,
-    worker: Option<Worker>,
+    core: DeviceWorker,
 }
 
 impl<M: DeviceMemory> Rng<M> {
@@ -67,13 +60,7 @@ impl<M: DeviceMemory> Rng<M> {
         Ok(Rng {
             mem,
             source: Arc::new(file),
-            features: common_features(access_platform),
-            acked_features: 0,
-            thread_name: format!(
-                "virtio-rng-{}",
-                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
-            ),
-            worker: None,
+            core: DeviceWorker::new("rng", common_features(access_platform)),
         })
     }
 }
@@ -88,11 +75,11 @@ impl<M: DeviceMemory> VirtioDevice for Rng<M> {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.core.features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+        self.core.ack_features(features);
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -112,32 +99,21 @@ impl<M: DeviceMemory> VirtioDevice for Rng<M> {
         mut queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        // A second activation without reset replaces the running worker.
-        self.worker = None;
         let activated = take_queue(&mut queues, 0)?;
         if !activated.queue.is_valid(&self.mem) {
             warn!("virtio-rng: queue 0 is not accessible; requests will fail");
         }
-        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = RngWorker {
             mem: self.mem.clone(),
             source: Arc::clone(&self.source),
             queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
         };
-        let worker = Worker::spawn(
-            self.thread_name.clone(),
-            vec![(0, activated.notifier)],
-            handler,
-        )
-        .map_err(ActivateError::Io)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.core.start(vec![(0, activated.notifier)], handler)
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops and joins its thread, which also drops the queue.
-        self.worker = None;
-        self.acked_features = 0;
+        self.core.reset();
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -16,7 +17,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::VirtioInterrupt;
+use crate::{ActivateError, VirtioInterrupt};
 
 /// Epoll data of the kill eventfd.
 const KILL_TOKEN: u64 = u64::MAX;
@@ -58,6 +59,70 @@ pub(crate) trait WorkerHandler: Send + 'static {
 
     /// A device-specific fd added with `token` is readable (or hung up).
     fn fd_ready(&mut self, _token: u32, _poller: &Poller) {}
+}
+
+/// Numbers worker threads (`virtio-blk-0`, `virtio-rng-1`, ...) across all devices.
+static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
+
+/// What every worker-backed device keeps besides its own resources: the features it offers,
+/// those the driver accepted, and its worker thread while it is active.
+pub(crate) struct DeviceWorker {
+    features: u64,
+    acked_features: u64,
+    thread_name: String,
+    worker: Option<Worker>,
+}
+
+impl DeviceWorker {
+    /// A device of `kind` (`blk`, `net`, ...) offering `features`, not yet active.
+    pub(crate) fn new(kind: &str, features: u64) -> Self {
+        let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+        DeviceWorker {
+            features,
+            acked_features: 0,
+            thread_name: format!("virtio-{kind}-{instance}"),
+            worker: None,
+        }
+    }
+
+    pub(crate) fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Records what the driver accepted, dropping bits the device never offered.
+    pub(crate) fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features;
+    }
+
+    pub(crate) fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the driver accepted feature `bit`.
+    pub(crate) fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1 << bit) != 0
+    }
+
+    /// Starts the device's thread serving `handler`; a second activation without reset
+    /// replaces the running thread.
+    pub(crate) fn start<H: WorkerHandler>(
+        &mut self,
+        notifiers: Vec<(usize, EventFd)>,
+        handler: H,
+    ) -> Result<(), ActivateError> {
+        self.worker = None;
+        let worker = Worker::spawn(self.thread_name.clone(), notifiers, handler)
+            .map_err(ActivateError::Io)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    /// Device reset: stops and joins the thread (which drops the queues) and forgets the
+    /// negotiated features.
+    pub(crate) fn reset(&mut self) {
+        self.worker = None;
+        self.acked_features = 0;
+    }
 }
 
 /// A running worker thread; dropping it stops the thread and waits for it.

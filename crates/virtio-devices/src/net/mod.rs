@@ -15,7 +15,6 @@ mod datapath;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -29,7 +28,7 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 
-use crate::worker::{DeviceQueue, Worker};
+use crate::worker::{DeviceQueue, DeviceWorker};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
     VirtioDevice, VirtioInterrupt,
@@ -40,9 +39,6 @@ use datapath::NetWorker;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue (guest to host).
 pub const TX_QUEUE: usize = 1;
-
-/// Numbers worker threads `virtio-net-N`.
-static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
 /// The host end of the link: a non-blocking file descriptor carrying one Ethernet frame per
 /// `read` and per `write`, each preceded by a 12-byte virtio-net header. In warden this is a
@@ -79,12 +75,9 @@ pub struct NetOptions {
 pub struct Net<M, B = Tap> {
     mem: M,
     backend: Arc<B>,
-    features: u64,
-    acked_features: u64,
+    core: DeviceWorker,
     config: Vec<u8>,
     queue_sizes: [u16; 2],
-    thread_name: String,
-    worker: Option<Worker>,
 }
 
 impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
@@ -121,15 +114,9 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         Net {
             mem,
             backend: Arc::new(backend),
-            features,
-            acked_features: 0,
+            core: DeviceWorker::new("net", features),
             config,
             queue_sizes: [options.queue_size; 2],
-            thread_name: format!(
-                "virtio-net-{}",
-                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
-            ),
-            worker: None,
         }
     }
 }
@@ -156,11 +143,11 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.core.features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+        self.core.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -180,8 +167,6 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         mut queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        // A second activation without reset replaces the running worker.
-        self.worker = None;
         let rx = take_queue(&mut queues, RX_QUEUE)?;
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         for activated in [&rx, &tx] {
@@ -194,31 +179,26 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         }
         // The tap must not hand over unfinished frames a driver cannot take.
         self.backend
-            .set_offloads(tap_offloads(self.acked_features))
+            .set_offloads(tap_offloads(self.core.acked_features()))
             .map_err(ActivateError::Io)?;
-        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = NetWorker::new(
             self.mem.clone(),
             Arc::clone(&self.backend),
             DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
             DeviceQueue::new(TX_QUEUE, tx.queue, event_idx, interrupt),
-            self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
         );
-        let worker = Worker::spawn(
-            self.thread_name.clone(),
+        self.core.start(
             vec![(RX_QUEUE, rx.notifier), (TX_QUEUE, tx.notifier)],
             handler,
         )
-        .map_err(ActivateError::Io)?;
-        self.worker = Some(worker);
-        Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread, which also drops the queues and a
         // received frame not yet delivered.
-        self.worker = None;
-        self.acked_features = 0;
+        self.core.reset();
         if let Err(err) = self.backend.set_offloads(0) {
             warn!("virtio-net: cannot disable the tap's offloads: {err}");
         }
