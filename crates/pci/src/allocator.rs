@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
-use crate::msix::lock;
 use crate::{BarKind, PciBarRegion, PciDevice, PciError};
+use vm_device::lock;
 
 /// One placed BAR: insert `region` at `base` for `len` bytes, on the port bus for an I/O BAR
 /// and on the MMIO bus otherwise.

@@ -7,10 +7,10 @@
 //! delivered as soon as it is unmasked.
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use log::{debug, error};
-use vm_device::{InterruptGroup, MsiMessage};
+use vm_device::{lock, InterruptGroup, MsiMessage};
 
 use crate::{PciConfiguration, PciError};
 
@@ -328,11 +328,6 @@ impl Msix {
         }
         true
     }
-}
-
-/// Locks the vector state even if a device worker panicked while holding it.
-pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

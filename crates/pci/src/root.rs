@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use vm_device::BusDevice;
 
-use crate::msix::lock;
 use crate::{BarMove, PciConfiguration, PciDevice, PciError, PciHeader};
+use vm_device::lock;
 
 /// Device numbers per bus.
 pub const MAX_DEVICES: u8 = 32;

@@ -302,12 +302,7 @@ impl VfioPciDevice {
         let (Some(cap), Some(interrupt)) = (&self.msix, &self.interrupt) else {
             return;
         };
-        let enabled = cap
-            .msix
-            .state()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .enabled();
+        let enabled = vm_device::lock(cap.msix.state()).enabled();
         if enabled == self.msix_wired {
             return;
         }

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use pci::MsixState;
 use virtio_devices::VirtioInterrupt;
@@ -55,10 +55,7 @@ impl VirtioPciInterrupt {
         if vector == VIRTIO_MSI_NO_VECTOR {
             return Ok(());
         }
-        self.msix
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .trigger(vector)
+        vm_device::lock(&self.msix).trigger(vector)
     }
 }
 

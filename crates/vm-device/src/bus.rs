@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// A device reachable through a range of the port-I/O or MMIO address space.
 ///
@@ -116,12 +116,10 @@ impl Bus {
     }
 }
 
-/// Locks a device even if a previous holder panicked: a device's state is still the best
+/// Locks `mutex` even if a previous holder panicked: a device's state is still the best
 /// answer we have, and one poisoned lock must not take every vCPU down with it.
-fn lock(device: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -7,5 +7,5 @@
 pub mod bus;
 pub mod interrupt;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{lock, Bus, BusDevice, BusError};
 pub use interrupt::{InterruptGroup, MsiMessage};

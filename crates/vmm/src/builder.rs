@@ -229,10 +229,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()));
     report.print();
     for device in &vfio_devices {
-        device
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reset();
+        vm_device::lock(device).reset();
     }
     exit
 }
@@ -806,9 +803,7 @@ fn forward_stdin(port: Arc<Mutex<SerialPort>>) {
                 if count == 0 {
                     break;
                 }
-                let mut port = port
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut port = vm_device::lock(&port);
                 if let Err(err) = port.0.enqueue_raw_bytes(&buffer[..count]) {
                     log::debug!("serial input dropped: {err:?}");
                 }

@@ -9,7 +9,7 @@ use pci::{BarAllocator, BarKind, EventAddress, PciConfigIo, PciConfigMmio, PciDe
 use vfio::VfioPciDevice;
 use virtio_devices::VirtioDevice;
 use virtio_pci::VirtioPciDevice;
-use vm_device::Bus;
+use vm_device::{lock, Bus};
 
 use crate::interrupts::GsiRouter;
 use crate::layout;
@@ -145,10 +145,4 @@ impl PciBus {
             .add_device(device_number, pci_device)
             .map_err(|err| err.to_string())
     }
-}
-
-fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
