@@ -1,22 +1,34 @@
 //! The virtio-iommu as a virtio device: a thin adapter from queues to the device model in the
 //! `virtio-iommu` crate, which holds all of the IOMMU's behaviour.
 //!
-//! The Linux driver sends each request synchronously and spins until it is answered, so the
-//! round trip of one request is what protected I/O costs. Requests are therefore served on the
-//! notifying vCPU's own thread: measured in the nested test host, 2048 4 KiB reads through a
-//! protected disk took 6.6–7.6 s this way against 2.2–54 s (median 14 s) with a device thread
-//! woken through an ioeventfd, which must be scheduled while the vCPU waits. Fault events come
-//! from device threads at any time, so the event queue keeps a worker.
+//! The Linux driver sends each MAP synchronously and spins until it is answered, so the round
+//! trip of one request is what protected I/O costs. Two ways of serving the request queue
+//! work together:
+//! - A notification is served on the notifying vCPU's own thread. Measured in the nested test
+//!   host, 2048 4 KiB reads through a protected disk took 6.6–7.6 s this way against 2.2–54 s
+//!   (median 14 s) with a device thread woken through an ioeventfd, which must be scheduled
+//!   while the vCPU waits.
+//! - After that, a poller thread watches the queue with notifications suppressed, for an
+//!   adaptive window, as QEMU's iothreads poll: requests that follow one another (the three
+//!   MAPs of a 4 KiB read, the next read's) are answered without a VM exit at all, in
+//!   parallel with the guest. In the nested test host this raised protected 4 KiB reads from
+//!   about half to about 0.8–0.9 of the unprotected rate. It costs a host CPU while the guest
+//!   keeps sending requests; `PollConfig::max_window` zero turns it off.
+//!
+//! Fault events come from device threads at any time, so the event queue keeps a worker.
 
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_IOMMU;
 use virtio_iommu::VirtioIommu;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::worker::{Poller, Worker, WorkerHandler};
@@ -30,6 +42,8 @@ pub const EVENT_QUEUE: usize = 1;
 const QUEUE_SIZES: [u16; 2] = [256, 64];
 /// Device fd token of the eventfd the model signals when it queues a fault.
 const FAULT_TOKEN: u32 = 0;
+/// The poll window never shrinks below this: it is where growth starts again.
+const MIN_POLL_WINDOW: Duration = Duration::from_micros(8);
 
 static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
@@ -39,13 +53,23 @@ pub struct Iommu<M> {
     model: Arc<VirtioIommu>,
     mem: M,
     thread_name: String,
-    /// The request queue, served on the notifying vCPU's thread while the device is active.
-    requests: Option<(Queue, Arc<dyn VirtioInterrupt>)>,
+    poll: PollConfig,
+    /// The request queue while the device is active.
+    requests: Option<Arc<RequestQueue<M>>>,
+    poller: Option<RequestPoller>,
     worker: Option<Worker>,
 }
 
+/// How the request queue is polled after a notification.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PollConfig {
+    /// Longest the poller waits for the next request before asking for notifications again;
+    /// zero disables polling. The window itself adapts below it to the gaps between requests.
+    pub max_window: Duration,
+}
+
 impl<M: DeviceMemory> Iommu<M> {
-    pub fn new(model: Arc<VirtioIommu>, mem: M) -> Self {
+    pub fn new(model: Arc<VirtioIommu>, mem: M, poll: PollConfig) -> Self {
         Iommu {
             model,
             mem,
@@ -53,8 +77,132 @@ impl<M: DeviceMemory> Iommu<M> {
                 "virtio-iommu-{}",
                 NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
             ),
+            poll,
             requests: None,
+            poller: None,
             worker: None,
+        }
+    }
+}
+
+/// The request queue with what serving it needs, shared by the vCPU threads and the poller.
+struct RequestQueue<M> {
+    model: Arc<VirtioIommu>,
+    mem: M,
+    queue: Mutex<Queue>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// When a request was last found, in nanoseconds since `epoch`.
+    last_request: AtomicU64,
+    /// The current poll window in nanoseconds.
+    window: AtomicU64,
+    epoch: Instant,
+}
+
+impl<M: DeviceMemory> RequestQueue<M> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Serves every available request; whether there was one.
+    fn serve(&self, queue: &mut Queue) -> bool {
+        let available = queue
+            .avail_idx(&self.mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx != Wrapping(queue.next_avail()));
+        if available {
+            serve_queue(
+                &self.model,
+                &self.mem,
+                queue,
+                REQUEST_QUEUE,
+                self.interrupt.as_ref(),
+            );
+            self.last_request.store(self.now(), Ordering::Relaxed);
+        }
+        available
+    }
+
+    /// A notification came after `idle` without requests: had the window spanned that gap
+    /// (with margin), polling would have caught the request, so grow it to do so next time;
+    /// a gap beyond the maximum means the guest went quiet, so shrink.
+    fn adapt_window(&self, idle: u64, max: u64) {
+        let window = self.window.load(Ordering::Relaxed);
+        let next = if idle <= max {
+            idle.saturating_mul(2).max(window)
+        } else {
+            (window / 2).max(MIN_POLL_WINDOW.as_nanos() as u64)
+        };
+        let next = next.min(max);
+        self.window.store(next, Ordering::Relaxed);
+    }
+
+    /// Polls with notifications suppressed until no request came for a whole window, then asks
+    /// for notifications again (serving what slipped in before the driver saw that).
+    fn poll(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            let mut queue = self.lock();
+            if self.serve(&mut queue) {
+                continue;
+            }
+            let idle = self
+                .now()
+                .saturating_sub(self.last_request.load(Ordering::Relaxed));
+            if idle >= self.window.load(Ordering::Relaxed) {
+                match queue.enable_notification(&self.mem) {
+                    Ok(true) => {
+                        let _ = queue.disable_notification(&self.mem);
+                    }
+                    Ok(false) => return,
+                    Err(err) => {
+                        warn!("virtio-iommu: request queue: {err}");
+                        return;
+                    }
+                }
+            }
+            drop(queue);
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The thread that polls the request queue after each notification.
+struct RequestPoller {
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RequestPoller {
+    fn spawn<M: DeviceMemory>(name: String, requests: Arc<RequestQueue<M>>) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            while !stopping.load(Ordering::Acquire) {
+                std::thread::park();
+                requests.poll(&stopping);
+            }
+        })?;
+        Ok(RequestPoller {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+    }
+}
+
+impl Drop for RequestPoller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
         }
     }
 }
@@ -121,7 +269,23 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             // A full counter still wakes the worker; nothing is lost by ignoring EAGAIN.
             let _ = signal.write(1);
         })));
-        self.requests = Some((requests.queue, Arc::clone(&interrupt)));
+        let epoch = Instant::now();
+        let shared = Arc::new(RequestQueue {
+            model: Arc::clone(&self.model),
+            mem: self.mem.clone(),
+            queue: Mutex::new(requests.queue),
+            interrupt: Arc::clone(&interrupt),
+            last_request: AtomicU64::new(0),
+            window: AtomicU64::new(MIN_POLL_WINDOW.min(self.poll.max_window).as_nanos() as u64),
+            epoch,
+        });
+        if !self.poll.max_window.is_zero() {
+            let poller =
+                RequestPoller::spawn(format!("{}-poll", self.thread_name), Arc::clone(&shared))
+                    .map_err(ActivateError::Io)?;
+            self.poller = Some(poller);
+        }
+        self.requests = Some(shared);
         let handler = EventWorker {
             model: Arc::clone(&self.model),
             mem: self.mem.clone(),
@@ -144,9 +308,20 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
     }
 
     fn serve_inline(&mut self, index: usize) {
-        if let Some((queue, interrupt)) = self.requests.as_mut().filter(|_| index == REQUEST_QUEUE)
-        {
-            serve_queue(&self.model, &self.mem, queue, index, interrupt.as_ref());
+        let Some(requests) = self.requests.as_ref().filter(|_| index == REQUEST_QUEUE) else {
+            return;
+        };
+        let mut queue = requests.lock();
+        let idle = requests
+            .now()
+            .saturating_sub(requests.last_request.load(Ordering::Relaxed));
+        requests.serve(&mut queue);
+        if let Some(poller) = &self.poller {
+            requests.adapt_window(idle, self.poll.max_window.as_nanos() as u64);
+            if let Err(err) = queue.disable_notification(&requests.mem) {
+                warn!("virtio-iommu: request queue: {err}");
+            }
+            poller.wake();
         }
     }
 
@@ -161,6 +336,7 @@ impl<M> Iommu<M> {
     fn stop(&mut self) {
         self.model.set_fault_notifier(None);
         self.worker = None;
+        self.poller = None;
         self.requests = None;
     }
 }
@@ -207,6 +383,7 @@ mod tests {
     use super::*;
 
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN};
+    use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
     use virtio_iommu::protocol::{
         AttachRequest, FaultRecord, MapRequest, Request, FAULT_SIZE, VIRTIO_IOMMU_FAULT_F_ADDRESS,
         VIRTIO_IOMMU_FAULT_F_WRITE, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_MAP_F_READ,
@@ -236,20 +413,113 @@ mod tests {
         }
     }
 
-    /// Sends `request` on the IOMMU's request queue the way the driver does and returns the
-    /// status the device wrote.
+    /// Makes `request` available on the IOMMU's request queue without notifying; returns the
+    /// address of the status byte, 0xff until the device answers.
+    fn post(
+        driver: &mut Driver<GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        request: Request,
+    ) -> GuestAddress {
+        let slot = 0x4000 + 0x200 * u64::from(driver.avail_idx());
+        let bytes = request.encode();
+        mem.write_slice(&bytes, GuestAddress(slot)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(slot + 0x100)).unwrap();
+        driver.add(&[ro(slot, bytes.len() as u32), wo(slot + 0x100, 4)]);
+        GuestAddress(slot + 0x100)
+    }
+
+    /// Sends `request` on the IOMMU's request queue the way the driver does (post, then
+    /// notify) and returns the status the device wrote.
     fn send(
         iommu: &mut Iommu<GuestMemoryMmap>,
         driver: &mut Driver<GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
         request: Request,
     ) -> u8 {
-        let bytes = request.encode();
-        mem.write_slice(&bytes, GuestAddress(0x4000)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(0x4100)).unwrap();
-        driver.add(&[ro(0x4000, bytes.len() as u32), wo(0x4100, 4)]);
+        let status = post(driver, mem, request);
         iommu.serve_inline(REQUEST_QUEUE);
-        mem.read_obj(GuestAddress(0x4100)).unwrap()
+        mem.read_obj(status).unwrap()
+    }
+
+    fn attach() -> Request {
+        Request::Attach(AttachRequest {
+            domain: DOMAIN,
+            endpoint: ENDPOINT,
+            flags: 0,
+            reserved: [0; 4],
+        })
+    }
+
+    fn map(virt_start: u64) -> Request {
+        Request::Map(MapRequest {
+            domain: DOMAIN,
+            virt_start,
+            virt_end: virt_start + 0xfff,
+            phys_start: virt_start,
+            flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
+        })
+    }
+
+    /// Waits up to 10 s for `done`.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// After a notification, requests that follow within the adaptive window are answered by
+    /// the poller with notifications suppressed; once the guest is quiet for a window the
+    /// device asks for notifications again.
+    #[test]
+    fn the_poller_answers_requests_that_follow_a_notification() {
+        let mem = guest_memory();
+        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
+        model
+            .add_endpoint(ENDPOINT, EndpointConfig::default())
+            .unwrap();
+        let mut requests = Driver::new(&mem, 0, 16);
+        let events = Driver::new(&mem, 0x1000, 16);
+        let poll = PollConfig {
+            max_window: Duration::from_secs(4),
+        };
+        let mut iommu = Iommu::new(Arc::clone(&model), mem.clone(), poll);
+        iommu
+            .activate(
+                vec![activated(&requests, 0), activated(&events, 1)],
+                Arc::new(FakeInterrupt::default()),
+            )
+            .unwrap();
+        let no_notify = VRING_USED_F_NO_NOTIFY as u16;
+        assert_eq!(requests.used_flags() & no_notify, 0);
+
+        assert_eq!(
+            send(&mut iommu, &mut requests, &mem, attach()),
+            Status::Ok as u8
+        );
+        assert_eq!(requests.used_flags() & no_notify, no_notify);
+        // A quiet second is within the maximum: the window grows to span such a gap.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            send(&mut iommu, &mut requests, &mem, map(0x10_0000)),
+            Status::Ok as u8
+        );
+        let status = post(&mut requests, &mem, map(0x20_0000));
+        assert!(
+            eventually(|| mem.read_obj::<u8>(status).unwrap() == Status::Ok as u8),
+            "the poller answered without a notification"
+        );
+        assert_eq!(model.stats().total.maps, 2);
+        assert!(
+            eventually(|| requests.used_flags() & no_notify == 0),
+            "notifications are asked for again"
+        );
+        assert_eq!(requests.used().len(), 3);
+        iommu.reset();
     }
 
     /// The whole path of a refused DMA: the guest attaches a disk to a domain and maps its ring,
@@ -267,21 +537,15 @@ mod tests {
         let mut events = Driver::new(&mem, 0x1000, 16);
         events.add(&[wo(0x5000, FAULT_SIZE as u32)]);
         let iommu_interrupt = Arc::new(FakeInterrupt::default());
-        let mut iommu = Iommu::new(Arc::clone(&model), mem.clone());
+        let mut iommu = Iommu::new(Arc::clone(&model), mem.clone(), PollConfig::default());
         iommu
             .activate(
                 vec![activated(&requests, 0), activated(&events, 1)],
                 iommu_interrupt.clone(),
             )
             .unwrap();
-        let attach = Request::Attach(AttachRequest {
-            domain: DOMAIN,
-            endpoint: ENDPOINT,
-            flags: 0,
-            reserved: [0; 4],
-        });
         assert_eq!(
-            send(&mut iommu, &mut requests, &mem, attach),
+            send(&mut iommu, &mut requests, &mem, attach()),
             Status::Ok as u8
         );
         let map = Request::Map(MapRequest {

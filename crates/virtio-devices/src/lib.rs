@@ -31,7 +31,7 @@ mod worker;
 
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
-pub use iommu::Iommu;
+pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
 

@@ -123,6 +123,12 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
             .collect()
     }
 
+    /// The used ring's flags: `VRING_USED_F_NO_NOTIFY` while the device asks for no
+    /// notifications.
+    pub(crate) fn used_flags(&self) -> u16 {
+        self.mem.read_obj(self.mock.used_addr()).unwrap()
+    }
+
     /// The driver's available index: how many chains it made available so far.
     pub(crate) fn avail_idx(&self) -> u16 {
         self.mock.avail().idx().load()

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_pit_config,
@@ -15,7 +16,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper, VfioPciDevice};
 use virtio_devices::{
-    Block, BlockOptions, Console, DeviceMemory, Iommu, Net, NetOptions, Rng, VirtioDevice,
+    Block, BlockOptions, Console, DeviceMemory, Iommu, Net, NetOptions, PollConfig, Rng,
+    VirtioDevice,
 };
 use virtio_iommu::{
     EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
@@ -119,7 +121,11 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .collect();
     let iommu = if config.needs_iommu() {
         let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough)?;
-        let device = Box::new(Iommu::new(Arc::clone(&model), ram.memory.clone()));
+        let device = Box::new(Iommu::new(
+            Arc::clone(&model),
+            ram.memory.clone(),
+            iommu_polling(config.iommu_poll),
+        ));
         pci.add_virtio(
             IOMMU_DEVICE_NUMBER,
             device,
@@ -364,6 +370,19 @@ fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
             iommu,
         })
         .collect()
+}
+
+/// Polling the request queue only pays when the poller has a CPU of its own: on a single
+/// host CPU it would take turns with the vCPU it is meant to answer.
+fn iommu_polling(max_window: Duration) -> PollConfig {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 && !max_window.is_zero() {
+        log::info!("virtio-iommu: one host CPU, so the request queue is not polled");
+        return PollConfig {
+            max_window: Duration::ZERO,
+        };
+    }
+    PollConfig { max_window }
 }
 
 /// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`,
@@ -860,6 +879,7 @@ mod tests {
             serial: OutputConfig::Off,
             console: OutputConfig::Null,
             console_iommu: false,
+            iommu_poll: Duration::ZERO,
             devices: Vec::new(),
         };
         assert!(config.needs_iommu(), "a protected net needs the IOMMU");

@@ -22,6 +22,8 @@ pub struct VmConfig {
     pub console_iommu: bool,
     /// Host PCI functions passed through with VFIO.
     pub devices: Vec<DeviceConfig>,
+    /// Longest the virtio-iommu polls its request queue after a request; zero: never.
+    pub iommu_poll: std::time::Duration,
 }
 
 impl VmConfig {
