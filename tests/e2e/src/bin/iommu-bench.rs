@@ -4,7 +4,7 @@
 //! `cargo run --release -p e2e --bin iommu-bench` (about 6 minutes in the nested KVM test host;
 //! runs one guest at a time, so don't run other QEMU jobs next to it).
 //!
-//! Five boots of the test guest, each with a protected disk (`--disk path=a.img,iommu=on`) and
+//! Six boots of the test guest, each with a protected disk (`--disk path=a.img,iommu=on`) and
 //! a plain one (`--disk path=b.img`), both 128 MiB; the guest tells them apart by the IOMMU
 //! group of their PCI function, not by name:
 //!
@@ -12,9 +12,11 @@
 //!    least 3 s of guest time, three rounds interleaved protected, plain, protected, plain;
 //!    medians and the protected/plain ratios, next to Cloud Hypervisor's. Also the boot time
 //!    with the IOMMU.
-//! 2. `no-iommu`: both disks plain: the boot time without the IOMMU, and one round on each
+//! 2. `no-poll`: the same with `--platform iommu_poll_us=0`, so that every synchronous MAP
+//!    is a VM exit served on the vCPU's thread: what the request-queue poller gains.
+//! 3. `no-iommu`: both disks plain: the boot time without the IOMMU, and one round on each
 //!    disk (does the position of a disk matter?).
-//! 3. `boot-only`, `4k` and `1m`: boot and nothing else; boot and 4096 reads of 4 KiB; boot
+//! 4. `boot-only`, `4k` and `1m`: boot and nothing else; boot and 4096 reads of 4 KiB; boot
 //!    and 64 reads of 1 MiB (timed, then the same on the plain disk). warden's exit totals of
 //!    the last two minus those of `boot-only` give the MAP requests and removed mappings per
 //!    I/O. These guests also record the kernel's `iommu:map` and `iommu:unmap` trace events
@@ -119,20 +121,24 @@ fn main() -> ExitCode {
 
 /// Runs the five boots and returns the report.
 fn bench() -> Result<String, String> {
-    let throughput = boot(
-        "throughput",
+    let interleaved = measure_rounds(
+        ROUNDS,
+        &[("on", "$P"), ("off", "$U")],
+        &[(MIB, DISK_MIB), (SMALL, 4096)],
+    );
+    let throughput = boot("throughput", true, false, &[], &interleaved)?;
+    let no_poll = boot(
+        "no-poll",
         true,
         false,
-        &measure_rounds(
-            ROUNDS,
-            &[("on", "$P"), ("off", "$U")],
-            &[(MIB, DISK_MIB), (SMALL, 4096)],
-        ),
+        &["--platform", "iommu_poll_us=0"],
+        &interleaved,
     )?;
     let no_iommu = boot(
         "no-iommu",
         false,
         false,
+        &[],
         &format!(
             "dd64 vda vda\ndd64 vdb vdb\n{}",
             measure_rounds(
@@ -144,6 +150,7 @@ fn bench() -> Result<String, String> {
     )?;
     for (run, labels, rounds) in [
         (&throughput, ["on", "off"], ROUNDS),
+        (&no_poll, ["on", "off"], ROUNDS),
         (&no_iommu, ["vda", "vdb"], 1),
     ] {
         for label in labels {
@@ -154,11 +161,12 @@ fn bench() -> Result<String, String> {
             }
         }
     }
-    let boot_only = boot("boot-only", true, true, "count boot\nsleep 1")?;
+    let boot_only = boot("boot-only", true, true, &[], "count boot\nsleep 1")?;
     let small = boot(
         "4k",
         true,
         true,
+        &[],
         &format!(
             "count boot
 dd if=/dev/$P of=/dev/null bs={SMALL} count={SMALL_IOS} iflag=direct 2>/dev/null
@@ -170,6 +178,7 @@ sleep 1"
         "1m",
         true,
         true,
+        &[],
         "count boot\ndd64 on $P\ncount after\ndd64 off $U\nsleep 1",
     )?;
     for (run, ios) in [(&small, SMALL_IOS), (&large, LARGE_IOS)] {
@@ -182,6 +191,7 @@ sleep 1"
     }
     report(&Runs {
         throughput,
+        no_poll,
         no_iommu,
         boot_only,
         small,
@@ -226,7 +236,13 @@ fn load_average() -> f64 {
 /// Boots the guest with the two disks (`iommu` protects the first one; `traced` adds
 /// [`TRACED_CMDLINE`]), runs `workload` after [`GUEST_PRELUDE`], and checks that everything
 /// exited cleanly.
-fn boot(name: &'static str, iommu: bool, traced: bool, workload: &str) -> Result<Run, String> {
+fn boot(
+    name: &'static str,
+    iommu: bool,
+    traced: bool,
+    extra_args: &[&str],
+    workload: &str,
+) -> Result<Run, String> {
     let scenario_name = format!("iommu-bench-{name}");
     let mut args = vec![
         "--cpus".to_string(),
@@ -243,6 +259,7 @@ fn boot(name: &'static str, iommu: bool, traced: bool, workload: &str) -> Result
         "--disk".into(),
         "path=b.img".into(),
     ];
+    args.extend(extra_args.iter().map(|arg| arg.to_string()));
     if traced {
         args.extend([
             "--cmdline".into(),
@@ -471,6 +488,7 @@ impl Run {
 
 struct Runs {
     throughput: Run,
+    no_poll: Run,
     no_iommu: Run,
     boot_only: Run,
     small: Run,
@@ -519,7 +537,14 @@ fn verdict(ratio: f64, target: f64) -> &'static str {
 }
 
 fn report(r: &Runs) -> Result<String, String> {
-    let all = [&r.throughput, &r.no_iommu, &r.boot_only, &r.small, &r.large];
+    let all = [
+        &r.throughput,
+        &r.no_poll,
+        &r.no_iommu,
+        &r.boot_only,
+        &r.small,
+        &r.large,
+    ];
     let mut s = String::new();
     let mut line = |text: String| {
         s.push_str(&text);
@@ -556,6 +581,31 @@ fn report(r: &Runs) -> Result<String, String> {
             verdict(ratio, target),
             requests_per_block(&on),
             requests_per_block(&off),
+        ));
+    }
+
+    line("\n## Serving the request queue: polled after a notification (default) or only on notifications".into());
+    line(
+        "Protected/plain ratio of the `throughput` run (default, `iommu_poll_us=2000`) and of \
+         the `no-poll` run (`--platform iommu_poll_us=0`: every MAP is a VM exit served on the \
+         vCPU's thread); same method.\n"
+            .into(),
+    );
+    line(
+        "| reads | polled: protected / plain | ratio | not polled: protected / plain | ratio |"
+            .into(),
+    );
+    line("| --- | --- | --- | --- | --- |".into());
+    for (bs, unit) in [(MIB, "1 MiB, MiB/s"), (SMALL, "4 KiB, IOPS")] {
+        let cells = |run: &Run| {
+            let (on, _) = summary(&run.samples("on", bs));
+            let (off, _) = summary(&run.samples("off", bs));
+            format!("{} / {} | {:.3}", rate_text(on), rate_text(off), on / off)
+        };
+        line(format!(
+            "| {unit} | {} | {} |",
+            cells(&r.throughput),
+            cells(&r.no_poll)
         ));
     }
 
