@@ -19,6 +19,7 @@ mod iommu_memory;
 pub mod mapper;
 pub mod protocol;
 mod queue;
+mod seqlock;
 mod stats;
 pub mod table;
 
