@@ -242,6 +242,18 @@ pub struct Translation {
 }
 
 impl Translation {
+    /// One piece. Built whole, not pushed: the lock-free path returns this by value, and
+    /// piecewise stores read back as a whole stall store forwarding.
+    #[inline]
+    fn single(gpa: u64, len: u64) -> Self {
+        Translation {
+            inline: [GuestRange { gpa, len }, GuestRange::default()],
+            n: 1,
+            spill: Vec::new(),
+        }
+    }
+
+    #[inline]
     fn push(&mut self, gpa: u64, len: u64) {
         let last = if !self.spill.is_empty() {
             self.spill.last_mut()
@@ -1344,10 +1356,10 @@ impl VirtioIommu {
                 continue;
             };
             let kind = slot.kind.load(Ordering::Relaxed);
-            let mut out = Translation::default();
+            let out;
             let hits = match kind {
                 BIND_BYPASS => {
-                    out.push(iova, len);
+                    out = Translation::single(iova, len);
                     read_fence();
                     if !slot.seq.unchanged(e1) {
                         continue;
@@ -1367,17 +1379,14 @@ impl VirtioIommu {
                         continue;
                     };
                     if kind == BIND_BYPASS_DOMAIN {
-                        out.push(iova, len);
+                        out = Translation::single(iova, len);
                     } else {
-                        let mut cur = iova;
-                        loop {
-                            // A miss or a missing permission is a fault (or a race): locked path.
-                            let hit = table.lookup(cur).filter(|h| h.perms & need == need)?;
-                            out.push(hit.phys, hit.last.min(last) - cur + 1);
-                            if hit.last >= last {
-                                break;
-                            }
-                            cur = hit.last + 1;
+                        // A miss or a missing permission is a fault (or a race): locked path.
+                        let hit = table.lookup(iova).filter(|h| h.perms & need == need)?;
+                        if hit.last >= last {
+                            out = Translation::single(hit.phys, len);
+                        } else {
+                            out = Self::walk_rest(table, hit, iova, last, need)?;
                         }
                     }
                     read_fence();
@@ -1392,6 +1401,27 @@ impl VirtioIommu {
             return Some(out);
         }
         None
+    }
+
+    /// The rest of a lock-free walk whose first block (`first`, at `iova`) ends before `last`.
+    #[inline(never)]
+    fn walk_rest(
+        table: &RadixRoot,
+        first: crate::table::Hit,
+        iova: u64,
+        last: u64,
+        need: u8,
+    ) -> Option<Translation> {
+        let mut out = Translation::default();
+        let (mut cur, mut hit) = (iova, first);
+        loop {
+            out.push(hit.phys, hit.last.min(last) - cur + 1);
+            if hit.last >= last {
+                return Some(out);
+            }
+            cur = hit.last + 1;
+            hit = table.lookup(cur).filter(|h| h.perms & need == need)?;
+        }
     }
 
     #[cold]
