@@ -40,7 +40,7 @@ use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::*;
-use crate::seqlock::{read_fence, SeqCount};
+use crate::seqlock::{race_point, read_fence, RacePoint, SeqCount};
 use crate::stats::{Counters, HitCounter, IommuStats, StatsSnapshot};
 use crate::table::{Mapping, MappingTable, RadixRoot, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE};
 
@@ -1374,6 +1374,7 @@ impl VirtioIommu {
                     else {
                         continue;
                     };
+                    race_point(RacePoint::Bound);
                     let Some(t1) = table.seq().read_begin() else {
                         std::hint::spin_loop();
                         continue;
@@ -1389,6 +1390,7 @@ impl VirtioIommu {
                             out = Self::walk_rest(table, hit, iova, last, need)?;
                         }
                     }
+                    race_point(RacePoint::Walked);
                     read_fence();
                     if !table.seq().unchanged(t1) || !slot.seq.unchanged(e1) {
                         continue;

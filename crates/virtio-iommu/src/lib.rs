@@ -23,6 +23,9 @@ mod seqlock;
 mod stats;
 pub mod table;
 
+#[cfg(test)]
+mod race_tests;
+
 pub use device::{
     Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,
     IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, RETIRED_DOMAINS_KEPT,

@@ -55,3 +55,41 @@ impl SeqCount {
 pub(crate) fn read_fence() {
     fence(Ordering::Acquire);
 }
+
+/// Where a lock-free reader can race with a writer (see [`race_point`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RacePoint {
+    /// The endpoint binding is read, the table not yet.
+    Bound,
+    /// Between two radix levels.
+    Level,
+    /// The walk is done, not yet validated.
+    Walked,
+}
+
+#[cfg(test)]
+type RaceHook = Box<dyn FnMut(RacePoint)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Test-only: called at this thread's [`race_point`]s, e.g. to run requests (or sleep)
+    /// inside a lock-free reader's race window. Not re-entered: race points reached from
+    /// within the hook are skipped.
+    pub(crate) static RACE_HOOK: std::cell::RefCell<Option<RaceHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A point inside a lock-free reader's race window. Nothing outside tests.
+#[inline(always)]
+pub(crate) fn race_point(_at: RacePoint) {
+    #[cfg(test)]
+    {
+        let hook = RACE_HOOK.with(|h| h.borrow_mut().take());
+        if let Some(mut f) = hook {
+            f(_at);
+            RACE_HOOK.with(|h| {
+                h.borrow_mut().get_or_insert(f);
+            });
+        }
+    }
+}

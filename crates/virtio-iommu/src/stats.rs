@@ -218,3 +218,31 @@ pub struct IommuStats {
     /// Translations answered from endpoint IOTLBs without consulting the model.
     pub iotlb_hits: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_counter_is_exact_beyond_the_exclusive_slots() {
+        let c = std::sync::Arc::new(HitCounter::default());
+        // Threads come and go (slots are given back), more at once than there are slots.
+        for round in 0..3 {
+            let threads: Vec<_> = (0..EXCLUSIVE_SLOTS as u64 + 5)
+                .map(|_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..10_000 {
+                            c.bump();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(c.sum(), (round + 1) * (EXCLUSIVE_SLOTS as u64 + 5) * 10_000);
+        }
+        assert!(NEXT_SLOT.load(Ordering::Relaxed) <= EXCLUSIVE_SLOTS);
+    }
+}
