@@ -194,7 +194,10 @@ impl RadixRoot {
     #[inline]
     pub(crate) fn lookup(&self, iova: u64) -> Option<Hit> {
         let levels = self.levels.load(Ordering::Relaxed);
-        let top = self.level_shift(levels);
+        // Read once: the acquire loads below keep the compiler from reusing a field load made
+        // after them, so `level_shift` inside the loop would reload `shift` at every level.
+        let base_shift = self.shift;
+        let top = base_shift + BITS * levels;
         if top < 64 && iova >> top != 0 {
             return None;
         }
@@ -202,7 +205,7 @@ impl RadixRoot {
         let mut node: &Node = unsafe { self.top.as_ref() };
         let mut level = levels.saturating_sub(1);
         loop {
-            let shift = self.level_shift(level);
+            let shift = base_shift + BITS * level;
             // Acquire: a child address read here comes with the child's initialisation.
             let entry =
                 node.entries[(iova >> shift) as usize & (FANOUT - 1)].load(Ordering::Acquire);
