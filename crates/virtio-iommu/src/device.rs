@@ -337,6 +337,19 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What the lock-free translation attempt found.
+enum Unlocked<'a> {
+    Hit(Translation),
+    /// No mapping (or permission) for `at`, with the endpoint bound as `slot` says at `seq`.
+    Miss {
+        slot: &'a EndpointSlot,
+        seq: u64,
+        at: u64,
+    },
+    /// Left to the locked path.
+    Undecided,
+}
+
 /// How many times the lock-free path retries a walk that raced with a writer before it
 /// leaves the decision to the locked path.
 const READ_ATTEMPTS: usize = 4;
@@ -1332,24 +1345,26 @@ impl VirtioIommu {
         len: u64,
         access: Access,
     ) -> Result<Translation, Fault> {
-        match self.translate_unlocked(endpoint, iova, len, access.perms()) {
-            Some(t) => Ok(t),
-            None => self.translate_locked(endpoint, iova, len, access),
+        let need = access.perms();
+        match self.translate_unlocked(endpoint, iova, len, need) {
+            Unlocked::Hit(t) => Ok(t),
+            Unlocked::Miss { slot, seq, at } => self
+                .record_miss(endpoint, slot, seq, at, need)
+                .unwrap_or_else(|| self.translate_locked(endpoint, iova, len, access)),
+            Unlocked::Undecided => self.translate_locked(endpoint, iova, len, access),
         }
     }
 
-    /// The lock-free attempt: `Some` only for a successful translation validated against
-    /// both sequence counts, `None` to let the locked path decide.
+    /// The lock-free attempt: a successful translation or a missing mapping, each validated
+    /// against both sequence counts; anything else is left to the locked path.
     #[inline]
-    fn translate_unlocked(
-        &self,
-        endpoint: u32,
-        iova: u64,
-        len: u64,
-        need: u8,
-    ) -> Option<Translation> {
-        let slot = self.dir.get(endpoint)?;
-        let last = iova.checked_add(len.checked_sub(1)?)?;
+    fn translate_unlocked(&self, endpoint: u32, iova: u64, len: u64, need: u8) -> Unlocked<'_> {
+        let Some(slot) = self.dir.get(endpoint) else {
+            return Unlocked::Undecided;
+        };
+        let Some(last) = len.checked_sub(1).and_then(|l| iova.checked_add(l)) else {
+            return Unlocked::Undecided;
+        };
         for _ in 0..READ_ATTEMPTS {
             let Some(e1) = slot.seq.read_begin() else {
                 std::hint::spin_loop();
@@ -1379,30 +1394,63 @@ impl VirtioIommu {
                         std::hint::spin_loop();
                         continue;
                     };
-                    if kind == BIND_BYPASS_DOMAIN {
-                        out = Translation::single(iova, len);
+                    let walked = if kind == BIND_BYPASS_DOMAIN {
+                        Ok(Translation::single(iova, len))
                     } else {
-                        // A miss or a missing permission is a fault (or a race): locked path.
-                        let hit = table.lookup(iova).filter(|h| h.perms & need == need)?;
-                        if hit.last >= last {
-                            out = Translation::single(hit.phys, len);
-                        } else {
-                            out = Self::walk_rest(table, hit, iova, last, need)?;
+                        match table.lookup(iova).filter(|h| h.perms & need == need) {
+                            Some(hit) if hit.last >= last => Ok(Translation::single(hit.phys, len)),
+                            Some(hit) => Self::walk_rest(table, hit, iova, last, need),
+                            None => Err(iova),
                         }
-                    }
+                    };
                     race_point(RacePoint::Walked);
                     read_fence();
                     if !table.seq().unchanged(t1) || !slot.seq.unchanged(e1) {
                         continue;
                     }
+                    match walked {
+                        Ok(t) => out = t,
+                        // A missing mapping or permission: a fault, recorded under the lock.
+                        Err(at) => return Unlocked::Miss { slot, seq: e1, at },
+                    }
                     table.hits()
                 }
-                _ => return None,
+                _ => return Unlocked::Undecided,
             };
             hits.bump();
-            return Some(out);
+            return Unlocked::Hit(out);
         }
-        None
+        Unlocked::Undecided
+    }
+
+    /// Record the fault of a validated lock-free miss, without walking again (at 1 M
+    /// mappings the second walk doubled the cost of a miss: the lock's read-modify-write
+    /// waits for the first walk's cache misses, then the second one pays them again).
+    /// `None` if the endpoint's binding changed since: the locked path decides then.
+    #[cold]
+    fn record_miss(
+        &self,
+        endpoint: u32,
+        slot: &EndpointSlot,
+        seq: u64,
+        at: u64,
+        need: u8,
+    ) -> Option<Result<Translation, Fault>> {
+        race_point(RacePoint::Missed);
+        let st = read_lock(&self.state);
+        // Bindings change only under the write lock, so with the read lock held an unchanged
+        // count means the endpoint is still attached to the domain whose table missed, and
+        // the fault is counted there. The miss itself was the table's state at one instant.
+        if !slot.seq.unchanged(seq) {
+            return None;
+        }
+        let f = Fault {
+            reason: FaultReason::Mapping,
+            endpoint,
+            address: at,
+            need,
+        };
+        Some(Err(self.fault(&st, f)))
     }
 
     /// The rest of a lock-free walk whose first block (`first`, at `iova`) ends before `last`.
@@ -1413,16 +1461,19 @@ impl VirtioIommu {
         iova: u64,
         last: u64,
         need: u8,
-    ) -> Option<Translation> {
+    ) -> Result<Translation, u64> {
         let mut out = Translation::default();
         let (mut cur, mut hit) = (iova, first);
         loop {
             out.push(hit.phys, hit.last.min(last) - cur + 1);
             if hit.last >= last {
-                return Some(out);
+                return Ok(out);
             }
             cur = hit.last + 1;
-            hit = table.lookup(cur).filter(|h| h.perms & need == need)?;
+            hit = table
+                .lookup(cur)
+                .filter(|h| h.perms & need == need)
+                .ok_or(cur)?;
         }
     }
 

@@ -472,3 +472,32 @@ fn change_before_validation_is_retried() {
     // Counted once, although the walk ran twice.
     assert_eq!(d.domain_stats(1).unwrap().translations, 1);
 }
+
+/// A validated miss whose endpoint moves before the fault is recorded: the locked path
+/// decides (here: unattached, so a domain fault counted in the device totals).
+#[test]
+fn binding_change_before_a_miss_is_recorded_is_rechecked() {
+    let d = strict();
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    let w = d.clone();
+    once_at(RacePoint::Missed, 1, move || {
+        assert_eq!(detach(&w, 1, 1), Status::Ok);
+    });
+    let r = d.translate(1, 0x1010, 4, Access::Read);
+    clear_hook();
+    assert_eq!(r.unwrap_err().reason, crate::FaultReason::Domain);
+    let s = d.stats();
+    assert_eq!((s.total.faults, s.retired_domains[0].1.faults), (1, 0));
+}
+
+/// The common miss: recorded once, in the endpoint's domain, with the first unmapped byte.
+#[test]
+fn validated_miss_is_recorded_in_its_domain() {
+    let d = strict();
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0xa000, RW), Status::Ok);
+    let f = d.translate(1, 0x1ff0, 0x20, Access::Write).unwrap_err();
+    assert_eq!((f.reason, f.address), (crate::FaultReason::Mapping, 0x2000));
+    assert_eq!(d.domain_stats(1).unwrap().faults, 1);
+    assert_eq!(d.pending_faults(), 1);
+}

@@ -65,6 +65,8 @@ pub(crate) enum RacePoint {
     Level,
     /// The walk is done, not yet validated.
     Walked,
+    /// A validated miss, before the lock is taken to record the fault.
+    Missed,
 }
 
 #[cfg(test)]
