@@ -20,8 +20,10 @@
 //! - the domain's radix table ([`RadixRoot`]) has its own sequence count, odd around every
 //!   MAP/UNMAP/clear;
 //! - a walk is kept only if neither count moved, so it equals the state at one instant;
-//!   otherwise it is retried, and after [`READ_ATTEMPTS`] (or on any miss, fault, unregistered
-//!   or unattached endpoint) the locked path decides and records faults exactly as before;
+//!   otherwise it is retried, and after [`READ_ATTEMPTS`] (or for an unregistered or
+//!   unattached endpoint) the locked path decides and records faults exactly as before;
+//! - a validated miss (no mapping or permission) is a fault, recorded under the read lock
+//!   without walking again, provided the endpoint's binding is still the one that missed;
 //! - success is counted in a [`HitCounter`] (per-thread slots, no read-modify-write).
 //!
 //! Memory safety does not depend on the counts: everything a reader can reach is type-stable.
@@ -337,17 +339,12 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What the lock-free translation attempt found.
-enum Unlocked<'a> {
-    Hit(Translation),
-    /// No mapping (or permission) for `at`, with the endpoint bound as `slot` says at `seq`.
-    Miss {
-        slot: &'a EndpointSlot,
-        seq: u64,
-        at: u64,
-    },
-    /// Left to the locked path.
-    Undecided,
+/// A validated lock-free miss: no mapping (or permission) for `at`, with the endpoint bound
+/// as `slot` says at count `seq`.
+struct Miss<'a> {
+    slot: &'a EndpointSlot,
+    seq: u64,
+    at: u64,
 }
 
 /// How many times the lock-free path retries a walk that raced with a writer before it
@@ -1346,25 +1343,34 @@ impl VirtioIommu {
         access: Access,
     ) -> Result<Translation, Fault> {
         let need = access.perms();
-        match self.translate_unlocked(endpoint, iova, len, need) {
-            Unlocked::Hit(t) => Ok(t),
-            Unlocked::Miss { slot, seq, at } => self
-                .record_miss(endpoint, slot, seq, at, need)
-                .unwrap_or_else(|| self.translate_locked(endpoint, iova, len, access)),
-            Unlocked::Undecided => self.translate_locked(endpoint, iova, len, access),
+        let mut miss = None;
+        if let Some(t) = self.translate_unlocked(endpoint, iova, len, need, &mut miss) {
+            return Ok(t);
         }
+        if let Some(Miss { slot, seq, at }) = miss {
+            if let Some(fault) = self.record_miss(endpoint, slot, seq, at, need) {
+                return Err(fault);
+            }
+        }
+        self.translate_locked(endpoint, iova, len, access)
     }
 
-    /// The lock-free attempt: a successful translation or a missing mapping, each validated
-    /// against both sequence counts; anything else is left to the locked path.
+    /// The lock-free attempt: a successful translation, or `None` with `miss` set for a
+    /// missing mapping, each validated against both sequence counts; `None` alone leaves the
+    /// decision to the locked path. (A miss goes through `miss` rather than in the return
+    /// value so that the hit's `Translation` is built in place: a wider return type cost
+    /// ~2 ns per hit in moves.)
     #[inline]
-    fn translate_unlocked(&self, endpoint: u32, iova: u64, len: u64, need: u8) -> Unlocked<'_> {
-        let Some(slot) = self.dir.get(endpoint) else {
-            return Unlocked::Undecided;
-        };
-        let Some(last) = len.checked_sub(1).and_then(|l| iova.checked_add(l)) else {
-            return Unlocked::Undecided;
-        };
+    fn translate_unlocked<'a>(
+        &'a self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        need: u8,
+        miss: &mut Option<Miss<'a>>,
+    ) -> Option<Translation> {
+        let slot = self.dir.get(endpoint)?;
+        let last = iova.checked_add(len.checked_sub(1)?)?;
         for _ in 0..READ_ATTEMPTS {
             let Some(e1) = slot.seq.read_begin() else {
                 std::hint::spin_loop();
@@ -1394,33 +1400,46 @@ impl VirtioIommu {
                         std::hint::spin_loop();
                         continue;
                     };
-                    let walked = if kind == BIND_BYPASS_DOMAIN {
-                        Ok(Translation::single(iova, len))
+                    // A missing mapping or permission is a fault, recorded under the lock once
+                    // the miss is validated like a hit.
+                    let mut missed = None;
+                    if kind == BIND_BYPASS_DOMAIN {
+                        out = Translation::single(iova, len);
                     } else {
                         match table.lookup(iova).filter(|h| h.perms & need == need) {
-                            Some(hit) if hit.last >= last => Ok(Translation::single(hit.phys, len)),
-                            Some(hit) => Self::walk_rest(table, hit, iova, last, need),
-                            None => Err(iova),
+                            Some(hit) if hit.last >= last => {
+                                out = Translation::single(hit.phys, len)
+                            }
+                            Some(hit) => match Self::walk_rest(table, hit, iova, last, need) {
+                                Ok(t) => out = t,
+                                Err(at) => {
+                                    out = Translation::default();
+                                    missed = Some(at);
+                                }
+                            },
+                            None => {
+                                out = Translation::default();
+                                missed = Some(iova);
+                            }
                         }
-                    };
+                    }
                     race_point(RacePoint::Walked);
                     read_fence();
                     if !table.seq().unchanged(t1) || !slot.seq.unchanged(e1) {
                         continue;
                     }
-                    match walked {
-                        Ok(t) => out = t,
-                        // A missing mapping or permission: a fault, recorded under the lock.
-                        Err(at) => return Unlocked::Miss { slot, seq: e1, at },
+                    if let Some(at) = missed {
+                        *miss = Some(Miss { slot, seq: e1, at });
+                        return None;
                     }
                     table.hits()
                 }
-                _ => return Unlocked::Undecided,
+                _ => return None,
             };
             hits.bump();
-            return Unlocked::Hit(out);
+            return Some(out);
         }
-        Unlocked::Undecided
+        None
     }
 
     /// Record the fault of a validated lock-free miss, without walking again (at 1 M
@@ -1435,7 +1454,7 @@ impl VirtioIommu {
         seq: u64,
         at: u64,
         need: u8,
-    ) -> Option<Result<Translation, Fault>> {
+    ) -> Option<Fault> {
         race_point(RacePoint::Missed);
         let st = read_lock(&self.state);
         // Bindings change only under the write lock, so with the read lock held an unchanged
@@ -1450,7 +1469,7 @@ impl VirtioIommu {
             address: at,
             need,
         };
-        Some(Err(self.fault(&st, f)))
+        Some(self.fault(&st, f))
     }
 
     /// The rest of a lock-free walk whose first block (`first`, at `iova`) ends before `last`.
