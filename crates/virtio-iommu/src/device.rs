@@ -1,14 +1,39 @@
 //! The device model: configuration, features, domains, endpoints, request semantics,
 //! translation for devices and fault bookkeeping.
 //!
-//! All state sits behind one `RwLock`: requests (rare, ordered) take it for writing; device
-//! translations take it for reading and never block each other. Per-endpoint IOTLBs are
-//! invalidated while the write lock is held, and filled while the read lock is held, so an
-//! IOTLB can never be refilled with a mapping an UNMAP has already removed.
+//! All state sits behind one `RwLock`: requests (rare, ordered) take it for writing. Device
+//! translations that hit take no lock at all (see "Lock-free translation" below); faults and
+//! anything unusual fall back to the read lock. Per-endpoint IOTLBs are invalidated while the
+//! write lock is held, and filled while the read lock is held, so an IOTLB can never be
+//! refilled with a mapping an UNMAP has already removed.
+//!
+//! # Lock-free translation
+//!
+//! A locked read path costs two atomic read-modify-writes for the lock and one for the
+//! statistics counter; on x86 each is a full barrier that stops consecutive random radix walks
+//! from overlapping in the CPU (83 ns instead of ~10 ns per random hit at 1 M mappings). So
+//! [`VirtioIommu::translate`] first tries a path made only of loads and plain stores:
+//! - endpoint ID -> [`EndpointSlot`] through [`EndpointDir`], a lazily filled two-level array
+//!   for IDs below 65536 (PCI BDFs); larger IDs always take the locked path;
+//! - the slot holds the endpoint's binding (unregistered, unattached, bypass, or the domain's
+//!   table) under a sequence count ([`SeqCount`]) that writers make odd around every change;
+//! - the domain's radix table ([`RadixRoot`]) has its own sequence count, odd around every
+//!   MAP/UNMAP/clear;
+//! - a walk is kept only if neither count moved, so it equals the state at one instant;
+//!   otherwise it is retried, and after [`READ_ATTEMPTS`] (or for an unregistered or
+//!   unattached endpoint) the locked path decides and records faults exactly as before;
+//! - a validated miss (no mapping or permission) is a fault, recorded under the read lock
+//!   without walking again, provided the endpoint's binding is still the one that missed;
+//! - success is counted in a [`HitCounter`] (per-thread slots, no read-modify-write).
+//!
+//! Memory safety does not depend on the counts: everything a reader can reach is type-stable.
+//! Slots and directory leaves live until the device is dropped. A destroyed domain's table is
+//! emptied and parked in `State::table_pool` for the next new domain instead of being freed,
+//! since a reader may still be walking it; the counts make such a reader retry.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use log::{debug, error, warn};
@@ -17,8 +42,9 @@ use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::*;
-use crate::stats::{Counters, IommuStats, StatsSnapshot};
-use crate::table::{Mapping, MappingTable, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE};
+use crate::seqlock::{race_point, read_fence, RacePoint, SeqCount};
+use crate::stats::{Counters, HitCounter, IommuStats, StatsSnapshot};
+use crate::table::{Mapping, MappingTable, RadixRoot, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -218,6 +244,18 @@ pub struct Translation {
 }
 
 impl Translation {
+    /// One piece. Built whole, not pushed: the lock-free path returns this by value, and
+    /// piecewise stores read back as a whole stall store forwarding.
+    #[inline]
+    fn single(gpa: u64, len: u64) -> Self {
+        Translation {
+            inline: [GuestRange { gpa, len }, GuestRange::default()],
+            n: 1,
+            spill: Vec::new(),
+        }
+    }
+
+    #[inline]
     fn push(&mut self, gpa: u64, len: u64) {
         let last = if !self.spill.is_empty() {
             self.spill.last_mut()
@@ -301,6 +339,104 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A validated lock-free miss: no mapping (or permission) for `at`, with the endpoint bound
+/// as `slot` says at count `seq`.
+struct Miss<'a> {
+    slot: &'a EndpointSlot,
+    seq: u64,
+    at: u64,
+}
+
+/// How many times the lock-free path retries a walk that raced with a writer before it
+/// leaves the decision to the locked path.
+const READ_ATTEMPTS: usize = 4;
+
+/// Endpoint bindings as lock-free readers see them ([`EndpointSlot::kind`]).
+const BIND_UNREGISTERED: u32 = 0;
+/// Unattached, global bypass off: every access faults (locked path).
+const BIND_FAULT: u32 = 1;
+/// Unattached, global bypass on: identity, counted in the device totals.
+const BIND_BYPASS: u32 = 2;
+/// Attached to a translating domain whose table is [`EndpointSlot::table`].
+const BIND_DOMAIN: u32 = 3;
+/// Attached to a bypass domain: identity, counted in [`EndpointSlot::table`]'s hits.
+const BIND_BYPASS_DOMAIN: u32 = 4;
+
+/// What a lock-free translation needs to know about one endpoint ID, valid while `seq` is
+/// even and unchanged. Written only under the state write lock.
+#[derive(Debug, Default)]
+struct EndpointSlot {
+    seq: SeqCount,
+    kind: AtomicU32,
+    /// The domain's table root for `BIND_DOMAIN` / `BIND_BYPASS_DOMAIN`, else null. Always
+    /// null or the root of a table the device keeps until it is dropped.
+    table: AtomicPtr<RadixRoot>,
+}
+
+const DIR_LEAF_BITS: u32 = 8;
+const DIR_LEAF: usize = 1 << DIR_LEAF_BITS;
+
+struct DirLeaf([EndpointSlot; DIR_LEAF]);
+
+/// Endpoint ID -> [`EndpointSlot`] without a lock, for IDs below 65536: a fixed array of
+/// lazily allocated leaves of 256 slots. Leaves (6 KiB each) are freed only with the device,
+/// and a removed endpoint's slot is kept (marked unregistered) for a reader that may still
+/// look at it and for the next endpoint with that ID.
+struct EndpointDir {
+    leaves: [AtomicPtr<DirLeaf>; DIR_LEAF],
+}
+
+impl EndpointDir {
+    fn new() -> Self {
+        EndpointDir {
+            leaves: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+        }
+    }
+
+    #[inline]
+    fn get(&self, id: u32) -> Option<&EndpointSlot> {
+        let leaf = self.leaves.get((id >> DIR_LEAF_BITS) as usize)?;
+        // SAFETY: a non-null leaf pointer comes from `Box::into_raw` in `get_or_create` and
+        // is freed only in `drop` (which has `&mut self`). Acquire pairs with its publication.
+        let leaf = unsafe { leaf.load(Ordering::Acquire).as_ref() }?;
+        Some(&leaf.0[id as usize & (DIR_LEAF - 1)])
+    }
+
+    /// The slot of `id`, allocating its leaf if needed; `None` for IDs the directory does not
+    /// cover.
+    fn get_or_create(&self, id: u32) -> Option<&EndpointSlot> {
+        let cell = self.leaves.get((id >> DIR_LEAF_BITS) as usize)?;
+        if cell.load(Ordering::Acquire).is_null() {
+            let leaf = Box::into_raw(Box::new(DirLeaf(std::array::from_fn(|_| {
+                EndpointSlot::default()
+            }))));
+            let raced = cell.compare_exchange(
+                std::ptr::null_mut(),
+                leaf,
+                Ordering::Release,
+                Ordering::Acquire,
+            );
+            if raced.is_err() {
+                // SAFETY: `leaf` was never published, so this is its only owner.
+                drop(unsafe { Box::from_raw(leaf) });
+            }
+        }
+        self.get(id)
+    }
+}
+
+impl Drop for EndpointDir {
+    fn drop(&mut self) {
+        for leaf in &mut self.leaves {
+            let p = *leaf.get_mut();
+            if !p.is_null() {
+                // SAFETY: published by `get_or_create` from `Box::into_raw`, freed only here.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        }
+    }
+}
+
 struct Endpoint {
     domain: Option<u32>,
     reserved: Vec<ReservedRegion>,
@@ -317,6 +453,21 @@ struct Domain {
     /// Distinct mappers of attached endpoints, with how many endpoints use each.
     mappers: Vec<(Arc<dyn ExternalMapper>, usize)>,
     counters: Counters,
+    /// `table.hits()` when the domain got the table: its translations are the difference.
+    hits_base: u64,
+}
+
+impl Domain {
+    fn snapshot_at(&self, hits: u64) -> StatsSnapshot {
+        StatsSnapshot {
+            translations: hits.wrapping_sub(self.hits_base),
+            ..self.counters.snapshot()
+        }
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        self.snapshot_at(self.table.hits().sum())
+    }
 }
 
 struct State {
@@ -324,6 +475,11 @@ struct State {
     endpoints: IdMap<Endpoint>,
     bypass: bool,
     acked_features: u64,
+    /// Emptied tables of destroyed domains, with their hit count at destruction, reused for
+    /// new domains. A lock-free reader may still be walking a destroyed domain's table, so
+    /// tables (their root and radix nodes, up to the largest size each ever had) are only
+    /// freed with the device; at most `max_domains` + 1 tables ever exist.
+    table_pool: Vec<(MappingTable, u64)>,
 }
 
 #[derive(Default)]
@@ -344,8 +500,12 @@ pub struct VirtioIommu {
     state: RwLock<State>,
     faults: Mutex<FaultQueue>,
     notifier: RwLock<Option<FaultNotifier>>,
-    /// Destroyed domains, bypass translations and unattached-endpoint faults.
+    /// Destroyed domains and unattached-endpoint faults.
     totals: Counters,
+    /// Translations of unattached endpoints under the global bypass.
+    bypass_hits: HitCounter,
+    /// Endpoint bindings for lock-free translation.
+    dir: EndpointDir,
     /// The last destroyed domains' counters, newest last: a guest resets the IOMMU when it
     /// shuts down, and what each domain did must still be reportable afterwards.
     retired: Mutex<VecDeque<(u32, StatsSnapshot)>>,
@@ -521,10 +681,13 @@ impl VirtioIommu {
                 endpoints: IdMap::default(),
                 bypass: config.boot_bypass,
                 acked_features: 0,
+                table_pool: Vec::new(),
             }),
             faults: Mutex::new(FaultQueue::default()),
             notifier: RwLock::new(None),
             totals: Counters::default(),
+            bypass_hits: HitCounter::default(),
+            dir: EndpointDir::new(),
             retired: Mutex::new(VecDeque::new()),
             config,
         };
@@ -582,6 +745,7 @@ impl VirtioIommu {
                 shared: Arc::default(),
             },
         );
+        self.publish(&st, id);
         Ok(())
     }
 
@@ -598,6 +762,7 @@ impl VirtioIommu {
             }
         }
         if let Some(ep) = st.endpoints.remove(&id) {
+            self.publish(&st, id);
             if let Some(m) = ep.mapper.filter(|_| ep.identity) {
                 if let Err(e) = m.set_identity(false) {
                     error!("endpoint {id:#x}: identity map left behind: {e}");
@@ -605,6 +770,46 @@ impl VirtioIommu {
             }
         }
         Ok(())
+    }
+
+    /// Start changing what endpoint `id` translates with: its lock-free readers retry (or
+    /// take the locked path) until [`Self::publish`]. Must precede any change that could make
+    /// the endpoint's published binding stale, above all destroying its domain.
+    fn unpublish(&self, id: u32) {
+        if let Some(slot) = self.dir.get(id) {
+            slot.seq.write_begin();
+        }
+    }
+
+    /// Publish endpoint `id`'s binding as `st` now has it, ending any change in progress.
+    fn publish(&self, st: &State, id: u32) {
+        let (kind, table) = match st.endpoints.get(&id) {
+            None => (BIND_UNREGISTERED, std::ptr::null_mut()),
+            Some(ep) => match ep.domain.map(|d| st.domains.get(&d)) {
+                None if st.bypass => (BIND_BYPASS, std::ptr::null_mut()),
+                None | Some(None) => (BIND_FAULT, std::ptr::null_mut()),
+                Some(Some(d)) => (
+                    if d.bypass {
+                        BIND_BYPASS_DOMAIN
+                    } else {
+                        BIND_DOMAIN
+                    },
+                    d.table.root().as_ptr(),
+                ),
+            },
+        };
+        let slot = if kind == BIND_UNREGISTERED {
+            self.dir.get(id)
+        } else {
+            self.dir.get_or_create(id)
+        };
+        if let Some(slot) = slot {
+            slot.seq.write_begin();
+            slot.kind.store(kind, Ordering::Relaxed);
+            // Release: a reader that sees the pointer sees the table's initialisation.
+            slot.table.store(table, Ordering::Release);
+            slot.seq.write_end();
+        }
     }
 
     pub(crate) fn endpoint_shared(&self, id: u32) -> Option<Arc<EndpointShared>> {
@@ -689,14 +894,23 @@ impl VirtioIommu {
             warn!("ignoring bypass write: BYPASS_CONFIG not negotiated");
             return;
         }
-        Self::set_global_bypass(&mut st, value & 1 != 0);
+        self.set_global_bypass(&mut st, value & 1 != 0);
     }
 
     /// Change the `bypass` field: unattached endpoints switch mode, so their IOTLBs are
     /// flushed and their mappers gain or drop the identity map. A mapper failure here cannot
     /// be reported to the driver; it is logged and the mapper keeps its previous state.
-    fn set_global_bypass(st: &mut State, bypass: bool) {
+    fn set_global_bypass(&self, st: &mut State, bypass: bool) {
         st.bypass = bypass;
+        let unattached: Vec<u32> = st
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.domain.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &unattached {
+            self.publish(st, id);
+        }
         for (id, ep) in st.endpoints.iter_mut().filter(|(_, e)| e.domain.is_none()) {
             write_lock(&ep.shared.iotlb).invalidate_all();
             if let Some(m) = ep.mapper.as_ref().filter(|_| ep.identity != bypass) {
@@ -727,6 +941,7 @@ impl VirtioIommu {
                 // A mapper that refuses to let go cannot hold the guest's state hostage.
                 error!("reset: forcing detach of endpoint {id:#x}");
                 self.unlink(&mut st, id, d);
+                self.publish(&st, id);
             }
         }
         st.acked_features = 0;
@@ -738,7 +953,7 @@ impl VirtioIommu {
     pub fn system_reset(&self) {
         self.reset();
         let mut st = write_lock(&self.state);
-        Self::set_global_bypass(&mut st, self.config.boot_bypass);
+        self.set_global_bypass(&mut st, self.config.boot_bypass);
     }
 
     // ---- requests ----
@@ -845,18 +1060,40 @@ impl VirtioIommu {
     /// Record that endpoint `id` is attached to `domain` (created if needed). Mapper content
     /// has already been replayed by the caller.
     fn link(&self, st: &mut State, id: u32, domain: u32, bypass: bool) {
+        self.unpublish(id);
+        self.link_state(st, id, domain, bypass);
+        self.publish(st, id);
+    }
+
+    fn link_state(&self, st: &mut State, id: u32, domain: u32, bypass: bool) {
         let State {
-            domains, endpoints, ..
+            domains,
+            endpoints,
+            table_pool,
+            ..
         } = st;
         let Some(ep) = endpoints.get_mut(&id) else {
             return;
         };
-        let d = domains.entry(domain).or_insert_with(|| Domain {
-            bypass,
-            table: MappingTable::new(self.granule_shift),
-            endpoints: Vec::new(),
-            mappers: Vec::new(),
-            counters: Counters::default(),
+        let d = domains.entry(domain).or_insert_with(|| {
+            let (table, hits_base) = match table_pool.pop() {
+                Some((table, parked)) => {
+                    // Hits counted after the old domain's snapshot (a reader racing with its
+                    // destruction) belong to no domain but still to the totals.
+                    let now = table.hits().sum();
+                    self.totals.add_translations(now.wrapping_sub(parked));
+                    (table, now)
+                }
+                None => (MappingTable::new(self.granule_shift), 0),
+            };
+            Domain {
+                bypass,
+                table,
+                endpoints: Vec::new(),
+                mappers: Vec::new(),
+                counters: Counters::default(),
+                hits_base,
+            }
         });
         if let Some(mapper) = &ep.mapper {
             match d.mappers.iter_mut().find(|(m, _)| Arc::ptr_eq(m, mapper)) {
@@ -872,9 +1109,14 @@ impl VirtioIommu {
 
     /// Record that endpoint `id` left `domain`, destroying the domain (and its mappings) if
     /// it was the last endpoint. Mapper content has already been withdrawn by the caller.
+    /// Leaves the endpoint's lock-free binding mid-change: the caller publishes it.
     fn unlink(&self, st: &mut State, id: u32, domain: u32) {
+        self.unpublish(id);
         let State {
-            domains, endpoints, ..
+            domains,
+            endpoints,
+            table_pool,
+            ..
         } = st;
         let Some(ep) = endpoints.get_mut(&id) else {
             return;
@@ -894,17 +1136,23 @@ impl VirtioIommu {
         }
         d.endpoints.retain(|&e| e != id);
         if d.endpoints.is_empty() {
-            if let Some(d) = domains.remove(&domain) {
+            if let Some(mut d) = domains.remove(&domain) {
                 for m in d.table.iter() {
                     d.counters.unmapped(m.size());
                 }
-                let snapshot = d.counters.snapshot();
+                let hits = d.table.hits().sum();
+                let snapshot = d.snapshot_at(hits);
                 self.totals.absorb(&snapshot);
-                let mut retired = lock(&self.retired);
-                if retired.len() == RETIRED_DOMAINS_KEPT {
-                    retired.pop_front();
+                {
+                    let mut retired = lock(&self.retired);
+                    if retired.len() == RETIRED_DOMAINS_KEPT {
+                        retired.pop_front();
+                    }
+                    retired.push_back((domain, snapshot));
                 }
-                retired.push_back((domain, snapshot));
+                // Not freed: a lock-free reader may still be walking it (see `table_pool`).
+                d.table.clear();
+                table_pool.push((d.table, hits));
             }
         }
     }
@@ -930,6 +1178,7 @@ impl VirtioIommu {
         }
         let bypass = st.bypass;
         self.unlink(st, id, domain);
+        self.publish(st, id);
         if let Some(ep) = st.endpoints.get_mut(&id).filter(|e| e.mapper.is_some()) {
             ep.identity = bypass;
         }
@@ -1052,8 +1301,8 @@ impl VirtioIommu {
                 }
             }
         }
+        d.table.remove_all(plan.iter().map(|m| m.start));
         for m in &plan {
-            d.table.remove(m.start);
             d.counters.unmapped(m.size());
             for e in d.endpoints.iter().filter_map(|e| endpoints.get(e)) {
                 invalidate(&e.shared, m.start, m.end);
@@ -1082,8 +1331,173 @@ impl VirtioIommu {
     /// Translate a DMA access of `len` bytes at `iova` by `endpoint`: the guest-physical
     /// pieces covering it (the access may span several mappings), or the fault, which has
     /// already been counted and queued for the event queue.
+    ///
+    /// Hits take no lock and make no atomic read-modify-write (see the module doc); faults,
+    /// and translations that keep racing with requests, take the state read lock.
     #[inline]
     pub fn translate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        let need = access.perms();
+        let mut miss = None;
+        if let Some(t) = self.translate_unlocked(endpoint, iova, len, need, &mut miss) {
+            return Ok(t);
+        }
+        if let Some(Miss { slot, seq, at }) = miss {
+            if let Some(fault) = self.record_miss(endpoint, slot, seq, at, need) {
+                return Err(fault);
+            }
+        }
+        self.translate_locked(endpoint, iova, len, access)
+    }
+
+    /// The lock-free attempt: a successful translation, or `None` with `miss` set for a
+    /// missing mapping, each validated against both sequence counts; `None` alone leaves the
+    /// decision to the locked path. (A miss goes through `miss` rather than in the return
+    /// value so that the hit's `Translation` is built in place: a wider return type cost
+    /// ~2 ns per hit in moves.)
+    #[inline]
+    fn translate_unlocked<'a>(
+        &'a self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        need: u8,
+        miss: &mut Option<Miss<'a>>,
+    ) -> Option<Translation> {
+        let slot = self.dir.get(endpoint)?;
+        let last = iova.checked_add(len.checked_sub(1)?)?;
+        for _ in 0..READ_ATTEMPTS {
+            let Some(e1) = slot.seq.read_begin() else {
+                std::hint::spin_loop();
+                continue;
+            };
+            let kind = slot.kind.load(Ordering::Relaxed);
+            let out;
+            let hits = match kind {
+                BIND_BYPASS => {
+                    out = Translation::single(iova, len);
+                    read_fence();
+                    if !slot.seq.unchanged(e1) {
+                        continue;
+                    }
+                    &self.bypass_hits
+                }
+                BIND_DOMAIN | BIND_BYPASS_DOMAIN => {
+                    // SAFETY: `table` is null or the root of a table this device keeps until
+                    // it is dropped (tables of destroyed domains are pooled, never freed), and
+                    // `self` is borrowed. Acquire pairs with the Release in `publish`.
+                    let Some(table) = (unsafe { slot.table.load(Ordering::Acquire).as_ref() })
+                    else {
+                        continue;
+                    };
+                    race_point(RacePoint::Bound);
+                    let Some(t1) = table.seq().read_begin() else {
+                        std::hint::spin_loop();
+                        continue;
+                    };
+                    // A missing mapping or permission is a fault, recorded under the lock once
+                    // the miss is validated like a hit.
+                    let mut missed = None;
+                    if kind == BIND_BYPASS_DOMAIN {
+                        out = Translation::single(iova, len);
+                    } else {
+                        match table.lookup(iova).filter(|h| h.perms & need == need) {
+                            Some(hit) if hit.last >= last => {
+                                out = Translation::single(hit.phys, len)
+                            }
+                            Some(hit) => match Self::walk_rest(table, hit, iova, last, need) {
+                                Ok(t) => out = t,
+                                Err(at) => {
+                                    out = Translation::default();
+                                    missed = Some(at);
+                                }
+                            },
+                            None => {
+                                out = Translation::default();
+                                missed = Some(iova);
+                            }
+                        }
+                    }
+                    race_point(RacePoint::Walked);
+                    read_fence();
+                    if !table.seq().unchanged(t1) || !slot.seq.unchanged(e1) {
+                        continue;
+                    }
+                    if let Some(at) = missed {
+                        *miss = Some(Miss { slot, seq: e1, at });
+                        return None;
+                    }
+                    table.hits()
+                }
+                _ => return None,
+            };
+            hits.bump();
+            return Some(out);
+        }
+        None
+    }
+
+    /// Record the fault of a validated lock-free miss, without walking again (at 1 M
+    /// mappings the second walk doubled the cost of a miss: the lock's read-modify-write
+    /// waits for the first walk's cache misses, then the second one pays them again).
+    /// `None` if the endpoint's binding changed since: the locked path decides then.
+    #[cold]
+    fn record_miss(
+        &self,
+        endpoint: u32,
+        slot: &EndpointSlot,
+        seq: u64,
+        at: u64,
+        need: u8,
+    ) -> Option<Fault> {
+        race_point(RacePoint::Missed);
+        let st = read_lock(&self.state);
+        // Bindings change only under the write lock, so with the read lock held an unchanged
+        // count means the endpoint is still attached to the domain whose table missed, and
+        // the fault is counted there. The miss itself was the table's state at one instant.
+        if !slot.seq.unchanged(seq) {
+            return None;
+        }
+        let f = Fault {
+            reason: FaultReason::Mapping,
+            endpoint,
+            address: at,
+            need,
+        };
+        Some(self.fault(&st, f))
+    }
+
+    /// The rest of a lock-free walk whose first block (`first`, at `iova`) ends before `last`.
+    #[inline(never)]
+    fn walk_rest(
+        table: &RadixRoot,
+        first: crate::table::Hit,
+        iova: u64,
+        last: u64,
+        need: u8,
+    ) -> Result<Translation, u64> {
+        let mut out = Translation::default();
+        let (mut cur, mut hit) = (iova, first);
+        loop {
+            out.push(hit.phys, hit.last.min(last) - cur + 1);
+            if hit.last >= last {
+                return Ok(out);
+            }
+            cur = hit.last + 1;
+            hit = table
+                .lookup(cur)
+                .filter(|h| h.perms & need == need)
+                .ok_or(cur)?;
+        }
+    }
+
+    #[cold]
+    fn translate_locked(
         &self,
         endpoint: u32,
         iova: u64,
@@ -1139,7 +1553,7 @@ impl VirtioIommu {
         let domain = match ep.domain {
             None if st.bypass => {
                 block(iova, last, iova, PERM_READ | PERM_WRITE);
-                self.totals.translation();
+                self.bypass_hits.bump();
                 return Ok(());
             }
             None => return Err(self.fault(st, fault(FaultReason::Domain, iova))),
@@ -1150,7 +1564,7 @@ impl VirtioIommu {
         };
         if d.bypass {
             block(iova, last, iova, PERM_READ | PERM_WRITE);
-            d.counters.translation();
+            d.table.hits().bump();
             return Ok(());
         }
         let mut cur = iova;
@@ -1165,7 +1579,7 @@ impl VirtioIommu {
             }
             cur = hit.last + 1;
         }
-        d.counters.translation();
+        d.table.hits().bump();
         Ok(())
     }
 
@@ -1276,10 +1690,17 @@ impl VirtioIommu {
         let mut domains: Vec<(u32, StatsSnapshot)> = st
             .domains
             .iter()
-            .map(|(&id, d)| (id, d.counters.snapshot()))
+            .map(|(&id, d)| (id, d.snapshot()))
             .collect();
         domains.sort_by_key(|(id, _)| *id);
-        let base = self.totals.snapshot();
+        let mut base = self.totals.snapshot();
+        let parked = st.table_pool.iter().fold(0u64, |a, (t, h)| {
+            a.wrapping_add(t.hits().sum().wrapping_sub(*h))
+        });
+        base.translations = base
+            .translations
+            .wrapping_add(self.bypass_hits.sum())
+            .wrapping_add(parked);
         let total =
             StatsSnapshot::sum(std::iter::once(&base).chain(domains.iter().map(|(_, s)| s)));
         IommuStats {
@@ -1300,7 +1721,7 @@ impl VirtioIommu {
         read_lock(&self.state)
             .domains
             .get(&domain)
-            .map(|d| d.counters.snapshot())
+            .map(Domain::snapshot)
     }
 
     /// The domain an endpoint is attached to.

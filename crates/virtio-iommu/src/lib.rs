@@ -19,8 +19,12 @@ mod iommu_memory;
 pub mod mapper;
 pub mod protocol;
 mod queue;
+mod seqlock;
 mod stats;
 pub mod table;
+
+#[cfg(test)]
+mod race_tests;
 
 pub use device::{
     Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,

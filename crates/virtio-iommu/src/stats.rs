@@ -1,9 +1,13 @@
 //! Counters readable by the VMM while the device runs.
 //!
-//! Counters are relaxed atomics so the translation hot path pays one uncontended increment and
-//! readers never take the device lock for long: a snapshot is a handful of loads.
+//! Request-side counters are relaxed atomics updated under the device's state lock. Successful
+//! translations are counted by [`HitCounter`], which the lock-free translation path updates
+//! without any read-modify-write: a locked RMW is a full barrier on x86 and would serialize
+//! the otherwise overlapping radix walks of consecutive translations.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Live counters of one domain (or of destroyed domains, folded into the device totals).
 #[derive(Debug, Default)]
@@ -73,9 +77,9 @@ impl Counters {
         self.faults.fetch_add(1, Ordering::Relaxed);
     }
 
-    #[inline]
-    pub(crate) fn translation(&self) {
-        self.translations.fetch_add(1, Ordering::Relaxed);
+    /// Fold translations counted elsewhere (a [`HitCounter`]) into these counters.
+    pub(crate) fn add_translations(&self, n: u64) {
+        self.translations.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -103,6 +107,102 @@ impl Counters {
     }
 }
 
+/// Threads that own a slot of every [`HitCounter`]; later threads share the last slot.
+const EXCLUSIVE_SLOTS: usize = 8;
+const SHARED_SLOT: usize = EXCLUSIVE_SLOTS;
+const UNASSIGNED: usize = usize::MAX;
+
+/// Exclusive slot indices handed out so far, and those given back by exited threads.
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+static FREE_SLOTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(UNASSIGNED) };
+    static SLOT_RELEASE: SlotRelease = const { SlotRelease };
+}
+
+/// Gives the thread's exclusive slot back when the thread exits.
+struct SlotRelease;
+
+impl Drop for SlotRelease {
+    fn drop(&mut self) {
+        // Anything this thread still counts (from later destructors) goes to the shared slot.
+        let i = SLOT.with(|s| s.replace(SHARED_SLOT));
+        if i < EXCLUSIVE_SLOTS {
+            FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(i);
+        }
+    }
+}
+
+#[cold]
+fn assign_slot() -> usize {
+    // A thread already tearing down its thread-locals cannot register the release: share.
+    let i = if SLOT_RELEASE.try_with(|_| ()).is_err() {
+        SHARED_SLOT
+    } else {
+        let reused = FREE_SLOTS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| {
+            NEXT_SLOT
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < EXCLUSIVE_SLOTS).then_some(n + 1)
+                })
+                .unwrap_or(SHARED_SLOT)
+        })
+    };
+    SLOT.with(|s| s.set(i));
+    i
+}
+
+/// This thread's slot index in every [`HitCounter`].
+#[inline]
+fn thread_slot() -> usize {
+    let i = SLOT.with(Cell::get);
+    if i == UNASSIGNED {
+        assign_slot()
+    } else {
+        i
+    }
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct PaddedU64(AtomicU64);
+
+/// An exact event counter that the counting threads update without read-modify-write.
+///
+/// Each thread owns one slot (the same index in every counter, assigned on first use and
+/// given back when the thread exits) and is its only writer, so `load` + `store` loses no
+/// update. Threads beyond [`EXCLUSIVE_SLOTS`] share a last slot with `fetch_add`. Slots are
+/// cache-line padded so counting threads do not bounce each other's line. The value is the
+/// sum of the slots; it never decreases.
+#[derive(Debug, Default)]
+pub(crate) struct HitCounter {
+    slots: [PaddedU64; EXCLUSIVE_SLOTS + 1],
+}
+
+impl HitCounter {
+    /// Count one event.
+    #[inline]
+    pub(crate) fn bump(&self) {
+        let i = thread_slot();
+        match self.slots.get(i).filter(|_| i < EXCLUSIVE_SLOTS) {
+            Some(PaddedU64(c)) => {
+                c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed)
+            }
+            None => {
+                self.slots[SHARED_SLOT].0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Events counted so far (each slot read once; concurrent bumps may or may not show).
+    pub(crate) fn sum(&self) -> u64 {
+        self.slots
+            .iter()
+            .fold(0u64, |a, s| a.wrapping_add(s.0.load(Ordering::Relaxed)))
+    }
+}
+
 /// Device-wide statistics: totals plus each live domain.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IommuStats {
@@ -117,4 +217,32 @@ pub struct IommuStats {
     pub dropped_fault_events: u64,
     /// Translations answered from endpoint IOTLBs without consulting the model.
     pub iotlb_hits: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_counter_is_exact_beyond_the_exclusive_slots() {
+        let c = std::sync::Arc::new(HitCounter::default());
+        // Threads come and go (slots are given back), more at once than there are slots.
+        for round in 0..3 {
+            let threads: Vec<_> = (0..EXCLUSIVE_SLOTS as u64 + 5)
+                .map(|_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..10_000 {
+                            c.bump();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(c.sum(), (round + 1) * (EXCLUSIVE_SLOTS as u64 + 5) * 10_000);
+        }
+        assert!(NEXT_SLOT.load(Ordering::Relaxed) <= EXCLUSIVE_SLOTS);
+    }
 }

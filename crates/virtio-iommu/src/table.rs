@@ -15,6 +15,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::seqlock::{race_point, RacePoint, SeqCount};
+use crate::stats::HitCounter;
 
 /// Access rights of a mapping, as MAP flags grant them.
 pub const PERM_READ: u8 = 1;
@@ -100,52 +105,110 @@ const TAG_LEAF: u64 = 1;
 const TAG_START: u64 = 0b1000;
 const TAG_MASK: u64 = 0b1111;
 
-/// Radix page table. Entry encoding (u64): 0 = empty; bit 0 set = leaf whose upper bits are the
+/// One radix node. Entry encoding (u64): 0 = empty; bit 0 set = leaf whose upper bits are the
 /// guest-physical address of the block start, bits 1-2 the permissions and bit 3 set when the
-/// block starts its mapping; otherwise a table entry holding `child_index << 3` (child indices
-/// start at 1, so a table entry is non-zero).
-#[derive(Debug)]
-struct Radix {
-    shift: u32,
-    levels: u32,
-    max_levels: u32,
-    nodes: Vec<[u64; FANOUT]>,
-    live: Vec<u16>,
-    free: Vec<usize>,
+/// block starts its mapping; otherwise a table entry holding the child node's address.
+///
+/// Entries are atomics because lock-free readers (see `RadixRoot`) walk nodes while the
+/// writer changes them. `live` (non-empty entries) is only touched by the writer.
+struct Node {
+    entries: [AtomicU64; FANOUT],
+    live: AtomicU32,
 }
 
-impl Radix {
-    fn new(shift: u32) -> Self {
-        Radix {
-            shift,
-            levels: 1,
-            max_levels: (64 - shift).div_ceil(BITS),
-            nodes: vec![[0; FANOUT]],
-            live: vec![0],
-            free: Vec::new(),
-        }
+impl Node {
+    fn boxed() -> NonNull<Node> {
+        let node = Box::new(Node {
+            entries: [const { AtomicU64::new(0) }; FANOUT],
+            live: AtomicU32::new(0),
+        });
+        NonNull::from(Box::leak(node))
     }
 
+    #[inline]
+    fn get(&self, idx: usize) -> u64 {
+        self.entries[idx].load(Ordering::Relaxed)
+    }
+
+    /// Release: a reader that sees a child address also sees the child's initialisation.
+    #[inline]
+    fn set(&self, idx: usize, entry: u64) {
+        self.entries[idx].store(entry, Ordering::Release)
+    }
+
+    fn live(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Single writer: no read-modify-write needed.
+    fn add_live(&self, delta: i32) {
+        self.live
+            .store(self.live().wrapping_add_signed(delta), Ordering::Relaxed);
+    }
+}
+
+/// The table entry pointing at `node`.
+fn table_entry(node: NonNull<Node>) -> u64 {
+    // Nodes are 8-aligned, so bit 0 (the leaf tag) is clear and the entry is non-zero.
+    node.as_ptr().expose_provenance() as u64
+}
+
+/// The node a table entry (non-zero, bit 0 clear) points at.
+fn child_of(entry: u64) -> *const Node {
+    std::ptr::with_exposed_provenance(entry as usize)
+}
+
+/// The reader-visible half of a radix table: what a lock-free translation needs, at an
+/// address that stays put while the owning [`MappingTable`] moves, and the sequence count
+/// that tells readers whether a walk raced with a change.
+///
+/// Soundness of lock-free walks rests on type-stable memory: a table's nodes (and this root)
+/// are freed only when the table is dropped, never while it lives (emptied nodes go to the
+/// table's own free list and are reused zeroed), and every non-zero, non-leaf entry ever
+/// stored holds the address of one of them. So a racing reader always dereferences live
+/// nodes of the same table, whatever mix of old and new entries it sees; the sequence count
+/// then rejects the mix. The device never drops a table while readers may hold it.
+#[derive(Debug)]
+pub(crate) struct RadixRoot {
+    seq: SeqCount,
+    levels: AtomicU32,
+    shift: u32,
+    top: NonNull<Node>,
+    /// Successful translations through this table, counted by the device.
+    hits: HitCounter,
+}
+
+// SAFETY: `top` points at a node owned by the same table and valid as long as this root;
+// shared access only performs atomic operations on it.
+unsafe impl Send for RadixRoot {}
+// SAFETY: as above.
+unsafe impl Sync for RadixRoot {}
+
+impl RadixRoot {
     fn level_shift(&self, level: u32) -> u32 {
         self.shift + BITS * level
     }
 
-    /// Number of low IOVA bits the current tree covers (may exceed 64 at full height).
-    fn covered_bits(&self) -> u32 {
-        self.shift + BITS * self.levels
-    }
-
+    /// Radix walk with atomic loads only. Exact when no writer runs (the caller holds the
+    /// table or the device state lock); otherwise validate through [`Self::seq`].
     #[inline]
-    fn lookup(&self, iova: u64) -> Option<Hit> {
-        let top = self.covered_bits();
+    pub(crate) fn lookup(&self, iova: u64) -> Option<Hit> {
+        let levels = self.levels.load(Ordering::Relaxed);
+        // Read once: the acquire loads below keep the compiler from reusing a field load made
+        // after them, so `level_shift` inside the loop would reload `shift` at every level.
+        let base_shift = self.shift;
+        let top = base_shift + BITS * levels;
         if top < 64 && iova >> top != 0 {
             return None;
         }
-        let mut node = 0usize;
-        let mut level = self.levels - 1;
+        // SAFETY: `top` lives as long as `self` (see the type's doc).
+        let mut node: &Node = unsafe { self.top.as_ref() };
+        let mut level = levels.saturating_sub(1);
         loop {
-            let shift = self.level_shift(level);
-            let entry = self.nodes[node][(iova >> shift) as usize & (FANOUT - 1)];
+            let shift = base_shift + BITS * level;
+            // Acquire: a child address read here comes with the child's initialisation.
+            let entry =
+                node.entries[(iova >> shift) as usize & (FANOUT - 1)].load(Ordering::Acquire);
             if entry & TAG_LEAF != 0 {
                 let mask = (1u64 << shift) - 1;
                 return Some(Hit {
@@ -158,44 +221,161 @@ impl Radix {
             if entry == 0 || level == 0 {
                 return None;
             }
-            node = (entry >> 3) as usize;
+            race_point(RacePoint::Level);
+            // SAFETY: a non-zero entry with bit 0 clear was stored by `table_entry` from a
+            // node of this table, and nodes are freed only with the table (type's doc).
+            node = unsafe { &*child_of(entry) };
             level -= 1;
         }
     }
 
-    fn alloc(&mut self) -> usize {
-        if let Some(i) = self.free.pop() {
-            return i;
+    /// The table's sequence count (odd while the table changes).
+    #[inline]
+    pub(crate) fn seq(&self) -> &SeqCount {
+        &self.seq
+    }
+
+    /// Successful translations through this table.
+    #[inline]
+    pub(crate) fn hits(&self) -> &HitCounter {
+        &self.hits
+    }
+}
+
+/// Radix page table (writer side). Nodes are individually allocated and never move; see
+/// [`RadixRoot`] for the reader side.
+#[derive(Debug)]
+struct Radix {
+    root: NonNull<RadixRoot>,
+    max_levels: u32,
+    /// Every node allocated (the top node first), freed on drop.
+    nodes: Vec<NonNull<Node>>,
+    free: Vec<NonNull<Node>>,
+}
+
+// SAFETY: `Radix` owns its root and nodes exclusively (like a `Box`); through `&Radix` only
+// atomic operations touch them.
+unsafe impl Send for Radix {}
+// SAFETY: as above.
+unsafe impl Sync for Radix {}
+
+impl Drop for Radix {
+    fn drop(&mut self) {
+        for n in self.nodes.drain(..) {
+            // SAFETY: allocated by `Node::boxed` and freed only here, once.
+            drop(unsafe { Box::from_raw(n.as_ptr()) });
         }
-        self.nodes.push([0; FANOUT]);
-        self.live.push(0);
-        self.nodes.len() - 1
+        // SAFETY: allocated in `Radix::new` and freed only here, once.
+        drop(unsafe { Box::from_raw(self.root.as_ptr()) });
+    }
+}
+
+impl Radix {
+    fn new(shift: u32) -> Self {
+        let top = Node::boxed();
+        let root = Box::new(RadixRoot {
+            seq: SeqCount::default(),
+            levels: AtomicU32::new(1),
+            shift,
+            top,
+            hits: HitCounter::default(),
+        });
+        Radix {
+            root: NonNull::from(Box::leak(root)),
+            max_levels: (64 - shift).div_ceil(BITS),
+            nodes: vec![top],
+            free: Vec::new(),
+        }
     }
 
-    fn release(&mut self, i: usize) {
-        debug_assert_eq!(self.live[i], 0);
-        self.free.push(i);
+    #[inline]
+    fn root(&self) -> &RadixRoot {
+        // SAFETY: allocated in `new`, freed only in `drop`.
+        unsafe { self.root.as_ref() }
     }
 
-    /// Add levels on top until `end` is covered. The old root moves under slot 0.
+    #[inline]
+    fn node(&self, n: NonNull<Node>) -> &Node {
+        // SAFETY: every node handled by this radix is one of `self.nodes`, freed only in drop.
+        unsafe { n.as_ref() }
+    }
+
+    fn child(&self, entry: u64) -> NonNull<Node> {
+        // Table entries are never null (see `table_entry`).
+        NonNull::new(child_of(entry).cast_mut()).unwrap_or(self.root().top)
+    }
+
+    fn top(&self) -> NonNull<Node> {
+        self.root().top
+    }
+
+    fn levels(&self) -> u32 {
+        self.root().levels.load(Ordering::Relaxed)
+    }
+
+    fn level_shift(&self, level: u32) -> u32 {
+        self.root().level_shift(level)
+    }
+
+    /// Number of low IOVA bits the current tree covers (may exceed 64 at full height).
+    fn covered_bits(&self) -> u32 {
+        self.level_shift(self.levels())
+    }
+
+    #[inline]
+    fn lookup(&self, iova: u64) -> Option<Hit> {
+        self.root().lookup(iova)
+    }
+
+    /// Run a change under the sequence count, so lock-free readers retry around it.
+    fn write<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.root().seq.write_begin();
+        let r = f(self);
+        self.root().seq.write_end();
+        r
+    }
+
+    fn alloc(&mut self) -> NonNull<Node> {
+        if let Some(n) = self.free.pop() {
+            return n;
+        }
+        let n = Node::boxed();
+        self.nodes.push(n);
+        n
+    }
+
+    fn release(&mut self, n: NonNull<Node>) {
+        debug_assert_eq!(self.node(n).live(), 0);
+        self.free.push(n);
+    }
+
+    /// Add levels on top until `end` is covered. The old top's content moves under slot 0.
     fn ensure_covers(&mut self, end: u64) {
-        while self.levels < self.max_levels && end >> self.covered_bits() != 0 {
-            if self.live[0] != 0 {
+        while self.levels() < self.max_levels && end >> self.covered_bits() != 0 {
+            let top = self.top();
+            if self.node(top).live() != 0 {
                 let child = self.alloc();
-                self.nodes[child] = self.nodes[0];
-                self.live[child] = self.live[0];
-                self.nodes[0] = [0; FANOUT];
-                self.nodes[0][0] = (child as u64) << 3;
-                self.live[0] = 1;
+                let (t, c) = (self.node(top), self.node(child));
+                for i in 0..FANOUT {
+                    c.set(i, t.get(i));
+                    t.set(i, 0);
+                }
+                c.live.store(t.live(), Ordering::Relaxed);
+                t.set(0, table_entry(child));
+                t.live.store(1, Ordering::Relaxed);
             }
-            self.levels += 1;
+            self.root()
+                .levels
+                .store(self.levels() + 1, Ordering::Relaxed);
         }
     }
 
     fn map(&mut self, m: &Mapping) {
-        self.ensure_covers(m.end);
-        let leaf_bits = (u64::from(m.perms & 0b11) << 1) | TAG_LEAF;
-        self.map_in(0, self.levels - 1, 0, m.start, m.end, m, leaf_bits);
+        self.write(|r| {
+            r.ensure_covers(m.end);
+            let leaf_bits = (u64::from(m.perms & 0b11) << 1) | TAG_LEAF;
+            r.map_in(r.top(), r.levels() - 1, 0, m.start, m.end, m, leaf_bits);
+        })
     }
 
     /// Fill `[start, end]` (inside the node's span starting at `base`) with leaves, using the
@@ -203,7 +383,7 @@ impl Radix {
     #[allow(clippy::too_many_arguments)]
     fn map_in(
         &mut self,
-        node: usize,
+        node: NonNull<Node>,
         level: u32,
         base: u64,
         start: u64,
@@ -220,34 +400,38 @@ impl Radix {
             let bend = bstart | mask;
             let s = start.max(bstart);
             let e = end.min(bend);
-            let entry = self.nodes[node][idx];
+            let entry = self.node(node).get(idx);
             if s == bstart && e == bend {
                 debug_assert_eq!(entry, 0, "radix overlap at {bstart:#x}");
                 let phys = m.phys.wrapping_add(bstart - m.start);
                 let start_bit = if bstart == m.start { TAG_START } else { 0 };
-                self.nodes[node][idx] = (phys & !TAG_MASK) | leaf_bits | start_bit;
-                self.live[node] += 1;
+                let n = self.node(node);
+                n.set(idx, (phys & !TAG_MASK) | leaf_bits | start_bit);
+                n.add_live(1);
             } else {
                 debug_assert!(level > 0 && entry & TAG_LEAF == 0);
                 let child = if entry == 0 {
                     let c = self.alloc();
-                    self.nodes[node][idx] = (c as u64) << 3;
-                    self.live[node] += 1;
+                    let n = self.node(node);
+                    n.set(idx, table_entry(c));
+                    n.add_live(1);
                     c
                 } else {
-                    (entry >> 3) as usize
+                    self.child(entry)
                 };
                 self.map_in(child, level - 1, bstart, s, e, m, leaf_bits);
             }
         }
     }
 
+    /// Clear the leaves `map_in` created for exactly `[start, end]` (no sequence count: the
+    /// caller wraps it in `write`).
     fn unmap(&mut self, start: u64, end: u64) {
-        self.unmap_in(0, self.levels - 1, 0, start, end);
+        self.unmap_in(self.top(), self.levels() - 1, 0, start, end);
     }
 
     /// Clear the leaves `map_in` created for exactly `[start, end]`, freeing emptied nodes.
-    fn unmap_in(&mut self, node: usize, level: u32, base: u64, start: u64, end: u64) {
+    fn unmap_in(&mut self, node: NonNull<Node>, level: u32, base: u64, start: u64, end: u64) {
         let shift = self.level_shift(level);
         let mask = (1u64 << shift) - 1;
         let first = ((start - base) >> shift) as usize;
@@ -255,23 +439,50 @@ impl Radix {
         for idx in first..=last {
             let bstart = base + ((idx as u64) << shift);
             let bend = bstart | mask;
-            let entry = self.nodes[node][idx];
+            let entry = self.node(node).get(idx);
             if entry == 0 {
                 continue;
             }
             if entry & TAG_LEAF != 0 {
-                self.nodes[node][idx] = 0;
-                self.live[node] -= 1;
+                let n = self.node(node);
+                n.set(idx, 0);
+                n.add_live(-1);
             } else {
-                let child = (entry >> 3) as usize;
+                let child = self.child(entry);
                 self.unmap_in(child, level - 1, bstart, start.max(bstart), end.min(bend));
-                if self.live[child] == 0 {
+                if self.node(child).live() == 0 {
                     self.release(child);
-                    self.nodes[node][idx] = 0;
-                    self.live[node] -= 1;
+                    let n = self.node(node);
+                    n.set(idx, 0);
+                    n.add_live(-1);
                 }
             }
         }
+    }
+
+    /// Remove everything: every node but the top goes to the free list, one level remains.
+    fn clear(&mut self) {
+        self.write(|r| {
+            let top = r.top();
+            r.clear_in(top, r.levels() - 1);
+            r.root().levels.store(1, Ordering::Relaxed);
+        })
+    }
+
+    fn clear_in(&mut self, node: NonNull<Node>, level: u32) {
+        for idx in 0..FANOUT {
+            let entry = self.node(node).get(idx);
+            if entry == 0 {
+                continue;
+            }
+            if entry & TAG_LEAF == 0 && level > 0 {
+                let child = self.child(entry);
+                self.clear_in(child, level - 1);
+                self.release(child);
+            }
+            self.node(node).set(idx, 0);
+        }
+        self.node(node).live.store(0, Ordering::Relaxed);
     }
 
     /// Whether no leaf intersects `[start, end]`. Table entries always hold at least one
@@ -286,16 +497,16 @@ impl Radix {
         } else {
             end
         };
-        self.empty_in(0, self.levels - 1, 0, start, end)
+        self.empty_in(self.top(), self.levels() - 1, 0, start, end)
     }
 
-    fn empty_in(&self, node: usize, level: u32, base: u64, start: u64, end: u64) -> bool {
+    fn empty_in(&self, node: NonNull<Node>, level: u32, base: u64, start: u64, end: u64) -> bool {
         let shift = self.level_shift(level);
         let mask = (1u64 << shift) - 1;
         let first = ((start - base) >> shift) as usize;
         let last = ((end - base) >> shift) as usize;
         (first..=last).all(|idx| {
-            let entry = self.nodes[node][idx];
+            let entry = self.node(node).get(idx);
             let bstart = base + ((idx as u64) << shift);
             let bend = bstart | mask;
             if entry == 0 {
@@ -303,7 +514,7 @@ impl Radix {
             } else if entry & TAG_LEAF != 0 || (start <= bstart && bend <= end) {
                 false
             } else {
-                let child = (entry >> 3) as usize;
+                let child = self.child(entry);
                 self.empty_in(child, level - 1, bstart, start.max(bstart), end.min(bend))
             }
         })
@@ -321,12 +532,12 @@ impl Radix {
         } else {
             to
         };
-        self.first_in(0, self.levels - 1, 0, from, to)
+        self.first_in(self.top(), self.levels() - 1, 0, from, to)
     }
 
     fn first_in(
         &self,
-        node: usize,
+        node: NonNull<Node>,
         level: u32,
         base: u64,
         from: u64,
@@ -337,7 +548,7 @@ impl Radix {
         let first = ((from - base) >> shift) as usize;
         let last = ((to - base) >> shift) as usize;
         for idx in first..=last {
-            let entry = self.nodes[node][idx];
+            let entry = self.node(node).get(idx);
             if entry == 0 {
                 continue;
             }
@@ -345,7 +556,7 @@ impl Radix {
             if entry & TAG_LEAF != 0 {
                 return Some((bstart, entry));
             }
-            let child = (entry >> 3) as usize;
+            let child = self.child(entry);
             let hit = self.first_in(
                 child,
                 level - 1,
@@ -452,24 +663,52 @@ impl MappingTable {
     /// Remove one mapping that starts exactly at `start`.
     pub fn remove(&mut self, start: u64) -> Option<Mapping> {
         let e = self.ranges.remove(&start)?;
-        self.radix.unmap(start, e.end);
+        self.radix.write(|r| r.unmap(start, e.end));
         Some(to_mapping(start, &e))
+    }
+
+    /// Remove the mappings starting at each of `starts` as one change: a lock-free reader
+    /// sees all of them or none of them gone.
+    pub fn remove_all(&mut self, starts: impl IntoIterator<Item = u64>) {
+        let Self { ranges, radix } = self;
+        radix.write(|r| {
+            for s in starts {
+                if let Some(e) = ranges.remove(&s) {
+                    r.unmap(s, e.end);
+                }
+            }
+        });
     }
 
     /// UNMAP semantics in one call: remove every mapping inside `[start, end]`, or nothing if
     /// that would split one.
     pub fn unmap(&mut self, start: u64, end: u64) -> Result<Vec<Mapping>, SplitError> {
         let plan = self.unmap_plan(start, end)?;
-        for m in &plan {
-            self.remove(m.start);
-        }
+        self.remove_all(plan.iter().map(|m| m.start));
         Ok(plan)
+    }
+
+    /// Remove every mapping. Radix nodes stay allocated on the table's free list.
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+        self.radix.clear();
     }
 
     /// Fast-path translation of one IOVA through the radix table.
     #[inline]
     pub fn lookup(&self, iova: u64) -> Option<Hit> {
         self.radix.lookup(iova)
+    }
+
+    /// The reader-visible half of the table, for lock-free translation. It stays valid (at
+    /// the same address) as long as the table lives, wherever the table itself moves.
+    pub(crate) fn root(&self) -> NonNull<RadixRoot> {
+        self.radix.root
+    }
+
+    /// Successful translations through this table (counted by the device).
+    pub(crate) fn hits(&self) -> &HitCounter {
+        &self.radix.root().hits
     }
 
     /// All mappings, in no particular order.
@@ -605,6 +844,40 @@ mod tests {
         assert!(t.insert(m(0x20_0000, 0x5f_ffff, 0x20_0000)));
         assert!(t.unmap(0x30_0000, 0x6f_ffff).is_err());
         assert_eq!(t.unmap(0x5000, 0x5f_ffff).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn clear_keeps_nodes_for_reuse() {
+        let mut t = MappingTable::new(12);
+        for i in 0..600u64 {
+            assert!(t.insert(m(i << 21, (i << 21) + 0xfff, i << 12)));
+        }
+        let nodes = t.node_count();
+        let root = t.root();
+        t.clear();
+        assert!(t.is_empty());
+        assert_eq!(t.node_count(), 1);
+        assert!(t.lookup(0).is_none() && t.lookup(599 << 21).is_none());
+        // Refilling takes nodes from the free list; the reader-visible root never moves.
+        for i in 0..600u64 {
+            assert!(t.insert(m(i << 21, (i << 21) + 0xfff, (i + 1) << 12)));
+        }
+        assert_eq!(t.node_count(), nodes);
+        assert_eq!(t.radix.nodes.len(), nodes);
+        assert_eq!(t.root(), root);
+        assert_eq!(t.lookup(599 << 21).unwrap().phys, 600 << 12);
+    }
+
+    #[test]
+    fn remove_all_is_one_change() {
+        let mut t = MappingTable::new(12);
+        t.insert(m(0x1000, 0x1fff, 0));
+        t.insert(m(0x3000, 0x3fff, 0));
+        let seq = t.radix.root().seq().read_begin().unwrap();
+        t.remove_all([0x1000, 0x3000, 0x5000]);
+        assert!(t.is_empty());
+        // One write: the count moved by exactly one begin/end pair.
+        assert_eq!(t.radix.root().seq().read_begin(), Some(seq + 2));
     }
 
     #[test]
