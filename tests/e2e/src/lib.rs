@@ -212,6 +212,8 @@ pub struct Outcome {
     pub run_dir: PathBuf,
     /// Wall time of the run, without building images or warden.
     pub elapsed: Duration,
+    /// Whether this is a second run, after the nested KVM host's kernel crashed in the first.
+    pub retried: bool,
 }
 
 impl Outcome {
@@ -341,6 +343,31 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     }
     let prepared = state.as_ref().expect("prepared above");
 
+    let mut outcome = run_once(scenario, mode, prepared);
+    if host_kernel_died(&outcome) {
+        eprintln!(
+            "E2E RETRY: scenario '{}': the nested KVM host's own kernel died under TCG before \
+             warden ended (a known QEMU TCG flake, not the guest's or warden's doing); running \
+             it once more",
+            scenario.name
+        );
+        outcome = run_once(scenario, mode, prepared);
+        outcome.retried = true;
+    }
+    Some(outcome)
+}
+
+/// Whether the run ended because L1's kernel (the nested KVM host) crashed: warden never
+/// reported an exit, and the console shows a kernel Oops or panic. A crash of the L2 guest's
+/// kernel cannot look like this: warden reports it and exits 1.
+fn host_kernel_died(outcome: &Outcome) -> bool {
+    outcome.mode == Mode::Nested
+        && outcome.warden_exit.is_none()
+        && !outcome.timed_out
+        && (outcome.console.contains("Oops: ") || outcome.console.contains("Kernel panic"))
+}
+
+fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
     let run_dir = target_dir().join("e2e-runs").join(&scenario.name);
     if run_dir.exists() {
         fs::remove_dir_all(&run_dir).expect("remove the previous run's scratch directory");
@@ -403,12 +430,13 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
         timed_out,
         run_dir,
         elapsed,
+        retried: false,
     };
     outcome.warden_exit = outcome.marker("WARDEN-EXIT").and_then(|v| v.parse().ok());
     if !timed_out && status != 0 {
         panic!("the KVM host exited with status {status}\n{outcome}");
     }
-    Some(outcome)
+    outcome
 }
 
 /// Picks where warden runs; `WARDEN_E2E_MODE=direct|nested|skip` overrides the detection
@@ -701,7 +729,34 @@ mod tests {
             timed_out: false,
             run_dir: PathBuf::new(),
             elapsed: Duration::ZERO,
+            retried: false,
         }
+    }
+
+    #[test]
+    fn only_a_crash_of_the_kvm_host_is_retried() {
+        let nested = |console: &str, warden_exit: Option<i32>| Outcome {
+            mode: Mode::Nested,
+            warden_exit,
+            ..outcome(console)
+        };
+        let l1_oops = "[ 1.28] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n";
+        assert!(host_kernel_died(&nested(l1_oops, None)));
+        assert!(host_kernel_died(&nested(
+            "Kernel panic - not syncing: x\n",
+            None
+        )));
+        // The guest's panic: warden saw it and exited 1, a real failure.
+        assert!(!host_kernel_died(&nested(
+            "WARDEN-START\nKernel panic - not syncing: x\nWARDEN-EXIT=1\n",
+            Some(1)
+        )));
+        assert!(!host_kernel_died(&nested("boot\n", None)));
+        assert!(!host_kernel_died(&Outcome {
+            timed_out: true,
+            ..nested(l1_oops, None)
+        }));
+        assert!(!host_kernel_died(&outcome(l1_oops)));
     }
 
     #[test]

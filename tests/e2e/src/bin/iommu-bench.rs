@@ -280,39 +280,29 @@ fn boot(
         .timeout(Duration::from_secs(900));
 
     let dir = harness_run_dir(&scenario_name);
-    let mut retried = false;
-    let (out, seen, load) = loop {
-        eprintln!("iommu-bench: booting '{name}'");
-        // The harness recreates the directory; removing it first keeps the watcher from
-        // reading the previous run's console.
-        if dir.exists() {
-            fs::remove_dir_all(&dir)
-                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
-        }
-        let load_before = load_average();
-        let stop = AtomicBool::new(false);
-        let (out, seen) = thread::scope(|scope| {
-            let watcher = scope.spawn(|| {
-                watch(
-                    &dir.join("console.log"),
-                    &["WARDEN-START", "WARDEN-L2-INIT"],
-                    &stop,
-                )
-            });
-            let out = scenario.run();
-            stop.store(true, Ordering::Relaxed);
-            (out, watcher.join().expect("console watcher panicked"))
+    eprintln!("iommu-bench: booting '{name}'");
+    // The harness recreates the directory; removing it first keeps the watcher from
+    // reading the previous run's console.
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+    }
+    let load_before = load_average();
+    let stop = AtomicBool::new(false);
+    let (out, seen) = thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            watch(
+                &dir.join("console.log"),
+                &["WARDEN-START", "WARDEN-L2-INIT"],
+                &stop,
+            )
         });
-        let out = out.ok_or("no KVM and no QEMU here: nothing can run the guest")?;
-        // The nested host's own kernel occasionally dies under TCG (an int3 Oops in kvm):
-        // no fault of the guest or of warden, so try once more.
-        if !retried && out.warden_exit.is_none() && out.console.contains("Kernel panic") {
-            eprintln!("iommu-bench: '{name}': the KVM host's kernel panicked; retrying once");
-            retried = true;
-            continue;
-        }
-        break (out, seen, (load_before, load_average()));
-    };
+        let out = scenario.run();
+        stop.store(true, Ordering::Relaxed);
+        (out, watcher.join().expect("console watcher panicked"))
+    });
+    let out = out.ok_or("no KVM and no QEMU here: nothing can run the guest")?;
+    let load = (load_before, load_average());
+    let retried = out.retried;
     let to_init = match (out.run_dir == dir, seen[0], seen[1]) {
         (true, Some(start), Some(init)) => Some(init.duration_since(start)),
         _ => None,
@@ -355,6 +345,13 @@ fn watch(path: &Path, markers: &[&str], stop: &AtomicBool) -> Vec<Option<Instant
     let mut text = Vec::new();
     let mut file = None;
     while !stop.load(Ordering::Relaxed) && seen.iter().any(Option::is_none) {
+        // The harness recreates console.log when it runs a scenario again (after the KVM
+        // host's kernel crashed): start over with the new file.
+        if fs::metadata(path).is_ok_and(|m| m.len() < text.len() as u64) {
+            seen.fill(None);
+            text.clear();
+            file = None;
+        }
         if file.is_none() {
             file = File::open(path).ok();
         }
