@@ -164,7 +164,11 @@ impl<M: DeviceMemory> RequestQueue<M> {
                 }
             }
             drop(queue);
-            std::hint::spin_loop();
+            // Give the CPU to any runnable thread between looks (returns at once when there
+            // is none): the guest's disk thread or vCPU may be waiting for this very CPU.
+            // A/B in the nested host, 6 boots each: median protected/plain ratio 0.86 vs
+            // 0.78 at 4 KiB and about 0.5 vs 0.14 at 1 MiB against a `pause` spin.
+            std::thread::yield_now();
         }
     }
 }
