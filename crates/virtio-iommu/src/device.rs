@@ -554,6 +554,30 @@ fn invalidate(shared: &EndpointShared, start: u64, end: u64) {
     write_lock(&shared.iotlb).invalidate_mapping(GuestAddress(start), len as usize);
 }
 
+/// Up to this many live mappings in a domain, MAP also fills its endpoints' IOTLBs
+/// ([`prefill`]). Beyond, an IOTLB insert (an ordered range map) would cost MAP more than the
+/// miss it saves: at 1 M live mappings, MAP+UNMAP pairs fell from 4.8 M/s to 1.1 M/s.
+const PREFILL_MAX_MAPPINGS: usize = 4096;
+
+/// Put a new mapping into an attached endpoint's IOTLB. A driver maps right before the DMA
+/// that uses the mapping, and a miss would make the device's own thread, on the I/O's critical
+/// path, walk the table under the state lock; done here, by the request that has the state
+/// write lock anyway, the cost overlaps the guest. Coherent for the same reason invalidation
+/// is: both happen under the write lock. Mappings the IOTLB cannot hold (reaching the last
+/// byte of the 64-bit space) or that grant nothing are left to the miss path.
+fn prefill(shared: &EndpointShared, m: &Mapping) {
+    if m.end == u64::MAX || m.perms & (PERM_READ | PERM_WRITE) == 0 {
+        return;
+    }
+    // Cannot fail: set_mapping only reports errors for invalid permissions.
+    let _ = write_lock(&shared.iotlb).set_mapping(
+        GuestAddress(m.start),
+        GuestAddress(m.phys),
+        (m.end - m.start + 1) as usize,
+        permissions_from(m.perms),
+    );
+}
+
 /// Map `m` into each mapper; on failure undo the ones already done.
 fn mappers_map(mappers: &[(Arc<dyn ExternalMapper>, usize)], m: &Mapping) -> Result<(), Status> {
     for (i, (mapper, _)) in mappers.iter().enumerate() {
@@ -1261,6 +1285,11 @@ impl VirtioIommu {
         }
         d.table.insert(m);
         d.counters.mapped(m.size());
+        if d.table.len() <= PREFILL_MAX_MAPPINGS {
+            for e in d.endpoints.iter().filter_map(|e| endpoints.get(e)) {
+                prefill(&e.shared, &m);
+            }
+        }
         Status::Ok
     }
 

@@ -63,6 +63,32 @@ fn reads_and_writes_go_through_mappings() {
     assert_eq!(d.pending_faults(), 0);
 }
 
+/// A MAP puts the mapping into the attached endpoints' IOTLBs, so the device's first access
+/// already hits; an UNMAP takes it out again.
+#[test]
+fn a_new_mapping_hits_the_iotlb_at_once_and_leaves_with_unmap() {
+    let (d, mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
+    let before = d.stats();
+    mem.write_obj(0x5a5a_u16, GuestAddress(0x4008)).unwrap();
+    assert_eq!(dm.read_obj::<u16>(GuestAddress(IOVA + 8)).unwrap(), 0x5a5a);
+    let after = d.stats();
+    assert_eq!(
+        after.iotlb_hits,
+        before.iotlb_hits + 1,
+        "the first access hit"
+    );
+    assert_eq!(
+        after.total.translations, before.total.translations,
+        "no fill"
+    );
+
+    assert_eq!(unmap(&d, 1, IOVA, IOVA + 0xfff), Status::Ok);
+    assert!(dm.read_obj::<u16>(GuestAddress(IOVA + 8)).is_err());
+    assert_eq!(d.pending_faults(), 1);
+}
+
 #[test]
 fn unmapped_iova_is_refused_and_reported() {
     let (d, _mem, dm) = setup(false);
