@@ -346,9 +346,8 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     let mut outcome = run_once(scenario, mode, prepared);
     if host_kernel_died(&outcome) {
         eprintln!(
-            "E2E RETRY: scenario '{}': the nested KVM host's own kernel died under TCG before \
-             warden ended (a known QEMU TCG flake, not the guest's or warden's doing); running \
-             it once more",
+            "E2E RETRY: scenario '{}': the nested KVM host's own kernel died under TCG (a known \
+             QEMU TCG flake, not the guest's or warden's doing); running it once more",
             scenario.name
         );
         outcome = run_once(scenario, mode, prepared);
@@ -357,14 +356,22 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     Some(outcome)
 }
 
-/// Whether the run ended because L1's kernel (the nested KVM host) crashed: warden never
-/// reported an exit, and the console shows a kernel Oops or panic. A crash of the L2 guest's
-/// kernel cannot look like this: warden reports it and exits 1.
+/// Whether the run ended because L1's kernel (the nested KVM host) crashed: an Oops or panic
+/// in L1's own log, that is anywhere if warden never reported an exit, or after its exit (in
+/// the host check). A crash of the L2 guest's kernel cannot look like this: it sits inside
+/// warden's output, and warden reports it and exits 1.
 fn host_kernel_died(outcome: &Outcome) -> bool {
-    outcome.mode == Mode::Nested
-        && outcome.warden_exit.is_none()
-        && !outcome.timed_out
-        && (outcome.console.contains("Oops: ") || outcome.console.contains("Kernel panic"))
+    if outcome.mode != Mode::Nested || outcome.timed_out {
+        return false;
+    }
+    let host_log = match outcome.warden_exit {
+        None => outcome.console.as_str(),
+        Some(_) => outcome
+            .console
+            .rsplit_once("WARDEN-EXIT=")
+            .map_or("", |(_, after)| after),
+    };
+    host_log.contains("Oops: ") || host_log.contains("Kernel panic")
 }
 
 fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
@@ -752,6 +759,11 @@ mod tests {
             Some(1)
         )));
         assert!(!host_kernel_died(&nested("boot\n", None)));
+        // L1 died in the host check, after warden had exited cleanly.
+        assert!(host_kernel_died(&nested(
+            "WARDEN-START\nguest\nWARDEN-EXIT=0\nWARDEN-HOST-CHECK\n[ 12.3] Oops: int3\n",
+            Some(0)
+        )));
         assert!(!host_kernel_died(&Outcome {
             timed_out: true,
             ..nested(l1_oops, None)
