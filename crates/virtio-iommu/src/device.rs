@@ -547,11 +547,27 @@ fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 <= b.1 && b.0 <= a.1
 }
 
-/// Invalidate `[start, end]` in an IOTLB. Entries never include `u64::MAX` (see
-/// `clip_len`), so the length computation cannot overflow.
+/// The IOTLB entry length for `[start, end]`. The IOTLB cannot hold the last byte of the
+/// 64-bit space (`EndpointIommu` refuses accesses reaching it), so entries stop short of it
+/// and the length cannot overflow.
+fn iotlb_len(start: u64, end: u64) -> usize {
+    (end.min(u64::MAX - 1) - start + 1) as usize
+}
+
+/// Put `[start, end]` -> `phys` into an IOTLB.
+fn iotlb_insert(tlb: &mut Iotlb, start: u64, end: u64, phys: u64, perms: u8) {
+    // Cannot fail: set_mapping only reports errors for invalid permissions.
+    let _ = tlb.set_mapping(
+        GuestAddress(start),
+        GuestAddress(phys),
+        iotlb_len(start, end),
+        permissions_from(perms),
+    );
+}
+
+/// Invalidate `[start, end]` in an IOTLB.
 fn invalidate(shared: &EndpointShared, start: u64, end: u64) {
-    let len = end.min(u64::MAX - 1) - start + 1;
-    write_lock(&shared.iotlb).invalidate_mapping(GuestAddress(start), len as usize);
+    write_lock(&shared.iotlb).invalidate_mapping(GuestAddress(start), iotlb_len(start, end));
 }
 
 /// Up to this many live mappings in a domain, MAP also fills its endpoints' IOTLBs
@@ -563,19 +579,18 @@ const PREFILL_MAX_MAPPINGS: usize = 4096;
 /// that uses the mapping, and a miss would make the device's own thread, on the I/O's critical
 /// path, walk the table under the state lock; done here, by the request that has the state
 /// write lock anyway, the cost overlaps the guest. Coherent for the same reason invalidation
-/// is: both happen under the write lock. Mappings the IOTLB cannot hold (reaching the last
-/// byte of the 64-bit space) or that grant nothing are left to the miss path.
+/// is: both happen under the write lock. A mapping that grants nothing is left to the miss
+/// path, which faults.
 fn prefill(shared: &EndpointShared, m: &Mapping) {
-    if m.end == u64::MAX || m.perms & (PERM_READ | PERM_WRITE) == 0 {
-        return;
+    if m.perms & (PERM_READ | PERM_WRITE) != 0 {
+        iotlb_insert(
+            &mut write_lock(&shared.iotlb),
+            m.start,
+            m.end,
+            m.phys,
+            m.perms,
+        );
     }
-    // Cannot fail: set_mapping only reports errors for invalid permissions.
-    let _ = write_lock(&shared.iotlb).set_mapping(
-        GuestAddress(m.start),
-        GuestAddress(m.phys),
-        (m.end - m.start + 1) as usize,
-        permissions_from(m.perms),
-    );
 }
 
 /// Map `m` into each mapper; on failure undo the ones already done.
@@ -1637,14 +1652,7 @@ impl VirtioIommu {
         )?;
         let mut tlb = write_lock(&shared.iotlb);
         for (start, end, phys, perms) in entries {
-            let n = end.min(u64::MAX - 1) - start + 1;
-            // Cannot fail: set_mapping only reports errors for invalid permissions.
-            let _ = tlb.set_mapping(
-                GuestAddress(start),
-                GuestAddress(phys),
-                n as usize,
-                permissions_from(perms),
-            );
+            iotlb_insert(&mut tlb, start, end, phys, perms);
         }
         Ok(())
     }
