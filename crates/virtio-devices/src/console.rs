@@ -325,13 +325,15 @@ fn write_tx_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, output: &
 mod tests {
     use std::os::unix::net::UnixStream;
     use std::thread;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
-    use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt};
+    use crate::test_utils::{
+        eventually, guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt,
+    };
 
     const RX_BASE: u64 = 0;
     const TX_BASE: u64 = 0x8000;
@@ -362,18 +364,6 @@ mod tests {
         let mut buf = vec![0; len];
         mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
-    }
-
-    /// Polls `done` for up to five seconds.
-    fn eventually(mut done: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if done() {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        false
     }
 
     #[test]

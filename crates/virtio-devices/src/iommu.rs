@@ -398,7 +398,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
     use vmm_sys_util::tempfile::TempFile;
 
-    use crate::test_utils::{guest_memory, ro, wo, Driver, FakeInterrupt};
+    use crate::test_utils::{eventually, guest_memory, ro, wo, Driver, FakeInterrupt};
     use crate::{Block, BlockOptions};
 
     /// The protected device's endpoint ID: PCI 00:03.0.
@@ -463,18 +463,6 @@ mod tests {
             phys_start: virt_start,
             flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
         })
-    }
-
-    /// Waits up to 10 s for `done`.
-    fn eventually(mut done: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if done() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
     }
 
     /// After a notification, requests that follow within the adaptive window are answered by

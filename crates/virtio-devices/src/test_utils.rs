@@ -23,6 +23,18 @@ pub(crate) fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
 }
 
+/// Polls `done` for up to five seconds; whether it became true.
+pub(crate) fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 /// One buffer of a chain as the driver builds it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Desc {
