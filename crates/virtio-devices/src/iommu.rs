@@ -108,6 +108,12 @@ impl<M: DeviceMemory> RequestQueue<M> {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// Nanoseconds since a request was last found.
+    fn idle(&self) -> u64 {
+        self.now()
+            .saturating_sub(self.last_request.load(Ordering::Relaxed))
+    }
+
     /// Serves every available request; whether there was one.
     fn serve(&self, queue: &mut Queue) -> bool {
         let available = queue
@@ -148,10 +154,7 @@ impl<M: DeviceMemory> RequestQueue<M> {
             if self.serve(&mut queue) {
                 continue;
             }
-            let idle = self
-                .now()
-                .saturating_sub(self.last_request.load(Ordering::Relaxed));
-            if idle >= self.window.load(Ordering::Relaxed) {
+            if self.idle() >= self.window.load(Ordering::Relaxed) {
                 match queue.enable_notification(&self.mem) {
                     Ok(true) => {
                         let _ = queue.disable_notification(&self.mem);
@@ -317,11 +320,10 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             return;
         };
         let mut queue = requests.lock();
-        let idle = requests
-            .now()
-            .saturating_sub(requests.last_request.load(Ordering::Relaxed));
+        // Measured before serving, which makes this the latest request.
+        let idle = self.poller.as_ref().map(|_| requests.idle());
         requests.serve(&mut queue);
-        if let Some(poller) = &self.poller {
+        if let (Some(poller), Some(idle)) = (&self.poller, idle) {
             requests.adapt_window(idle, self.poll.max_window.as_nanos() as u64);
             if let Err(err) = queue.disable_notification(&requests.mem) {
                 warn!("virtio-iommu: request queue: {err}");
