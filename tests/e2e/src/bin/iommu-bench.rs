@@ -1,7 +1,7 @@
 //! `iommu-bench`: what the virtual IOMMU costs a virtio disk, measured in a real guest and
 //! printed as markdown tables (method and results: `docs/iommu-performance.md`).
 //!
-//! `cargo run --release -p e2e --bin iommu-bench` (about 6 minutes in the nested KVM test host;
+//! `cargo run --release -p e2e --bin iommu-bench` (about 10 minutes in the nested KVM test host;
 //! runs one guest at a time, so don't run other QEMU jobs next to it).
 //!
 //! Six boots of the test guest, each with a protected disk (`--disk path=a.img,iommu=on`) and
@@ -119,7 +119,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the five boots and returns the report.
+/// Runs the six boots and returns the report.
 fn bench() -> Result<String, String> {
     let interleaved = measure_rounds(
         ROUNDS,
