@@ -85,13 +85,15 @@ fn fixture(n: usize) -> Fixture {
     assert_eq!(dev.handle_request(&attach, 0).0, virtio_iommu::Status::Ok);
     for i in 0..n {
         let (s, p) = (iova_of(i), phys_of(i, n));
-        table.insert(Mapping {
-            start: s,
-            end: s + 0xfff,
-            phys: p,
-            perms: PERM_READ | PERM_WRITE,
-            mmio: false,
-        });
+        table
+            .insert(Mapping {
+                start: s,
+                end: s + 0xfff,
+                phys: p,
+                perms: PERM_READ | PERM_WRITE,
+                mmio: false,
+            })
+            .unwrap();
         base.insert(s, (s + 0xfff, p));
         let map = Request::Map(MapRequest {
             domain: 1,
@@ -184,7 +186,8 @@ fn table_pair(t: &mut MappingTable, s: u64) {
         phys: 0x1000,
         perms: PERM_READ,
         mmio: false,
-    });
+    })
+    .unwrap();
     black_box(t.unmap(s, s + 0xfff).ok());
 }
 

@@ -1295,10 +1295,15 @@ impl VirtioIommu {
             perms,
             mmio: r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0,
         };
+        // Memory first: a MAP the table cannot hold must fail before the mappers see it.
+        if d.table.reserve().is_err() {
+            return Status::NoMem;
+        }
         if let Err(s) = mappers_map(&d.mappers, &m) {
             return s;
         }
-        d.table.insert(m);
+        let inserted = d.table.insert(m);
+        debug_assert_eq!(inserted, Ok(()), "overlap and memory were checked above");
         d.counters.mapped(m.size());
         if d.table.len() <= PREFILL_MAX_MAPPINGS {
             for e in d.endpoints.iter().filter_map(|e| endpoints.get(e)) {

@@ -18,8 +18,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use arena::NodeArena;
+pub use arena::OutOfMemory;
+
 use crate::seqlock::{race_point, RacePoint, SeqCount};
 use crate::stats::HitCounter;
+
+mod arena;
 
 /// Access rights of a mapping, as MAP flags grant them.
 pub const PERM_READ: u8 = 1;
@@ -64,6 +69,15 @@ pub struct Hit {
     pub last: u64,
 }
 
+/// Why [`MappingTable::insert`] changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// The mapping overlaps an existing one.
+    Overlap,
+    /// The host had no memory for the radix nodes it needs.
+    OutOfMemory,
+}
+
 /// UNMAP would split the mapping containing `at`, so nothing was removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplitError {
@@ -104,27 +118,26 @@ const FANOUT: usize = 1 << BITS;
 const TAG_LEAF: u64 = 1;
 const TAG_START: u64 = 0b1000;
 const TAG_MASK: u64 = 0b1111;
+/// Where a table entry keeps its child's count of non-empty entries (0..=512).
+const LIVE_SHIFT: u32 = 1;
+const LIVE_MASK: u64 = 0x3ff;
+/// The child's address in a table entry (nodes are page-aligned).
+const NODE_ADDR_MASK: u64 = !(arena::NODE_SIZE as u64 - 1);
 
-/// One radix node. Entry encoding (u64): 0 = empty; bit 0 set = leaf whose upper bits are the
-/// guest-physical address of the block start, bits 1-2 the permissions and bit 3 set when the
-/// block starts its mapping; otherwise a table entry holding the child node's address.
+/// One radix node: exactly a page, so that nodes pack into huge pages (see [`arena`]).
+/// Entry encoding (u64): 0 = empty; bit 0 set = leaf whose upper bits are the guest-physical
+/// address of the block start, bits 1-2 the permissions and bit 3 set when the block starts
+/// its mapping; otherwise a table entry: the child node's address, and in bits 1-10 how many
+/// of the child's entries are non-empty (kept there for the writer, which frees a child when
+/// it empties, so that a node carries no bookkeeping of its own).
 ///
 /// Entries are atomics because lock-free readers (see `RadixRoot`) walk nodes while the
-/// writer changes them. `live` (non-empty entries) is only touched by the writer.
+/// writer changes them.
 struct Node {
     entries: [AtomicU64; FANOUT],
-    live: AtomicU32,
 }
 
 impl Node {
-    fn boxed() -> NonNull<Node> {
-        let node = Box::new(Node {
-            entries: [const { AtomicU64::new(0) }; FANOUT],
-            live: AtomicU32::new(0),
-        });
-        NonNull::from(Box::leak(node))
-    }
-
     #[inline]
     fn get(&self, idx: usize) -> u64 {
         self.entries[idx].load(Ordering::Relaxed)
@@ -135,27 +148,24 @@ impl Node {
     fn set(&self, idx: usize, entry: u64) {
         self.entries[idx].store(entry, Ordering::Release)
     }
-
-    fn live(&self) -> u32 {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    /// Single writer: no read-modify-write needed.
-    fn add_live(&self, delta: i32) {
-        self.live
-            .store(self.live().wrapping_add_signed(delta), Ordering::Relaxed);
-    }
 }
 
-/// The table entry pointing at `node`.
-fn table_entry(node: NonNull<Node>) -> u64 {
-    // Nodes are 8-aligned, so bit 0 (the leaf tag) is clear and the entry is non-zero.
-    node.as_ptr().expose_provenance() as u64
+/// The table entry pointing at `node`, which has `live` non-empty entries.
+fn table_entry(node: NonNull<Node>, live: u32) -> u64 {
+    // Nodes are page-aligned, so the low bits are free: bit 0 (the leaf tag) stays clear and
+    // the entry is non-zero.
+    node.as_ptr().expose_provenance() as u64 | (u64::from(live) << LIVE_SHIFT)
 }
 
 /// The node a table entry (non-zero, bit 0 clear) points at.
+#[inline]
 fn child_of(entry: u64) -> *const Node {
-    std::ptr::with_exposed_provenance(entry as usize)
+    std::ptr::with_exposed_provenance((entry & NODE_ADDR_MASK) as usize)
+}
+
+/// How many non-empty entries the child of a table entry has.
+fn live_of(entry: u64) -> u32 {
+    ((entry >> LIVE_SHIFT) & LIVE_MASK) as u32
 }
 
 /// The reader-visible half of a radix table: what a lock-free translation needs, at an
@@ -242,15 +252,15 @@ impl RadixRoot {
     }
 }
 
-/// Radix page table (writer side). Nodes are individually allocated and never move; see
-/// [`RadixRoot`] for the reader side.
+/// Radix page table (writer side). Nodes come from the table's [`NodeArena`] and never move;
+/// see [`RadixRoot`] for the reader side.
 #[derive(Debug)]
 struct Radix {
     root: NonNull<RadixRoot>,
     max_levels: u32,
-    /// Every node allocated (the top node first), freed on drop.
-    nodes: Vec<NonNull<Node>>,
-    free: Vec<NonNull<Node>>,
+    /// Non-empty entries of the top node (the others' counts are in their parents' entries).
+    top_live: u32,
+    arena: NodeArena,
 }
 
 // SAFETY: `Radix` owns its root and nodes exclusively (like a `Box`); through `&Radix` only
@@ -261,18 +271,20 @@ unsafe impl Sync for Radix {}
 
 impl Drop for Radix {
     fn drop(&mut self) {
-        for n in self.nodes.drain(..) {
-            // SAFETY: allocated by `Node::boxed` and freed only here, once.
-            drop(unsafe { Box::from_raw(n.as_ptr()) });
-        }
-        // SAFETY: allocated in `Radix::new` and freed only here, once.
+        // SAFETY: allocated in `Radix::new` and freed only here, once. The nodes go with the
+        // arena.
         drop(unsafe { Box::from_raw(self.root.as_ptr()) });
     }
 }
 
 impl Radix {
     fn new(shift: u32) -> Self {
-        let top = Node::boxed();
+        let mut arena = NodeArena::default();
+        let Ok(top) = arena.alloc() else {
+            // What `Box::new` does when the allocator fails, as the arena's first nodes come
+            // from the same allocator.
+            std::alloc::handle_alloc_error(arena::node_layout())
+        };
         let root = Box::new(RadixRoot {
             seq: SeqCount::default(),
             levels: AtomicU32::new(1),
@@ -283,8 +295,8 @@ impl Radix {
         Radix {
             root: NonNull::from(Box::leak(root)),
             max_levels: (64 - shift).div_ceil(BITS),
-            nodes: vec![top],
-            free: Vec::new(),
+            top_live: 0,
+            arena,
         }
     }
 
@@ -296,7 +308,8 @@ impl Radix {
 
     #[inline]
     fn node(&self, n: NonNull<Node>) -> &Node {
-        // SAFETY: every node handled by this radix is one of `self.nodes`, freed only in drop.
+        // SAFETY: every node handled by this radix comes from `self.arena`, which frees nodes
+        // only when it is dropped.
         unsafe { n.as_ref() }
     }
 
@@ -335,34 +348,32 @@ impl Radix {
         r
     }
 
-    fn alloc(&mut self) -> NonNull<Node> {
-        if let Some(n) = self.free.pop() {
-            return n;
-        }
-        let n = Node::boxed();
-        self.nodes.push(n);
-        n
+    /// Make sure the next `map` cannot run out of nodes halfway: growing the tree takes at
+    /// most one node per level, and filling a range at most two per level (one partial block
+    /// at each end).
+    fn reserve(&mut self) -> Result<(), OutOfMemory> {
+        self.arena.reserve(3 * self.max_levels as usize)
     }
 
-    fn release(&mut self, n: NonNull<Node>) {
-        debug_assert_eq!(self.node(n).live(), 0);
-        self.free.push(n);
+    /// A node `reserve` set aside.
+    fn alloc(&mut self) -> NonNull<Node> {
+        self.arena
+            .alloc()
+            .unwrap_or_else(|_| unreachable!("`map` reserves its nodes before changing the tree"))
     }
 
     /// Add levels on top until `end` is covered. The old top's content moves under slot 0.
     fn ensure_covers(&mut self, end: u64) {
         while self.levels() < self.max_levels && end >> self.covered_bits() != 0 {
-            let top = self.top();
-            if self.node(top).live() != 0 {
+            if self.top_live != 0 {
                 let child = self.alloc();
-                let (t, c) = (self.node(top), self.node(child));
+                let (t, c) = (self.node(self.top()), self.node(child));
                 for i in 0..FANOUT {
                     c.set(i, t.get(i));
                     t.set(i, 0);
                 }
-                c.live.store(t.live(), Ordering::Relaxed);
-                t.set(0, table_entry(child));
-                t.live.store(1, Ordering::Relaxed);
+                t.set(0, table_entry(child, self.top_live));
+                self.top_live = 1;
             }
             self.root()
                 .levels
@@ -370,16 +381,19 @@ impl Radix {
         }
     }
 
-    fn map(&mut self, m: &Mapping) {
+    fn map(&mut self, m: &Mapping) -> Result<(), OutOfMemory> {
+        self.reserve()?;
         self.write(|r| {
             r.ensure_covers(m.end);
             let leaf_bits = (u64::from(m.perms & 0b11) << 1) | TAG_LEAF;
-            r.map_in(r.top(), r.levels() - 1, 0, m.start, m.end, m, leaf_bits);
-        })
+            r.top_live += r.map_in(r.top(), r.levels() - 1, 0, m.start, m.end, m, leaf_bits);
+        });
+        Ok(())
     }
 
     /// Fill `[start, end]` (inside the node's span starting at `base`) with leaves, using the
-    /// largest blocks that fit. The range table guarantees the range is empty here.
+    /// largest blocks that fit; returns how many of the node's entries it filled. The range
+    /// table guarantees the range is empty here.
     #[allow(clippy::too_many_arguments)]
     fn map_in(
         &mut self,
@@ -390,11 +404,12 @@ impl Radix {
         end: u64,
         m: &Mapping,
         leaf_bits: u64,
-    ) {
+    ) -> u32 {
         let shift = self.level_shift(level);
         let mask = (1u64 << shift) - 1;
         let first = ((start - base) >> shift) as usize;
         let last = ((end - base) >> shift) as usize;
+        let mut filled = 0;
         for idx in first..=last {
             let bstart = base + ((idx as u64) << shift);
             let bend = bstart | mask;
@@ -405,37 +420,46 @@ impl Radix {
                 debug_assert_eq!(entry, 0, "radix overlap at {bstart:#x}");
                 let phys = m.phys.wrapping_add(bstart - m.start);
                 let start_bit = if bstart == m.start { TAG_START } else { 0 };
-                let n = self.node(node);
-                n.set(idx, (phys & !TAG_MASK) | leaf_bits | start_bit);
-                n.add_live(1);
+                self.node(node)
+                    .set(idx, (phys & !TAG_MASK) | leaf_bits | start_bit);
+                filled += 1;
             } else {
                 debug_assert!(level > 0 && entry & TAG_LEAF == 0);
-                let child = if entry == 0 {
-                    let c = self.alloc();
-                    let n = self.node(node);
-                    n.set(idx, table_entry(c));
-                    n.add_live(1);
-                    c
+                let (child, live) = if entry == 0 {
+                    filled += 1;
+                    (self.alloc(), 0)
                 } else {
-                    self.child(entry)
+                    (self.child(entry), live_of(entry))
                 };
-                self.map_in(child, level - 1, bstart, s, e, m, leaf_bits);
+                // The child is filled before its (new) entry publishes it.
+                let added = self.map_in(child, level - 1, bstart, s, e, m, leaf_bits);
+                self.node(node).set(idx, table_entry(child, live + added));
             }
         }
+        filled
     }
 
     /// Clear the leaves `map_in` created for exactly `[start, end]` (no sequence count: the
     /// caller wraps it in `write`).
     fn unmap(&mut self, start: u64, end: u64) {
-        self.unmap_in(self.top(), self.levels() - 1, 0, start, end);
+        self.top_live -= self.unmap_in(self.top(), self.levels() - 1, 0, start, end);
     }
 
-    /// Clear the leaves `map_in` created for exactly `[start, end]`, freeing emptied nodes.
-    fn unmap_in(&mut self, node: NonNull<Node>, level: u32, base: u64, start: u64, end: u64) {
+    /// Clear the leaves `map_in` created for exactly `[start, end]`, freeing emptied nodes;
+    /// returns how many of the node's entries it emptied.
+    fn unmap_in(
+        &mut self,
+        node: NonNull<Node>,
+        level: u32,
+        base: u64,
+        start: u64,
+        end: u64,
+    ) -> u32 {
         let shift = self.level_shift(level);
         let mask = (1u64 << shift) - 1;
         let first = ((start - base) >> shift) as usize;
         let last = ((end - base) >> shift) as usize;
+        let mut emptied = 0;
         for idx in first..=last {
             let bstart = base + ((idx as u64) << shift);
             let bend = bstart | mask;
@@ -444,20 +468,23 @@ impl Radix {
                 continue;
             }
             if entry & TAG_LEAF != 0 {
-                let n = self.node(node);
-                n.set(idx, 0);
-                n.add_live(-1);
+                self.node(node).set(idx, 0);
+                emptied += 1;
             } else {
                 let child = self.child(entry);
-                self.unmap_in(child, level - 1, bstart, start.max(bstart), end.min(bend));
-                if self.node(child).live() == 0 {
-                    self.release(child);
-                    let n = self.node(node);
-                    n.set(idx, 0);
-                    n.add_live(-1);
+                let removed =
+                    self.unmap_in(child, level - 1, bstart, start.max(bstart), end.min(bend));
+                let live = live_of(entry) - removed;
+                if live == 0 {
+                    self.node(node).set(idx, 0);
+                    self.arena.release(child);
+                    emptied += 1;
+                } else {
+                    self.node(node).set(idx, table_entry(child, live));
                 }
             }
         }
+        emptied
     }
 
     /// Remove everything: every node but the top goes to the free list, one level remains.
@@ -465,6 +492,7 @@ impl Radix {
         self.write(|r| {
             let top = r.top();
             r.clear_in(top, r.levels() - 1);
+            r.top_live = 0;
             r.root().levels.store(1, Ordering::Relaxed);
         })
     }
@@ -478,11 +506,10 @@ impl Radix {
             if entry & TAG_LEAF == 0 && level > 0 {
                 let child = self.child(entry);
                 self.clear_in(child, level - 1);
-                self.release(child);
+                self.arena.release(child);
             }
             self.node(node).set(idx, 0);
         }
-        self.node(node).live.store(0, Ordering::Relaxed);
     }
 
     /// Whether no leaf intersects `[start, end]`. Table entries always hold at least one
@@ -572,7 +599,7 @@ impl Radix {
     }
 
     fn node_count(&self) -> usize {
-        self.nodes.len() - self.free.len()
+        self.arena.in_use()
     }
 }
 
@@ -614,12 +641,14 @@ impl MappingTable {
         start <= end && !self.radix.range_is_empty(start, end)
     }
 
-    /// Insert a mapping. The caller has validated alignment and range; returns `false` (and
-    /// changes nothing) if it overlaps an existing mapping.
-    pub fn insert(&mut self, m: Mapping) -> bool {
+    /// Insert a mapping. The caller has validated alignment and range. Changes nothing if
+    /// the mapping overlaps an existing one, or if the host has no memory for the nodes it
+    /// needs (which cannot happen right after a successful [`Self::reserve`]).
+    pub fn insert(&mut self, m: Mapping) -> Result<(), InsertError> {
         if m.end < m.start || self.overlaps(m.start, m.end) {
-            return false;
+            return Err(InsertError::Overlap);
         }
+        self.radix.map(&m).map_err(|_| InsertError::OutOfMemory)?;
         self.ranges.insert(
             m.start,
             RangeEntry {
@@ -629,8 +658,13 @@ impl MappingTable {
                 mmio: m.mmio,
             },
         );
-        self.radix.map(&m);
-        true
+        Ok(())
+    }
+
+    /// Set aside the memory the next [`Self::insert`] may need, so that a caller with other
+    /// side effects to order (the external mappers) can fail first.
+    pub fn reserve(&mut self) -> Result<(), OutOfMemory> {
+        self.radix.reserve()
     }
 
     /// The mappings UNMAP `[start, end]` would remove (in IOVA order), or the mapping it
@@ -745,7 +779,7 @@ mod tests {
     fn large_aligned_blocks_use_few_nodes() {
         let mut t = MappingTable::new(12);
         // 1 GiB at a 1 GiB-aligned IOVA and phys: one leaf two levels up.
-        assert!(t.insert(m(0x4000_0000, 0x7fff_ffff, 0x1_0000_0000)));
+        assert_eq!(t.insert(m(0x4000_0000, 0x7fff_ffff, 0x1_0000_0000)), Ok(()));
         assert_eq!(t.node_count(), 1);
         let hit = t.lookup(0x4123_4567).unwrap();
         assert_eq!(hit.phys, 0x1_0123_4567);
@@ -758,7 +792,7 @@ mod tests {
     fn unaligned_phys_still_translates_exactly() {
         let mut t = MappingTable::new(12);
         // 2 MiB IOVA-aligned block to a phys that is only 4 KiB aligned.
-        assert!(t.insert(m(0x20_0000, 0x3f_ffff, 0x1234_5000)));
+        assert_eq!(t.insert(m(0x20_0000, 0x3f_ffff, 0x1234_5000)), Ok(()));
         assert_eq!(t.lookup(0x20_0000).unwrap().phys, 0x1234_5000);
         assert_eq!(t.lookup(0x3f_fff8).unwrap().phys, 0x1234_5000 + 0x1f_fff8);
     }
@@ -767,10 +801,10 @@ mod tests {
     fn mapping_at_top_of_address_space() {
         let mut t = MappingTable::new(12);
         let top = m(0xffff_ffff_ffff_f000, u64::MAX, 0x5000);
-        assert!(t.insert(top));
+        assert_eq!(t.insert(top), Ok(()));
         assert_eq!(t.lookup(u64::MAX).unwrap().phys, 0x5fff);
         assert_eq!(t.lookup(u64::MAX).unwrap().last, u64::MAX);
-        assert!(t.insert(m(0, 0xfff, 0x9000)));
+        assert_eq!(t.insert(m(0, 0xfff, 0x9000)), Ok(()));
         assert_eq!(t.lookup(0x10).unwrap().phys, 0x9010);
         assert_eq!(t.unmap(0xffff_ffff_ffff_0000, u64::MAX), Ok(vec![top]));
         assert!(t.lookup(u64::MAX).is_none());
@@ -781,10 +815,10 @@ mod tests {
     fn whole_address_space_mapping() {
         let mut t = MappingTable::new(12);
         let all = m(0, u64::MAX, 0);
-        assert!(t.insert(all));
+        assert_eq!(t.insert(all), Ok(()));
         assert_eq!(all.size(), u64::MAX);
         assert_eq!(t.lookup(0xdead_beef).unwrap().phys, 0xdead_beef);
-        assert!(!t.insert(m(0x1000, 0x1fff, 0)));
+        assert_eq!(t.insert(m(0x1000, 0x1fff, 0)), Err(InsertError::Overlap));
         assert_eq!(t.unmap(0, u64::MAX), Ok(vec![all]));
         assert!(t.lookup(0).is_none());
         assert_eq!(t.node_count(), 1, "emptied nodes are freed");
@@ -801,47 +835,47 @@ mod tests {
         assert_eq!(t.unmap(p(0), e(4)), Ok(vec![])); // (1)
 
         let mut t = fresh();
-        t.insert(m(p(0), e(9), 0));
+        t.insert(m(p(0), e(9), 0)).unwrap();
         assert_eq!(t.unmap(p(0), e(9)).unwrap().len(), 1); // (2)
 
         let mut t = fresh();
-        t.insert(m(p(0), e(4), 0));
-        t.insert(m(p(5), e(9), 0));
+        t.insert(m(p(0), e(4), 0)).unwrap();
+        t.insert(m(p(5), e(9), 0)).unwrap();
         assert_eq!(t.unmap(p(0), e(9)).unwrap().len(), 2); // (3)
         assert!(t.is_empty());
 
         let mut t = fresh();
-        t.insert(m(p(0), e(9), 0));
+        t.insert(m(p(0), e(9), 0)).unwrap();
         assert!(t.unmap(p(0), e(4)).is_err()); // (4)
         assert_eq!(t.len(), 1);
         assert!(t.lookup(p(7)).is_some());
 
         let mut t = fresh();
-        t.insert(m(p(0), e(4), 0));
-        t.insert(m(p(5), e(9), 0));
+        t.insert(m(p(0), e(4), 0)).unwrap();
+        t.insert(m(p(5), e(9), 0)).unwrap();
         assert_eq!(t.unmap(p(0), e(4)).unwrap()[0].start, p(0)); // (5)
         assert!(t.lookup(p(6)).is_some());
         assert!(t.lookup(p(1)).is_none());
 
         let mut t = fresh();
-        t.insert(m(p(0), e(4), 0));
+        t.insert(m(p(0), e(4), 0)).unwrap();
         assert_eq!(t.unmap(p(0), e(9)).unwrap().len(), 1); // (6)
 
         let mut t = fresh();
-        t.insert(m(p(0), e(4), 0));
-        t.insert(m(p(10), e(14), 0));
+        t.insert(m(p(0), e(4), 0)).unwrap();
+        t.insert(m(p(10), e(14), 0)).unwrap();
         assert_eq!(t.unmap(p(0), e(14)).unwrap().len(), 2); // (7)
     }
 
     #[test]
     fn split_at_start_is_rejected_too() {
         let mut t = MappingTable::new(12);
-        t.insert(m(0x1000, 0x4fff, 0));
+        t.insert(m(0x1000, 0x4fff, 0)).unwrap();
         assert_eq!(t.unmap(0x2000, 0x8fff), Err(SplitError { at: 0x2000 }));
         assert_eq!(t.unmap(0x0, 0x1fff), Err(SplitError { at: 0x1000 }));
         assert_eq!(t.len(), 1);
         // A large leaf (2 MiB block) straddling the range start is caught too.
-        assert!(t.insert(m(0x20_0000, 0x5f_ffff, 0x20_0000)));
+        assert_eq!(t.insert(m(0x20_0000, 0x5f_ffff, 0x20_0000)), Ok(()));
         assert!(t.unmap(0x30_0000, 0x6f_ffff).is_err());
         assert_eq!(t.unmap(0x5000, 0x5f_ffff).unwrap().len(), 1);
     }
@@ -850,9 +884,10 @@ mod tests {
     fn clear_keeps_nodes_for_reuse() {
         let mut t = MappingTable::new(12);
         for i in 0..600u64 {
-            assert!(t.insert(m(i << 21, (i << 21) + 0xfff, i << 12)));
+            assert_eq!(t.insert(m(i << 21, (i << 21) + 0xfff, i << 12)), Ok(()));
         }
         let nodes = t.node_count();
+        let allocated = t.radix.arena.allocated();
         let root = t.root();
         t.clear();
         assert!(t.is_empty());
@@ -860,19 +895,50 @@ mod tests {
         assert!(t.lookup(0).is_none() && t.lookup(599 << 21).is_none());
         // Refilling takes nodes from the free list; the reader-visible root never moves.
         for i in 0..600u64 {
-            assert!(t.insert(m(i << 21, (i << 21) + 0xfff, (i + 1) << 12)));
+            assert_eq!(
+                t.insert(m(i << 21, (i << 21) + 0xfff, (i + 1) << 12)),
+                Ok(())
+            );
         }
         assert_eq!(t.node_count(), nodes);
-        assert_eq!(t.radix.nodes.len(), nodes);
+        assert_eq!(t.radix.arena.allocated(), allocated);
         assert_eq!(t.root(), root);
         assert_eq!(t.lookup(599 << 21).unwrap().phys, 600 << 12);
     }
 
     #[test]
+    fn removing_every_mapping_frees_every_node() {
+        // Enough scattered mappings for the nodes to spill from single allocations into a
+        // huge-page chunk, removed in an order unrelated to the insertion order: the
+        // per-child counts kept in table entries must reach zero exactly when a node empties.
+        let mut t = MappingTable::new(12);
+        let iova = |i: u64| ((i * 0x9e37) % 4096) << 21 | (i % 7) << 12;
+        for i in 0..3000u64 {
+            assert_eq!(
+                t.insert(m(iova(i), iova(i) + 0xfff, i << 12)),
+                Ok(()),
+                "{i}"
+            );
+        }
+        assert!(t.node_count() > 100, "{} nodes", t.node_count());
+        for k in 0..3000u64 {
+            let i = (k * 1237) % 3000;
+            assert_eq!(t.remove(iova(i)).map(|m| m.phys), Some(i << 12));
+            assert!(t.lookup(iova(i)).is_none());
+            let j = (i + 1) % 3000;
+            assert_eq!(
+                t.lookup(iova(j)).is_some(),
+                (0..=k).all(|x| (x * 1237) % 3000 != j)
+            );
+        }
+        assert_eq!(t.node_count(), 1);
+    }
+
+    #[test]
     fn remove_all_is_one_change() {
         let mut t = MappingTable::new(12);
-        t.insert(m(0x1000, 0x1fff, 0));
-        t.insert(m(0x3000, 0x3fff, 0));
+        t.insert(m(0x1000, 0x1fff, 0)).unwrap();
+        t.insert(m(0x3000, 0x3fff, 0)).unwrap();
         let seq = t.radix.root().seq().read_begin().unwrap();
         t.remove_all([0x1000, 0x3000, 0x5000]);
         assert!(t.is_empty());
@@ -887,8 +953,8 @@ mod tests {
         ro.perms = PERM_READ;
         let mut wo = m(0x2000, 0x2fff, 0x9000);
         wo.perms = PERM_WRITE;
-        t.insert(ro);
-        t.insert(wo);
+        t.insert(ro).unwrap();
+        t.insert(wo).unwrap();
         assert_eq!(t.lookup(0x1004).unwrap().perms, PERM_READ);
         assert_eq!(t.lookup(0x2004).unwrap().perms, PERM_WRITE);
         assert_eq!(t.lookup(0x2ff0).unwrap().first, 0x2000);
