@@ -163,6 +163,18 @@ fn child_of(entry: u64) -> *const Node {
     std::ptr::with_exposed_provenance((entry & NODE_ADDR_MASK) as usize)
 }
 
+/// The blocks of a node at the level of `shift` (its span starting at `base`) that
+/// `[start, end]` touches: each block's entry index, first and last IOVA.
+fn blocks(shift: u32, base: u64, start: u64, end: u64) -> impl Iterator<Item = (usize, u64, u64)> {
+    let mask = (1u64 << shift) - 1;
+    let first = ((start - base) >> shift) as usize;
+    let last = ((end - base) >> shift) as usize;
+    (first..=last).map(move |idx| {
+        let bstart = base + ((idx as u64) << shift);
+        (idx, bstart, bstart | mask)
+    })
+}
+
 /// How many non-empty entries the child of a table entry has.
 fn live_of(entry: u64) -> u32 {
     ((entry >> LIVE_SHIFT) & LIVE_MASK) as u32
@@ -405,14 +417,8 @@ impl Radix {
         m: &Mapping,
         leaf_bits: u64,
     ) -> u32 {
-        let shift = self.level_shift(level);
-        let mask = (1u64 << shift) - 1;
-        let first = ((start - base) >> shift) as usize;
-        let last = ((end - base) >> shift) as usize;
         let mut filled = 0;
-        for idx in first..=last {
-            let bstart = base + ((idx as u64) << shift);
-            let bend = bstart | mask;
+        for (idx, bstart, bend) in blocks(self.level_shift(level), base, start, end) {
             let s = start.max(bstart);
             let e = end.min(bend);
             let entry = self.node(node).get(idx);
@@ -455,14 +461,8 @@ impl Radix {
         start: u64,
         end: u64,
     ) -> u32 {
-        let shift = self.level_shift(level);
-        let mask = (1u64 << shift) - 1;
-        let first = ((start - base) >> shift) as usize;
-        let last = ((end - base) >> shift) as usize;
         let mut emptied = 0;
-        for idx in first..=last {
-            let bstart = base + ((idx as u64) << shift);
-            let bend = bstart | mask;
+        for (idx, bstart, bend) in blocks(self.level_shift(level), base, start, end) {
             let entry = self.node(node).get(idx);
             if entry == 0 {
                 continue;
@@ -512,30 +512,31 @@ impl Radix {
         }
     }
 
+    /// The end of `[start, end]` clipped to the IOVAs the tree covers now, or `None` if the
+    /// range starts beyond them.
+    fn clip(&self, start: u64, end: u64) -> Option<u64> {
+        let top = self.covered_bits();
+        if top >= 64 {
+            Some(end)
+        } else if start >> top != 0 {
+            None
+        } else {
+            Some(end.min((1u64 << top) - 1))
+        }
+    }
+
     /// Whether no leaf intersects `[start, end]`. Table entries always hold at least one
     /// leaf (emptied nodes are freed), so a table wholly inside the range means "not empty".
     fn range_is_empty(&self, start: u64, end: u64) -> bool {
-        let top = self.covered_bits();
-        if top < 64 && start >> top != 0 {
-            return true;
+        match self.clip(start, end) {
+            Some(end) => self.empty_in(self.top(), self.levels() - 1, 0, start, end),
+            None => true,
         }
-        let end = if top < 64 {
-            end.min((1u64 << top) - 1)
-        } else {
-            end
-        };
-        self.empty_in(self.top(), self.levels() - 1, 0, start, end)
     }
 
     fn empty_in(&self, node: NonNull<Node>, level: u32, base: u64, start: u64, end: u64) -> bool {
-        let shift = self.level_shift(level);
-        let mask = (1u64 << shift) - 1;
-        let first = ((start - base) >> shift) as usize;
-        let last = ((end - base) >> shift) as usize;
-        (first..=last).all(|idx| {
+        blocks(self.level_shift(level), base, start, end).all(|(idx, bstart, bend)| {
             let entry = self.node(node).get(idx);
-            let bstart = base + ((idx as u64) << shift);
-            let bend = bstart | mask;
             if entry == 0 {
                 true
             } else if entry & TAG_LEAF != 0 || (start <= bstart && bend <= end) {
@@ -550,15 +551,7 @@ impl Radix {
     /// The first leaf intersecting `[from, to]`, in IOVA order: `(block start, entry)`. The
     /// block may start before `from` when `from` falls inside a large leaf.
     fn first_leaf(&self, from: u64, to: u64) -> Option<(u64, u64)> {
-        let top = self.covered_bits();
-        if top < 64 && from >> top != 0 {
-            return None;
-        }
-        let to = if top < 64 {
-            to.min((1u64 << top) - 1)
-        } else {
-            to
-        };
+        let to = self.clip(from, to)?;
         self.first_in(self.top(), self.levels() - 1, 0, from, to)
     }
 
@@ -570,27 +563,16 @@ impl Radix {
         from: u64,
         to: u64,
     ) -> Option<(u64, u64)> {
-        let shift = self.level_shift(level);
-        let mask = (1u64 << shift) - 1;
-        let first = ((from - base) >> shift) as usize;
-        let last = ((to - base) >> shift) as usize;
-        for idx in first..=last {
+        for (idx, bstart, bend) in blocks(self.level_shift(level), base, from, to) {
             let entry = self.node(node).get(idx);
             if entry == 0 {
                 continue;
             }
-            let bstart = base + ((idx as u64) << shift);
             if entry & TAG_LEAF != 0 {
                 return Some((bstart, entry));
             }
             let child = self.child(entry);
-            let hit = self.first_in(
-                child,
-                level - 1,
-                bstart,
-                from.max(bstart),
-                to.min(bstart | mask),
-            );
+            let hit = self.first_in(child, level - 1, bstart, from.max(bstart), to.min(bend));
             if hit.is_some() {
                 return hit;
             }
