@@ -277,7 +277,6 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             // A full counter still wakes the worker; nothing is lost by ignoring EAGAIN.
             let _ = signal.write(1);
         })));
-        let epoch = Instant::now();
         let shared = Arc::new(RequestQueue {
             model: Arc::clone(&self.model),
             mem: self.mem.clone(),
@@ -285,7 +284,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             interrupt: Arc::clone(&interrupt),
             last_request: AtomicU64::new(0),
             window: AtomicU64::new(MIN_POLL_WINDOW.min(self.poll.max_window).as_nanos() as u64),
-            epoch,
+            epoch: Instant::now(),
         });
         if !self.poll.max_window.is_zero() {
             let poller =
@@ -448,6 +447,15 @@ mod tests {
         mem.read_obj(status).unwrap()
     }
 
+    /// A default model with [`ENDPOINT`] registered.
+    fn model_with_endpoint() -> Arc<VirtioIommu> {
+        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
+        model
+            .add_endpoint(ENDPOINT, EndpointConfig::default())
+            .unwrap();
+        model
+    }
+
     fn attach() -> Request {
         Request::Attach(AttachRequest {
             domain: DOMAIN,
@@ -473,10 +481,7 @@ mod tests {
     #[test]
     fn the_poller_answers_requests_that_follow_a_notification() {
         let mem = guest_memory();
-        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
-        model
-            .add_endpoint(ENDPOINT, EndpointConfig::default())
-            .unwrap();
+        let model = model_with_endpoint();
         let mut requests = Driver::new(&mem, 0, 16);
         let events = Driver::new(&mem, 0x1000, 16);
         let poll = PollConfig {
@@ -523,10 +528,7 @@ mod tests {
     #[test]
     fn an_unmapped_dma_is_refused_counted_and_reported() {
         let mem = guest_memory();
-        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
-        model
-            .add_endpoint(ENDPOINT, EndpointConfig::default())
-            .unwrap();
+        let model = model_with_endpoint();
 
         let mut requests = Driver::new(&mem, 0, 16);
         let mut events = Driver::new(&mem, 0x1000, 16);

@@ -25,6 +25,13 @@ pub mod table;
 
 #[cfg(test)]
 mod race_tests;
+/// The integration tests' helpers, shared with the unit tests; they name the crate, hence the
+/// alias below.
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+mod test_common;
+#[cfg(test)]
+extern crate self as virtio_iommu;
 
 pub use device::{
     Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,

@@ -8,68 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::*;
+use crate::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_IOMMU_ATTACH_F_BYPASS};
 use crate::seqlock::{RacePoint, RACE_HOOK};
-use crate::{Access, EndpointConfig, IommuConfig, Status, VirtioIommu};
-
-const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
-
-fn req(d: &VirtioIommu, r: Request) -> Status {
-    d.handle_request(&r, 0).0
-}
-
-fn attach_flags(d: &VirtioIommu, domain: u32, endpoint: u32, flags: u32) -> Status {
-    req(
-        d,
-        Request::Attach(AttachRequest {
-            domain,
-            endpoint,
-            flags,
-            reserved: [0; 4],
-        }),
-    )
-}
-
-fn attach(d: &VirtioIommu, domain: u32, endpoint: u32) -> Status {
-    attach_flags(d, domain, endpoint, 0)
-}
-
-fn detach(d: &VirtioIommu, domain: u32, endpoint: u32) -> Status {
-    req(d, Request::Detach(DetachRequest { domain, endpoint }))
-}
-
-fn map(d: &VirtioIommu, domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Status {
-    req(
-        d,
-        Request::Map(MapRequest {
-            domain,
-            virt_start: start,
-            virt_end: end,
-            phys_start: phys,
-            flags,
-        }),
-    )
-}
-
-fn unmap(d: &VirtioIommu, domain: u32, start: u64, end: u64) -> Status {
-    req(
-        d,
-        Request::Unmap(UnmapRequest {
-            domain,
-            virt_start: start,
-            virt_end: end,
-        }),
-    )
-}
-
-fn device_with(cfg: IommuConfig) -> Arc<VirtioIommu> {
-    let d = Arc::new(VirtioIommu::new(cfg).unwrap());
-    for ep in 1..=3 {
-        d.add_endpoint(ep, EndpointConfig::default()).unwrap();
-    }
-    d.ack_features(d.features());
-    d
-}
+use crate::test_common::{attach, attach_flags, detach, device_with, gpa_of, map, unmap, RW};
+use crate::{Access, IommuConfig, Status, VirtioIommu};
 
 /// The endpoint the readers translate for.
 const EP: u32 = 1;
@@ -415,14 +357,7 @@ fn stale_binding_to_a_reused_table_is_rejected() {
     let r = d.translate(1, 0x1010, 4, Access::Read);
     clear_hook();
     assert_eq!(r.unwrap_err().reason, crate::FaultReason::Domain);
-    assert_eq!(
-        d.translate(2, 0x1010, 4, Access::Read)
-            .unwrap()
-            .first()
-            .unwrap()
-            .gpa,
-        0xf010
-    );
+    assert_eq!(gpa_of(&d, 2, 0x1010), 0xf010);
 }
 
 /// A radix node freed and reused at another IOVA between two levels of a walk: the reader
@@ -445,14 +380,7 @@ fn node_reused_between_levels_is_rejected() {
     let r = d.translate(1, 0x1010, 4, Access::Read);
     clear_hook();
     assert_eq!(r.unwrap_err().reason, crate::FaultReason::Mapping);
-    assert_eq!(
-        d.translate(1, 0x20_1010, 4, Access::Read)
-            .unwrap()
-            .first()
-            .unwrap()
-            .gpa,
-        0xf010
-    );
+    assert_eq!(gpa_of(&d, 1, 0x20_1010), 0xf010);
 }
 
 /// A change after the walk but before validation: retried, so the answer is the new state.

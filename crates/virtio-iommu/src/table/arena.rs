@@ -177,10 +177,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::protocol::*;
+    use crate::protocol::VIRTIO_IOMMU_MAP_F_READ;
     use crate::table::{InsertError, Mapping, MappingTable, PERM_READ};
-    use crate::{Access, EndpointConfig, ExternalMapper, IommuConfig, MapPerms, MapperError};
-    use crate::{Status, VirtioIommu};
+    use crate::test_common::{attach, device, gpa_of, map};
+    use crate::{Access, EndpointConfig, ExternalMapper, MapPerms, MapperError, Status};
 
     #[test]
     fn small_tables_allocate_nodes_one_by_one_then_chunks() {
@@ -281,51 +281,30 @@ mod tests {
 
     #[test]
     fn map_without_memory_is_nomem_before_the_mapper_sees_it() {
-        let dev = VirtioIommu::new(IommuConfig::default()).unwrap();
+        let dev = device();
         let mapper = Arc::new(CountingMapper::default());
         let config = EndpointConfig {
             mapper: Some(mapper.clone()),
             ..Default::default()
         };
         dev.add_endpoint(8, config).unwrap();
-        dev.ack_features(dev.features());
-        let req = |r| dev.handle_request(&r, 0).0;
-        let attach = Request::Attach(AttachRequest {
-            domain: 1,
-            endpoint: 8,
-            flags: 0,
-            reserved: [0; 4],
-        });
-        assert_eq!(req(attach), Status::Ok);
-        let map = |i: u64| {
+        assert_eq!(attach(&dev, 1, 8), Status::Ok);
+        let map_page = |i: u64| {
             let m = page_at(i);
-            Request::Map(MapRequest {
-                domain: 1,
-                virt_start: m.start,
-                virt_end: m.end,
-                phys_start: m.phys,
-                flags: VIRTIO_IOMMU_MAP_F_READ,
-            })
+            map(&dev, 1, m.start, m.end, m.phys, VIRTIO_IOMMU_MAP_F_READ)
         };
         REFUSE_CHUNKS.set(true);
         let mut i = 0;
-        while req(map(i)) == Status::Ok {
+        while map_page(i) == Status::Ok {
             i += 1;
         }
         assert!(i > 0 && i < SMALL_TABLE_NODES as u64, "{i}");
-        assert_eq!(req(map(i)), Status::NoMem);
+        assert_eq!(map_page(i), Status::NoMem);
         assert_eq!(mapper.0.load(Ordering::Relaxed), i);
         assert!(dev.translate(8, i << 21, 8, Access::Read).is_err());
         REFUSE_CHUNKS.set(false);
-        assert_eq!(req(map(i)), Status::Ok);
+        assert_eq!(map_page(i), Status::Ok);
         assert_eq!(mapper.0.load(Ordering::Relaxed), i + 1);
-        assert_eq!(
-            dev.translate(8, i << 21, 8, Access::Read)
-                .unwrap()
-                .first()
-                .unwrap()
-                .gpa,
-            i << 12
-        );
+        assert_eq!(gpa_of(&dev, 8, i << 21), i << 12);
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use virtio_iommu::protocol::*;
-use virtio_iommu::{EndpointConfig, IommuConfig, Status, VirtioIommu};
+use virtio_iommu::{Access, EndpointConfig, IommuConfig, Status, VirtioIommu};
 
 pub const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
 
@@ -95,4 +95,13 @@ pub fn unmap(d: &VirtioIommu, domain: u32, start: u64, end: u64) -> Status {
 /// Inclusive end of `pages` 4 KiB pages starting at page `first`.
 pub fn pages(first: u64, pages: u64) -> (u64, u64) {
     (first << 12, ((first + pages) << 12) - 1)
+}
+
+/// Where a 4-byte read by `endpoint` at `iova` goes; panics on a fault.
+pub fn gpa_of(d: &VirtioIommu, endpoint: u32, iova: u64) -> u64 {
+    d.translate(endpoint, iova, 4, Access::Read)
+        .unwrap()
+        .first()
+        .unwrap()
+        .gpa
 }
