@@ -342,6 +342,7 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
         });
     }
     let prepared = state.as_ref().expect("prepared above");
+    let _machine = MachineLock::acquire();
 
     let mut outcome = run_once(scenario, mode, prepared);
     if host_kernel_died(&outcome) {
@@ -354,6 +355,32 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
         outcome.retried = true;
     }
     Some(outcome)
+}
+
+/// Serializes runs across processes too (two test binaries, a benchmark and a test, two
+/// checkouts): an exclusive `flock` on a file in the system's temporary directory, held for
+/// the whole run and released when dropped (or when the process dies).
+struct MachineLock {
+    _file: File,
+}
+
+impl MachineLock {
+    fn acquire() -> Self {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join("warden-e2e.lock");
+        let file = File::create(&path)
+            .unwrap_or_else(|e| panic!("cannot create the run lock {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor this function owns.
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            let err = std::io::Error::last_os_error();
+            assert!(
+                err.kind() == std::io::ErrorKind::Interrupted,
+                "cannot lock {}: {err}",
+                path.display()
+            );
+        }
+        MachineLock { _file: file }
+    }
 }
 
 /// Whether the run ended because L1's kernel (the nested KVM host) crashed: an Oops or panic
