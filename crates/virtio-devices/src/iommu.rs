@@ -96,6 +96,8 @@ struct RequestQueue<M> {
     last_request: AtomicU64,
     /// The current poll window in nanoseconds.
     window: AtomicU64,
+    /// The driver broke the queue; see [`RequestQueue::serve`].
+    broken: AtomicBool,
     epoch: Instant,
 }
 
@@ -114,12 +116,23 @@ impl<M: DeviceMemory> RequestQueue<M> {
             .saturating_sub(self.last_request.load(Ordering::Relaxed))
     }
 
-    /// Serves every available request; whether there was one.
+    /// Serves every available request; whether there was one. An available index more than
+    /// a queue size ahead (which a driver never writes, virtio 1.2 §2.7.13.3), or requests
+    /// that cannot be popped, make the queue broken: it is not served again until the driver
+    /// resets the device, instead of looking non-empty to the poller forever.
     fn serve(&self, queue: &mut Queue) -> bool {
-        let available = queue
-            .avail_idx(&self.mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx != Wrapping(queue.next_avail()));
-        if available {
+        if self.broken.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(avail) = queue.avail_idx(&self.mem, Ordering::Acquire) else {
+            return false;
+        };
+        let next = queue.next_avail();
+        let pending = (avail - Wrapping(next)).0;
+        if pending == 0 {
+            return false;
+        }
+        if pending <= queue.size() {
             serve_queue(
                 &self.model,
                 &self.mem,
@@ -127,9 +140,18 @@ impl<M: DeviceMemory> RequestQueue<M> {
                 REQUEST_QUEUE,
                 self.interrupt.as_ref(),
             );
-            self.last_request.store(self.now(), Ordering::Relaxed);
         }
-        available
+        if queue.next_avail() == next {
+            self.broken.store(true, Ordering::Relaxed);
+            error!(
+                "virtio-iommu: request queue broken (available index {avail}, next {next}, \
+                 size {}): not served until reset",
+                queue.size()
+            );
+            return false;
+        }
+        self.last_request.store(self.now(), Ordering::Relaxed);
+        true
     }
 
     /// A notification came after `idle` without requests: had the window spanned that gap
@@ -153,6 +175,9 @@ impl<M: DeviceMemory> RequestQueue<M> {
             let mut queue = self.lock();
             if self.serve(&mut queue) {
                 continue;
+            }
+            if self.broken.load(Ordering::Relaxed) {
+                return;
             }
             if self.idle() >= self.window.load(Ordering::Relaxed) {
                 match queue.enable_notification(&self.mem) {
@@ -284,6 +309,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             interrupt: Arc::clone(&interrupt),
             last_request: AtomicU64::new(0),
             window: AtomicU64::new(MIN_POLL_WINDOW.min(self.poll.max_window).as_nanos() as u64),
+            broken: AtomicBool::new(false),
             epoch: Instant::now(),
         });
         if !self.poll.max_window.is_zero() {
@@ -520,6 +546,37 @@ mod tests {
         );
         assert_eq!(requests.used().len(), 3);
         iommu.reset();
+    }
+
+    /// An available index more than a queue size ahead is a broken queue, not endless work:
+    /// the poller ends its window and goes back to sleep instead of spinning on it.
+    #[test]
+    fn an_avail_index_beyond_the_queue_size_ends_the_poll() {
+        let mem = guest_memory();
+        let requests = Driver::new(&mem, 0, 16);
+        let shared = RequestQueue {
+            model: model_with_endpoint(),
+            mem: mem.clone(),
+            queue: Mutex::new(requests.queue()),
+            interrupt: Arc::new(FakeInterrupt::default()),
+            last_request: AtomicU64::new(0),
+            window: AtomicU64::new(MIN_POLL_WINDOW.as_nanos() as u64),
+            broken: AtomicBool::new(false),
+            epoch: Instant::now(),
+        };
+        requests.set_avail_idx(17);
+        let stop = AtomicBool::new(false);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                shared.poll(&stop);
+                let _ = done.send(());
+            });
+            let ended = finished.recv_timeout(Duration::from_secs(2)).is_ok();
+            stop.store(true, Ordering::Release);
+            assert!(ended, "the poller spun on the broken queue");
+        });
+        assert!(!shared.serve(&mut shared.lock()), "nothing to serve");
     }
 
     /// The whole path of a refused DMA: the guest attaches a disk to a domain and maps its ring,

@@ -146,6 +146,11 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
         self.mock.avail().idx().load()
     }
 
+    /// Sets the available index without making chains available, as a broken driver would.
+    pub(crate) fn set_avail_idx(&self, value: u16) {
+        self.mock.avail().idx().store(value);
+    }
+
     /// `avail_event` (EVENT_IDX): the device wants a notification once the available index
     /// passes it.
     pub(crate) fn avail_event(&self) -> u16 {
