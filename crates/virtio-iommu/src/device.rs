@@ -38,8 +38,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use log::{debug, error, warn};
 use thiserror::Error;
-use vm_memory::{GuestAddress, Iotlb, Permissions};
+use vm_memory::Permissions;
 
+use crate::iotlb::EndpointIotlb;
 use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::*;
 use crate::seqlock::{race_point, read_fence, RacePoint, SeqCount};
@@ -323,7 +324,7 @@ type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 /// State an endpoint shares with its [`crate::EndpointIommu`] handles.
 #[derive(Debug, Default)]
 pub(crate) struct EndpointShared {
-    pub(crate) iotlb: RwLock<Iotlb>,
+    pub(crate) iotlb: RwLock<EndpointIotlb>,
     pub(crate) hits: AtomicU64,
 }
 
@@ -547,27 +548,14 @@ fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 <= b.1 && b.0 <= a.1
 }
 
-/// The IOTLB entry length for `[start, end]`. The IOTLB cannot hold the last byte of the
-/// 64-bit space (`EndpointIommu` refuses accesses reaching it), so entries stop short of it
-/// and the length cannot overflow.
-fn iotlb_len(start: u64, end: u64) -> usize {
-    (end.min(u64::MAX - 1) - start + 1) as usize
-}
-
 /// Put `[start, end]` -> `phys` into an IOTLB.
-fn iotlb_insert(tlb: &mut Iotlb, start: u64, end: u64, phys: u64, perms: u8) {
-    // Cannot fail: set_mapping only reports errors for invalid permissions.
-    let _ = tlb.set_mapping(
-        GuestAddress(start),
-        GuestAddress(phys),
-        iotlb_len(start, end),
-        permissions_from(perms),
-    );
+fn iotlb_insert(tlb: &mut EndpointIotlb, start: u64, end: u64, phys: u64, perms: u8) {
+    tlb.insert(start, end, phys, permissions_from(perms));
 }
 
 /// Invalidate `[start, end]` in an IOTLB.
 fn invalidate(shared: &EndpointShared, start: u64, end: u64) {
-    write_lock(&shared.iotlb).invalidate_mapping(GuestAddress(start), iotlb_len(start, end));
+    write_lock(&shared.iotlb).invalidate(start, end);
 }
 
 /// Up to this many live mappings in a domain, MAP also fills its endpoints' IOTLBs
@@ -1601,7 +1589,7 @@ impl VirtioIommu {
         };
         let domain = match ep.domain {
             None if st.bypass => {
-                block(iova, last, iova, PERM_READ | PERM_WRITE);
+                block(0, u64::MAX, 0, PERM_READ | PERM_WRITE);
                 self.bypass_hits.bump();
                 return Ok(());
             }
@@ -1612,7 +1600,7 @@ impl VirtioIommu {
             return Err(self.fault(st, fault(FaultReason::Unknown, iova)));
         };
         if d.bypass {
-            block(iova, last, iova, PERM_READ | PERM_WRITE);
+            block(0, u64::MAX, 0, PERM_READ | PERM_WRITE);
             d.table.hits().bump();
             return Ok(());
         }

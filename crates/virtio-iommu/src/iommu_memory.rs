@@ -3,18 +3,21 @@
 //! virtio-queue makes for that device is translated (and refused when unmapped).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLockReadGuard};
+use std::sync::Arc;
 
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
 
 use crate::device::{perms_of, read_lock, EndpointShared, VirtioIommu};
+use crate::iotlb::IotlbGuard;
 
 /// How many times a miss is refilled before giving up: a refill can only be lost to an
 /// UNMAP racing with it, and an UNMAP makes the next fill fault for real.
 const FILL_ATTEMPTS: usize = 3;
 
-/// The IOMMU seen by one endpoint: a per-endpoint IOTLB in front of the device model.
+/// The IOMMU seen by one endpoint: a per-endpoint IOTLB in front of the device model. The
+/// IOTLB holds at most [`crate::IOTLB_MAX_ENTRIES`] entries, and in bypass a single identity
+/// entry.
 ///
 /// Hits only take the IOTLB read lock. Misses consult the model, which records a fault
 /// (counters, event queue, notifier) and refuses when the access is not allowed.
@@ -55,7 +58,7 @@ fn refused(iova: GuestAddress, length: usize, reason: String) -> IommuError {
 }
 
 impl Iommu for EndpointIommu {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+    type IotlbGuard<'a> = IotlbGuard<'a>;
 
     fn translate(
         &self,
@@ -72,7 +75,12 @@ impl Iommu for EndpointIommu {
             return Err(refused(iova, length, format!("{:?}", f.reason)));
         }
         for _ in 0..FILL_ATTEMPTS {
-            if let Ok(it) = Iotlb::lookup(read_lock(&self.shared.iotlb), iova, length, access) {
+            if let Ok(it) = Iotlb::lookup(
+                IotlbGuard(read_lock(&self.shared.iotlb)),
+                iova,
+                length,
+                access,
+            ) {
                 self.shared.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(it);
             }

@@ -16,6 +16,7 @@
 
 mod device;
 mod iommu_memory;
+mod iotlb;
 pub mod mapper;
 pub mod protocol;
 mod queue;
@@ -39,6 +40,7 @@ pub use device::{
     VIRTIO_F_VERSION_1,
 };
 pub use iommu_memory::EndpointIommu;
+pub use iotlb::{IotlbGuard, IOTLB_MAX_ENTRIES};
 pub use mapper::{ExternalMapper, MapPerms, MapperError};
 pub use protocol::{ReservedRegion, Status};
 pub use queue::{Answer, ChainLayout, Error};

@@ -10,7 +10,7 @@ use virtio_iommu::{EndpointIommu, IommuConfig, Status, VirtioIommu};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Permissions};
 
 type DevMem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
 
@@ -167,4 +167,61 @@ fn virtio_queue_is_translated() {
     assert!(q.pop_descriptor_chain(&dm).is_none());
     assert!(q.add_used(&dm, 0, 0).is_err());
     assert!(d.pending_faults() > 0);
+}
+
+/// Entries in the endpoint's IOTLB, counted in the `Debug` form of a translation through it
+/// (vm-memory's `Iotlb` has no length); `at` must translate.
+fn iotlb_entries(iommu: &EndpointIommu, at: u64) -> usize {
+    let it = iommu
+        .translate(GuestAddress(at), 1, Permissions::Read)
+        .unwrap();
+    format!("{it:?}").matches("target_source_diff").count()
+}
+
+#[test]
+fn bypass_accesses_do_not_grow_the_iotlb() {
+    let (d, _mem, _dm) = setup(true);
+    let iommu = EndpointIommu::new(d.clone(), 1).unwrap();
+    // Accesses that never touch: each would be an entry of its own.
+    for i in 0..1000u64 {
+        iommu
+            .translate(GuestAddress(i * 0x2000), 1, Permissions::Write)
+            .unwrap();
+    }
+    assert_eq!(iotlb_entries(&iommu, 0), 1, "one identity entry");
+    // The same through a bypass domain.
+    assert_eq!(
+        attach_flags(&d, 1, 1, VIRTIO_IOMMU_ATTACH_F_BYPASS),
+        Status::Ok
+    );
+    for i in 0..1000u64 {
+        iommu
+            .translate(GuestAddress(i * 0x2000 + 0x1000), 1, Permissions::Read)
+            .unwrap();
+    }
+    assert_eq!(iotlb_entries(&iommu, 0), 1, "one identity entry");
+}
+
+#[test]
+fn the_iotlb_stays_bounded_with_many_mappings() {
+    let (d, _mem, _dm) = setup(false);
+    let iommu = EndpointIommu::new(d.clone(), 1).unwrap();
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    // Mappings at every other page never merge in the IOTLB; MAP prefills the first 4096
+    // and each access fills one more.
+    const N: u64 = 40_000;
+    for i in 0..N {
+        let iova = IOVA + i * 0x2000;
+        assert_eq!(map(&d, 1, iova, iova + 0xfff, 0x1000, RW), Status::Ok);
+    }
+    for i in 0..N {
+        iommu
+            .translate(GuestAddress(IOVA + i * 0x2000), 8, Permissions::Read)
+            .unwrap();
+    }
+    let entries = iotlb_entries(&iommu, IOVA);
+    assert!(
+        entries <= virtio_iommu::IOTLB_MAX_ENTRIES,
+        "{entries} IOTLB entries"
+    );
 }
