@@ -840,5 +840,4 @@ fn works_end_to_end_on_a_pci_root() {
     assert_eq!(log.lock().unwrap().activations[0][0].index, 0);
     assert!(pio.write(0x1000, &0u16.to_le_bytes()));
     assert_eq!(log.lock().unwrap().notifiers[0].read().unwrap(), 1);
-    assert!(root.lock().unwrap().take_bar_moves().is_empty());
 }
