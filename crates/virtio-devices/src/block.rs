@@ -120,6 +120,8 @@ impl<M: DeviceMemory> Block<M> {
                 capacity,
                 readonly: options.readonly,
                 serial,
+                #[cfg(test)]
+                syncs: Default::default(),
             }),
             core: DeviceWorker::new("blk", features),
             config,
@@ -193,6 +195,7 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
         let handler = BlockWorker {
             mem: self.mem.clone(),
             disk: Arc::clone(&self.disk),
+            write_through: !self.core.acked(VIRTIO_BLK_F_FLUSH),
             queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
         };
         self.core.start(vec![(0, activated.notifier)], handler)
@@ -206,6 +209,9 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
 struct BlockWorker<M> {
     mem: M,
     disk: Arc<Disk>,
+    /// The driver did not negotiate VIRTIO_BLK_F_FLUSH, so it cannot ask for durability: each
+    /// write is made stable before it completes (virtio 1.2 §5.2.6.2).
+    write_through: bool,
     queue: DeviceQueue,
 }
 
@@ -213,8 +219,10 @@ impl<M: DeviceMemory> WorkerHandler for BlockWorker<M> {
     fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
         let disk = &self.disk;
         let mem = &self.mem;
-        self.queue
-            .process(mem, |chain| Some(disk.handle_chain(mem, chain)));
+        let write_through = self.write_through;
+        self.queue.process(mem, |chain| {
+            Some(disk.handle_chain(mem, chain, write_through))
+        });
     }
 }
 
@@ -224,6 +232,9 @@ struct Disk {
     capacity: u64,
     readonly: bool,
     serial: [u8; ID_LEN],
+    /// `fdatasync`s done, for tests.
+    #[cfg(test)]
+    syncs: std::sync::atomic::AtomicUsize,
 }
 
 /// Why a request failed; everything but an unknown type is an I/O error for the driver.
@@ -264,40 +275,56 @@ impl RequestError {
 
 impl Disk {
     /// Executes one request and returns the number of bytes written into the chain (data plus
-    /// status byte), which is what the used ring reports.
-    fn handle_chain<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+    /// status byte), which is what the used ring reports. `write_through`: make a write stable
+    /// before completing it.
+    fn handle_chain<M: GuestMemory>(
+        &self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+        write_through: bool,
+    ) -> u32 {
         let head = chain.head_index();
         let chain = buffers::collect(chain);
-        // The status byte is the last byte of the last descriptor, which must be writable.
+        // The status byte is the last byte of the last descriptor, which must be writable, and
+        // reachable before any data moves: a request that cannot be answered is not carried out.
         let Some(status_desc) = chain.last().filter(|b| b.writable && b.len > 0) else {
             warn!("virtio-blk: request {head} has no writable status byte; dropping it");
             return 0;
         };
         let status_offset = u64::from(status_desc.len) - 1;
+        let status_slice = buffers::slices(
+            mem,
+            std::slice::from_ref(status_desc),
+            status_offset,
+            1,
+            Permissions::Write,
+        )
+        .map(|slices| slices.into_iter().next());
+        let Ok(Some(status_slice)) = status_slice else {
+            warn!("virtio-blk: request {head}: status byte not accessible; dropping it");
+            return 0;
+        };
 
-        let (status, data_written) = match self.execute(mem, &chain) {
+        let (status, data_written) = match self.execute(mem, &chain, write_through) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(err) => {
                 warn!("virtio-blk: request {head} failed: {err}");
                 (err.status(), 0)
             }
         };
-        if let Err(err) = buffers::write_from(
-            mem,
-            std::slice::from_ref(status_desc),
-            status_offset,
-            &[status],
-        ) {
-            warn!("virtio-blk: cannot write the status of request {head}: {err}");
-            return 0;
-        }
+        status_slice.copy_from(&[status]);
         // Below 2^32: the data is part of a chain the queue limits to 2^32 - 1 bytes.
         u32::try_from(data_written + 1).unwrap_or(u32::MAX)
     }
 
     /// Validates and carries out a request whose last descriptor holds the status byte;
     /// returns how many data bytes it wrote into guest memory.
-    fn execute<M: GuestMemory>(&self, mem: &M, chain: &[Buffer]) -> Result<u64, RequestError> {
+    fn execute<M: GuestMemory>(
+        &self,
+        mem: &M,
+        chain: &[Buffer],
+        write_through: bool,
+    ) -> Result<u64, RequestError> {
         let split = chain.iter().position(|b| b.writable).unwrap_or(chain.len());
         let (readable, writable) = chain.split_at(split);
         if writable.iter().any(|b| !b.writable) {
@@ -336,10 +363,13 @@ impl Disk {
                 let slices =
                     buffers::slices(mem, readable, HEADER_LEN, out_data, Permissions::Read)?;
                 transfer_vectored(&self.file, offset, &slices, Direction::ToImage)?;
+                if write_through {
+                    self.sync()?;
+                }
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.file.sync_data()?;
+                self.sync()?;
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -352,6 +382,14 @@ impl Disk {
             }
             other => Err(RequestError::Unsupported(other)),
         }
+    }
+
+    /// Makes the writes done so far stable (`fdatasync`).
+    fn sync(&self) -> io::Result<()> {
+        #[cfg(test)]
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.file.sync_data()
     }
 
     /// Checks that `len` bytes at `sector` are whole sectors inside the disk; returns the byte
@@ -509,7 +547,7 @@ mod tests {
 
     fn submit<M: GuestMemory>(disk: &Disk, driver: &mut Driver<M>, mem: &M, descs: &[Desc]) -> u32 {
         let chain = driver.chain(descs);
-        disk.handle_chain(mem, chain)
+        disk.handle_chain(mem, chain, true)
     }
 
     fn file_bytes(temp: &TempFile, offset: u64, len: usize) -> Vec<u8> {
@@ -834,6 +872,87 @@ mod tests {
             let used = submit(&dev.disk, &mut driver, &mem, &descs);
             assert_eq!(used, 0, "{descs:?}");
         }
+    }
+
+    /// Writes `byte` over sector 7 through the worker, with `features` negotiated; returns how
+    /// many `fdatasync`s the disk did.
+    fn write_through_worker(features: u64, byte: u8) -> usize {
+        let mem = guest_memory();
+        let temp = image();
+        let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(FakeInterrupt::default());
+        dev.ack_features(features);
+        dev.activate(
+            vec![ActivatedQueue {
+                index: 0,
+                queue: driver.queue(),
+                notifier: notifier.try_clone().unwrap(),
+            }],
+            interrupt.clone(),
+        )
+        .unwrap();
+        mem.write_slice(&[byte; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 7);
+        driver.add(&[ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)]);
+        notifier.write(1).unwrap();
+        assert!(interrupt.wait_for(0, 1));
+        assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
+        assert_eq!(file_bytes(&temp, 7 * 512, 512), vec![byte; 512]);
+        dev.reset();
+        dev.disk.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Without VIRTIO_BLK_F_FLUSH the driver cannot ask for durability, so the device must
+    /// make each write stable before completing it (virtio 1.2 §5.2.6.2); with it, writes may
+    /// stay in the host's cache until a FLUSH.
+    #[test]
+    fn writes_are_stable_on_completion_unless_flush_was_negotiated() {
+        let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+        assert_eq!(write_through_worker(version_1, 0x5a), 1);
+        assert_eq!(
+            write_through_worker(version_1 | 1 << VIRTIO_BLK_F_FLUSH, 0xa5),
+            0
+        );
+    }
+
+    /// The status byte is checked before any data moves: a request whose status cannot be
+    /// written changes neither the image nor guest memory.
+    #[test]
+    fn an_unwritable_status_byte_moves_no_data() {
+        let mem = guest_memory();
+        let temp = image();
+        let dev = block(mem.clone(), &temp, BlockOptions::default());
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let outside = 0x20_0000; // guest RAM ends at 1 MiB
+
+        mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 2);
+        let used = submit(
+            &dev.disk,
+            &mut driver,
+            &mem,
+            &[ro(HDR, 16), ro(DATA, 512), wo(outside, 1)],
+        );
+        assert_eq!(used, 0);
+        assert_eq!(
+            file_bytes(&temp, 2 * 512, 512),
+            vec![2; 512],
+            "image unchanged"
+        );
+
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 3);
+        let used = submit(
+            &dev.disk,
+            &mut driver,
+            &mem,
+            &[ro(HDR, 16), wo(DATA, 512), wo(0x10_0000 - 1, 2)],
+        );
+        assert_eq!(used, 0);
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0x5a; 512], "guest memory unchanged");
     }
 
     #[test]
