@@ -19,7 +19,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IOMMU_INFO_PGSIZES, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, VFIO_TYPE,
 };
 use vfio_ioctls::VfioContainer;
-use virtio_iommu::MapPerms;
+use virtio_iommu::protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED;
+use virtio_iommu::{MapPerms, ReservedRegion};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_ref};
 use vmm_sys_util::ioctl_io_nr;
 
@@ -45,9 +46,35 @@ pub trait DmaContainer: Send + Sync {
 pub struct HostIommuInfo {
     /// Bitmap of the IOMMU page sizes; the lowest set bit is the mapping granule.
     pub page_sizes: u64,
-    /// Usable IOVA ranges, inclusive, sorted; the gaps are reserved by the host (e.g. its own
-    /// MSI doorbell window).
+    /// Usable IOVA ranges, inclusive, sorted, and (from [`parse_info`]) disjoint and not
+    /// adjacent; the gaps are reserved by the host (e.g. its own MSI doorbell window).
     pub iova_ranges: Vec<(u64, u64)>,
+}
+
+impl HostIommuInfo {
+    /// What the guest must not map for a device behind this container: the x86 MSI doorbell
+    /// plus the gaps between the usable IOVA ranges, since the host IOMMU would refuse them (or
+    /// the host's MSI window would shadow them).
+    pub fn reserved_regions(&self) -> Vec<ReservedRegion> {
+        let mut regions = vec![ReservedRegion::X86_MSI];
+        for pair in self.iova_ranges.windows(2) {
+            // Checked: the fields are public, so the ranges may not be what parse_info makes.
+            let (Some(start), Some(end)) = (pair[0].1.checked_add(1), pair[1].0.checked_sub(1))
+            else {
+                continue;
+            };
+            // The host's own MSI window usually is the x86 doorbell, already reserved.
+            let msi = start >= ReservedRegion::X86_MSI.start && end <= ReservedRegion::X86_MSI.end;
+            if start <= end && !msi {
+                regions.push(ReservedRegion {
+                    subtype: VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+                    start,
+                    end,
+                });
+            }
+        }
+        regions
+    }
 }
 
 /// A VFIO type1 container holding one passed-through device's group.
@@ -133,11 +160,13 @@ pub fn parse_info(raw: &[u8]) -> HostIommuInfo {
             if id == Some(VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16) {
                 let count = u32_at(offset + size_of::<vfio_info_cap_header>()).unwrap_or(0);
                 let first = offset + size_of::<vfio_info_cap_header>() + 8;
+                // A count beyond the answer's end stops at the end.
                 for i in 0..count as usize {
                     let at = first + i * size_of::<vfio_iova_range>();
-                    if let (Some(start), Some(end)) = (u64_at(at), u64_at(at + 8)) {
-                        iova_ranges.push((start, end));
-                    }
+                    let (Some(start), Some(end)) = (u64_at(at), u64_at(at + 8)) else {
+                        break;
+                    };
+                    iova_ranges.push((start, end));
                 }
             }
             if next <= offset {
@@ -146,14 +175,29 @@ pub fn parse_info(raw: &[u8]) -> HostIommuInfo {
             offset = next;
         }
     }
-    if iova_ranges.is_empty() {
-        iova_ranges.push((0, u64::MAX));
-    }
-    iova_ranges.sort_unstable();
     HostIommuInfo {
         page_sizes,
-        iova_ranges,
+        iova_ranges: merged(iova_ranges),
     }
+}
+
+/// The host's IOVA ranges sorted, with overlapping and adjacent ones merged and inverted ones
+/// dropped, so that the gaps between them are what is really unusable; none at all means
+/// the whole space.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|&(start, end)| start <= end);
+    if ranges.is_empty() {
+        return vec![(0, u64::MAX)];
+    }
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 impl DmaContainer for HostContainer {
@@ -230,6 +274,72 @@ mod tests {
             info.iova_ranges,
             [(0, 0xfedf_ffff), (0xfef0_0000, 0x7f_ffff_ffff)]
         );
+    }
+
+    /// Overlapping, adjacent and inverted ranges from the host: merged, so the gaps (the
+    /// reserved regions) are only what no range covers, and computing them cannot overflow.
+    #[test]
+    fn overlapping_host_iova_ranges_are_merged() {
+        let raw = info_bytes(
+            VFIO_IOMMU_INFO_CAPS,
+            0,
+            &[(0, 0x2000), (0x1000, u64::MAX), (0x1000, 0x3000), (9, 8)],
+        );
+        let info = parse_info(&raw);
+        assert_eq!(info.iova_ranges, [(0, u64::MAX)]);
+        assert_eq!(info.reserved_regions(), [ReservedRegion::X86_MSI]);
+
+        let raw = info_bytes(
+            VFIO_IOMMU_INFO_CAPS,
+            0,
+            &[
+                (0x1_0000, 0x1_ffff),
+                (0, 0xffff),
+                (0x4_0000, 0x5_0000),
+                (0x4_8000, 0x4_9000),
+            ],
+        );
+        let info = parse_info(&raw);
+        assert_eq!(info.iova_ranges, [(0, 0x1_ffff), (0x4_0000, 0x5_0000)]);
+        assert_eq!(
+            info.reserved_regions(),
+            [
+                ReservedRegion::X86_MSI,
+                ReservedRegion {
+                    subtype: VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+                    start: 0x2_0000,
+                    end: 0x3_ffff,
+                }
+            ]
+        );
+        // Unnormalised ranges built by hand do not overflow either.
+        let info = HostIommuInfo {
+            page_sizes: 0,
+            iova_ranges: vec![(0, u64::MAX), (0, 0x1000)],
+        };
+        assert_eq!(info.reserved_regions(), [ReservedRegion::X86_MSI]);
+    }
+
+    /// A host whose MSI window is the x86 doorbell: nothing reserved beyond the doorbell.
+    #[test]
+    fn the_host_msi_window_is_the_doorbell() {
+        let raw = info_bytes(
+            VFIO_IOMMU_INFO_CAPS,
+            0,
+            &[(0, 0xfedf_ffff), (0xfef0_0000, 0x7f_ffff_ffff)],
+        );
+        assert_eq!(
+            parse_info(&raw).reserved_regions(),
+            [ReservedRegion::X86_MSI]
+        );
+    }
+
+    /// A range count far beyond the answer stops at its end.
+    #[test]
+    fn an_iova_range_count_beyond_the_answer() {
+        let mut raw = info_bytes(VFIO_IOMMU_INFO_CAPS, 0, &[(0x1000, 0x1fff)]);
+        raw[40 + 8..40 + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_info(&raw).iova_ranges, [(0x1000, 0x1fff)]);
     }
 
     #[test]

@@ -19,9 +19,7 @@ use virtio_devices::{
     Block, BlockOptions, Console, DeviceMemory, Iommu, Net, NetOptions, PollConfig, Rng,
     VirtioDevice,
 };
-use virtio_iommu::{
-    EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
-};
+use virtio_iommu::{EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_device::Bus;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
@@ -440,7 +438,7 @@ fn create_iommu_model(
         add(
             p.endpoint(),
             EndpointConfig {
-                reserved_regions: Some(host_reserved_regions(&p.opened.iommu.iova_ranges)),
+                reserved_regions: Some(p.opened.iommu.reserved_regions()),
                 mapper: Some(mapper),
             },
         )?;
@@ -456,25 +454,6 @@ fn intersect_page_sizes(guest: u64, host: u64) -> u64 {
     }
     let host_granule = host & host.wrapping_neg();
     guest & !(host_granule - 1)
-}
-
-/// The MSI doorbell plus the gaps between the host's usable IOVA ranges: the guest must not
-/// map there, since the host IOMMU would refuse (or the host's MSI window would shadow it).
-fn host_reserved_regions(iova_ranges: &[(u64, u64)]) -> Vec<ReservedRegion> {
-    let mut regions = vec![ReservedRegion::X86_MSI];
-    for pair in iova_ranges.windows(2) {
-        let (start, end) = (pair[0].1 + 1, pair[1].0 - 1);
-        let gap = ReservedRegion {
-            subtype: virtio_iommu::protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
-            start,
-            end,
-        };
-        // The host's own MSI window usually is the x86 doorbell, already reserved.
-        if !(start >= ReservedRegion::X86_MSI.start && end <= ReservedRegion::X86_MSI.end) {
-            regions.push(gap);
-        }
-    }
-    regions
 }
 
 /// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU.
