@@ -109,6 +109,28 @@ fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView {
     view
 }
 
+/// The fields of an MSI-X capability: vector count, and the table and PBA as (BAR, offset).
+#[derive(Debug, PartialEq, Eq)]
+struct MsixFields {
+    vectors: usize,
+    table: (usize, u32),
+    pba: (usize, u32),
+}
+
+/// Reads the MSI-X capability at `offset` of `config`; `None` if its 12 bytes run past the
+/// configuration space (the capability pointer can name any dword up to 0xfc).
+fn msix_fields(config: &[u8; 256], offset: usize) -> Option<MsixFields> {
+    let cap = config.get(offset..offset.checked_add(MSIX_CAP_LEN)?)?;
+    let u32_at = |o: usize| u32::from_le_bytes([cap[o], cap[o + 1], cap[o + 2], cap[o + 3]]);
+    let control = u16::from_le_bytes([cap[2], cap[3]]);
+    let (table, pba) = (u32_at(4), u32_at(8));
+    Some(MsixFields {
+        vectors: usize::from(control & 0x7ff) + 1,
+        table: ((table & 7) as usize, table & !7),
+        pba: ((pba & 7) as usize, pba & !7),
+    })
+}
+
 /// A host PCI function passed through to the guest.
 pub struct VfioPciDevice {
     name: String,
@@ -179,19 +201,14 @@ impl VfioPciDevice {
         let view = capability_view(&raw, &[MSI_CAPABILITY_ID]);
         let (msix, interrupt) = match view.msix {
             Some(offset) => {
-                let control = u16_at(offset + 2);
-                let vectors = usize::from(control & 0x7ff) + 1;
-                let table = u32_at(offset + 4);
-                let pba = u32_at(offset + 8);
+                let fields = msix_fields(&raw, offset).ok_or_else(|| {
+                    format!("{name}: MSI-X capability at {offset:#x} runs past configuration space")
+                })?;
+                let vectors = fields.vectors;
                 let interrupt = interrupts(vectors)
                     .map_err(|err| format!("{name}: {vectors} MSI-X vectors: {err}"))?;
-                let msix = Msix::new(
-                    &mut config,
-                    interrupt.clone(),
-                    ((table & 7) as usize, table & !7),
-                    ((pba & 7) as usize, pba & !7),
-                )
-                .map_err(|err| format!("{name}: MSI-X: {err}"))?;
+                let msix = Msix::new(&mut config, interrupt.clone(), fields.table, fields.pba)
+                    .map_err(|err| format!("{name}: MSI-X: {err}"))?;
                 let cap = MsixCap {
                     msix,
                     device_offset: offset,
@@ -489,6 +506,28 @@ mod tests {
         let view = capability_view(&raw, &[]);
         assert_eq!(view.msix, None);
         assert!(view.overrides.len() <= 49);
+    }
+
+    #[test]
+    fn msix_fields_are_read_and_a_capability_past_the_end_is_refused() {
+        let mut raw = config_with_caps(&[(0x70, MSIX_CAPABILITY_ID, 0)], 0x70);
+        raw[0x72..0x74].copy_from_slice(&0x8003u16.to_le_bytes());
+        raw[0x74..0x78].copy_from_slice(&0x2000_u32.to_le_bytes());
+        raw[0x78..0x7c].copy_from_slice(&0x3004_u32.to_le_bytes());
+        assert_eq!(
+            msix_fields(&raw, 0x70),
+            Some(MsixFields {
+                vectors: 4,
+                table: (0, 0x2000),
+                pba: (4, 0x3000),
+            })
+        );
+        // The capability pointer can name any dword up to 0xfc; the 12 bytes of MSI-X must fit.
+        let raw = config_with_caps(&[(0xf8, MSIX_CAPABILITY_ID, 0)], 0xf8);
+        assert_eq!(capability_view(&raw, &[]).msix, Some(0xf8));
+        assert_eq!(msix_fields(&raw, 0xf8), None);
+        assert!(msix_fields(&raw, 0xf4).is_some());
+        assert_eq!(msix_fields(&raw, 0xfc), None);
     }
 
     #[test]
