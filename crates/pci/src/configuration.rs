@@ -4,7 +4,8 @@
 //! read-only field, BAR sizing and capability body follows from one rule: a write only changes
 //! the bits its mask allows.
 
-use log::{debug, warn};
+use log::debug;
+use vm_device::warn_limited;
 
 use crate::PciError;
 
@@ -352,7 +353,7 @@ impl PciConfiguration {
         if programmed == mapped {
             return None;
         }
-        warn!("guest moved BAR {index} from {mapped:#x} to {programmed:#x}");
+        warn_limited!("guest moved BAR {index} from {mapped:#x} to {programmed:#x}");
         self.bars[index] = BarSlot::Bar {
             spec,
             mapped: programmed,

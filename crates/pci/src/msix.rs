@@ -9,7 +9,8 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use log::{debug, error};
+use log::debug;
+use vm_device::error_limited;
 use vm_device::{lock, InterruptGroup, MsiMessage};
 
 use crate::{PciConfiguration, PciError};
@@ -133,7 +134,7 @@ impl MsixState {
         let state = (self.message(index), self.is_masked(index));
         if self.pushed[index] != state {
             if let Err(err) = self.interrupt.update(index, state.0, state.1) {
-                error!("cannot update MSI-X vector {index}: {err}");
+                error_limited!("cannot update MSI-X vector {index}: {err}");
             }
             self.pushed[index] = state;
         }
@@ -141,7 +142,7 @@ impl MsixState {
         if !state.1 && self.pba[index / 64] & bit != 0 {
             self.pba[index / 64] &= !bit;
             if let Err(err) = self.interrupt.trigger(index) {
-                error!("cannot deliver pending MSI-X vector {index}: {err}");
+                error_limited!("cannot deliver pending MSI-X vector {index}: {err}");
             }
         }
     }

@@ -24,13 +24,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, warn};
 use pci::{
     BarKind, BarMove, BarSpec, Msix, PciConfiguration, PciDevice, PciHeader, MSIX_CAPABILITY_ID,
     NUM_BARS,
 };
 use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP};
 use vfio_ioctls::VfioDevice;
+use vm_device::error_limited;
 use vm_device::InterruptGroup;
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
@@ -333,7 +334,7 @@ impl VfioPciDevice {
         };
         match result {
             Ok(()) => self.msix_wired = enabled,
-            Err(err) => error!("{}: MSI-X enable={enabled}: {err}", self.name),
+            Err(err) => error_limited!("{}: MSI-X enable={enabled}: {err}", self.name),
         }
     }
 

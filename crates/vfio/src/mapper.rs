@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::{debug, error};
 use virtio_iommu::{ExternalMapper, MapPerms, MapperError};
+use vm_device::error_limited;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -173,7 +174,7 @@ impl VfioMapper {
                 Err(MapperError::NoResources)
             }
             Err(err) if err.raw_os_error() == Some(libc::ENOMEM) => {
-                error!(
+                error_limited!(
                     "{}: VFIO could not pin {size:#x} bytes for IOVA {iova:#x}: {err} (raise the locked-memory limit: ulimit -l)",
                     self.name
                 );

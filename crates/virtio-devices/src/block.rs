@@ -21,6 +21,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, QueueT};
+use vm_device::warn_limited;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
@@ -189,7 +190,7 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
     ) -> Result<(), ActivateError> {
         let activated = take_queue(&mut queues, 0)?;
         if !activated.queue.is_valid(&self.mem) {
-            warn!("virtio-blk: queue 0 is not accessible; requests will fail");
+            warn_limited!("virtio-blk: queue 0 is not accessible; requests will fail");
         }
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = BlockWorker {
@@ -288,7 +289,7 @@ impl Disk {
         // The status byte is the last byte of the last descriptor, which must be writable, and
         // reachable before any data moves: a request that cannot be answered is not carried out.
         let Some(status_desc) = chain.last().filter(|b| b.writable && b.len > 0) else {
-            warn!("virtio-blk: request {head} has no writable status byte; dropping it");
+            warn_limited!("virtio-blk: request {head} has no writable status byte; dropping it");
             return 0;
         };
         let status_offset = u64::from(status_desc.len) - 1;
@@ -301,14 +302,14 @@ impl Disk {
         )
         .map(|slices| slices.into_iter().next());
         let Ok(Some(status_slice)) = status_slice else {
-            warn!("virtio-blk: request {head}: status byte not accessible; dropping it");
+            warn_limited!("virtio-blk: request {head}: status byte not accessible; dropping it");
             return 0;
         };
 
         let (status, data_written) = match self.execute(mem, &chain, write_through) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(err) => {
-                warn!("virtio-blk: request {head} failed: {err}");
+                warn_limited!("virtio-blk: request {head} failed: {err}");
                 (err.status(), 0)
             }
         };

@@ -15,6 +15,7 @@ use log::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, QueueT};
+use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions};
 
 use crate::buffers::{self, Buffer};
@@ -105,7 +106,7 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         for activated in [&rx, &tx] {
             if !activated.queue.is_valid(&self.mem) {
-                warn!(
+                warn_limited!(
                     "virtio-console: queue {} is not accessible; it will not work",
                     activated.index
                 );
@@ -232,7 +233,7 @@ impl<M: DeviceMemory> ConsoleWorker<M> {
             Some(0)
         });
         if let Err(err) = output.flush() {
-            warn!("virtio-console: cannot flush output: {err}");
+            warn_limited!("virtio-console: cannot flush output: {err}");
         }
     }
 }
@@ -276,7 +277,7 @@ fn fill_rx_chain<M: GuestMemory>(
     let len = pending.len().min(capacity);
     let data = &pending.make_contiguous()[..len];
     if let Err(err) = buffers::write_from(mem, &writable, 0, data) {
-        warn!("virtio-console: receive buffer {head}: {err}");
+        warn_limited!("virtio-console: receive buffer {head}: {err}");
         return 0;
     }
     pending.drain(..len);
@@ -296,7 +297,7 @@ fn write_tx_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, output: &
     let slices = match buffers::slices(mem, &readable, 0, len, Permissions::Read) {
         Ok(slices) => slices,
         Err(err) => {
-            warn!("virtio-console: transmit buffer {head}: {err}");
+            warn_limited!("virtio-console: transmit buffer {head}: {err}");
             return;
         }
     };
@@ -307,13 +308,13 @@ fn write_tx_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, output: &
             let part = match slice.subslice(offset, (slice.len() - offset).min(chunk.len())) {
                 Ok(part) => part,
                 Err(err) => {
-                    warn!("virtio-console: transmit buffer {head}: {err}");
+                    warn_limited!("virtio-console: transmit buffer {head}: {err}");
                     return;
                 }
             };
             let copied = part.copy_to(&mut chunk[..]);
             if let Err(err) = output.write_all(&chunk[..copied]) {
-                warn!("virtio-console: cannot write output: {err}");
+                warn_limited!("virtio-console: cannot write output: {err}");
                 return;
             }
             offset += copied;

@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_IOMMU;
 use virtio_iommu::VirtioIommu;
 use virtio_queue::{Queue, QueueT};
+use vm_device::{error_limited, warn_limited};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::worker::{Poller, Worker, WorkerHandler};
@@ -143,7 +143,7 @@ impl<M: DeviceMemory> RequestQueue<M> {
         }
         if queue.next_avail() == next {
             self.broken.store(true, Ordering::Relaxed);
-            error!(
+            error_limited!(
                 "virtio-iommu: request queue broken (available index {avail}, next {next}, \
                  size {}): not served until reset",
                 queue.size()
@@ -186,7 +186,7 @@ impl<M: DeviceMemory> RequestQueue<M> {
                     }
                     Ok(false) => return,
                     Err(err) => {
-                        warn!("virtio-iommu: request queue: {err}");
+                        warn_limited!("virtio-iommu: request queue: {err}");
                         return;
                     }
                 }
@@ -255,11 +255,11 @@ fn serve_queue<M: DeviceMemory>(
     match result {
         Ok(true) => {
             if let Err(err) = interrupt.notify_queue(index) {
-                error!("virtio-iommu: cannot interrupt the driver: {err}");
+                error_limited!("virtio-iommu: cannot interrupt the driver: {err}");
             }
         }
         Ok(false) => {}
-        Err(err) => warn!("virtio-iommu: queue {index}: {err}"),
+        Err(err) => warn_limited!("virtio-iommu: queue {index}: {err}"),
     }
 }
 
@@ -351,7 +351,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
         if let (Some(poller), Some(idle)) = (&self.poller, idle) {
             requests.adapt_window(idle, self.poll.max_window.as_nanos() as u64);
             if let Err(err) = queue.disable_notification(&requests.mem) {
-                warn!("virtio-iommu: request queue: {err}");
+                warn_limited!("virtio-iommu: request queue: {err}");
             }
             poller.wake();
         }

@@ -9,10 +9,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, QueueT};
+use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions, ReadVolatile, VolatileMemoryError};
 
 use crate::buffers::{self, Buffer};
@@ -101,7 +102,7 @@ impl<M: DeviceMemory> VirtioDevice for Rng<M> {
     ) -> Result<(), ActivateError> {
         let activated = take_queue(&mut queues, 0)?;
         if !activated.queue.is_valid(&self.mem) {
-            warn!("virtio-rng: queue 0 is not accessible; requests will fail");
+            warn_limited!("virtio-rng: queue 0 is not accessible; requests will fail");
         }
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let handler = RngWorker {
@@ -145,7 +146,7 @@ fn fill_chain<M: GuestMemory>(source: &File, mem: &M, chain: DescriptorChain<&M>
     let slices = match buffers::slices(mem, &writable, 0, len, Permissions::Write) {
         Ok(slices) => slices,
         Err(err) => {
-            warn!("virtio-rng: request {head}: {err}");
+            warn_limited!("virtio-rng: request {head}: {err}");
             return 0;
         }
     };
@@ -158,20 +159,20 @@ fn fill_chain<M: GuestMemory>(source: &File, mem: &M, chain: DescriptorChain<&M>
             let mut rest = match slice.offset(filled) {
                 Ok(rest) => rest,
                 Err(err) => {
-                    warn!("virtio-rng: request {head}: {err}");
+                    warn_limited!("virtio-rng: request {head}: {err}");
                     return delivered as u32;
                 }
             };
             match source.read_volatile(&mut rest) {
                 Ok(0) => {
-                    warn!("virtio-rng: entropy source is exhausted");
+                    warn_limited!("virtio-rng: entropy source is exhausted");
                     return (delivered + filled) as u32;
                 }
                 Ok(read) => filled += read,
                 Err(VolatileMemoryError::IOError(err))
                     if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    warn!("virtio-rng: cannot read the entropy source: {err}");
+                    warn_limited!("virtio-rng: cannot read the entropy source: {err}");
                     return (delivered + filled) as u32;
                 }
             }

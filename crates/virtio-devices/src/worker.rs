@@ -13,6 +13,7 @@ use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_device::{error_limited, warn_limited};
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -263,7 +264,7 @@ impl DeviceQueue {
         let mut idle_rounds = 0;
         'rounds: loop {
             if let Err(err) = self.queue.disable_notification(mem) {
-                warn!("queue {}: cannot disable notifications: {err}", self.index);
+                warn_limited!("queue {}: cannot disable notifications: {err}", self.index);
             }
             let mut progressed = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
@@ -273,7 +274,7 @@ impl DeviceQueue {
                     break 'rounds;
                 };
                 if let Err(err) = self.queue.add_used(mem, head, len) {
-                    error!(
+                    error_limited!(
                         "queue {}: cannot return descriptor {head}: {err}",
                         self.index
                     );
@@ -289,12 +290,12 @@ impl DeviceQueue {
                     // rounds in a row without a chain mean the avail index itself is bogus.
                     idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
                     if idle_rounds > 1 {
-                        error!("queue {}: available ring index is invalid", self.index);
+                        error_limited!("queue {}: available ring index is invalid", self.index);
                         break;
                     }
                 }
                 Err(err) => {
-                    error!("queue {}: cannot enable notifications: {err}", self.index);
+                    error_limited!("queue {}: cannot enable notifications: {err}", self.index);
                     break;
                 }
             }
@@ -316,7 +317,7 @@ impl DeviceQueue {
         match self.queue.add_used(mem, head, len) {
             Ok(()) => true,
             Err(err) => {
-                error!(
+                error_limited!(
                     "queue {}: cannot return descriptor {head}: {err}",
                     self.index
                 );
@@ -330,7 +331,7 @@ impl DeviceQueue {
     /// in which case no notification will come for them.
     pub(crate) fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> bool {
         self.queue.enable_notification(mem).unwrap_or_else(|err| {
-            error!("queue {}: cannot enable notifications: {err}", self.index);
+            error_limited!("queue {}: cannot enable notifications: {err}", self.index);
             false
         })
     }
@@ -339,12 +340,12 @@ impl DeviceQueue {
     pub(crate) fn signal_used<M: GuestMemory>(&mut self, mem: &M) {
         let needed = self.queue.needs_notification(mem).unwrap_or_else(|err| {
             // A spurious interrupt is harmless; a lost one hangs the driver.
-            warn!("queue {}: cannot read used_event: {err}", self.index);
+            warn_limited!("queue {}: cannot read used_event: {err}", self.index);
             true
         });
         if needed {
             if let Err(err) = self.interrupt.notify_queue(self.index) {
-                error!("queue {}: cannot interrupt the driver: {err}", self.index);
+                error_limited!("queue {}: cannot interrupt the driver: {err}", self.index);
             }
         }
     }

@@ -36,8 +36,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use log::{debug, error, warn};
+use log::{debug, error};
 use thiserror::Error;
+use vm_device::{error_limited, warn_limited};
 use vm_memory::Permissions;
 
 use crate::iotlb::EndpointIotlb;
@@ -585,14 +586,14 @@ fn prefill(shared: &EndpointShared, m: &Mapping) {
 fn mappers_map(mappers: &[(Arc<dyn ExternalMapper>, usize)], m: &Mapping) -> Result<(), Status> {
     for (i, (mapper, _)) in mappers.iter().enumerate() {
         if let Err(e) = mapper.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
-            warn!(
+            warn_limited!(
                 "external mapper MAP {:#x}+{:#x} failed: {e}",
                 m.start,
                 m.size()
             );
             for (done, _) in &mappers[..i] {
                 if let Err(e) = done.unmap(m.start, m.size()) {
-                    error!("rollback unmap {:#x} failed: {e}", m.start);
+                    error_limited!("rollback unmap {:#x} failed: {e}", m.start);
                 }
             }
             return Err(mapper_status(&e));
@@ -606,7 +607,7 @@ fn replay(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Statu
     let mut done: Vec<Mapping> = Vec::new();
     for m in table.iter() {
         if let Err(e) = mapper.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
-            warn!("external mapper replay of {:#x} failed: {e}", m.start);
+            warn_limited!("external mapper replay of {:#x} failed: {e}", m.start);
             unreplay(&done, mapper);
             return Err(mapper_status(&e));
         }
@@ -619,7 +620,7 @@ fn replay(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Statu
 fn unreplay(mappings: &[Mapping], mapper: &dyn ExternalMapper) {
     for m in mappings {
         if let Err(e) = mapper.unmap(m.start, m.size()) {
-            error!("rollback unmap {:#x} failed: {e}", m.start);
+            error_limited!("rollback unmap {:#x} failed: {e}", m.start);
         }
     }
 }
@@ -629,10 +630,10 @@ fn withdraw(table: &MappingTable, mapper: &dyn ExternalMapper) -> Result<(), Sta
     let mut done: Vec<Mapping> = Vec::new();
     for m in table.iter() {
         if let Err(e) = mapper.unmap(m.start, m.size()) {
-            warn!("external mapper unmap of {:#x} failed: {e}", m.start);
+            warn_limited!("external mapper unmap of {:#x} failed: {e}", m.start);
             for d in &done {
                 if let Err(e) = mapper.map(d.start, d.phys, d.size(), map_perms(d.perms)) {
-                    error!("rollback map {:#x} failed: {e}", d.start);
+                    error_limited!("rollback map {:#x} failed: {e}", d.start);
                 }
             }
             return Err(mapper_status(&e));
@@ -653,7 +654,7 @@ fn apply(m: &dyn ExternalMapper, step: &Step) -> Result<(), Status> {
     match step {
         Step::Withdraw(t) => withdraw(t, m),
         Step::Identity(on) => m.set_identity(*on).map_err(|e| {
-            warn!("external mapper identity={on} failed: {e}");
+            warn_limited!("external mapper identity={on} failed: {e}");
             mapper_status(&e)
         }),
         Step::Replay(t) => replay(t, m),
@@ -667,7 +668,7 @@ fn revert(m: &dyn ExternalMapper, step: &Step) {
         Step::Replay(t) => withdraw(t, m),
     };
     if undone.is_err() {
-        error!("external mapper rollback failed; its mappings no longer match the domain");
+        error_limited!("external mapper rollback failed; its mappings no longer match the domain");
     }
 }
 
@@ -913,12 +914,12 @@ impl VirtioIommu {
             .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| data.get(i))
         else {
-            warn!("ignoring write to read-only iommu config at {offset:#x}");
+            warn_limited!("ignoring write to read-only iommu config at {offset:#x}");
             return;
         };
         let mut st = write_lock(&self.state);
         if !Self::acked(&st, VIRTIO_IOMMU_F_BYPASS_CONFIG) {
-            warn!("ignoring bypass write: BYPASS_CONFIG not negotiated");
+            warn_limited!("ignoring bypass write: BYPASS_CONFIG not negotiated");
             return;
         }
         self.set_global_bypass(&mut st, value & 1 != 0);
@@ -943,7 +944,7 @@ impl VirtioIommu {
             if let Some(m) = ep.mapper.as_ref().filter(|_| ep.identity != bypass) {
                 match m.set_identity(bypass) {
                     Ok(()) => ep.identity = bypass,
-                    Err(e) => error!("endpoint {id:#x}: identity={bypass} failed: {e}"),
+                    Err(e) => error_limited!("endpoint {id:#x}: identity={bypass} failed: {e}"),
                 }
             }
         }
@@ -966,7 +967,7 @@ impl VirtioIommu {
         for (id, d) in attached {
             if self.detach(&mut st, id, d) != Status::Ok {
                 // A mapper that refuses to let go cannot hold the guest's state hostage.
-                error!("reset: forcing detach of endpoint {id:#x}");
+                error_limited!("reset: forcing detach of endpoint {id:#x}");
                 self.unlink(&mut st, id, d);
                 self.publish(&st, id);
             }
@@ -1321,12 +1322,12 @@ impl VirtioIommu {
         for (i, (mapper, _)) in d.mappers.iter().enumerate() {
             for (j, m) in plan.iter().enumerate() {
                 if let Err(e) = mapper.unmap(m.start, m.size()) {
-                    warn!("external mapper UNMAP {:#x} failed: {e}", m.start);
+                    warn_limited!("external mapper UNMAP {:#x} failed: {e}", m.start);
                     // Re-map what this request already removed, newest first.
                     let undo = |mp: &Arc<dyn ExternalMapper>, ms: &[Mapping]| {
                         for m in ms.iter().rev() {
                             if let Err(e) = mp.map(m.start, m.phys, m.size(), map_perms(m.perms)) {
-                                error!("rollback map {:#x} failed: {e}", m.start);
+                                error_limited!("rollback map {:#x} failed: {e}", m.start);
                             }
                         }
                     };

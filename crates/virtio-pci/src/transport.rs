@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::debug;
 use pci::{BarKind, BarMove, BarSpec, EventAddress, Msix, PciConfiguration, PciDevice, PciHeader};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -15,6 +15,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_devices::{ActivatedQueue, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_device::InterruptGroup;
+use vm_device::{error_limited, warn_limited};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -330,7 +331,7 @@ impl VirtioPciDevice {
     /// which is how the driver learns the mapping failed.
     fn checked_vector(&self, vector: u16) -> u16 {
         if vector != VIRTIO_MSI_NO_VECTOR && usize::from(vector) >= self.msix_vectors {
-            warn!("driver chose MSI-X vector {vector} beyond the table");
+            warn_limited!("driver chose MSI-X vector {vector} beyond the table");
             return VIRTIO_MSI_NO_VECTOR;
         }
         vector
@@ -445,7 +446,7 @@ impl VirtioPciDevice {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & STATUS_FEATURES_OK != 0 {
-            warn!("driver changed features after FEATURES_OK; ignored");
+            warn_limited!("driver changed features after FEATURES_OK; ignored");
             return;
         }
         let shift = match self.driver_feature_select {
@@ -468,7 +469,7 @@ impl VirtioPciDevice {
             return;
         };
         if queue.enabled {
-            warn!("driver reconfigured enabled queue {select}; ignored");
+            warn_limited!("driver reconfigured enabled queue {select}; ignored");
             return;
         }
         match (offset, len) {
@@ -477,7 +478,7 @@ impl VirtioPciDevice {
                 if size.is_power_of_two() && size <= queue.max_size {
                     queue.size = size;
                 } else {
-                    warn!(
+                    warn_limited!(
                         "queue {select}: invalid size {size} (max {})",
                         queue.max_size
                     );
@@ -516,7 +517,9 @@ impl VirtioPciDevice {
         // NEEDS_RESET belongs to the device: keep ours whatever the driver wrote back.
         let mut new = (value & !STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET);
         if new & old != old {
-            warn!("driver tried to clear device status bits ({old:#x} -> {value:#x}); ignored");
+            warn_limited!(
+                "driver tried to clear device status bits ({old:#x} -> {value:#x}); ignored"
+            );
             return;
         }
         let newly_set = new & !old;
@@ -524,7 +527,7 @@ impl VirtioPciDevice {
             let accepted = self.driver_features;
             let not_offered = accepted & !self.offered_features;
             if not_offered != 0 || accepted & (1 << VIRTIO_F_VERSION_1) == 0 {
-                warn!(
+                warn_limited!(
                     "refusing features {accepted:#x}: not offered {not_offered:#x}, \
                      VERSION_1 required"
                 );
@@ -534,7 +537,7 @@ impl VirtioPciDevice {
             }
         }
         if newly_set & STATUS_DRIVER_OK != 0 && new & STATUS_FEATURES_OK == 0 {
-            warn!("DRIVER_OK without FEATURES_OK; ignored");
+            warn_limited!("DRIVER_OK without FEATURES_OK; ignored");
             new &= !STATUS_DRIVER_OK;
         }
         self.status = new;
@@ -571,13 +574,13 @@ impl VirtioPciDevice {
 
     /// Tells the driver the device is unusable until it resets it.
     fn activation_failed(&mut self, why: &str) {
-        error!(
+        error_limited!(
             "virtio device type {} failed to activate: {why}",
             self.device.device_type()
         );
         self.status |= STATUS_NEEDS_RESET;
         if let Err(err) = virtio_devices::VirtioInterrupt::notify_config(&*self.interrupt) {
-            error!("cannot signal NEEDS_RESET: {err}");
+            error_limited!("cannot signal NEEDS_RESET: {err}");
         }
     }
 
@@ -618,7 +621,7 @@ impl VirtioPciDevice {
         match self.notifiers.get(index as usize) {
             Some(notifier) => {
                 if let Err(err) = notifier.write(1) {
-                    error!("cannot signal queue {index}: {err}");
+                    error_limited!("cannot signal queue {index}: {err}");
                 }
             }
             None => debug!("notify for absent queue {index}"),

@@ -18,9 +18,10 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use net_util::VNET_HDR_LEN;
 use virtio_queue::DescriptorChain;
+use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions};
 
 use super::{NetBackend, RX_QUEUE};
@@ -143,7 +144,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
                     io::ErrorKind::Interrupted => continue,
                     io::ErrorKind::WouldBlock => {}
                     _ => {
-                        warn!("virtio-net: cannot read from the tap: {err}");
+                        warn_limited!("virtio-net: cannot read from the tap: {err}");
                         self.tap_failed = true;
                     }
                 }
@@ -153,7 +154,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             if (MIN_PACKET_LEN..=MAX_PACKET_LEN).contains(&len) {
                 return Some(len);
             }
-            warn!("virtio-net: dropping a {len}-byte frame from the tap");
+            warn_limited!("virtio-net: dropping a {len}-byte frame from the tap");
         }
     }
 
@@ -178,7 +179,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             let head = chain.head_index();
             let buffers = buffers::collect(chain);
             if buffers.iter().any(|b| !b.writable) {
-                warn!("virtio-net: receive chain {head} has device-readable buffers; dropping a frame");
+                warn_limited!("virtio-net: receive chain {head} has device-readable buffers; dropping a frame");
                 self.reserved.push(RxChain {
                     head,
                     buffers: Vec::new(),
@@ -196,7 +197,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
 
         let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
         if capacity < len64 {
-            warn!(
+            warn_limited!(
                 "virtio-net: a {len}-byte frame does not fit the {capacity}-byte receive chain {}; dropping it",
                 self.reserved[0].head
             );
@@ -213,7 +214,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             let count = chain.capacity.min((len - offset) as u64) as usize;
             let data = &self.frame[offset..offset + count];
             if let Err(err) = buffers::write_from(&self.mem, &chain.buffers, 0, data) {
-                warn!(
+                warn_limited!(
                     "virtio-net: receive chain {}: {err}; dropping a frame",
                     chain.head
                 );
@@ -254,7 +255,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         };
         match result {
             Ok(()) => self.tap_watched = want,
-            Err(err) => warn!("virtio-net: cannot (un)watch the tap: {err}"),
+            Err(err) => warn_limited!("virtio-net: cannot (un)watch the tap: {err}"),
         }
     }
 
@@ -291,23 +292,25 @@ fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
     let head = chain.head_index();
     let buffers = buffers::collect(chain);
     if buffers.iter().any(|b| b.writable) {
-        warn!("virtio-net: transmit chain {head} has device-writable buffers; dropping it");
+        warn_limited!("virtio-net: transmit chain {head} has device-writable buffers; dropping it");
         return;
     }
     let len = buffers::total_len(&buffers);
     if !(MIN_PACKET_LEN as u64..=MAX_PACKET_LEN as u64).contains(&len) {
-        warn!("virtio-net: transmit chain {head} holds {len} bytes, not a frame; dropping it");
+        warn_limited!(
+            "virtio-net: transmit chain {head} holds {len} bytes, not a frame; dropping it"
+        );
         return;
     }
     let slices = match buffers::slices(mem, &buffers, 0, len, Permissions::Read) {
         Ok(slices) => slices,
         Err(err) => {
-            warn!("virtio-net: transmit chain {head}: {err}; dropping it");
+            warn_limited!("virtio-net: transmit chain {head}: {err}; dropping it");
             return;
         }
     };
     if slices.len() > MAX_IOVECS {
-        warn!(
+        warn_limited!(
             "virtio-net: transmit chain {head} has {} segments; dropping it",
             slices.len()
         );
@@ -335,7 +338,7 @@ fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
             Some(libc::EINTR) => continue,
             // The kernel rejected the header the driver wrote.
             Some(libc::EINVAL) => {
-                warn!("virtio-net: transmit chain {head}: the tap refused the frame: {err}")
+                warn_limited!("virtio-net: transmit chain {head}: the tap refused the frame: {err}")
             }
             // The tap is down or its queue full: a host condition, not the guest's fault.
             _ => debug!("virtio-net: transmit chain {head}: {err}; dropped"),

@@ -27,6 +27,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
+use vm_device::warn_limited;
 
 use crate::worker::{DeviceQueue, DeviceWorker};
 use crate::{
@@ -171,7 +172,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         for activated in [&rx, &tx] {
             if !activated.queue.is_valid(&self.mem) {
-                warn!(
+                warn_limited!(
                     "virtio-net: queue {} is not accessible; it will not work",
                     activated.index
                 );
