@@ -4,8 +4,10 @@
 //! [`warn_limited!`](crate::warn_limited) and [`error_limited!`](crate::error_limited) are
 //! `warn!` and `error!` with a budget per call site of [`BURST`] messages per [`INTERVAL`] (the
 //! kernel's `printk_ratelimit` default); the first message logged after a suppression says how
-//! many were dropped.
+//! many were dropped. [`Limited`] gives the same budget to the warnings and errors of crates
+//! whose call sites warden does not own (virtio-queue's `error!`s on a bad ring).
 
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,70 @@ impl RateLimit {
 impl Default for RateLimit {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A logger that passes warnings and errors from `targets` (crate names, as in `RUST_LOG`)
+/// through a budget per call site, and everything else straight to `inner`.
+pub struct Limited<L> {
+    inner: L,
+    targets: &'static [&'static str],
+    sites: Mutex<HashMap<(String, u32), RateLimit>>,
+}
+
+impl<L: log::Log> Limited<L> {
+    pub fn new(inner: L, targets: &'static [&'static str]) -> Self {
+        Limited {
+            inner,
+            targets,
+            sites: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn limited(&self, record: &log::Record) -> bool {
+        record.level() <= log::Level::Warn
+            && self
+                .targets
+                .iter()
+                .any(|t| record.target() == *t || record.target().starts_with(&format!("{t}::")))
+    }
+}
+
+impl<L: log::Log> log::Log for Limited<L> {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.inner.enabled(record.metadata()) || !self.limited(record) {
+            return self.inner.log(record);
+        }
+        // Call sites are the other crate's, so a finite set of keys.
+        let site = (
+            record.file().unwrap_or("").to_owned(),
+            record.line().unwrap_or(0),
+        );
+        let mut sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
+        match sites.entry(site).or_default().check(Instant::now()) {
+            Some(0) => self.inner.log(record),
+            Some(suppressed) => self.inner.log(
+                &log::Record::builder()
+                    .args(format_args!(
+                        "{} ({suppressed} similar messages suppressed)",
+                        record.args()
+                    ))
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+            None => {}
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
     }
 }
 
@@ -145,7 +211,7 @@ mod tests {
 
     #[test]
     fn each_call_site_has_its_own_budget() {
-        log::set_logger(&CAPTURE).unwrap();
+        let _ = log::set_logger(&CAPTURE);
         log::set_max_level(log::LevelFilter::Warn);
         for i in 0..3 * BURST {
             crate::warn_limited!("first site {i}");
@@ -155,6 +221,35 @@ mod tests {
         let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
         assert_eq!(count("WARN first site"), BURST as usize);
         assert_eq!(count("ERROR second site"), BURST as usize);
-        assert_eq!(lines.len(), 2 * BURST as usize);
+    }
+
+    #[test]
+    fn limited_logger_budgets_only_the_named_crates() {
+        let inner = Capture(Mutex::new(Vec::new()));
+        let logger = Limited::new(inner, &["virtio_queue"]);
+        let emit = |target: &str, level, line| {
+            log::Log::log(
+                &logger,
+                &log::Record::builder()
+                    .target(target)
+                    .level(level)
+                    .file(Some("queue.rs"))
+                    .line(Some(line))
+                    .args(format_args!("{target} {line}"))
+                    .build(),
+            )
+        };
+        for _ in 0..3 * BURST {
+            emit("virtio_queue::queue", log::Level::Error, 1);
+            emit("virtio_queue", log::Level::Error, 2);
+            emit("virtio_queue", log::Level::Debug, 3);
+            emit("virtio_queue_x", log::Level::Error, 4);
+        }
+        let lines = logger.inner.0.lock().unwrap().clone();
+        let count = |line: &str| lines.iter().filter(|l| l.ends_with(line)).count();
+        assert_eq!(count(" 1"), BURST as usize, "per call site");
+        assert_eq!(count(" 2"), BURST as usize, "per call site");
+        assert_eq!(count(" 3"), 3 * BURST as usize, "debug is not budgeted");
+        assert_eq!(count(" 4"), 3 * BURST as usize, "another crate");
     }
 }
