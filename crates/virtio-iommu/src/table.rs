@@ -33,6 +33,10 @@ pub const PERM_WRITE: u8 = 2;
 
 /// Smallest supported granule shift: leaf entries keep four tag bits below the address.
 pub const MIN_GRANULE_SHIFT: u32 = 4;
+/// Most radix nodes a table holds (4 KiB each: 256 MiB). Mappings placed densely, as drivers
+/// allocate IOVAs, need far fewer: 1 M 4 KiB mappings at every other page take about 4100;
+/// mappings scattered one per 2 MiB take a leaf node each and hit this after 65536.
+pub const MAX_TABLE_NODES: usize = 1 << 16;
 
 /// One mapping as created by a single MAP request. `end` is inclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,8 +294,8 @@ impl Drop for Radix {
 }
 
 impl Radix {
-    fn new(shift: u32) -> Self {
-        let mut arena = NodeArena::default();
+    fn new(shift: u32, max_nodes: usize) -> Self {
+        let mut arena = NodeArena::new(max_nodes);
         let Ok(top) = arena.alloc() else {
             // What `Box::new` does when the allocator fails, as the arena's first nodes come
             // from the same allocator.
@@ -593,12 +597,19 @@ pub struct MappingTable {
 }
 
 impl MappingTable {
-    /// A table whose mappings are aligned on `1 << granule_shift` bytes.
-    /// `granule_shift` must be at least [`MIN_GRANULE_SHIFT`] (the device config enforces it).
+    /// A table whose mappings are aligned on `1 << granule_shift` bytes, with at most
+    /// [`MAX_TABLE_NODES`] radix nodes. `granule_shift` must be at least [`MIN_GRANULE_SHIFT`]
+    /// (the device config enforces it).
     pub fn new(granule_shift: u32) -> Self {
+        Self::with_node_limit(granule_shift, MAX_TABLE_NODES)
+    }
+
+    /// [`Self::new`] with at most `max_nodes` radix nodes: an insert needing more fails with
+    /// [`InsertError::OutOfMemory`] (MAP answers NOMEM).
+    pub fn with_node_limit(granule_shift: u32, max_nodes: usize) -> Self {
         MappingTable {
             ranges: HashMap::default(),
-            radix: Radix::new(granule_shift.max(MIN_GRANULE_SHIFT)),
+            radix: Radix::new(granule_shift.max(MIN_GRANULE_SHIFT), max_nodes),
         }
     }
 

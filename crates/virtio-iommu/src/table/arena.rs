@@ -11,7 +11,10 @@
 //! huge page each would cost 2 MiB of RAM per domain for nothing.
 //!
 //! Nodes are page-sized and page-aligned, zeroed when handed out, and freed only when the
-//! arena is dropped (emptied ones go to a free list): lock-free readers rely on that.
+//! arena is dropped (emptied ones go to a free list): lock-free readers rely on that. An arena
+//! hands out at most its limit of nodes: the guest decides where its mappings go, and one
+//! 4 KiB mapping per 2 MiB costs a leaf node each, so without a limit a domain's 2 M mappings
+//! could take 8 GiB of host memory.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -34,12 +37,14 @@ thread_local! {
     static REFUSE_CHUNKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The host refused memory for new nodes.
+/// The host refused memory for new nodes, or the arena reached its limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutOfMemory;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct NodeArena {
+    /// Most nodes ever taken from the allocator or the kernel.
+    limit: usize,
     /// Nodes allocated one by one (the first [`SMALL_TABLE_NODES`]).
     singles: Vec<NonNull<Node>>,
     /// Chunks of [`CHUNK_NODES`] nodes; only the last one may have nodes never handed out.
@@ -57,6 +62,17 @@ unsafe impl Send for NodeArena {}
 unsafe impl Sync for NodeArena {}
 
 impl NodeArena {
+    /// An empty arena that hands out at most `limit` nodes (at least one).
+    pub(super) fn new(limit: usize) -> Self {
+        NodeArena {
+            limit: limit.max(1),
+            singles: Vec::new(),
+            chunks: Vec::new(),
+            chunk_used: 0,
+            free: Vec::new(),
+        }
+    }
+
     /// Make sure `n` nodes can be handed out without asking the host for memory.
     pub(super) fn reserve(&mut self, n: usize) -> Result<(), OutOfMemory> {
         while self.free.len() < n {
@@ -95,6 +111,9 @@ impl NodeArena {
 
     /// Memory never handed out before (zero from the allocator or the kernel).
     fn fresh(&mut self) -> Result<NonNull<Node>, OutOfMemory> {
+        if self.allocated() >= self.limit {
+            return Err(OutOfMemory);
+        }
         if self.singles.len() < SMALL_TABLE_NODES {
             // SAFETY: the layout has a non-zero size.
             let p = unsafe { std::alloc::alloc_zeroed(node_layout()) };
@@ -184,7 +203,7 @@ mod tests {
 
     #[test]
     fn small_tables_allocate_nodes_one_by_one_then_chunks() {
-        let mut a = NodeArena::default();
+        let mut a = NodeArena::new(usize::MAX);
         let nodes: Vec<_> = (0..SMALL_TABLE_NODES + 3)
             .map(|_| a.alloc().unwrap())
             .collect();
@@ -204,7 +223,7 @@ mod tests {
 
     #[test]
     fn released_nodes_are_reused_before_new_memory() {
-        let mut a = NodeArena::default();
+        let mut a = NodeArena::new(usize::MAX);
         let n = a.alloc().unwrap();
         a.release(n);
         assert_eq!(a.in_use(), 0);
@@ -216,7 +235,7 @@ mod tests {
 
     #[test]
     fn chunks_fill_before_the_next_one_is_mapped() {
-        let mut a = NodeArena::default();
+        let mut a = NodeArena::new(usize::MAX);
         a.reserve(SMALL_TABLE_NODES + CHUNK_NODES + 1).unwrap();
         assert_eq!(a.chunks.len(), 2);
         assert_eq!(a.chunk_used, 1);
@@ -240,6 +259,34 @@ mod tests {
             perms: PERM_READ,
             mmio: false,
         }
+    }
+
+    /// However the guest places its mappings, a table takes at most its node limit; the
+    /// insert that would need more fails cleanly, and inserts work again once UNMAPs have
+    /// given nodes back.
+    #[test]
+    fn a_table_stops_at_its_node_limit() {
+        const LIMIT: usize = 200;
+        let mut t = MappingTable::with_node_limit(12, LIMIT);
+        let mut i = 0;
+        let refused = loop {
+            match t.insert(page_at(i)) {
+                Ok(()) => i += 1,
+                Err(e) => break e,
+            }
+            assert!(i < 10 * LIMIT as u64, "no limit");
+        };
+        assert_eq!(refused, InsertError::OutOfMemory);
+        assert!(t.radix.arena.allocated() <= LIMIT);
+        assert!(i > LIMIT as u64 / 2, "{i}");
+        assert_eq!(t.len() as u64, i);
+        assert!(t.lookup(i << 21).is_none());
+        // Full until nodes come back: an insert reserves a worst case of nodes first.
+        for j in 0..20 {
+            assert!(t.remove(j << 21).is_some());
+        }
+        assert_eq!(t.insert(page_at(i)), Ok(()));
+        assert!(t.radix.arena.allocated() <= LIMIT);
     }
 
     #[test]
