@@ -549,11 +549,6 @@ fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 <= b.1 && b.0 <= a.1
 }
 
-/// Put `[start, end]` -> `phys` into an IOTLB.
-fn iotlb_insert(tlb: &mut EndpointIotlb, start: u64, end: u64, phys: u64, perms: u8) {
-    tlb.insert(start, end, phys, permissions_from(perms));
-}
-
 /// Invalidate `[start, end]` in an IOTLB.
 fn invalidate(shared: &EndpointShared, start: u64, end: u64) {
     write_lock(&shared.iotlb).invalidate(start, end);
@@ -572,13 +567,12 @@ const PREFILL_MAX_MAPPINGS: usize = 4096;
 /// path, which faults.
 fn prefill(shared: &EndpointShared, m: &Mapping) {
     if m.perms & (PERM_READ | PERM_WRITE) != 0 {
-        iotlb_insert(
-            &mut write_lock(&shared.iotlb),
+        write_lock(&shared.iotlb).insert_all(&[(
             m.start,
             m.end,
             m.phys,
-            m.perms,
-        );
+            permissions_from(m.perms),
+        )]);
     }
 }
 
@@ -1635,19 +1629,16 @@ impl VirtioIommu {
         let st = read_lock(&self.state);
         // Whole leaf blocks go in (the IOTLB merges neighbouring blocks of one mapping), so
         // the next accesses to the same page or mapping hit.
-        let mut entries: Vec<(u64, u64, u64, u8)> = Vec::new();
+        let mut entries = Vec::new();
         self.walk(
             &st,
             endpoint,
             iova,
             len,
             need,
-            |first, last, phys, perms| entries.push((first, last, phys, perms)),
+            |first, last, phys, perms| entries.push((first, last, phys, permissions_from(perms))),
         )?;
-        let mut tlb = write_lock(&shared.iotlb);
-        for (start, end, phys, perms) in entries {
-            iotlb_insert(&mut tlb, start, end, phys, perms);
-        }
+        write_lock(&shared.iotlb).insert_all(&entries);
         Ok(())
     }
 

@@ -9,7 +9,9 @@ use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 /// Most entries an endpoint IOTLB holds: about 40 bytes each in the range map, so at most
 /// ~650 KiB per endpoint. Room for MAP's prefill of 4096 mappings per domain twice over;
-/// past it the IOTLB is emptied and refilled on demand.
+/// past it the IOTLB is emptied and refilled on demand. One access that covers more blocks
+/// than this is still filled whole (it must hit to be served) and emptied by the next change:
+/// an access is at most a descriptor, 4 GiB, so 1 M blocks of 4 KiB.
 pub const IOTLB_MAX_ENTRIES: usize = 16384;
 
 /// An IOTLB and an upper bound on its entries. `Iotlb` has no length, so the bound counts what
@@ -23,7 +25,8 @@ pub(crate) struct EndpointIotlb {
 }
 
 impl EndpointIotlb {
-    /// Makes room for a change adding up to `added` entries.
+    /// Makes room for a change adding up to `added` entries (all of them, if more than the
+    /// maximum).
     fn reserve(&mut self, added: usize) {
         if self.bound + added > IOTLB_MAX_ENTRIES {
             self.invalidate_all();
@@ -31,17 +34,21 @@ impl EndpointIotlb {
         self.bound += added;
     }
 
-    /// Puts `[start, end]` -> `phys` in. The IOTLB cannot hold the last byte of the 64-bit
-    /// space (`EndpointIommu` refuses accesses reaching it), so entries stop short of it.
-    pub(crate) fn insert(&mut self, start: u64, end: u64, phys: u64, perms: Permissions) {
-        self.reserve(2);
-        // Cannot fail: set_mapping only reports errors for invalid permissions.
-        let _ = self.tlb.set_mapping(
-            GuestAddress(start),
-            GuestAddress(phys),
-            len(start, end),
-            perms,
-        );
+    /// Puts each `[start, end]` -> `phys` in, all or none evicted by the bound: what one
+    /// access needs must be there together for it to hit. The IOTLB cannot hold the last byte
+    /// of the 64-bit space (`EndpointIommu` refuses accesses reaching it), so entries stop
+    /// short of it.
+    pub(crate) fn insert_all(&mut self, entries: &[(u64, u64, u64, Permissions)]) {
+        self.reserve(2 * entries.len());
+        for &(start, end, phys, perms) in entries {
+            // Cannot fail: set_mapping only reports errors for invalid permissions.
+            let _ = self.tlb.set_mapping(
+                GuestAddress(start),
+                GuestAddress(phys),
+                len(start, end),
+                perms,
+            );
+        }
     }
 
     /// Drops whatever is cached for `[start, end]`.

@@ -225,3 +225,25 @@ fn the_iotlb_stays_bounded_with_many_mappings() {
         "{entries} IOTLB entries"
     );
 }
+
+#[test]
+fn one_access_over_more_mappings_than_the_iotlb_holds_is_translated() {
+    let (d, _mem, _dm) = setup(false);
+    let iommu = EndpointIommu::new(d.clone(), 1).unwrap();
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    // IOVA-contiguous pages all backed by the same guest page: nothing merges in the IOTLB.
+    let pages = virtio_iommu::IOTLB_MAX_ENTRIES as u64;
+    for i in 0..pages {
+        let iova = IOVA + i * 0x1000;
+        assert_eq!(map(&d, 1, iova, iova + 0xfff, 0x4000, RW), Status::Ok);
+    }
+    let pieces = iommu
+        .translate(
+            GuestAddress(IOVA),
+            (pages * 0x1000) as usize,
+            Permissions::Read,
+        )
+        .unwrap()
+        .count();
+    assert_eq!(pieces as u64, pages);
+}
