@@ -1556,7 +1556,8 @@ impl VirtioIommu {
 
     /// Resolve `[iova, iova + len)` for `endpoint`, calling `block(first, last, gpa, perms)`
     /// for each contiguous block covering it (`gpa` is where `first` goes; blocks may extend
-    /// past the access), with the state lock held by the caller.
+    /// past the access), with the state lock held by the caller. Bypass is one identity block
+    /// over the whole space, so that an IOTLB holds a single entry for it.
     #[inline]
     fn walk(
         &self,
