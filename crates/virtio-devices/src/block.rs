@@ -10,13 +10,14 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -42,6 +43,8 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// `struct virtio_blk_req` header: type, reserved (ioprio), sector.
 const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Offset of `writeback` in the configuration space (VIRTIO_BLK_F_CONFIG_WCE).
+const WRITEBACK_OFFSET: usize = 32;
 
 /// How the VMM wants the disk presented.
 #[derive(Clone, Debug, Default)]
@@ -102,17 +105,20 @@ impl<M: DeviceMemory> Block<M> {
         // announce; SEG_MAX keeps requests within what the ring can always carry.
         let mut features = common_features(options.access_platform)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_FLUSH);
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE);
         if options.readonly {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
 
         // Config layout: capacity (le64) at 0, size_max (le32, not offered) at 8, seg_max (le32)
-        // at 12; the fields after it belong to features this device does not offer.
-        let mut config = Vec::with_capacity(16);
+        // at 12, geometry, blk_size and topology (not offered, zero) up to `writeback` (u8) at
+        // 32; the fields after it belong to features this device does not offer.
+        let mut config = Vec::with_capacity(WRITEBACK_OFFSET + 1);
         config.extend_from_slice(&capacity.to_le_bytes());
         config.extend_from_slice(&0u32.to_le_bytes());
         config.extend_from_slice(&SEG_MAX.to_le_bytes());
+        config.resize(WRITEBACK_OFFSET + 1, 0);
 
         Ok(Block {
             mem,
@@ -121,6 +127,7 @@ impl<M: DeviceMemory> Block<M> {
                 capacity,
                 readonly: options.readonly,
                 serial,
+                writeback: AtomicBool::new(false),
                 #[cfg(test)]
                 syncs: Default::default(),
             }),
@@ -169,6 +176,9 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
 
     fn ack_features(&mut self, features: u64) {
         self.core.ack_features(features);
+        // A driver that can flush gets a write-back cache, one that cannot gets write-through
+        // (virtio 1.2 §5.2.6.1: with CONFIG_WCE but not FLUSH, writeback starts at 0).
+        self.set_writeback(self.core.acked(VIRTIO_BLK_F_FLUSH));
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -176,11 +186,27 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only `wce` (with VIRTIO_BLK_F_CONFIG_WCE, not offered) would be writable.
-        debug!(
-            "virtio-blk: ignoring config write of {} bytes at {offset}",
-            data.len()
-        );
+        // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE.
+        let (true, &[mode]) = (offset == WRITEBACK_OFFSET as u64, data) else {
+            debug!(
+                "virtio-blk: ignoring config write of {} bytes at {offset}",
+                data.len()
+            );
+            return;
+        };
+        if !self.core.acked(VIRTIO_BLK_F_CONFIG_WCE) {
+            debug!("virtio-blk: ignoring writeback write: CONFIG_WCE not negotiated");
+            return;
+        }
+        // Write-back without FLUSH would leave the driver no way to make writes stable.
+        let writeback = mode == 1 && self.core.acked(VIRTIO_BLK_F_FLUSH);
+        if !writeback && self.disk.writeback.load(Ordering::Relaxed) {
+            // Writes completed under write-back become stable now, as write-through promises.
+            if let Err(err) = self.disk.sync() {
+                warn_limited!("virtio-blk: cannot flush on switching to write-through: {err}");
+            }
+        }
+        self.set_writeback(writeback);
     }
 
     fn activate(
@@ -196,7 +222,6 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
         let handler = BlockWorker {
             mem: self.mem.clone(),
             disk: Arc::clone(&self.disk),
-            write_through: !self.core.acked(VIRTIO_BLK_F_FLUSH),
             queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
         };
         self.core.start(vec![(0, activated.notifier)], handler)
@@ -204,15 +229,21 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
 
     fn reset(&mut self) {
         self.core.reset();
+        self.set_writeback(false);
+    }
+}
+
+impl<M> Block<M> {
+    /// Sets the cache mode the worker applies and the driver reads in `writeback`.
+    fn set_writeback(&mut self, on: bool) {
+        self.disk.writeback.store(on, Ordering::Relaxed);
+        self.config[WRITEBACK_OFFSET] = u8::from(on);
     }
 }
 
 struct BlockWorker<M> {
     mem: M,
     disk: Arc<Disk>,
-    /// The driver did not negotiate VIRTIO_BLK_F_FLUSH, so it cannot ask for durability: each
-    /// write is made stable before it completes (virtio 1.2 §5.2.6.2).
-    write_through: bool,
     queue: DeviceQueue,
 }
 
@@ -220,10 +251,8 @@ impl<M: DeviceMemory> WorkerHandler for BlockWorker<M> {
     fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
         let disk = &self.disk;
         let mem = &self.mem;
-        let write_through = self.write_through;
-        self.queue.process(mem, |chain| {
-            Some(disk.handle_chain(mem, chain, write_through))
-        });
+        self.queue
+            .process(mem, |chain| Some(disk.handle_chain(mem, chain)));
     }
 }
 
@@ -233,6 +262,10 @@ struct Disk {
     capacity: u64,
     readonly: bool,
     serial: [u8; ID_LEN],
+    /// Write-back cache: writes complete once written, and stable after a FLUSH. Otherwise
+    /// (a driver without VIRTIO_BLK_F_FLUSH, which cannot ask for durability, or one that set
+    /// write-through) each write is made stable before it completes (virtio 1.2 §5.2.6.2).
+    writeback: AtomicBool,
     /// `fdatasync`s done, for tests.
     #[cfg(test)]
     syncs: std::sync::atomic::AtomicUsize,
@@ -276,14 +309,8 @@ impl RequestError {
 
 impl Disk {
     /// Executes one request and returns the number of bytes written into the chain (data plus
-    /// status byte), which is what the used ring reports. `write_through`: make a write stable
-    /// before completing it.
-    fn handle_chain<M: GuestMemory>(
-        &self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-        write_through: bool,
-    ) -> u32 {
+    /// status byte), which is what the used ring reports.
+    fn handle_chain<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
         let head = chain.head_index();
         let chain = buffers::collect(chain);
         // The status byte is the last byte of the last descriptor, which must be writable, and
@@ -306,7 +333,7 @@ impl Disk {
             return 0;
         };
 
-        let (status, data_written) = match self.execute(mem, &chain, write_through) {
+        let (status, data_written) = match self.execute(mem, &chain) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(err) => {
                 warn_limited!("virtio-blk: request {head} failed: {err}");
@@ -320,12 +347,7 @@ impl Disk {
 
     /// Validates and carries out a request whose last descriptor holds the status byte;
     /// returns how many data bytes it wrote into guest memory.
-    fn execute<M: GuestMemory>(
-        &self,
-        mem: &M,
-        chain: &[Buffer],
-        write_through: bool,
-    ) -> Result<u64, RequestError> {
+    fn execute<M: GuestMemory>(&self, mem: &M, chain: &[Buffer]) -> Result<u64, RequestError> {
         let split = chain.iter().position(|b| b.writable).unwrap_or(chain.len());
         let (readable, writable) = chain.split_at(split);
         if writable.iter().any(|b| !b.writable) {
@@ -364,7 +386,7 @@ impl Disk {
                 let slices =
                     buffers::slices(mem, readable, HEADER_LEN, out_data, Permissions::Read)?;
                 transfer_vectored(&self.file, offset, &slices, Direction::ToImage)?;
-                if write_through {
+                if !self.writeback.load(Ordering::Relaxed) {
                     self.sync()?;
                 }
                 Ok(0)
@@ -388,8 +410,7 @@ impl Disk {
     /// Makes the writes done so far stable (`fdatasync`).
     fn sync(&self) -> io::Result<()> {
         #[cfg(test)]
-        self.syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         self.file.sync_data()
     }
 
@@ -548,7 +569,7 @@ mod tests {
 
     fn submit<M: GuestMemory>(disk: &Disk, driver: &mut Driver<M>, mem: &M, descs: &[Desc]) -> u32 {
         let chain = driver.chain(descs);
-        disk.handle_chain(mem, chain, true)
+        disk.handle_chain(mem, chain)
     }
 
     fn file_bytes(temp: &TempFile, offset: u64, len: usize) -> Vec<u8> {
@@ -902,7 +923,7 @@ mod tests {
         assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
         assert_eq!(file_bytes(&temp, 7 * 512, 512), vec![byte; 512]);
         dev.reset();
-        dev.disk.syncs.load(std::sync::atomic::Ordering::Relaxed)
+        dev.disk.syncs.load(Ordering::Relaxed)
     }
 
     /// Without VIRTIO_BLK_F_FLUSH the driver cannot ask for durability, so the device must
@@ -916,6 +937,61 @@ mod tests {
             write_through_worker(version_1 | 1 << VIRTIO_BLK_F_FLUSH, 0xa5),
             0
         );
+    }
+
+    /// With CONFIG_WCE the driver reads and sets the cache mode in `writeback`: write-back
+    /// (1) only if it can flush; switching to write-through makes earlier writes stable, and
+    /// from then on each write is made stable before it completes.
+    #[test]
+    fn the_driver_sets_the_cache_mode_with_config_wce() {
+        let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs.load(Ordering::Relaxed);
+        let writeback = |dev: &Block<GuestMemoryMmap>| {
+            let mut mode = [0xffu8];
+            dev.read_config(WRITEBACK_OFFSET as u64, &mut mode);
+            mode[0]
+        };
+        let mem = guest_memory();
+        let temp = image();
+        let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let wce = 1u64 << VIRTIO_BLK_F_CONFIG_WCE;
+        let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+        let write = |dev: &Block<GuestMemoryMmap>, driver: &mut Driver<GuestMemoryMmap>| {
+            header(&mem, HDR, VIRTIO_BLK_T_OUT, 4);
+            poison_status(&mem);
+            submit(
+                &dev.disk,
+                driver,
+                &mem,
+                &[ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+            );
+            assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
+        };
+
+        dev.ack_features(wce | flush);
+        assert_eq!(writeback(&dev), 1);
+        write(&dev, &mut driver);
+        assert_eq!(syncs(&dev), 0, "write-back");
+        dev.write_config(WRITEBACK_OFFSET as u64, &[0]);
+        assert_eq!(writeback(&dev), 0);
+        assert_eq!(syncs(&dev), 1, "earlier writes made stable");
+        write(&dev, &mut driver);
+        assert_eq!(syncs(&dev), 2, "write-through");
+        dev.write_config(WRITEBACK_OFFSET as u64, &[1]);
+        assert_eq!(writeback(&dev), 1);
+        write(&dev, &mut driver);
+        assert_eq!(syncs(&dev), 2);
+
+        // Without FLUSH the driver cannot have write-back; without CONFIG_WCE it cannot set it.
+        dev.reset();
+        dev.ack_features(wce);
+        assert_eq!(writeback(&dev), 0);
+        dev.write_config(WRITEBACK_OFFSET as u64, &[1]);
+        assert_eq!(writeback(&dev), 0);
+        dev.reset();
+        dev.ack_features(flush);
+        dev.write_config(WRITEBACK_OFFSET as u64, &[0]);
+        assert_eq!(writeback(&dev), 1);
     }
 
     /// The status byte is checked before any data moves: a request whose status cannot be
@@ -974,6 +1050,7 @@ mod tests {
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_CONFIG_WCE,
         ] {
             assert_ne!(features & (1 << bit), 0, "bit {bit}");
         }
