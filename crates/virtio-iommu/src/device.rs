@@ -46,7 +46,9 @@ use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::*;
 use crate::seqlock::{race_point, read_fence, RacePoint, SeqCount};
 use crate::stats::{Counters, HitCounter, IommuStats, StatsSnapshot};
-use crate::table::{Mapping, MappingTable, RadixRoot, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE};
+use crate::table::{
+    Mapping, MappingTable, RadixRoot, MAX_TABLE_NODES, MIN_GRANULE_SHIFT, PERM_READ, PERM_WRITE,
+};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -75,6 +77,10 @@ pub struct IommuConfig {
     pub reserved_regions: Vec<ReservedRegion>,
     /// MAP beyond this many mappings in a domain fails with NOMEM.
     pub max_mappings_per_domain: usize,
+    /// MAP needing more than this many radix nodes (4 KiB each) in a domain's table fails
+    /// with NOMEM: where the mappings go is the guest's choice, and scattered ones take a node
+    /// each.
+    pub max_table_nodes: usize,
     /// ATTACH creating a domain beyond this many fails with NOMEM.
     pub max_domains: usize,
     /// Initial (and system-reset) value of the `bypass` config field.
@@ -95,6 +101,7 @@ impl Default for IommuConfig {
             probe_size: 512,
             reserved_regions: vec![ReservedRegion::X86_MSI],
             max_mappings_per_domain: 1 << 21,
+            max_table_nodes: MAX_TABLE_NODES,
             max_domains: 4096,
             boot_bypass: true,
             offer_mmio: true,
@@ -1106,7 +1113,10 @@ impl VirtioIommu {
                     self.totals.add_translations(now.wrapping_sub(parked));
                     (table, now)
                 }
-                None => (MappingTable::new(self.granule_shift), 0),
+                None => (
+                    MappingTable::with_node_limit(self.granule_shift, self.config.max_table_nodes),
+                    0,
+                ),
             };
             Domain {
                 bypass,

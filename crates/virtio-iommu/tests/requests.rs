@@ -263,6 +263,37 @@ fn map_statuses() {
     );
 }
 
+/// Mappings scattered one per 2 MiB take a radix node each: the table's node limit ends them
+/// with NOMEM, whatever `max_mappings_per_domain` allows, and UNMAPs make room again.
+#[test]
+fn map_beyond_the_table_node_limit_is_nomem() {
+    let d = device_with(IommuConfig {
+        max_table_nodes: 100,
+        ..Default::default()
+    });
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    let page = |i: u64| (i << 21, (i << 21) + 0xfff);
+    let mut n = 0;
+    while n < 1000 {
+        let (start, end) = page(n);
+        match map(&d, 1, start, end, 0x1000, RW) {
+            Status::Ok => n += 1,
+            status => {
+                assert_eq!(status, Status::NoMem);
+                break;
+            }
+        }
+    }
+    assert!(n > 50 && n < 100, "{n} mappings");
+    assert_eq!(d.domain_mappings(1).unwrap().len() as u64, n);
+    for i in 0..20 {
+        let (start, end) = page(i);
+        assert_eq!(unmap(&d, 1, start, end), Status::Ok);
+    }
+    let (start, end) = page(n);
+    assert_eq!(map(&d, 1, start, end, 0x1000, RW), Status::Ok);
+}
+
 #[test]
 fn map_mmio_flag_requires_negotiation() {
     let d = device();
