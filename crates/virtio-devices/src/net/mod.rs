@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use net_util::{MacAddr, Tap};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -201,7 +201,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         // received frame not yet delivered.
         self.core.reset();
         if let Err(err) = self.backend.set_offloads(0) {
-            warn!("virtio-net: cannot disable the tap's offloads: {err}");
+            warn_limited!("virtio-net: cannot disable the tap's offloads: {err}");
         }
     }
 }
