@@ -71,7 +71,7 @@ impl Default for RateLimit {
 pub struct Limited<L> {
     inner: L,
     targets: &'static [&'static str],
-    sites: Mutex<HashMap<(String, u32), RateLimit>>,
+    sites: Mutex<HashMap<(&'static str, u32), RateLimit>>,
 }
 
 impl<L: log::Log> Limited<L> {
@@ -85,10 +85,12 @@ impl<L: log::Log> Limited<L> {
 
     fn limited(&self, record: &log::Record) -> bool {
         record.level() <= log::Level::Warn
-            && self
-                .targets
-                .iter()
-                .any(|t| record.target() == *t || record.target().starts_with(&format!("{t}::")))
+            && self.targets.iter().any(|t| {
+                record
+                    .target()
+                    .strip_prefix(t)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
     }
 }
 
@@ -101,9 +103,10 @@ impl<L: log::Log> log::Log for Limited<L> {
         if !self.inner.enabled(record.metadata()) || !self.limited(record) {
             return self.inner.log(record);
         }
-        // Call sites are the other crate's, so a finite set of keys.
+        // Call sites are the other crate's, so a finite set of keys (log's macros give static
+        // file names).
         let site = (
-            record.file().unwrap_or("").to_owned(),
+            record.file_static().unwrap_or(""),
             record.line().unwrap_or(0),
         );
         let mut sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
@@ -233,7 +236,7 @@ mod tests {
                 &log::Record::builder()
                     .target(target)
                     .level(level)
-                    .file(Some("queue.rs"))
+                    .file_static(Some("queue.rs"))
                     .line(Some(line))
                     .args(format_args!("{target} {line}"))
                     .build(),
