@@ -792,6 +792,8 @@ impl VirtioIommu {
         }
         if let Some(ep) = st.endpoints.remove(&id) {
             self.publish(&st, id);
+            // Handles of the endpoint may outlive it: nothing cached (bypass) may serve them.
+            write_lock(&ep.shared.iotlb).invalidate_all();
             if let Some(m) = ep.mapper.filter(|_| ep.identity) {
                 if let Err(e) = m.set_identity(false) {
                     error!("endpoint {id:#x}: identity map left behind: {e}");

@@ -247,3 +247,12 @@ fn one_access_over_more_mappings_than_the_iotlb_holds_is_translated() {
         .count();
     assert_eq!(pieces as u64, pages);
 }
+
+#[test]
+fn a_removed_endpoint_keeps_nothing_in_its_iotlb() {
+    let (d, mem, dm) = setup(true);
+    mem.write_obj(0x55aa_u16, GuestAddress(0x7000)).unwrap();
+    assert_eq!(dm.read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0x55aa);
+    d.remove_endpoint(1).unwrap();
+    assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());
+}
