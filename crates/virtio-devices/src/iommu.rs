@@ -117,8 +117,8 @@ impl<M: DeviceMemory> RequestQueue<M> {
     }
 
     /// Serves every available request; whether there was one. An available index more than
-    /// a queue size ahead (which a driver never writes, virtio 1.2 §2.7.13.3), or requests
-    /// that cannot be popped, make the queue broken: it is not served again until the driver
+    /// a queue size ahead (a driver never has more buffers available than the ring holds), or
+    /// requests that cannot be popped, make the queue broken: it is not served again until the driver
     /// resets the device, instead of looking non-empty to the poller forever.
     fn serve(&self, queue: &mut Queue) -> bool {
         if self.broken.load(Ordering::Relaxed) {
