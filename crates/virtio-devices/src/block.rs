@@ -310,7 +310,10 @@ impl RequestError {
 impl Disk {
     /// Executes one request and returns the number of bytes written into the chain (data plus
     /// status byte), which is what the used ring reports.
-    fn handle_chain<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+    fn handle_chain<M: DeviceMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        // From the first translation to the status byte, one transfer: an UNMAP of any of
+        // its buffers completes only once the data stopped moving.
+        let _dma = mem.begin_dma();
         let head = chain.head_index();
         let chain = buffers::collect(chain);
         // The status byte is the last byte of the last descriptor, which must be writable, and
@@ -567,7 +570,12 @@ mod tests {
         u32::from(mem.read_obj::<u8>(GuestAddress(addr)).unwrap())
     }
 
-    fn submit<M: GuestMemory>(disk: &Disk, driver: &mut Driver<M>, mem: &M, descs: &[Desc]) -> u32 {
+    fn submit<M: DeviceMemory>(
+        disk: &Disk,
+        driver: &mut Driver<M>,
+        mem: &M,
+        descs: &[Desc],
+    ) -> u32 {
         let chain = driver.chain(descs);
         disk.handle_chain(mem, chain)
     }

@@ -221,6 +221,7 @@ impl<M: DeviceMemory> ConsoleWorker<M> {
             if pending.is_empty() {
                 return None;
             }
+            let _dma = mem.begin_dma();
             Some(fill_rx_chain(mem, chain, pending))
         });
     }
@@ -229,6 +230,7 @@ impl<M: DeviceMemory> ConsoleWorker<M> {
         let mem = &self.mem;
         let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
         self.tx.process(mem, |chain| {
+            let _dma = mem.begin_dma();
             write_tx_chain(mem, chain, &mut **output);
             Some(0)
         });

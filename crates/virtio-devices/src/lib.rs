@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_iommu::{DmaFence, DmaGuard};
 use virtio_queue::Queue;
-use vm_memory::GuestMemory;
+use vm_memory::{GuestMemory, GuestMemoryMmap, IommuMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
@@ -38,11 +39,29 @@ pub use rng::{Rng, RngError};
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.
 ///
 /// Implemented by `GuestMemoryMmap` (direct access to guest RAM) and by
-/// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device
-/// keeps its own clone and hands another to its worker thread.
-pub trait DeviceMemory: GuestMemory + Clone + Send + Sync + 'static {}
+/// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device keeps its own
+/// clone and hands another to its worker thread.
+pub trait DeviceMemory: GuestMemory + Clone + Send + Sync + 'static {
+    /// Starts one transfer (a request, a frame): held from before its first translation until
+    /// its last byte moved, it makes an UNMAP of its buffers wait for it (see
+    /// `virtio_iommu::inflight`). `None` where nothing translates.
+    fn begin_dma(&self) -> Option<DmaGuard>;
+}
 
-impl<T: GuestMemory + Clone + Send + Sync + 'static> DeviceMemory for T {}
+impl DeviceMemory for GuestMemoryMmap {
+    fn begin_dma(&self) -> Option<DmaGuard> {
+        None
+    }
+}
+
+impl<I> DeviceMemory for IommuMemory<GuestMemoryMmap, I>
+where
+    I: vm_memory::Iommu + DmaFence + Send + Sync + 'static,
+{
+    fn begin_dma(&self) -> Option<DmaGuard> {
+        self.get_iommu_enabled().then(|| self.iommu().begin_dma())
+    }
+}
 
 /// Feature bits every device here offers. `access_platform` is set for a device behind the
 /// IOMMU, so the driver uses DMA addresses rather than guest-physical ones.

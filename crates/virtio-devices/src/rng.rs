@@ -128,8 +128,10 @@ impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
     fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
         let source = &*self.source;
         let mem = &self.mem;
-        self.queue
-            .process(mem, |chain| Some(fill_chain(source, mem, chain)));
+        self.queue.process(mem, |chain| {
+            let _dma = mem.begin_dma();
+            Some(fill_chain(source, mem, chain))
+        });
     }
 }
 

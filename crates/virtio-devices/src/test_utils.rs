@@ -1,7 +1,7 @@
 //! Driver-side helpers for tests: real split queues laid out in guest memory.
 
 use std::io;
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -14,6 +14,9 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Iotlb,
     Permissions,
 };
+
+use virtio_iommu::inflight::InflightDma;
+use virtio_iommu::{DmaFence, DmaGuard};
 
 use crate::VirtioInterrupt;
 
@@ -227,6 +230,13 @@ impl VirtioInterrupt for FakeInterrupt {
 #[derive(Debug, Default)]
 pub(crate) struct TestIommu {
     iotlb: RwLock<Iotlb>,
+    pub(crate) dma: Arc<InflightDma>,
+}
+
+impl DmaFence for TestIommu {
+    fn begin_dma(&self) -> DmaGuard {
+        self.dma.begin()
+    }
 }
 
 impl TestIommu {

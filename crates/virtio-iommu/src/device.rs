@@ -41,6 +41,7 @@ use thiserror::Error;
 use vm_device::{error_limited, warn_limited};
 use vm_memory::Permissions;
 
+use crate::inflight::{DmaGuard, InflightDma};
 use crate::iotlb::EndpointIotlb;
 use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::*;
@@ -518,6 +519,8 @@ pub struct VirtioIommu {
     /// The last destroyed domains' counters, newest last: a guest resets the IOMMU when it
     /// shuts down, and what each domain did must still be reportable afterwards.
     retired: Mutex<VecDeque<(u32, StatsSnapshot)>>,
+    /// Device transfers in flight: requests that take translations away wait for them.
+    dma: Arc<InflightDma>,
 }
 
 /// How many destroyed domains [`IommuStats::retired_domains`] remembers.
@@ -719,6 +722,7 @@ impl VirtioIommu {
             dir: EndpointDir::new(),
             retired: Mutex::new(VecDeque::new()),
             config,
+            dma: Arc::default(),
         };
         if dev.config.probe_size > MAX_PROBE_SIZE {
             return Err(ConfigError::ProbeSize {
@@ -800,6 +804,8 @@ impl VirtioIommu {
                 }
             }
         }
+        drop(st);
+        self.dma.wait_for_earlier();
         Ok(())
     }
 
@@ -926,6 +932,8 @@ impl VirtioIommu {
             return;
         }
         self.set_global_bypass(&mut st, value & 1 != 0);
+        drop(st);
+        self.dma.wait_for_earlier();
     }
 
     /// Change the `bypass` field: unattached endpoints switch mode, so their IOTLBs are
@@ -976,8 +984,9 @@ impl VirtioIommu {
             }
         }
         st.acked_features = 0;
-        let mut fq = lock(&self.faults);
-        fq.pending.clear();
+        lock(&self.faults).pending.clear();
+        drop(st);
+        self.dma.wait_for_earlier();
     }
 
     /// Restore the `bypass` field to its boot value (system reset, not device reset).
@@ -991,6 +1000,9 @@ impl VirtioIommu {
 
     /// Execute one decoded request. `props_len` is the size of the PROBE properties area the
     /// driver provided; the returned bytes (PROBE only) fill it.
+    /// UNMAP, DETACH and ATTACH take translations away from endpoints, so they complete only
+    /// once the device transfers that may have translated before them have ended (see
+    /// [`InflightDma`]); the wait runs with the state unlocked, as those transfers may need it.
     pub fn handle_request(&self, req: &Request, props_len: usize) -> (Status, Vec<u8>) {
         let mut st = write_lock(&self.state);
         let answer = match *req {
@@ -1000,8 +1012,21 @@ impl VirtioIommu {
             Request::Unmap(r) => (self.unmap_req(&mut st, r), Vec::new()),
             Request::Probe(r) => self.probe_req(&st, r, props_len),
         };
+        drop(st);
+        let takes_translations = matches!(
+            req,
+            Request::Attach(_) | Request::Detach(_) | Request::Unmap(_)
+        );
+        if takes_translations && answer.0 == Status::Ok {
+            self.dma.wait_for_earlier();
+        }
         debug!("virtio-iommu: {req:?} -> {:?}", answer.0);
         answer
+    }
+
+    /// Starts a device transfer: see [`InflightDma`].
+    pub fn begin_dma(&self) -> DmaGuard {
+        self.dma.begin()
     }
 
     fn attach_req(&self, st: &mut State, r: AttachRequest) -> Status {

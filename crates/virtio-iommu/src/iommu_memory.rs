@@ -9,6 +9,7 @@ use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
 
 use crate::device::{perms_of, read_lock, EndpointShared, VirtioIommu};
+use crate::inflight::{DmaFence, DmaGuard};
 use crate::iotlb::IotlbGuard;
 
 /// How many times a miss is refilled before giving up: a refill can only be lost to an
@@ -99,5 +100,11 @@ impl Iommu for EndpointIommu {
             length,
             "mappings changed during translation".into(),
         ))
+    }
+}
+
+impl DmaFence for EndpointIommu {
+    fn begin_dma(&self) -> DmaGuard {
+        self.device.begin_dma()
     }
 }

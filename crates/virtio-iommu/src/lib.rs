@@ -15,6 +15,7 @@
 //! Fuzzing: see `README.md` in this crate.
 
 mod device;
+pub mod inflight;
 mod iommu_memory;
 mod iotlb;
 pub mod mapper;
@@ -39,6 +40,7 @@ pub use device::{
     IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, RETIRED_DOMAINS_KEPT,
     VIRTIO_F_VERSION_1,
 };
+pub use inflight::{DmaFence, DmaGuard};
 pub use iommu_memory::EndpointIommu;
 pub use iotlb::{IotlbGuard, IOTLB_MAX_ENTRIES};
 pub use mapper::{ExternalMapper, MapPerms, MapperError};

@@ -10,7 +10,9 @@ use virtio_iommu::{EndpointIommu, IommuConfig, Status, VirtioIommu};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Permissions};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Permissions,
+};
 
 type DevMem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
 
@@ -255,4 +257,52 @@ fn a_removed_endpoint_keeps_nothing_in_its_iotlb() {
     assert_eq!(dm.read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0x55aa);
     d.remove_endpoint(1).unwrap();
     assert!(dm.read_obj::<u16>(GuestAddress(0x7000)).is_err());
+}
+
+/// A transfer that translated before an UNMAP keeps the UNMAP from completing until its
+/// data has moved: the guest may reuse the page as soon as UNMAP answers.
+#[test]
+fn unmap_completes_only_after_transfers_that_translated_before_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use virtio_iommu::DmaFence;
+
+    let (d, mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
+    // The device starts a transfer and translates its buffer...
+    let transfer = dm.iommu().begin_dma();
+    let slice = dm
+        .get_slices(GuestAddress(IOVA), 8, Permissions::Write)
+        .expect("mapped buffer translates")
+        .next()
+        .unwrap()
+        .unwrap();
+    let answered = Arc::new(AtomicBool::new(false));
+    let unmapper = {
+        let (d, answered) = (d.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let status = unmap(&d, 1, IOVA, IOVA + 0xfff);
+            answered.store(true, Ordering::SeqCst);
+            status
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !answered.load(Ordering::SeqCst),
+        "UNMAP answered while a transfer through the mapping was still moving data"
+    );
+    // ... and moves its data later, still into the page the guest granted.
+    slice.write_obj(0x5a5a_5a5a_u32, 0).unwrap();
+    drop(transfer);
+    assert_eq!(unmapper.join().unwrap(), Status::Ok);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x4000)).unwrap(),
+        0x5a5a_5a5a
+    );
+    // Transfers that begin after the UNMAP see it.
+    let _later = dm.iommu().begin_dma();
+    assert!(dm
+        .get_slices(GuestAddress(IOVA), 8, Permissions::Write)
+        .is_err());
 }

@@ -207,6 +207,8 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         let num_buffers = self.reserved.len() as u16;
         self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
 
+        // The chains' buffers are translated as they are written: one transfer.
+        let _dma = self.mem.begin_dma();
         let mut lens = Vec::with_capacity(self.reserved.len());
         let mut offset = 0usize;
         for chain in &self.reserved {
@@ -263,6 +265,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         let mem = &self.mem;
         let fd = self.backend.as_raw_fd();
         self.tx.process(mem, |chain| {
+            let _dma = mem.begin_dma();
             send_chain(mem, fd, chain);
             Some(0)
         });
