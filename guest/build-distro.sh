@@ -2,7 +2,7 @@
 # Builds a real Debian 12 (bookworm) disk image for warden, from Debian packages:
 #
 #   disk.img    1 GiB sparse raw image, GPT: p1 EFI system (16 MiB, unused), p2 Linux swap
-#               (16 MiB, unused), p3 the ext4 root file system, as in Clear Linux's
+#               (16 MiB), p3 the ext4 root file system, as in Clear Linux's
 #               clear-kvm.img, so `root=/dev/vda3` boots either
 #   vmlinuz     the image's kernel (Debian's 6.12 cloud kernel, the ABI guest/build.sh pins)
 #   initrd.img  the image's initramfs-tools initrd; it loads virtio_iommu and virtio_blk,
@@ -11,6 +11,8 @@
 #
 # The system: systemd as PID 1, a login on the serial console (root, empty password),
 # systemd-networkd giving a virtio-net 192.168.249.2/24, and fio, iperf3, pciutils, ethtool.
+# Tests put a script at /usr/local/sbin/warden-scenario (see SCENARIO_UNIT): the image then
+# runs it once the boot is complete, and powers off.
 #
 # The tree comes from `mmdebstrap` (it fetches from Debian's archive, ${WARDEN_DEBIAN_MIRROR:-
 # http://deb.debian.org/debian} and its security archive); `sfdisk` and `mke2fs -d` write the
@@ -46,6 +48,25 @@ need() { # need COMMAND DEBIAN-PACKAGE
         die "'$1' not found: install the Debian package '$2' (apt-get install $2)"
 }
 
+# Runs the e2e harness's script, if the harness put one in the image, after the default
+# target. Not `systemd.run=`: that boots into kernel-command-line.target instead of the
+# default target, so a test could not see the real system come up. Type=exec, so that the
+# boot transaction ends when the script starts and `systemctl is-system-running --wait`
+# inside it can report "running".
+readonly SCENARIO_UNIT='[Unit]
+Description=warden e2e scenario (/usr/local/sbin/warden-scenario)
+ConditionPathExists=/usr/local/sbin/warden-scenario
+After=multi-user.target graphical.target
+
+[Service]
+Type=exec
+ExecStart=/usr/local/sbin/warden-scenario
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target'
+
 # The guest's configuration, written into the tree after the packages are installed.
 configure() {
     local root=$1
@@ -67,6 +88,10 @@ EOF
     # Nothing waits for the network; with no virtio-net it would wait 2 min and fail.
     chroot "$root" systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1
     chroot "$root" passwd -d root >/dev/null
+    printf '%s\n' "$SCENARIO_UNIT" >"$root/etc/systemd/system/warden-scenario.service"
+    chroot "$root" systemctl enable warden-scenario.service >/dev/null 2>&1
+    printf '%s\n\n' "Debian 12 under warden: log in as root (no password); 'poweroff' ends the demo." \
+        >>"$root/etc/issue"
     chroot "$root" update-initramfs -u -k all >/dev/null
 }
 
@@ -99,6 +124,10 @@ start=$P1_START, size=$P1_SIZE, type=U, name=esp
 start=$P2_START, size=$P2_SIZE, type=S, name=swap
 start=$P3_START, size=$P3_SIZE, type=L, name=root
 EOF
+    # A formatted swap area: systemd's gpt-auto-generator activates the disk's swap partition.
+    truncate -s $((P2_SIZE * 512)) "$work/swap"
+    mkswap -q -L warden-swap "$work/swap"
+    dd if="$work/swap" of="$work/disk.img" bs=512 seek=$P2_START conv=notrunc,sparse status=none
     mke2fs -q -F -t ext4 -b 4096 -L warden-root -d "$work/root" \
         -E offset=$((P3_START * 512)) "$work/disk.img" $((P3_SIZE / 8))
     echo $((P3_START * 512)) >"$work/root-offset"
@@ -113,6 +142,7 @@ main() {
     need mmdebstrap mmdebstrap
     need sfdisk fdisk
     need mke2fs e2fsprogs
+    need mkswap util-linux
 
     # The kernel is the one guest/build.sh resolved (its pin, or the newer point release).
     local guest kernel_pkg key
