@@ -16,6 +16,12 @@
 //! L1's kernel, and files prepared beside QEMU first (`qemu_setup`). Such a scenario always
 //! runs nested, since only there can the harness give the KVM host a device of its own.
 //!
+//! A scenario can boot the Debian 12 disk image instead of the busybox test guest
+//! ([`Scenario::distro`]; its script then runs under systemd once the boot is complete), give
+//! the KVM host a disk image ([`Scenario::host_disk`]: a copy, L1's `/dev/vda` when nested), or
+//! hand the user's terminal to the guest ([`Scenario::terminal`], the interactive demo). What
+//! the harness needs from Debian it installs the first time ([`packages`]).
+//!
 //! Host scripts run in a scratch directory, so relative paths (`disk.img`) work in both
 //! the scripts and `warden_args`; `$WARDEN`, `$L2_KERNEL` and `$L2_INITRAMFS` name the files
 //! warden gets. Everything printed (the host's console, warden's serial output, so the guest's
