@@ -83,6 +83,14 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
     if missing(tools).is_empty() {
         return Ok(());
     }
+    let command = |list: &str| format!("sudo apt-get install -y --no-install-recommends {list}");
+    let Some(apt_get) = privilege() else {
+        let list = missing(tools).join(" ");
+        return Err(format!(
+            "missing Debian packages {list}: run `{}` once (or run this command as root)",
+            command(&list)
+        ));
+    };
     let _thread = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     let _process = lock_file();
     let packages = missing(tools);
@@ -90,12 +98,6 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
         return Ok(()); // another thread or process installed them meanwhile
     }
     let list = packages.join(" ");
-    let command = format!("sudo apt-get install -y --no-install-recommends {list}");
-    let Some(apt_get) = privilege() else {
-        return Err(format!(
-            "missing Debian packages {list}: run `{command}` once (or run this command as root)"
-        ));
-    };
     eprintln!("e2e: installing the Debian packages this needs (once): {list}");
     let apt = |args: &[&str]| {
         Command::new(apt_get[0])
@@ -117,7 +119,8 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "installing {list} failed: run `{command}` and look at its messages"
+            "installing {list} failed: run `{}` and look at its messages",
+            command(&list)
         ))
     }
 }
