@@ -98,7 +98,9 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
         return Ok(()); // another thread or process installed them meanwhile
     }
     let list = packages.join(" ");
-    eprintln!("e2e: installing the Debian packages this needs (once): {list}");
+    say(&format!(
+        "e2e: installing the Debian packages this needs (once): {list}"
+    ));
     let apt = |args: &[&str]| {
         Command::new(apt_get[0])
             .args(&apt_get[1..])
@@ -111,7 +113,7 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
     };
     // A fresh machine (a container, a cloud image) may have no package lists yet.
     if !apt(&["update", "-qq"]) {
-        eprintln!("e2e: apt-get update failed; trying the install with the lists at hand");
+        say("e2e: apt-get update failed; trying the install with the lists at hand");
     }
     let mut args = vec!["install", "-qq", "-y", "--no-install-recommends"];
     args.extend(packages.iter().copied());
@@ -123,6 +125,13 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
             command(&list)
         ))
     }
+}
+
+/// A line on stderr that the test harness doesn't capture (it captures `eprintln!` and shows
+/// it only for failed tests), so that a user sees what the first run is doing.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// The packages of the tools not present, each once, in order.
