@@ -374,10 +374,11 @@ pub fn run(scenario: &Scenario) -> Option<Outcome> {
     let mode = match choose_mode(!scenario.l1_qemu_args.is_empty()) {
         Ok(mode) => mode,
         Err(why) => {
-            eprintln!(
+            // Loud: past the test harness's capture, which shows eprintln! only on failure.
+            packages::say(&format!(
                 "E2E SKIPPED: scenario '{}' did not run: {why}",
                 scenario.name
-            );
+            ));
             return None;
         }
     };

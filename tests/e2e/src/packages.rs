@@ -129,7 +129,7 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
 
 /// A line on stderr that the test harness doesn't capture (it captures `eprintln!` and shows
 /// it only for failed tests), so that a user sees what the first run is doing.
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
 }
