@@ -143,8 +143,8 @@ impl Scenario {
     }
 
     /// Boots the Debian 12 image ([`DistroImage`]) instead of the busybox test guest: its
-    /// kernel and initrd, its disk as the [`Scenario::host_disk`], and [`DISTRO_CMDLINE`] unless
-    /// `--cmdline` is given. The [`Scenario::guest_script`] goes into the image's copy as
+    /// kernel and initrd, its disk as the [`Scenario::host_disk`], and [`distro::DISTRO_CMDLINE`]
+    /// unless `--cmdline` is given. The [`Scenario::guest_script`] goes into the image's copy as
     /// [`distro::SCENARIO_PATH`]: systemd runs it once the boot is complete (as root, in `sh`
     /// with `set -e`, output on the serial console) and then powers the guest off. Without a
     /// script the guest offers a login on the serial console. Needs root to build the image.
