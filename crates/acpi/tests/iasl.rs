@@ -1,5 +1,6 @@
-//! Disassembles every table with `iasl -d` (ACPICA, Debian package acpica-tools) and checks
-//! that ACPICA reads back what we meant: no checksum complaints and the expected fields.
+//! Disassembles every table with `iasl -d` (ACPICA, Debian package acpica-tools, installed by
+//! the e2e harness's package helper when missing) and checks that ACPICA reads back what we
+//! meant: no checksum complaints and the expected fields.
 //!
 //! The RSDP is left out: `iasl -d` does not take a bare RSDP. The unit tests cover it.
 
@@ -111,19 +112,14 @@ fn disassemble(table: &AcpiTable) -> Disassembly {
     let stem = table.name.to_lowercase();
     std::fs::write(dir.join(format!("{stem}.dat")), &table.bytes).unwrap();
 
-    let output = match Command::new("iasl")
+    // Installs acpica-tools the first time (or names the command when it can't).
+    e2e::packages::ensure(e2e::packages::IASL);
+    let output = Command::new("iasl")
         .arg("-d")
         .arg(format!("{stem}.dat"))
         .current_dir(&dir)
         .output()
-    {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "`iasl` not found: install acpica-tools (apt-get install acpica-tools) to run the \
-             ACPI table tests"
-        ),
-        Err(e) => panic!("running iasl: {e}"),
-    };
+        .unwrap_or_else(|e| panic!("running iasl: {e}"));
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

@@ -801,14 +801,29 @@ fn forward_stdin(port: Arc<Mutex<SerialPort>>) {
                 if count == 0 {
                     break;
                 }
-                let mut port = vm_device::lock(&port);
-                if let Err(err) = port.0.enqueue_raw_bytes(&buffer[..count]) {
-                    log::debug!("serial input dropped: {err:?}");
-                }
+                feed_serial(&port, &buffer[..count]);
             }
         });
     if let Err(err) = spawned {
         log::warn!("no serial input: {err}");
+    }
+}
+
+/// Puts `bytes` into the UART's receive FIFO. It holds 64 bytes: when a paste (or a fast typist
+/// over a slow nested guest) fills it, the rest waits here until the guest has read some,
+/// instead of being lost.
+fn feed_serial(port: &Mutex<SerialPort>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let taken = vm_device::lock(port).0.enqueue_raw_bytes(bytes);
+        match taken {
+            Ok(0) => break, // loopback mode: the UART takes no input
+            Ok(n) => bytes = &bytes[n..],
+            Err(vm_superio::serial::Error::FullFifo) => thread::sleep(Duration::from_millis(1)),
+            Err(err) => {
+                log::debug!("serial input dropped: {err:?}");
+                break;
+            }
+        }
     }
 }
 
@@ -818,6 +833,40 @@ mod tests {
 
     use super::*;
     use crate::config::{MacAddr, MemoryBacking, MemoryConfig};
+
+    #[test]
+    fn serial_input_longer_than_the_fifo_waits_instead_of_being_dropped() {
+        use vm_device::BusDevice;
+        let irq = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let port = Arc::new(Mutex::new(SerialPort(Serial::new(
+            IrqfdTrigger(irq),
+            Box::new(io::sink()),
+        ))));
+        let input: Vec<u8> = (0..200u8).collect();
+        let feeder = {
+            let (port, input) = (Arc::clone(&port), input.clone());
+            thread::spawn(move || feed_serial(&port, &input))
+        };
+        // The guest's side: read the data register (offset 0) while the line status register
+        // (offset 5) says data is ready (bit 0).
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while received.len() < input.len() && std::time::Instant::now() < deadline {
+            let mut port = vm_device::lock(&port);
+            let mut status = [0u8];
+            port.read(0, 5, &mut status);
+            if status[0] & 1 != 0 {
+                let mut byte = [0u8];
+                port.read(0, 0, &mut byte);
+                received.push(byte[0]);
+            } else {
+                drop(port);
+                thread::yield_now();
+            }
+        }
+        feeder.join().unwrap();
+        assert_eq!(received, input);
+    }
 
     #[test]
     fn nets_sit_between_disks_and_rng_and_count_for_the_iommu() {

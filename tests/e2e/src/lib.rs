@@ -16,6 +16,12 @@
 //! L1's kernel, and files prepared beside QEMU first (`qemu_setup`). Such a scenario always
 //! runs nested, since only there can the harness give the KVM host a device of its own.
 //!
+//! A scenario can boot the Debian 12 disk image instead of the busybox test guest
+//! ([`Scenario::distro`]; its script then runs under systemd once the boot is complete), give
+//! the KVM host a disk image ([`Scenario::host_disk`]: a copy, L1's `/dev/vda` when nested), or
+//! hand the user's terminal to the guest ([`Scenario::terminal`], the interactive demo). What
+//! the harness needs from Debian it installs the first time ([`packages`]).
+//!
 //! Host scripts run in a scratch directory, so relative paths (`disk.img`) work in both
 //! the scripts and `warden_args`; `$WARDEN`, `$L2_KERNEL` and `$L2_INITRAMFS` name the files
 //! warden gets. Everything printed (the host's console, warden's serial output, so the guest's
@@ -29,6 +35,10 @@
 //! binary so that it runs in that minimal L1.
 
 mod cpio;
+pub mod distro;
+pub mod packages;
+
+pub use distro::DistroImage;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -87,6 +97,9 @@ pub struct Scenario {
     l1_qemu_args: Vec<String>,
     l1_cmdline: String,
     guest_tools: Vec<String>,
+    host_disk: Option<PathBuf>,
+    distro: bool,
+    terminal: bool,
 }
 
 impl Scenario {
@@ -113,7 +126,39 @@ impl Scenario {
             l1_qemu_args: Vec::new(),
             l1_cmdline: String::new(),
             guest_tools: Vec::new(),
+            host_disk: None,
+            distro: false,
+            terminal: false,
         }
+    }
+
+    /// A disk image for the KVM host. The harness copies it (sparse) to `host-disk` in the
+    /// scratch directory, so the original is never written; in nested mode QEMU gives that
+    /// copy to L1 as its virtio disk, and `host-disk` in L1's scratch directory is a link to
+    /// the block device (`/dev/vda`). Either way warden takes `--disk path=host-disk`, and
+    /// after the run [`Outcome::host_disk`] is the copy, with what the guest wrote.
+    pub fn host_disk(mut self, image: &Path) -> Self {
+        self.host_disk = Some(image.to_owned());
+        self
+    }
+
+    /// Boots the Debian 12 image ([`DistroImage`]) instead of the busybox test guest: its
+    /// kernel and initrd, its disk as the [`Scenario::host_disk`], and [`distro::DISTRO_CMDLINE`]
+    /// unless `--cmdline` is given. The [`Scenario::guest_script`] goes into the image's copy as
+    /// [`distro::SCENARIO_PATH`]: systemd runs it once the boot is complete (as root, in `sh`
+    /// with `set -e`, output on the serial console) and then powers the guest off. Without a
+    /// script the guest offers a login on the serial console. Needs root to build the image.
+    pub fn distro(mut self) -> Self {
+        self.distro = true;
+        self
+    }
+
+    /// Gives this process's terminal to the run: the guest's serial console is the user's
+    /// (warden's `--serial tty`, through QEMU's stdio and L1's console when nested), and
+    /// nothing is captured, so the [`Outcome`] has an empty console. For the interactive demo.
+    pub fn terminal(mut self) -> Self {
+        self.terminal = true;
+        self
     }
 
     /// Shell run on this machine in the scratch directory before QEMU starts (`sh -e`), to
@@ -214,6 +259,11 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Whether this is a second run, after the nested KVM host's kernel crashed in the first.
     pub retried: bool,
+    /// The copy of the scenario's [`Scenario::host_disk`] after the run, if it had one.
+    pub host_disk: Option<PathBuf>,
+    /// The byte offset of the Debian image's root file system in `host_disk`, for
+    /// [`Outcome::guest_file`].
+    distro_root_offset: Option<u64>,
 }
 
 impl Outcome {
@@ -237,6 +287,13 @@ impl Outcome {
             .lines()
             .rev()
             .find_map(|line| line.find(&needle).map(|i| line[i + needle.len()..].trim()))
+    }
+
+    /// File `path` in the root file system of a [`Scenario::distro`] run's disk, as the guest
+    /// left it (read with debugfs after the run); `None` if it isn't there.
+    pub fn guest_file(&self, path: &str) -> Option<Vec<u8>> {
+        let offset = self.distro_root_offset?;
+        distro::read_file(self.host_disk.as_deref()?, offset, path)
     }
 
     /// The guest script's exit status, as reported by the guest's /init.
@@ -291,6 +348,8 @@ struct Prepared {
     guest: PathBuf,
     /// The directory of the static binaries: warden and the guest tools.
     warden: PathBuf,
+    /// The Debian image, built when the first [`Scenario::distro`] runs.
+    distro: Option<DistroImage>,
 }
 
 impl Prepared {
@@ -312,36 +371,33 @@ static STATE: Mutex<Option<Prepared>> = Mutex::new(None);
 /// Panics if the guest images or warden can't be built, or the run can't be started: a
 /// broken harness must not look like a passing test.
 pub fn run(scenario: &Scenario) -> Option<Outcome> {
-    let nested_only = !scenario.l1_qemu_args.is_empty();
-    let mode = match detect_mode() {
-        Some(Mode::Direct) if nested_only && in_path("qemu-system-x86_64") => Some(Mode::Nested),
-        Some(Mode::Direct) if nested_only => {
-            eprintln!(
-                "E2E SKIPPED: scenario '{}' gives the nested KVM host devices of its own and needs qemu-system-x86_64 (Debian package qemu-system-x86)",
+    let mode = match choose_mode(!scenario.l1_qemu_args.is_empty()) {
+        Ok(mode) => mode,
+        Err(why) => {
+            // Loud: past the test harness's capture, which shows eprintln! only on failure.
+            packages::say(&format!(
+                "E2E SKIPPED: scenario '{}' did not run: {why}",
                 scenario.name
-            );
+            ));
             return None;
         }
-        mode => mode,
-    };
-    let Some(mode) = mode else {
-        eprintln!(
-            "E2E SKIPPED: neither real KVM (/dev/kvm with VMX/SVM) nor qemu-system-x86_64 \
-             (Debian package qemu-system-x86) is available: scenario '{}' did not run",
-            scenario.name
-        );
-        return None;
     };
     let mut state = STATE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if state.is_none() {
+        packages::ensure(packages::GUEST_IMAGES);
         *state = Some(Prepared {
             guest: build_guest_images(),
             warden: build_static_binaries(),
+            distro: None,
         });
     }
-    let prepared = state.as_ref().expect("prepared above");
+    let prepared = state.as_mut().expect("prepared above");
+    if scenario.distro && prepared.distro.is_none() {
+        prepared.distro = Some(DistroImage::build());
+    }
+    let prepared = &*prepared;
     let _machine = MachineLock::acquire();
 
     let mut outcome = run_once(scenario, mode, prepared);
@@ -407,12 +463,37 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
         fs::remove_dir_all(&run_dir).expect("remove the previous run's scratch directory");
     }
     fs::create_dir_all(&run_dir).expect("create the scenario's scratch directory");
-    let l2_initramfs = run_dir.join("l2-initramfs.cpio");
-    write_l2_initramfs(scenario, prepared, &l2_initramfs);
-    let kernel = prepared.guest.join("l2").join(match scenario.kernel {
-        Kernel::BzImage => "vmlinuz",
-        Kernel::Elf => "vmlinux",
-    });
+    let distro = scenario
+        .distro
+        .then(|| prepared.distro.as_ref().expect("built in run()"));
+    let (kernel, l2_initramfs) = match distro {
+        Some(image) => (image.kernel.clone(), image.initrd.clone()),
+        None => {
+            let l2_initramfs = run_dir.join("l2-initramfs.cpio");
+            write_l2_initramfs(scenario, prepared, &l2_initramfs);
+            let kernel = prepared.guest.join("l2").join(match scenario.kernel {
+                Kernel::BzImage => "vmlinuz",
+                Kernel::Elf => "vmlinux",
+            });
+            (kernel, l2_initramfs)
+        }
+    };
+    let host_disk = distro
+        .map(|image| image.disk.clone())
+        .or_else(|| scenario.host_disk.clone())
+        .map(|image| copy_host_disk(&image, &run_dir));
+    if let (Some(image), Some(disk)) = (distro, &host_disk) {
+        if !scenario.guest_script.is_empty() {
+            let script = distro_script(scenario);
+            distro::write_file(
+                disk,
+                image.root_offset,
+                distro::SCENARIO_PATH,
+                script.as_bytes(),
+                &run_dir,
+            );
+        }
+    }
 
     let start = Instant::now();
     let (status, timed_out) = match mode {
@@ -421,40 +502,63 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
                 warden: prepared.warden.clone(),
                 kernel,
                 initramfs: l2_initramfs,
+                disk_device: None,
             };
             write_host_scripts(scenario, &files, &run_dir);
             let mut cmd = Command::new("timeout");
-            cmd.arg("--kill-after=10")
-                .arg(secs(scenario.timeout + DIRECT_OVERHEAD))
+            cmd.arg("--kill-after=10");
+            if scenario.terminal {
+                cmd.arg("--foreground");
+            }
+            cmd.arg(secs(scenario.timeout + DIRECT_OVERHEAD))
                 .args(["sh", "host.sh"])
                 .current_dir(&run_dir);
-            run_logged(cmd, &run_dir)
+            run_logged(cmd, &run_dir, scenario.terminal)
         }
         Mode::Nested => {
             let l1_initramfs = run_dir.join("l1-initramfs.cpio");
-            write_l1_initramfs(scenario, prepared, &kernel, &l2_initramfs, &l1_initramfs);
+            let disk_device = host_disk.as_ref().map(|_| "/dev/vda");
+            write_l1_initramfs(
+                scenario,
+                prepared,
+                &kernel,
+                &l2_initramfs,
+                disk_device,
+                &l1_initramfs,
+            );
             run_qemu_setup(scenario, &run_dir);
             let mut cmd = Command::new("nice");
             // QEMU's exit status when L1 powers off is 0, whatever the scenario did.
-            cmd.args(["-n", "10", "timeout", "--kill-after=10"])
-                .arg(secs(scenario.timeout + L1_OVERHEAD))
+            cmd.args(["-n", "10", "timeout", "--kill-after=10"]);
+            if scenario.terminal {
+                // Lets QEMU read the terminal: timeout otherwise runs it in the background.
+                cmd.arg("--foreground");
+            }
+            cmd.arg(secs(scenario.timeout + L1_OVERHEAD))
                 .arg("qemu-system-x86_64")
                 .args(["-machine", "q35", "-accel", "tcg,thread=multi"])
                 .args(["-cpu", "qemu64,+svm,+npt", "-m", "2G", "-smp", "2"])
-                .args(["-nographic", "-no-reboot"])
-                .args(&scenario.l1_qemu_args)
+                .args(["-nographic", "-no-reboot"]);
+            if host_disk.is_some() {
+                // The first virtio disk, so /dev/vda in L1. A scratch copy: flushes can be
+                // skipped, the data is read back after QEMU exits.
+                cmd.args(["-drive", "file=host-disk,if=virtio,format=raw,cache=unsafe"]);
+            }
+            // L1's own kernel messages would mix with the guest's login prompt.
+            let quiet = if scenario.terminal { " quiet" } else { "" };
+            cmd.args(&scenario.l1_qemu_args)
                 .arg("-kernel")
                 .arg(prepared.guest.join("l1/vmlinuz"))
                 .arg("-initrd")
                 .arg(&l1_initramfs)
                 .arg("-append")
-                .arg(format!("console=ttyS0 panic=-1 {}", scenario.l1_cmdline).trim_end())
+                .arg(format!("console=ttyS0 panic=-1{quiet} {}", scenario.l1_cmdline).trim_end())
                 .current_dir(&run_dir);
-            run_logged(cmd, &run_dir)
+            run_logged(cmd, &run_dir, scenario.terminal)
         }
     };
     let elapsed = start.elapsed();
-    let console = fs::read(run_dir.join("console.log")).expect("read console.log");
+    let console = fs::read(run_dir.join("console.log")).unwrap_or_default();
     // Serial consoles end lines with CRLF; markers are matched per line.
     let console = String::from_utf8_lossy(&console).replace('\r', "");
     let mut outcome = Outcome {
@@ -465,31 +569,81 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
         run_dir,
         elapsed,
         retried: false,
+        host_disk,
+        distro_root_offset: distro.map(|image| image.root_offset),
     };
     outcome.warden_exit = outcome.marker("WARDEN-EXIT").and_then(|v| v.parse().ok());
-    if !timed_out && status != 0 {
+    if scenario.terminal && mode == Mode::Direct {
+        // host.sh exits with warden's status when it owns the terminal (no markers).
+        outcome.warden_exit = Some(status);
+    }
+    if !timed_out && status != 0 && !scenario.terminal {
         panic!("the KVM host exited with status {status}\n{outcome}");
     }
     outcome
 }
 
-/// Picks where warden runs; `WARDEN_E2E_MODE=direct|nested|skip` overrides the detection
-/// (e.g. to try the nested setup on a machine with hardware KVM).
-fn detect_mode() -> Option<Mode> {
-    match std::env::var("WARDEN_E2E_MODE").as_deref() {
-        Ok("direct") => return Some(Mode::Direct),
-        Ok("nested") => return Some(Mode::Nested),
-        Ok("skip") => return None,
+/// Copies `image` sparsely to `host-disk` in `run_dir` (a 1 GiB image with 350 MB of data
+/// takes a second or two) and returns the copy's path.
+fn copy_host_disk(image: &Path, run_dir: &Path) -> PathBuf {
+    let copy = run_dir.join("host-disk");
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(image)
+        .arg(&copy)
+        .status()
+        .expect("cannot run cp");
+    assert!(
+        status.success(),
+        "copying {} to {} failed ({status})",
+        image.display(),
+        copy.display()
+    );
+    copy
+}
+
+/// The Debian image's scenario script: the scenario's script in a `set -e` subshell between
+/// the markers the test guest's /init prints, then a clean poweroff.
+fn distro_script(scenario: &Scenario) -> String {
+    format!(
+        r#"#!/bin/sh
+# generated by the e2e harness: scenario {name}; run by warden-scenario.service
+echo WARDEN-L2-SCRIPT-BEGIN
+(
+set -e
+{script}
+)
+echo "WARDEN-L2-SCRIPT-EXIT=$?"
+sync
+systemctl poweroff --no-block
+"#,
+        name = scenario.name,
+        script = scenario.guest_script
+    )
+}
+
+/// Picks where warden runs: here with hardware KVM, else nested in QEMU (installed if
+/// missing), and always nested for a scenario that gives the KVM host devices of its own.
+/// `WARDEN_E2E_MODE=direct|nested|skip` overrides the detection (e.g. to try the nested setup
+/// on a machine with hardware KVM). An error says why the scenario can't run here.
+fn choose_mode(nested_only: bool) -> Result<Mode, String> {
+    let direct = match std::env::var("WARDEN_E2E_MODE").as_deref() {
+        Ok("direct") => true,
+        Ok("nested") => false,
+        Ok("skip") => return Err("WARDEN_E2E_MODE=skip".into()),
         Ok(other) => panic!("WARDEN_E2E_MODE={other}: expected direct, nested or skip"),
-        Err(_) => {}
+        Err(_) => has_hardware_kvm(),
+    };
+    if direct && !nested_only {
+        return Ok(Mode::Direct);
     }
-    if has_hardware_kvm() {
-        Some(Mode::Direct)
-    } else if in_path("qemu-system-x86_64") {
-        Some(Mode::Nested)
+    let why = if direct {
+        "it gives the nested KVM host devices of its own, so it needs QEMU"
     } else {
-        None
-    }
+        "there is no hardware KVM (/dev/kvm with VMX/SVM) here, and the software KVM host needs QEMU"
+    };
+    packages::install(packages::NESTED_HOST).map_err(|e| format!("{why}; {e}"))?;
+    Ok(Mode::Nested)
 }
 
 /// `/dev/kvm` backed by VMX or SVM. `kvm_pvm` (KVM without hardware virtualization) doesn't
@@ -505,12 +659,7 @@ fn has_hardware_kvm() -> bool {
         })
 }
 
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-}
-
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -626,12 +775,14 @@ fn write_l1_initramfs(
     prepared: &Prepared,
     kernel: &Path,
     l2_initramfs: &Path,
+    disk_device: Option<&str>,
     dest: &Path,
 ) {
     let files = HostFiles {
         warden: "/e2e/warden".into(),
         kernel: "/e2e/kernel".into(),
         initramfs: "/e2e/initramfs".into(),
+        disk_device: disk_device.map(str::to_string),
     };
     let scripts = host_scripts(scenario, &files);
     let result = (|| -> std::io::Result<()> {
@@ -659,6 +810,9 @@ struct HostFiles {
     warden: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
+    /// The block device that holds the [`Scenario::host_disk`] in L1 (nested mode), which
+    /// `host-disk` in the scratch directory is to link to.
+    disk_device: Option<String>,
 }
 
 fn write_host_scripts(scenario: &Scenario, files: &HostFiles, dir: &Path) {
@@ -681,7 +835,15 @@ fn host_scripts(scenario: &Scenario, files: &HostFiles) -> [(&'static str, Strin
         for (flag, value) in [
             ("--kernel", files.kernel.display().to_string()),
             ("--initramfs", files.initramfs.display().to_string()),
-            ("--cmdline", DEFAULT_CMDLINE.to_string()),
+            (
+                "--cmdline",
+                if scenario.distro {
+                    distro::DISTRO_CMDLINE
+                } else {
+                    DEFAULT_CMDLINE
+                }
+                .to_string(),
+            ),
             ("--serial", "tty".to_string()),
         ] {
             if !given(flag) {
@@ -693,22 +855,45 @@ fn host_scripts(scenario: &Scenario, files: &HostFiles) -> [(&'static str, Strin
     args.extend(scenario.warden_args.iter().cloned());
     let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
 
+    // With the terminal, markers would land on the user's screen: they go nowhere, and
+    // host.sh's exit status is warden's. In direct mode coreutils' timeout must then leave
+    // warden in the foreground to read the terminal (busybox's, in L1, has no such option).
+    let (mark, foreground) = match (scenario.terminal, &files.disk_device) {
+        (false, _) => (">&1", ""),
+        (true, None) => (">/dev/null", "--foreground "),
+        (true, Some(_)) => (">/dev/null", ""),
+    };
+    let link_disk = files.disk_device.as_ref().map_or(String::new(), |dev| {
+        format!(
+            r#"# The host disk's driver probes asynchronously.
+n=100
+while [ ! -b {dev} ] && [ $n -gt 0 ]; do sleep 0.1; n=$((n - 1)); done
+ln -sf {dev} host-disk
+"#,
+            dev = shell_quote(dev)
+        )
+    });
     let host = format!(
         r#"# generated by the e2e harness: scenario {name}
 export WARDEN={warden} L2_KERNEL={kernel} L2_INITRAMFS={initramfs}
-echo WARDEN-HOST-SETUP
+mark() {{ echo "$@" {mark}; }}
+{link_disk}mark WARDEN-HOST-SETUP
 sh -e ./setup.sh
 rc=$?
-echo "WARDEN-HOST-SETUP-EXIT=$rc"
+mark "WARDEN-HOST-SETUP-EXIT=$rc"
 [ "$rc" -eq 0 ] || exit 0
-echo WARDEN-START
-timeout {timeout} "$WARDEN" {args}
-rc=$?
+mark WARDEN-START
+timeout {foreground}{timeout} "$WARDEN" {args}
+warden_rc=$?
 # The guest's last line may lack a newline.
-printf '\nWARDEN-EXIT=%d\n' "$rc"
-echo WARDEN-HOST-CHECK
+mark ""
+mark "WARDEN-EXIT=$warden_rc"
+mark WARDEN-HOST-CHECK
 sh -e ./check.sh
-printf '\nWARDEN-HOST-CHECK-EXIT=%d\n' "$?"
+rc=$?
+mark ""
+mark "WARDEN-HOST-CHECK-EXIT=$rc"
+{exit}
 "#,
         name = scenario.name,
         warden = shell_quote(&files.warden.display().to_string()),
@@ -716,6 +901,11 @@ printf '\nWARDEN-HOST-CHECK-EXIT=%d\n' "$?"
         initramfs = shell_quote(&files.initramfs.display().to_string()),
         timeout = secs(scenario.timeout),
         args = args.join(" "),
+        exit = if scenario.terminal {
+            "exit $warden_rc"
+        } else {
+            ""
+        },
     );
     [
         ("host.sh", host),
@@ -724,9 +914,17 @@ printf '\nWARDEN-HOST-CHECK-EXIT=%d\n' "$?"
     ]
 }
 
-/// Runs `cmd` with stdout and stderr going to `dir/console.log` (readable live with `tail -f`)
-/// and returns its exit status and whether `timeout` (status 124) killed it.
-fn run_logged(mut cmd: Command, dir: &Path) -> (i32, bool) {
+/// Runs `cmd` with stdout and stderr going to `dir/console.log` (readable live with `tail -f`),
+/// or on this process's terminal with `terminal`, and returns its exit status and whether
+/// `timeout` (status 124) killed it.
+fn run_logged(mut cmd: Command, dir: &Path, terminal: bool) -> (i32, bool) {
+    if terminal {
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let code = status.code().unwrap_or(-1);
+        return (code, code == 124 || code == 137);
+    }
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -764,6 +962,8 @@ mod tests {
             run_dir: PathBuf::new(),
             elapsed: Duration::ZERO,
             retried: false,
+            host_disk: None,
+            distro_root_offset: None,
         }
     }
 
@@ -820,6 +1020,7 @@ mod tests {
             warden: "/w".into(),
             kernel: "/k".into(),
             initramfs: "/i".into(),
+            disk_device: None,
         };
         let s = Scenario::new("t").warden_args(["--cmdline=x y", "--cpus", "2"]);
         let [(_, host), ..] = host_scripts(&s, &files);
