@@ -118,8 +118,8 @@ fn check_boot(out: &Outcome, mode: &str) {
     let guest = out
         .marker(&format!("{mode}-GUEST-STREAM-MD5"))
         .unwrap_or_else(|| panic!("{mode}: the guest never got going\n{out}"));
-    let expected_down = vec![host; ROUNDS].join(" ");
-    let expected_up = vec![guest; ROUNDS].join(" ");
+    let expected_down = [host; ROUNDS].join(" ");
+    let expected_up = [guest; ROUNDS].join(" ");
     assert_eq!(
         out.marker(&format!("{mode}-GUEST-RECEIVED")),
         Some(expected_down.as_str()),
