@@ -206,12 +206,10 @@ impl Worker {
         }
         handler.start(&Poller { epoll: &epoll })?;
 
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                thread_started(kind);
-                run(epoll, notifiers, handler)
-            })?;
+        let thread = thread::Builder::new().name(name).spawn(move || {
+            thread_started(kind);
+            run(epoll, notifiers, handler)
+        })?;
         Ok(Worker {
             kill,
             thread: Some(thread),
