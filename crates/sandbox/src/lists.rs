@@ -57,8 +57,9 @@ const VFIO_IOMMU_MAP_DMA: Ioctl = (vfio(13), "VFIO_IOMMU_MAP_DMA");
 const VFIO_IOMMU_UNMAP_DMA: Ioctl = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
 /// A tap's offloads follow what the driver negotiated, on activation and reset.
 const TUNSETOFFLOAD: Ioctl = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
-/// The terminal's mode is restored on exit.
+/// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
 const TCSETS: Ioctl = (libc::TCSETS as u32, "TCSETS");
+const TCGETS: Ioctl = (libc::TCGETS as u32, "TCGETS");
 
 /// What any thread may need once confined: allocating (which may map, grow or give back memory),
 /// locking, logging to stderr, sleeping, closing what it drops, and ending. `write` and
@@ -77,6 +78,7 @@ const BASE: &[Syscall] = syscalls![
     SYS_clock_nanosleep,
     SYS_nanosleep,
     SYS_getrandom,
+    SYS_gettid,
     SYS_close,
     SYS_sigaltstack,
     SYS_rt_sigprocmask,
@@ -155,7 +157,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             // After boot the VMM thread waits for the guest to stop, prints the statistics and
             // resets passed-through devices (MSI-X off, then a device reset).
             &[BASE],
-            &[VFIO_DEVICE_SET_IRQS, VFIO_DEVICE_RESET, TCSETS],
+            &[VFIO_DEVICE_SET_IRQS, VFIO_DEVICE_RESET, TCSETS, TCGETS],
         ),
         ThreadKind::Block => AllowList::new(
             &[
@@ -242,7 +244,6 @@ const NOTABLE: &[Syscall] = syscalls![
     SYS_newfstatat,
     SYS_statx,
     SYS_getpid,
-    SYS_gettid,
     SYS_pread64,
     SYS_readv,
     SYS_preadv2,
