@@ -182,27 +182,31 @@ fn compile(
     mismatch: SeccompAction,
 ) -> Result<BpfProgram, seccompiler::BackendError> {
     let list = lists::allow_list(kind);
-    let ioctl_rules = list
-        .ioctls
-        .iter()
-        .map(|&(request, _)| {
-            // The kernel takes the request as an unsigned int: only the low 32 bits count.
-            SeccompRule::new(vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                u64::from(request),
-            )?])
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // Both arguments are ints to the kernel (an ioctl's request is an unsigned int, a prctl's
+    // option an int): only their low 32 bits count, so only those are compared.
+    let one_of = |arg: u8, values: &std::collections::BTreeSet<lists::Value>| {
+        values
+            .iter()
+            .map(|&(value, _)| {
+                SeccompRule::new(vec![SeccompCondition::new(
+                    arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    u64::from(value),
+                )?])
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let ioctl_rules = one_of(1, &list.ioctls)?;
+    let prctl_rules = one_of(0, &list.prctl_options)?;
     let rules = list
         .syscalls
         .iter()
         .map(|&(nr, _)| {
-            let rules = if nr == libc::SYS_ioctl {
-                ioctl_rules.clone()
-            } else {
-                Vec::new()
+            let rules = match nr {
+                libc::SYS_ioctl => ioctl_rules.clone(),
+                libc::SYS_prctl => prctl_rules.clone(),
+                _ => Vec::new(),
             };
             (nr, rules)
         })

@@ -20,8 +20,8 @@ use crate::ThreadKind;
 /// A system call: its x86_64 number and name.
 pub(crate) type Syscall = (i64, &'static str);
 
-/// An `ioctl` request number and its name.
-pub(crate) type Ioctl = (u32, &'static str);
+/// A value allowed in an argument (an `ioctl` request, a `prctl` option) and its name.
+pub(crate) type Value = (u32, &'static str);
 
 macro_rules! syscalls {
     ($($name:ident),* $(,)?) => {
@@ -37,29 +37,37 @@ const fn vfio(nr: u32) -> u32 {
     ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + nr, 0) as u32
 }
 
-pub(crate) const KVM_RUN: Ioctl = (ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u32, "KVM_RUN");
+pub(crate) const KVM_RUN: Value = (ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u32, "KVM_RUN");
 /// MSI-X vectors are routed when the guest programs them.
-const KVM_SET_GSI_ROUTING: Ioctl = (kvm_write::<kvm_irq_routing>(0x6a), "KVM_SET_GSI_ROUTING");
-const KVM_IRQFD: Ioctl = (kvm_write::<kvm_irqfd>(0x76), "KVM_IRQFD");
+const KVM_SET_GSI_ROUTING: Value = (kvm_write::<kvm_irq_routing>(0x6a), "KVM_SET_GSI_ROUTING");
+const KVM_IRQFD: Value = (kvm_write::<kvm_irqfd>(0x76), "KVM_IRQFD");
 /// Queue notifications are wired when the guest places the notification BAR.
-const KVM_IOEVENTFD: Ioctl = (kvm_write::<kvm_ioeventfd>(0x79), "KVM_IOEVENTFD");
+const KVM_IOEVENTFD: Value = (kvm_write::<kvm_ioeventfd>(0x79), "KVM_IOEVENTFD");
 /// A passed-through device's BARs are mapped into the guest where the guest places them.
-const KVM_SET_USER_MEMORY_REGION: Ioctl = (
+const KVM_SET_USER_MEMORY_REGION: Value = (
     kvm_write::<kvm_userspace_memory_region>(0x46),
     "KVM_SET_USER_MEMORY_REGION",
 );
-const KVM_SIGNAL_MSI: Ioctl = (kvm_write::<kvm_msi>(0xa5), "KVM_SIGNAL_MSI");
+const KVM_SIGNAL_MSI: Value = (kvm_write::<kvm_msi>(0xa5), "KVM_SIGNAL_MSI");
 /// MSI-X of a passed-through device, wired to irqfds when the guest enables it.
-const VFIO_DEVICE_SET_IRQS: Ioctl = (vfio(10), "VFIO_DEVICE_SET_IRQS");
-const VFIO_DEVICE_RESET: Ioctl = (vfio(11), "VFIO_DEVICE_RESET");
+const VFIO_DEVICE_SET_IRQS: Value = (vfio(10), "VFIO_DEVICE_SET_IRQS");
+const VFIO_DEVICE_RESET: Value = (vfio(11), "VFIO_DEVICE_RESET");
 /// The guest's virtio-iommu MAP and UNMAP requests, mirrored into the host IOMMU.
-const VFIO_IOMMU_MAP_DMA: Ioctl = (vfio(13), "VFIO_IOMMU_MAP_DMA");
-const VFIO_IOMMU_UNMAP_DMA: Ioctl = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
+const VFIO_IOMMU_MAP_DMA: Value = (vfio(13), "VFIO_IOMMU_MAP_DMA");
+const VFIO_IOMMU_UNMAP_DMA: Value = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
 /// A tap's offloads follow what the driver negotiated, on activation and reset.
-const TUNSETOFFLOAD: Ioctl = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
+const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
+/// The `prctl` options of starting a thread: std names it, the filter is installed with
+/// no-new-privileges, and the SIGSYS report reads the name first.
+const PRCTL_OPTIONS: &[Value] = &[
+    (libc::PR_SET_NAME as u32, "PR_SET_NAME"),
+    (libc::PR_GET_NAME as u32, "PR_GET_NAME"),
+    (libc::PR_SET_NO_NEW_PRIVS as u32, "PR_SET_NO_NEW_PRIVS"),
+];
+
 /// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
-const TCSETS: Ioctl = (libc::TCSETS as u32, "TCSETS");
-const TCGETS: Ioctl = (libc::TCGETS as u32, "TCGETS");
+const TCSETS: Value = (libc::TCSETS as u32, "TCSETS");
+const TCGETS: Value = (libc::TCGETS as u32, "TCGETS");
 
 /// What any thread may need once confined: allocating (which may map, grow or give back memory),
 /// locking, logging to stderr, sleeping, closing what it drops, and ending. `write` and
@@ -104,6 +112,7 @@ const THREAD_START: &[Syscall] = syscalls![
     SYS_clone3,
     SYS_set_robust_list,
     SYS_rseq,
+    // Only with PRCTL_OPTIONS.
     SYS_prctl,
     SYS_sched_getaffinity,
     SYS_seccomp,
@@ -117,26 +126,36 @@ const THREAD_START: &[Syscall] = syscalls![
 /// A thread kind's allow-list.
 pub(crate) struct AllowList {
     pub syscalls: BTreeSet<Syscall>,
-    /// Empty: no `ioctl` at all.
-    pub ioctls: BTreeSet<Ioctl>,
+    /// The requests `ioctl` is allowed with (argument 1); empty: no `ioctl` at all.
+    pub ioctls: BTreeSet<Value>,
+    /// The options `prctl` is allowed with (argument 0), if `syscalls` holds it.
+    pub prctl_options: BTreeSet<Value>,
 }
 
 impl AllowList {
-    fn new(parts: &[&[Syscall]], ioctls: &[Ioctl]) -> Self {
+    fn new(parts: &[&[Syscall]], ioctls: &[Value]) -> Self {
         let mut syscalls: BTreeSet<Syscall> =
             parts.iter().flat_map(|p| p.iter().copied()).collect();
         if !ioctls.is_empty() {
             syscalls.insert((libc::SYS_ioctl, "SYS_ioctl"));
         }
+        let prctl_options = if syscalls.iter().any(|&(nr, _)| nr == libc::SYS_prctl) {
+            PRCTL_OPTIONS.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
         AllowList {
             syscalls,
             ioctls: ioctls.iter().copied().collect(),
+            prctl_options,
         }
     }
 
     fn extend(&mut self, other: &AllowList) {
         self.syscalls.extend(other.syscalls.iter().copied());
         self.ioctls.extend(other.ioctls.iter().copied());
+        self.prctl_options
+            .extend(other.prctl_options.iter().copied());
     }
 }
 
@@ -268,8 +287,13 @@ pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
     all
 }
 
+/// Every `prctl` option the SIGSYS report can name.
+pub(crate) fn named_prctl_options() -> BTreeSet<Value> {
+    PRCTL_OPTIONS.iter().copied().collect()
+}
+
 /// Every ioctl request the SIGSYS report can name.
-pub(crate) fn named_ioctls() -> BTreeSet<Ioctl> {
+pub(crate) fn named_ioctls() -> BTreeSet<Value> {
     let mut all = vcpu().ioctls;
     all.extend(allow_list(ThreadKind::Vmm).ioctls);
     all

@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use crate::lists::{Ioctl, Syscall};
+use crate::lists::{Syscall, Value};
 use crate::ThreadKind;
 
 /// What warden exits with after a forbidden system call: what a shell reports for a process
@@ -25,7 +25,8 @@ thread_local! {
 
 struct Tables {
     syscalls: Vec<Syscall>,
-    ioctls: Vec<Ioctl>,
+    ioctls: Vec<Value>,
+    prctl_options: Vec<Value>,
 }
 
 static TABLES: OnceLock<Tables> = OnceLock::new();
@@ -44,6 +45,7 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
     TABLES.get_or_init(|| Tables {
         syscalls: crate::lists::named_syscalls().into_iter().collect(),
         ioctls: crate::lists::named_ioctls().into_iter().collect(),
+        prctl_options: crate::lists::named_prctl_options().into_iter().collect(),
     });
     // SAFETY: sigaction is plain data, zero is a valid initial value for each field.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -69,13 +71,15 @@ struct SigsysInfo {
 extern "C" fn handle_sigsys(_signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a SIGSYS siginfo, laid out as SigsysInfo.
     let syscall = unsafe { (*info.cast::<SigsysInfo>()).syscall };
-    // The first argument after the fd: the request, for an ioctl.
     // SAFETY: with SA_SIGINFO, `context` is the interrupted thread's ucontext.
-    let arg1 =
-        unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] }
-            as u64;
+    let registers = unsafe { &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    // The system call's first two arguments, in the registers of the x86_64 calling convention.
+    let args = [
+        registers[libc::REG_RDI as usize] as u64,
+        registers[libc::REG_RSI as usize] as u64,
+    ];
     let mut line = Line::default();
-    describe(&mut line, i64::from(syscall), arg1);
+    describe(&mut line, i64::from(syscall), args);
     let text = line.finish();
     // SAFETY: write and _exit are async-signal-safe; the buffer is valid for its length.
     unsafe {
@@ -84,9 +88,9 @@ extern "C" fn handle_sigsys(_signal: i32, info: *mut libc::siginfo_t, context: *
     }
 }
 
-/// Formats the report for `syscall` (with `arg1`, the request if it is an ioctl) made by the
-/// calling thread.
-fn describe(line: &mut Line, syscall: i64, arg1: u64) {
+/// Formats the report for `syscall` made by the calling thread with `args` (its first two
+/// arguments), naming the argument the lists restrict if it is an `ioctl` or a `prctl`.
+fn describe(line: &mut Line, syscall: i64, args: [u64; 2]) {
     let (name, kind) = THREAD.with(Cell::get);
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
     line.push(b"warden: seccomp: thread ");
@@ -102,16 +106,23 @@ fn describe(line: &mut Line, syscall: i64, arg1: u64) {
     line.push(b" (");
     line.push_decimal(syscall as u64);
     line.push(b")");
-    if syscall == libc::SYS_ioctl {
-        // The kernel compares only the low 32 bits of the request, and so does the filter.
-        let request = arg1 as u32;
-        line.push(b" request 0x");
-        line.push_hex(u64::from(request));
-        if let Some((_, ioctl_name)) =
-            tables.and_then(|t| t.ioctls.iter().find(|(nr, _)| *nr == request))
-        {
+    let restricted = match syscall {
+        libc::SYS_ioctl => Some((&b" request 0x"[..], args[1], tables.map(|t| &t.ioctls[..]))),
+        libc::SYS_prctl => Some((
+            &b" option 0x"[..],
+            args[0],
+            tables.map(|t| &t.prctl_options[..]),
+        )),
+        _ => None,
+    };
+    if let Some((label, arg, names)) = restricted {
+        // The filter compares only the low 32 bits, which is all the kernel reads.
+        let value = arg as u32;
+        line.push(label);
+        line.push_hex(u64::from(value));
+        if let Some((_, name)) = names.and_then(|n| n.iter().find(|(v, _)| *v == value)) {
             line.push(b" ");
-            line.push(ioctl_name.as_bytes());
+            line.push(name.as_bytes());
         }
     }
     line.push(b", which its allow-list forbids; exiting (--seccomp log only logs, false disables)");
@@ -194,13 +205,13 @@ mod tests {
             .spawn(|| {
                 record_thread(ThreadKind::Vcpu);
                 let mut line = Line::default();
-                describe(&mut line, libc::SYS_socket, 0);
+                describe(&mut line, libc::SYS_socket, [2, 2]);
                 assert_eq!(
                     line.as_str(),
                     "warden: seccomp: thread vcpu7 (vcpu) made system call socket (41), which its allow-list forbids; exiting (--seccomp log only logs, false disables)\n"
                 );
                 let mut line = Line::default();
-                describe(&mut line, libc::SYS_ioctl, 0xffff_ffff_0000_ae80);
+                describe(&mut line, libc::SYS_ioctl, [7, 0xffff_ffff_0000_ae80]);
                 assert!(
                     line.as_str()
                         .contains("made system call ioctl (16) request 0xae80 KVM_RUN,"),
@@ -208,7 +219,15 @@ mod tests {
                     line.as_str()
                 );
                 let mut line = Line::default();
-                describe(&mut line, 999, 0);
+                describe(&mut line, libc::SYS_prctl, [libc::PR_SET_DUMPABLE as u64, 0]);
+                assert!(
+                    line.as_str()
+                        .contains("made system call prctl (157) option 0x4,"),
+                    "{}",
+                    line.as_str()
+                );
+                let mut line = Line::default();
+                describe(&mut line, 999, [0, 0]);
                 assert!(line.as_str().contains("system call ? (999),"), "{}", line.as_str());
             })
             .unwrap()

@@ -61,6 +61,11 @@ fn a_vcpu_allows_all_that_the_device_threads_it_starts_do() {
         assert!(missing.is_empty(), "{kind}: {missing:?}");
         let missing: Vec<_> = device.ioctls.difference(&vcpu.ioctls).collect();
         assert!(missing.is_empty(), "{kind}: {missing:?}");
+        let missing: Vec<_> = device
+            .prctl_options
+            .difference(&vcpu.prctl_options)
+            .collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
     }
 }
 
@@ -100,6 +105,26 @@ fn a_vcpu_may_run_the_guest_but_not_issue_other_ioctls() {
             "(vcpu) made system call ioctl (16) request 0x{:x},",
             libc::TUNSETIFF
         )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_vcpu_may_name_and_confine_a_new_thread_but_not_use_other_prctl_options() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Vcpu).unwrap();
+        // SAFETY: prctl with a NUL-terminated name, then with an option and no pointer.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NAME, c"renamed".as_ptr()) != 0 {
+                libc::_exit(3);
+            }
+            libc::prctl(libc::PR_SET_DUMPABLE, 0);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(vcpu) made system call prctl (157) option 0x4,"),
         "{stderr}"
     );
 }
