@@ -85,13 +85,16 @@ fn boot_linux_with_disk_and_rng() {
 }
 
 /// Watches warden from the KVM host while it runs: for each of its threads, its name, seccomp
-/// mode and number of filters, from the sample with the most threads (`seccomp.txt`).
+/// mode and number of filters, from the sample with the most threads (`seccomp.txt`); a
+/// thread that ends while it is read is left out of the sample.
 const WATCH_SECCOMP: &str = r#"(
   set +e
   while ! pid=$(pidof warden); do sleep 1; done
   while kill -0 "$pid"; do
     for task in /proc/$pid/task/*; do
-      echo "$(cat $task/comm) $(sed -n 's/^Seccomp:[[:space:]]*//p' $task/status) $(sed -n 's/^Seccomp_filters:[[:space:]]*//p' $task/status)"
+      status=$(cat $task/status 2>/dev/null) && [ -n "$status" ] || continue
+      field() { echo "$status" | sed -n "s/^$1:[[:space:]]*//p"; }
+      echo "$(field Name) $(field Seccomp) $(field Seccomp_filters)"
     done >seccomp.now
     [ "$(wc -l <seccomp.now)" -ge "$(cat seccomp.txt 2>/dev/null | wc -l)" ] && cp seccomp.now seccomp.txt
     sleep 1
