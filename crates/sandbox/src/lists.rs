@@ -1,5 +1,5 @@
-//! The allow-list of each thread kind: the system calls it may make and, for `ioctl`, the
-//! request numbers.
+//! The allow-list of each thread kind: the system calls it may make and, for `ioctl` and
+//! `prctl`, the requests and options it may make them with.
 //!
 //! Filters stack: a thread keeps the filter of the thread that created it and adds its own, so
 //! what it may do is the intersection. Device threads are created by vCPU threads (the guest
@@ -263,7 +263,6 @@ const NOTABLE: &[Syscall] = syscalls![
     SYS_newfstatat,
     SYS_statx,
     SYS_getpid,
-    SYS_pread64,
     SYS_readv,
     SYS_preadv2,
     SYS_pwritev2,
@@ -273,8 +272,6 @@ const NOTABLE: &[Syscall] = syscalls![
     SYS_select,
     SYS_pselect6,
     SYS_epoll_pwait2,
-    SYS_rt_sigtimedwait,
-    SYS_ioctl,
 ];
 
 /// Every system call the SIGSYS report can name.
