@@ -27,7 +27,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
 use crate::buffers::{self, AccessError, Buffer};
-use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
     VirtioDevice, VirtioInterrupt,
@@ -131,7 +131,7 @@ impl<M: DeviceMemory> Block<M> {
                 #[cfg(test)]
                 syncs: Default::default(),
             }),
-            core: DeviceWorker::new("blk", features),
+            core: DeviceWorker::new(DeviceThread::Block, features),
             config,
         })
     }

@@ -19,7 +19,7 @@ use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions};
 
 use crate::buffers::{self, Buffer};
-use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
     VirtioInterrupt,
@@ -63,7 +63,7 @@ impl<M: DeviceMemory> Console<M> {
             mem,
             output: Arc::new(Mutex::new(output)),
             input: input.map(|fd| Arc::new(File::from(fd))),
-            core: DeviceWorker::new("con", common_features(access_platform)),
+            core: DeviceWorker::new(DeviceThread::Console, common_features(access_platform)),
         }
     }
 }

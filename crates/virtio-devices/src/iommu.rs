@@ -32,7 +32,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_device::{error_limited, warn_limited};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::worker::{Poller, Worker, WorkerHandler};
+use crate::worker::{thread_started, DeviceThread, Poller, Worker, WorkerHandler};
 use crate::{
     take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice, VirtioInterrupt,
 };
@@ -212,6 +212,7 @@ impl RequestPoller {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            thread_started(DeviceThread::IommuPoller);
             while !stopping.load(Ordering::Acquire) {
                 std::thread::park();
                 requests.poll(&stopping);
@@ -327,6 +328,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             interrupt,
         };
         let worker = Worker::spawn(
+            DeviceThread::IommuEvents,
             self.thread_name.clone(),
             vec![(EVENT_QUEUE, events.notifier)],
             handler,

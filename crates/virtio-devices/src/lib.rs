@@ -35,6 +35,7 @@ pub use console::Console;
 pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
+pub use worker::{set_thread_start_hook, DeviceThread, ThreadStartHook};
 
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.
 ///

@@ -17,7 +17,7 @@ use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions, ReadVolatile, VolatileMemoryError};
 
 use crate::buffers::{self, Buffer};
-use crate::worker::{DeviceQueue, DeviceWorker, Poller, WorkerHandler};
+use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
     VirtioInterrupt,
@@ -61,7 +61,7 @@ impl<M: DeviceMemory> Rng<M> {
         Ok(Rng {
             mem,
             source: Arc::new(file),
-            core: DeviceWorker::new("rng", common_features(access_platform)),
+            core: DeviceWorker::new(DeviceThread::Rng, common_features(access_platform)),
         })
     }
 }

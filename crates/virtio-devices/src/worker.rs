@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
@@ -62,6 +62,53 @@ pub(crate) trait WorkerHandler: Send + 'static {
     fn fd_ready(&mut self, _token: u32, _poller: &Poller) {}
 }
 
+/// What a device thread does, for whoever confines threads by what they do (the VMM's
+/// seccomp filters): this crate only names the kind and calls the hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceThread {
+    Block,
+    Net,
+    Rng,
+    Console,
+    /// The virtio-iommu's worker: its event queue and fault reports.
+    IommuEvents,
+    /// The virtio-iommu's request queue poller.
+    IommuPoller,
+}
+
+impl DeviceThread {
+    /// The kind in thread names (`virtio-blk-0`).
+    fn label(self) -> &'static str {
+        match self {
+            DeviceThread::Block => "blk",
+            DeviceThread::Net => "net",
+            DeviceThread::Rng => "rng",
+            DeviceThread::Console => "con",
+            DeviceThread::IommuEvents | DeviceThread::IommuPoller => "iommu",
+        }
+    }
+}
+
+/// Runs first in every device thread, before it touches a queue.
+pub type ThreadStartHook = Box<dyn Fn(DeviceThread) + Send + Sync>;
+
+/// Process-wide, like the filters it installs: devices are built in many places and activated
+/// through the transport, and none of them should carry a parameter they do not use.
+static THREAD_START: OnceLock<ThreadStartHook> = OnceLock::new();
+
+/// Sets the hook every device thread runs when it starts; `false` if one was already set (it
+/// stays).
+pub fn set_thread_start_hook(hook: ThreadStartHook) -> bool {
+    THREAD_START.set(hook).is_ok()
+}
+
+/// Called by each device thread, in that thread, as it starts.
+pub(crate) fn thread_started(kind: DeviceThread) {
+    if let Some(hook) = THREAD_START.get() {
+        hook(kind);
+    }
+}
+
 /// Numbers worker threads (`virtio-blk-0`, `virtio-rng-1`, ...) across all devices.
 static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
@@ -70,18 +117,20 @@ static NEXT_INSTANCE: AtomicUsize = AtomicUsize::new(0);
 pub(crate) struct DeviceWorker {
     features: u64,
     acked_features: u64,
+    kind: DeviceThread,
     thread_name: String,
     worker: Option<Worker>,
 }
 
 impl DeviceWorker {
-    /// A device of `kind` (`blk`, `net`, ...) offering `features`, not yet active.
-    pub(crate) fn new(kind: &str, features: u64) -> Self {
+    /// A device whose thread is of `kind`, offering `features`, not yet active.
+    pub(crate) fn new(kind: DeviceThread, features: u64) -> Self {
         let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         DeviceWorker {
             features,
             acked_features: 0,
-            thread_name: format!("virtio-{kind}-{instance}"),
+            kind,
+            thread_name: format!("virtio-{}-{instance}", kind.label()),
             worker: None,
         }
     }
@@ -112,7 +161,7 @@ impl DeviceWorker {
         handler: H,
     ) -> Result<(), ActivateError> {
         self.worker = None;
-        let worker = Worker::spawn(self.thread_name.clone(), notifiers, handler)
+        let worker = Worker::spawn(self.kind, self.thread_name.clone(), notifiers, handler)
             .map_err(ActivateError::Io)?;
         self.worker = Some(worker);
         Ok(())
@@ -133,9 +182,10 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts thread `name` serving `handler`; `notifiers` pairs each queue index with the
-    /// eventfd the driver's notifications arrive on.
+    /// Starts thread `name`, of `kind`, serving `handler`; `notifiers` pairs each queue index
+    /// with the eventfd the driver's notifications arrive on.
     pub(crate) fn spawn<H: WorkerHandler>(
+        kind: DeviceThread,
         name: String,
         notifiers: Vec<(usize, EventFd)>,
         mut handler: H,
@@ -156,9 +206,10 @@ impl Worker {
         }
         handler.start(&Poller { epoll: &epoll })?;
 
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || run(epoll, notifiers, handler))?;
+        let thread = thread::Builder::new().name(name).spawn(move || {
+            thread_started(kind);
+            run(epoll, notifiers, handler)
+        })?;
         Ok(Worker {
             kill,
             thread: Some(thread),
@@ -452,11 +503,38 @@ mod tests {
     }
 
     #[test]
+    fn the_start_hook_runs_in_the_new_thread_before_it_serves() {
+        static STARTED: std::sync::Mutex<Vec<(String, DeviceThread)>> =
+            std::sync::Mutex::new(Vec::new());
+        assert!(set_thread_start_hook(Box::new(|kind| {
+            let name = thread::current().name().unwrap_or_default().to_owned();
+            STARTED.lock().unwrap().push((name, kind));
+        })));
+        assert!(!set_thread_start_hook(Box::new(|_| {})), "set once");
+        let (calls, seen) = channel();
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let _worker = Worker::spawn(
+            DeviceThread::Console,
+            "hook-test".into(),
+            vec![(0, notifier)],
+            Recorder { calls },
+        )
+        .unwrap();
+        assert_eq!(seen.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        let started = STARTED.lock().unwrap();
+        assert!(
+            started.contains(&("hook-test".to_owned(), DeviceThread::Console)),
+            "{started:?}"
+        );
+    }
+
+    #[test]
     fn worker_dispatches_notifiers_and_stops_when_dropped() {
         let (calls, seen) = channel();
         let a = EventFd::new(EFD_NONBLOCK).unwrap();
         let b = EventFd::new(EFD_NONBLOCK).unwrap();
         let worker = Worker::spawn(
+            DeviceThread::Rng,
             "worker-test".into(),
             vec![(3, a.try_clone().unwrap()), (5, b.try_clone().unwrap())],
             Recorder { calls },

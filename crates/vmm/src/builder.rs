@@ -5,7 +5,7 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -14,10 +14,11 @@ use kvm_bindings::{
     kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use sandbox::{Filters, ThreadKind};
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper, VfioPciDevice};
 use virtio_devices::{
-    Block, BlockOptions, Console, DeviceMemory, Iommu, Net, NetOptions, PollConfig, Rng,
-    VirtioDevice,
+    Block, BlockOptions, Console, DeviceMemory, DeviceThread, Iommu, Net, NetOptions, PollConfig,
+    Rng, VirtioDevice,
 };
 use virtio_iommu::{EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_device::Bus;
@@ -60,6 +61,8 @@ pub enum VmmError {
     /// or the name is taken.
     #[error("--net: {0}")]
     Net(#[from] net_util::TapError),
+    #[error("--seccomp: {0}; run with --seccomp false on a host without seccomp filters")]
+    Seccomp(#[from] sandbox::Error),
 }
 
 impl VmmError {
@@ -83,6 +86,13 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 /// Builds the machine `config` describes, runs it, and returns how the guest stopped.
 pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let sigusr1 = block_sigusr1()?;
+    let filters = Filters::new(config.seccomp)?.map(Arc::new);
+    if let Some(filters) = &filters {
+        let filters = Arc::clone(filters);
+        virtio_devices::set_thread_start_hook(Box::new(move |kind| {
+            confine(Some(&filters), device_thread_kind(kind));
+        }));
+    }
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     warn_if_kvm_cannot_run_linux();
 
@@ -102,7 +112,13 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let (exits_tx, exits) = channel();
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    add_legacy_devices(&mut pio, &router, &config.serial, &exits_tx)?;
+    add_legacy_devices(
+        &mut pio,
+        &router,
+        &config.serial,
+        &exits_tx,
+        filters.clone(),
+    )?;
     let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
     let devices = plan_devices(config);
     let passthrough = open_passthrough(config, &vm, &devices, &ram.memory)?;
@@ -186,7 +202,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         vfio: vfio_stats,
     });
     if report.has_any() {
-        report_stats_on_sigusr1(Arc::clone(&report), sigusr1)?;
+        report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
     }
 
     let rsdp = acpi::write_tables(
@@ -212,21 +228,36 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .map_err(kvm_error("get supported CPUID"))?;
     let topology = Topology { cpus: config.cpus };
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    // The guest starts once every vCPU and this thread are confined.
+    let start = Arc::new(Barrier::new(usize::from(config.cpus) + 1));
     for id in 0..config.cpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_error("create vCPU"))?;
         let vcpu = Vcpu::configure(id, fd, &supported_cpuid, &topology, entry)?;
         let (pio, mmio, exits) = (Arc::clone(&pio), Arc::clone(&mmio), exits_tx.clone());
+        let (filters, start) = (filters.clone(), Arc::clone(&start));
         thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(pio, mmio, exits))
+            .spawn(move || {
+                let confined = filters.map_or(Ok(()), |f| f.install(ThreadKind::Vcpu));
+                start.wait();
+                match confined {
+                    Ok(()) => vcpu.run(pio, mmio, exits),
+                    Err(err) => drop(exits.send(GuestExit::Crash(err.to_string()))),
+                }
+            })
             .map_err(|source| VmmError::Io {
                 what: format!("start vCPU {id} thread"),
                 source,
             })?;
     }
     drop(exits_tx);
+    // Threads started from here on are device threads, started by vCPUs.
+    if let Some(filters) = &filters {
+        filters.install(ThreadKind::Vmm)?;
+    }
+    start.wait();
 
     let exit = exits
         .recv()
@@ -564,14 +595,21 @@ impl StatsReport {
 }
 
 /// Prints the counters whenever the process gets SIGUSR1, from a thread of its own.
-fn report_stats_on_sigusr1(report: Arc<StatsReport>, set: libc::sigset_t) -> Result<(), VmmError> {
+fn report_stats_on_sigusr1(
+    report: Arc<StatsReport>,
+    set: libc::sigset_t,
+    filters: Option<Arc<Filters>>,
+) -> Result<(), VmmError> {
     thread::Builder::new()
         .name("stats".into())
-        .spawn(move || loop {
-            let mut signal = 0;
-            // SAFETY: `set` and `signal` are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                report.print();
+        .spawn(move || {
+            confine(filters.as_deref(), ThreadKind::Stats);
+            loop {
+                let mut signal = 0;
+                // SAFETY: `set` and `signal` are valid for the call.
+                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                    report.print();
+                }
             }
         })
         .map(drop)
@@ -579,6 +617,26 @@ fn report_stats_on_sigusr1(report: Arc<StatsReport>, set: libc::sigset_t) -> Res
             what: "start the statistics thread".into(),
             source,
         })
+}
+
+/// Confines the calling thread to `kind`'s filter, if filters are on. A thread that cannot be
+/// confined must not run at all, and has nobody to return an error to: warden exits.
+fn confine(filters: Option<&Filters>, kind: ThreadKind) {
+    if let Some(Err(err)) = filters.map(|f| f.install(kind)) {
+        eprintln!("warden: {err}");
+        std::process::exit(1);
+    }
+}
+
+fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
+    match kind {
+        DeviceThread::Block => ThreadKind::Block,
+        DeviceThread::Net => ThreadKind::Net,
+        DeviceThread::Rng => ThreadKind::Rng,
+        DeviceThread::Console => ThreadKind::Console,
+        DeviceThread::IommuEvents => ThreadKind::IommuEvents,
+        DeviceThread::IommuPoller => ThreadKind::IommuPoller,
+    }
 }
 
 /// Prints what the virtio-iommu did, per domain and in total.
@@ -691,6 +749,7 @@ fn add_legacy_devices(
     router: &GsiRouter,
     serial: &OutputConfig,
     exits: &Sender<GuestExit>,
+    filters: Option<Arc<Filters>>,
 ) -> Result<(), VmmError> {
     let insert =
         |pio: &mut Bus, device: Arc<Mutex<dyn vm_device::BusDevice>>, base: u16, len: u16| {
@@ -708,7 +767,7 @@ fn add_legacy_devices(
         let port = Arc::new(Mutex::new(SerialPort(Serial::new(IrqfdTrigger(irq), out))));
         insert(pio, port.clone(), layout::COM1_PORT, 8)?;
         if *serial == OutputConfig::Tty && io::stdin().is_terminal() {
-            forward_stdin(port);
+            forward_stdin(port, filters);
         }
     }
     insert(
@@ -791,10 +850,11 @@ impl Drop for RawTerminal {
 }
 
 /// Feeds terminal input to the guest's serial port from a thread of its own.
-fn forward_stdin(port: Arc<Mutex<SerialPort>>) {
+fn forward_stdin(port: Arc<Mutex<SerialPort>>, filters: Option<Arc<Filters>>) {
     let spawned = thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            confine(filters.as_deref(), ThreadKind::SerialInput);
             let mut buffer = [0u8; 64];
             let mut stdin = io::stdin();
             while let Ok(count) = stdin.read(&mut buffer) {
@@ -909,6 +969,7 @@ mod tests {
             console_iommu: false,
             iommu_poll: Duration::ZERO,
             devices: Vec::new(),
+            seccomp: crate::config::SeccompMode::Off,
         };
         assert!(config.needs_iommu(), "a protected net needs the IOMMU");
         let plan: Vec<(u8, &str, bool)> = plan_devices(&config)

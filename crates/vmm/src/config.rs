@@ -4,6 +4,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use net_util::MacAddr;
+pub use sandbox::Mode as SeccompMode;
 
 /// The whole machine description the builder turns into a running VM.
 #[derive(Clone, Debug)]
@@ -24,6 +25,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Longest the virtio-iommu polls its request queue after a request; zero: never.
     pub iommu_poll: std::time::Duration,
+    /// What each thread's seccomp filter does with a system call outside its list.
+    pub seccomp: SeccompMode,
 }
 
 impl VmConfig {

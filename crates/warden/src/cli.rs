@@ -106,6 +106,12 @@ pub struct Cli {
     )]
     platform: String,
 
+    /// seccomp filters on every thread: true (a system call outside a thread's allow-list ends
+    /// warden with one line naming the thread and the call), log (the kernel logs such calls
+    /// and lets them run) or false (no filter).
+    #[arg(long, value_name = "true|false|log", default_value = "true")]
+    seccomp: String,
+
     /// Log level: error, warn, info, debug (every IOMMU request) or trace. RUST_LOG also works.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
@@ -190,6 +196,7 @@ impl Cli {
             }
         }
         let iommu_poll = in_option("platform", parse_platform(&self.platform))?;
+        let seccomp = in_option("seccomp", self.seccomp.parse())?;
         let devices = self
             .device
             .iter()
@@ -220,6 +227,7 @@ impl Cli {
             console_iommu,
             devices,
             iommu_poll,
+            seccomp,
         })
     }
 }
@@ -441,6 +449,7 @@ fn parse_device(text: &str) -> ParseResult<DeviceConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm::config::SeccompMode;
 
     fn config(args: &[&str]) -> Result<VmConfig, CliError> {
         let mut argv = vec!["warden", "--kernel", "/proc/self/exe"];
@@ -492,6 +501,19 @@ mod tests {
         );
         assert!(error(&["--cpus", "boot=x"]).starts_with("--cpus: boot=x is not a number"));
         assert!(error(&["--cpus", "max=2"]).starts_with("--cpus: unknown key 'max'"));
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_turned_off_or_to_logging() {
+        let mode = |args: &[&str]| config(args).map(|c| c.seccomp);
+        assert_eq!(mode(&[]), Ok(SeccompMode::Enforce));
+        assert_eq!(mode(&["--seccomp", "true"]), Ok(SeccompMode::Enforce));
+        assert_eq!(mode(&["--seccomp", "log"]), Ok(SeccompMode::Log));
+        assert_eq!(mode(&["--seccomp", "false"]), Ok(SeccompMode::Off));
+        assert_eq!(
+            error(&["--seccomp", "on"]),
+            "--seccomp: `on`: expected true, false or log"
+        );
     }
 
     #[test]

@@ -24,10 +24,11 @@ done
 #[test]
 fn boot_linux_with_disk_and_rng() {
     let Some(out) = Scenario::new("boot_linux_with_disk_and_rng")
-        .host_setup(
+        .host_setup(&format!(
             "dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/null\n\
-             printf 'WARDEN-HOST-MARKER' | dd of=disk.img conv=notrunc 2>/dev/null",
-        )
+             printf 'WARDEN-HOST-MARKER' | dd of=disk.img conv=notrunc 2>/dev/null\n\
+             {WATCH_SECCOMP}"
+        ))
         .warden_args([
             "--cpus",
             "2",
@@ -39,7 +40,11 @@ fn boot_linux_with_disk_and_rng() {
             "src=/dev/urandom",
         ])
         .guest_script(GUEST_CHECKS)
-        .host_check("echo \"BOOT-HOST-SECTOR1=$(dd if=disk.img bs=512 skip=1 count=1 2>/dev/null | head -c 19)\"")
+        .host_check(
+            "echo \"BOOT-HOST-SECTOR1=$(dd if=disk.img bs=512 skip=1 count=1 2>/dev/null | head -c 19)\"\n\
+             sleep 2\n\
+             sed 's/^/BOOT-SECCOMP /' seccomp.txt",
+        )
         .timeout(Duration::from_secs(180))
         .run()
     else {
@@ -76,6 +81,51 @@ fn boot_linux_with_disk_and_rng() {
         Some("WARDEN-GUEST-MARKER"),
         "{out}"
     );
+    assert_threads_confined(&out);
+}
+
+/// Watches warden from the KVM host while it runs: for each of its threads, its name, seccomp
+/// mode and number of filters, from the sample with the most threads (`seccomp.txt`); a
+/// thread that ends while it is read is left out of the sample.
+const WATCH_SECCOMP: &str = r#"(
+  set +e
+  while ! pid=$(pidof warden); do sleep 1; done
+  while kill -0 "$pid"; do
+    for task in /proc/$pid/task/*; do
+      status=$(cat $task/status 2>/dev/null) && [ -n "$status" ] || continue
+      field() { echo "$status" | sed -n "s/^$1:[[:space:]]*//p"; }
+      echo "$(field Name) $(field Seccomp) $(field Seccomp_filters)"
+    done >seccomp.now
+    [ "$(wc -l <seccomp.now)" -ge "$(cat seccomp.txt 2>/dev/null | wc -l)" ] && cp seccomp.now seccomp.txt
+    sleep 1
+  done
+) >/dev/null 2>&1 &"#;
+
+/// With the default `--seccomp true`, every thread runs in seccomp filter mode (2): the vCPUs
+/// and the main thread with their own filter, each device thread with its own on top of the
+/// vCPU's that started it.
+fn assert_threads_confined(out: &Outcome) {
+    let threads: Vec<Vec<&str>> = out
+        .host_check_output()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("BOOT-SECCOMP "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let filters = |prefix: &str| -> Vec<&str> {
+        threads
+            .iter()
+            .filter(|t| t[0].starts_with(prefix))
+            .map(|t| t.get(2).copied().unwrap_or("?"))
+            .collect()
+    };
+    assert!(
+        threads.iter().all(|t| t.get(1) == Some(&"2")),
+        "every thread in seccomp filter mode: {threads:?}\n{out}"
+    );
+    assert_eq!(filters("warden"), ["1"], "{threads:?}\n{out}");
+    assert_eq!(filters("vcpu"), ["1", "1"], "{threads:?}\n{out}");
+    assert_eq!(filters("virtio-blk"), ["2"], "{threads:?}\n{out}");
+    assert_eq!(filters("virtio-rng"), ["2"], "{threads:?}\n{out}");
 }
 
 /// The host bridge comes first, then (with no virtio-iommu, which would take 00:01.0) the

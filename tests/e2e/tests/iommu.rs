@@ -13,7 +13,9 @@ const TWO_DISKS: &str = "for disk in protected plain; do
     dd if=$disk.payload of=$disk.img conv=notrunc 2>/dev/null
 done
 echo \"HOST-PROTECTED-PAYLOAD-MD5=$(md5sum <protected.payload | cut -d' ' -f1)\"
-echo \"HOST-PLAIN-PAYLOAD-MD5=$(md5sum <plain.payload | cut -d' ' -f1)\"";
+echo \"HOST-PLAIN-PAYLOAD-MD5=$(md5sum <plain.payload | cut -d' ' -f1)\"
+# While the guest runs: one statistics report on SIGUSR1, from warden's confined stats thread.
+( while ! pid=$(pidof warden); do sleep 1; done; sleep 3; kill -USR1 $pid ) >/dev/null 2>&1 &";
 
 /// Guest side: topology, groups and driver state, then a read and a write on each disk.
 const GUEST_CHECKS: &str = r#"
@@ -147,11 +149,19 @@ fn protected_disk_and_rng_are_translated_and_the_plain_disk_is_not() {
     assert_eq!(out.marker("HOST-PLAIN-MD5"), Some(written), "{out}");
 
     assert_eq!(out.warden_exit, Some(0), "{out}");
-    let total = out
+    // The report on SIGUSR1 may land in the middle of a line of the guest's console.
+    let totals: Vec<&str> = out
         .guest_output()
         .lines()
-        .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-        .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{out}"));
+        .filter_map(|line| line.split_once("warden: virtio-iommu total: "))
+        .map(|(_, total)| total)
+        .collect();
+    assert_eq!(
+        totals.len(),
+        2,
+        "statistics on SIGUSR1 while the guest ran, and on exit\n{out}"
+    );
+    let total = totals[1];
     let maps: u64 = total
         .split(" maps")
         .next()

@@ -29,7 +29,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
 
-use crate::worker::{DeviceQueue, DeviceWorker};
+use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
     VirtioDevice, VirtioInterrupt,
@@ -115,7 +115,7 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         Net {
             mem,
             backend: Arc::new(backend),
-            core: DeviceWorker::new("net", features),
+            core: DeviceWorker::new(DeviceThread::Net, features),
             config,
             queue_sizes: [options.queue_size; 2],
         }

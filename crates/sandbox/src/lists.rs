@@ -1,0 +1,297 @@
+//! The allow-list of each thread kind: the system calls it may make and, for `ioctl` and
+//! `prctl`, the requests and options it may make them with.
+//!
+//! Filters stack: a thread keeps the filter of the thread that created it and adds its own, so
+//! what it may do is the intersection. Device threads are created by vCPU threads (the guest
+//! activates a device by writing its status register), so the vCPU list is built to contain
+//! every device thread's list ([`vcpu`]); the other threads are created before any filter is
+//! installed.
+
+use std::collections::BTreeSet;
+
+use kvm_bindings::{
+    kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_userspace_memory_region, KVMIO,
+};
+use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_WRITE};
+
+use crate::ThreadKind;
+
+/// A system call: its x86_64 number and name.
+pub(crate) type Syscall = (i64, &'static str);
+
+/// A value allowed in an argument (an `ioctl` request, a `prctl` option) and its name.
+pub(crate) type Value = (u32, &'static str);
+
+macro_rules! syscalls {
+    ($($name:ident),* $(,)?) => {
+        &[$((libc::$name, stringify!($name))),*]
+    };
+}
+
+const fn kvm_write<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
+}
+
+const fn vfio(nr: u32) -> u32 {
+    ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + nr, 0) as u32
+}
+
+pub(crate) const KVM_RUN: Value = (ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u32, "KVM_RUN");
+/// MSI-X vectors are routed when the guest programs them.
+const KVM_SET_GSI_ROUTING: Value = (kvm_write::<kvm_irq_routing>(0x6a), "KVM_SET_GSI_ROUTING");
+const KVM_IRQFD: Value = (kvm_write::<kvm_irqfd>(0x76), "KVM_IRQFD");
+/// Queue notifications are wired when the guest places the notification BAR.
+const KVM_IOEVENTFD: Value = (kvm_write::<kvm_ioeventfd>(0x79), "KVM_IOEVENTFD");
+/// A passed-through device's BARs are mapped into the guest where the guest places them.
+const KVM_SET_USER_MEMORY_REGION: Value = (
+    kvm_write::<kvm_userspace_memory_region>(0x46),
+    "KVM_SET_USER_MEMORY_REGION",
+);
+const KVM_SIGNAL_MSI: Value = (kvm_write::<kvm_msi>(0xa5), "KVM_SIGNAL_MSI");
+/// MSI-X of a passed-through device, wired to irqfds when the guest enables it.
+const VFIO_DEVICE_SET_IRQS: Value = (vfio(10), "VFIO_DEVICE_SET_IRQS");
+const VFIO_DEVICE_RESET: Value = (vfio(11), "VFIO_DEVICE_RESET");
+/// The guest's virtio-iommu MAP and UNMAP requests, mirrored into the host IOMMU.
+const VFIO_IOMMU_MAP_DMA: Value = (vfio(13), "VFIO_IOMMU_MAP_DMA");
+const VFIO_IOMMU_UNMAP_DMA: Value = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
+/// A tap's offloads follow what the driver negotiated, on activation and reset.
+const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
+/// The `prctl` options of starting a thread: std names it, the filter is installed with
+/// no-new-privileges, and the SIGSYS report reads the name first.
+const PRCTL_OPTIONS: &[Value] = &[
+    (libc::PR_SET_NAME as u32, "PR_SET_NAME"),
+    (libc::PR_GET_NAME as u32, "PR_GET_NAME"),
+    (libc::PR_SET_NO_NEW_PRIVS as u32, "PR_SET_NO_NEW_PRIVS"),
+];
+
+/// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
+const TCSETS: Value = (libc::TCSETS as u32, "TCSETS");
+const TCGETS: Value = (libc::TCGETS as u32, "TCGETS");
+
+/// What any thread may need once confined: allocating (which may map, grow or give back memory),
+/// locking, logging to stderr, sleeping, closing what it drops, and ending. `write` and
+/// `exit_group` are also what the SIGSYS report needs, whichever thread it runs on.
+const BASE: &[Syscall] = syscalls![
+    SYS_brk,
+    SYS_mmap,
+    SYS_mremap,
+    SYS_munmap,
+    SYS_madvise,
+    SYS_mprotect,
+    SYS_futex,
+    SYS_write,
+    SYS_sched_yield,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_getrandom,
+    SYS_gettid,
+    SYS_close,
+    SYS_sigaltstack,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_restart_syscall,
+    SYS_exit,
+    SYS_exit_group,
+];
+
+/// The device worker loop: waiting in epoll, draining notifier eventfds, signalling irqfds.
+const WORKER_LOOP: &[Syscall] = syscalls![
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+    SYS_epoll_ctl,
+    SYS_read,
+    SYS_write,
+];
+
+/// Starting a thread and confining it: a vCPU does this when the guest activates a device, and
+/// the new thread runs under the vCPU's filter until it has installed its own.
+const THREAD_START: &[Syscall] = syscalls![
+    SYS_clone,
+    SYS_clone3,
+    SYS_set_robust_list,
+    SYS_rseq,
+    // Only with PRCTL_OPTIONS.
+    SYS_prctl,
+    SYS_sched_getaffinity,
+    SYS_seccomp,
+    // A worker's epoll set, kill eventfd and notifier clones are made before it starts.
+    SYS_epoll_create1,
+    SYS_eventfd2,
+    SYS_fcntl,
+    SYS_dup,
+];
+
+/// A thread kind's allow-list.
+pub(crate) struct AllowList {
+    pub syscalls: BTreeSet<Syscall>,
+    /// The requests `ioctl` is allowed with (argument 1); empty: no `ioctl` at all.
+    pub ioctls: BTreeSet<Value>,
+    /// The options `prctl` is allowed with (argument 0), if `syscalls` holds it.
+    pub prctl_options: BTreeSet<Value>,
+}
+
+impl AllowList {
+    fn new(parts: &[&[Syscall]], ioctls: &[Value]) -> Self {
+        let mut syscalls: BTreeSet<Syscall> =
+            parts.iter().flat_map(|p| p.iter().copied()).collect();
+        if !ioctls.is_empty() {
+            syscalls.insert((libc::SYS_ioctl, "SYS_ioctl"));
+        }
+        let prctl_options = if syscalls.iter().any(|&(nr, _)| nr == libc::SYS_prctl) {
+            PRCTL_OPTIONS.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        AllowList {
+            syscalls,
+            ioctls: ioctls.iter().copied().collect(),
+            prctl_options,
+        }
+    }
+
+    fn extend(&mut self, other: &AllowList) {
+        self.syscalls.extend(other.syscalls.iter().copied());
+        self.ioctls.extend(other.ioctls.iter().copied());
+        self.prctl_options
+            .extend(other.prctl_options.iter().copied());
+    }
+}
+
+/// The device thread kinds, which vCPU threads create.
+pub(crate) const DEVICE_KINDS: &[ThreadKind] = &[
+    ThreadKind::Block,
+    ThreadKind::Net,
+    ThreadKind::Rng,
+    ThreadKind::Console,
+    ThreadKind::IommuEvents,
+    ThreadKind::IommuPoller,
+];
+
+pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
+    match kind {
+        ThreadKind::Vcpu => vcpu(),
+        ThreadKind::Vmm => AllowList::new(
+            // After boot the VMM thread waits for the guest to stop, prints the statistics and
+            // resets passed-through devices (MSI-X off, then a device reset).
+            &[BASE],
+            &[VFIO_DEVICE_SET_IRQS, VFIO_DEVICE_RESET, TCSETS, TCGETS],
+        ),
+        ThreadKind::Block => AllowList::new(
+            &[
+                BASE,
+                WORKER_LOOP,
+                syscalls![SYS_preadv, SYS_pwritev, SYS_fdatasync],
+            ],
+            &[],
+        ),
+        ThreadKind::Net => AllowList::new(&[BASE, WORKER_LOOP, syscalls![SYS_writev]], &[]),
+        ThreadKind::Rng | ThreadKind::Console | ThreadKind::IommuEvents => {
+            AllowList::new(&[BASE, WORKER_LOOP], &[])
+        }
+        // Serves MAP/UNMAP requests, which reach the host IOMMU for passed-through endpoints.
+        ThreadKind::IommuPoller => {
+            AllowList::new(&[BASE], &[VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA])
+        }
+        ThreadKind::Stats => AllowList::new(&[BASE, syscalls![SYS_rt_sigtimedwait]], &[]),
+        ThreadKind::SerialInput => AllowList::new(&[BASE, syscalls![SYS_read]], &[]),
+    }
+}
+
+/// The vCPU runs the guest, emulates device registers (including a passed-through device's
+/// configuration space, read and written with `pread64`/`pwrite64`), serves IOMMU requests
+/// inline, and activates and resets devices: so it also holds each device thread's list.
+fn vcpu() -> AllowList {
+    let mut list = AllowList::new(
+        &[
+            BASE,
+            THREAD_START,
+            syscalls![SYS_read, SYS_pread64, SYS_pwrite64],
+        ],
+        &[
+            KVM_RUN,
+            KVM_SET_GSI_ROUTING,
+            KVM_IRQFD,
+            KVM_IOEVENTFD,
+            KVM_SET_USER_MEMORY_REGION,
+            KVM_SIGNAL_MSI,
+            VFIO_DEVICE_SET_IRQS,
+            VFIO_DEVICE_RESET,
+            VFIO_IOMMU_MAP_DMA,
+            VFIO_IOMMU_UNMAP_DMA,
+            TUNSETOFFLOAD,
+        ],
+    );
+    for &kind in DEVICE_KINDS {
+        list.extend(&allow_list(kind));
+    }
+    list
+}
+
+/// System calls no list allows that a compromised thread would reach for first; named in the
+/// SIGSYS report along with every allowed one.
+const NOTABLE: &[Syscall] = syscalls![
+    SYS_open,
+    SYS_openat,
+    SYS_socket,
+    SYS_connect,
+    SYS_bind,
+    SYS_execve,
+    SYS_execveat,
+    SYS_fork,
+    SYS_vfork,
+    SYS_ptrace,
+    SYS_kill,
+    SYS_tgkill,
+    SYS_mount,
+    SYS_unshare,
+    SYS_setns,
+    SYS_chdir,
+    SYS_unlink,
+    SYS_unlinkat,
+    SYS_rename,
+    SYS_mkdir,
+    SYS_memfd_create,
+    SYS_process_vm_writev,
+    SYS_rt_sigaction,
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_lseek,
+    SYS_fsync,
+    SYS_fstat,
+    SYS_newfstatat,
+    SYS_statx,
+    SYS_getpid,
+    SYS_readv,
+    SYS_preadv2,
+    SYS_pwritev2,
+    SYS_fallocate,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_select,
+    SYS_pselect6,
+    SYS_epoll_pwait2,
+];
+
+/// Every system call the SIGSYS report can name.
+pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
+    let mut all: BTreeSet<Syscall> = NOTABLE.iter().copied().collect();
+    all.extend(vcpu().syscalls);
+    for kind in [ThreadKind::Vmm, ThreadKind::Stats, ThreadKind::SerialInput] {
+        all.extend(allow_list(kind).syscalls);
+    }
+    all
+}
+
+/// Every `prctl` option the SIGSYS report can name.
+pub(crate) fn named_prctl_options() -> BTreeSet<Value> {
+    PRCTL_OPTIONS.iter().copied().collect()
+}
+
+/// Every ioctl request the SIGSYS report can name.
+pub(crate) fn named_ioctls() -> BTreeSet<Value> {
+    let mut all = vcpu().ioctls;
+    all.extend(allow_list(ThreadKind::Vmm).ioctls);
+    all
+}

@@ -1,0 +1,174 @@
+use std::io::Read;
+use std::os::fd::FromRawFd;
+
+use super::*;
+
+/// Runs `body` in a forked child whose stderr is a pipe; returns its wait status and stderr.
+/// The child only makes system calls between fork and exit (no allocation, no locks), since
+/// the test binary has other threads.
+fn in_child(body: impl FnOnce()) -> (i32, String) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child below only makes system calls before _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: both descriptors are open; _exit ends the child without running destructors.
+        unsafe {
+            libc::dup2(fds[1], libc::STDERR_FILENO);
+            body();
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: fds[1] is ours to close; fds[0] is open and owned by the File from here on.
+    let mut reader = unsafe {
+        libc::close(fds[1]);
+        std::fs::File::from_raw_fd(fds[0])
+    };
+    let mut stderr = String::new();
+    reader.read_to_string(&mut stderr).unwrap();
+    let mut status = 0;
+    // SAFETY: `pid` is our child and `status` a valid place for its status.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    (status, stderr)
+}
+
+fn exit_code(status: i32) -> Option<i32> {
+    libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
+}
+
+fn filters(mode: Mode) -> Filters {
+    Filters::new(mode).unwrap().expect("a filtering mode")
+}
+
+#[test]
+fn every_kind_compiles_in_both_filtering_modes_and_false_compiles_nothing() {
+    for mode in [Mode::Enforce, Mode::Log] {
+        let filters = filters(mode);
+        assert_eq!(filters.programs.len(), ThreadKind::ALL.len());
+        assert!(filters.programs.iter().all(|(_, p)| !p.is_empty()));
+    }
+    assert!(Filters::new(Mode::Off).unwrap().is_none());
+}
+
+#[test]
+fn a_vcpu_allows_all_that_the_device_threads_it_starts_do() {
+    let vcpu = lists::allow_list(ThreadKind::Vcpu);
+    for &kind in lists::DEVICE_KINDS {
+        let device = lists::allow_list(kind);
+        let missing: Vec<_> = device.syscalls.difference(&vcpu.syscalls).collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
+        let missing: Vec<_> = device.ioctls.difference(&vcpu.ioctls).collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
+        let missing: Vec<_> = device
+            .prctl_options
+            .difference(&vcpu.prctl_options)
+            .collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
+    }
+}
+
+#[test]
+fn a_forbidden_call_ends_the_process_with_one_line_naming_thread_and_call() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Block).unwrap();
+        // SAFETY: a plain system call; the filter stops it.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("warden: seccomp: thread "), "{stderr}");
+    assert!(
+        stderr.contains("(virtio-blk) made system call socket (41), which its allow-list forbids"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_vcpu_may_run_the_guest_but_not_issue_other_ioctls() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Vcpu).unwrap();
+        // SAFETY: ioctls on an fd that is not open fail with EBADF, if they get that far.
+        unsafe {
+            if libc::ioctl(-1, u64::from(lists::KVM_RUN.0)) != -1 {
+                libc::_exit(3);
+            }
+            libc::ioctl(-1, libc::TUNSETIFF);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "(vcpu) made system call ioctl (16) request 0x{:x},",
+            libc::TUNSETIFF
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_vcpu_may_name_and_confine_a_new_thread_but_not_use_other_prctl_options() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Vcpu).unwrap();
+        // SAFETY: prctl with a NUL-terminated name, then with an option and no pointer.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NAME, c"renamed".as_ptr()) != 0 {
+                libc::_exit(3);
+            }
+            libc::prctl(libc::PR_SET_DUMPABLE, 0);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(vcpu) made system call prctl (157) option 0x4,"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn log_mode_lets_the_call_run() {
+    let filters = filters(Mode::Log);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Rng).unwrap();
+        // SAFETY: a plain system call, logged and allowed; _exit ends the child at once.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            libc::_exit(if fd >= 0 { 0 } else { 4 });
+        }
+    });
+    assert_eq!(exit_code(status), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
+
+#[test]
+fn filters_stack_so_a_thread_can_only_narrow() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Vcpu).unwrap();
+        filters.install(ThreadKind::Rng).unwrap();
+        // pread64 is the vCPU's (VFIO configuration space) but not the rng thread's.
+        // SAFETY: on a closed fd this fails with EBADF, if it gets that far.
+        unsafe { libc::pread(-1, std::ptr::null_mut(), 0, 0) };
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(virtio-rng) made system call pread64 (17)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn modes_parse_as_cloud_hypervisor_spells_them() {
+    assert_eq!("true".parse(), Ok(Mode::Enforce));
+    assert_eq!("false".parse(), Ok(Mode::Off));
+    assert_eq!("log".parse(), Ok(Mode::Log));
+    assert_eq!(
+        "yes".parse::<Mode>(),
+        Err("`yes`: expected true, false or log".to_string())
+    );
+    assert_eq!(Mode::default(), Mode::Enforce);
+}
