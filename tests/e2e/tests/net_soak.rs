@@ -138,8 +138,9 @@ fn check_boot(out: &Outcome, mode: &str) {
 
 /// Known to fail: the guest still dies here (issue "a guest with a protected virtio-net dies
 /// under sustained TCP") in every one of the 14 runs with a two-CPU nested host recorded in
-/// `docs/net-soak-investigation.md` (13 triple faults, 1 hang). It is the reproduction, kept out of the default run until
-/// the cause is fixed: `cargo test -p e2e --test net_soak -- --ignored`.
+/// `docs/net-soak-investigation.md` (13 triple faults, 1 hang). It is the reproduction, kept
+/// out of the default run until the cause is fixed:
+/// `cargo test -p e2e --test net_soak -- --ignored`.
 #[test]
 #[ignore = "reproduces the open protected-net guest death; see docs/net-soak-investigation.md"]
 fn protected_net_survives_sustained_tcp_lazy_and_strict() {
