@@ -34,23 +34,7 @@ impl DistroImage {
     pub fn build() -> Self {
         packages::ensure(packages::GUEST_IMAGES);
         packages::ensure(packages::DISTRO_IMAGE);
-        let script = crate::workspace_root().join("guest/build-distro.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): see its messages above",
-            script.display(),
-            out.status
-        );
-        let dir = PathBuf::from(
-            String::from_utf8(out.stdout)
-                .expect("build-distro.sh printed a non-UTF-8 path")
-                .trim(),
-        );
+        let dir = crate::run_build_script("guest/build-distro.sh");
         let offset =
             std::fs::read_to_string(dir.join("root-offset")).expect("read the image's root-offset");
         DistroImage {

@@ -422,21 +422,29 @@ struct MachineLock {
 
 impl MachineLock {
     fn acquire() -> Self {
-        use std::os::fd::AsRawFd;
-        let path = std::env::temp_dir().join("warden-e2e.lock");
-        let file = File::create(&path)
-            .unwrap_or_else(|e| panic!("cannot create the run lock {}: {e}", path.display()));
-        // SAFETY: flock on a descriptor this function owns.
-        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            let err = std::io::Error::last_os_error();
-            assert!(
-                err.kind() == std::io::ErrorKind::Interrupted,
-                "cannot lock {}: {err}",
-                path.display()
-            );
+        MachineLock {
+            _file: exclusive_lock("warden-e2e.lock", "run lock"),
         }
-        MachineLock { _file: file }
     }
+}
+
+/// An exclusive `flock` on `name` in the system's temporary directory (`what` names it in a
+/// panic), held until the file is dropped or the process dies.
+pub(crate) fn exclusive_lock(name: &str, what: &str) -> File {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join(name);
+    let file = File::create(&path)
+        .unwrap_or_else(|e| panic!("cannot create the {what} {}: {e}", path.display()));
+    // SAFETY: flock on a descriptor this function owns.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let err = std::io::Error::last_os_error();
+        assert!(
+            err.kind() == std::io::ErrorKind::Interrupted,
+            "cannot lock {}: {err}",
+            path.display()
+        );
+    }
+    file
 }
 
 /// Whether the run ended because L1's kernel (the nested KVM host) crashed: an Oops or panic
@@ -673,7 +681,13 @@ fn target_dir() -> PathBuf {
 
 /// Runs `guest/build.sh` (seconds when cached) and returns its output directory.
 fn build_guest_images() -> PathBuf {
-    let script = workspace_root().join("guest/build.sh");
+    run_build_script("guest/build.sh")
+}
+
+/// Runs the image-building script `script` (relative to the workspace) and returns the
+/// directory it prints, its only output on stdout. Panics if it fails.
+pub(crate) fn run_build_script(script: &str) -> PathBuf {
+    let script = workspace_root().join(script);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
@@ -685,7 +699,8 @@ fn build_guest_images() -> PathBuf {
         script.display(),
         out.status
     );
-    let dir = String::from_utf8(out.stdout).expect("guest/build.sh printed a non-UTF-8 path");
+    let dir = String::from_utf8(out.stdout)
+        .unwrap_or_else(|_| panic!("{} printed a non-UTF-8 path", script.display()));
     PathBuf::from(dir.trim())
 }
 

@@ -9,7 +9,6 @@
 //! exclusive `flock` on a file, for other processes) and are idempotent: whoever comes second
 //! finds everything installed.
 
-use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -92,7 +91,8 @@ pub fn install(tools: &[Tool]) -> Result<(), String> {
         ));
     };
     let _thread = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
-    let _process = lock_file();
+    // apt takes its own lock and fails rather than waits when another install holds it.
+    let _process = crate::exclusive_lock("warden-e2e-apt.lock", "install lock");
     let packages = missing(tools);
     if packages.is_empty() {
         return Ok(()); // another thread or process installed them meanwhile
@@ -159,25 +159,6 @@ fn privilege() -> Option<Vec<&'static str>> {
         .status()
         .is_ok_and(|s| s.success());
     sudo_works.then(|| vec!["sudo", "-n", "apt-get"])
-}
-
-/// An exclusive flock on a file in the temporary directory, held until dropped: apt takes its
-/// own lock and fails rather than waits when another install holds it.
-fn lock_file() -> File {
-    use std::os::fd::AsRawFd;
-    let path = std::env::temp_dir().join("warden-e2e-apt.lock");
-    let file = File::create(&path)
-        .unwrap_or_else(|e| panic!("cannot create the install lock {}: {e}", path.display()));
-    // SAFETY: flock on a descriptor this function owns.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        let err = std::io::Error::last_os_error();
-        assert!(
-            err.kind() == std::io::ErrorKind::Interrupted,
-            "cannot lock {}: {err}",
-            path.display()
-        );
-    }
-    file
 }
 
 #[cfg(test)]
