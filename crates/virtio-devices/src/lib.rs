@@ -40,8 +40,8 @@ pub use worker::{set_thread_start_hook, DeviceThread, ThreadStartHook};
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.
 ///
 /// Implemented by `GuestMemoryMmap` (direct access to guest RAM) and by
-/// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device keeps its own
-/// clone and hands another to its worker thread.
+/// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device
+/// keeps its own clone and hands another to its worker thread.
 pub trait DeviceMemory: GuestMemory + Clone + Send + Sync + 'static {
     /// Starts one transfer (a request, a frame): held from before its first translation until
     /// its last byte moved, it makes an UNMAP of its buffers wait for it (see
