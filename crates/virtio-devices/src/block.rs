@@ -533,7 +533,6 @@ mod tests {
     use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
     use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
@@ -911,18 +910,7 @@ mod tests {
         let temp = image();
         let mut dev = block(mem.clone(), &temp, BlockOptions::default());
         let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(FakeInterrupt::default());
-        dev.ack_features(features);
-        dev.activate(
-            vec![ActivatedQueue {
-                index: 0,
-                queue: driver.queue(),
-                notifier: notifier.try_clone().unwrap(),
-            }],
-            interrupt.clone(),
-        )
-        .unwrap();
+        let (notifier, interrupt) = driver.activate(&mut dev, features);
         mem.write_slice(&[byte; 512], GuestAddress(DATA)).unwrap();
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 7);
         driver.add(&[ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)]);
@@ -1091,19 +1079,8 @@ mod tests {
         let temp = image();
         let mut dev = block(mem.clone(), &temp, BlockOptions::default());
         let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(FakeInterrupt::default());
-
-        dev.ack_features(dev.features());
-        dev.activate(
-            vec![ActivatedQueue {
-                index: 0,
-                queue: driver.queue(),
-                notifier: notifier.try_clone().unwrap(),
-            }],
-            interrupt.clone(),
-        )
-        .unwrap();
+        let features = dev.features();
+        let (notifier, interrupt) = driver.activate(&mut dev, features);
 
         mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 7);
@@ -1137,18 +1114,8 @@ mod tests {
             },
         );
         let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(FakeInterrupt::default());
-        dev.ack_features(dev.features());
-        dev.activate(
-            vec![ActivatedQueue {
-                index: 0,
-                queue: driver.queue(),
-                notifier: notifier.try_clone().unwrap(),
-            }],
-            interrupt.clone(),
-        )
-        .unwrap();
+        let features = dev.features();
+        let (notifier, interrupt) = driver.activate(&mut dev, features);
 
         let (hdr, data, status_iova) = (0x1000_0000, 0x1000_1000, 0x1000_3000);
         header(&mem, hdr, VIRTIO_BLK_T_IN, 11);

@@ -190,11 +190,10 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
-    use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt};
+    use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver};
 
     const BUF: u64 = 0x2_0000;
 
@@ -291,18 +290,8 @@ mod tests {
             0
         );
         let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(FakeInterrupt::default());
-        dev.ack_features(dev.features());
-        dev.activate(
-            vec![ActivatedQueue {
-                index: 0,
-                queue: driver.queue(),
-                notifier: notifier.try_clone().unwrap(),
-            }],
-            interrupt.clone(),
-        )
-        .unwrap();
+        let features = dev.features();
+        let (notifier, interrupt) = driver.activate(&mut dev, features);
 
         let head = driver.add(&[wo(BUF, 64)]);
         notifier.write(1).unwrap();

@@ -18,6 +18,8 @@ use vm_memory::{
 use virtio_iommu::inflight::InflightDma;
 use virtio_iommu::{DmaFence, DmaGuard};
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use crate::VirtioInterrupt;
 
 /// Guest RAM for tests: 1 MiB at 0. The driver's rings sit at the bottom, so buffers go at
@@ -98,6 +100,28 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
     /// A device-side queue configured the way the transport would hand it over.
     pub(crate) fn queue(&self) -> Queue {
         self.mock.create_queue().unwrap()
+    }
+
+    /// Activates single-queue `dev` on this queue with `features` accepted, as the transport
+    /// would; returns the queue's notifier and the interrupt the device raises.
+    pub(crate) fn activate(
+        &self,
+        dev: &mut dyn crate::VirtioDevice,
+        features: u64,
+    ) -> (EventFd, Arc<FakeInterrupt>) {
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(FakeInterrupt::default());
+        dev.ack_features(features);
+        dev.activate(
+            vec![crate::ActivatedQueue {
+                index: 0,
+                queue: self.queue(),
+                notifier: notifier.try_clone().unwrap(),
+            }],
+            interrupt.clone(),
+        )
+        .unwrap();
+        (notifier, interrupt)
     }
 
     /// Makes `descs` available as one chain; returns its head index.
