@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use vm_device::{error_limited, warn_limited};
 
+use super::Endpoint;
 use crate::mapper::{ExternalMapper, MapPerms, MapperError};
 use crate::protocol::Status;
 use crate::table::{Mapping, MappingTable, PERM_READ, PERM_WRITE};
@@ -127,4 +128,42 @@ pub(super) fn run_steps(m: &dyn ExternalMapper, steps: &[Step]) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// How many times a device reset asks a mapper to withdraw a domain before it forces the
+/// endpoint out and keeps the refused mappings as its leftover.
+pub(crate) const WITHDRAW_ATTEMPTS: usize = 3;
+
+/// Retry withdrawing endpoint `id`'s leftover mappings (those of a domain it was forced out
+/// of), keeping the ones still refused; whether none is left. Not transactional: what the
+/// mapper lets go of is gone, and the rest is what the host still holds.
+pub(super) fn withdraw_leftover(id: u32, ep: &mut Endpoint) -> bool {
+    let Some(mapper) = ep.mapper.as_ref() else {
+        return true;
+    };
+    ep.leftover
+        .retain(|m| mapper.unmap(m.start, m.size()).is_err());
+    if !ep.leftover.is_empty() {
+        warn_limited!(
+            "endpoint {id:#x}: external mapper still refuses to withdraw {} mappings",
+            ep.leftover.len()
+        );
+    }
+    ep.leftover.is_empty()
+}
+
+/// Bring an unattached endpoint's mapper to what the model says of it: no leftover mappings,
+/// and the identity map exactly when the global `bypass` is on (never while leftovers remain,
+/// as identity and domain mappings never coexist in a mapper). Failures are logged; the
+/// endpoint's fields keep telling what the mapper holds.
+pub(super) fn settle_unattached(id: u32, ep: &mut Endpoint, bypass: bool) {
+    if !withdraw_leftover(id, ep) || ep.identity == bypass {
+        return;
+    }
+    if let Some(m) = ep.mapper.as_ref() {
+        match m.set_identity(bypass) {
+            Ok(()) => ep.identity = bypass,
+            Err(e) => error_limited!("endpoint {id:#x}: identity={bypass} failed: {e}"),
+        }
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use log::error;
 use thiserror::Error;
-use vm_device::{error_limited, warn_limited};
+use vm_device::warn_limited;
 
 use crate::inflight::InflightDma;
 use crate::iotlb::EndpointIotlb;
@@ -31,6 +31,7 @@ use crate::stats::{Counters, HitCounter, IommuStats, StatsSnapshot};
 use crate::table::{Mapping, MappingTable, MAX_TABLE_NODES, MIN_GRANULE_SHIFT};
 
 use endpoint_dir::EndpointDir;
+use mapper_sync::{settle_unattached, withdraw_leftover, WITHDRAW_ATTEMPTS};
 pub(crate) use translate::perms_of;
 pub use translate::{Access, Fault, FaultReason, GuestRange, Translation};
 /// `VIRTIO_F_VERSION_1`.
@@ -177,6 +178,10 @@ struct Endpoint {
     mapper: Option<Arc<dyn ExternalMapper>>,
     /// Whether the mapper currently holds the bypass identity map.
     identity: bool,
+    /// Mappings of a domain the endpoint was forced out of (device reset) that its mapper
+    /// refused to withdraw: the host still translates them. Until they are gone the endpoint
+    /// gets no identity map and no domain (ATTACH: DEVERR), and cannot be removed.
+    leftover: Vec<Mapping>,
     shared: Arc<EndpointShared>,
 }
 
@@ -343,6 +348,7 @@ impl VirtioIommu {
                 reserved,
                 mapper: cfg.mapper,
                 identity,
+                leftover: Vec::new(),
                 shared: Arc::default(),
             },
         );
@@ -350,14 +356,17 @@ impl VirtioIommu {
         Ok(())
     }
 
-    /// Unregister an endpoint (hot-unplug), detaching it first. Fails, leaving it attached,
-    /// if its mapper refuses to withdraw the domain's mappings.
+    /// Unregister an endpoint (hot-unplug), detaching it first. Fails, leaving it attached
+    /// (or with its leftover mappings), if its mapper refuses to withdraw them.
     pub fn remove_endpoint(&self, id: u32) -> Result<(), ConfigError> {
         let mut st = write_lock(&self.state);
-        let Some(domain) = st.endpoints.get(&id).map(|e| e.domain) else {
+        let Some(ep) = st.endpoints.get_mut(&id) else {
             return Err(ConfigError::UnknownEndpoint(id));
         };
-        if let Some(d) = domain {
+        if !withdraw_leftover(id, ep) {
+            return Err(ConfigError::MapperRefused(id));
+        }
+        if let Some(d) = ep.domain {
             if self.detach(&mut st, id, d) != Status::Ok {
                 return Err(ConfigError::MapperRefused(id));
             }
@@ -478,14 +487,9 @@ impl VirtioIommu {
         for &id in &unattached {
             self.publish(st, id);
         }
-        for (id, ep) in st.endpoints.iter_mut().filter(|(_, e)| e.domain.is_none()) {
+        for (&id, ep) in st.endpoints.iter_mut().filter(|(_, e)| e.domain.is_none()) {
             write_lock(&ep.shared.iotlb).invalidate_all();
-            if let Some(m) = ep.mapper.as_ref().filter(|_| ep.identity != bypass) {
-                match m.set_identity(bypass) {
-                    Ok(()) => ep.identity = bypass,
-                    Err(e) => error_limited!("endpoint {id:#x}: identity={bypass} failed: {e}"),
-                }
-            }
+            settle_unattached(id, ep, bypass);
         }
     }
 
@@ -495,7 +499,9 @@ impl VirtioIommu {
     }
 
     /// Device reset: every endpoint is detached and every domain destroyed, features and
-    /// pending faults are cleared. `bypass` keeps its value, as the spec asks.
+    /// pending faults are cleared. `bypass` keeps its value, as the spec asks. A mapper that
+    /// keeps refusing to withdraw a domain cannot keep the domain alive, but what it still
+    /// holds stays recorded on its endpoint and is retried.
     pub fn reset(&self) {
         let mut st = write_lock(&self.state);
         let attached: Vec<(u32, u32)> = st
@@ -504,11 +510,16 @@ impl VirtioIommu {
             .filter_map(|(&id, e)| e.domain.map(|d| (id, d)))
             .collect();
         for (id, d) in attached {
-            if self.detach(&mut st, id, d) != Status::Ok {
-                // A mapper that refuses to let go cannot hold the guest's state hostage.
-                error_limited!("reset: forcing detach of endpoint {id:#x}");
-                self.unlink(&mut st, id, d);
-                self.publish(&st, id);
+            let detached =
+                (0..WITHDRAW_ATTEMPTS).any(|_| self.detach(&mut st, id, d) == Status::Ok);
+            if !detached {
+                self.force_detach(&mut st, id, d);
+            }
+        }
+        let bypass = st.bypass;
+        for (&id, ep) in st.endpoints.iter_mut() {
+            if ep.domain.is_none() {
+                settle_unattached(id, ep, bypass);
             }
         }
         st.acked_features = 0;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use log::debug;
 use vm_device::{error_limited, warn_limited};
 
-use super::mapper_sync::{map_perms, mapper_status, mappers_map, run_steps, Step};
+use super::mapper_sync::{
+    map_perms, mapper_status, mappers_map, run_steps, withdraw_leftover, Step,
+};
 use super::translate::permissions_from;
 use super::{lock, write_lock, Domain, EndpointShared, State, VirtioIommu, RETIRED_DOMAINS_KEPT};
 use crate::inflight::DmaGuard;
@@ -97,9 +99,15 @@ impl VirtioIommu {
             return Status::Inval;
         }
         let bypass = r.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
-        let Some(ep) = st.endpoints.get(&r.endpoint) else {
+        let Some(ep) = st.endpoints.get_mut(&r.endpoint) else {
             return Status::NoEnt;
         };
+        // Mappings of a domain it was forced out of still reach the host: no new domain
+        // until they are gone.
+        if !withdraw_leftover(r.endpoint, ep) {
+            return Status::DevErr;
+        }
+        let ep = &*ep;
         let (lo, hi) = self.config.domain_range;
         if r.domain < lo || r.domain > hi {
             return Status::Range;
@@ -297,6 +305,29 @@ impl VirtioIommu {
             ep.identity = bypass;
         }
         Status::Ok
+    }
+
+    /// Take endpoint `id` out of `domain` although its mapper refused to withdraw the
+    /// domain's mappings (device reset): the domain goes, and the mappings the mapper still
+    /// holds become the endpoint's leftover, so no state says they are gone while the host
+    /// still translates them.
+    pub(super) fn force_detach(&self, st: &mut State, id: u32, domain: u32) {
+        let refused: Vec<Mapping> = match (st.endpoints.get(&id), st.domains.get(&domain)) {
+            (Some(ep), Some(d)) if ep.mapper.as_ref().is_some_and(|m| mapper_refs(d, m) == 1) => {
+                d.table.iter().collect()
+            }
+            _ => Vec::new(),
+        };
+        self.unlink(st, id, domain);
+        self.publish(st, id);
+        if let Some(ep) = st.endpoints.get_mut(&id) {
+            ep.leftover.extend(refused);
+            error_limited!(
+                "reset: endpoint {id:#x} forced out of domain {domain}; its external mapper \
+                 keeps {} mappings, and the endpoint gets no domain until they are withdrawn",
+                ep.leftover.len()
+            );
+        }
     }
 
     fn detach_req(&self, st: &mut State, r: DetachRequest) -> Status {
