@@ -378,6 +378,11 @@ impl DeviceQueue {
         }
     }
 
+    /// The queue size the driver chose: the most chains it can have available at once.
+    pub(crate) fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
     /// Takes the next available chain, for devices that cannot complete chains one at a
     /// time (virtio-net's receive queue spreads one packet over several). `None` once the
     /// queue is broken.
