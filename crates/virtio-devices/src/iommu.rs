@@ -117,9 +117,10 @@ impl<M: DeviceMemory> RequestQueue<M> {
     }
 
     /// Serves every available request; whether there was one. An available index more than
-    /// a queue size ahead (a driver never has more buffers available than the ring holds), or
-    /// requests that cannot be popped, make the queue broken: it is not served again until the driver
-    /// resets the device, instead of looking non-empty to the poller forever.
+    /// a queue size ahead (a driver never has more buffers available than the ring holds),
+    /// requests that cannot be popped, or a used ring that cannot be written make the queue
+    /// broken: it is not served again until the driver resets the device, instead of looking
+    /// non-empty to the poller forever, and the driver is told so with NEEDS_RESET.
     fn serve(&self, queue: &mut Queue) -> bool {
         if self.broken.load(Ordering::Relaxed) {
             return false;
@@ -132,22 +133,22 @@ impl<M: DeviceMemory> RequestQueue<M> {
         if pending == 0 {
             return false;
         }
-        if pending <= queue.size() {
-            serve_queue(
+        let usable = pending <= queue.size()
+            && serve_queue(
                 &self.model,
                 &self.mem,
                 queue,
                 REQUEST_QUEUE,
                 self.interrupt.as_ref(),
             );
-        }
-        if queue.next_avail() == next {
+        if !usable || queue.next_avail() == next {
             self.broken.store(true, Ordering::Relaxed);
             error_limited!(
                 "virtio-iommu: request queue broken (available index {avail}, next {next}, \
                  size {}): not served until reset",
                 queue.size()
             );
+            signal_needs_reset(self.interrupt.as_ref());
             return false;
         }
         self.last_request.store(self.now(), Ordering::Relaxed);
@@ -241,14 +242,16 @@ impl Drop for RequestPoller {
     }
 }
 
-/// Serves queue `index` (requests or events) and interrupts the driver if it must be.
+/// Serves queue `index` (requests or events) and interrupts the driver if it must be;
+/// `false` if the queue itself proved unusable (its rings cannot be written), which the
+/// caller treats as broken.
 fn serve_queue<M: DeviceMemory>(
     model: &VirtioIommu,
     mem: &M,
     queue: &mut Queue,
     index: usize,
     interrupt: &dyn VirtioInterrupt,
-) {
+) -> bool {
     let result = match index {
         REQUEST_QUEUE => model.process_request_queue(mem, queue),
         _ => model.process_event_queue(mem, queue),
@@ -258,9 +261,20 @@ fn serve_queue<M: DeviceMemory>(
             if let Err(err) = interrupt.notify_queue(index) {
                 error_limited!("virtio-iommu: cannot interrupt the driver: {err}");
             }
+            true
         }
-        Ok(false) => {}
-        Err(err) => warn_limited!("virtio-iommu: queue {index}: {err}"),
+        Ok(false) => true,
+        Err(err) => {
+            error_limited!("virtio-iommu: queue {index}: {err}");
+            false
+        }
+    }
+}
+
+/// Tells the driver a broken queue stopped the device until it resets it.
+fn signal_needs_reset(interrupt: &dyn VirtioInterrupt) {
+    if let Err(err) = interrupt.needs_reset() {
+        error_limited!("virtio-iommu: cannot signal NEEDS_RESET: {err}");
     }
 }
 
@@ -326,6 +340,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             events: events.queue,
             fault_event,
             interrupt,
+            broken: false,
         };
         let worker = Worker::spawn(
             DeviceThread::IommuEvents,
@@ -383,17 +398,25 @@ struct EventWorker<M> {
     events: Queue,
     fault_event: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// The event queue's rings proved unusable: not served until reset.
+    broken: bool,
 }
 
 impl<M: DeviceMemory> EventWorker<M> {
     fn deliver(&mut self) {
-        serve_queue(
+        if self.broken {
+            return;
+        }
+        self.broken = !serve_queue(
             &self.model,
             &self.mem,
             &mut self.events,
             EVENT_QUEUE,
             self.interrupt.as_ref(),
         );
+        if self.broken {
+            signal_needs_reset(self.interrupt.as_ref());
+        }
     }
 }
 
@@ -556,11 +579,12 @@ mod tests {
     fn an_avail_index_beyond_the_queue_size_ends_the_poll() {
         let mem = guest_memory();
         let requests = Driver::new(&mem, 0, 16);
+        let interrupt = Arc::new(FakeInterrupt::default());
         let shared = RequestQueue {
             model: model_with_endpoint(),
             mem: mem.clone(),
             queue: Mutex::new(requests.queue()),
-            interrupt: Arc::new(FakeInterrupt::default()),
+            interrupt: interrupt.clone(),
             last_request: AtomicU64::new(0),
             window: AtomicU64::new(MIN_POLL_WINDOW.as_nanos() as u64),
             broken: AtomicBool::new(false),
@@ -579,6 +603,7 @@ mod tests {
             assert!(ended, "the poller spun on the broken queue");
         });
         assert!(!shared.serve(&mut shared.lock()), "nothing to serve");
+        assert_eq!(interrupt.needs_reset_count(), 1, "the driver is told once");
     }
 
     /// The whole path of a refused DMA: the guest attaches a disk to a domain and maps its ring,

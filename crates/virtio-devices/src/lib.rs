@@ -113,6 +113,10 @@ pub trait VirtioInterrupt: Send + Sync {
     fn notify_queue(&self, queue_index: usize) -> io::Result<()>;
     /// Signals that the device configuration space changed.
     fn notify_config(&self) -> io::Result<()>;
+    /// Tells the driver the device stopped serving until it is reset, because the driver broke
+    /// a queue (virtio 1.2 §2.1.2): the transport sets DEVICE_NEEDS_RESET in the device status
+    /// and signals a configuration change, once until the next reset.
+    fn needs_reset(&self) -> io::Result<()>;
 }
 
 /// A queue the driver enabled, handed to the device on activation.

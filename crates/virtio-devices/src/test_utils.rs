@@ -1,6 +1,7 @@
 //! Driver-side helpers for tests: real split queues laid out in guest memory.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -203,9 +204,15 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
 pub(crate) struct FakeInterrupt {
     queue_counts: Mutex<Vec<usize>>,
     changed: Condvar,
+    needs_reset: AtomicUsize,
 }
 
 impl FakeInterrupt {
+    /// How many times the device reported that it needs a reset.
+    pub(crate) fn needs_reset_count(&self) -> usize {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
     /// How many times queue `index` was signalled.
     pub(crate) fn count(&self, index: usize) -> usize {
         self.queue_counts
@@ -245,6 +252,11 @@ impl VirtioInterrupt for FakeInterrupt {
     }
 
     fn notify_config(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn needs_reset(&self) -> io::Result<()> {
+        self.needs_reset.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

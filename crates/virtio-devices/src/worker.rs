@@ -279,6 +279,9 @@ pub(crate) struct DeviceQueue {
     index: usize,
     queue: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// The driver broke the queue (see [`DeviceQueue::mark_broken`]): it is not served until
+    /// the device is reset, which builds a new `DeviceQueue`.
+    broken: bool,
 }
 
 impl DeviceQueue {
@@ -295,6 +298,24 @@ impl DeviceQueue {
             index,
             queue,
             interrupt,
+            broken: false,
+        }
+    }
+
+    /// Stops serving the queue for good and tells the driver the device needs a reset: an
+    /// available index the ring cannot hold, or rings the device cannot write, are driver
+    /// errors no later notification repairs, and serving on would only redo the same work.
+    fn mark_broken(&mut self, why: std::fmt::Arguments) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        error_limited!(
+            "queue {}: {why}; not served until the driver resets the device",
+            self.index
+        );
+        if let Err(err) = self.interrupt.needs_reset() {
+            error_limited!("queue {}: cannot signal NEEDS_RESET: {err}", self.index);
         }
     }
 
@@ -305,12 +326,16 @@ impl DeviceQueue {
     /// Notifications from the driver are suppressed while the ring is drained and re-enabled
     /// before returning, re-checking the ring afterwards, so a buffer added meanwhile is never
     /// left without either a notification or processing. The driver is interrupted at most
-    /// once per call, and only if the queue says it wants to be.
+    /// once per call, and only if the queue says it wants to be. A broken queue (see
+    /// [`DeviceQueue::mark_broken`]) is not served.
     pub(crate) fn process<M, F>(&mut self, mem: &M, mut handle: F)
     where
         M: GuestMemory,
         F: FnMut(DescriptorChain<&M>) -> Option<u32>,
     {
+        if self.broken {
+            return;
+        }
         let mut used_any = false;
         let mut idle_rounds = 0;
         'rounds: loop {
@@ -325,10 +350,7 @@ impl DeviceQueue {
                     break 'rounds;
                 };
                 if let Err(err) = self.queue.add_used(mem, head, len) {
-                    error_limited!(
-                        "queue {}: cannot return descriptor {head}: {err}",
-                        self.index
-                    );
+                    self.mark_broken(format_args!("cannot return descriptor {head}: {err}"));
                     break 'rounds;
                 }
                 used_any = true;
@@ -341,12 +363,12 @@ impl DeviceQueue {
                     // rounds in a row without a chain mean the avail index itself is bogus.
                     idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
                     if idle_rounds > 1 {
-                        error_limited!("queue {}: available ring index is invalid", self.index);
+                        self.mark_broken(format_args!("available ring index is invalid"));
                         break;
                     }
                 }
                 Err(err) => {
-                    error_limited!("queue {}: cannot enable notifications: {err}", self.index);
+                    self.mark_broken(format_args!("cannot enable notifications: {err}"));
                     break;
                 }
             }
@@ -356,22 +378,31 @@ impl DeviceQueue {
         }
     }
 
+    /// The queue size the driver chose: the most chains it can have available at once.
+    pub(crate) fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
     /// Takes the next available chain, for devices that cannot complete chains one at a
-    /// time (virtio-net's receive queue spreads one packet over several).
+    /// time (virtio-net's receive queue spreads one packet over several). `None` once the
+    /// queue is broken.
     pub(crate) fn pop<'m, M: GuestMemory>(&mut self, mem: &'m M) -> Option<DescriptorChain<&'m M>> {
+        if self.broken {
+            return None;
+        }
         self.queue.pop_descriptor_chain(mem)
     }
 
-    /// Returns chain `head` to the driver with `len` bytes written; `false` (logged) if the
-    /// used ring cannot be written.
+    /// Returns chain `head` to the driver with `len` bytes written; `false` if the used ring
+    /// cannot be written, which breaks the queue.
     pub(crate) fn add_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> bool {
+        if self.broken {
+            return false;
+        }
         match self.queue.add_used(mem, head, len) {
             Ok(()) => true,
             Err(err) => {
-                error_limited!(
-                    "queue {}: cannot return descriptor {head}: {err}",
-                    self.index
-                );
+                self.mark_broken(format_args!("cannot return descriptor {head}: {err}"));
                 false
             }
         }
@@ -379,12 +410,19 @@ impl DeviceQueue {
 
     /// Asks the driver to notify when it makes buffers available beyond those already taken
     /// (with EVENT_IDX, from the current avail index on); returns whether some already are,
-    /// in which case no notification will come for them.
+    /// in which case no notification will come for them. An unreachable ring breaks the
+    /// queue (and reads as nothing available).
     pub(crate) fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> bool {
-        self.queue.enable_notification(mem).unwrap_or_else(|err| {
-            error_limited!("queue {}: cannot enable notifications: {err}", self.index);
-            false
-        })
+        if self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(mem) {
+            Ok(more) => more,
+            Err(err) => {
+                self.mark_broken(format_args!("cannot enable notifications: {err}"));
+                false
+            }
+        }
     }
 
     /// Interrupts the driver about used buffers, if it wants to be.
@@ -479,17 +517,58 @@ mod tests {
     }
 
     /// An available index more than a queue size ahead: virtio-queue refuses to pop, and the
-    /// two-idle-rounds guard ends the call instead of going round forever.
+    /// two-idle-rounds guard ends the call instead of going round forever. The queue is then
+    /// broken: the driver is told once that the device needs a reset, and nothing is served
+    /// until then, even once the index looks sane again.
     #[test]
-    fn an_avail_index_beyond_the_ring_ends_processing() {
+    fn an_avail_index_beyond_the_ring_breaks_the_queue_until_reset() {
         let mem = guest_memory();
-        let driver = Driver::new(&mem, 0, 16);
+        let mut driver = Driver::new(&mem, 0, 16);
         let interrupt = Arc::new(FakeInterrupt::default());
         let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
         driver.set_avail_idx(17);
         queue.process(&mem, |_| panic!("nothing can be popped"));
         assert!(driver.used().is_empty());
         assert_eq!(interrupt.count(0), 0);
+        assert_eq!(interrupt.needs_reset_count(), 1);
+
+        driver.set_avail_idx(0);
+        driver.add(&[wo(BUF, 16)]);
+        queue.process(&mem, |_| panic!("a broken queue is not served"));
+        assert!(queue.pop(&mem).is_none());
+        assert!(!queue.enable_notification(&mem));
+        assert_eq!(interrupt.needs_reset_count(), 1, "reported once");
+
+        // Reset hands the device a fresh queue, which serves again.
+        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
+        queue.process(&mem, |_| Some(1));
+        assert_eq!(driver.used().len(), 1);
+    }
+
+    /// A used ring outside guest memory cannot take the completion: the queue is broken and
+    /// the driver told, instead of the chain being popped and lost again on every kick.
+    #[test]
+    fn an_unwritable_used_ring_breaks_the_queue() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0, 16);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let mut ring = driver.queue();
+        ring.set_used_ring_address(Some(0xffff_0000), Some(0xf));
+        let mut queue = DeviceQueue::new(0, ring, false, interrupt.clone());
+        driver.add(&[wo(BUF, 16)]);
+        driver.add(&[wo(BUF, 16)]);
+        let mut handled = 0;
+        queue.process(&mem, |_| {
+            handled += 1;
+            Some(1)
+        });
+        assert_eq!(
+            handled, 1,
+            "processing stopped at the first failed completion"
+        );
+        assert_eq!(interrupt.needs_reset_count(), 1);
+        queue.process(&mem, |_| panic!("a broken queue is not served"));
+        assert!(!queue.add_used(&mem, 1, 0));
     }
 
     struct Recorder {

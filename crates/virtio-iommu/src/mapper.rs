@@ -38,7 +38,11 @@ pub enum MapperError {
 ///   UNMAP removes them or when the mapper leaves the domain (DETACH, ATTACH to another
 ///   domain, device reset);
 /// - when a call fails the model undoes the calls it already made for the same request, so the
-///   mapper ends in the state it had before the request.
+///   mapper ends in the state it had before the request;
+/// - a device reset cannot be refused: a withdraw refused `WITHDRAW_ATTEMPTS` times leaves the
+///   mappings still held recorded on the endpoint, and `unmap` is called again for them (at
+///   the next ATTACH, which gets DEVERR while they remain, `bypass` change, reset or removal);
+///   the identity map is not requested while they remain.
 pub trait ExternalMapper: Send + Sync {
     /// Map `size` bytes at `iova` to guest-physical `gpa`.
     fn map(&self, iova: u64, gpa: u64, size: u64, perms: MapPerms) -> Result<(), MapperError>;

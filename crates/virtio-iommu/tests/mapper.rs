@@ -23,6 +23,8 @@ struct Inner {
     limit: Option<usize>,
     fail_map_at: Option<u64>,
     fail_unmap_at: Option<u64>,
+    /// Unmaps still to refuse, whatever the range.
+    refuse_unmaps: usize,
     fail_identity: bool,
     identity: bool,
     calls: usize,
@@ -43,6 +45,9 @@ impl FakeContainer {
     }
     fn fail_unmap_at(&self, iova: Option<u64>) {
         self.inner.lock().unwrap().fail_unmap_at = iova;
+    }
+    fn refuse_unmaps(&self, count: usize) {
+        self.inner.lock().unwrap().refuse_unmaps = count;
     }
     fn identity(&self) -> bool {
         self.inner.lock().unwrap().identity
@@ -90,6 +95,10 @@ impl ExternalMapper for FakeContainer {
         let mut i = self.inner.lock().unwrap();
         i.calls += 1;
         if i.fail_unmap_at == Some(iova) {
+            return Err(MapperError::Failed("injected".into()));
+        }
+        if i.refuse_unmaps > 0 {
+            i.refuse_unmaps -= 1;
             return Err(MapperError::Failed("injected".into()));
         }
         let (_, s) = i.maps.remove(&iova).expect("unmap of unknown range");
@@ -265,6 +274,80 @@ fn reset_and_removal_withdraw_mappings() {
     d.remove_endpoint(10).unwrap();
     assert!(c.contents().is_empty());
     assert_eq!(attach(&d, 1, 10), Status::NoEnt);
+}
+
+/// A mapper that refuses a withdraw on reset now and then is asked again: the reset still
+/// leaves the container empty and back on the boot-bypass identity map.
+#[test]
+fn reset_retries_a_refused_withdraw() {
+    let d = device_with(IommuConfig::default());
+    let c = Arc::new(FakeContainer::default());
+    with_mapper(&d, 10, &c);
+    assert_eq!(attach(&d, 1, 10), Status::Ok);
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, RW), Status::Ok);
+    c.refuse_unmaps(2);
+    d.reset();
+    assert!(c.contents().is_empty());
+    assert!(c.identity());
+    assert_eq!(d.domain_count(), 0);
+}
+
+/// A mapper that keeps refusing on reset: the domain goes (reset must not be held hostage),
+/// but the mappings the host still has stay on record. The endpoint gets no identity map
+/// beside them, no domain (DEVERR) and no removal while they remain; once the mapper lets
+/// go, the next ATTACH withdraws them first and everything works again.
+#[test]
+fn a_mapper_refusing_on_reset_keeps_its_mappings_on_record() {
+    let d = device_with(IommuConfig::default());
+    let c = Arc::new(FakeContainer::default());
+    with_mapper(&d, 10, &c);
+    assert_eq!(attach(&d, 1, 10), Status::Ok);
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0x8000, RW), Status::Ok);
+    assert_eq!(map(&d, 1, 0x4000, 0x4fff, 0x9000, RW), Status::Ok);
+    c.fail_unmap_at(Some(0x1000));
+    d.reset();
+    assert_eq!(d.domain_count(), 0);
+    assert_eq!(d.endpoint_domain(10), None);
+    // The non-transactional retry removed what the mapper let go of; the rest is on record.
+    assert_eq!(c.contents(), vec![(0x1000, 0x8000, 0x1000)]);
+    assert!(!c.identity(), "no identity map beside leftover mappings");
+
+    d.ack_features(d.features());
+    assert_eq!(attach(&d, 2, 10), Status::DevErr);
+    assert_eq!(d.endpoint_domain(10), None);
+    assert_eq!(
+        d.remove_endpoint(10),
+        Err(virtio_iommu::ConfigError::MapperRefused(10))
+    );
+    d.reset();
+    assert_eq!(c.contents(), vec![(0x1000, 0x8000, 0x1000)]);
+
+    c.fail_unmap_at(None);
+    d.ack_features(d.features());
+    assert_eq!(attach(&d, 2, 10), Status::Ok);
+    assert!(c.contents().is_empty() && !c.identity());
+    assert_eq!(map(&d, 2, 0x1000, 0x1fff, 0x8000, RW), Status::Ok);
+    assert_eq!(c.contents(), vec![(0x1000, 0x8000, 0x1000)]);
+    d.remove_endpoint(10).unwrap();
+    assert!(c.contents().is_empty() && !c.identity());
+}
+
+/// A stuck endpoint recovers at the next reset too, which then gives it the identity map
+/// boot bypass asks for.
+#[test]
+fn a_later_reset_withdraws_leftover_mappings() {
+    let d = device_with(IommuConfig::default());
+    let c = Arc::new(FakeContainer::default());
+    with_mapper(&d, 10, &c);
+    assert_eq!(attach(&d, 1, 10), Status::Ok);
+    assert_eq!(map(&d, 1, 0x1000, 0x1fff, 0, RW), Status::Ok);
+    c.fail_unmap_at(Some(0x1000));
+    d.reset();
+    assert_eq!(c.contents().len(), 1);
+    c.fail_unmap_at(None);
+    d.reset();
+    assert!(c.contents().is_empty());
+    assert!(c.identity());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Interrupt delivery for a virtio-pci function.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pci::MsixState;
@@ -24,6 +24,8 @@ pub(crate) struct VirtioPciInterrupt {
     pub(crate) config_generation: AtomicU8,
     pub(crate) config_vector: AtomicU16,
     pub(crate) queue_vectors: Vec<AtomicU16>,
+    /// DEVICE_NEEDS_RESET as the device reported it (from any thread) since the last reset.
+    pub(crate) needs_reset: AtomicBool,
     msix: Arc<Mutex<MsixState>>,
 }
 
@@ -36,13 +38,15 @@ impl VirtioPciInterrupt {
             queue_vectors: (0..queues)
                 .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
                 .collect(),
+            needs_reset: AtomicBool::new(false),
             msix,
         }
     }
 
-    /// Back to the device-reset state: no vectors, nothing pending in the ISR.
+    /// Back to the device-reset state: no vectors, nothing pending in the ISR, no reset needed.
     pub(crate) fn reset(&self) {
         self.isr.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
         self.config_vector
             .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
         for vector in &self.queue_vectors {
@@ -74,5 +78,12 @@ impl VirtioInterrupt for VirtioPciInterrupt {
         // The driver re-reads device configuration until the generation is stable.
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.signal(ISR_CONFIG, self.config_vector.load(Ordering::SeqCst))
+    }
+
+    fn needs_reset(&self) -> io::Result<()> {
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.notify_config()
     }
 }

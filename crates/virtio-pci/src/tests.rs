@@ -519,6 +519,58 @@ fn failed_activation_sets_needs_reset_and_notifies_config() {
     assert_eq!(h.status(), 0);
 }
 
+/// A device that finds a queue broken (from its worker thread) asks for a reset: the driver
+/// reads NEEDS_RESET and gets one config interrupt however often the device asks, cannot clear
+/// the bit itself, and its reset brings the device back.
+#[test]
+fn a_broken_queue_sets_needs_reset_until_the_driver_resets() {
+    let mut h = harness();
+    h.enable_msix(3);
+    h.write(CONFIG_MSIX_VECTOR, 2, 2);
+    h.negotiate(F_VERSION_1);
+    h.setup_queue(0, 256, 0x10_0000);
+    h.driver_ok();
+    let status = h.status();
+    assert_eq!(status & STATUS_NEEDS_RESET, 0);
+    let interrupt = h.log.lock().unwrap().interrupt.clone().unwrap();
+    std::thread::spawn(move || {
+        interrupt.needs_reset().unwrap();
+        interrupt.needs_reset().unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(h.status(), status | STATUS_NEEDS_RESET);
+    assert_eq!(h.irq.take_triggers(), vec![2], "one config interrupt");
+    assert_eq!(h.read(CONFIG_GENERATION, 1), 1);
+    assert_eq!(h.read(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+    h.set_status(status);
+    assert_ne!(
+        h.status() & STATUS_NEEDS_RESET,
+        0,
+        "the driver cannot clear it"
+    );
+
+    h.set_status(0);
+    assert_eq!(h.status(), 0);
+    h.write(CONFIG_MSIX_VECTOR, 2, 2);
+    h.negotiate(F_VERSION_1);
+    h.setup_queue(0, 256, 0x10_0000);
+    h.driver_ok();
+    assert_eq!(h.status() & STATUS_NEEDS_RESET, 0);
+    assert_eq!(
+        h.log.lock().unwrap().activations.len(),
+        2,
+        "activated again"
+    );
+    let interrupt = h.log.lock().unwrap().interrupt.clone().unwrap();
+    interrupt.needs_reset().unwrap();
+    assert_eq!(
+        h.irq.take_triggers(),
+        vec![2],
+        "reported again after the reset"
+    );
+}
+
 #[test]
 fn reset_stops_the_device_and_clears_transport_state() {
     let mut h = harness();

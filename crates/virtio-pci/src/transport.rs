@@ -373,7 +373,7 @@ impl VirtioPciDevice {
                 .to_le_bytes(),
         );
         put(0x12, &(self.queues.len() as u16).to_le_bytes());
-        put(0x14, &[self.status]);
+        put(0x14, &[self.device_status()]);
         put(
             0x15,
             &[self.interrupt.config_generation.load(Ordering::SeqCst)],
@@ -508,14 +508,24 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The status the driver reads: its own bits, and NEEDS_RESET once the device (or a failed
+    /// activation) reported it.
+    fn device_status(&self) -> u8 {
+        if self.interrupt.needs_reset.load(Ordering::SeqCst) {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     fn write_status(&mut self, value: u8) {
         if value == 0 {
             self.reset();
             return;
         }
         let old = self.status;
-        // NEEDS_RESET belongs to the device: keep ours whatever the driver wrote back.
-        let mut new = (value & !STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET);
+        // NEEDS_RESET belongs to the device: whatever the driver wrote back, it is not stored.
+        let mut new = value & !STATUS_NEEDS_RESET;
         if new & old != old {
             warn_limited!(
                 "driver tried to clear device status bits ({old:#x} -> {value:#x}); ignored"
@@ -578,8 +588,7 @@ impl VirtioPciDevice {
             "virtio device type {} failed to activate: {why}",
             self.device.device_type()
         );
-        self.status |= STATUS_NEEDS_RESET;
-        if let Err(err) = virtio_devices::VirtioInterrupt::notify_config(&*self.interrupt) {
+        if let Err(err) = virtio_devices::VirtioInterrupt::needs_reset(&*self.interrupt) {
             error_limited!("cannot signal NEEDS_RESET: {err}");
         }
     }

@@ -159,6 +159,12 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     }
 
     /// Takes receive chains until the pending `len`-byte frame fits, and writes it into them.
+    ///
+    /// The chains held for a frame are bounded whatever the driver posts: with MRG_RXBUF a
+    /// chain smaller than a header (which the driver must not post, virtio 1.2 §5.1.6.3.1)
+    /// costs the frame instead of being held, so each held chain brings at least a header's
+    /// worth of room; and a frame that a queue size of chains cannot hold (more than the ring
+    /// has, so the driver reused heads, or the frame can never fit) is dropped.
     fn deliver(&mut self, len: usize) -> Delivery {
         let len64 = len as u64;
         let mut rechecked = false;
@@ -166,6 +172,14 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
             if capacity >= len64 || (!self.mrg_rxbuf && !self.reserved.is_empty()) {
                 break;
+            }
+            if self.reserved.len() >= usize::from(self.rx.size()) {
+                warn_limited!(
+                    "virtio-net: a {len}-byte frame does not fit {} receive chains \
+                     ({capacity} bytes); dropping it",
+                    self.reserved.len()
+                );
+                return self.drop_frame();
             }
             let Some(chain) = self.rx.pop(&self.mem) else {
                 // The driver notifies once it adds buffers, unless it did so just now.
@@ -193,6 +207,13 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
                 buffers,
                 capacity,
             });
+            if self.mrg_rxbuf && capacity < VNET_HDR_LEN as u64 {
+                warn_limited!(
+                    "virtio-net: receive chain {head} holds {capacity} bytes, less than a \
+                     header; dropping a frame"
+                );
+                return self.drop_frame();
+            }
         }
 
         let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();

@@ -434,6 +434,46 @@ fn hostile_receive_chains_cost_their_frame_and_write_nothing_outside() {
     assert_eq!(&read(&mem, BUF + 12, 64), &sent[12..]);
 }
 
+/// With MRG_RXBUF a chain too small for a header (zero-length writable buffers, which a
+/// driver could post again and again) is not held: it costs the frame waiting for it and is
+/// returned at once, and the next chain serves the next frame.
+#[test]
+fn receive_chains_smaller_than_a_header_are_not_held() {
+    let mem = guest_memory();
+    let mut h = start(&mem, NO_EVENT_IDX);
+    let empty = h.post_rx(&[wo(BUF, 0), wo(BUF + 0x100, 0)]);
+    let short = h.rx.add(&[wo(BUF + 0x200, HDR as u32 - 1)]);
+    let good = h.rx.add(&[wo(BUF + 0x1000, 2048)]);
+    h.peer.send(&packet(0, 0, 100, 1)).unwrap();
+    assert_eq!(h.rx_used_after(1), [(u32::from(empty), 0)]);
+    h.peer.send(&packet(0, 0, 100, 2)).unwrap();
+    assert_eq!(h.rx_used_after(2)[1], (u32::from(short), 0));
+    let sent = packet(0, 0, 100, 3);
+    h.peer.send(&sent).unwrap();
+    assert_eq!(h.rx_used_after(3)[2], (u32::from(good), (HDR + 100) as u32));
+    assert_eq!(&read(&mem, BUF + 0x1000 + 12, 100), &sent[12..]);
+}
+
+/// A frame that a whole ring of chains cannot hold is dropped and the chains returned, rather
+/// than held while the device waits for buffers the driver has no descriptors left for.
+#[test]
+fn a_frame_larger_than_a_ring_of_chains_is_dropped() {
+    let mem = guest_memory();
+    let mut h = start(&mem, NO_EVENT_IDX);
+    let heads: Vec<u16> = (0..u64::from(QUEUE_SIZE))
+        .map(|i| h.rx.add(&[wo(BUF + i * 16, HDR as u32)]))
+        .collect();
+    h.rx_kick.write(1).unwrap();
+    h.peer
+        .send(&packet(0, 0, QUEUE_SIZE as usize * HDR, 0))
+        .unwrap();
+    let used = h.rx_used_after(1);
+    assert_eq!(
+        used,
+        heads.iter().map(|&h| (u32::from(h), 0)).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn protected_device_translates_every_buffer() {
     let mem = iommu_memory();

@@ -1,0 +1,5 @@
+//! Fuzz targets of warden's guest-facing parsers, as plain functions of one input so that
+//! libFuzzer (`fuzz_targets/`, through cargo-fuzz) and the smoke test (`tests/smoke.rs`, seeds
+//! plus seeded random inputs under `cargo test`) run the same code.
+
+pub mod request_queue;

@@ -1,0 +1,47 @@
+//! Every fuzz target over its committed seeds and a few thousand inputs from a seeded
+//! generator: seconds, on stable, so a target that stops building or starts panicking on
+//! simple input is noticed by `cargo test` without libFuzzer.
+
+use std::path::Path;
+
+/// Random inputs per target.
+const RANDOM_INPUTS: usize = 4000;
+
+/// xorshift64*: deterministic, so a failure reproduces from its index.
+struct Inputs(u64);
+
+impl Inputs {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// An input of up to 1 KiB; short ones are common, as most parsers stop early.
+    fn input(&mut self) -> Vec<u8> {
+        let len = (self.next_u64() % 1024) as usize >> (self.next_u64() % 4);
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+fn run_target(name: &str, target: fn(&[u8])) {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(name);
+    let mut seeded = 0;
+    for entry in std::fs::read_dir(&seeds).unwrap_or_else(|e| panic!("{seeds:?}: {e}")) {
+        target(&std::fs::read(entry.unwrap().path()).unwrap());
+        seeded += 1;
+    }
+    assert!(seeded > 0, "{name} has no seeds");
+    let mut inputs = Inputs(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+    for _ in 0..RANDOM_INPUTS {
+        target(&inputs.input());
+    }
+}
+
+#[test]
+fn request_queue() {
+    run_target("request_queue", virtio_iommu_fuzz::request_queue::run);
+}
