@@ -121,7 +121,8 @@ pub enum EngineKind {
 
 /// Carries out operations on one file, many at a time where the host allows it.
 pub enum Engine {
-    IoUring(UringEngine),
+    /// Boxed: a ring is much larger than the fallback.
+    IoUring(Box<UringEngine>),
     Synchronous(SyncEngine),
 }
 
@@ -135,7 +136,7 @@ impl Engine {
         match UringEngine::new(Arc::clone(&file), depth) {
             Ok(engine) => {
                 URING_LOGGED.call_once(|| info!("disk I/O through io_uring"));
-                Ok(Engine::IoUring(engine))
+                Ok(Engine::IoUring(Box::new(engine)))
             }
             Err(err) => {
                 FALLBACK_LOGGED.call_once(|| {
