@@ -450,7 +450,7 @@ fn the_driver_sets_the_cache_mode_with_config_wce() {
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 4);
         poison_status(&mem);
         submit(
-            &dev,
+            dev,
             driver,
             &mem,
             &[ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
