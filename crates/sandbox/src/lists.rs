@@ -55,6 +55,9 @@ const VFIO_DEVICE_RESET: Value = (vfio(11), "VFIO_DEVICE_RESET");
 /// The guest's virtio-iommu MAP and UNMAP requests, mirrored into the host IOMMU.
 const VFIO_IOMMU_MAP_DMA: Value = (vfio(13), "VFIO_IOMMU_MAP_DMA");
 const VFIO_IOMMU_UNMAP_DMA: Value = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
+/// A disk on a host block device: DISCARD and WRITE_ZEROES (`<linux/fs.h>`).
+const BLKDISCARD: Value = (ioctl_expr(_IOC_NONE, 0x12, 119, 0) as u32, "BLKDISCARD");
+const BLKZEROOUT: Value = (ioctl_expr(_IOC_NONE, 0x12, 127, 0) as u32, "BLKZEROOUT");
 /// A tap's offloads follow what the driver negotiated, on activation and reset.
 const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
 /// The `prctl` options of starting a thread: std names it, the filter is installed with
@@ -182,9 +185,16 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             &[
                 BASE,
                 WORKER_LOOP,
-                syscalls![SYS_preadv, SYS_pwritev, SYS_fdatasync],
+                // Submitting to and reaping from the queue's io_uring. The ring is made, and
+                // everything registered on it, when the disk is created, before any filter:
+                // neither io_uring_setup nor io_uring_register is allowed here.
+                syscalls![SYS_io_uring_enter],
+                // The synchronous fallback where the host refuses io_uring: reads, writes,
+                // FLUSH and write-through, DISCARD and WRITE_ZEROES on an image file.
+                syscalls![SYS_preadv, SYS_pwritev, SYS_fdatasync, SYS_fallocate],
             ],
-            &[],
+            // DISCARD and WRITE_ZEROES on a host block device.
+            &[BLKDISCARD, BLKZEROOUT],
         ),
         ThreadKind::Net => AllowList::new(&[BASE, WORKER_LOOP, syscalls![SYS_writev]], &[]),
         ThreadKind::Rng | ThreadKind::Console | ThreadKind::IommuEvents => {
@@ -266,7 +276,8 @@ const NOTABLE: &[Syscall] = syscalls![
     SYS_readv,
     SYS_preadv2,
     SYS_pwritev2,
-    SYS_fallocate,
+    SYS_io_uring_setup,
+    SYS_io_uring_register,
     SYS_poll,
     SYS_ppoll,
     SYS_select,

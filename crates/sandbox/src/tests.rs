@@ -172,3 +172,26 @@ fn modes_parse_as_cloud_hypervisor_spells_them() {
     );
     assert_eq!(Mode::default(), Mode::Enforce);
 }
+
+/// A disk thread drives the io_uring made for it before confinement, but cannot make one:
+/// a ring of its own would not carry the restrictions the disk's ring was set up with.
+#[test]
+fn a_disk_thread_may_enter_its_ring_but_not_set_one_up() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Block).unwrap();
+        // SAFETY: io_uring_enter on an fd that is not open fails with EBADF; io_uring_setup
+        // with a null parameter pointer would fail with EFAULT, if it got that far.
+        unsafe {
+            if libc::syscall(libc::SYS_io_uring_enter, -1, 0, 0, 0, 0usize, 0) != -1 {
+                libc::_exit(3);
+            }
+            libc::syscall(libc::SYS_io_uring_setup, 1, 0usize);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(virtio-blk) made system call io_uring_setup (425)"),
+        "{stderr}"
+    );
+}

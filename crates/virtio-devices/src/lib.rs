@@ -42,7 +42,10 @@ pub use worker::{set_thread_start_hook, DeviceThread, ThreadStartHook};
 /// Implemented by `GuestMemoryMmap` (direct access to guest RAM) and by
 /// `IommuMemory<GuestMemoryMmap, I>` (every access translated by a virtual IOMMU). The device
 /// keeps its own clone and hands another to its worker thread.
-pub trait DeviceMemory: GuestMemory + Clone + Send + Sync + 'static {
+///
+/// Without dirty-page tracking (`Bitmap = ()`): an asynchronous disk read lands after the
+/// slices it was translated to are gone, so nothing could mark those pages dirty.
+pub trait DeviceMemory: GuestMemory<Bitmap = ()> + Clone + Send + Sync + 'static {
     /// Starts one transfer (a request, a frame): held from before its first translation until
     /// its last byte moved, it makes an UNMAP of its buffers wait for it (see
     /// `virtio_iommu::inflight`). `None` where nothing translates.

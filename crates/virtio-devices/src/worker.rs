@@ -119,7 +119,8 @@ pub(crate) struct DeviceWorker {
     acked_features: u64,
     kind: DeviceThread,
     thread_name: String,
-    worker: Option<Worker>,
+    /// One per thread: most devices have one, a multi-queue disk one per queue.
+    workers: Vec<Worker>,
 }
 
 impl DeviceWorker {
@@ -131,7 +132,7 @@ impl DeviceWorker {
             acked_features: 0,
             kind,
             thread_name: format!("virtio-{}-{instance}", kind.label()),
-            worker: None,
+            workers: Vec::new(),
         }
     }
 
@@ -160,17 +161,36 @@ impl DeviceWorker {
         notifiers: Vec<(usize, EventFd)>,
         handler: H,
     ) -> Result<(), ActivateError> {
-        self.worker = None;
-        let worker = Worker::spawn(self.kind, self.thread_name.clone(), notifiers, handler)
-            .map_err(ActivateError::Io)?;
-        self.worker = Some(worker);
+        self.start_each(vec![(notifiers, handler)])
+    }
+
+    /// Starts one thread per `(notifiers, handler)`: `virtio-blk-3` for the first, then
+    /// `virtio-blk-3-q1`, ... Running threads are stopped first.
+    pub(crate) fn start_each<H: WorkerHandler>(
+        &mut self,
+        threads: Vec<(Vec<(usize, EventFd)>, H)>,
+    ) -> Result<(), ActivateError> {
+        self.stop();
+        for (i, (notifiers, handler)) in threads.into_iter().enumerate() {
+            let name = match i {
+                0 => self.thread_name.clone(),
+                i => format!("{}-q{i}", self.thread_name),
+            };
+            let worker =
+                Worker::spawn(self.kind, name, notifiers, handler).map_err(ActivateError::Io)?;
+            self.workers.push(worker);
+        }
         Ok(())
     }
 
-    /// Device reset: stops and joins the thread (which drops the queues) and forgets the
-    /// negotiated features.
+    /// Stops and joins the threads (which drops the queues).
+    pub(crate) fn stop(&mut self) {
+        self.workers.clear();
+    }
+
+    /// Device reset: stops the threads and forgets the negotiated features.
     pub(crate) fn reset(&mut self) {
-        self.worker = None;
+        self.stop();
         self.acked_features = 0;
     }
 }
@@ -406,6 +426,18 @@ impl DeviceQueue {
                 false
             }
         }
+    }
+
+    /// Stops the driver's notifications while the device drains the ring.
+    pub(crate) fn disable_notification<M: GuestMemory>(&mut self, mem: &M) {
+        if let Err(err) = self.queue.disable_notification(mem) {
+            warn_limited!("queue {}: cannot disable notifications: {err}", self.index);
+        }
+    }
+
+    /// Gives the chain popped last back to the ring, to be popped again later.
+    pub(crate) fn undo_pop(&mut self) {
+        self.queue.go_to_previous_position();
     }
 
     /// Asks the driver to notify when it makes buffers available beyond those already taken

@@ -514,6 +514,9 @@ fn build_device<M: DeviceMemory>(
             let options = BlockOptions {
                 readonly: disk.readonly,
                 access_platform,
+                direct: disk.direct,
+                num_queues: disk.num_queues,
+                queue_size: disk.queue_size,
                 ..Default::default()
             };
             Box::new(
@@ -934,6 +937,9 @@ mod tests {
             path: PathBuf::from("disk.img"),
             readonly: false,
             iommu: false,
+            direct: false,
+            num_queues: 1,
+            queue_size: DiskConfig::DEFAULT_QUEUE_SIZE,
         };
         let net = NetConfig {
             tap: String::new(),

@@ -64,6 +64,16 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub iommu: bool,
+    /// O_DIRECT on the image.
+    pub direct: bool,
+    /// Request queues, each served by its own thread.
+    pub num_queues: u16,
+    /// Entries per request queue.
+    pub queue_size: u16,
+}
+
+impl DiskConfig {
+    pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 }
 
 /// A virtio-net device on a tap.

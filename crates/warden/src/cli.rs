@@ -55,7 +55,9 @@ pub struct Cli {
     #[arg(long, value_name = "STRING", default_value = "console=ttyS0")]
     cmdline: String,
 
-    /// virtio-blk disk (repeatable): path=PATH[,readonly=on][,iommu=on]. Accepts iommu=on.
+    /// virtio-blk disk (repeatable):
+    /// path=PATH[,readonly=on][,direct=on][,num_queues=1][,queue_size=256][,iommu=on].
+    /// PATH is a raw image or a block device. Accepts iommu=on.
     #[arg(long, value_name = "path=PATH[,readonly=on][,iommu=on]")]
     disk: Vec<String>,
 
@@ -273,16 +275,51 @@ fn parse_memory(text: &str) -> ParseResult<MemoryConfig> {
     })
 }
 
+/// Most request queues a disk takes: each is a thread and an io_uring.
+const MAX_DISK_QUEUES: u16 = 64;
+
 fn parse_disk(text: &str) -> ParseResult<DiskConfig> {
-    let kv = KeyValues::parse(text, &["path", "readonly", "iommu"])?;
+    let kv = KeyValues::parse(
+        text,
+        &[
+            "path",
+            "readonly",
+            "iommu",
+            "direct",
+            "num_queues",
+            "queue_size",
+        ],
+    )?;
     let path = kv
         .get("path")
         .filter(|path| !path.is_empty())
         .ok_or("path= is required, e.g. --disk path=disk.img")?;
+    let number = |key: &str, default: u16| -> ParseResult<u16> {
+        kv.get(key).map_or(Ok(default), |value| {
+            value
+                .parse::<u16>()
+                .map_err(|_| format!("{key}={value} is not a number"))
+        })
+    };
+    let num_queues = number("num_queues", 1)?;
+    if !(1..=MAX_DISK_QUEUES).contains(&num_queues) {
+        return Err(format!(
+            "num_queues={num_queues} is not from 1 to {MAX_DISK_QUEUES}; give e.g. num_queues=2"
+        ));
+    }
+    let queue_size = number("queue_size", DiskConfig::DEFAULT_QUEUE_SIZE)?;
+    if !queue_size.is_power_of_two() || queue_size < 2 {
+        return Err(format!(
+            "queue_size={queue_size} is not a power of two from 2 to 32768; give e.g. queue_size=256"
+        ));
+    }
     Ok(DiskConfig {
         path: PathBuf::from(path),
         readonly: kv.switch("readonly")?,
         iommu: kv.switch("iommu")?,
+        direct: kv.switch("direct")?,
+        num_queues,
+        queue_size,
     })
 }
 
@@ -720,5 +757,32 @@ mod tests {
         assert!(error(&["--disk", "readonly=on"]).starts_with("--disk: path= is required"));
         assert!(error(&["--disk", "path=/x,iommu=yes"])
             .starts_with("--disk: iommu=yes is not on or off"));
+        let c = config(&[
+            "--disk",
+            &format!(
+                "path={},direct=on,num_queues=4,queue_size=128",
+                exe.display()
+            ),
+        ])
+        .unwrap();
+        assert!(c.disks[0].direct);
+        assert_eq!((c.disks[0].num_queues, c.disks[0].queue_size), (4, 128));
+        let plain = config(&["--disk", &format!("path={}", exe.display())]).unwrap();
+        assert!(!plain.disks[0].direct);
+        assert_eq!(
+            (plain.disks[0].num_queues, plain.disks[0].queue_size),
+            (1, 256)
+        );
+        for (bad, message) in [
+            ("num_queues=0", "num_queues=0 is not from 1 to 64"),
+            ("num_queues=65", "num_queues=65 is not from 1 to 64"),
+            ("num_queues=two", "num_queues=two is not a number"),
+            ("queue_size=100", "queue_size=100 is not a power of two"),
+            ("queue_size=65536", "queue_size=65536 is not a number"),
+            ("direct=maybe", "direct=maybe is not on or off"),
+        ] {
+            let err = error(&["--disk", &format!("path={},{bad}", exe.display())]);
+            assert!(err.starts_with(&format!("--disk: {message}")), "{err}");
+        }
     }
 }

@@ -359,7 +359,7 @@ impl Prepared {
 }
 
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
-const GUEST_TOOLS: [&str; 1] = ["vfio-map"];
+const GUEST_TOOLS: [&str; 2] = ["vfio-map", "blk-discard"];
 
 /// Serializes runs: tests in a crate run on parallel threads, and one QEMU already wants
 /// both cores of a small CI machine (and a nested guest is too slow to share them).

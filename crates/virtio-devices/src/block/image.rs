@@ -1,0 +1,179 @@
+//! The disk image: a raw file or a host block device, and what the driver was told about it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+
+use super::{BlockError, ID_LEN, SECTOR_SIZE};
+
+// <linux/fs.h>
+ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+ioctl_io_nr!(BLKSSZGET, 0x12, 104);
+ioctl_io_nr!(BLKDISCARD, 0x12, 119);
+ioctl_io_nr!(BLKZEROOUT, 0x12, 127);
+
+/// What backs the disk, which decides how DISCARD and WRITE_ZEROES are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ImageKind {
+    /// A regular file: `fallocate` punches holes and zeroes ranges, through the engine.
+    File,
+    /// A host block device: `BLKDISCARD` and `BLKZEROOUT`, in the worker thread.
+    BlockDevice,
+}
+
+/// The image and what the driver was told about it; shared by the device and its workers.
+pub(super) struct Disk {
+    pub(super) file: Arc<File>,
+    pub(super) capacity: u64,
+    pub(super) readonly: bool,
+    pub(super) serial: [u8; ID_LEN],
+    pub(super) kind: ImageKind,
+    /// With O_DIRECT, the alignment the host requires of offsets, lengths and buffers (guest
+    /// buffers that miss it go through a bounce buffer); `None` through the page cache.
+    pub(super) direct_alignment: Option<usize>,
+    /// Write-back cache: writes complete once written, and stable after a FLUSH. Otherwise
+    /// (a driver without VIRTIO_BLK_F_FLUSH, which cannot ask for durability, or one that set
+    /// write-through) each write is made stable before it completes (virtio 1.2 §5.2.6.2).
+    pub(super) writeback: AtomicBool,
+    /// `fdatasync`s asked for, for tests.
+    #[cfg(test)]
+    pub(super) syncs: std::sync::atomic::AtomicUsize,
+}
+
+impl Disk {
+    /// Sizes `file` (a regular file, or a block device through `BLKGETSIZE64`) and, with
+    /// `direct`, switches it to O_DIRECT.
+    pub(super) fn new(
+        file: File,
+        readonly: bool,
+        serial: [u8; ID_LEN],
+        direct: bool,
+    ) -> Result<Self, BlockError> {
+        let metadata = file.metadata().map_err(BlockError::Size)?;
+        let kind = if metadata.file_type().is_block_device() {
+            ImageKind::BlockDevice
+        } else {
+            ImageKind::File
+        };
+        let size = match kind {
+            ImageKind::File => metadata.len(),
+            ImageKind::BlockDevice => {
+                let mut size = 0u64;
+                // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
+                ioctl_result(unsafe {
+                    libc::ioctl(file.as_raw_fd(), BLKGETSIZE64(), &mut size as *mut u64)
+                })
+                .map_err(BlockError::Size)?;
+                size
+            }
+        };
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "virtio-blk: image size {size} is not a multiple of {SECTOR_SIZE}; the tail is not visible"
+            );
+        }
+        let direct_alignment = if direct {
+            set_direct(&file).map_err(BlockError::Direct)?;
+            Some(direct_alignment(&file, kind))
+        } else {
+            None
+        };
+        Ok(Disk {
+            file: Arc::new(file),
+            capacity: size / SECTOR_SIZE,
+            readonly,
+            serial,
+            kind,
+            direct_alignment,
+            writeback: AtomicBool::new(false),
+            #[cfg(test)]
+            syncs: Default::default(),
+        })
+    }
+
+    pub(super) fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Counts an `fdatasync` about to be asked of the engine (tests check durability by it).
+    pub(super) fn count_sync(&self) {
+        #[cfg(test)]
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Makes the writes done so far stable, in the calling thread.
+    pub(super) fn sync(&self) -> io::Result<()> {
+        self.count_sync();
+        self.file.sync_data()
+    }
+
+    /// Discards (or, with `zero`, zeroes) `len` bytes at `offset` of a block device.
+    pub(super) fn discard_block_device(&self, offset: u64, len: u64, zero: bool) -> io::Result<()> {
+        let range = [offset, len];
+        let request = if zero { BLKZEROOUT() } else { BLKDISCARD() };
+        // SAFETY: both ioctls read two u64s (offset, length) from `range`.
+        ioctl_result(unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) })
+    }
+}
+
+fn ioctl_result(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn set_direct(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL take and return plain flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    ioctl_result(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) })
+}
+
+/// The alignment O_DIRECT needs: a block device's logical block size, or for a file what a
+/// probe finds (a sector unless a 512-byte read at offset 512 is refused), never below a sector.
+fn direct_alignment(file: &File, kind: ImageKind) -> usize {
+    const SECTOR: usize = SECTOR_SIZE as usize;
+    const LARGE: usize = 4096;
+    match kind {
+        ImageKind::File => {
+            let layout = std::alloc::Layout::from_size_align(LARGE, LARGE).unwrap();
+            // SAFETY: the layout has a non-zero size; freed below.
+            let buf = unsafe { std::alloc::alloc(layout) };
+            if buf.is_null() {
+                return LARGE;
+            }
+            // SAFETY: `buf` has room for the sector read into it.
+            let ret = unsafe { libc::pread(file.as_raw_fd(), buf.cast(), SECTOR, SECTOR as i64) };
+            let refused =
+                ret < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL);
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(buf, layout) };
+            if refused {
+                LARGE
+            } else {
+                SECTOR
+            }
+        }
+        ImageKind::BlockDevice => {
+            let mut size: libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int into `size`.
+            let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET(), &mut size) };
+            if ret < 0 || size <= 0 {
+                LARGE
+            } else {
+                (size as usize).max(SECTOR)
+            }
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The requests of one queue between their parsing and their completion: many at a time in
+//! the engine, finished in whatever order the engine reports them.
+//!
+//! Each request holds its `DmaGuard` until its completion is handled, so an UNMAP of any of
+//! its buffers waits until the engine stopped writing into them; the host addresses it uses
+//! are only those the IOMMU granted when it was parsed. A FLUSH waits for the writes the queue
+//! took before it, then `fdatasync`s; a write under write-through is made stable before it
+//! completes; the status byte is written after the data moved.
+
+use std::alloc::{self, Layout};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use io_engine::{Completion, Engine, IoVecs, Op};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_iommu::DmaGuard;
+use virtio_queue::DescriptorChain;
+use vm_device::warn_limited;
+
+use super::image::{Disk, ImageKind};
+use super::request::{self, Action, GuestPtr, Segment};
+use crate::DeviceMemory;
+
+/// Most bytes of bounce buffers one queue holds at once (O_DIRECT with guest buffers the
+/// host cannot use as they are); a request that needs more is refused with IOERR.
+pub(super) const BOUNCE_BUDGET: usize = 16 << 20;
+
+/// How a request started.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Started {
+    /// Already complete: put `(head, len)` on the used ring.
+    Done(u16, u32),
+    /// In flight; its completion comes from [`Requests::reap`].
+    Queued,
+    /// Not carried out for want of bounce-buffer room: give the chain back to the ring and
+    /// retry once requests in flight completed.
+    NoRoom,
+}
+
+/// The in-flight requests of one queue.
+pub(super) struct Requests {
+    disk: Arc<Disk>,
+    engine: Arc<Mutex<Engine>>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Numbers requests in the order the queue took them, for FLUSH ordering.
+    next_seq: u64,
+    /// FLUSHes waiting for earlier writes, oldest first.
+    parked_flushes: VecDeque<usize>,
+    bounce_bytes: usize,
+    completions: Vec<Completion>,
+}
+
+struct InFlight {
+    head: u16,
+    status: GuestPtr,
+    seq: u64,
+    stage: Stage,
+    /// Data bytes the request writes into the chain when it succeeds.
+    written: u32,
+    /// A read through a bounce buffer copies it to these guest segments when it completes.
+    read_back: Vec<Segment>,
+    bounce: Option<Bounce>,
+    /// Held until the request completed: no UNMAP of its buffers completes before that.
+    _dma: Option<DmaGuard>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Read,
+    Write,
+    /// A write-through write done, its `fdatasync` in flight.
+    SyncAfterWrite,
+    /// A FLUSH, waiting or in flight.
+    Flush,
+    Discard,
+}
+
+impl Requests {
+    /// Room for `depth` requests (the queue's size) on `engine`.
+    pub(super) fn new(disk: Arc<Disk>, engine: Arc<Mutex<Engine>>, depth: u16) -> Self {
+        let depth = usize::from(depth);
+        Requests {
+            disk,
+            engine,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            next_seq: 0,
+            parked_flushes: VecDeque::new(),
+            bounce_bytes: 0,
+            completions: Vec::new(),
+        }
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether another request fits: the queue stops taking chains when not.
+    pub(super) fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Whether requests wait for the engine (whose completion fd then wakes the worker).
+    pub(super) fn busy(&self) -> bool {
+        self.engine().in_flight() > 0
+    }
+
+    pub(super) fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.engine().completion_fd()
+    }
+
+    /// Parses and starts the request in `chain`; the caller checked [`Requests::has_room`].
+    pub(super) fn start<M: DeviceMemory>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> Started {
+        let head = chain.head_index();
+        let Some(slot) = self.free.last().copied() else {
+            return Started::NoRoom;
+        };
+        // From before the first translation to the completion, one transfer.
+        let dma = mem.begin_dma();
+        let Some(request) = request::parse(&self.disk, mem, chain) else {
+            return Started::Done(head, 0);
+        };
+        let seq = self.next_seq;
+        let mut entry = InFlight {
+            head,
+            status: request.status,
+            seq,
+            stage: Stage::Read,
+            written: 0,
+            read_back: Vec::new(),
+            bounce: None,
+            _dma: dma,
+        };
+        let op = match request.action {
+            Action::Done { status, written } => {
+                return Started::Done(head, entry.finish(status, written))
+            }
+            Action::Read {
+                offset,
+                segments,
+                len,
+            } => {
+                entry.written = u32::try_from(len).unwrap_or(u32::MAX);
+                match self.transfer_buffers(&segments, len, false) {
+                    Err(started) => {
+                        return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
+                    }
+                    Ok(None) => Op::Read {
+                        offset,
+                        buffers: iovecs(&segments),
+                    },
+                    Ok(Some(bounce)) => {
+                        let buffers = bounce.iovecs();
+                        entry.bounce = Some(bounce);
+                        entry.read_back = segments;
+                        Op::Read { offset, buffers }
+                    }
+                }
+            }
+            Action::Write {
+                offset,
+                segments,
+                len,
+            } => {
+                entry.stage = Stage::Write;
+                match self.transfer_buffers(&segments, len, true) {
+                    Err(started) => {
+                        return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
+                    }
+                    Ok(None) => Op::Write {
+                        offset,
+                        buffers: iovecs(&segments),
+                    },
+                    Ok(Some(bounce)) => {
+                        let buffers = bounce.iovecs();
+                        entry.bounce = Some(bounce);
+                        Op::Write { offset, buffers }
+                    }
+                }
+            }
+            Action::Flush => {
+                entry.stage = Stage::Flush;
+                if self.writes_before(seq) {
+                    self.next_seq += 1;
+                    self.free.pop();
+                    self.slots[slot] = Some(entry);
+                    self.parked_flushes.push_back(slot);
+                    return Started::Queued;
+                }
+                self.disk.count_sync();
+                Op::SyncData
+            }
+            Action::Discard {
+                offset,
+                len,
+                zero,
+                unmap,
+            } => {
+                entry.stage = Stage::Discard;
+                match self.disk.kind {
+                    ImageKind::BlockDevice => {
+                        let status = match self.disk.discard_block_device(offset, len, zero) {
+                            Ok(()) => VIRTIO_BLK_S_OK as u8,
+                            Err(err) => {
+                                warn_limited!("virtio-blk: request {head}: discard failed: {err}");
+                                VIRTIO_BLK_S_IOERR as u8
+                            }
+                        };
+                        return Started::Done(head, entry.finish(status, 0));
+                    }
+                    ImageKind::File => Op::Fallocate {
+                        mode: fallocate_mode(zero, unmap),
+                        offset,
+                        len,
+                    },
+                }
+            }
+        };
+        self.next_seq += 1;
+        self.free.pop();
+        self.bounce_bytes += entry.bounce.as_ref().map_or(0, |b| b.layout.size());
+        self.slots[slot] = Some(entry);
+        if !self.push(slot, op) {
+            if let Some(entry) = self.take(slot) {
+                return Started::Done(head, entry.fail());
+            }
+        }
+        Started::Queued
+    }
+
+    /// Under O_DIRECT, a bounce buffer for guest segments the host cannot take as they are
+    /// (filled from them for a write). `Err(None)`: refused (too large); `Err(Some(NoRoom))`:
+    /// wait for room.
+    fn transfer_buffers(
+        &mut self,
+        segments: &[Segment],
+        len: u64,
+        write: bool,
+    ) -> Result<Option<Bounce>, Option<Started>> {
+        let Some(alignment) = self.disk.direct_alignment else {
+            return Ok(None);
+        };
+        let aligned = segments.iter().all(|s| {
+            (s.ptr.0 as usize).is_multiple_of(alignment) && s.len.is_multiple_of(alignment)
+        });
+        if aligned {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| None)?;
+        if len > BOUNCE_BUDGET {
+            warn_limited!(
+                "virtio-blk: unaligned O_DIRECT request of {len} bytes exceeds the bounce budget"
+            );
+            return Err(None);
+        }
+        if self.bounce_bytes + len > BOUNCE_BUDGET {
+            return Err(Some(Started::NoRoom));
+        }
+        let bounce = Bounce::new(len, alignment).ok_or(None)?;
+        if write {
+            bounce.fill_from(segments);
+        }
+        Ok(Some(bounce))
+    }
+
+    /// Whether a write the queue took before request `seq` is still in flight.
+    fn writes_before(&self, seq: u64) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|r| r.stage == Stage::Write && r.seq < seq)
+    }
+
+    /// Hands `op` for slot `slot` to the engine; `false` if the engine refused it.
+    fn push(&mut self, slot: usize, op: Op) -> bool {
+        // SAFETY: the buffers are guest memory granted to the request (its DmaGuard, held in
+        // the slot until the completion is handled, keeps an UNMAP waiting; the worker's
+        // memory handle keeps the RAM mapped) or its bounce buffer, freed with the slot.
+        // `drain` waits for the engine before slots are dropped.
+        match unsafe { self.engine().push(slot as u64, op) } {
+            Ok(()) => true,
+            Err(err) => {
+                warn_limited!("virtio-blk: cannot queue I/O: {err}");
+                false
+            }
+        }
+    }
+
+    /// Frees slot `slot`, returning its request.
+    fn take(&mut self, slot: usize) -> Option<InFlight> {
+        let entry = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        if let Some(bounce) = &entry.bounce {
+            self.bounce_bytes -= bounce.layout.size();
+        }
+        Some(entry)
+    }
+
+    /// Hands the queued operations to the kernel.
+    pub(super) fn submit(&mut self) {
+        if let Err(err) = self.engine().submit() {
+            warn_limited!("virtio-blk: cannot submit I/O: {err}");
+        }
+    }
+
+    /// Completes the requests whose I/O finished, calling `done(head, len)` for each; returns
+    /// how many.
+    pub(super) fn reap(&mut self, mut done: impl FnMut(u16, u32)) -> usize {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.engine().reap(&mut completions);
+        let count = self.complete(&mut completions, &mut done);
+        self.completions = completions;
+        count
+    }
+
+    fn complete(
+        &mut self,
+        completions: &mut Vec<Completion>,
+        done: &mut impl FnMut(u16, u32),
+    ) -> usize {
+        let mut count = 0;
+        for completion in completions.drain(..) {
+            let slot = completion.token as usize;
+            let Some(Some(entry)) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            let failed = match completion.result {
+                Err(err) => {
+                    warn_limited!("virtio-blk: request {} failed: {err}", entry.head);
+                    true
+                }
+                Ok(()) if entry.stage == Stage::Write && !self.disk.writeback() => {
+                    // Write-through: stable before it completes.
+                    entry.stage = Stage::SyncAfterWrite;
+                    self.disk.count_sync();
+                    if self.push(slot, Op::SyncData) {
+                        continue;
+                    }
+                    true
+                }
+                Ok(()) => false,
+            };
+            let Some(entry) = self.take(slot) else {
+                continue;
+            };
+            count += 1;
+            if failed {
+                done(entry.head, entry.fail());
+                continue;
+            }
+            if let Some(bounce) = &entry.bounce {
+                bounce.copy_to(&entry.read_back);
+            }
+            done(
+                entry.head,
+                entry.finish(VIRTIO_BLK_S_OK as u8, entry.written),
+            );
+        }
+        count + self.release_flushes(done)
+    }
+
+    /// Starts the parked FLUSHes whose earlier writes have all completed; returns how many
+    /// of them failed to start (and were completed).
+    fn release_flushes(&mut self, done: &mut impl FnMut(u16, u32)) -> usize {
+        let mut failed = 0;
+        while let Some(&slot) = self.parked_flushes.front() {
+            let seq = self.slots[slot].as_ref().map_or(0, |r| r.seq);
+            if self.writes_before(seq) {
+                break;
+            }
+            self.parked_flushes.pop_front();
+            self.disk.count_sync();
+            if !self.push(slot, Op::SyncData) {
+                if let Some(entry) = self.take(slot) {
+                    done(entry.head, entry.fail());
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+
+    /// Waits until the engine finished every operation of this queue, completing nothing
+    /// (the device is being reset): then no I/O touches guest memory or a bounce buffer.
+    pub(super) fn drain(&mut self) {
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut discarded = Vec::new();
+        while engine.in_flight() > 0 {
+            if let Err(err) = engine.wait(&mut discarded) {
+                log::error!(
+                    "virtio-blk: cannot wait for I/O in flight: {err}; leaking its buffers"
+                );
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+            discarded.clear();
+        }
+    }
+
+    /// Completes everything in flight, waiting for the engine (tests drive requests this way).
+    #[cfg(test)]
+    pub(super) fn wait_all(&mut self, mut done: impl FnMut(u16, u32)) {
+        self.submit();
+        while self.slots.iter().any(Option::is_some) {
+            let mut completions = std::mem::take(&mut self.completions);
+            self.engine().wait(&mut completions).unwrap();
+            self.complete(&mut completions, &mut done);
+            self.completions = completions;
+            self.submit();
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn in_flight(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    #[cfg(test)]
+    pub(super) fn bounce_bytes(&self) -> usize {
+        self.bounce_bytes
+    }
+}
+
+impl InFlight {
+    /// Writes the status byte (after the data) and returns the length for the used ring.
+    fn finish(&self, status: u8, written: u32) -> u32 {
+        // SAFETY: the status byte was translated for writing under the DmaGuard this request
+        // still holds, into guest RAM the worker keeps mapped.
+        unsafe { self.status.0.write_volatile(status) };
+        // Below 2^32: the data is part of a chain the queue limits to 2^32 - 1 bytes.
+        written.saturating_add(1)
+    }
+
+    fn fail(&self) -> u32 {
+        self.finish(VIRTIO_BLK_S_IOERR as u8, 0)
+    }
+}
+
+/// `fallocate` mode for a DISCARD (punch a hole), or a WRITE_ZEROES (zero the range, or
+/// punch it when the driver allowed deallocation: reads of a hole return zeroes too).
+fn fallocate_mode(zero: bool, unmap: bool) -> i32 {
+    if zero && !unmap {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    }
+}
+
+fn iovecs(segments: &[Segment]) -> IoVecs {
+    IoVecs::new(segments.iter().map(|s| (s.ptr.0, s.len)))
+}
+
+/// An aligned host buffer standing in for guest buffers O_DIRECT cannot use.
+struct Bounce {
+    ptr: GuestPtr,
+    layout: Layout,
+}
+
+impl Bounce {
+    fn new(len: usize, alignment: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), alignment).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Bounce {
+            ptr: GuestPtr(ptr),
+            layout,
+        })
+    }
+
+    fn iovecs(&self) -> IoVecs {
+        IoVecs::new([(self.ptr.0, self.layout.size())])
+    }
+
+    /// Copies the guest's data in (a write).
+    fn fill_from(&self, segments: &[Segment]) {
+        let mut done = 0;
+        for s in segments {
+            // SAFETY: `s` is guest memory translated for reading, under the request's guard;
+            // the bounce buffer holds the request's total length, the sum of the segments.
+            let guest = unsafe { vm_memory::VolatileSlice::new(s.ptr.0, s.len) };
+            let bounce = unsafe { std::slice::from_raw_parts_mut(self.ptr.0.add(done), s.len) };
+            guest.copy_to(bounce);
+            done += s.len;
+        }
+    }
+
+    /// Copies the data read out to the guest (a read).
+    fn copy_to(&self, segments: &[Segment]) {
+        let mut done = 0;
+        for s in segments {
+            // SAFETY: as in `fill_from`, the segments translated for writing.
+            let guest = unsafe { vm_memory::VolatileSlice::new(s.ptr.0, s.len) };
+            let bounce = unsafe { std::slice::from_raw_parts(self.ptr.0.add(done), s.len) };
+            guest.copy_from(bounce);
+            done += s.len;
+        }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { alloc::dealloc(self.ptr.0, self.layout) };
+    }
+}

@@ -1,0 +1,476 @@
+//! The asynchronous paths: requests in flight together, out-of-order completion, several
+//! queues, FLUSH ordering, DISCARD and WRITE_ZEROES, O_DIRECT bounce buffers, the fallback
+//! engine, and the IOMMU's guard over I/O in flight.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::tempfile::TempFile;
+
+use super::inflight::{Started, BOUNCE_BUDGET};
+use super::tests::{
+    block, file_bytes, header, image, poison_status, requests, status, submit, DATA, HDR, STATUS,
+};
+use super::*;
+use crate::test_utils::{guest_memory, iommu_memory, ro, wo, Driver, FakeInterrupt};
+
+/// An image of `sectors` sectors, sector `n` filled with byte `n % 256`.
+fn image_of(sectors: u64) -> TempFile {
+    let temp = TempFile::new().unwrap();
+    for sector in 0..sectors {
+        temp.as_file()
+            .write_all_at(&[sector as u8; 512], sector * SECTOR_SIZE)
+            .unwrap();
+    }
+    temp
+}
+
+/// A DISCARD or WRITE_ZEROES segment at `addr`.
+fn segment(mem: &GuestMemoryMmap, addr: u64, sector: u64, sectors: u32, flags: u32) {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&sector.to_le_bytes());
+    bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+    bytes[12..].copy_from_slice(&flags.to_le_bytes());
+    mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+}
+
+/// A request that needs no I/O (GET_ID) completes before a read the driver made available
+/// first: the used ring follows completion, not submission.
+#[test]
+fn completions_reach_the_used_ring_out_of_order() {
+    let mem = guest_memory();
+    let temp = image();
+    let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+    assert_eq!(dev.engine_kind(), io_engine::EngineKind::IoUring);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let id_hdr = HDR + 0x100;
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 5);
+    header(&mem, id_hdr, VIRTIO_BLK_T_GET_ID, 0);
+    let read = driver.add(&[ro(HDR, 16), wo(DATA, 4096), wo(STATUS, 1)]);
+    let get_id = driver.add(&[ro(id_hdr, 16), wo(DATA + 0x2000, 20), wo(STATUS + 1, 1)]);
+    let features = dev.features();
+    let (_notifier, interrupt) = driver.activate(&mut dev, features);
+    assert!(crate::test_utils::eventually(|| driver.used().len() == 2));
+    assert_eq!(
+        driver.used(),
+        vec![(u32::from(get_id), 21), (u32::from(read), 4097)]
+    );
+    assert!(interrupt.count(0) >= 1);
+    let mut data = vec![0u8; 4096];
+    mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(&data[..512], &[5; 512][..]);
+    assert_eq!(&data[4096 - 512..], &[12; 512][..]);
+    dev.reset();
+}
+
+/// A queue keeps a request per ring entry in the engine at once, and each completes with
+/// its own data and status.
+#[test]
+fn many_requests_in_flight_on_one_queue() {
+    let mem = guest_memory();
+    let temp = image_of(64);
+    let dev = block(mem.clone(), &temp, BlockOptions::default());
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    for i in 0..32u64 {
+        let (hdr, data, status_addr) = (HDR + i * 16, DATA + i * 512, STATUS + i);
+        header(&mem, hdr, VIRTIO_BLK_T_IN, 63 - i);
+        mem.write_obj(0xffu8, GuestAddress(status_addr)).unwrap();
+        let chain = driver.chain(&[ro(hdr, 16), wo(data, 512), wo(status_addr, 1)]);
+        assert_eq!(requests.start(&mem, chain), Started::Queued);
+    }
+    assert_eq!(requests.in_flight(), 32);
+    let mut done = Vec::new();
+    requests.wait_all(|head, len| done.push((head, len)));
+    assert_eq!(done.len(), 32);
+    assert!(done.iter().all(|&(_, len)| len == 513));
+    for i in 0..32u64 {
+        assert_eq!(status(&mem, STATUS + i), VIRTIO_BLK_S_OK);
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA + i * 512))
+            .unwrap();
+        assert_eq!(data, [(63 - i) as u8; 512], "request {i}");
+    }
+}
+
+/// Two queues, each with its own thread: both serve requests, each interrupts for its own.
+#[test]
+fn every_queue_of_a_multi_queue_disk_serves_requests() {
+    let mem = guest_memory();
+    let temp = image();
+    let options = BlockOptions {
+        num_queues: 2,
+        queue_size: 64,
+        ..Default::default()
+    };
+    let mut dev = block(mem.clone(), &temp, options);
+    assert_eq!(dev.queue_max_sizes(), &[64, 64]);
+    assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+    let mut num_queues = [0u8; 2];
+    dev.read_config(config::NUM_QUEUES as u64, &mut num_queues);
+    assert_eq!(u16::from_le_bytes(num_queues), 2);
+    let single = block(mem.clone(), &temp, BlockOptions::default());
+    assert_eq!(single.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+
+    let mut drivers = [Driver::new(&mem, 0, 64), Driver::new(&mem, 0x8000, 64)];
+    let notifiers: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let interrupt = Arc::new(FakeInterrupt::default());
+    dev.ack_features(dev.features());
+    let queues = drivers
+        .iter()
+        .zip(&notifiers)
+        .enumerate()
+        .map(|(index, (driver, notifier))| ActivatedQueue {
+            index,
+            queue: driver.queue(),
+            notifier: notifier.try_clone().unwrap(),
+        })
+        .collect();
+    dev.activate(queues, interrupt.clone()).unwrap();
+    for (q, driver) in drivers.iter_mut().enumerate() {
+        let q = q as u64;
+        let (hdr, data, status_addr) = (HDR + q * 16, DATA + q * 512, STATUS + q);
+        mem.write_slice(&[0x70 + q as u8; 512], GuestAddress(data))
+            .unwrap();
+        header(&mem, hdr, VIRTIO_BLK_T_OUT, 8 + q);
+        driver.add(&[ro(hdr, 16), ro(data, 512), wo(status_addr, 1)]);
+        notifiers[q as usize].write(1).unwrap();
+    }
+    assert!(interrupt.wait_for(0, 1) && interrupt.wait_for(1, 1));
+    for q in 0..2u64 {
+        assert_eq!(drivers[q as usize].used().len(), 1, "queue {q}");
+        assert_eq!(status(&mem, STATUS + q), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            file_bytes(&temp, (8 + q) * 512, 512),
+            vec![0x70 + q as u8; 512]
+        );
+    }
+    dev.reset();
+}
+
+/// A FLUSH taken while an earlier write is in flight waits for it, then syncs: its
+/// `fdatasync` comes after the write's data reached the file.
+#[test]
+fn a_flush_waits_for_the_writes_before_it() {
+    let mem = guest_memory();
+    let temp = image();
+    let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+    dev.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    mem.write_slice(&[0x3c; 4096], GuestAddress(DATA)).unwrap();
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    let write = driver.chain(&[ro(HDR, 16), ro(DATA, 4096), wo(STATUS, 1)]);
+    let write_head = write.head_index();
+    assert_eq!(requests.start(&mem, write), Started::Queued);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
+    let flush_head = flush.head_index();
+    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    assert_eq!(
+        dev.disk.syncs.load(Ordering::Relaxed),
+        0,
+        "the flush waits for the write"
+    );
+    let mut order = Vec::new();
+    requests.wait_all(|head, _| order.push(head));
+    assert_eq!(order, vec![write_head, flush_head]);
+    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+    assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
+    assert_eq!(status(&mem, STATUS + 1), VIRTIO_BLK_S_OK);
+    assert_eq!(file_bytes(&temp, 0, 4096), vec![0x3c; 4096]);
+}
+
+/// DISCARD punches a hole (the image gives blocks back, as `fstrim` expects) and
+/// WRITE_ZEROES zeroes; a range past the end, an overflowing sector, a count above the
+/// maximum (whatever its size, one check), unknown flags and extra segments are refused
+/// with the spec's status, the image untouched.
+#[test]
+fn discard_and_write_zeroes_within_bounds() {
+    let mem = guest_memory();
+    let temp = image_of(256);
+    temp.as_file().sync_all().unwrap();
+    let dev = block(mem.clone(), &temp, BlockOptions::default());
+    let features = dev.features();
+    assert_ne!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_ne!(features & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    let mut max = [0u8; 4];
+    dev.read_config(config::MAX_DISCARD_SECTORS as u64, &mut max);
+    assert_eq!(u32::from_le_bytes(max), MAX_DISCARD_SECTORS);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let request = |driver: &mut Driver<GuestMemoryMmap>, kind, sector, sectors, flags| {
+        header(&mem, HDR, kind, 0);
+        segment(&mem, DATA, sector, sectors, flags);
+        poison_status(&mem);
+        let used = submit(
+            &dev,
+            driver,
+            &mem,
+            &[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)],
+        );
+        assert_eq!(used, 1);
+        status(&mem, STATUS)
+    };
+
+    let blocks_before = temp.as_file().metadata().unwrap().blocks();
+    assert_eq!(
+        request(&mut driver, VIRTIO_BLK_T_DISCARD, 64, 128, 0),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(file_bytes(&temp, 64 * 512, 128 * 512), vec![0; 128 * 512]);
+    let blocks_after = temp.as_file().metadata().unwrap().blocks();
+    assert!(
+        blocks_after < blocks_before,
+        "{blocks_after} < {blocks_before}"
+    );
+    assert_eq!(temp.as_file().metadata().unwrap().len(), 256 * 512);
+
+    for flags in [0, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP] {
+        assert_eq!(
+            request(&mut driver, VIRTIO_BLK_T_WRITE_ZEROES, 8, 2, flags),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(file_bytes(&temp, 8 * 512, 1024), vec![0; 1024]);
+        assert_eq!(file_bytes(&temp, 10 * 512, 512), vec![10; 512]);
+    }
+
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for (sector, sectors, flags, expected) in [
+            (255, 2, 0, VIRTIO_BLK_S_IOERR),
+            (256, 1, 0, VIRTIO_BLK_S_IOERR),
+            (u64::MAX, 1, 0, VIRTIO_BLK_S_IOERR),
+            (u64::MAX / 256, 1, 0, VIRTIO_BLK_S_IOERR),
+            (0, u32::MAX, 0, VIRTIO_BLK_S_IOERR),
+            (0, MAX_DISCARD_SECTORS + 1, 0, VIRTIO_BLK_S_IOERR),
+            (0, 1, 0x8000_0000, VIRTIO_BLK_S_UNSUPP),
+        ] {
+            assert_eq!(
+                request(&mut driver, kind, sector, sectors, flags),
+                expected,
+                "type {kind} sector {sector} count {sectors} flags {flags:#x}"
+            );
+        }
+    }
+    // UNMAP means nothing to a discard.
+    assert_eq!(
+        request(
+            &mut driver,
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            1,
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        ),
+        VIRTIO_BLK_S_UNSUPP
+    );
+    // Two segments, or a truncated one.
+    for len in [32, 8] {
+        header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        poison_status(&mem);
+        submit(
+            &dev,
+            &mut driver,
+            &mem,
+            &[ro(HDR, 16), ro(DATA, len), wo(STATUS, 1)],
+        );
+        assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_UNSUPP, "{len} bytes");
+    }
+    assert_eq!(file_bytes(&temp, 0, 8 * 512), image_bytes(0..8));
+    assert_eq!(file_bytes(&temp, 255 * 512, 512), vec![255; 512]);
+
+    let readonly = block(
+        mem.clone(),
+        &temp,
+        BlockOptions {
+            readonly: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(readonly.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    segment(&mem, DATA, 0, 1, 0);
+    poison_status(&mem);
+    submit(
+        &readonly,
+        &mut driver,
+        &mem,
+        &[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)],
+    );
+    assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_IOERR);
+    assert_eq!(file_bytes(&temp, 0, 512), vec![0; 512]);
+}
+
+/// What `image_of` put in `sectors`.
+fn image_bytes(sectors: std::ops::Range<u64>) -> Vec<u8> {
+    sectors.flat_map(|s| [s as u8; 512]).collect()
+}
+
+/// With O_DIRECT, guest buffers the host cannot use go through an aligned bounce buffer
+/// (filled before a write, copied out after a read); aligned ones are used directly. A
+/// request needing more bounce memory than a queue may hold is refused.
+#[test]
+fn direct_io_bounces_unaligned_guest_buffers() {
+    let mem = guest_memory();
+    let temp = image_of(64);
+    let options = BlockOptions {
+        direct: true,
+        ..Default::default()
+    };
+    let dev = block(mem.clone(), &temp, options);
+    let alignment = dev.disk.direct_alignment.unwrap();
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    let unaligned = DATA + 3;
+    let pattern: Vec<u8> = (0..alignment * 2).map(|i| (i % 241) as u8).collect();
+    mem.write_slice(&pattern, GuestAddress(unaligned)).unwrap();
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 16);
+    let len = pattern.len() as u32;
+    let chain = driver.chain(&[
+        ro(HDR, 16),
+        ro(unaligned, 100),
+        ro(unaligned + 100, len - 100),
+        wo(STATUS, 1),
+    ]);
+    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.bounce_bytes(), pattern.len());
+    requests.wait_all(|_, _| {});
+    assert_eq!(requests.bounce_bytes(), 0);
+    assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
+    assert_eq!(file_bytes(&temp, 16 * 512, pattern.len()), pattern);
+
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 16);
+    let back = DATA + 0x8001;
+    let chain = driver.chain(&[ro(HDR, 16), wo(back, len), wo(STATUS, 1)]);
+    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    requests.wait_all(|_, _| {});
+    let mut read = vec![0u8; pattern.len()];
+    mem.read_slice(&mut read, GuestAddress(back)).unwrap();
+    assert_eq!(read, pattern);
+
+    // Aligned: no bounce.
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let chain = driver.chain(&[ro(HDR, 16), wo(DATA, alignment as u32), wo(STATUS, 1)]);
+    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.bounce_bytes(), 0);
+    requests.wait_all(|_, _| {});
+    assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
+
+    // More than the bounce budget (descriptors overlapping in guest RAM) on a large sparse
+    // image: refused, guest memory untouched.
+    temp.as_file().set_len(64 << 20).unwrap();
+    let dev = block(
+        mem.clone(),
+        &temp,
+        BlockOptions {
+            direct: true,
+            ..Default::default()
+        },
+    );
+    // Clear of the header and the status byte.
+    let (far, piece) = (0x4_0001, 0xb_0000u32);
+    let count = BOUNCE_BUDGET / piece as usize + 1;
+    mem.write_slice(&vec![0xa5; piece as usize], GuestAddress(far))
+        .unwrap();
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let mut descs = vec![ro(HDR, 16)];
+    descs.extend((0..count).map(|_| wo(far, piece)));
+    descs.push(wo(STATUS, 1));
+    assert_eq!(submit(&dev, &mut driver, &mem, &descs), 1);
+    assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_IOERR);
+    let mut untouched = vec![0u8; piece as usize];
+    mem.read_slice(&mut untouched, GuestAddress(far)).unwrap();
+    assert!(untouched.iter().all(|&b| b == 0xa5));
+}
+
+/// Where io_uring is refused, the synchronous engine serves the same queue worker: requests
+/// complete, and a FLUSH still syncs.
+#[test]
+fn the_fallback_engine_serves_the_queue() {
+    let mem = guest_memory();
+    let temp = image();
+    let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+    *dev.engines[0].lock().unwrap() =
+        io_engine::Engine::synchronous(Arc::clone(&dev.disk.file)).unwrap();
+    assert_eq!(dev.engine_kind(), io_engine::EngineKind::Synchronous);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let (notifier, interrupt) = driver.activate(
+        &mut dev,
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH),
+    );
+    for i in 0..8u64 {
+        mem.write_slice(&[0x40 + i as u8; 512], GuestAddress(DATA + i * 512))
+            .unwrap();
+        header(&mem, HDR + i * 16, VIRTIO_BLK_T_OUT, i);
+        driver.add(&[
+            ro(HDR + i * 16, 16),
+            ro(DATA + i * 512, 512),
+            wo(STATUS + i, 1),
+        ]);
+    }
+    header(&mem, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
+    driver.add(&[ro(HDR + 0x200, 16), wo(STATUS + 8, 1)]);
+    notifier.write(1).unwrap();
+    assert!(interrupt.wait_for(0, 1));
+    assert!(crate::test_utils::eventually(|| driver.used().len() == 9));
+    for i in 0..8u64 {
+        assert_eq!(status(&mem, STATUS + i), VIRTIO_BLK_S_OK);
+        assert_eq!(file_bytes(&temp, i * 512, 512), vec![0x40 + i as u8; 512]);
+    }
+    assert_eq!(status(&mem, STATUS + 8), VIRTIO_BLK_S_OK);
+    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+    dev.reset();
+}
+
+/// Behind the IOMMU a request holds its DmaGuard until its I/O completed: an UNMAP (which
+/// waits for earlier transfers) cannot complete while a read may still land in the buffer.
+#[test]
+fn an_unmap_waits_for_io_in_flight() {
+    let mem = iommu_memory();
+    mem.iommu()
+        .map(0x1000_0000, 0x2_0000, 0x1_0000, Permissions::ReadWrite);
+    let temp = image();
+    let dev = block(
+        mem.clone(),
+        &temp,
+        BlockOptions {
+            access_platform: true,
+            ..Default::default()
+        },
+    );
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    let (hdr, data, status_iova) = (0x1000_0000, 0x1000_1000, 0x1000_3000);
+    header(&mem, hdr, VIRTIO_BLK_T_IN, 3);
+    let chain = driver.chain(&[ro(hdr, 16), wo(data, 512), wo(status_iova, 1)]);
+    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(mem.iommu().dma.in_flight(), 1);
+
+    let unmapped = Arc::new(AtomicBool::new(false));
+    let unmap = {
+        let (dma, unmapped) = (Arc::clone(&mem.iommu().dma), Arc::clone(&unmapped));
+        std::thread::spawn(move || {
+            dma.wait_for_earlier();
+            unmapped.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !unmapped.load(Ordering::SeqCst),
+        "UNMAP completed with a read in flight"
+    );
+    requests.wait_all(|_, _| {});
+    unmap.join().unwrap();
+    assert!(unmapped.load(Ordering::SeqCst));
+    assert_eq!(mem.iommu().dma.in_flight(), 0);
+    let mut read = [0u8; 512];
+    mem.get_backend()
+        .read_slice(&mut read, GuestAddress(0x2_1000))
+        .unwrap();
+    assert_eq!(read, [3; 512]);
+}
