@@ -1,16 +1,19 @@
-//! The DSDT: the PCI host bridge, COM1, a motherboard-resource device, and `\_S5_`.
+//! The DSDT: the PCI host bridge, COM1, a motherboard-resource device, the power button with
+//! its Generic Event Device, and `\_S5_`.
 
 use std::ops::Range;
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    Path, ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Equal, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name,
+    Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use crate::{
-    aml_bytes, AcpiLayout, OEM_ID, OEM_REVISION, OEM_TABLE_ID, PCI_CONFIG_PORTS, SLEEP_TYPE_S5,
+    aml_bytes, AcpiLayout, GenericEvents, GED_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
+    PCI_CONFIG_PORTS, SLEEP_TYPE_S5,
 };
 
 /// Revision 2 and later make AML integers 64 bits wide, which the 64-bit window needs.
@@ -106,7 +109,8 @@ fn serial(port: u16, irq: u32) -> Vec<u8> {
     aml_bytes(&Device::new("COM1".into(), vec![&hid, &uid, &crs]))
 }
 
-/// `\_SB.MBRS` (PNP0C02, motherboard resources): the ECAM region and the sleep registers.
+/// `\_SB.MBRS` (PNP0C02, motherboard resources): the ECAM region, the sleep registers and
+/// the event register.
 ///
 /// Linux only uses the MCFG's ECAM region if it finds it reserved, either in the E820 map (the
 /// VMM does that too) or among the `_CRS` of PNP0C01/PNP0C02 devices; declaring it here makes
@@ -124,9 +128,13 @@ fn motherboard_resources(layout: &AcpiLayout) -> Vec<u8> {
     let status = layout.sleep.status_port;
     let control_port = IO::new(control, control, 1, 1);
     let status_port = IO::new(status, status, 1, 1);
+    let events = layout.events.map(|e| IO::new(e.port, e.port, 1, 1));
     let mut resources: Vec<&dyn Aml> = vec![&ecam, &control_port];
     if status != control {
         resources.push(&status_port);
+    }
+    if let Some(events) = &events {
+        resources.push(events);
     }
 
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
@@ -135,11 +143,54 @@ fn motherboard_resources(layout: &AcpiLayout) -> Vec<u8> {
     aml_bytes(&Device::new("MBRS".into(), vec![&hid, &uid, &crs]))
 }
 
+/// `\_SB.PWRB`, the power button as a control-method device (the FADT's `PWR_BUTTON` flag
+/// says there is no fixed-feature one), which Linux's `button` driver turns into KEY_POWER.
+fn power_button() -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let uid = Name::new("_UID".into(), &0u8);
+    aml_bytes(&Device::new("PWRB".into(), vec![&hid, &uid]))
+}
+
+/// `\_SB.GED_`, the Generic Event Device: Linux runs its `_EVT` on each edge of the interrupt;
+/// `_EVT` reads (and so clears) the event register and notifies the power button (0x80:
+/// pressed) if its bit is set.
+fn generic_event_device(events: &GenericEvents) -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &0u8);
+    let interrupt = Interrupt::new(true, true, false, false, events.irq);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&interrupt]));
+    let port = usize::from(events.port);
+    let region = OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &port, &1usize);
+    let field = Field::new(
+        "GDST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let register = Path::new("GDAT");
+    let read = Store::new(&Local(0), &register);
+    let bit = And::new(&Local(1), &Local(0), &GED_POWER_BUTTON);
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &0x80u8);
+    let is_set = Equal::new(&Local(1), &GED_POWER_BUTTON);
+    let pressed = If::new(&is_set, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &bit, &pressed]);
+    aml_bytes(&Device::new(
+        "GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    ))
+}
+
 /// The DSDT's bytes, header included (checksum left to the caller).
 pub(crate) fn build(layout: &AcpiLayout) -> Vec<u8> {
     let mut devices = vec![pci_host_bridge(layout), motherboard_resources(layout)];
     if let Some(s) = &layout.serial {
         devices.push(serial(s.port, s.irq));
+    }
+    if let Some(events) = &layout.events {
+        devices.push(power_button());
+        devices.push(generic_event_device(events));
     }
     let system_bus = Scope::raw(Path::new("\\_SB_"), devices.concat());
     // `_S5_` = { SLP_TYP for the sleep control register, (PM1b SLP_TYP, unused) }. Linux

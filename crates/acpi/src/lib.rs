@@ -204,6 +204,19 @@ pub struct ResetRegister {
     pub value: u8,
 }
 
+/// The Generic Event Device (ACPI0013) through which the VMM presses the guest's power button
+/// (PNP0C0C), the hardware-reduced way: it raises `irq`, and the device's `_EVT` reads the
+/// one-byte event register at `port` and notifies the button for bit [`GED_POWER_BUTTON`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenericEvents {
+    pub port: u16,
+    /// IOAPIC GSI, edge-triggered, active-high.
+    pub irq: u32,
+}
+
+/// The event register's bit for a power button press.
+pub const GED_POWER_BUTTON: u8 = 1;
+
 /// The virtio-iommu and the devices whose DMA it translates, for the VIOT.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Viot {
@@ -239,6 +252,8 @@ pub struct AcpiLayout {
     /// The VMM emulates an i8042 controller at 0x60/0x64: sets the FADT `8042` boot flag,
     /// without which Linux does not probe the controller (it still uses port 0x64 to reset).
     pub i8042: bool,
+    /// A power button the VMM can press, and its event device.
+    pub events: Option<GenericEvents>,
     /// When set, a VIOT table describes the virtio-iommu and its endpoints.
     pub iommu: Option<Viot>,
 }

@@ -40,6 +40,10 @@ fn layout() -> AcpiLayout {
             port: 0x3C2,
             value: 0x0E,
         }),
+        events: Some(GenericEvents {
+            port: 0x3c3,
+            irq: 5,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(0, 0, 3, 0),
@@ -512,4 +516,21 @@ fn sleep_control_values_decode_like_linux_writes_them() {
     assert_eq!(requested_sleep_type(0x20), Some(0));
     assert_eq!(requested_sleep_type(SLEEP_TYPE_S5 << 2), None, "no SLP_EN");
     assert_eq!(requested_sleep_type(0x80), None, "WAK_STS clear");
+}
+
+#[test]
+fn the_power_button_and_its_event_device_are_in_the_dsdt_only_when_asked_for() {
+    let has = |layout: &AcpiLayout, needle: &[u8]| {
+        let tables = build_tables(layout, GuestAddress(0xe0000)).unwrap();
+        let dsdt = &table(&tables, "DSDT").bytes;
+        dsdt.windows(needle.len()).any(|w| w == needle)
+    };
+    let mut l = layout();
+    for needle in [&b"ACPI0013"[..], b"PWRB", b"GDAT", b"_EVT"] {
+        assert!(has(&l, needle), "{}", String::from_utf8_lossy(needle));
+    }
+    l.events = None;
+    for needle in [&b"ACPI0013"[..], b"PWRB", b"_EVT"] {
+        assert!(!has(&l, needle), "{}", String::from_utf8_lossy(needle));
+    }
 }

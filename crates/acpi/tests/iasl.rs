@@ -44,6 +44,10 @@ fn layout() -> AcpiLayout {
             port: 0x3C2,
             value: 0x0E,
         }),
+        events: Some(acpi::GenericEvents {
+            port: 0x3c3,
+            irq: 5,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(1, 0, 3, 0),
@@ -178,12 +182,30 @@ fn dsdt_has_the_host_bridge_its_windows_serial_and_s5() {
 }
 
 #[test]
+fn dsdt_has_a_power_button_behind_a_generic_event_device() {
+    let tables = tables(&layout());
+    let dsl = disassemble(table(&tables, "DSDT"));
+    dsl.assert_has(&[
+        "Device (PWRB) { Name (_HID, EisaId (\"PNP0C0C\")",
+        "Device (GED) { Name (_HID, \"ACPI0013\"",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000005, }",
+        "Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }",
+        "OperationRegion (GDST, SystemIO, 0x03C3, One)",
+        "Method (_EVT, 1, Serialized) { Local0 = GDAT",
+        "Local1 = (Local0 & One) If ((Local1 == One)) { Notify (\\_SB.PWRB, 0x80)",
+        // The event register is reserved with the sleep registers.
+        "IO (Decode16, 0x03C3, 0x03C3, 0x01, 0x01, )",
+    ]);
+}
+
+#[test]
 fn dsdt_leaves_out_what_the_machine_lacks() {
     let mut l = layout();
     l.serial = None;
     l.pci_io = None;
     l.mmio64 = 0..0;
     l.sleep.status_port = l.sleep.control_port;
+    l.events = None;
     let tables = tables(&l);
     let dsl = disassemble(table(&tables, "DSDT"));
     dsl.assert_has(&[
@@ -195,7 +217,7 @@ fn dsdt_leaves_out_what_the_machine_lacks() {
          IO (Decode16, 0x03C0, 0x03C0, 0x01, 0x01, ) }",
         "Name (_S5, Package (0x02) { 0x05, Zero })",
     ]);
-    for absent in ["COM1", "WordIO", "QWordMemory"] {
+    for absent in ["COM1", "WordIO", "QWordMemory", "PWRB", "ACPI0013"] {
         assert!(!dsl.flat.contains(absent), "{absent} in:\n{}", dsl.raw);
     }
 }
