@@ -26,6 +26,11 @@ pub use server::{serve, Limits};
 /// a time: an implementation must answer promptly (it blocks every client while it runs).
 pub trait Vmm: Send + Sync {
     fn handle(&self, request: Request) -> Result<Response, ApiError>;
+
+    /// Called once the answer to a `request` that [`Vmm::handle`] accepted is in the client's
+    /// socket (or the client is gone): the place for what ends the VMM, so the client still
+    /// gets its answer.
+    fn answered(&self, _request: &Request) {}
 }
 
 #[cfg(test)]

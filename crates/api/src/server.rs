@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use crate::http::{self, HttpRequest};
-use crate::routes;
+use crate::routes::{self, Request};
 use crate::Vmm;
 
 /// Bounds on what a client can make the server hold and wait for.
@@ -55,6 +55,8 @@ struct Connection {
     eof: bool,
     /// Answered and shut down for writing: waiting for the client to hang up.
     lingering: bool,
+    /// The accepted request whose answer is in `output`, for [`Vmm::answered`].
+    answering: Option<Request>,
 }
 
 impl Connection {
@@ -68,6 +70,7 @@ impl Connection {
             closing: false,
             eof: false,
             lingering: false,
+            answering: None,
         }
     }
 
@@ -105,7 +108,7 @@ impl Connection {
             Ok(Some(request)) => {
                 self.input.drain(..request.length);
                 let close = !request.keep_alive || self.eof;
-                self.output = answer(vmm, &request, close);
+                (self.output, self.answering) = answer(vmm, &request, close);
                 self.closing = close;
                 self.deadline = Instant::now() + limits.request_timeout;
             }
@@ -123,7 +126,7 @@ impl Connection {
         loop {
             let unparsed = self.input.len();
             self.process(vmm, limits);
-            self.flush();
+            self.flush(vmm);
             if !self.output.is_empty() || self.closing || self.input.len() == unparsed {
                 return;
             }
@@ -131,7 +134,7 @@ impl Connection {
     }
 
     /// Sends what the socket takes of the pending answer.
-    fn flush(&mut self) {
+    fn flush(&mut self, vmm: &dyn Vmm) {
         while self.sent < self.output.len() {
             match self.stream.write(&self.output[self.sent..]) {
                 Ok(n) => self.sent += n,
@@ -139,14 +142,15 @@ impl Connection {
                 Err(err) if err.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => {
                     self.closing = true;
-                    self.output.clear();
-                    self.sent = 0;
-                    return;
+                    break;
                 }
             }
         }
         self.output.clear();
         self.sent = 0;
+        if let Some(request) = self.answering.take() {
+            vmm.answered(&request);
+        }
     }
 
     /// Whether the connection has nothing left to do; one that is done but whose client has
@@ -176,17 +180,25 @@ impl Connection {
     }
 }
 
-/// The bytes of the answer to `request`.
-fn answer(vmm: &dyn Vmm, request: &HttpRequest, close: bool) -> Vec<u8> {
+/// The bytes of the answer to `request`, and the request if the VMM accepted it.
+fn answer(vmm: &dyn Vmm, request: &HttpRequest, close: bool) -> (Vec<u8>, Option<Request>) {
+    let mut accepted = None;
     let (status, body) = match routes::route(&request.method, &request.path, &request.body) {
-        Ok(typed) => routes::status_and_body(vmm.handle(typed)),
+        Ok(typed) => {
+            let answer = vmm.handle(typed.clone());
+            accepted = answer.is_ok().then_some(typed);
+            routes::status_and_body(answer)
+        }
         Err(err) => routes::status_and_body(Err(err)),
     };
     log::debug!("api: {} {} -> {status}", request.method, request.path);
     let allow = (status == 405)
         .then(|| routes::allowed_method(&request.path))
         .flatten();
-    http::response(status, body.as_deref(), close, allow)
+    (
+        http::response(status, body.as_deref(), close, allow),
+        accepted,
+    )
 }
 
 /// Serves `listener` with `vmm` until the listener fails (which it returns).
@@ -236,7 +248,7 @@ pub fn serve(listener: UnixListener, vmm: &dyn Vmm, limits: &Limits) -> io::Erro
                 continue;
             }
             if fd.revents & libc::POLLOUT != 0 {
-                c.flush();
+                c.flush(vmm);
             } else if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 c.read(limits);
             }

@@ -15,6 +15,7 @@ use super::*;
 #[derive(Default)]
 struct FakeVmm {
     requests: Mutex<Vec<Request>>,
+    answered: Mutex<Vec<Request>>,
 }
 
 impl Vmm for FakeVmm {
@@ -41,6 +42,10 @@ impl Vmm for FakeVmm {
             }
             _ => Ok(Response::Done),
         }
+    }
+
+    fn answered(&self, request: &Request) {
+        self.answered.lock().unwrap().push(request.clone());
     }
 }
 
@@ -271,6 +276,28 @@ fn a_refusal_of_the_vmm_keeps_its_status_and_reason() {
     let reply = server.call("PUT", "vm.reboot", "");
     assert_eq!(reply.status, 501, "{reply:?}");
     assert_eq!(reply.error(), "warden does not restart guests");
+    assert_eq!(
+        *server.vmm.answered.lock().unwrap(),
+        [],
+        "refused: no action"
+    );
+}
+
+#[test]
+fn the_vmm_hears_of_an_accepted_request_once_its_answer_is_sent() {
+    let server = server();
+    let mut stream = server.connect();
+    stream
+        .write_all(b"PUT /api/v1/vmm.shutdown HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut reply = [0u8; 12];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"HTTP/1.1 204");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.vmm.answered.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*server.vmm.answered.lock().unwrap(), [Request::VmmShutdown]);
 }
 
 #[test]
