@@ -68,10 +68,12 @@ pub enum ThreadKind {
     Stats,
     /// Forwards terminal input to the serial port.
     SerialInput,
+    /// Serves the REST API on its Unix socket (`--api-socket`).
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -82,6 +84,7 @@ impl ThreadKind {
         ThreadKind::IommuPoller,
         ThreadKind::Stats,
         ThreadKind::SerialInput,
+        ThreadKind::Api,
     ];
 
     /// The kind's name in the SIGSYS report.
@@ -97,6 +100,7 @@ impl ThreadKind {
             ThreadKind::IommuPoller => "virtio-iommu poller",
             ThreadKind::Stats => "stats",
             ThreadKind::SerialInput => "serial input",
+            ThreadKind::Api => "api",
         }
     }
 }

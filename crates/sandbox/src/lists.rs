@@ -65,6 +65,9 @@ const PRCTL_OPTIONS: &[Value] = &[
     (libc::PR_SET_NO_NEW_PRIVS as u32, "PR_SET_NO_NEW_PRIVS"),
 ];
 
+/// Accepted API clients are made non-blocking.
+const FIONBIO: Value = (libc::FIONBIO as u32, "FIONBIO");
+
 /// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
 const TCSETS: Value = (libc::TCSETS as u32, "TCSETS");
 const TCGETS: Value = (libc::TCGETS as u32, "TCGETS");
@@ -196,6 +199,25 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         }
         ThreadKind::Stats => AllowList::new(&[BASE, syscalls![SYS_rt_sigtimedwait]], &[]),
         ThreadKind::SerialInput => AllowList::new(&[BASE, syscalls![SYS_read]], &[]),
+        // One poll loop over the listening socket and its clients; answering reads the IOMMU
+        // and VFIO counters (memory only), presses the power button (an eventfd write) and
+        // tells the VMM thread to end (a channel: futex).
+        ThreadKind::Api => AllowList::new(
+            &[
+                BASE,
+                syscalls![
+                    SYS_poll,
+                    SYS_ppoll,
+                    SYS_accept4,
+                    SYS_accept,
+                    SYS_read,
+                    SYS_recvfrom,
+                    SYS_sendto,
+                    SYS_shutdown,
+                ],
+            ],
+            &[FIONBIO],
+        ),
     }
 }
 
@@ -278,7 +300,12 @@ const NOTABLE: &[Syscall] = syscalls![
 pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
     let mut all: BTreeSet<Syscall> = NOTABLE.iter().copied().collect();
     all.extend(vcpu().syscalls);
-    for kind in [ThreadKind::Vmm, ThreadKind::Stats, ThreadKind::SerialInput] {
+    for kind in [
+        ThreadKind::Vmm,
+        ThreadKind::Stats,
+        ThreadKind::SerialInput,
+        ThreadKind::Api,
+    ] {
         all.extend(allow_list(kind).syscalls);
     }
     all
@@ -293,5 +320,6 @@ pub(crate) fn named_prctl_options() -> BTreeSet<Value> {
 pub(crate) fn named_ioctls() -> BTreeSet<Value> {
     let mut all = vcpu().ioctls;
     all.extend(allow_list(ThreadKind::Vmm).ioctls);
+    all.extend(allow_list(ThreadKind::Api).ioctls);
     all
 }

@@ -29,11 +29,16 @@ use vm_superio::Serial;
 
 use crate::boot::{self, BootInfo};
 use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig, RngConfig, VmConfig};
+use crate::control::{self, api_listener, serve_api, Control, DeviceEntry};
 use crate::interrupts::GsiRouter;
 use crate::layout;
-use crate::legacy::{AcpiReset, AcpiSleep, Cmos, GuestExit, IrqfdTrigger, SerialPort, I8042};
+use crate::legacy::{
+    AcpiReset, AcpiSleep, Cmos, GenericEvents, GuestExit, IrqfdTrigger, PowerButton, SerialPort,
+    I8042,
+};
 use crate::memory::{self, MemoryError};
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
+use crate::stats::{self, StatsReport};
 use crate::vcpu::{self, Topology, Vcpu};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,8 @@ pub enum VmmError {
     Net(#[from] net_util::TapError),
     #[error("--seccomp: {0}; run with --seccomp false on a host without seccomp filters")]
     Seccomp(#[from] sandbox::Error),
+    #[error("--api-socket: {0}")]
+    Api(String),
 }
 
 impl VmmError {
@@ -75,6 +82,7 @@ impl VmmError {
                 | VmmError::NoKvm(_)
                 | VmmError::Vfio(_)
                 | VmmError::Net(_)
+                | VmmError::Api(_)
         )
     }
 }
@@ -95,6 +103,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     }
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     warn_if_kvm_cannot_run_linux();
+    let api_listener = config.api_socket.as_ref().map(api_listener).transpose()?;
 
     let ram = memory::create_guest_ram(&config.memory)?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create VM"))?);
@@ -112,7 +121,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let (exits_tx, exits) = channel();
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    add_legacy_devices(
+    let power_button = add_legacy_devices(
         &mut pio,
         &router,
         &config.serial,
@@ -174,6 +183,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         )
         .map_err(VmmError::Device)?;
     }
+    let device_entries = device_entries(&devices, &passthrough, iommu.is_some());
     // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
     let mut next_slot = ram.memory.num_regions() as u32;
     let mut vfio_devices = Vec::new();
@@ -203,6 +213,16 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     });
     if report.has_any() {
         report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
+    }
+    if let Some(listener) = api_listener {
+        let control = Control {
+            info: control::vm_info(config, &device_entries, iommu.is_some()),
+            stats: Arc::clone(&report),
+            power_button,
+            exits: exits_tx.clone(),
+            pid: std::process::id(),
+        };
+        serve_api(listener, control, filters.clone())?;
     }
 
     let rsdp = acpi::write_tables(
@@ -572,28 +592,6 @@ fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
     Ok(set)
 }
 
-/// What warden reports about DMA on exit and on SIGUSR1.
-struct StatsReport {
-    iommu: Option<Arc<VirtioIommu>>,
-    /// Per passed-through device: its name and mapper.
-    vfio: Vec<(String, Arc<VfioMapper>)>,
-}
-
-impl StatsReport {
-    fn has_any(&self) -> bool {
-        self.iommu.is_some() || !self.vfio.is_empty()
-    }
-
-    fn print(&self) {
-        if let Some(model) = &self.iommu {
-            report_iommu_stats(model);
-        }
-        for (name, mapper) in &self.vfio {
-            eprintln!("warden: vfio {name}: {}", mapper.stats());
-        }
-    }
-}
-
 /// Prints the counters whenever the process gets SIGUSR1, from a thread of its own.
 fn report_stats_on_sigusr1(
     report: Arc<StatsReport>,
@@ -619,9 +617,51 @@ fn report_stats_on_sigusr1(
         })
 }
 
+/// The devices on bus 0 as `vm.info` names them: Cloud Hypervisor's ids (`_disk0`, `_net0`,
+/// ...), the virtio-iommu under the id of its counters, passed-through devices by their id.
+fn device_entries(
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
+    iommu: bool,
+) -> Vec<DeviceEntry> {
+    let (mut disks, mut nets) = (0, 0);
+    let mut entries: Vec<DeviceEntry> = devices
+        .iter()
+        .map(|device| {
+            let id = match device.kind {
+                DeviceKind::Console => "_console".to_string(),
+                DeviceKind::Rng(_) => "_rng".to_string(),
+                DeviceKind::Disk(_) => {
+                    disks += 1;
+                    format!("_disk{}", disks - 1)
+                }
+                DeviceKind::Net(_) => {
+                    nets += 1;
+                    format!("_net{}", nets - 1)
+                }
+            };
+            DeviceEntry {
+                id,
+                device_number: device.device_number,
+            }
+        })
+        .collect();
+    if iommu {
+        entries.push(DeviceEntry {
+            id: stats::IOMMU_ID.into(),
+            device_number: IOMMU_DEVICE_NUMBER,
+        });
+    }
+    entries.extend(passthrough.iter().map(|p| DeviceEntry {
+        id: p.config.name(),
+        device_number: p.device_number,
+    }));
+    entries
+}
+
 /// Confines the calling thread to `kind`'s filter, if filters are on. A thread that cannot be
 /// confined must not run at all, and has nobody to return an error to: warden exits.
-fn confine(filters: Option<&Filters>, kind: ThreadKind) {
+pub(crate) fn confine(filters: Option<&Filters>, kind: ThreadKind) {
     if let Some(Err(err)) = filters.map(|f| f.install(kind)) {
         eprintln!("warden: {err}");
         std::process::exit(1);
@@ -637,28 +677,6 @@ fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
         DeviceThread::IommuEvents => ThreadKind::IommuEvents,
         DeviceThread::IommuPoller => ThreadKind::IommuPoller,
     }
-}
-
-/// Prints what the virtio-iommu did, per domain and in total.
-fn report_iommu_stats(model: &VirtioIommu) {
-    let stats = model.stats();
-    let line = |name: &str, s: &virtio_iommu::StatsSnapshot| {
-        eprintln!(
-            "warden: virtio-iommu {name}: {} maps, {} unmaps, {} bytes mapped, {} faults, {} translations",
-            s.maps, s.unmaps, s.bytes_mapped, s.faults, s.translations
-        );
-    };
-    for (domain, snapshot) in &stats.retired_domains {
-        line(&format!("domain {domain} (destroyed)"), snapshot);
-    }
-    for (domain, snapshot) in &stats.domains {
-        line(&format!("domain {domain}"), snapshot);
-    }
-    line("total", &stats.total);
-    eprintln!(
-        "warden: virtio-iommu: {} IOTLB hits, {} fault events dropped",
-        stats.iotlb_hits, stats.dropped_fault_events
-    );
 }
 
 /// The machine as the guest's ACPI tables describe it.
@@ -697,6 +715,10 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
         }),
         // Our i8042 only implements the reset line: keep Linux from probing it for a keyboard.
         i8042: false,
+        events: Some(acpi::GenericEvents {
+            port: layout::GED_PORT,
+            irq: layout::GED_IRQ,
+        }),
         iommu: protected.map(|protected| acpi::Viot {
             iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
             protected,
@@ -744,13 +766,14 @@ fn set_up_irqchip(vm: &VmFd) -> Result<(), VmmError> {
     .map_err(kvm_error("create PIT"))
 }
 
+/// Adds the legacy devices; returns the power button.
 fn add_legacy_devices(
     pio: &mut Bus,
     router: &GsiRouter,
     serial: &OutputConfig,
     exits: &Sender<GuestExit>,
     filters: Option<Arc<Filters>>,
-) -> Result<(), VmmError> {
+) -> Result<PowerButton<IrqfdTrigger>, VmmError> {
     let insert =
         |pio: &mut Bus, device: Arc<Mutex<dyn vm_device::BusDevice>>, base: u16, len: u16| {
             pio.insert(device, u64::from(base), u64::from(len))
@@ -794,7 +817,15 @@ fn add_legacy_devices(
         layout::ACPI_RESET_PORT,
         1,
     )?;
-    Ok(())
+    let irq = router
+        .legacy_irqfd(layout::GED_IRQ)
+        .map_err(|source| VmmError::Io {
+            what: "power button interrupt".into(),
+            source,
+        })?;
+    let events = Arc::new(Mutex::new(GenericEvents::new(IrqfdTrigger(irq))));
+    insert(pio, events.clone(), layout::GED_PORT, 1)?;
+    Ok(PowerButton(events))
 }
 
 /// Opens where a character device writes: the terminal, or a file named by `option`.
@@ -970,6 +1001,7 @@ mod tests {
             iommu_poll: Duration::ZERO,
             devices: Vec::new(),
             seccomp: crate::config::SeccompMode::Off,
+            api_socket: None,
         };
         assert!(config.needs_iommu(), "a protected net needs the IOMMU");
         let plan: Vec<(u8, &str, bool)> = plan_devices(&config)

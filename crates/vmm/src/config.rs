@@ -27,6 +27,17 @@ pub struct VmConfig {
     pub iommu_poll: std::time::Duration,
     /// What each thread's seccomp filter does with a system call outside its list.
     pub seccomp: SeccompMode,
+    /// Where to serve Cloud Hypervisor's REST API, if anywhere.
+    pub api_socket: Option<ApiSocket>,
+}
+
+/// The Unix socket of the API (`--api-socket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocket {
+    /// A path to bind (a stale socket nobody listens on is replaced).
+    Path(PathBuf),
+    /// A listening socket warden inherited.
+    Fd(i32),
 }
 
 impl VmConfig {

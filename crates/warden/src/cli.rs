@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use vmm::config::{
-    DeviceConfig, DiskConfig, MacAddr, MemoryBacking, MemoryConfig, NetConfig, OutputConfig,
-    RngConfig, VmConfig,
+    ApiSocket, DeviceConfig, DiskConfig, MacAddr, MemoryBacking, MemoryConfig, NetConfig,
+    OutputConfig, RngConfig, VmConfig,
 };
 use vmm::memory::MIN_MEMORY;
 
@@ -112,6 +112,12 @@ pub struct Cli {
     #[arg(long, value_name = "true|false|log", default_value = "true")]
     seccomp: String,
 
+    /// Cloud Hypervisor's REST API (HTTP/1.1) on a Unix socket: path=PATH (a stale socket there
+    /// is replaced) or fd=N (a listening socket warden inherits). E.g.
+    /// curl --unix-socket PATH http://localhost/api/v1/vmm.ping
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    api_socket: Option<String>,
+
     /// Log level: error, warn, info, debug (every IOMMU request) or trace. RUST_LOG also works.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
@@ -197,6 +203,11 @@ impl Cli {
         }
         let iommu_poll = in_option("platform", parse_platform(&self.platform))?;
         let seccomp = in_option("seccomp", self.seccomp.parse())?;
+        let api_socket = self
+            .api_socket
+            .as_deref()
+            .map(|text| in_option("api-socket", parse_api_socket(text)))
+            .transpose()?;
         let devices = self
             .device
             .iter()
@@ -228,6 +239,7 @@ impl Cli {
             devices,
             iommu_poll,
             seccomp,
+            api_socket,
         })
     }
 }
@@ -431,6 +443,24 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
         queue_size,
         iommu: kv.switch("iommu")?,
     })
+}
+
+/// `path=PATH`, `fd=N`, or a bare path, as Cloud Hypervisor takes them.
+fn parse_api_socket(text: &str) -> ParseResult<ApiSocket> {
+    if !text.contains('=') && !text.is_empty() {
+        return Ok(ApiSocket::Path(PathBuf::from(text)));
+    }
+    let kv = KeyValues::parse(text, &["path", "fd"])?;
+    match (kv.get("path"), kv.get("fd")) {
+        (Some(path), None) if !path.is_empty() => Ok(ApiSocket::Path(PathBuf::from(path))),
+        (None, Some(fd)) => fd
+            .parse::<i32>()
+            .ok()
+            .filter(|&fd| fd > 2)
+            .map(ApiSocket::Fd)
+            .ok_or_else(|| format!("fd={fd} is not a descriptor number above 2 (stdio)")),
+        _ => Err("give exactly one of path=PATH or fd=N".into()),
+    }
 }
 
 fn parse_device(text: &str) -> ParseResult<DeviceConfig> {
@@ -709,6 +739,34 @@ mod tests {
             error(&["--net", "tap=t0", "--net", "tap=t0"]),
             "--net: tap=t0 is given twice; each --net needs its own tap"
         );
+    }
+
+    #[test]
+    fn api_socket_by_path_or_descriptor() {
+        let socket = |text: &str| config(&["--api-socket", text]).map(|c| c.api_socket);
+        assert_eq!(config(&[]).unwrap().api_socket, None);
+        assert_eq!(
+            socket("path=/run/warden.sock"),
+            Ok(Some(ApiSocket::Path("/run/warden.sock".into())))
+        );
+        assert_eq!(
+            socket("/tmp/api.sock"),
+            Ok(Some(ApiSocket::Path("/tmp/api.sock".into())))
+        );
+        assert_eq!(socket("fd=7"), Ok(Some(ApiSocket::Fd(7))));
+        assert_eq!(
+            error(&["--api-socket", "fd=1"]),
+            "--api-socket: fd=1 is not a descriptor number above 2 (stdio)"
+        );
+        assert_eq!(
+            error(&["--api-socket", "path=/a,fd=4"]),
+            "--api-socket: give exactly one of path=PATH or fd=N"
+        );
+        assert_eq!(
+            error(&["--api-socket", "path="]),
+            "--api-socket: give exactly one of path=PATH or fd=N"
+        );
+        assert!(error(&["--api-socket", "sock=/a"]).starts_with("--api-socket: unknown key 'sock'"));
     }
 
     #[test]
