@@ -56,7 +56,9 @@ fn layout() -> AcpiLayout {
                 PciBdf::new(1, 1, 0, 0),
                 PciBdf::new(1, 1, 0, 1),
             ],
+            protected_slots: 0..0,
         }),
+        pci_hotplug: None,
     }
 }
 
@@ -199,6 +201,32 @@ fn dsdt_has_a_power_button_behind_a_generic_event_device() {
 }
 
 #[test]
+fn dsdt_has_hotplug_slots_with_eject_and_a_notify_method_the_ged_runs() {
+    let mut l = layout();
+    l.pci_hotplug = Some(acpi::PciHotplug {
+        port: 0x3d0,
+        slots: 24..26,
+    });
+    let tables = tables(&l);
+    let dsl = disassemble(table(&tables, "DSDT"));
+    dsl.assert_has(&[
+        "Scope (\\_SB.PCI0) { OperationRegion (PHPR, SystemIO, 0x03D0, 0x0C)",
+        "Field (PHPR, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32 }",
+        "Device (SL18) { Name (_ADR, 0x00180000) Name (_SUN, 0x18) \
+         Method (_EJ0, 1, NotSerialized) { \\_SB.PCI0.B0EJ = 0x01000000 } }",
+        "Device (SL19) { Name (_ADR, 0x00190000) Name (_SUN, 0x19)",
+        "Method (PCNT, 0, Serialized) { Local0 = PCIU",
+        "Local1 = PCID",
+        "Local2 = (Local0 & 0x01000000) If ((Local2 == 0x01000000)) { Notify (\\_SB.PCI0.SL18, One) }",
+        "Local2 = (Local1 & 0x02000000) If ((Local2 == 0x02000000)) { Notify (\\_SB.PCI0.SL19, 0x03) }",
+        "Local2 = (Local0 & 0x02) If ((Local2 == 0x02)) { \\_SB.PCI0.PCNT () }",
+        // The controller's registers are reserved with the other motherboard ports.
+        "IO (Decode16, 0x03D0, 0x03D0, 0x01, 0x0C, )",
+    ]);
+    assert!(!dsl.flat.contains("SL1A"), "{}", dsl.raw);
+}
+
+#[test]
 fn dsdt_leaves_out_what_the_machine_lacks() {
     let mut l = layout();
     l.serial = None;
@@ -217,7 +245,15 @@ fn dsdt_leaves_out_what_the_machine_lacks() {
          IO (Decode16, 0x03C0, 0x03C0, 0x01, 0x01, ) }",
         "Name (_S5, Package (0x02) { 0x05, Zero })",
     ]);
-    for absent in ["COM1", "WordIO", "QWordMemory", "PWRB", "ACPI0013"] {
+    for absent in [
+        "COM1",
+        "WordIO",
+        "QWordMemory",
+        "PWRB",
+        "ACPI0013",
+        "PCNT",
+        "_EJ0",
+    ] {
         assert!(!dsl.flat.contains(absent), "{absent} in:\n{}", dsl.raw);
     }
 }

@@ -722,7 +722,9 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
         iommu: protected.map(|protected| acpi::Viot {
             iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
             protected,
+            protected_slots: 0..0,
         }),
+        pci_hotplug: None,
     }
 }
 
