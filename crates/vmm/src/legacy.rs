@@ -226,6 +226,12 @@ impl<T: Trigger> GenericEvents<T> {
             interrupt,
         }
     }
+
+    /// Marks `events` (`acpi::GED_*` bits) pending and raises the interrupt.
+    pub fn raise(&mut self, events: u8) -> Result<(), T::E> {
+        self.pending |= events;
+        self.interrupt.trigger()
+    }
 }
 
 impl<T: Trigger + Send> BusDevice for GenericEvents<T> {
@@ -245,9 +251,7 @@ pub struct PowerButton<T: Trigger>(pub Arc<Mutex<GenericEvents<T>>>);
 
 impl<T: Trigger> PowerButton<T> {
     pub fn press(&self) -> Result<(), T::E> {
-        let mut events = vm_device::lock(&self.0);
-        events.pending |= acpi::GED_POWER_BUTTON;
-        events.interrupt.trigger()
+        vm_device::lock(&self.0).raise(acpi::GED_POWER_BUTTON)
     }
 }
 

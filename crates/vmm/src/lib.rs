@@ -13,6 +13,7 @@ pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod pci_bus;
+pub mod pci_hotplug;
 pub mod stats;
 pub mod vcpu;
 
