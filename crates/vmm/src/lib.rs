@@ -8,6 +8,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod control;
+mod devices;
 pub mod interrupts;
 pub mod layout;
 pub mod legacy;
@@ -15,6 +16,7 @@ pub mod memory;
 pub mod pci_bus;
 pub mod pci_hotplug;
 pub mod stats;
+mod terminal;
 pub mod vcpu;
 
 pub use builder::{run, VmmError};
