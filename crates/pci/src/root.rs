@@ -68,7 +68,7 @@ impl PciDevice for HostBridge {
 }
 
 /// Follows the guest's BAR placements: the VMM side of moving a BAR's bus range.
-pub trait BarMoves: Send {
+pub trait BarMoves: Send + Sync {
     /// The guest enabled decoding of `device_number`'s BARs at `moves`' new addresses (called
     /// with the bus's lock held, and not the device's).
     fn moved(&self, device_number: u8, device: &Arc<Mutex<dyn PciDevice>>, moves: &[BarMove]);
@@ -82,7 +82,7 @@ pub trait BarMoves: Send {
 /// queued, so a guest rewriting BARs in a loop costs no host memory.
 pub struct PciRoot {
     devices: BTreeMap<u8, Arc<Mutex<dyn PciDevice>>>,
-    moves: Option<Box<dyn BarMoves>>,
+    moves: Option<Arc<dyn BarMoves>>,
 }
 
 impl PciRoot {
@@ -96,7 +96,7 @@ impl PciRoot {
     }
 
     /// Has `handler` follow the BARs the guest moves from now on.
-    pub fn set_bar_moves(&mut self, handler: Box<dyn BarMoves>) {
+    pub fn set_bar_moves(&mut self, handler: Arc<dyn BarMoves>) {
         self.moves = Some(handler);
     }
 
@@ -423,7 +423,7 @@ pub(crate) mod tests {
         let mut root = PciRoot::new();
         root.add_device(24, device.clone()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        root.set_bar_moves(Box::new(MoveLog(log.clone())));
+        root.set_bar_moves(Arc::new(MoveLog(log.clone())));
         // The guest places the never-placed BAR, then turns memory decoding on.
         root.write_config(0, 24, 0, 4, 0, &0xc000_2000u32.to_le_bytes());
         assert!(log.lock().unwrap().is_empty(), "decoding is still off");

@@ -70,10 +70,12 @@ pub enum ThreadKind {
     SerialInput,
     /// Serves the REST API on its Unix socket (`--api-socket`).
     Api,
+    /// Plugs devices in and out for the API (`--api-socket`).
+    Hotplug,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -85,6 +87,7 @@ impl ThreadKind {
         ThreadKind::Stats,
         ThreadKind::SerialInput,
         ThreadKind::Api,
+        ThreadKind::Hotplug,
     ];
 
     /// The kind's name in the SIGSYS report.
@@ -101,6 +104,7 @@ impl ThreadKind {
             ThreadKind::Stats => "stats",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::Api => "api",
+            ThreadKind::Hotplug => "hotplug",
         }
     }
 }

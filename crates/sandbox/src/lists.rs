@@ -202,6 +202,26 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         // One poll loop over the listening socket and its clients; answering reads the IOMMU
         // and VFIO counters (memory only), presses the power button (an eventfd write) and
         // tells the VMM thread to end (a channel: futex).
+        // Plugs devices in and out while the guest runs (`--api-socket`): opens a disk image,
+        // makes the device's eventfds, MSI vectors (irqfds and routes) and queue notification
+        // ioeventfds, and undoes them on removal, when it also joins the device's threads.
+        ThreadKind::Hotplug => AllowList::new(
+            &[
+                BASE,
+                syscalls![
+                    SYS_openat,
+                    SYS_fstat,
+                    SYS_newfstatat,
+                    SYS_statx,
+                    SYS_lseek,
+                    SYS_eventfd2,
+                    SYS_fcntl,
+                    SYS_dup,
+                    SYS_read,
+                ],
+            ],
+            &[KVM_IRQFD, KVM_SET_GSI_ROUTING, KVM_IOEVENTFD],
+        ),
         ThreadKind::Api => AllowList::new(
             &[
                 BASE,
@@ -305,6 +325,7 @@ pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
         ThreadKind::Stats,
         ThreadKind::SerialInput,
         ThreadKind::Api,
+        ThreadKind::Hotplug,
     ] {
         all.extend(allow_list(kind).syscalls);
     }
@@ -321,5 +342,6 @@ pub(crate) fn named_ioctls() -> BTreeSet<Value> {
     let mut all = vcpu().ioctls;
     all.extend(allow_list(ThreadKind::Vmm).ioctls);
     all.extend(allow_list(ThreadKind::Api).ioctls);
+    all.extend(allow_list(ThreadKind::Hotplug).ioctls);
     all
 }

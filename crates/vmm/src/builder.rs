@@ -13,13 +13,14 @@ use kvm_ioctls::{Kvm, VmFd};
 use sandbox::{Filters, ThreadKind};
 use vfio::VfioPciDevice;
 use virtio_devices::{DeviceThread, Iommu};
-use virtio_iommu::EndpointIommu;
+use virtio_iommu::{EndpointIommu, VirtioIommu};
 use vm_device::Bus;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
 };
 use vm_superio::Serial;
 
+use crate::bar_placement::BarPlacement;
 use crate::boot::{self, BootInfo};
 use crate::config::{OutputConfig, VmConfig};
 use crate::control::{self, api_listener, serve_api, Control};
@@ -27,6 +28,7 @@ use crate::devices::{
     build_device, create_iommu_model, device_entries, iommu_polling, open_output, open_passthrough,
     plan_devices, Passthrough, PlannedDevice,
 };
+use crate::hotplug::{self, Hotplug, HotplugRequest, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{
@@ -35,6 +37,7 @@ use crate::legacy::{
 };
 use crate::memory::{self, MemoryError};
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
+use crate::pci_hotplug::PciHotplugController;
 use crate::stats::StatsReport;
 use crate::terminal::{forward_stdin, RawTerminal};
 use crate::vcpu::{self, Topology, Vcpu};
@@ -167,9 +170,9 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("every protected device was registered as an endpoint");
                 let mem = IommuMemory::new(ram.memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, config)?
+                build_device(&planned.kind, mem, true, &config.console)?
             }
-            _ => build_device(&planned.kind, ram.memory.clone(), false, config)?,
+            _ => build_device(&planned.kind, ram.memory.clone(), false, &config.console)?,
         };
         pci.add_virtio(
             planned.device_number,
@@ -182,6 +185,20 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .map_err(VmmError::Device)?;
     }
     let device_entries = device_entries(&devices, &passthrough, iommu.is_some());
+    if config.api_socket.is_some() {
+        if let Some(full) = device_entries
+            .iter()
+            .find(|d| d.device_number >= HOTPLUG_SLOTS.start)
+        {
+            return Err(VmmError::Device(format!(
+                "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
+                full.id,
+                full.device_number,
+                HOTPLUG_SLOTS.start,
+                HOTPLUG_SLOTS.end - 1
+            )));
+        }
+    }
     // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
     let mut next_slot = ram.memory.num_regions() as u32;
     let mut vfio_devices = Vec::new();
@@ -212,12 +229,28 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     if report.has_any() {
         report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
     }
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     if let Some(listener) = api_listener {
+        let hotplug = start_hotplug(
+            &pci,
+            Machine {
+                vm: &vm,
+                pio: &pio,
+                mmio: &mmio,
+                router: &router,
+                memory: &ram.memory,
+            },
+            iommu.clone(),
+            &power_button,
+            &device_entries,
+            filters.clone(),
+        )?;
         let control = Control {
-            info: control::vm_info(config, &device_entries, iommu.is_some()),
+            info: Mutex::new(control::vm_info(config, &device_entries, iommu.is_some())),
             stats: Arc::clone(&report),
             power_button,
             exits: exits_tx.clone(),
+            hotplug,
             pid: std::process::id(),
         };
         serve_api(listener, control, filters.clone())?;
@@ -245,7 +278,6 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_error("get supported CPUID"))?;
     let topology = Topology { cpus: config.cpus };
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     // The guest starts once every vCPU and this thread are confined.
     let start = Arc::new(Barrier::new(usize::from(config.cpus) + 1));
     for id in 0..config.cpus {
@@ -332,6 +364,59 @@ fn report_stats_on_sigusr1(
         })
 }
 
+/// What devices are plugged into while the guest runs.
+struct Machine<'a> {
+    vm: &'a Arc<VmFd>,
+    pio: &'a Arc<Bus>,
+    mmio: &'a Arc<Bus>,
+    router: &'a Arc<GsiRouter>,
+    memory: &'a GuestMemoryMmap,
+}
+
+/// Puts the PCI hotplug controller on the port bus, has the bus follow the BARs the guest
+/// gives hot-plugged devices, and starts the thread that plugs them in; returns where the API
+/// sends its requests.
+fn start_hotplug(
+    pci: &PciBus,
+    machine: Machine,
+    iommu: Option<Arc<VirtioIommu>>,
+    power_button: &PowerButton<IrqfdTrigger>,
+    boot_devices: &[control::DeviceEntry],
+    filters: Option<Arc<Filters>>,
+) -> Result<Sender<HotplugRequest>, VmmError> {
+    let (requests_tx, requests, ejects) = hotplug::channel_for_ejects();
+    let controller = Arc::new(Mutex::new(PciHotplugController::new(
+        HOTPLUG_SLOTS,
+        Arc::clone(&power_button.0),
+        ejects,
+    )));
+    machine
+        .pio
+        .insert(
+            controller.clone(),
+            u64::from(layout::PCI_HOTPLUG_PORT),
+            u64::from(acpi::PCI_HOTPLUG_PORTS),
+        )
+        .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
+    let placement = BarPlacement::new(
+        Arc::clone(machine.pio),
+        Arc::clone(machine.mmio),
+        Arc::clone(machine.vm),
+    );
+    vm_device::lock(&pci.root()).set_bar_moves(placement.clone());
+    Hotplug {
+        root: pci.root(),
+        router: Arc::clone(machine.router),
+        memory: machine.memory.clone(),
+        iommu,
+        controller,
+        placement,
+        boot_ids: boot_devices.iter().map(|d| d.id.clone()).collect(),
+    }
+    .spawn(requests, filters)?;
+    Ok(requests_tx)
+}
+
 /// Confines the calling thread to `kind`'s filter, if filters are on. A thread that cannot be
 /// confined must not run at all, and has nobody to return an error to: warden exits.
 pub(crate) fn confine(filters: Option<&Filters>, kind: ThreadKind) {
@@ -353,7 +438,11 @@ fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
 }
 
 /// The machine as the guest's ACPI tables describe it.
+///
+/// With `--api-socket`, the hotplug slots are there too, and with a virtio-iommu the VIOT
+/// covers the slots for protected hotplug.
 fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi::AcpiLayout {
+    let hotplug = config.api_socket.is_some();
     let mmio64_start = layout::pci_mmio64_start(config.memory.size);
     acpi::AcpiLayout {
         cpus: config.cpus,
@@ -395,9 +484,12 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
         iommu: protected.map(|protected| acpi::Viot {
             iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
             protected,
-            protected_slots: 0..0,
+            protected_slots: if hotplug { PROTECTED_SLOTS } else { 0..0 },
         }),
-        pci_hotplug: None,
+        pci_hotplug: hotplug.then_some(acpi::PciHotplug {
+            port: layout::PCI_HOTPLUG_PORT,
+            slots: HOTPLUG_SLOTS,
+        }),
     }
 }
 

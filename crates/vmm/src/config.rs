@@ -25,6 +25,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Longest the virtio-iommu polls its request queue after a request; zero: never.
     pub iommu_poll: std::time::Duration,
+    /// Create the virtio-iommu even if no device starts behind it (`--platform iommu=on`).
+    pub platform_iommu: bool,
     /// What each thread's seccomp filter does with a system call outside its list.
     pub seccomp: SeccompMode,
     /// Where to serve Cloud Hypervisor's REST API, if anywhere.
@@ -43,7 +45,8 @@ pub enum ApiSocket {
 impl VmConfig {
     /// Whether any device asked for `iommu=on`: only then does the machine get a virtio-iommu.
     pub fn needs_iommu(&self) -> bool {
-        (self.console != OutputConfig::Off && self.console_iommu)
+        self.platform_iommu
+            || (self.console != OutputConfig::Off && self.console_iommu)
             || self.disks.iter().any(|disk| disk.iommu)
             || self.nets.iter().any(|net| net.iommu)
             || self.rng.as_ref().is_some_and(|rng| rng.iommu)

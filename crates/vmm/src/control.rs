@@ -3,25 +3,31 @@
 use std::collections::BTreeMap;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use api::{ApiError, Request, Response};
 use sandbox::{Filters, ThreadKind};
 
 use crate::builder::{confine, VmmError};
-use crate::config::{ApiSocket, OutputConfig, VmConfig};
+use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
+use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
 use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
 use crate::stats::StatsReport;
 
 /// Answers API requests for one running VM.
 pub struct Control {
-    pub info: api::VmInfo,
+    /// `vm.info`, its device tree kept up to date by hotplug.
+    pub info: Mutex<api::VmInfo>,
     pub stats: Arc<StatsReport>,
     pub power_button: PowerButton<IrqfdTrigger>,
     /// Where the VMM thread waits for the reason the VM ends.
     pub exits: Sender<GuestExit>,
+    /// The thread that plugs devices in and out.
+    pub hotplug: Sender<HotplugRequest>,
     /// Ours, read before confinement (the API thread may not ask for it).
     pub pid: u32,
 }
@@ -35,7 +41,7 @@ impl api::Vmm for Control {
                 pid: i64::from(self.pid),
                 features: vec!["kvm".into(), "virtio-iommu".into(), "vfio".into()],
             })),
-            Request::Info => Ok(Response::Info(Box::new(self.info.clone()))),
+            Request::Info => Ok(Response::Info(Box::new(vm_device::lock(&self.info).clone()))),
             Request::Counters => Ok(Response::Counters(self.stats.counters())),
             Request::PowerButton => self
                 .power_button
@@ -50,11 +56,12 @@ impl api::Vmm for Control {
             Request::Reboot => Err(ApiError::not_supported(
                 "warden does not restart guests (a guest reset ends it); use vm.power-button or vm.shutdown",
             )),
-            Request::AddDisk(_)
-            | Request::AddNet(_)
-            | Request::AddDevice(_)
-            | Request::RemoveDevice(_) => Err(ApiError::not_supported(
-                "hotplug is not supported yet",
+            Request::AddDisk(disk) => self.add_disk(disk).map(Response::Added),
+            Request::RemoveDevice(remove) => self
+                .remove_device(remove.id.unwrap_or_default())
+                .map(|()| Response::Done),
+            Request::AddNet(_) | Request::AddDevice(_) => Err(ApiError::not_supported(
+                "warden hot-plugs disks only (vm.add-disk); nets and passed-through devices are given at boot",
             )),
         }
     }
@@ -66,6 +73,75 @@ impl api::Vmm for Control {
             _ => return,
         };
         let _ = self.exits.send(GuestExit::Shutdown(why));
+    }
+}
+
+/// How long the API waits for the hotplug thread beyond what the guest is given.
+const HOTPLUG_MARGIN: Duration = Duration::from_secs(10);
+
+impl Control {
+    /// Asks the hotplug thread and waits for its answer (a bounded time: a wedged thread must
+    /// not hold the API forever).
+    fn ask<T>(
+        &self,
+        request: impl FnOnce(Sender<Result<T, ApiError>>) -> HotplugRequest,
+        wait: Duration,
+    ) -> Result<T, ApiError> {
+        let (reply, answer) = channel();
+        self.hotplug
+            .send(request(reply))
+            .map_err(|_| ApiError::new(500, "the hotplug thread is gone"))?;
+        answer
+            .recv_timeout(wait)
+            .map_err(|_| ApiError::new(500, "the hotplug thread did not answer"))?
+    }
+
+    fn add_disk(&self, disk: api::DiskConfig) -> Result<api::PciDeviceInfo, ApiError> {
+        let config = vmm_config::DiskConfig {
+            path: PathBuf::from(disk.path.clone().unwrap_or_default()),
+            readonly: disk.readonly,
+            iommu: disk.iommu,
+        };
+        let id = disk.id.clone();
+        let added = self.ask(
+            |reply| HotplugRequest::AddDisk {
+                disk: config,
+                id,
+                reply,
+            },
+            HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.config.disks.push(api::DiskConfig {
+            id: Some(added.id.clone()),
+            ..disk
+        });
+        info.device_tree
+            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
+        Ok(added)
+    }
+
+    fn remove_device(&self, id: String) -> Result<(), ApiError> {
+        self.ask(
+            |reply| HotplugRequest::Remove {
+                id: id.clone(),
+                reply,
+            },
+            EJECT_TIMEOUT + HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.device_tree.remove(&id);
+        info.config.disks.retain(|d| d.id.as_deref() != Some(&id));
+        Ok(())
+    }
+}
+
+fn device_node(id: &str, bdf: String) -> api::DeviceNode {
+    api::DeviceNode {
+        id: id.to_string(),
+        resources: Vec::new(),
+        children: Vec::new(),
+        pci_bdf: Some(bdf),
     }
 }
 
@@ -211,13 +287,8 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
     let device_tree: BTreeMap<String, api::DeviceNode> = devices
         .iter()
         .map(|device| {
-            let node = api::DeviceNode {
-                id: device.id.clone(),
-                resources: Vec::new(),
-                children: Vec::new(),
-                pci_bdf: Some(format!("0000:00:{:02x}.0", device.device_number)),
-            };
-            (device.id.clone(), node)
+            let bdf = format!("0000:00:{:02x}.0", device.device_number);
+            (device.id.clone(), device_node(&device.id, bdf))
         })
         .collect();
     api::VmInfo {

@@ -247,12 +247,12 @@ pub(crate) fn build_device<M: DeviceMemory>(
     kind: &DeviceKind,
     mem: M,
     access_platform: bool,
-    config: &VmConfig,
+    console: &OutputConfig,
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     Ok(match kind {
         DeviceKind::Console => {
             let input =
-                if config.console == OutputConfig::Tty && io::stdin().is_terminal() {
+                if *console == OutputConfig::Tty && io::stdin().is_terminal() {
                     Some(io::stdin().as_fd().try_clone_to_owned().map_err(|source| {
                         VmmError::Io {
                             what: "--console: duplicate stdin".into(),
@@ -262,7 +262,7 @@ pub(crate) fn build_device<M: DeviceMemory>(
                 } else {
                     None
                 };
-            let output = open_output(&config.console, "--console")?;
+            let output = open_output(console, "--console")?;
             Box::new(Console::new(mem, output, input, access_platform))
         }
         DeviceKind::Disk(disk) => {
@@ -416,6 +416,7 @@ mod tests {
             console: OutputConfig::Null,
             console_iommu: false,
             iommu_poll: Duration::ZERO,
+            platform_iommu: false,
             devices: Vec::new(),
             seccomp: crate::config::SeccompMode::Off,
             api_socket: None,

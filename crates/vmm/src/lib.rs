@@ -4,11 +4,13 @@
 //! piece of the machine (its address map, RAM, interrupt routing, legacy devices, kernel
 //! loading, vCPUs), and [`control`] answers the API.
 
+mod bar_placement;
 pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod control;
 mod devices;
+pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
 pub mod legacy;

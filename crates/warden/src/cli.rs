@@ -93,14 +93,15 @@ pub struct Cli {
     #[arg(long, value_name = "path=SYSFS_PATH[,iommu=on][,id=ID]")]
     device: Vec<String>,
 
-    /// Platform settings: iommu_poll_us=N, the longest (in microseconds) the virtio-iommu
+    /// Platform settings: iommu=on creates the virtio-iommu even when no device starts behind
+    /// it, so that protected devices can be hot-plugged (`--api-socket`); iommu_poll_us=N, the longest (in microseconds) the virtio-iommu
     /// polls its request queue after a request before waiting for a notification again, so
     /// that a guest's back-to-back MAPs need no VM exit (default 2000). The window adapts
     /// below it; 0 turns polling off. Polling uses a host CPU while the guest keeps sending
     /// requests.
     #[arg(
         long,
-        value_name = "iommu_poll_us=N",
+        value_name = "[iommu=on][,iommu_poll_us=N]",
         default_value = "",
         hide_default_value = true
     )]
@@ -201,7 +202,7 @@ impl Cli {
                 });
             }
         }
-        let iommu_poll = in_option("platform", parse_platform(&self.platform))?;
+        let (iommu_poll, platform_iommu) = in_option("platform", parse_platform(&self.platform))?;
         let seccomp = in_option("seccomp", self.seccomp.parse())?;
         let api_socket = self
             .api_socket
@@ -238,6 +239,7 @@ impl Cli {
             console_iommu,
             devices,
             iommu_poll,
+            platform_iommu,
             seccomp,
             api_socket,
         })
@@ -301,19 +303,23 @@ fn parse_disk(text: &str) -> ParseResult<DiskConfig> {
 /// Longest accepted poll window: a second of spinning is surely a typo.
 const MAX_IOMMU_POLL_US: u64 = 1_000_000;
 
-fn parse_platform(text: &str) -> ParseResult<Duration> {
-    let kv = KeyValues::parse(text, &["iommu_poll_us"])?;
+/// `--platform`: the poll window, and whether to create the virtio-iommu even if no device
+/// starts behind it (so that protected devices can be hot-plugged).
+fn parse_platform(text: &str) -> ParseResult<(Duration, bool)> {
+    let kv = KeyValues::parse(text, &["iommu_poll_us", "iommu"])?;
+    let iommu = kv.switch("iommu")?;
     let Some(value) = kv.get("iommu_poll_us") else {
-        return Ok(DEFAULT_IOMMU_POLL);
+        return Ok((DEFAULT_IOMMU_POLL, iommu));
     };
-    value
+    let poll = value
         .parse::<u64>()
         .ok()
         .filter(|&us| us <= MAX_IOMMU_POLL_US)
         .map(Duration::from_micros)
         .ok_or_else(|| {
             format!("iommu_poll_us={value} is not a number of microseconds from 0 to {MAX_IOMMU_POLL_US}")
-        })
+        })?;
+    Ok((poll, iommu))
 }
 
 fn parse_rng(text: &str) -> ParseResult<RngConfig> {
@@ -550,6 +556,11 @@ mod tests {
     fn iommu_poll_window() {
         assert_eq!(config(&[]).unwrap().iommu_poll, Duration::from_millis(2));
         let poll = |text| config(&["--platform", text]).map(|c| c.iommu_poll);
+        assert!(!config(&[]).unwrap().platform_iommu);
+        let iommu = config(&["--platform", "iommu=on,iommu_poll_us=7"]).unwrap();
+        assert!(iommu.platform_iommu && iommu.needs_iommu());
+        assert_eq!(iommu.iommu_poll, Duration::from_micros(7));
+        assert!(error(&["--platform", "iommu=yes"]).starts_with("--platform: "));
         assert_eq!(poll("iommu_poll_us=0"), Ok(Duration::ZERO));
         assert_eq!(poll("iommu_poll_us=50"), Ok(Duration::from_micros(50)));
         assert_eq!(
