@@ -22,8 +22,9 @@ set -euo pipefail
 readonly PINNED_ABI="${WARDEN_GUEST_KERNEL_ABI:-6.12.117+deb12}"
 
 # L2 modules, in load order (the order the guest README measured; deps are added first).
+# button and evdev: the ACPI power button warden presses, readable as /dev/input/eventN.
 readonly L2_MODULES=(virtio-iommu virtio_blk failover net_failover virtio_net virtio-rng
-    vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci)
+    vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci button evdev)
 # L1 modules: KVM for AMD SVM (TCG emulates an AMD CPU), nested so L1's /dev/kvm can run L2;
 # tun for tap networking; virtio_blk for a disk image QEMU gives L1 (Scenario::host_disk);
 # vfio* and virtio-iommu for passthrough scenarios (an emulated IOMMU

@@ -1,16 +1,20 @@
-//! The DSDT: the PCI host bridge, COM1, a motherboard-resource device, and `\_S5_`.
+//! The DSDT: the PCI host bridge (with its hotplug slots), COM1, a motherboard-resource
+//! device, the power button with its Generic Event Device, and `\_S5_`.
 
 use std::ops::Range;
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    Path, ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Equal, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method,
+    MethodCall, Name, Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope,
+    Store, IO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use crate::{
-    aml_bytes, AcpiLayout, OEM_ID, OEM_REVISION, OEM_TABLE_ID, PCI_CONFIG_PORTS, SLEEP_TYPE_S5,
+    aml_bytes, AcpiLayout, GenericEvents, PciHotplug, GED_PCI_HOTPLUG, GED_POWER_BUTTON, OEM_ID,
+    OEM_REVISION, OEM_TABLE_ID, PCI_CONFIG_PORTS, PCI_HOTPLUG_PORTS, SLEEP_TYPE_S5,
 };
 
 /// Revision 2 and later make AML integers 64 bits wide, which the 64-bit window needs.
@@ -87,10 +91,95 @@ fn pci_host_bridge(layout: &AcpiLayout) -> Vec<u8> {
     let bbn = Name::new("_BBN".into(), &ecam.bus_start);
     let uid = Name::new("_UID".into(), &0u8);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
-    aml_bytes(&Device::new(
+    let mut bridge = aml_bytes(&Device::new(
         "PCI0".into(),
         vec![&hid, &cid, &seg, &bbn, &uid, &crs],
-    ))
+    ));
+    if let Some(hotplug) = &layout.pci_hotplug {
+        bridge.extend(Scope::raw(Path::new("\\_SB_.PCI0"), hotplug_slots(hotplug)));
+    }
+    bridge
+}
+
+/// The AML name of hotplug slot `device`: `SL` and its number in hex.
+fn slot_name(device: u8) -> String {
+    format!("SL{device:02X}")
+}
+
+/// Inside `\_SB_.PCI0`: the controller's registers as fields, one device per slot and `PCNT`.
+///
+/// Linux's acpiphp takes every device under the host bridge that has `_ADR` and `_EJ0` for a
+/// hotplug slot. Notify 1 (device check) makes it scan the slot and probe what it finds;
+/// Notify 3 (eject request) makes it unbind and remove the slot's functions and then run
+/// `_EJ0`, whose write tells the VMM the device is released.
+fn hotplug_slots(hotplug: &PciHotplug) -> Vec<u8> {
+    let port = usize::from(hotplug.port);
+    let len = usize::from(PCI_HOTPLUG_PORTS);
+    let region = OpRegion::new("PHPR".into(), OpRegionSpace::SystemIO, &port, &len);
+    let field = Field::new(
+        "PHPR".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    );
+    let mut aml = aml_bytes(&region);
+    aml.extend(aml_bytes(&field));
+    let eject_register = Path::new("\\_SB_.PCI0.B0EJ");
+    for device in hotplug.slots.clone() {
+        let adr = Name::new("_ADR".into(), &(u32::from(device) << 16));
+        let sun = Name::new("_SUN".into(), &u32::from(device));
+        let bit = 1u32 << device;
+        let eject = Store::new(&eject_register, &bit);
+        let ej0 = Method::new("_EJ0".into(), 1, false, vec![&eject]);
+        aml.extend(aml_bytes(&Device::new(
+            slot_name(device).as_str().into(),
+            vec![&adr, &sun, &ej0],
+        )));
+    }
+    aml.extend(slot_notifications(hotplug));
+    aml
+}
+
+/// `PCNT`: reads both bitmaps once (reading clears them), then notifies each slot named: 1
+/// (device check) for the slots up, 3 (eject request) for the slots down.
+fn slot_notifications(hotplug: &PciHotplug) -> Vec<u8> {
+    let (up_register, down_register) = (Path::new("PCIU"), Path::new("PCID"));
+    let up = Store::new(&Local(0), &up_register);
+    let down = Store::new(&Local(1), &down_register);
+    let slots: Vec<(Path, u32)> = hotplug
+        .slots
+        .clone()
+        .map(|device| {
+            let path = format!("\\_SB_.PCI0.{}", slot_name(device));
+            (Path::new(&path), 1u32 << device)
+        })
+        .collect();
+    let (device_check, eject_request) = (1u8, 3u8);
+    let mut terms: Vec<(And, Equal, Notify)> = Vec::new();
+    for (bitmap, event) in [(&Local(0), &device_check), (&Local(1), &eject_request)] {
+        for (path, bit) in &slots {
+            terms.push((
+                And::new(&Local(2), bitmap, bit),
+                Equal::new(&Local(2), bit),
+                Notify::new(path, event),
+            ));
+        }
+    }
+    let ifs: Vec<If> = terms
+        .iter()
+        .map(|(_, is_set, notify)| If::new(is_set, vec![notify]))
+        .collect();
+    let mut body: Vec<&dyn Aml> = vec![&up, &down];
+    for ((bit, _, _), check) in terms.iter().zip(&ifs) {
+        body.push(bit);
+        body.push(check);
+    }
+    aml_bytes(&Method::new("PCNT".into(), 0, true, body))
 }
 
 /// `\_SB.COM1` (PNP0501) with its ports and an edge-triggered, active-high interrupt.
@@ -106,7 +195,8 @@ fn serial(port: u16, irq: u32) -> Vec<u8> {
     aml_bytes(&Device::new("COM1".into(), vec![&hid, &uid, &crs]))
 }
 
-/// `\_SB.MBRS` (PNP0C02, motherboard resources): the ECAM region and the sleep registers.
+/// `\_SB.MBRS` (PNP0C02, motherboard resources): the ECAM region, the sleep registers and
+/// the event register.
 ///
 /// Linux only uses the MCFG's ECAM region if it finds it reserved, either in the E820 map (the
 /// VMM does that too) or among the `_CRS` of PNP0C01/PNP0C02 devices; declaring it here makes
@@ -124,9 +214,20 @@ fn motherboard_resources(layout: &AcpiLayout) -> Vec<u8> {
     let status = layout.sleep.status_port;
     let control_port = IO::new(control, control, 1, 1);
     let status_port = IO::new(status, status, 1, 1);
+    let events = layout.events.map(|e| IO::new(e.port, e.port, 1, 1));
+    let hotplug = layout
+        .pci_hotplug
+        .as_ref()
+        .map(|h| IO::new(h.port, h.port, 1, PCI_HOTPLUG_PORTS as u8));
     let mut resources: Vec<&dyn Aml> = vec![&ecam, &control_port];
     if status != control {
         resources.push(&status_port);
+    }
+    if let Some(events) = &events {
+        resources.push(events);
+    }
+    if let Some(hotplug) = &hotplug {
+        resources.push(hotplug);
     }
 
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
@@ -135,11 +236,62 @@ fn motherboard_resources(layout: &AcpiLayout) -> Vec<u8> {
     aml_bytes(&Device::new("MBRS".into(), vec![&hid, &uid, &crs]))
 }
 
+/// `\_SB.PWRB`, the power button as a control-method device (the FADT's `PWR_BUTTON` flag
+/// says there is no fixed-feature one), which Linux's `button` driver turns into KEY_POWER.
+fn power_button() -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let uid = Name::new("_UID".into(), &0u8);
+    aml_bytes(&Device::new("PWRB".into(), vec![&hid, &uid]))
+}
+
+/// `\_SB.GED_`, the Generic Event Device: Linux runs its `_EVT` on each edge of the interrupt;
+/// `_EVT` reads (and so clears) the event register, notifies the power button (0x80: pressed)
+/// if its bit is set, and with `hotplug`, runs the slots' `PCNT` if theirs is.
+fn generic_event_device(events: &GenericEvents, hotplug: bool) -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &0u8);
+    let interrupt = Interrupt::new(true, true, false, false, events.irq);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&interrupt]));
+    let port = usize::from(events.port);
+    let region = OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &port, &1usize);
+    let field = Field::new(
+        "GDST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let register = Path::new("GDAT");
+    let read = Store::new(&Local(0), &register);
+    let bit = And::new(&Local(1), &Local(0), &GED_POWER_BUTTON);
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &0x80u8);
+    let is_set = Equal::new(&Local(1), &GED_POWER_BUTTON);
+    let pressed = If::new(&is_set, vec![&notify]);
+    let slots_bit = And::new(&Local(2), &Local(0), &GED_PCI_HOTPLUG);
+    let pcnt = MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let slots_changed = Equal::new(&Local(2), &GED_PCI_HOTPLUG);
+    let changed = If::new(&slots_changed, vec![&pcnt]);
+    let mut body: Vec<&dyn Aml> = vec![&read, &bit, &pressed];
+    if hotplug {
+        body.extend([&slots_bit as &dyn Aml, &changed]);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, body);
+    aml_bytes(&Device::new(
+        "GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    ))
+}
+
 /// The DSDT's bytes, header included (checksum left to the caller).
 pub(crate) fn build(layout: &AcpiLayout) -> Vec<u8> {
     let mut devices = vec![pci_host_bridge(layout), motherboard_resources(layout)];
     if let Some(s) = &layout.serial {
         devices.push(serial(s.port, s.irq));
+    }
+    if let Some(events) = &layout.events {
+        devices.push(power_button());
+        devices.push(generic_event_device(events, layout.pci_hotplug.is_some()));
     }
     let system_bus = Scope::raw(Path::new("\\_SB_"), devices.concat());
     // `_S5_` = { SLP_TYP for the sleep control register, (PM1b SLP_TYP, unused) }. Linux

@@ -204,6 +204,46 @@ pub struct ResetRegister {
     pub value: u8,
 }
 
+/// The Generic Event Device (ACPI0013) through which the VMM presses the guest's power button
+/// (PNP0C0C), the hardware-reduced way: it raises `irq`, and the device's `_EVT` reads the
+/// one-byte event register at `port` and notifies the button for bit [`GED_POWER_BUTTON`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenericEvents {
+    pub port: u16,
+    /// IOAPIC GSI, edge-triggered, active-high.
+    pub irq: u32,
+}
+
+/// The event register's bit for a power button press.
+pub const GED_POWER_BUTTON: u8 = 1;
+/// The event register's bit for a change in the PCI hotplug slots (see [`PciHotplug`]).
+pub const GED_PCI_HOTPLUG: u8 = 2;
+
+/// ACPI PCI hotplug on bus 0 (the way Linux's `acpiphp` drives it): each slot in `slots` is an
+/// ACPI device under the host bridge with `_ADR`, `_SUN` and `_EJ0`, and the Generic Event
+/// Device's `_EVT`, on [`GED_PCI_HOTPLUG`], runs `\_SB_.PCI0.PCNT`, which reads the
+/// controller's registers and notifies each slot they name.
+///
+/// The controller's registers, 32 bits each, from `port` on (see the `PCI_HOTPLUG_*` offsets):
+/// the slots to check for a new device (bit `n` is slot `n`; reading clears them), the slots
+/// whose device the VMM asks the guest to release (reading clears them), and the eject
+/// register, to which a slot's `_EJ0` writes its bit once the guest has let go of the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciHotplug {
+    pub port: u16,
+    /// Device numbers on bus 0; the host bridge's 0 is not one.
+    pub slots: Range<u8>,
+}
+
+/// Offset of the slots-up register: Notify(slot, 1), device check.
+pub const PCI_HOTPLUG_UP: u64 = 0;
+/// Offset of the slots-down register: Notify(slot, 3), eject request.
+pub const PCI_HOTPLUG_DOWN: u64 = 4;
+/// Offset of the eject register.
+pub const PCI_HOTPLUG_EJECT: u64 = 8;
+/// The controller's I/O ports.
+pub const PCI_HOTPLUG_PORTS: u16 = 12;
+
 /// The virtio-iommu and the devices whose DMA it translates, for the VIOT.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Viot {
@@ -212,6 +252,10 @@ pub struct Viot {
     /// The endpoints behind it (order and duplicates do not matter). Devices not listed
     /// bypass the IOMMU: the guest does not attach them to it.
     pub protected: Vec<PciBdf>,
+    /// Slots on the virtio-iommu's bus, empty for now, whose every function is behind the IOMMU too: where
+    /// protected devices are hot-plugged. The VIOT is read once, at boot, so a device the
+    /// guest is to put behind the IOMMU later must sit where the table already said so.
+    pub protected_slots: Range<u8>,
 }
 
 /// Everything the tables describe.
@@ -239,8 +283,12 @@ pub struct AcpiLayout {
     /// The VMM emulates an i8042 controller at 0x60/0x64: sets the FADT `8042` boot flag,
     /// without which Linux does not probe the controller (it still uses port 0x64 to reset).
     pub i8042: bool,
+    /// A power button the VMM can press, and its event device.
+    pub events: Option<GenericEvents>,
     /// When set, a VIOT table describes the virtio-iommu and its endpoints.
     pub iommu: Option<Viot>,
+    /// Slots on bus 0 that take devices while the guest runs; needs `events`.
+    pub pci_hotplug: Option<PciHotplug>,
 }
 
 /// One table as built: where it goes and its bytes (checksum included).
@@ -338,11 +386,39 @@ impl AcpiLayout {
                     ));
                 }
             }
+            if viot.protected_slots.end > 32 {
+                return invalid(format!(
+                    "protected slots {:?} go past device 31",
+                    viot.protected_slots
+                ));
+            }
             // Linux would wait for the IOMMU to probe before probing the IOMMU.
-            if viot.protected.contains(&viot.iommu) {
+            if viot.protected.contains(&viot.iommu)
+                || (viot.iommu.segment == ecam.segment
+                    && viot.iommu.bus == 0
+                    && viot.protected_slots.contains(&viot.iommu.device))
+            {
                 return invalid(format!(
                     "the virtio-iommu {} cannot be behind itself",
                     viot.iommu
+                ));
+            }
+        }
+        if let Some(hotplug) = &self.pci_hotplug {
+            if hotplug.slots.is_empty() || hotplug.slots.start == 0 || hotplug.slots.end > 32 {
+                return invalid(format!(
+                    "hotplug slots {:?} must be a non-empty range within 1..32",
+                    hotplug.slots
+                ));
+            }
+            if self.events.is_none() {
+                return invalid("PCI hotplug needs the Generic Event Device".into());
+            }
+            let ports =
+                u32::from(hotplug.port)..u32::from(hotplug.port) + u32::from(PCI_HOTPLUG_PORTS);
+            if ports.end > 0x1_0000 || self.pci_io.as_ref().is_some_and(|io| overlaps(io, &ports)) {
+                return invalid(format!(
+                    "PCI hotplug registers at {ports:#x?} overlap the PCI I/O window or end above 0xFFFF"
                 ));
             }
         }

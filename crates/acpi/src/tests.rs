@@ -40,11 +40,17 @@ fn layout() -> AcpiLayout {
             port: 0x3C2,
             value: 0x0E,
         }),
+        events: Some(GenericEvents {
+            port: 0x3c3,
+            irq: 5,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(0, 0, 3, 0),
             protected: vec![PciBdf::new(0, 0, 4, 0), PciBdf::new(0, 0, 5, 0)],
+            protected_slots: 0..0,
         }),
+        pci_hotplug: None,
     }
 }
 
@@ -62,6 +68,7 @@ fn segment1_layout() -> AcpiLayout {
             PciBdf::new(1, 1, 0, 0),
             PciBdf::new(1, 0, 4, 0),
         ],
+        protected_slots: 0..0,
     });
     l
 }
@@ -411,6 +418,7 @@ fn viot_checksum_holds_past_255_nodes() {
     l.iommu = Some(Viot {
         iommu: PciBdf::new(0, 0, 3, 0),
         protected,
+        protected_slots: 0..0,
     });
     let tables = build_tables(&l, RSDP_AT).unwrap();
     let viot = &table(&tables, "VIOT").bytes;
@@ -447,6 +455,25 @@ fn inconsistent_layouts_are_rejected() {
         }),
         ("outside the host bridge", |l| {
             l.iommu.as_mut().unwrap().iommu.segment = 2
+        }),
+        ("cannot be behind itself", |l| {
+            l.iommu.as_mut().unwrap().protected_slots = 2..4
+        }),
+        ("go past device 31", |l| {
+            l.iommu.as_mut().unwrap().protected_slots = 24..33
+        }),
+        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(0..4))),
+        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(24..24))),
+        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(24..33))),
+        ("needs the Generic Event Device", |l| {
+            l.pci_hotplug = Some(hotplug(24..32));
+            l.events = None;
+        }),
+        ("overlap the PCI I/O window", |l| {
+            l.pci_hotplug = Some(PciHotplug {
+                port: 0x1000,
+                slots: 24..32,
+            })
         }),
     ];
     for (expected, mutate) in cases {
@@ -512,4 +539,85 @@ fn sleep_control_values_decode_like_linux_writes_them() {
     assert_eq!(requested_sleep_type(0x20), Some(0));
     assert_eq!(requested_sleep_type(SLEEP_TYPE_S5 << 2), None, "no SLP_EN");
     assert_eq!(requested_sleep_type(0x80), None, "WAK_STS clear");
+}
+
+#[test]
+fn the_power_button_and_its_event_device_are_in_the_dsdt_only_when_asked_for() {
+    let has = |layout: &AcpiLayout, needle: &[u8]| {
+        let tables = build_tables(layout, GuestAddress(0xe0000)).unwrap();
+        let dsdt = &table(&tables, "DSDT").bytes;
+        dsdt.windows(needle.len()).any(|w| w == needle)
+    };
+    let mut l = layout();
+    for needle in [&b"ACPI0013"[..], b"PWRB", b"GDAT", b"_EVT"] {
+        assert!(has(&l, needle), "{}", String::from_utf8_lossy(needle));
+    }
+    l.events = None;
+    for needle in [&b"ACPI0013"[..], b"PWRB", b"_EVT"] {
+        assert!(!has(&l, needle), "{}", String::from_utf8_lossy(needle));
+    }
+}
+
+fn hotplug(slots: std::ops::Range<u8>) -> PciHotplug {
+    PciHotplug { port: 0x3d0, slots }
+}
+
+#[test]
+fn viot_covers_the_protected_hotplug_slots_with_one_node() {
+    let mut l = layout();
+    l.iommu.as_mut().unwrap().protected_slots = 24..28;
+    let tables = build_tables(&l, RSDP_AT).unwrap();
+    let (_, _, ranges) = parse_viot(&table(&tables, "VIOT").bytes);
+    let node = |start: u16, end: u16| RangeNode {
+        endpoint_start: start.into(),
+        segment_start: 0,
+        segment_end: 0,
+        bdf_start: start,
+        bdf_end: end,
+        output_node: 48,
+    };
+    // 00:04.0 and 00:05.0 as before, then 00:18.0 to 00:1b.7 in one node.
+    assert_eq!(
+        ranges,
+        [node(0x20, 0x20), node(0x28, 0x28), node(0xc0, 0xdf)]
+    );
+    for device in 0..32u8 {
+        let bdf = PciBdf::new(0, 0, device, 0);
+        let behind = matches!(device, 4 | 5 | 24..=27);
+        assert_eq!(
+            guest_endpoint(&ranges, 0, bdf.bdf()),
+            behind.then(|| bdf.endpoint_id()),
+            "{bdf}"
+        );
+    }
+}
+
+#[test]
+fn hotplug_slots_are_in_the_dsdt_only_when_asked_for() {
+    let dsdt = |layout: &AcpiLayout| {
+        let tables = build_tables(layout, RSDP_AT).unwrap();
+        table(&tables, "DSDT").bytes.clone()
+    };
+    let has = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let mut l = layout();
+    let plain = dsdt(&l);
+    for needle in [&b"PCNT"[..], b"PHPR", b"_EJ0", b"SL18"] {
+        assert!(!has(&plain, needle), "{}", String::from_utf8_lossy(needle));
+    }
+    l.pci_hotplug = Some(hotplug(24..26));
+    let bytes = dsdt(&l);
+    for needle in [
+        &b"PCNT"[..],
+        b"PHPR",
+        b"PCIU",
+        b"PCID",
+        b"B0EJ",
+        b"SL18",
+        b"SL19",
+    ] {
+        assert!(has(&bytes, needle), "{}", String::from_utf8_lossy(needle));
+    }
+    assert!(!has(&bytes, b"SL1A"), "one device per slot in the range");
+    // Two slots, each with _ADR, _SUN and _EJ0.
+    assert_eq!(bytes.windows(4).filter(|w| w == b"_EJ0").count(), 2);
 }

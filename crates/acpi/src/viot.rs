@@ -1,4 +1,5 @@
-//! The VIOT: one virtio-pci IOMMU node and PCI range nodes for exactly the protected devices.
+//! The VIOT: one virtio-pci IOMMU node and PCI range nodes for exactly the protected devices
+//! and the slots kept for protected hotplug.
 //!
 //! acpi_tables 0.2.1's VIOT builder writes the virtio-pci IOMMU node as segment then BDF, the
 //! order ACPI 6.5 (5.2.32.3) and Linux's `struct acpi_viot_virtio_iommu_pci` use (an earlier
@@ -38,7 +39,16 @@ pub(crate) fn protected_runs(protected: &[PciBdf]) -> Vec<(PciBdf, PciBdf)> {
 pub(crate) fn build(viot: &Viot) -> Vec<u8> {
     let mut table = VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let iommu = table.add_virtio_pci_iommu(VirtIoPciIommu::new(pci_device(&viot.iommu)));
-    for (first, last) in protected_runs(&viot.protected) {
+    // Every function of a protected slot, so that one node covers the whole range.
+    let slots = viot
+        .protected_slots
+        .clone()
+        .flat_map(|device| (0..8).map(move |function| (device, function)))
+        .map(|(device, function)| {
+            PciBdf::new(viot.iommu.segment, viot.iommu.bus, device, function)
+        });
+    let protected: Vec<PciBdf> = viot.protected.iter().copied().chain(slots).collect();
+    for (first, last) in protected_runs(&protected) {
         // Sets endpoint_start to first's BDF: see `PciBdf::endpoint_id`.
         table.add_pci_range(PciRange::new(pci_device(&first), pci_device(&last), &iommu));
     }

@@ -44,6 +44,10 @@ fn layout() -> AcpiLayout {
             port: 0x3C2,
             value: 0x0E,
         }),
+        events: Some(acpi::GenericEvents {
+            port: 0x3c3,
+            irq: 5,
+        }),
         i8042: false,
         iommu: Some(Viot {
             iommu: PciBdf::new(1, 0, 3, 0),
@@ -52,7 +56,9 @@ fn layout() -> AcpiLayout {
                 PciBdf::new(1, 1, 0, 0),
                 PciBdf::new(1, 1, 0, 1),
             ],
+            protected_slots: 0..0,
         }),
+        pci_hotplug: None,
     }
 }
 
@@ -178,12 +184,56 @@ fn dsdt_has_the_host_bridge_its_windows_serial_and_s5() {
 }
 
 #[test]
+fn dsdt_has_a_power_button_behind_a_generic_event_device() {
+    let tables = tables(&layout());
+    let dsl = disassemble(table(&tables, "DSDT"));
+    dsl.assert_has(&[
+        "Device (PWRB) { Name (_HID, EisaId (\"PNP0C0C\")",
+        "Device (GED) { Name (_HID, \"ACPI0013\"",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000005, }",
+        "Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }",
+        "OperationRegion (GDST, SystemIO, 0x03C3, One)",
+        "Method (_EVT, 1, Serialized) { Local0 = GDAT",
+        "Local1 = (Local0 & One) If ((Local1 == One)) { Notify (\\_SB.PWRB, 0x80)",
+        // The event register is reserved with the sleep registers.
+        "IO (Decode16, 0x03C3, 0x03C3, 0x01, 0x01, )",
+    ]);
+}
+
+#[test]
+fn dsdt_has_hotplug_slots_with_eject_and_a_notify_method_the_ged_runs() {
+    let mut l = layout();
+    l.pci_hotplug = Some(acpi::PciHotplug {
+        port: 0x3d0,
+        slots: 24..26,
+    });
+    let tables = tables(&l);
+    let dsl = disassemble(table(&tables, "DSDT"));
+    dsl.assert_has(&[
+        "Scope (\\_SB.PCI0) { OperationRegion (PHPR, SystemIO, 0x03D0, 0x0C)",
+        "Field (PHPR, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32 }",
+        "Device (SL18) { Name (_ADR, 0x00180000) Name (_SUN, 0x18) \
+         Method (_EJ0, 1, NotSerialized) { \\_SB.PCI0.B0EJ = 0x01000000 } }",
+        "Device (SL19) { Name (_ADR, 0x00190000) Name (_SUN, 0x19)",
+        "Method (PCNT, 0, Serialized) { Local0 = PCIU",
+        "Local1 = PCID",
+        "Local2 = (Local0 & 0x01000000) If ((Local2 == 0x01000000)) { Notify (\\_SB.PCI0.SL18, One) }",
+        "Local2 = (Local1 & 0x02000000) If ((Local2 == 0x02000000)) { Notify (\\_SB.PCI0.SL19, 0x03) }",
+        "Local2 = (Local0 & 0x02) If ((Local2 == 0x02)) { \\_SB.PCI0.PCNT () }",
+        // The controller's registers are reserved with the other motherboard ports.
+        "IO (Decode16, 0x03D0, 0x03D0, 0x01, 0x0C, )",
+    ]);
+    assert!(!dsl.flat.contains("SL1A"), "{}", dsl.raw);
+}
+
+#[test]
 fn dsdt_leaves_out_what_the_machine_lacks() {
     let mut l = layout();
     l.serial = None;
     l.pci_io = None;
     l.mmio64 = 0..0;
     l.sleep.status_port = l.sleep.control_port;
+    l.events = None;
     let tables = tables(&l);
     let dsl = disassemble(table(&tables, "DSDT"));
     dsl.assert_has(&[
@@ -195,7 +245,15 @@ fn dsdt_leaves_out_what_the_machine_lacks() {
          IO (Decode16, 0x03C0, 0x03C0, 0x01, 0x01, ) }",
         "Name (_S5, Package (0x02) { 0x05, Zero })",
     ]);
-    for absent in ["COM1", "WordIO", "QWordMemory"] {
+    for absent in [
+        "COM1",
+        "WordIO",
+        "QWordMemory",
+        "PWRB",
+        "ACPI0013",
+        "PCNT",
+        "_EJ0",
+    ] {
         assert!(!dsl.flat.contains(absent), "{absent} in:\n{}", dsl.raw);
     }
 }

@@ -281,7 +281,7 @@ mod tests {
         let mut alloc = BarAllocator::new((0xc000_0000, 0x1_0000), None, None).unwrap();
         let dev = device(&[(3, spec(0x1000, BarKind::Memory32))]);
         let mappings = alloc.allocate(&dev).unwrap();
-        let mut bus = vm_device::Bus::new();
+        let bus = vm_device::Bus::new();
         let m = &mappings[0];
         bus.insert(m.region.clone(), m.base, m.len).unwrap();
         let mut data = [0u8; 1];

@@ -20,7 +20,7 @@ pub use configuration::{
 pub use device::{EventAddress, PciDevice};
 pub use msix::{Msix, MsixState, MAX_MSIX_VECTORS, MSIX_CAPABILITY_ID, MSIX_TABLE_ENTRY_SIZE};
 pub use root::{
-    HostBridge, PciBarRegion, PciConfigIo, PciConfigMmio, PciRoot, ECAM_BUS_SIZE,
+    BarMoves, HostBridge, PciBarRegion, PciConfigIo, PciConfigMmio, PciRoot, ECAM_BUS_SIZE,
     HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, MAX_DEVICES,
 };
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use vm_device::BusDevice;
 
-use crate::{PciConfiguration, PciDevice, PciError, PciHeader};
+use crate::{BarMove, PciConfiguration, PciDevice, PciError, PciHeader};
 use vm_device::lock;
 
 /// Device numbers per bus.
@@ -67,13 +67,22 @@ impl PciDevice for HostBridge {
     }
 }
 
+/// Follows the guest's BAR placements: the VMM side of moving a BAR's bus range.
+pub trait BarMoves: Send + Sync {
+    /// The guest enabled decoding of `device_number`'s BARs at `moves`' new addresses (called
+    /// with the bus's lock held, and not the device's).
+    fn moved(&self, device_number: u8, device: &Arc<Mutex<dyn PciDevice>>, moves: &[BarMove]);
+}
+
 /// Bus 0: single-function devices by device number, the host bridge at 0.
 ///
-/// BARs stay where the VMM placed them: a guest moving one while decoding is on gets a
-/// (rate-limited) warning from the device's configuration and the BAR's bus range is not
-/// moved. Nothing is queued, so a guest rewriting BARs in a loop costs no host memory.
+/// BARs stay where the VMM placed them, unless a [`BarMoves`] handler follows the guest's
+/// placements: without one, a guest moving a BAR while decoding is on gets a (rate-limited)
+/// warning from the device's configuration and the BAR's bus range is not moved. Nothing is
+/// queued, so a guest rewriting BARs in a loop costs no host memory.
 pub struct PciRoot {
     devices: BTreeMap<u8, Arc<Mutex<dyn PciDevice>>>,
+    moves: Option<Arc<dyn BarMoves>>,
 }
 
 impl PciRoot {
@@ -82,7 +91,21 @@ impl PciRoot {
         let bridge: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(HostBridge::new()));
         Self {
             devices: BTreeMap::from([(0, bridge)]),
+            moves: None,
         }
+    }
+
+    /// Has `handler` follow the BARs the guest moves from now on.
+    pub fn set_bar_moves(&mut self, handler: Arc<dyn BarMoves>) {
+        self.moves = Some(handler);
+    }
+
+    /// Unplugs the device at `device_number` (never the host bridge); returns it.
+    pub fn remove_device(&mut self, device_number: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        if device_number == 0 {
+            return None;
+        }
+        self.devices.remove(&device_number)
     }
 
     /// Plugs `device` in as function 0 of `device_number`.
@@ -141,8 +164,10 @@ impl PciRoot {
         let Some(dev) = self.function(bus, device, function) else {
             return;
         };
-        // BAR moves are not followed (see `PciRoot`).
-        let _moves = lock(dev).write_config_register(reg_idx, offset, data);
+        let moves = lock(dev).write_config_register(reg_idx, offset, data);
+        if let (false, Some(handler)) = (moves.is_empty(), &self.moves) {
+            handler.moved(device, dev, &moves);
+        }
     }
 
     /// A sub-dword read; accesses of odd sizes or crossing a dword read all-ones.
@@ -380,6 +405,46 @@ pub(crate) mod tests {
         assert_eq!(root.read_config(0, 0, 0, 0), 0x0d57_8086);
         assert_eq!(root.read_config(0, 0, 0, 2) >> 16, 0x0600);
         assert_eq!(root.read_config(0, 0, 0, 3) >> 16 & 0xff, 0);
+    }
+
+    /// Records the moves it is told of.
+    struct MoveLog(Arc<Mutex<Vec<(u8, BarMove)>>>);
+
+    impl BarMoves for MoveLog {
+        fn moved(&self, device_number: u8, _device: &Arc<Mutex<dyn PciDevice>>, moves: &[BarMove]) {
+            let mut log = self.0.lock().unwrap();
+            log.extend(moves.iter().map(|m| (device_number, *m)));
+        }
+    }
+
+    #[test]
+    fn moves_reach_the_handler_and_removed_devices_read_all_ones() {
+        let device = Arc::new(Mutex::new(TestDevice::new(0x5678, &[(0, BAR32)])));
+        let mut root = PciRoot::new();
+        root.add_device(24, device.clone()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        root.set_bar_moves(Arc::new(MoveLog(log.clone())));
+        // The guest places the never-placed BAR, then turns memory decoding on.
+        root.write_config(0, 24, 0, 4, 0, &0xc000_2000u32.to_le_bytes());
+        assert!(log.lock().unwrap().is_empty(), "decoding is still off");
+        root.write_config(0, 24, 0, 1, 0, &[crate::COMMAND_MEMORY_SPACE as u8]);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [(
+                24,
+                BarMove {
+                    bar: 0,
+                    old_base: 0,
+                    new_base: 0xc000_2000,
+                    len: 0x1000
+                }
+            )]
+        );
+        assert!(root.remove_device(0).is_none(), "the host bridge stays");
+        assert!(root.remove_device(24).is_some());
+        assert!(root.remove_device(24).is_none());
+        assert_eq!(root.read_config(0, 24, 0, 0), u32::MAX, "an empty slot");
+        root.add_device(24, device).unwrap();
     }
 
     #[test]

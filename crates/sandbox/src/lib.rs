@@ -68,10 +68,14 @@ pub enum ThreadKind {
     Stats,
     /// Forwards terminal input to the serial port.
     SerialInput,
+    /// Serves the REST API on its Unix socket (`--api-socket`).
+    Api,
+    /// Plugs devices in and out for the API (`--api-socket`).
+    Hotplug,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -82,6 +86,8 @@ impl ThreadKind {
         ThreadKind::IommuPoller,
         ThreadKind::Stats,
         ThreadKind::SerialInput,
+        ThreadKind::Api,
+        ThreadKind::Hotplug,
     ];
 
     /// The kind's name in the SIGSYS report.
@@ -97,6 +103,8 @@ impl ThreadKind {
             ThreadKind::IommuPoller => "virtio-iommu poller",
             ThreadKind::Stats => "stats",
             ThreadKind::SerialInput => "serial input",
+            ThreadKind::Api => "api",
+            ThreadKind::Hotplug => "hotplug",
         }
     }
 }

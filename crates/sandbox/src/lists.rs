@@ -13,7 +13,7 @@ use kvm_bindings::{
     kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_userspace_memory_region, KVMIO,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
-use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_WRITE};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 use crate::ThreadKind;
 
@@ -58,6 +58,9 @@ const VFIO_IOMMU_UNMAP_DMA: Value = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
 /// A disk on a host block device: DISCARD and WRITE_ZEROES (`<linux/fs.h>`).
 const BLKDISCARD: Value = (ioctl_expr(_IOC_NONE, 0x12, 119, 0) as u32, "BLKDISCARD");
 const BLKZEROOUT: Value = (ioctl_expr(_IOC_NONE, 0x12, 127, 0) as u32, "BLKZEROOUT");
+/// Sizing a disk on a host block device when it is opened.
+const BLKGETSIZE64: Value = (ioctl_expr(_IOC_READ, 0x12, 114, 8) as u32, "BLKGETSIZE64");
+const BLKSSZGET: Value = (ioctl_expr(_IOC_NONE, 0x12, 104, 0) as u32, "BLKSSZGET");
 /// A tap's offloads follow what the driver negotiated, on activation and reset.
 const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
 /// The `prctl` options of starting a thread: std names it, the filter is installed with
@@ -67,6 +70,9 @@ const PRCTL_OPTIONS: &[Value] = &[
     (libc::PR_GET_NAME as u32, "PR_GET_NAME"),
     (libc::PR_SET_NO_NEW_PRIVS as u32, "PR_SET_NO_NEW_PRIVS"),
 ];
+
+/// Accepted API clients are made non-blocking.
+const FIONBIO: Value = (libc::FIONBIO as u32, "FIONBIO");
 
 /// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
 const TCSETS: Value = (libc::TCSETS as u32, "TCSETS");
@@ -206,6 +212,55 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         }
         ThreadKind::Stats => AllowList::new(&[BASE, syscalls![SYS_rt_sigtimedwait]], &[]),
         ThreadKind::SerialInput => AllowList::new(&[BASE, syscalls![SYS_read]], &[]),
+        // Plugs devices in and out while the guest runs (`--api-socket`): opens a disk image,
+        // makes the device's eventfds, MSI vectors (irqfds and routes) and queue notification
+        // ioeventfds, and undoes them on removal, when it also joins the device's threads.
+        // A disk's io_uring rings are made (and restricted, through io_uring_register) with
+        // the disk, so here, as on the boot path before any filter.
+        ThreadKind::Hotplug => AllowList::new(
+            &[
+                BASE,
+                syscalls![
+                    SYS_io_uring_setup,
+                    SYS_io_uring_register,
+                    SYS_openat,
+                    SYS_fstat,
+                    SYS_newfstatat,
+                    SYS_statx,
+                    SYS_lseek,
+                    SYS_eventfd2,
+                    SYS_fcntl,
+                    SYS_dup,
+                    SYS_read,
+                ],
+            ],
+            &[
+                KVM_IRQFD,
+                KVM_SET_GSI_ROUTING,
+                KVM_IOEVENTFD,
+                BLKGETSIZE64,
+                BLKSSZGET,
+            ],
+        ),
+        // One poll loop over the listening socket and its clients; answering reads the IOMMU
+        // and VFIO counters (memory only), presses the power button (an eventfd write) and
+        // tells the VMM thread to end (a channel: futex).
+        ThreadKind::Api => AllowList::new(
+            &[
+                BASE,
+                syscalls![
+                    SYS_poll,
+                    SYS_ppoll,
+                    SYS_accept4,
+                    SYS_accept,
+                    SYS_read,
+                    SYS_recvfrom,
+                    SYS_sendto,
+                    SYS_shutdown,
+                ],
+            ],
+            &[FIONBIO],
+        ),
     }
 }
 
@@ -289,7 +344,13 @@ const NOTABLE: &[Syscall] = syscalls![
 pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
     let mut all: BTreeSet<Syscall> = NOTABLE.iter().copied().collect();
     all.extend(vcpu().syscalls);
-    for kind in [ThreadKind::Vmm, ThreadKind::Stats, ThreadKind::SerialInput] {
+    for kind in [
+        ThreadKind::Vmm,
+        ThreadKind::Stats,
+        ThreadKind::SerialInput,
+        ThreadKind::Api,
+        ThreadKind::Hotplug,
+    ] {
         all.extend(allow_list(kind).syscalls);
     }
     all
@@ -304,5 +365,7 @@ pub(crate) fn named_prctl_options() -> BTreeSet<Value> {
 pub(crate) fn named_ioctls() -> BTreeSet<Value> {
     let mut all = vcpu().ioctls;
     all.extend(allow_list(ThreadKind::Vmm).ioctls);
+    all.extend(allow_list(ThreadKind::Api).ioctls);
+    all.extend(allow_list(ThreadKind::Hotplug).ioctls);
     all
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 /// A device reachable through a range of the port-I/O or MMIO address space.
 ///
@@ -49,9 +49,13 @@ struct Entry {
 }
 
 /// A set of non-overlapping address ranges, each owned by one device.
-#[derive(Clone, Default)]
+///
+/// Ranges can be inserted and removed while vCPUs dispatch through the bus (devices plugged
+/// in or out, BARs moved): the map is behind a read-write lock that an access holds only to
+/// find its device, never while the device runs, so a device may itself change the bus.
+#[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl Bus {
@@ -61,7 +65,7 @@ impl Bus {
 
     /// Registers `device` for `[base, base + len)`.
     pub fn insert(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -70,34 +74,39 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        let overlaps_previous = self
-            .ranges
+        let mut ranges = self.ranges.write().unwrap_or_else(PoisonError::into_inner);
+        let overlaps_previous = ranges
             .range(..end)
             .next_back()
             .is_some_and(|(&start, entry)| start + entry.len > base);
         if overlaps_previous {
             return Err(BusError::Overlap { base, len });
         }
-        self.ranges.insert(base, Entry { len, device });
+        ranges.insert(base, Entry { len, device });
         Ok(())
     }
 
     /// Removes the range starting exactly at `base`; returns whether one was registered.
-    pub fn remove(&mut self, base: u64) -> bool {
-        self.ranges.remove(&base).is_some()
+    pub fn remove(&self, base: u64) -> bool {
+        self.ranges
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&base)
+            .is_some()
     }
 
     /// The device covering `addr`, with the base of its range.
-    pub fn resolve(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
-        let (&base, entry) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < entry.len).then_some((base, &entry.device))
+    pub fn resolve(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.ranges.read().unwrap_or_else(PoisonError::into_inner);
+        let (&base, entry) = ranges.range(..=addr).next_back()?;
+        (addr - base < entry.len).then(|| (base, Arc::clone(&entry.device)))
     }
 
     /// Routes a read; returns false (leaving `data` untouched) when no device covers `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((base, device)) => {
-                lock(device).read(base, addr - base, data);
+                lock(&device).read(base, addr - base, data);
                 true
             }
             None => false,
@@ -108,7 +117,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((base, device)) => {
-                lock(device).write(base, addr - base, data);
+                lock(&device).write(base, addr - base, data);
                 true
             }
             None => false,
@@ -145,7 +154,7 @@ mod tests {
 
     #[test]
     fn routes_by_range_with_relative_offsets() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = recorder();
         bus.insert(a.clone(), 0x100, 0x10).unwrap();
         let mut data = [0u8; 2];
@@ -159,7 +168,7 @@ mod tests {
 
     #[test]
     fn rejects_overlaps_and_empty_ranges() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(recorder(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(recorder(), 0x10f, 1),
@@ -189,10 +198,39 @@ mod tests {
 
     #[test]
     fn remove_frees_the_range() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(recorder(), 0x100, 0x10).unwrap();
         assert!(bus.remove(0x100));
         assert!(!bus.remove(0x100));
         assert!(bus.insert(recorder(), 0x100, 0x10).is_ok());
+    }
+
+    /// Unplugs itself from the bus it is reached through when written.
+    struct SelfRemoving {
+        bus: Arc<Bus>,
+    }
+
+    impl BusDevice for SelfRemoving {
+        fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+            data.fill(1);
+        }
+        fn write(&mut self, base: u64, _offset: u64, _data: &[u8]) {
+            assert!(self.bus.remove(base));
+            self.bus.insert(recorder(), base + 0x100, 0x10).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_device_may_change_the_bus_from_inside_an_access() {
+        let bus = Arc::new(Bus::new());
+        let device = Arc::new(Mutex::new(SelfRemoving {
+            bus: Arc::clone(&bus),
+        }));
+        bus.insert(device, 0x100, 0x10).unwrap();
+        assert!(bus.write(0x104, &[0]));
+        let mut data = [0xffu8];
+        assert!(!bus.read(0x104, &mut data), "the device is gone");
+        assert!(bus.read(0x204, &mut data));
+        assert_eq!(data, [4], "its replacement answers");
     }
 }

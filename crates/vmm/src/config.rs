@@ -25,14 +25,28 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Longest the virtio-iommu polls its request queue after a request; zero: never.
     pub iommu_poll: std::time::Duration,
+    /// Create the virtio-iommu even if no device starts behind it (`--platform iommu=on`).
+    pub platform_iommu: bool,
     /// What each thread's seccomp filter does with a system call outside its list.
     pub seccomp: SeccompMode,
+    /// Where to serve Cloud Hypervisor's REST API, if anywhere.
+    pub api_socket: Option<ApiSocket>,
+}
+
+/// The Unix socket of the API (`--api-socket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocket {
+    /// A path to bind (a stale socket nobody listens on is replaced).
+    Path(PathBuf),
+    /// A listening socket warden inherited.
+    Fd(i32),
 }
 
 impl VmConfig {
     /// Whether any device asked for `iommu=on`: only then does the machine get a virtio-iommu.
     pub fn needs_iommu(&self) -> bool {
-        (self.console != OutputConfig::Off && self.console_iommu)
+        self.platform_iommu
+            || (self.console != OutputConfig::Off && self.console_iommu)
             || self.disks.iter().any(|disk| disk.iommu)
             || self.nets.iter().any(|net| net.iommu)
             || self.rng.as_ref().is_some_and(|rng| rng.iommu)

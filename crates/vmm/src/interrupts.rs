@@ -23,6 +23,8 @@ pub struct GsiRouter {
 
 struct RouterState {
     next_gsi: u32,
+    /// GSIs of unplugged devices' vectors, handed out again before `next_gsi`.
+    free_gsis: Vec<u32>,
     msi_routes: BTreeMap<u32, MsiMessage>,
 }
 
@@ -82,6 +84,7 @@ impl GsiRouter {
             vm,
             state: Mutex::new(RouterState {
                 next_gsi: MSI_GSI_BASE,
+                free_gsis: Vec::new(),
                 msi_routes: BTreeMap::new(),
             }),
         });
@@ -113,8 +116,10 @@ impl GsiRouter {
         let mut vectors = Vec::with_capacity(count);
         let mut state = self.lock();
         for _ in 0..count {
-            let gsi = state.next_gsi;
-            state.next_gsi += 1;
+            let gsi = state.free_gsis.pop().unwrap_or_else(|| {
+                state.next_gsi += 1;
+                state.next_gsi - 1
+            });
             let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
             // A route must exist before the irqfd fires; a zero message is a harmless MSI
             // until the guest programs the vector (the transport keeps it masked until then).
@@ -169,6 +174,26 @@ impl InterruptGroup for MsiGroup {
 
     fn notifier(&self, index: usize) -> Option<&EventFd> {
         self.vectors.get(index).map(|(_, eventfd)| eventfd)
+    }
+}
+
+/// An unplugged device's vectors: their irqfds and routes go, and their GSIs are reused, so
+/// plugging devices in and out does not use up KVM's routing table.
+impl Drop for MsiGroup {
+    fn drop(&mut self) {
+        for (gsi, eventfd) in &self.vectors {
+            if let Err(err) = self.router.vm.unregister_irqfd(eventfd, *gsi) {
+                log::warn!("GSI {gsi}: cannot remove the irqfd: {err}");
+            }
+        }
+        let mut state = self.router.lock();
+        for (gsi, _) in &self.vectors {
+            state.msi_routes.remove(gsi);
+            state.free_gsis.push(*gsi);
+        }
+        if let Err(err) = self.router.commit(&state) {
+            log::warn!("cannot drop the routes of an unplugged device: {err}");
+        }
     }
 }
 

@@ -73,6 +73,11 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
 /// ACPI reset register, and the value that resets.
 pub const ACPI_RESET_PORT: u16 = 0x3c2;
 pub const ACPI_RESET_VALUE: u8 = 0x0e;
+/// The Generic Event Device's event register (one byte) and interrupt: the power button.
+pub const GED_PORT: u16 = 0x3c3;
+pub const GED_IRQ: u32 = 5;
+/// The PCI hotplug controller's registers (`acpi::PCI_HOTPLUG_PORTS` ports).
+pub const PCI_HOTPLUG_PORT: u16 = 0x3d0;
 
 /// First GSI handed to MSI vectors; 0..24 are the IOAPIC pins.
 pub const MSI_GSI_BASE: u32 = 24;

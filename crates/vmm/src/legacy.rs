@@ -1,8 +1,10 @@
-//! The few PC legacy devices a Linux guest expects: COM1, the CMOS clock, the i8042 reset line
-//! and the ACPI sleep registers that turn `poweroff` into an exit.
+//! The few PC legacy devices a Linux guest expects: COM1, the CMOS clock, the i8042 reset line,
+//! the ACPI sleep registers that turn `poweroff` into an exit, and the event register of the
+//! power button the VMM presses.
 
 use std::io::{self, Write};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use vm_device::BusDevice;
@@ -21,6 +23,8 @@ pub enum GuestExit {
     Reset(&'static str),
     /// A vCPU stopped in a way the guest did not ask for.
     Crash(String),
+    /// A client of the API ended the VM (`vm.shutdown`, `vmm.shutdown`).
+    Shutdown(&'static str),
 }
 
 /// Raises the serial line's interrupt by writing its irqfd.
@@ -208,10 +212,72 @@ impl BusDevice for AcpiSleep {
     }
 }
 
+/// The Generic Event Device's event register (see [`acpi::GenericEvents`]): the guest's
+/// `_EVT` reads the pending events, which clears them.
+pub struct GenericEvents<T: Trigger> {
+    pending: u8,
+    interrupt: T,
+}
+
+impl<T: Trigger> GenericEvents<T> {
+    pub fn new(interrupt: T) -> Self {
+        GenericEvents {
+            pending: 0,
+            interrupt,
+        }
+    }
+
+    /// Marks `events` (`acpi::GED_*` bits) pending and raises the interrupt.
+    pub fn raise(&mut self, events: u8) -> Result<(), T::E> {
+        self.pending |= events;
+        self.interrupt.trigger()
+    }
+}
+
+impl<T: Trigger + Send> BusDevice for GenericEvents<T> {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(byte) = data.first_mut() {
+            *byte = std::mem::take(&mut self.pending);
+        }
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+/// Presses the guest's power button: an event for the guest's ACPI to hand to its OS, which
+/// then shuts down as it sees fit (Linux's `button` driver reports KEY_POWER).
+pub struct PowerButton<T: Trigger>(pub Arc<Mutex<GenericEvents<T>>>);
+
+impl<T: Trigger> PowerButton<T> {
+    pub fn press(&self) -> Result<(), T::E> {
+        vm_device::lock(&self.0).raise(acpi::GED_POWER_BUTTON)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc::channel;
+
+    #[test]
+    fn a_press_raises_the_interrupt_and_reading_the_register_clears_it() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let events = Arc::new(Mutex::new(GenericEvents::new(IrqfdTrigger(
+            irq.try_clone().unwrap(),
+        ))));
+        let button = PowerButton(Arc::clone(&events));
+        let mut byte = [0xffu8];
+        vm_device::lock(&events).read(0, 0, &mut byte);
+        assert_eq!(byte[0], 0, "nothing pending");
+        assert!(irq.read().is_err(), "no interrupt yet");
+        button.press().unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        vm_device::lock(&events).read(0, 0, &mut byte);
+        assert_eq!(byte[0], acpi::GED_POWER_BUTTON);
+        vm_device::lock(&events).read(0, 0, &mut byte);
+        assert_eq!(byte[0], 0, "read once");
+    }
 
     const SLP_EN: u8 = 1 << 5;
 

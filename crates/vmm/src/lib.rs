@@ -2,16 +2,23 @@
 //!
 //! [`builder::run`] is the whole boot path, top to bottom; the modules beside it each own one
 //! piece of the machine (its address map, RAM, interrupt routing, legacy devices, kernel
-//! loading, vCPUs).
+//! loading, vCPUs), and [`control`] answers the API.
 
+mod bar_placement;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
+mod devices;
+pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod pci_bus;
+pub mod pci_hotplug;
+pub mod stats;
+mod terminal;
 pub mod vcpu;
 
 pub use builder::{run, VmmError};

@@ -52,6 +52,11 @@ impl PciBus {
         Ok(PciBus { root, allocator })
     }
 
+    /// The bus itself, for devices plugged in while the guest runs.
+    pub fn root(&self) -> Arc<Mutex<PciRoot>> {
+        Arc::clone(&self.root)
+    }
+
     /// Places `device`'s BARs and puts each on the bus of its address space, where accesses
     /// reach the device model.
     fn place_bars(

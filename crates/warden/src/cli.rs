@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use vmm::config::{
-    DeviceConfig, DiskConfig, MacAddr, MemoryBacking, MemoryConfig, NetConfig, OutputConfig,
-    RngConfig, VmConfig,
+    ApiSocket, DeviceConfig, DiskConfig, MacAddr, MemoryBacking, MemoryConfig, NetConfig,
+    OutputConfig, RngConfig, VmConfig,
 };
 use vmm::memory::MIN_MEMORY;
 
@@ -95,14 +95,15 @@ pub struct Cli {
     #[arg(long, value_name = "path=SYSFS_PATH[,iommu=on][,id=ID]")]
     device: Vec<String>,
 
-    /// Platform settings: iommu_poll_us=N, the longest (in microseconds) the virtio-iommu
+    /// Platform settings: iommu=on creates the virtio-iommu even when no device starts behind
+    /// it, so that protected devices can be hot-plugged (`--api-socket`); iommu_poll_us=N, the longest (in microseconds) the virtio-iommu
     /// polls its request queue after a request before waiting for a notification again, so
     /// that a guest's back-to-back MAPs need no VM exit (default 2000). The window adapts
     /// below it; 0 turns polling off. Polling uses a host CPU while the guest keeps sending
     /// requests.
     #[arg(
         long,
-        value_name = "iommu_poll_us=N",
+        value_name = "[iommu=on][,iommu_poll_us=N]",
         default_value = "",
         hide_default_value = true
     )]
@@ -113,6 +114,12 @@ pub struct Cli {
     /// and lets them run) or false (no filter).
     #[arg(long, value_name = "true|false|log", default_value = "true")]
     seccomp: String,
+
+    /// Cloud Hypervisor's REST API (HTTP/1.1) on a Unix socket: path=PATH (a stale socket there
+    /// is replaced) or fd=N (a listening socket warden inherits). E.g.
+    /// curl --unix-socket PATH http://localhost/api/v1/vmm.ping
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    api_socket: Option<String>,
 
     /// Log level: error, warn, info, debug (every IOMMU request) or trace. RUST_LOG also works.
     #[arg(long, value_name = "LEVEL")]
@@ -197,8 +204,13 @@ impl Cli {
                 });
             }
         }
-        let iommu_poll = in_option("platform", parse_platform(&self.platform))?;
+        let (iommu_poll, platform_iommu) = in_option("platform", parse_platform(&self.platform))?;
         let seccomp = in_option("seccomp", self.seccomp.parse())?;
+        let api_socket = self
+            .api_socket
+            .as_deref()
+            .map(|text| in_option("api-socket", parse_api_socket(text)))
+            .transpose()?;
         let devices = self
             .device
             .iter()
@@ -229,7 +241,9 @@ impl Cli {
             console_iommu,
             devices,
             iommu_poll,
+            platform_iommu,
             seccomp,
+            api_socket,
         })
     }
 }
@@ -326,19 +340,23 @@ fn parse_disk(text: &str) -> ParseResult<DiskConfig> {
 /// Longest accepted poll window: a second of spinning is surely a typo.
 const MAX_IOMMU_POLL_US: u64 = 1_000_000;
 
-fn parse_platform(text: &str) -> ParseResult<Duration> {
-    let kv = KeyValues::parse(text, &["iommu_poll_us"])?;
+/// `--platform`: the poll window, and whether to create the virtio-iommu even if no device
+/// starts behind it (so that protected devices can be hot-plugged).
+fn parse_platform(text: &str) -> ParseResult<(Duration, bool)> {
+    let kv = KeyValues::parse(text, &["iommu_poll_us", "iommu"])?;
+    let iommu = kv.switch("iommu")?;
     let Some(value) = kv.get("iommu_poll_us") else {
-        return Ok(DEFAULT_IOMMU_POLL);
+        return Ok((DEFAULT_IOMMU_POLL, iommu));
     };
-    value
+    let poll = value
         .parse::<u64>()
         .ok()
         .filter(|&us| us <= MAX_IOMMU_POLL_US)
         .map(Duration::from_micros)
         .ok_or_else(|| {
             format!("iommu_poll_us={value} is not a number of microseconds from 0 to {MAX_IOMMU_POLL_US}")
-        })
+        })?;
+    Ok((poll, iommu))
 }
 
 fn parse_rng(text: &str) -> ParseResult<RngConfig> {
@@ -470,6 +488,24 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
     })
 }
 
+/// `path=PATH`, `fd=N`, or a bare path, as Cloud Hypervisor takes them.
+fn parse_api_socket(text: &str) -> ParseResult<ApiSocket> {
+    if !text.contains('=') && !text.is_empty() {
+        return Ok(ApiSocket::Path(PathBuf::from(text)));
+    }
+    let kv = KeyValues::parse(text, &["path", "fd"])?;
+    match (kv.get("path"), kv.get("fd")) {
+        (Some(path), None) if !path.is_empty() => Ok(ApiSocket::Path(PathBuf::from(path))),
+        (None, Some(fd)) => fd
+            .parse::<i32>()
+            .ok()
+            .filter(|&fd| fd > 2)
+            .map(ApiSocket::Fd)
+            .ok_or_else(|| format!("fd={fd} is not a descriptor number above 2 (stdio)")),
+        _ => Err("give exactly one of path=PATH or fd=N".into()),
+    }
+}
+
 fn parse_device(text: &str) -> ParseResult<DeviceConfig> {
     let kv = KeyValues::parse(text, &["path", "iommu", "id"])?;
     let path = kv
@@ -557,6 +593,11 @@ mod tests {
     fn iommu_poll_window() {
         assert_eq!(config(&[]).unwrap().iommu_poll, Duration::from_millis(2));
         let poll = |text| config(&["--platform", text]).map(|c| c.iommu_poll);
+        assert!(!config(&[]).unwrap().platform_iommu);
+        let iommu = config(&["--platform", "iommu=on,iommu_poll_us=7"]).unwrap();
+        assert!(iommu.platform_iommu && iommu.needs_iommu());
+        assert_eq!(iommu.iommu_poll, Duration::from_micros(7));
+        assert!(error(&["--platform", "iommu=yes"]).starts_with("--platform: "));
         assert_eq!(poll("iommu_poll_us=0"), Ok(Duration::ZERO));
         assert_eq!(poll("iommu_poll_us=50"), Ok(Duration::from_micros(50)));
         assert_eq!(
@@ -746,6 +787,34 @@ mod tests {
             error(&["--net", "tap=t0", "--net", "tap=t0"]),
             "--net: tap=t0 is given twice; each --net needs its own tap"
         );
+    }
+
+    #[test]
+    fn api_socket_by_path_or_descriptor() {
+        let socket = |text: &str| config(&["--api-socket", text]).map(|c| c.api_socket);
+        assert_eq!(config(&[]).unwrap().api_socket, None);
+        assert_eq!(
+            socket("path=/run/warden.sock"),
+            Ok(Some(ApiSocket::Path("/run/warden.sock".into())))
+        );
+        assert_eq!(
+            socket("/tmp/api.sock"),
+            Ok(Some(ApiSocket::Path("/tmp/api.sock".into())))
+        );
+        assert_eq!(socket("fd=7"), Ok(Some(ApiSocket::Fd(7))));
+        assert_eq!(
+            error(&["--api-socket", "fd=1"]),
+            "--api-socket: fd=1 is not a descriptor number above 2 (stdio)"
+        );
+        assert_eq!(
+            error(&["--api-socket", "path=/a,fd=4"]),
+            "--api-socket: give exactly one of path=PATH or fd=N"
+        );
+        assert_eq!(
+            error(&["--api-socket", "path="]),
+            "--api-socket: give exactly one of path=PATH or fd=N"
+        );
+        assert!(error(&["--api-socket", "sock=/a"]).starts_with("--api-socket: unknown key 'sock'"));
     }
 
     #[test]

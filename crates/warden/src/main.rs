@@ -41,6 +41,10 @@ fn main() -> ExitCode {
     };
     match vmm::run(&config) {
         Ok(GuestExit::Poweroff) => ExitCode::SUCCESS,
+        Ok(GuestExit::Shutdown(why)) => {
+            eprintln!("warden: shut down through the API ({why})");
+            ExitCode::SUCCESS
+        }
         Ok(GuestExit::Reset(why)) => {
             eprintln!("warden: the guest asked for a reset ({why}): it rebooted or panicked; warden does not restart guests");
             ExitCode::from(EXIT_FAILURE)

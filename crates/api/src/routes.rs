@@ -1,0 +1,172 @@
+//! The endpoints: which path takes which method and body, and the typed request each becomes.
+
+use serde::de::DeserializeOwned;
+
+use crate::bodies::{DeviceConfig, DiskConfig, NetConfig, VmRemoveDevice};
+use crate::responses::{Counters, PciDeviceInfo, VmInfo, VmmPingResponse};
+
+/// What a client asked the VMM for, its body parsed and validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Ping,
+    Info,
+    Counters,
+    /// `vm.shutdown`: stop the guest now.
+    Shutdown,
+    /// `vm.power-button`: ask the guest to shut itself down.
+    PowerButton,
+    Pause,
+    Resume,
+    Reboot,
+    /// `vmm.shutdown`: end the VMM (and so the guest).
+    VmmShutdown,
+    AddDisk(DiskConfig),
+    AddNet(NetConfig),
+    AddDevice(DeviceConfig),
+    RemoveDevice(VmRemoveDevice),
+}
+
+/// The VMM's answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Response {
+    Ping(VmmPingResponse),
+    Info(Box<VmInfo>),
+    Counters(Counters),
+    /// Done, nothing to say (204).
+    Done,
+    /// A device was hot-added here (200).
+    Added(PciDeviceInfo),
+}
+
+/// A refused request: its HTTP status and a one-line reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the body is not one warden can act on.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 405: the VM is not in a state that allows the action (Cloud Hypervisor's status for,
+    /// e.g., resuming a VM that is not paused).
+    pub fn wrong_state(message: impl Into<String>) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 501: warden does not do this.
+    pub fn not_supported(message: impl Into<String>) -> Self {
+        Self::new(501, message)
+    }
+}
+
+const PREFIX: &str = "/api/v1/";
+
+/// Every endpoint: its name under [`PREFIX`] and its method.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("vmm.ping", "GET"),
+    ("vmm.shutdown", "PUT"),
+    ("vm.info", "GET"),
+    ("vm.counters", "GET"),
+    ("vm.shutdown", "PUT"),
+    ("vm.power-button", "PUT"),
+    ("vm.pause", "PUT"),
+    ("vm.resume", "PUT"),
+    ("vm.reboot", "PUT"),
+    ("vm.add-disk", "PUT"),
+    ("vm.add-net", "PUT"),
+    ("vm.add-device", "PUT"),
+    ("vm.remove-device", "PUT"),
+];
+
+/// The method `path` takes, if it is an endpoint (for a 405's `Allow`).
+pub fn allowed_method(path: &str) -> Option<&'static str> {
+    let name = path.strip_prefix(PREFIX)?;
+    ENDPOINTS
+        .iter()
+        .find(|(endpoint, _)| *endpoint == name)
+        .map(|&(_, method)| method)
+}
+
+/// The request `method` on `path` with `body` stands for: 404 for an unknown path, 405 for
+/// the wrong method, 400 for a body that does not parse or validate.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError> {
+    let allowed =
+        allowed_method(path).ok_or_else(|| ApiError::new(404, format!("no endpoint {path}")))?;
+    if method != allowed {
+        return Err(ApiError::new(
+            405,
+            format!("{path} takes {allowed}, not {method}"),
+        ));
+    }
+    let name = &path[PREFIX.len()..];
+    Ok(match name {
+        "vmm.ping" => Request::Ping,
+        "vmm.shutdown" => Request::VmmShutdown,
+        "vm.info" => Request::Info,
+        "vm.counters" => Request::Counters,
+        "vm.shutdown" => Request::Shutdown,
+        "vm.power-button" => Request::PowerButton,
+        "vm.pause" => Request::Pause,
+        "vm.resume" => Request::Resume,
+        "vm.reboot" => Request::Reboot,
+        "vm.add-disk" => {
+            let disk: DiskConfig = json(name, "DiskConfig", body)?;
+            disk.validate().map_err(ApiError::bad_request)?;
+            Request::AddDisk(disk)
+        }
+        "vm.add-net" => {
+            let net: NetConfig = json(name, "NetConfig", body)?;
+            net.validate().map_err(ApiError::bad_request)?;
+            Request::AddNet(net)
+        }
+        "vm.add-device" => {
+            let device: DeviceConfig = json(name, "DeviceConfig", body)?;
+            device.validate().map_err(ApiError::bad_request)?;
+            Request::AddDevice(device)
+        }
+        "vm.remove-device" => {
+            let remove: VmRemoveDevice = json(name, "VmRemoveDevice", body)?;
+            remove.validate().map_err(ApiError::bad_request)?;
+            Request::RemoveDevice(remove)
+        }
+        _ => unreachable!("every endpoint in ENDPOINTS is routed"),
+    })
+}
+
+/// The body of `endpoint`, a JSON `schema` object.
+fn json<T: DeserializeOwned>(endpoint: &str, schema: &str, body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(format!(
+            "{endpoint} needs a {schema} JSON body"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request(format!("{endpoint}: not a {schema}: {err}")))
+}
+
+/// The status and JSON body of the VMM's answer.
+pub fn status_and_body(answer: Result<Response, ApiError>) -> (u16, Option<String>) {
+    let json = |value: serde_json::Result<String>| match value {
+        Ok(body) => (200, Some(body)),
+        Err(err) => (500, Some(crate::http::error_body(&err.to_string()))),
+    };
+    match answer {
+        Ok(Response::Ping(ping)) => json(serde_json::to_string(&ping)),
+        Ok(Response::Info(info)) => json(serde_json::to_string(&info)),
+        Ok(Response::Counters(counters)) => json(serde_json::to_string(&counters)),
+        Ok(Response::Added(info)) => json(serde_json::to_string(&info)),
+        Ok(Response::Done) => (204, None),
+        Err(err) => (err.status, Some(crate::http::error_body(&err.message))),
+    }
+}

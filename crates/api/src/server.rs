@@ -1,0 +1,305 @@
+//! The server loop: one thread, non-blocking sockets and `poll(2)`, so that no client (one
+//! that sends half a request and waits, or never reads its answer) holds up another.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use crate::http::{self, HttpRequest};
+use crate::routes::{self, Request};
+use crate::Vmm;
+
+/// Bounds on what a client can make the server hold and wait for.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Request line and headers; more is refused with 431.
+    pub max_header_bytes: usize,
+    /// A request body; more is refused with 413.
+    pub max_body_bytes: usize,
+    /// Time from connecting (or from the last answer) to a complete request and from then
+    /// to the answer being read; a client slower than that is answered 408 and dropped.
+    pub request_timeout: Duration,
+    /// Clients served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 8 << 10,
+            max_body_bytes: 64 << 10,
+            request_timeout: Duration::from_secs(10),
+            max_connections: 16,
+        }
+    }
+}
+
+/// How long a closing connection waits for the client to hang up, discarding what it still
+/// sends: closing a Unix socket with unread input resets it, and the client could lose its
+/// answer.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// One client, its unparsed input and its unsent output (at most one answer: the next
+/// request is read only once the last answer is out).
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    sent: usize,
+    deadline: Instant,
+    /// Close once `output` is sent.
+    closing: bool,
+    /// The client sent all it will.
+    eof: bool,
+    /// Answered and shut down for writing: waiting for the client to hang up.
+    lingering: bool,
+    /// The accepted request whose answer is in `output`, for [`Vmm::answered`].
+    answering: Option<Request>,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, limits: &Limits) -> Self {
+        Connection {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            sent: 0,
+            deadline: Instant::now() + limits.request_timeout,
+            closing: false,
+            eof: false,
+            lingering: false,
+            answering: None,
+        }
+    }
+
+    /// Reads what the client sent, up to what a largest request could take.
+    fn read(&mut self, limits: &Limits) {
+        let most = limits.max_header_bytes + limits.max_body_bytes + 1;
+        let mut chunk = [0u8; 4096];
+        while self.lingering || self.input.len() < most {
+            let room = chunk.len().min(most - self.input.len());
+            match self.stream.read(&mut chunk[..room]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return;
+                }
+                Ok(_) if self.lingering => {}
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.eof = true;
+                    self.closing = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers the next complete request, if any and if the last answer is out.
+    fn process(&mut self, vmm: &dyn Vmm, limits: &Limits) {
+        if !self.output.is_empty() || self.closing {
+            return;
+        }
+        match http::parse(&self.input, limits) {
+            Ok(None) => self.closing = self.eof,
+            Ok(Some(request)) => {
+                self.input.drain(..request.length);
+                let close = !request.keep_alive || self.eof;
+                (self.output, self.answering) = answer(vmm, &request, close);
+                self.closing = close;
+                self.deadline = Instant::now() + limits.request_timeout;
+            }
+            Err(err) => {
+                log::debug!("api: refused request: {} {}", err.status, err.message);
+                let body = http::error_body(&err.message);
+                self.output = http::response(err.status, Some(&body), true, None);
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Answers requests, pipelined ones too, while the socket takes the answers.
+    fn serve(&mut self, vmm: &dyn Vmm, limits: &Limits) {
+        loop {
+            let unparsed = self.input.len();
+            self.process(vmm, limits);
+            self.flush(vmm);
+            if !self.output.is_empty() || self.closing || self.input.len() == unparsed {
+                return;
+            }
+        }
+    }
+
+    /// Sends what the socket takes of the pending answer.
+    fn flush(&mut self, vmm: &dyn Vmm) {
+        while self.sent < self.output.len() {
+            match self.stream.write(&self.output[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.closing = true;
+                    break;
+                }
+            }
+        }
+        self.output.clear();
+        self.sent = 0;
+        if let Some(request) = self.answering.take() {
+            vmm.answered(&request);
+        }
+    }
+
+    /// Whether the connection has nothing left to do; one that is done but whose client has
+    /// not hung up starts lingering.
+    fn finished(&mut self) -> bool {
+        if !self.closing || !self.output.is_empty() {
+            return false;
+        }
+        if self.eof {
+            return true;
+        }
+        if !self.lingering {
+            self.lingering = true;
+            self.input.clear();
+            let _ = self.stream.shutdown(Shutdown::Write);
+            self.deadline = self.deadline.min(Instant::now() + LINGER);
+        }
+        false
+    }
+
+    /// Tells a client that ran out of time so, as far as its socket takes it, and gives up.
+    fn time_out(&mut self) {
+        let body = http::error_body("request not received (or its answer not read) in time");
+        let _ = self
+            .stream
+            .write(&http::response(408, Some(&body), true, None));
+    }
+}
+
+/// The bytes of the answer to `request`, and the request if the VMM accepted it.
+fn answer(vmm: &dyn Vmm, request: &HttpRequest, close: bool) -> (Vec<u8>, Option<Request>) {
+    let mut accepted = None;
+    let (status, body) = match routes::route(&request.method, &request.path, &request.body) {
+        Ok(typed) => {
+            let answer = vmm.handle(typed.clone());
+            accepted = answer.is_ok().then_some(typed);
+            routes::status_and_body(answer)
+        }
+        Err(err) => routes::status_and_body(Err(err)),
+    };
+    log::debug!("api: {} {} -> {status}", request.method, request.path);
+    let allow = (status == 405)
+        .then(|| routes::allowed_method(&request.path))
+        .flatten();
+    (
+        http::response(status, body.as_deref(), close, allow),
+        accepted,
+    )
+}
+
+/// Serves `listener` with `vmm` until the listener fails (which it returns).
+pub fn serve(listener: UnixListener, vmm: &dyn Vmm, limits: &Limits) -> io::Error {
+    if let Err(err) = listener.set_nonblocking(true) {
+        return err;
+    }
+    let mut connections: Vec<Connection> = Vec::new();
+    loop {
+        let now = Instant::now();
+        connections.retain_mut(|c| {
+            let expired = c.deadline <= now;
+            if expired && !c.lingering {
+                c.time_out();
+            }
+            !expired && !c.finished()
+        });
+        let accepting = connections.len() < limits.max_connections;
+        let mut fds = Vec::with_capacity(connections.len() + 1);
+        fds.push(pollfd(&listener, if accepting { libc::POLLIN } else { 0 }));
+        for c in &connections {
+            let events = if !c.output.is_empty() {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            fds.push(pollfd(&c.stream, events));
+        }
+        let timeout = connections
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(now))
+            .min()
+            .map_or(-1, |wait| {
+                i32::try_from(wait.as_millis() + 1).unwrap_or(i32::MAX)
+            });
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return err;
+        }
+        for (c, fd) in connections.iter_mut().zip(&fds[1..]) {
+            if fd.revents == 0 {
+                continue;
+            }
+            if fd.revents & libc::POLLOUT != 0 {
+                c.flush(vmm);
+            } else if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                c.read(limits);
+            }
+            c.serve(vmm, limits);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            if let Err(err) = accept_all(&listener, &mut connections, limits) {
+                return err;
+            }
+        }
+    }
+}
+
+/// Takes every waiting client, as many as there is room for.
+fn accept_all(
+    listener: &UnixListener,
+    connections: &mut Vec<Connection>,
+    limits: &Limits,
+) -> io::Result<()> {
+    while connections.len() < limits.max_connections {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // A client that cannot be made non-blocking is dropped, not waited on.
+                if stream.set_nonblocking(true).is_ok() {
+                    connections.push(Connection::new(stream, limits));
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            // The client hung up before it was accepted, or a descriptor limit: not fatal.
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE | libc::ENOBUFS)
+                ) =>
+            {
+                log::warn!("api: cannot accept a client: {err}");
+                // The client stays in the backlog: wait instead of polling it again at once.
+                std::thread::sleep(Duration::from_millis(100));
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn pollfd(fd: &impl AsRawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}

@@ -1,0 +1,304 @@
+//! The VMM's side of the API (`--api-socket`): what each request does to the running machine.
+
+use std::collections::BTreeMap;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use api::{ApiError, Request, Response};
+use sandbox::{Filters, ThreadKind};
+
+use crate::builder::{confine, VmmError};
+use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
+use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
+use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
+use crate::stats::StatsReport;
+
+/// Answers API requests for one running VM.
+pub struct Control {
+    /// `vm.info`, its device tree kept up to date by hotplug.
+    pub info: Mutex<api::VmInfo>,
+    pub stats: Arc<StatsReport>,
+    pub power_button: PowerButton<IrqfdTrigger>,
+    /// Where the VMM thread waits for the reason the VM ends.
+    pub exits: Sender<GuestExit>,
+    /// The thread that plugs devices in and out.
+    pub hotplug: Sender<HotplugRequest>,
+    /// Ours, read before confinement (the API thread may not ask for it).
+    pub pid: u32,
+}
+
+impl api::Vmm for Control {
+    fn handle(&self, request: Request) -> Result<Response, ApiError> {
+        match request {
+            Request::Ping => Ok(Response::Ping(api::VmmPingResponse {
+                build_version: format!("warden {}", env!("CARGO_PKG_VERSION")),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: i64::from(self.pid),
+                features: vec!["kvm".into(), "virtio-iommu".into(), "vfio".into()],
+            })),
+            Request::Info => Ok(Response::Info(Box::new(vm_device::lock(&self.info).clone()))),
+            Request::Counters => Ok(Response::Counters(self.stats.counters())),
+            Request::PowerButton => self
+                .power_button
+                .press()
+                .map(|()| Response::Done)
+                .map_err(|err| ApiError::new(500, format!("cannot raise the power button's interrupt: {err}"))),
+            // Done once answered (see `answered`).
+            Request::Shutdown | Request::VmmShutdown => Ok(Response::Done),
+            Request::Pause | Request::Resume => Err(ApiError::not_supported(
+                "pausing is not supported yet: warden cannot stop its vCPUs",
+            )),
+            Request::Reboot => Err(ApiError::not_supported(
+                "warden does not restart guests (a guest reset ends it); use vm.power-button or vm.shutdown",
+            )),
+            Request::AddDisk(disk) => self.add_disk(disk).map(Response::Added),
+            Request::RemoveDevice(remove) => self
+                .remove_device(remove.id.unwrap_or_default())
+                .map(|()| Response::Done),
+            Request::AddNet(_) | Request::AddDevice(_) => Err(ApiError::not_supported(
+                "warden hot-plugs disks only (vm.add-disk); nets and passed-through devices are given at boot",
+            )),
+        }
+    }
+
+    fn answered(&self, request: &Request) {
+        let why = match request {
+            Request::Shutdown => "vm.shutdown",
+            Request::VmmShutdown => "vmm.shutdown",
+            _ => return,
+        };
+        let _ = self.exits.send(GuestExit::Shutdown(why));
+    }
+}
+
+/// How long the API waits for the hotplug thread beyond what the guest is given.
+const HOTPLUG_MARGIN: Duration = Duration::from_secs(10);
+
+impl Control {
+    /// Asks the hotplug thread and waits for its answer (a bounded time: a wedged thread must
+    /// not hold the API forever).
+    fn ask<T>(
+        &self,
+        request: impl FnOnce(Sender<Result<T, ApiError>>) -> HotplugRequest,
+        wait: Duration,
+    ) -> Result<T, ApiError> {
+        let (reply, answer) = channel();
+        self.hotplug
+            .send(request(reply))
+            .map_err(|_| ApiError::new(500, "the hotplug thread is gone"))?;
+        answer
+            .recv_timeout(wait)
+            .map_err(|_| ApiError::new(500, "the hotplug thread did not answer"))?
+    }
+
+    fn add_disk(&self, disk: api::DiskConfig) -> Result<api::PciDeviceInfo, ApiError> {
+        let config = vmm_config::DiskConfig {
+            path: PathBuf::from(disk.path.clone().unwrap_or_default()),
+            readonly: disk.readonly,
+            iommu: disk.iommu,
+            direct: disk.direct,
+            // Validated: 1..=64 queues, a power of two up to 32768 entries.
+            num_queues: disk.num_queues as u16,
+            queue_size: disk.queue_size as u16,
+        };
+        let id = disk.id.clone();
+        let added = self.ask(
+            |reply| HotplugRequest::AddDisk {
+                disk: config,
+                id,
+                reply,
+            },
+            HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.config.disks.push(api::DiskConfig {
+            id: Some(added.id.clone()),
+            ..disk
+        });
+        info.device_tree
+            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
+        Ok(added)
+    }
+
+    fn remove_device(&self, id: String) -> Result<(), ApiError> {
+        self.ask(
+            |reply| HotplugRequest::Remove {
+                id: id.clone(),
+                reply,
+            },
+            EJECT_TIMEOUT + HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.device_tree.remove(&id);
+        info.config.disks.retain(|d| d.id.as_deref() != Some(&id));
+        Ok(())
+    }
+}
+
+fn device_node(id: &str, bdf: String) -> api::DeviceNode {
+    api::DeviceNode {
+        id: id.to_string(),
+        resources: Vec::new(),
+        children: Vec::new(),
+        pci_bdf: Some(bdf),
+    }
+}
+
+/// Opens the API's listening socket before the guest starts, so a bad path is a usage error.
+pub(crate) fn api_listener(socket: &ApiSocket) -> Result<UnixListener, VmmError> {
+    match socket {
+        ApiSocket::Path(path) => {
+            // A socket left by an earlier run that nobody listens on is replaced.
+            if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            UnixListener::bind(path).map_err(|err| {
+                VmmError::Api(format!(
+                    "cannot listen on {}: {err}; give a path that does not exist yet in a writable directory",
+                    path.display()
+                ))
+            })
+        }
+        ApiSocket::Fd(fd) => {
+            // SAFETY: the command line checked that `fd` is an open socket, which warden owns
+            // from here on.
+            let listener = unsafe { UnixListener::from_raw_fd(*fd) };
+            listener
+                .local_addr()
+                .map(|_| listener)
+                .map_err(|err| VmmError::Api(format!("fd={fd} is not a Unix socket: {err}")))
+        }
+    }
+}
+
+/// Serves the API from a thread of its own, never a vCPU's: a slow client holds up nothing
+/// but other clients, and only briefly (see `api::Limits`).
+pub(crate) fn serve_api(
+    listener: UnixListener,
+    control: Control,
+    filters: Option<Arc<Filters>>,
+) -> Result<(), VmmError> {
+    thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            confine(filters.as_deref(), ThreadKind::Api);
+            let err = api::serve(listener, &control, &api::Limits::default());
+            log::error!("--api-socket: the API stopped: {err}");
+        })
+        .map(drop)
+        .map_err(|source| VmmError::Io {
+            what: "start the API thread".into(),
+            source,
+        })
+}
+
+/// A device on bus 0 as `vm.info` lists it.
+pub struct DeviceEntry {
+    pub id: String,
+    pub device_number: u8,
+}
+
+/// `vm.info`'s description of the machine `config` builds, with its devices.
+pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::VmInfo {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let output = |output: &OutputConfig| match output {
+        OutputConfig::Off => ("Off", None),
+        OutputConfig::Null => ("Null", None),
+        OutputConfig::Tty => ("Tty", None),
+        OutputConfig::File(file) => ("File", Some(path(file))),
+    };
+    let (serial_mode, serial_file) = output(&config.serial);
+    let (console_mode, console_file) = output(&config.console);
+    let vm_config = api::VmConfig {
+        cpus: api::CpusConfig {
+            boot_vcpus: config.cpus,
+            max_vcpus: config.cpus,
+        },
+        memory: api::MemoryConfig {
+            size: config.memory.size,
+            shared: config.memory.shared,
+            hugepages: config.memory.backing == crate::config::MemoryBacking::Hugepages,
+            file: match &config.memory.backing {
+                crate::config::MemoryBacking::File(file) => Some(path(file)),
+                _ => None,
+            },
+        },
+        payload: api::PayloadConfig {
+            kernel: path(&config.kernel),
+            cmdline: config.cmdline.clone(),
+            initramfs: config.initramfs.as_deref().map(path),
+        },
+        disks: config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, disk)| api::DiskConfig {
+                path: Some(path(&disk.path)),
+                readonly: disk.readonly,
+                iommu: disk.iommu,
+                id: Some(format!("_disk{i}")),
+                ..Default::default()
+            })
+            .collect(),
+        net: config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| api::NetConfig {
+                tap: (!net.tap.is_empty()).then(|| net.tap.clone()),
+                ip: net.host_ipv4.map(|(ip, _)| ip.to_string()),
+                mask: net.host_ipv4.map(|(_, mask)| mask.to_string()),
+                mac: Some(net.mac.to_string()),
+                iommu: net.iommu,
+                queue_size: u64::from(net.queue_size),
+                id: Some(format!("_net{i}")),
+                ..Default::default()
+            })
+            .collect(),
+        rng: config.rng.as_ref().map(|rng| api::RngConfig {
+            src: path(&rng.src),
+            iommu: rng.iommu,
+        }),
+        serial: api::SerialConfig {
+            mode: serial_mode.into(),
+            file: serial_file,
+        },
+        console: api::ConsoleConfig {
+            mode: console_mode.into(),
+            file: console_file,
+            iommu: config.console_iommu,
+        },
+        devices: config
+            .devices
+            .iter()
+            .map(|device| api::DeviceConfig {
+                path: Some(path(&device.path)),
+                iommu: device.iommu,
+                id: Some(device.name()),
+                ..Default::default()
+            })
+            .collect(),
+        iommu,
+    };
+    let device_tree: BTreeMap<String, api::DeviceNode> = devices
+        .iter()
+        .map(|device| {
+            let bdf = format!("0000:00:{:02x}.0", device.device_number);
+            (device.id.clone(), device_node(&device.id, bdf))
+        })
+        .collect();
+    api::VmInfo {
+        config: vm_config,
+        state: api::VmState::Running,
+        memory_actual_size: config.memory.size,
+        device_tree,
+    }
+}

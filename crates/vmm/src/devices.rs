@@ -1,0 +1,455 @@
+//! The devices the boot path plugs in: the plan of bus 0, the virtio devices over plain or
+//! translated memory, the virtio-iommu model and its endpoints, passed-through devices, and
+//! the ids `vm.info` gives them.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use kvm_ioctls::VmFd;
+use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper};
+use virtio_devices::{
+    Block, BlockOptions, Console, DeviceMemory, Net, NetOptions, PollConfig, Rng, VirtioDevice,
+};
+use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
+use vm_memory::GuestMemoryMmap;
+
+use crate::builder::VmmError;
+use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig, RngConfig, VmConfig};
+use crate::control::DeviceEntry;
+use crate::pci_bus::IOMMU_DEVICE_NUMBER;
+use crate::stats;
+
+/// A host device to pass through, opened, with its place on bus 0 and its DMA mapper.
+pub(crate) struct Passthrough<'a> {
+    pub(crate) config: &'a DeviceConfig,
+    pub(crate) device_number: u8,
+    pub(crate) opened: OpenedDevice,
+    pub(crate) mapper: Arc<VfioMapper>,
+}
+
+impl Passthrough<'_> {
+    pub(crate) fn endpoint(&self) -> acpi::PciBdf {
+        acpi::PciBdf::new(0, 0, self.device_number, 0)
+    }
+}
+
+/// Opens every `--device`, in order, on the bus slots after the virtio devices. A device
+/// without `iommu=on` gets all guest RAM mapped now (IOVA = GPA, as if there were no IOMMU);
+/// one with `iommu=on` gets nothing until the guest maps it through the virtio-iommu.
+pub(crate) fn open_passthrough<'a>(
+    config: &'a VmConfig,
+    vm: &VmFd,
+    devices: &[PlannedDevice],
+    memory: &GuestMemoryMmap,
+) -> Result<Vec<Passthrough<'a>>, VmmError> {
+    if config.devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kvm_vfio = kvm_vfio_device(vm);
+    let first = devices
+        .last()
+        .map_or(IOMMU_DEVICE_NUMBER, |d| d.device_number)
+        + 1;
+    let entry_limit = vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH));
+    let mut opened = Vec::new();
+    for (device_config, device_number) in config.devices.iter().zip(first..) {
+        if device_number >= pci::MAX_DEVICES {
+            return Err(VmmError::Device(
+                "--device: bus 0 is full (32 slots); pass fewer devices".into(),
+            ));
+        }
+        let name = device_config.name();
+        let device = vfio::open(&device_config.path, kvm_vfio.clone())?;
+        let mapper = Arc::new(VfioMapper::new(
+            &name,
+            device.container.clone(),
+            memory.clone(),
+            entry_limit,
+        ));
+        if !device_config.iommu {
+            mapper.set_identity(true).map_err(|err| {
+                VmmError::Device(format!(
+                    "--device {name}: cannot map guest RAM for its DMA: {err}"
+                ))
+            })?;
+        }
+        opened.push(Passthrough {
+            config: device_config,
+            device_number,
+            opened: device,
+            mapper,
+        });
+    }
+    Ok(opened)
+}
+
+/// The VM's KVM VFIO device, through which KVM learns which groups the guest uses (for DMA
+/// coherency); passthrough works without it, so a failure only costs a warning.
+fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
+    let mut request = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    match vm.create_device(&mut request) {
+        Ok(fd) => Some(Arc::new(VfioDeviceFd::new_from_kvm(fd))),
+        Err(err) => {
+            log::warn!("no KVM VFIO device: {err}");
+            None
+        }
+    }
+}
+
+/// One virtio device to plug in, before its memory view is chosen.
+pub(crate) enum DeviceKind<'a> {
+    Console,
+    Disk(&'a DiskConfig),
+    Net(&'a NetConfig),
+    Rng(&'a RngConfig),
+}
+
+/// A virtio device with its place on bus 0 and whether the IOMMU translates its DMA.
+pub(crate) struct PlannedDevice<'a> {
+    pub(crate) device_number: u8,
+    pub(crate) kind: DeviceKind<'a>,
+    pub(crate) iommu: bool,
+}
+
+impl PlannedDevice<'_> {
+    /// The endpoint ID the guest uses for this device in IOMMU requests: its PCI BDF, as the
+    /// VIOT's PCI range nodes define it.
+    pub(crate) fn endpoint(&self) -> acpi::PciBdf {
+        acpi::PciBdf::new(0, 0, self.device_number, 0)
+    }
+}
+
+/// The virtio devices in the order the guest sees them on bus 0: console, disks, nets, rng, after
+/// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
+/// their addresses when the IOMMU is switched on).
+pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
+    let console = (config.console != OutputConfig::Off)
+        .then_some((DeviceKind::Console, config.console_iommu));
+    let disks = config
+        .disks
+        .iter()
+        .map(|disk| (DeviceKind::Disk(disk), disk.iommu));
+    let nets = config
+        .nets
+        .iter()
+        .map(|net| (DeviceKind::Net(net), net.iommu));
+    let rng = config
+        .rng
+        .as_ref()
+        .map(|rng| (DeviceKind::Rng(rng), rng.iommu));
+    (IOMMU_DEVICE_NUMBER + 1..)
+        .zip(console.into_iter().chain(disks).chain(nets).chain(rng))
+        .map(|(device_number, (kind, iommu))| PlannedDevice {
+            device_number,
+            kind,
+            iommu,
+        })
+        .collect()
+}
+
+/// Polling the request queue only pays when the poller has a CPU of its own: on a single
+/// host CPU it would take turns with the vCPU it is meant to answer.
+pub(crate) fn iommu_polling(max_window: Duration) -> PollConfig {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 && !max_window.is_zero() {
+        log::info!("virtio-iommu: one host CPU, so the request queue is not polled");
+        return PollConfig {
+            max_window: Duration::ZERO,
+        };
+    }
+    PollConfig { max_window }
+}
+
+/// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`,
+/// with the protected virtio devices and passed-through devices as endpoints.
+///
+/// Page sizes larger than 4 KiB are offered only where RAM is really backed by them, so that a
+/// guest mapping a 2 MiB IOMMU page also maps one contiguous host page (what VFIO needs). With
+/// passed-through endpoints, page sizes and the input range are narrowed to what their host
+/// IOMMU supports, each such endpoint reports the host's IOVA holes as reserved regions, and
+/// boot bypass is off: a real device could otherwise DMA anywhere in guest RAM before the
+/// guest's IOMMU driver attaches it.
+pub(crate) fn create_iommu_model(
+    backing_page_size: u64,
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
+) -> Result<Arc<VirtioIommu>, VmmError> {
+    let mut page_size_mask = [4 << 10, 2 << 20, 1 << 30]
+        .into_iter()
+        .filter(|&size| size <= backing_page_size.max(4 << 10))
+        .fold(0, |mask, size| mask | size);
+    let mut input_range = (0, u64::MAX);
+    let behind_iommu: Vec<&Passthrough> = passthrough.iter().filter(|p| p.config.iommu).collect();
+    for p in &behind_iommu {
+        let host = &p.opened.iommu;
+        page_size_mask = intersect_page_sizes(page_size_mask, host.page_sizes);
+        let (first, last) = (
+            host.iova_ranges[0],
+            host.iova_ranges[host.iova_ranges.len() - 1],
+        );
+        input_range = (input_range.0.max(first.0), input_range.1.min(last.1));
+    }
+    if page_size_mask == 0 || input_range.0 > input_range.1 {
+        return Err(VmmError::Device(format!(
+            "--device: the host IOMMU's page sizes or IOVA ranges leave the virtio-iommu nothing to offer (page sizes {page_size_mask:#x}, range {:#x}..={:#x})",
+            input_range.0, input_range.1
+        )));
+    }
+    let model = VirtioIommu::new(IommuConfig {
+        page_size_mask,
+        input_range,
+        boot_bypass: behind_iommu.is_empty(),
+        ..IommuConfig::default()
+    })
+    .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))?;
+    let add = |endpoint: acpi::PciBdf, cfg: EndpointConfig| {
+        model
+            .add_endpoint(endpoint.endpoint_id(), cfg)
+            .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))
+    };
+    for device in devices.iter().filter(|device| device.iommu) {
+        add(device.endpoint(), EndpointConfig::default())?;
+    }
+    for p in behind_iommu {
+        let mapper: Arc<dyn ExternalMapper> = p.mapper.clone();
+        add(
+            p.endpoint(),
+            EndpointConfig {
+                reserved_regions: Some(p.opened.iommu.reserved_regions()),
+                mapper: Some(mapper),
+            },
+        )?;
+    }
+    Ok(Arc::new(model))
+}
+
+/// The page sizes both sides support. The host IOMMU can map any multiple of its granule, so a
+/// guest page size the host lacks is still fine if it is a multiple of the host's granule.
+fn intersect_page_sizes(guest: u64, host: u64) -> u64 {
+    if host == 0 {
+        return guest;
+    }
+    let host_granule = host & host.wrapping_neg();
+    guest & !(host_granule - 1)
+}
+
+/// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU.
+pub(crate) fn build_device<M: DeviceMemory>(
+    kind: &DeviceKind,
+    mem: M,
+    access_platform: bool,
+    console: &OutputConfig,
+) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    Ok(match kind {
+        DeviceKind::Console => {
+            let input =
+                if *console == OutputConfig::Tty && io::stdin().is_terminal() {
+                    Some(io::stdin().as_fd().try_clone_to_owned().map_err(|source| {
+                        VmmError::Io {
+                            what: "--console: duplicate stdin".into(),
+                            source,
+                        }
+                    })?)
+                } else {
+                    None
+                };
+            let output = open_output(console, "--console")?;
+            Box::new(Console::new(mem, output, input, access_platform))
+        }
+        DeviceKind::Disk(disk) => {
+            let options = BlockOptions {
+                readonly: disk.readonly,
+                access_platform,
+                direct: disk.direct,
+                num_queues: disk.num_queues,
+                queue_size: disk.queue_size,
+                ..Default::default()
+            };
+            Box::new(
+                Block::open(mem, &disk.path, options)
+                    .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
+            )
+        }
+        DeviceKind::Net(net) => {
+            let tap = net_util::Tap::open(&net.tap)?;
+            if let Some((ip, mask)) = net.host_ipv4 {
+                tap.set_ipv4(ip, mask)?;
+            }
+            // The name matters to whoever configures the host side of a tap warden created.
+            log::info!(
+                "--net: tap {} for the guest's {} (queues of {}{})",
+                tap.name(),
+                net.mac,
+                net.queue_size,
+                if access_platform {
+                    ", behind the IOMMU"
+                } else {
+                    ""
+                }
+            );
+            let options = NetOptions {
+                mac: net.mac,
+                queue_size: net.queue_size,
+                access_platform,
+            };
+            Box::new(Net::new(mem, tap, options))
+        }
+        DeviceKind::Rng(rng) => Box::new(
+            Rng::new(mem, &rng.src, access_platform)
+                .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
+        ),
+    })
+}
+
+/// The devices on bus 0 as `vm.info` names them: Cloud Hypervisor's ids (`_disk0`, `_net0`,
+/// ...), the virtio-iommu under the id of its counters, passed-through devices by their id.
+pub(crate) fn device_entries(
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
+    iommu: bool,
+) -> Vec<DeviceEntry> {
+    let (mut disks, mut nets) = (0, 0);
+    let mut entries: Vec<DeviceEntry> = devices
+        .iter()
+        .map(|device| {
+            let id = match device.kind {
+                DeviceKind::Console => "_console".to_string(),
+                DeviceKind::Rng(_) => "_rng".to_string(),
+                DeviceKind::Disk(_) => {
+                    disks += 1;
+                    format!("_disk{}", disks - 1)
+                }
+                DeviceKind::Net(_) => {
+                    nets += 1;
+                    format!("_net{}", nets - 1)
+                }
+            };
+            DeviceEntry {
+                id,
+                device_number: device.device_number,
+            }
+        })
+        .collect();
+    if iommu {
+        entries.push(DeviceEntry {
+            id: stats::IOMMU_ID.into(),
+            device_number: IOMMU_DEVICE_NUMBER,
+        });
+    }
+    entries.extend(passthrough.iter().map(|p| DeviceEntry {
+        id: p.config.name(),
+        device_number: p.device_number,
+    }));
+    entries
+}
+
+/// Opens where a character device writes: the terminal, or a file named by `option`.
+pub(crate) fn open_output(
+    output: &OutputConfig,
+    option: &str,
+) -> Result<Box<dyn Write + Send>, VmmError> {
+    match output {
+        OutputConfig::Off | OutputConfig::Null => Ok(Box::new(io::sink())),
+        OutputConfig::Tty => Ok(Box::new(io::stdout())),
+        OutputConfig::File(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|file| Box::new(file) as Box<dyn Write + Send>)
+            .map_err(|source| VmmError::Io {
+                what: format!("{option}: cannot open file={}", path.display()),
+                source,
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::{MacAddr, MemoryBacking, MemoryConfig};
+
+    #[test]
+    fn nets_sit_between_disks_and_rng_and_count_for_the_iommu() {
+        let disk = DiskConfig {
+            path: PathBuf::from("disk.img"),
+            readonly: false,
+            iommu: false,
+            direct: false,
+            num_queues: 1,
+            queue_size: DiskConfig::DEFAULT_QUEUE_SIZE,
+        };
+        let net = NetConfig {
+            tap: String::new(),
+            mac: MacAddr::new([0x02, 0, 0, 0, 0, 1]),
+            host_ipv4: None,
+            queue_size: NetConfig::DEFAULT_QUEUE_SIZE,
+            iommu: true,
+        };
+        let config = VmConfig {
+            cpus: 1,
+            memory: MemoryConfig {
+                size: 512 << 20,
+                backing: MemoryBacking::Anonymous,
+                shared: false,
+            },
+            kernel: PathBuf::from("vmlinux"),
+            initramfs: None,
+            cmdline: String::new(),
+            disks: vec![disk.clone(), disk],
+            nets: vec![
+                net.clone(),
+                NetConfig {
+                    iommu: false,
+                    ..net
+                },
+            ],
+            rng: Some(RngConfig {
+                src: PathBuf::from("/dev/urandom"),
+                iommu: false,
+            }),
+            serial: OutputConfig::Off,
+            console: OutputConfig::Null,
+            console_iommu: false,
+            iommu_poll: Duration::ZERO,
+            platform_iommu: false,
+            devices: Vec::new(),
+            seccomp: crate::config::SeccompMode::Off,
+            api_socket: None,
+        };
+        assert!(config.needs_iommu(), "a protected net needs the IOMMU");
+        let plan: Vec<(u8, &str, bool)> = plan_devices(&config)
+            .iter()
+            .map(|device| {
+                let kind = match device.kind {
+                    DeviceKind::Console => "console",
+                    DeviceKind::Disk(_) => "disk",
+                    DeviceKind::Net(_) => "net",
+                    DeviceKind::Rng(_) => "rng",
+                };
+                (device.device_number, kind, device.iommu)
+            })
+            .collect();
+        assert_eq!(
+            plan,
+            [
+                (2, "console", false),
+                (3, "disk", false),
+                (4, "disk", false),
+                (5, "net", true),
+                (6, "net", false),
+                (7, "rng", false),
+            ]
+        );
+    }
+}

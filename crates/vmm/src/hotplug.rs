@@ -1,0 +1,431 @@
+//! Devices plugged in and out while the guest runs (`vm.add-disk`, `vm.remove-device`), with
+//! ACPI PCI hotplug: the slots at the top of bus 0, the controller the DSDT's slot methods use,
+//! and the one thread that changes the machine for the API.
+//!
+//! The API thread sends a [`HotplugRequest`] and waits for the answer; the `hotplug` thread
+//! builds the device (over guest RAM, or RAM seen through the virtio-iommu for `iommu=on`),
+//! plugs it into its slot and tells the guest. A removal asks the guest to release the device;
+//! once the guest's `_EJ0` says it has (a vCPU passes the slot on), the thread unplugs it,
+//! detaches its endpoint from its IOMMU domain (which withdraws its mappings) and drops it,
+//! which stops its threads and frees its interrupts. If the guest does not let go within
+//! [`EJECT_TIMEOUT`], the request fails and the device stays (the guest may still release it).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use api::{ApiError, PciDeviceInfo};
+use pci::{PciDevice, PciRoot};
+use sandbox::{Filters, ThreadKind};
+use virtio_devices::VirtioDevice;
+use virtio_iommu::{EndpointConfig, EndpointIommu, VirtioIommu};
+use virtio_pci::VirtioPciDevice;
+use vm_device::lock;
+use vm_memory::{GuestMemoryMmap, IommuMemory};
+
+use crate::bar_placement::BarPlacement;
+use crate::builder::{confine, VmmError};
+use crate::config::{DiskConfig, OutputConfig};
+use crate::devices::{build_device, DeviceKind};
+use crate::interrupts::GsiRouter;
+use crate::legacy::IrqfdTrigger;
+use crate::pci_hotplug::{Ejected, PciHotplugController};
+
+/// The slots of bus 0 that take hot-plugged devices (`--api-socket` keeps them free).
+pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
+/// With a virtio-iommu, the VIOT puts these slots behind it: where `iommu=on` devices go.
+pub const PROTECTED_SLOTS: Range<u8> = 24..28;
+/// How long the guest has to release a device it is asked to.
+pub const EJECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the API asks of the hotplug thread, with where to send the answer.
+pub enum HotplugRequest {
+    AddDisk {
+        disk: DiskConfig,
+        id: Option<String>,
+        reply: Sender<Result<PciDeviceInfo, ApiError>>,
+    },
+    Remove {
+        id: String,
+        reply: Sender<Result<(), ApiError>>,
+    },
+    /// The guest released the device in this slot (its `_EJ0` ran).
+    Ejected(u8),
+}
+
+/// The slots a new device may take: behind the IOMMU or not. Without a virtio-iommu there is
+/// no VIOT, so every hotplug slot takes unprotected devices.
+pub fn slot_range(protected: bool, iommu: bool) -> Range<u8> {
+    match (protected, iommu) {
+        (true, _) => PROTECTED_SLOTS,
+        (false, true) => PROTECTED_SLOTS.end..HOTPLUG_SLOTS.end,
+        (false, false) => HOTPLUG_SLOTS,
+    }
+}
+
+/// The first slot of `range` that is not in `used`.
+pub fn free_slot(used: impl Fn(u8) -> bool, range: Range<u8>) -> Option<u8> {
+    range.clone().find(|&slot| !used(slot))
+}
+
+/// The id a new device gets: the one asked for if nobody has it, else the first free
+/// `{prefix}{n}` (Cloud Hypervisor's `_disk0`, `_disk1`, ...).
+pub fn assign_id(
+    asked: Option<String>,
+    prefix: &str,
+    taken: impl Fn(&str) -> bool,
+) -> Result<String, ApiError> {
+    match asked {
+        Some(id) if taken(&id) => Err(ApiError::new(409, format!("id {id:?} is in use"))),
+        Some(id) => Ok(id),
+        None => Ok((0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|id| !taken(id))
+            .expect("fewer devices than numbers")),
+    }
+}
+
+/// A device the API plugged in.
+struct Plugged {
+    id: String,
+    transport: Arc<Mutex<dyn PciDevice>>,
+    /// Its virtio-iommu endpoint, if it is behind the IOMMU.
+    endpoint: Option<u32>,
+    /// Asked to leave: until when the client waits, and the client.
+    eject: Option<(Instant, Sender<Result<(), ApiError>>)>,
+}
+
+/// Tells the hotplug thread of each slot the guest ejects.
+struct EjectToThread(Mutex<Sender<HotplugRequest>>);
+
+impl Ejected for EjectToThread {
+    fn ejected(&self, slot: u8) {
+        let _ = lock(&self.0).send(HotplugRequest::Ejected(slot));
+    }
+}
+
+/// What the hotplug thread changes the machine with.
+pub(crate) struct Hotplug {
+    pub(crate) root: Arc<Mutex<PciRoot>>,
+    pub(crate) router: Arc<GsiRouter>,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) iommu: Option<Arc<VirtioIommu>>,
+    pub(crate) controller: Arc<Mutex<PciHotplugController<IrqfdTrigger>>>,
+    pub(crate) placement: Arc<BarPlacement>,
+    /// Ids of the devices the VM started with: taken, and not ours to remove.
+    pub(crate) boot_ids: Vec<String>,
+}
+
+/// The channel the hotplug thread listens on, and the controller's end of it.
+pub(crate) fn channel_for_ejects() -> (
+    Sender<HotplugRequest>,
+    Receiver<HotplugRequest>,
+    Box<dyn Ejected>,
+) {
+    let (tx, rx) = channel();
+    let ejects = Box::new(EjectToThread(Mutex::new(tx.clone())));
+    (tx, rx, ejects)
+}
+
+impl Hotplug {
+    /// Serves `requests` from a thread of its own, confined to the hotplug list.
+    pub fn spawn(
+        self,
+        requests: Receiver<HotplugRequest>,
+        filters: Option<Arc<Filters>>,
+    ) -> Result<(), VmmError> {
+        thread::Builder::new()
+            .name("hotplug".into())
+            .spawn(move || {
+                confine(filters.as_deref(), ThreadKind::Hotplug);
+                self.serve(&requests);
+            })
+            .map(drop)
+            .map_err(|source| VmmError::Io {
+                what: "start the hotplug thread".into(),
+                source,
+            })
+    }
+
+    fn serve(self, requests: &Receiver<HotplugRequest>) {
+        let mut slots: BTreeMap<u8, Plugged> = BTreeMap::new();
+        loop {
+            let deadline = slots
+                .values()
+                .filter_map(|p| p.eject.as_ref().map(|(at, _)| *at))
+                .min();
+            let request = match deadline {
+                Some(at) => requests.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match request {
+                Ok(HotplugRequest::AddDisk { disk, id, reply }) => {
+                    let _ = reply.send(self.add_disk(&mut slots, disk, id));
+                }
+                Ok(HotplugRequest::Remove { id, reply }) => {
+                    if let Err(err) = self.request_removal(&mut slots, &id, reply.clone()) {
+                        let _ = reply.send(Err(err));
+                    }
+                }
+                Ok(HotplugRequest::Ejected(slot)) => self.unplug(&mut slots, slot),
+                Err(RecvTimeoutError::Timeout) => expire(&mut slots, Instant::now()),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn taken(&self, slots: &BTreeMap<u8, Plugged>, id: &str) -> bool {
+        self.boot_ids.iter().any(|boot| boot == id) || slots.values().any(|p| p.id == id)
+    }
+
+    fn add_disk(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        disk: DiskConfig,
+        id: Option<String>,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        if disk.iommu && self.iommu.is_none() {
+            return Err(ApiError::bad_request(
+                "iommu=on needs the virtio-iommu, which this VM does not have: start warden with a device behind it or with --platform iommu=on",
+            ));
+        }
+        let id = assign_id(id, "_disk", |id| self.taken(slots, id))?;
+        let range = slot_range(disk.iommu, self.iommu.is_some());
+        let slot = free_slot(|slot| slots.contains_key(&slot), range.clone()).ok_or_else(|| {
+            ApiError::new(
+                409,
+                format!(
+                    "no free slot for a device {} the IOMMU: slots {:02x}..{:02x} are all in use; remove one first",
+                    if disk.iommu { "behind" } else { "outside" },
+                    range.start,
+                    range.end - 1
+                ),
+            )
+        })?;
+        let bdf = acpi::PciBdf::new(0, 0, slot, 0);
+        let kind = DeviceKind::Disk(&disk);
+        let (device, endpoint) = match &self.iommu {
+            Some(model) if disk.iommu => {
+                let endpoint = bdf.endpoint_id();
+                model
+                    .add_endpoint(endpoint, EndpointConfig::default())
+                    .map_err(|err| ApiError::new(500, format!("virtio-iommu: {err}")))?;
+                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
+                    .expect("the endpoint was just added");
+                let mem = IommuMemory::new(self.memory.clone(), translator, true, ());
+                let built = build_device(&kind, mem, true, &OutputConfig::Off);
+                if built.is_err() {
+                    let _ = model.remove_endpoint(endpoint);
+                }
+                (built, Some(endpoint))
+            }
+            _ => (
+                build_device(&kind, self.memory.clone(), false, &OutputConfig::Off),
+                None,
+            ),
+        };
+        let plugged = device
+            .map_err(|err| ApiError::bad_request(format!("DiskConfig: {err}")))
+            .and_then(|device| self.plug(slot, device));
+        let transport = match plugged {
+            Ok(transport) => transport,
+            Err(err) => {
+                if let (Some(model), Some(endpoint)) = (&self.iommu, endpoint) {
+                    let _ = model.remove_endpoint(endpoint);
+                }
+                return Err(err);
+            }
+        };
+        log::info!(
+            "hotplug: {id} ({}) plugged in at {bdf}{}",
+            disk.path.display(),
+            if endpoint.is_some() {
+                ", behind the IOMMU"
+            } else {
+                ""
+            }
+        );
+        slots.insert(
+            slot,
+            Plugged {
+                id: id.clone(),
+                transport,
+                endpoint,
+                eject: None,
+            },
+        );
+        Ok(PciDeviceInfo {
+            id,
+            bdf: format!("0000:00:{slot:02x}.0"),
+        })
+    }
+
+    /// Puts `device` behind a virtio-pci transport in `slot` and tells the guest.
+    fn plug(
+        &self,
+        slot: u8,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
+        let internal = |what: &str, err: String| ApiError::new(500, format!("{what}: {err}"));
+        let vectors = virtio_pci::msix_vectors(device.as_ref());
+        let interrupt = self
+            .router
+            .msi_group(vectors)
+            .map_err(|err| internal("MSI vectors", err.to_string()))?;
+        let transport = VirtioPciDevice::new(device, interrupt)
+            .map_err(|err| internal("virtio-pci", err.to_string()))?;
+        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        self.placement.track(slot);
+        if let Err(err) = lock(&self.root).add_device(slot, transport.clone()) {
+            self.placement.untrack(slot, &transport);
+            return Err(internal("bus 0", err.to_string()));
+        }
+        if let Err(err) = lock(&self.controller).plugged(slot) {
+            // The device is there; the guest finds it when it next rescans.
+            log::warn!("hotplug: cannot raise the hotplug event: {err}");
+        }
+        Ok(transport)
+    }
+
+    fn request_removal(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        id: &str,
+        reply: Sender<Result<(), ApiError>>,
+    ) -> Result<(), ApiError> {
+        if self.boot_ids.iter().any(|boot| boot == id) {
+            return Err(ApiError::bad_request(format!(
+                "{id} was there at boot; only hot-plugged devices can be removed"
+            )));
+        }
+        let Some((&slot, plugged)) = slots.iter_mut().find(|(_, p)| p.id == id) else {
+            return Err(ApiError::new(404, format!("no device has id {id:?}")));
+        };
+        if plugged.eject.is_some() {
+            return Err(ApiError::new(409, format!("{id} is already being removed")));
+        }
+        lock(&self.controller)
+            .request_eject(slot)
+            .map_err(|err| ApiError::new(500, format!("cannot raise the hotplug event: {err}")))?;
+        plugged.eject = Some((Instant::now() + EJECT_TIMEOUT, reply));
+        Ok(())
+    }
+
+    /// The guest let go of the device in `slot`: take it out of the machine.
+    fn unplug(&self, slots: &mut BTreeMap<u8, Plugged>, slot: u8) {
+        let Some(plugged) = slots.remove(&slot) else {
+            log::debug!("hotplug: the guest ejected empty slot {slot:#x}");
+            return;
+        };
+        lock(&self.root).remove_device(slot);
+        self.placement.untrack(slot, &plugged.transport);
+        if let (Some(model), Some(endpoint)) = (&self.iommu, plugged.endpoint) {
+            if let Err(err) = model.remove_endpoint(endpoint) {
+                log::error!("hotplug: {}: endpoint {endpoint:#x}: {err}", plugged.id);
+            }
+        }
+        log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
+        if let Some((_, reply)) = plugged.eject {
+            let _ = reply.send(Ok(()));
+        }
+        // Dropping the transport stops the device's threads and frees its vectors.
+        drop(plugged.transport);
+    }
+}
+
+/// Answers the removals the guest has not acknowledged by `now`; the devices stay, and a later
+/// `_EJ0` still removes them.
+fn expire(slots: &mut BTreeMap<u8, Plugged>, now: Instant) {
+    for plugged in slots.values_mut() {
+        if plugged.eject.as_ref().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, reply)) = plugged.eject.take() {
+                let _ = reply.send(Err(ApiError::new(
+                    504,
+                    format!(
+                        "the guest did not release {} within {} s; it stays plugged in (ask again, or check the guest's acpiphp)",
+                        plugged.id,
+                        EJECT_TIMEOUT.as_secs()
+                    ),
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_and_plain_devices_take_separate_slots_when_there_is_an_iommu() {
+        assert_eq!(slot_range(true, true), 24..28);
+        assert_eq!(slot_range(false, true), 28..32);
+        assert_eq!(slot_range(false, false), 24..32);
+        // The VIOT's range is the protected one, inside the hotplug slots.
+        const {
+            assert!(
+                HOTPLUG_SLOTS.start <= PROTECTED_SLOTS.start
+                    && PROTECTED_SLOTS.end <= HOTPLUG_SLOTS.end
+            )
+        };
+    }
+
+    #[test]
+    fn slots_are_taken_first_free_first_and_run_out() {
+        let used = [24u8, 25, 27];
+        assert_eq!(free_slot(|s| used.contains(&s), 24..28), Some(26));
+        let used = [24u8, 25, 26, 27];
+        assert_eq!(free_slot(|s| used.contains(&s), 24..28), None);
+        assert_eq!(free_slot(|_| false, 28..32), Some(28));
+    }
+
+    #[test]
+    fn ids_are_unique_and_default_to_the_first_free_number() {
+        let taken = ["_disk0", "_disk1", "data"];
+        let is_taken = |id: &str| taken.contains(&id);
+        assert_eq!(assign_id(None, "_disk", is_taken).unwrap(), "_disk2");
+        assert_eq!(
+            assign_id(Some("scratch".into()), "_disk", is_taken).unwrap(),
+            "scratch"
+        );
+        let err = assign_id(Some("data".into()), "_disk", is_taken).unwrap_err();
+        assert_eq!(err.status, 409);
+        assert!(
+            err.message.contains("\"data\" is in use"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn an_unacknowledged_removal_answers_504_once_and_the_device_stays() {
+        let (reply, answer) = channel();
+        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci::HostBridge::new()));
+        let now = Instant::now();
+        let mut slots = BTreeMap::from([(
+            24,
+            Plugged {
+                id: "scratch".into(),
+                transport,
+                endpoint: None,
+                eject: Some((now + Duration::from_secs(1), reply)),
+            },
+        )]);
+        expire(&mut slots, now);
+        assert!(answer.try_recv().is_err(), "not yet due");
+        expire(&mut slots, now + Duration::from_secs(1));
+        let err = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.status, 504);
+        assert!(
+            err.message.contains("did not release scratch"),
+            "{}",
+            err.message
+        );
+        assert!(slots[&24].eject.is_none(), "a new request may ask again");
+        expire(&mut slots, now + Duration::from_secs(5));
+        assert!(answer.try_recv().is_err(), "answered once");
+    }
+}

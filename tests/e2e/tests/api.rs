@@ -1,0 +1,314 @@
+//! `--api-socket` (the control-plane issue): while the guest runs, the KVM host asks warden's
+//! API for ping, info and counters, is refused a reboot, hot-adds a disk behind the IOMMU
+//! (which the guest finds in a new IOMMU group and reads back), removes it again, then presses
+//! the power button, and the guest shuts itself down so warden exits 0. One boot.
+//!
+//! Host and guest take turns through sectors of the boot disk: the guest writes `READY` (8),
+//! `HOTOK` (16, it has read the hot-added disk) and `GONE` (24, the disk has left it).
+
+use e2e::{Outcome, Scenario};
+use serde_json::Value;
+use std::time::Duration;
+
+/// The guest's half: use the protected disk (so the virtio-iommu has mappings to count), tell
+/// the host it is ready through the disk, then wait for the power button (any input event of
+/// the "Power Button" device) and end.
+const GUEST_SCRIPT: &str = r#"
+wait_for /dev/vda
+wait_for /sys/class/input/event0
+button=
+for dev in /sys/class/input/event*; do
+    [ "$(cat "$dev/device/name")" = "Power Button" ] && button=/dev/input/${dev##*/}
+done
+echo "API-GUEST-BUTTON=${button:-none}"
+wait_for "$button"
+# Opened before the host is told, so that no press is missed.
+exec 3<"$button"
+head -c 4096 /dev/vda | wc -c >/dev/null
+tell() { printf "$1" | dd of=/dev/vda bs=512 seek=$2 conv=notrunc,fsync 2>/dev/null; }
+tell READY 8
+# The host hot-adds a 32 MiB disk behind the IOMMU in slot 0x18.
+hot=/sys/bus/pci/devices/0000:00:18.0
+wait_for /dev/vdb
+group_of() { basename "$(readlink "$1/iommu_group")"; }
+# The boot disk, after the console at 00:02.0.
+echo "API-GUEST-BOOT-GROUP=$(group_of /sys/bus/pci/devices/0000:00:03.0)"
+hot_group=$(group_of $hot)
+echo "API-GUEST-HOT-GROUP=${hot_group:-none}"
+echo "API-GUEST-HOT-GROUP-DEVICES=$(ls /sys/kernel/iommu_groups/$hot_group/devices | tr '\n' ' ')"
+echo "API-GUEST-HOT-MARKER=$(head -c 14 /dev/vdb)"
+echo "API-GUEST-HOT-SUM=$(head -c 33554432 /dev/vdb | sha256sum | cut -d' ' -f1)"
+tell HOTOK 16
+# The host removes it: acpiphp unbinds the driver and runs _EJ0.
+n=0
+while [ -e /dev/vdb ] || [ -e $hot ]; do
+    n=$((n + 1)); [ $n -gt 120 ] && break
+    sleep 1
+done
+[ -e /dev/vdb ] || [ -e $hot ] && echo "API-GUEST-HOT-GONE=no" || echo "API-GUEST-HOT-GONE=yes"
+[ -e /sys/kernel/iommu_groups/$hot_group/devices/0000:00:18.0 ] && echo "API-GUEST-HOT-GROUP-LEFT=no" || echo "API-GUEST-HOT-GROUP-LEFT=yes"
+tell GONE 24
+dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
+echo "API-GUEST-POWER-BUTTON=pressed"
+"#;
+
+/// The host's half, in the background while warden runs: once the guest is ready, one call
+/// per endpoint, each answer kept as `STATUS BODY` in a file for the check.
+const HOST_CLIENT: &str = r#"dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/null
+dd if=/dev/urandom of=hot.img bs=1M count=32 2>/dev/null
+printf 'HOTPLUG-MARKER' | dd of=hot.img conv=notrunc 2>/dev/null
+sha256sum hot.img | cut -d' ' -f1 >hot.sum
+(
+  set +e
+  wait_sector() {
+    n=0
+    until [ "$(dd if=disk.img bs=512 skip=$1 count=1 2>/dev/null | head -c ${#2})" = "$2" ]; do
+      n=$((n + 1)); [ $n -gt 300 ] && exit 1
+      sleep 1
+    done
+  }
+  wait_sector 8 READY
+  "$API_CLIENT" api.sock GET /api/v1/vmm.ping >ping.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.reboot >reboot.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-net '{"tap":""}' >add-net.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"missing.img","iommu":true}' >add-missing.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","iommu":true,"id":"hot0"}' >add-disk.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","id":"hot0"}' >add-same-id.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-hot.txt
+  wait_sector 16 HOTOK
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-hot.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"_disk0"}' >remove-boot.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hot0"}' >remove.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hot0"}' >remove-again.txt
+  wait_sector 24 GONE
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-after.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-after.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.pause >wrong-method.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.power-button >power-button.txt
+) >/dev/null 2>&1 &"#;
+
+const HOST_CHECK: &str = r#"echo "API-HOST-HOT-SUM=$(cat hot.sum)"
+for f in ping info counters reboot add-net add-missing add-disk add-same-id info-hot \
+         counters-hot remove-boot remove remove-again counters-after info-after \
+         wrong-method power-button; do
+  echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
+done"#;
+
+#[test]
+fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
+    let Some(out) = Scenario::new("api_socket")
+        .host_setup(HOST_CLIENT)
+        .warden_args([
+            "--cpus",
+            "1",
+            "--memory",
+            "size=512M",
+            "--disk",
+            "path=disk.img,iommu=on",
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .guest_script(GUEST_SCRIPT)
+        .host_check(HOST_CHECK)
+        .timeout(Duration::from_secs(420))
+        .run()
+    else {
+        return;
+    };
+
+    assert_ne!(out.marker("API-GUEST-BUTTON"), Some("none"), "{out}");
+    let (status, ping) = reply(&out, "ping");
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{out}");
+    assert!(ping["pid"].as_i64().is_some_and(|pid| pid > 1), "{out}");
+    assert!(ping["build_version"].is_string(), "{out}");
+
+    let (status, info) = reply(&out, "info");
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(info["state"], "Running", "{out}");
+    assert_eq!(info["memory_actual_size"], 512u64 << 20, "{out}");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1, "{out}");
+    assert_eq!(info["config"]["disks"][0]["path"], "disk.img", "{out}");
+    assert_eq!(info["config"]["disks"][0]["iommu"], true, "{out}");
+    assert_eq!(info["config"]["iommu"], true, "{out}");
+    assert_eq!(
+        info["device_tree"]["virtio-iommu"]["pci_bdf"], "0000:00:01.0",
+        "{out}"
+    );
+    assert!(
+        info["device_tree"]["_disk0"]["pci_bdf"].is_string(),
+        "{out}"
+    );
+
+    let (status, counters) = reply(&out, "counters");
+    assert_eq!(status, 200, "{out}");
+    let total = &counters["virtio-iommu"];
+    let api_maps = total["maps"].as_u64().expect("a maps counter");
+    let api_translations = total["translations"].as_u64().expect("translations");
+    assert!(
+        api_maps > 0,
+        "the protected disk was used: {counters}\n{out}"
+    );
+    assert!(
+        counters
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|id| id.starts_with("virtio-iommu-domain-")),
+        "per-domain counters: {counters}\n{out}"
+    );
+    // The exit report comes from the same counters, later: never behind the API's.
+    let (exit_maps, exit_translations) = exit_totals(&out);
+    assert!(api_maps <= exit_maps, "{api_maps} > {exit_maps}\n{out}");
+    assert!(api_translations <= exit_translations, "{out}");
+
+    assert_eq!(reply(&out, "reboot").0, 501, "{out}");
+    check_hotplug(&out);
+    assert_eq!(reply(&out, "wrong-method").0, 405, "{out}");
+    assert_eq!(reply(&out, "power-button").0, 204, "{out}");
+
+    assert_eq!(
+        out.marker("API-GUEST-POWER-BUTTON"),
+        Some("pressed"),
+        "{out}"
+    );
+    assert_eq!(out.guest_script_exit(), Some(0), "{out}");
+    assert_eq!(out.warden_exit, Some(0), "{out}");
+}
+
+/// The disk hot-added behind the IOMMU: where it landed, what the guest made of it, the
+/// refusals around it, and its removal.
+fn check_hotplug(out: &Outcome) {
+    assert_eq!(reply(out, "add-net").0, 501, "{out}");
+    let (status, missing) = reply(out, "add-missing");
+    assert_eq!(status, 400, "{out}");
+    assert!(
+        missing["error"].as_str().unwrap().contains("missing.img"),
+        "{out}"
+    );
+    let (status, added) = reply(out, "add-disk");
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(added["id"], "hot0", "{out}");
+    assert_eq!(
+        added["bdf"], "0000:00:18.0",
+        "the first protected hotplug slot\n{out}"
+    );
+    assert_eq!(reply(out, "add-same-id").0, 409, "{out}");
+    let (_, info) = reply(out, "info-hot");
+    assert_eq!(
+        info["device_tree"]["hot0"]["pci_bdf"], "0000:00:18.0",
+        "{out}"
+    );
+
+    // The guest: its own IOMMU group, the host's bytes through translation.
+    let hot_group = out.marker("API-GUEST-HOT-GROUP").expect("a group");
+    assert_ne!(hot_group, "none", "{out}");
+    let boot_group = out.marker("API-GUEST-BOOT-GROUP").unwrap_or_default();
+    assert!(!boot_group.is_empty(), "the boot disk is in a group\n{out}");
+    assert_ne!(hot_group, boot_group, "{out}");
+    assert_eq!(
+        out.marker("API-GUEST-HOT-GROUP-DEVICES").map(str::trim),
+        Some("0000:00:18.0"),
+        "alone in its group\n{out}"
+    );
+    assert_eq!(
+        out.marker("API-GUEST-HOT-MARKER"),
+        Some("HOTPLUG-MARKER"),
+        "{out}"
+    );
+    let host_sum = out.marker("API-HOST-HOT-SUM").expect("the host's checksum");
+    assert_eq!(host_sum.len(), 64, "{out}");
+    assert_eq!(
+        out.marker("API-GUEST-HOT-SUM"),
+        Some(host_sum),
+        "32 MiB read back\n{out}"
+    );
+
+    // The reads went through the IOMMU: its domain has mappings.
+    let (_, counters) = reply(out, "counters-hot");
+    let live_domains = |counters: &Value| -> Vec<String> {
+        counters
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|id| id.starts_with("virtio-iommu-domain-") && !id.ends_with("-destroyed"))
+            .cloned()
+            .collect()
+    };
+    let before = live_domains(&counters);
+    assert!(
+        before.len() >= 2,
+        "the boot disk's and the hot disk's domains: {counters}\n{out}"
+    );
+
+    let (status, refusal) = reply(out, "remove-boot");
+    assert_eq!(status, 400, "{out}");
+    assert!(
+        refusal["error"].as_str().unwrap().contains("at boot"),
+        "{out}"
+    );
+    assert_eq!(reply(out, "remove").0, 204, "{out}");
+    assert_eq!(reply(out, "remove-again").0, 404, "{out}");
+    assert_eq!(out.marker("API-GUEST-HOT-GONE"), Some("yes"), "{out}");
+    assert_eq!(out.marker("API-GUEST-HOT-GROUP-LEFT"), Some("yes"), "{out}");
+    let (_, info) = reply(out, "info-after");
+    assert!(info["device_tree"]["hot0"].is_null(), "{out}");
+
+    // Its domain was detached and destroyed; its counters stay, final.
+    let (_, after) = reply(out, "counters-after");
+    let gone: Vec<&String> = before
+        .iter()
+        .filter(|id| after.get(id.as_str()).is_none())
+        .collect();
+    assert_eq!(
+        gone.len(),
+        1,
+        "one domain left: {counters} then {after}\n{out}"
+    );
+    let destroyed = &after[format!("{}-destroyed", gone[0])];
+    assert!(
+        destroyed["maps"].as_u64().is_some_and(|maps| maps > 0),
+        "the destroyed domain keeps its counters: {after}\n{out}"
+    );
+}
+
+/// The host's `API-REPLY NAME STATUS BODY` line for `name`: the status and the JSON body
+/// (`Null` when there is none).
+fn reply(out: &Outcome, name: &str) -> (u16, Value) {
+    let prefix = format!("API-REPLY {name} ");
+    let line = out
+        .host_check_output()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no reply to {name}\n{out}"));
+    let (status, body) = line.split_once(' ').unwrap_or((line, ""));
+    let status = status
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}: no status in {line:?}\n{out}"));
+    let body = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}\n{out}"))
+    };
+    (status, body)
+}
+
+/// Maps and translations from warden's exit report (`warden: virtio-iommu total: ...`).
+fn exit_totals(out: &Outcome) -> (u64, u64) {
+    let line = out
+        .guest_output()
+        .lines()
+        .find_map(|l| l.split_once("warden: virtio-iommu total: "))
+        .map(|(_, total)| total.trim())
+        .unwrap_or_else(|| panic!("no virtio-iommu total on exit\n{out}"));
+    let numbers: Vec<u64> = line
+        .split(", ")
+        .filter_map(|part| part.split(' ').next()?.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [maps, _unmaps, _bytes, _faults, translations] => (*maps, *translations),
+        _ => panic!("unexpected total line {line:?}\n{out}"),
+    }
+}
