@@ -190,8 +190,9 @@ fn compile(
     mismatch: SeccompAction,
 ) -> Result<BpfProgram, seccompiler::BackendError> {
     let list = lists::allow_list(kind);
-    // Both arguments are ints to the kernel (an ioctl's request is an unsigned int, a prctl's
-    // option an int): only their low 32 bits count, so only those are compared.
+    // These arguments are ints to the kernel (an ioctl's request is an unsigned int, a prctl's
+    // option and a socket's domain an int): only their low 32 bits count, so only those are
+    // compared.
     let one_of = |arg: u8, values: &std::collections::BTreeSet<lists::Value>| {
         values
             .iter()
@@ -207,6 +208,7 @@ fn compile(
     };
     let ioctl_rules = one_of(1, &list.ioctls)?;
     let prctl_rules = one_of(0, &list.prctl_options)?;
+    let socket_rules = one_of(0, &list.socket_domains)?;
     let rules = list
         .syscalls
         .iter()
@@ -214,6 +216,7 @@ fn compile(
             let rules = match nr {
                 libc::SYS_ioctl => ioctl_rules.clone(),
                 libc::SYS_prctl => prctl_rules.clone(),
+                libc::SYS_socket => socket_rules.clone(),
                 _ => Vec::new(),
             };
             (nr, rules)

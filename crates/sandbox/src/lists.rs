@@ -61,8 +61,21 @@ const BLKZEROOUT: Value = (ioctl_expr(_IOC_NONE, 0x12, 127, 0) as u32, "BLKZEROO
 /// Sizing a disk on a host block device when it is opened.
 const BLKGETSIZE64: Value = (ioctl_expr(_IOC_READ, 0x12, 114, 8) as u32, "BLKGETSIZE64");
 const BLKSSZGET: Value = (ioctl_expr(_IOC_NONE, 0x12, 104, 0) as u32, "BLKSSZGET");
-/// A tap's offloads follow what the driver negotiated, on activation and reset.
+/// A tap's offloads follow what the driver negotiated, on activation and reset (and, when a
+/// tap is opened, the offloads it can deliver are probed with it).
 const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
+/// Opening a hot-added net's tap (`net_util::Tap::open`): attaching to (or creating) the
+/// interface with virtio-net headers, and setting the header size to 12 bytes.
+const TUNSETIFF: Value = (libc::TUNSETIFF as u32, "TUNSETIFF");
+const TUNSETVNETHDRSZ: Value = (libc::TUNSETVNETHDRSZ as u32, "TUNSETVNETHDRSZ");
+/// Bringing the tap up, and giving its host end the address and netmask `NetConfig` asks for,
+/// through an AF_INET datagram socket (the only kind `socket` is allowed to make).
+const SIOCGIFFLAGS: Value = (libc::SIOCGIFFLAGS as u32, "SIOCGIFFLAGS");
+const SIOCSIFFLAGS: Value = (libc::SIOCSIFFLAGS as u32, "SIOCSIFFLAGS");
+const SIOCSIFADDR: Value = (libc::SIOCSIFADDR as u32, "SIOCSIFADDR");
+const SIOCSIFNETMASK: Value = (libc::SIOCSIFNETMASK as u32, "SIOCSIFNETMASK");
+/// The socket interface ioctls are addressed to: AF_INET only (argument 0).
+const SOCKET_DOMAINS: &[Value] = &[(libc::AF_INET as u32, "AF_INET")];
 /// The `prctl` options of starting a thread: std names it, the filter is installed with
 /// no-new-privileges, and the SIGSYS report reads the name first.
 const PRCTL_OPTIONS: &[Value] = &[
@@ -139,6 +152,8 @@ pub(crate) struct AllowList {
     pub ioctls: BTreeSet<Value>,
     /// The options `prctl` is allowed with (argument 0), if `syscalls` holds it.
     pub prctl_options: BTreeSet<Value>,
+    /// The domains `socket` is allowed with (argument 0), if `syscalls` holds it.
+    pub socket_domains: BTreeSet<Value>,
 }
 
 impl AllowList {
@@ -153,10 +168,16 @@ impl AllowList {
         } else {
             BTreeSet::new()
         };
+        let socket_domains = if syscalls.iter().any(|&(nr, _)| nr == libc::SYS_socket) {
+            SOCKET_DOMAINS.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
         AllowList {
             syscalls,
             ioctls: ioctls.iter().copied().collect(),
             prctl_options,
+            socket_domains,
         }
     }
 
@@ -165,6 +186,8 @@ impl AllowList {
         self.ioctls.extend(other.ioctls.iter().copied());
         self.prctl_options
             .extend(other.prctl_options.iter().copied());
+        self.socket_domains
+            .extend(other.socket_domains.iter().copied());
     }
 }
 
@@ -216,7 +239,10 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         // makes the device's eventfds, MSI vectors (irqfds and routes) and queue notification
         // ioeventfds, and undoes them on removal, when it also joins the device's threads.
         // A disk's io_uring rings are made (and restricted, through io_uring_register) with
-        // the disk, so here, as on the boot path before any filter.
+        // the disk, so here, as on the boot path before any filter. A net's tap is opened
+        // (`/dev/net/tun`), attached, sized for virtio-net headers, probed for offloads,
+        // brought up and given its host address (an AF_INET socket's ioctls) here; closing it
+        // on removal is a `close`.
         ThreadKind::Hotplug => AllowList::new(
             &[
                 BASE,
@@ -232,6 +258,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_fcntl,
                     SYS_dup,
                     SYS_read,
+                    // Only AF_INET (SOCKET_DOMAINS).
+                    SYS_socket,
                 ],
             ],
             &[
@@ -240,6 +268,13 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 KVM_IOEVENTFD,
                 BLKGETSIZE64,
                 BLKSSZGET,
+                TUNSETIFF,
+                TUNSETVNETHDRSZ,
+                TUNSETOFFLOAD,
+                SIOCGIFFLAGS,
+                SIOCSIFFLAGS,
+                SIOCSIFADDR,
+                SIOCSIFNETMASK,
             ],
         ),
         // One poll loop over the listening socket and its clients; answering reads the IOMMU
@@ -354,6 +389,11 @@ pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
         all.extend(allow_list(kind).syscalls);
     }
     all
+}
+
+/// Every `socket` domain a list allows.
+pub(crate) fn named_socket_domains() -> BTreeSet<Value> {
+    SOCKET_DOMAINS.iter().copied().collect()
 }
 
 /// Every `prctl` option the SIGSYS report can name.

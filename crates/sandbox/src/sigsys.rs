@@ -27,6 +27,7 @@ struct Tables {
     syscalls: Vec<Syscall>,
     ioctls: Vec<Value>,
     prctl_options: Vec<Value>,
+    socket_domains: Vec<Value>,
 }
 
 static TABLES: OnceLock<Tables> = OnceLock::new();
@@ -46,6 +47,7 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
         syscalls: crate::lists::named_syscalls().into_iter().collect(),
         ioctls: crate::lists::named_ioctls().into_iter().collect(),
         prctl_options: crate::lists::named_prctl_options().into_iter().collect(),
+        socket_domains: crate::lists::named_socket_domains().into_iter().collect(),
     });
     // SAFETY: sigaction is plain data, zero is a valid initial value for each field.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -89,7 +91,8 @@ extern "C" fn handle_sigsys(_signal: i32, info: *mut libc::siginfo_t, context: *
 }
 
 /// Formats the report for `syscall` made by the calling thread with `args` (its first two
-/// arguments), naming the argument the lists restrict if it is an `ioctl` or a `prctl`.
+/// arguments), naming the argument the lists restrict if it is an `ioctl`, a `prctl` or a
+/// `socket`.
 fn describe(line: &mut Line, syscall: i64, args: [u64; 2]) {
     let (name, kind) = THREAD.with(Cell::get);
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
@@ -112,6 +115,11 @@ fn describe(line: &mut Line, syscall: i64, args: [u64; 2]) {
             &b" option 0x"[..],
             args[0],
             tables.map(|t| &t.prctl_options[..]),
+        )),
+        libc::SYS_socket => Some((
+            &b" domain 0x"[..],
+            args[0],
+            tables.map(|t| &t.socket_domains[..]),
         )),
         _ => None,
     };
@@ -205,10 +213,18 @@ mod tests {
             .spawn(|| {
                 record_thread(ThreadKind::Vcpu);
                 let mut line = Line::default();
-                describe(&mut line, libc::SYS_socket, [2, 2]);
+                describe(&mut line, libc::SYS_connect, [2, 2]);
                 assert_eq!(
                     line.as_str(),
-                    "warden: seccomp: thread vcpu7 (vcpu) made system call socket (41), which its allow-list forbids; exiting (--seccomp log only logs, false disables)\n"
+                    "warden: seccomp: thread vcpu7 (vcpu) made system call connect (42), which its allow-list forbids; exiting (--seccomp log only logs, false disables)\n"
+                );
+                let mut line = Line::default();
+                describe(&mut line, libc::SYS_socket, [libc::AF_NETLINK as u64, 3]);
+                assert!(
+                    line.as_str()
+                        .contains("made system call socket (41) domain 0x10,"),
+                    "{}",
+                    line.as_str()
                 );
                 let mut line = Line::default();
                 describe(&mut line, libc::SYS_ioctl, [7, 0xffff_ffff_0000_ae80]);

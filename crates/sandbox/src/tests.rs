@@ -81,7 +81,9 @@ fn a_forbidden_call_ends_the_process_with_one_line_naming_thread_and_call() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("warden: seccomp: thread "), "{stderr}");
     assert!(
-        stderr.contains("(virtio-blk) made system call socket (41), which its allow-list forbids"),
+        stderr.contains(
+            "(virtio-blk) made system call socket (41) domain 0x2 AF_INET, which its allow-list forbids"
+        ),
         "{stderr}"
     );
 }
@@ -102,7 +104,7 @@ fn a_vcpu_may_run_the_guest_but_not_issue_other_ioctls() {
     assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "(vcpu) made system call ioctl (16) request 0x{:x},",
+            "(vcpu) made system call ioctl (16) request 0x{:x} TUNSETIFF,",
             libc::TUNSETIFF
         )),
         "{stderr}"
@@ -192,6 +194,29 @@ fn a_disk_thread_may_enter_its_ring_but_not_set_one_up() {
     assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
     assert!(
         stderr.contains("(virtio-blk) made system call io_uring_setup (425)"),
+        "{stderr}"
+    );
+}
+
+/// The hotplug thread opens a hot-added net's tap and sets its host address through an
+/// AF_INET socket; no other kind of socket (a Unix or netlink one, say) is allowed.
+#[test]
+fn the_hotplug_thread_may_make_an_inet_socket_only() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Hotplug).unwrap();
+        // SAFETY: plain system calls; the descriptor is closed by _exit.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 || libc::ioctl(fd, libc::SIOCGIFFLAGS, std::ptr::null_mut::<u8>()) != -1 {
+                libc::_exit(3);
+            }
+            libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(hotplug) made system call socket (41) domain 0x1,"),
         "{stderr}"
     );
 }

@@ -1,6 +1,7 @@
 //! The VMM's side of the API (`--api-socket`): what each request does to the running machine.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -60,8 +61,9 @@ impl api::Vmm for Control {
             Request::RemoveDevice(remove) => self
                 .remove_device(remove.id.unwrap_or_default())
                 .map(|()| Response::Done),
-            Request::AddNet(_) | Request::AddDevice(_) => Err(ApiError::not_supported(
-                "warden hot-plugs disks only (vm.add-disk); nets and passed-through devices are given at boot",
+            Request::AddNet(net) => self.add_net(net).map(Response::Added),
+            Request::AddDevice(_) => Err(ApiError::not_supported(
+                "warden hot-plugs disks and nets (vm.add-disk, vm.add-net); passed-through devices are given at boot",
             )),
         }
     }
@@ -125,6 +127,30 @@ impl Control {
         Ok(added)
     }
 
+    fn add_net(&self, net: api::NetConfig) -> Result<api::PciDeviceInfo, ApiError> {
+        let config = net_config(&net)?;
+        let id = net.id.clone();
+        let (added, tap) = self.ask(
+            |reply| HotplugRequest::AddNet {
+                net: config.clone(),
+                id,
+                reply,
+            },
+            HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.config.net.push(api::NetConfig {
+            id: Some(added.id.clone()),
+            tap: Some(tap),
+            mac: Some(config.mac.to_string()),
+            mask: config.host_ipv4.map(|(_, mask)| mask.to_string()),
+            ..net
+        });
+        info.device_tree
+            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
+        Ok(added)
+    }
+
     fn remove_device(&self, id: String) -> Result<(), ApiError> {
         self.ask(
             |reply| HotplugRequest::Remove {
@@ -136,8 +162,37 @@ impl Control {
         let mut info = vm_device::lock(&self.info);
         info.device_tree.remove(&id);
         info.config.disks.retain(|d| d.id.as_deref() != Some(&id));
+        info.config.net.retain(|n| n.id.as_deref() != Some(&id));
         Ok(())
     }
+}
+
+/// The net a validated `NetConfig` asks for: a new tap unless one is named, a random locally
+/// administered MAC unless one is given, and the host end's netmask 255.255.255.0 unless
+/// given (as on the command line).
+fn net_config(net: &api::NetConfig) -> Result<vmm_config::NetConfig, ApiError> {
+    let ipv4 = |text: &Option<String>| text.as_deref().and_then(|t| t.parse::<Ipv4Addr>().ok());
+    let mac = match net.mac.as_deref() {
+        Some(mac) => mac.parse().map_err(|_| {
+            ApiError::bad_request(format!("NetConfig: mac {mac:?} is not a MAC address"))
+        })?,
+        None => vmm_config::MacAddr::random_local().map_err(|err| {
+            ApiError::new(500, format!("cannot pick a random MAC ({err}); give one"))
+        })?,
+    };
+    Ok(vmm_config::NetConfig {
+        tap: net.tap.clone().unwrap_or_default(),
+        mac,
+        host_ipv4: ipv4(&net.ip).map(|ip| {
+            (
+                ip,
+                ipv4(&net.mask).unwrap_or(Ipv4Addr::new(255, 255, 255, 0)),
+            )
+        }),
+        // Validated: a power of two up to 32768.
+        queue_size: net.queue_size as u16,
+        iommu: net.iommu,
+    })
 }
 
 fn device_node(id: &str, bdf: String) -> api::DeviceNode {
@@ -300,5 +355,53 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
         state: api::VmState::Running,
         memory_actual_size: config.memory.size,
         device_tree,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hot_added_net_defaults_as_the_command_line_does() {
+        let net = net_config(&api::NetConfig {
+            ip: Some("192.168.250.1".into()),
+            iommu: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(net.tap, "", "a new tap");
+        assert!(!net.mac.is_multicast());
+        assert_eq!(net.mac.octets()[0] & 2, 2, "locally administered");
+        assert_eq!(
+            net.host_ipv4,
+            Some((
+                Ipv4Addr::new(192, 168, 250, 1),
+                Ipv4Addr::new(255, 255, 255, 0)
+            ))
+        );
+        assert_eq!(net.queue_size, 256);
+        assert!(net.iommu);
+
+        let net = net_config(&api::NetConfig {
+            tap: Some("hot0".into()),
+            mac: Some("52:54:00:12:34:56".into()),
+            ip: Some("10.0.0.1".into()),
+            mask: Some("255.255.0.0".into()),
+            queue_size: 64,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(net.tap, "hot0");
+        assert_eq!(net.mac.to_string(), "52:54:00:12:34:56");
+        assert_eq!(
+            net.host_ipv4,
+            Some((Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(255, 255, 0, 0)))
+        );
+        assert_eq!(net.queue_size, 64);
+        assert_eq!(
+            net_config(&api::NetConfig::default()).unwrap().host_ipv4,
+            None
+        );
     }
 }

@@ -279,35 +279,48 @@ pub(crate) fn build_device<M: DeviceMemory>(
                     .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
             )
         }
-        DeviceKind::Net(net) => {
-            let tap = net_util::Tap::open(&net.tap)?;
-            if let Some((ip, mask)) = net.host_ipv4 {
-                tap.set_ipv4(ip, mask)?;
-            }
-            // The name matters to whoever configures the host side of a tap warden created.
-            log::info!(
-                "--net: tap {} for the guest's {} (queues of {}{})",
-                tap.name(),
-                net.mac,
-                net.queue_size,
-                if access_platform {
-                    ", behind the IOMMU"
-                } else {
-                    ""
-                }
-            );
-            let options = NetOptions {
-                mac: net.mac,
-                queue_size: net.queue_size,
-                access_platform,
-            };
-            Box::new(Net::new(mem, tap, options))
-        }
+        DeviceKind::Net(net) => build_net(mem, open_tap(net)?, net, access_platform),
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
                 .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
         ),
     })
+}
+
+/// Opens (or creates) the tap of `net` and gives its host end the address asked for.
+pub(crate) fn open_tap(net: &NetConfig) -> Result<net_util::Tap, net_util::TapError> {
+    let tap = net_util::Tap::open(&net.tap)?;
+    if let Some((ip, mask)) = net.host_ipv4 {
+        tap.set_ipv4(ip, mask)?;
+    }
+    Ok(tap)
+}
+
+/// A virtio-net on `tap`, already opened by [`open_tap`].
+pub(crate) fn build_net<M: DeviceMemory>(
+    mem: M,
+    tap: net_util::Tap,
+    net: &NetConfig,
+    access_platform: bool,
+) -> Box<dyn VirtioDevice> {
+    // The name matters to whoever configures the host side of a tap warden created.
+    log::info!(
+        "--net: tap {} for the guest's {} (queues of {}{})",
+        tap.name(),
+        net.mac,
+        net.queue_size,
+        if access_platform {
+            ", behind the IOMMU"
+        } else {
+            ""
+        }
+    );
+    let options = NetOptions {
+        mac: net.mac,
+        queue_size: net.queue_size,
+        access_platform,
+    };
+    Box::new(Net::new(mem, tap, options))
 }
 
 /// The devices on bus 0 as `vm.info` names them: Cloud Hypervisor's ids (`_disk0`, `_net0`,

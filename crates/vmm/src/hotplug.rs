@@ -1,4 +1,5 @@
-//! Devices plugged in and out while the guest runs (`vm.add-disk`, `vm.remove-device`), with
+//! Devices plugged in and out while the guest runs (`vm.add-disk`, `vm.add-net`,
+//! `vm.remove-device`), with
 //! ACPI PCI hotplug: the slots at the top of bus 0, the controller the DSDT's slot methods use,
 //! and the one thread that changes the machine for the API.
 //!
@@ -18,9 +19,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use api::{ApiError, PciDeviceInfo};
+use net_util::{Tap, TapError};
 use pci::{PciDevice, PciRoot};
 use sandbox::{Filters, ThreadKind};
-use virtio_devices::VirtioDevice;
+use virtio_devices::{DeviceMemory, VirtioDevice};
 use virtio_iommu::{EndpointConfig, EndpointIommu, VirtioIommu};
 use virtio_pci::VirtioPciDevice;
 use vm_device::lock;
@@ -28,8 +30,8 @@ use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 use crate::bar_placement::BarPlacement;
 use crate::builder::{confine, VmmError};
-use crate::config::{DiskConfig, OutputConfig};
-use crate::devices::{build_device, DeviceKind};
+use crate::config::{DiskConfig, NetConfig, OutputConfig};
+use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::pci_hotplug::{Ejected, PciHotplugController};
@@ -47,6 +49,12 @@ pub enum HotplugRequest {
         disk: DiskConfig,
         id: Option<String>,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
+    },
+    /// Answered with the device and the name of its tap (the kernel names a new one).
+    AddNet {
+        net: NetConfig,
+        id: Option<String>,
+        reply: Sender<Result<(PciDeviceInfo, String), ApiError>>,
     },
     Remove {
         id: String,
@@ -86,6 +94,42 @@ pub fn assign_id(
             .find(|id| !taken(id))
             .expect("fewer devices than numbers")),
     }
+}
+
+/// A device to hot-add, before its memory view is chosen.
+enum NewDevice<'a> {
+    Disk(&'a DiskConfig),
+    /// Its tap is open already.
+    Net(&'a NetConfig, Tap),
+}
+
+impl NewDevice<'_> {
+    fn build<M: DeviceMemory>(
+        self,
+        mem: M,
+        access_platform: bool,
+    ) -> Result<Box<dyn VirtioDevice>, ApiError> {
+        match self {
+            NewDevice::Disk(disk) => build_device(
+                &DeviceKind::Disk(disk),
+                mem,
+                access_platform,
+                &OutputConfig::Off,
+            )
+            .map_err(|err| ApiError::bad_request(format!("DiskConfig: {err}"))),
+            NewDevice::Net(net, tap) => Ok(build_net(mem, tap, net, access_platform)),
+        }
+    }
+}
+
+/// The answer to a tap that cannot be opened: 409 if someone else has it, else 400.
+fn tap_refusal(err: TapError) -> ApiError {
+    let status = if matches!(err, TapError::InUse(_)) {
+        409
+    } else {
+        400
+    };
+    ApiError::new(status, format!("NetConfig: {err}"))
 }
 
 /// A device the API plugged in.
@@ -163,7 +207,13 @@ impl Hotplug {
             };
             match request {
                 Ok(HotplugRequest::AddDisk { disk, id, reply }) => {
-                    let _ = reply.send(self.add_disk(&mut slots, disk, id));
+                    let added = self.add(&mut slots, disk.iommu, id, "_disk", || {
+                        Ok((NewDevice::Disk(&disk), disk.path.display().to_string()))
+                    });
+                    let _ = reply.send(added);
+                }
+                Ok(HotplugRequest::AddNet { net, id, reply }) => {
+                    let _ = reply.send(self.add_net(&mut slots, &net, id));
                 }
                 Ok(HotplugRequest::Remove { id, reply }) => {
                     if let Err(err) = self.request_removal(&mut slots, &id, reply.clone()) {
@@ -181,34 +231,54 @@ impl Hotplug {
         self.boot_ids.iter().any(|boot| boot == id) || slots.values().any(|p| p.id == id)
     }
 
-    fn add_disk(
+    fn add_net(
         &self,
         slots: &mut BTreeMap<u8, Plugged>,
-        disk: DiskConfig,
+        net: &NetConfig,
         id: Option<String>,
+    ) -> Result<(PciDeviceInfo, String), ApiError> {
+        let mut name = String::new();
+        let added = self.add(slots, net.iommu, id, "_net", || {
+            let tap = open_tap(net).map_err(tap_refusal)?;
+            name = tap.name().to_string();
+            Ok((NewDevice::Net(net, tap), format!("tap {name}")))
+        })?;
+        Ok((added, name))
+    }
+
+    /// Finds the new device an id and a slot, then makes it (`make`, only once nothing
+    /// refuses it: no tap is opened for a refused request; it also says what the device is
+    /// for the log), over guest RAM or through the virtio-iommu, and plugs it in.
+    fn add<'a>(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        iommu: bool,
+        id: Option<String>,
+        prefix: &str,
+        make: impl FnOnce() -> Result<(NewDevice<'a>, String), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
-        if disk.iommu && self.iommu.is_none() {
+        if iommu && self.iommu.is_none() {
             return Err(ApiError::bad_request(
                 "iommu=on needs the virtio-iommu, which this VM does not have: start warden with a device behind it or with --platform iommu=on",
             ));
         }
-        let id = assign_id(id, "_disk", |id| self.taken(slots, id))?;
-        let range = slot_range(disk.iommu, self.iommu.is_some());
+        let id = assign_id(id, prefix, |id| self.taken(slots, id))?;
+        let range = slot_range(iommu, self.iommu.is_some());
         let slot = free_slot(|slot| slots.contains_key(&slot), range.clone()).ok_or_else(|| {
             ApiError::new(
                 409,
                 format!(
                     "no free slot for a device {} the IOMMU: slots {:02x}..{:02x} are all in use; remove one first",
-                    if disk.iommu { "behind" } else { "outside" },
+                    if iommu { "behind" } else { "outside" },
                     range.start,
                     range.end - 1
                 ),
             )
         })?;
+        let (new, what) = make()?;
         let bdf = acpi::PciBdf::new(0, 0, slot, 0);
-        let kind = DeviceKind::Disk(&disk);
         let (device, endpoint) = match &self.iommu {
-            Some(model) if disk.iommu => {
+            Some(model) if iommu => {
                 let endpoint = bdf.endpoint_id();
                 model
                     .add_endpoint(endpoint, EndpointConfig::default())
@@ -216,21 +286,11 @@ impl Hotplug {
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("the endpoint was just added");
                 let mem = IommuMemory::new(self.memory.clone(), translator, true, ());
-                let built = build_device(&kind, mem, true, &OutputConfig::Off);
-                if built.is_err() {
-                    let _ = model.remove_endpoint(endpoint);
-                }
-                (built, Some(endpoint))
+                (new.build(mem, true), Some(endpoint))
             }
-            _ => (
-                build_device(&kind, self.memory.clone(), false, &OutputConfig::Off),
-                None,
-            ),
+            _ => (new.build(self.memory.clone(), false), None),
         };
-        let plugged = device
-            .map_err(|err| ApiError::bad_request(format!("DiskConfig: {err}")))
-            .and_then(|device| self.plug(slot, device));
-        let transport = match plugged {
+        let transport = match device.and_then(|device| self.plug(slot, device)) {
             Ok(transport) => transport,
             Err(err) => {
                 if let (Some(model), Some(endpoint)) = (&self.iommu, endpoint) {
@@ -240,8 +300,7 @@ impl Hotplug {
             }
         };
         log::info!(
-            "hotplug: {id} ({}) plugged in at {bdf}{}",
-            disk.path.display(),
+            "hotplug: {id} ({what}) plugged in at {bdf}{}",
             if endpoint.is_some() {
                 ", behind the IOMMU"
             } else {
