@@ -21,6 +21,12 @@ use seccompiler::{
 
 pub use sigsys::EXIT_SECCOMP;
 
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (`vm.pause`); the only one a list lets
+/// a thread send.
+pub fn vcpu_kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
 /// What a filter does with a system call outside its list (`--seccomp`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
@@ -191,7 +197,7 @@ fn compile(
 ) -> Result<BpfProgram, seccompiler::BackendError> {
     let list = lists::allow_list(kind);
     // These arguments are ints to the kernel (an ioctl's request is an unsigned int, a prctl's
-    // option and a socket's domain an int): only their low 32 bits count, so only those are
+    // option, a socket's domain and a signal an int): only their low 32 bits count, so only those are
     // compared.
     let one_of = |arg: u8, values: &std::collections::BTreeSet<lists::Value>| {
         values
@@ -209,6 +215,7 @@ fn compile(
     let ioctl_rules = one_of(1, &list.ioctls)?;
     let prctl_rules = one_of(0, &list.prctl_options)?;
     let socket_rules = one_of(0, &list.socket_domains)?;
+    let tgkill_rules = one_of(2, &list.signals)?;
     let rules = list
         .syscalls
         .iter()
@@ -217,6 +224,7 @@ fn compile(
                 libc::SYS_ioctl => ioctl_rules.clone(),
                 libc::SYS_prctl => prctl_rules.clone(),
                 libc::SYS_socket => socket_rules.clone(),
+                libc::SYS_tgkill => tgkill_rules.clone(),
                 _ => Vec::new(),
             };
             (nr, rules)

@@ -74,6 +74,12 @@ const SIOCGIFFLAGS: Value = (libc::SIOCGIFFLAGS as u32, "SIOCGIFFLAGS");
 const SIOCSIFFLAGS: Value = (libc::SIOCSIFFLAGS as u32, "SIOCSIFFLAGS");
 const SIOCSIFADDR: Value = (libc::SIOCSIFADDR as u32, "SIOCSIFADDR");
 const SIOCSIFNETMASK: Value = (libc::SIOCSIFNETMASK as u32, "SIOCSIFNETMASK");
+/// The only signal `tgkill` may send (argument 2): the one that kicks a vCPU out of the guest
+/// for `vm.pause` ([`crate::vcpu_kick_signal`]).
+fn kick_signals() -> [Value; 1] {
+    [(crate::vcpu_kick_signal() as u32, "SIGRTMIN (vCPU kick)")]
+}
+
 /// The socket interface ioctls are addressed to: AF_INET only (argument 0).
 const SOCKET_DOMAINS: &[Value] = &[(libc::AF_INET as u32, "AF_INET")];
 /// The `prctl` options of starting a thread: std names it, the filter is installed with
@@ -154,6 +160,8 @@ pub(crate) struct AllowList {
     pub prctl_options: BTreeSet<Value>,
     /// The domains `socket` is allowed with (argument 0), if `syscalls` holds it.
     pub socket_domains: BTreeSet<Value>,
+    /// The signals `tgkill` may send (argument 2), if `syscalls` holds it.
+    pub signals: BTreeSet<Value>,
 }
 
 impl AllowList {
@@ -173,11 +181,17 @@ impl AllowList {
         } else {
             BTreeSet::new()
         };
+        let signals = if syscalls.iter().any(|&(nr, _)| nr == libc::SYS_tgkill) {
+            kick_signals().into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
         AllowList {
             syscalls,
             ioctls: ioctls.iter().copied().collect(),
             prctl_options,
             socket_domains,
+            signals,
         }
     }
 
@@ -188,6 +202,7 @@ impl AllowList {
             .extend(other.prctl_options.iter().copied());
         self.socket_domains
             .extend(other.socket_domains.iter().copied());
+        self.signals.extend(other.signals.iter().copied());
     }
 }
 
@@ -278,8 +293,10 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             ],
         ),
         // One poll loop over the listening socket and its clients; answering reads the IOMMU
-        // and VFIO counters (memory only), presses the power button (an eventfd write) and
-        // tells the VMM thread to end (a channel: futex).
+        // and VFIO counters (memory only), presses the power button (an eventfd write),
+        // tells the VMM thread to end (a channel: futex), and for vm.pause kicks each vCPU
+        // thread out of the guest (tgkill, with the kick signal only) and waits for it to
+        // park (futex).
         ThreadKind::Api => AllowList::new(
             &[
                 BASE,
@@ -292,6 +309,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_recvfrom,
                     SYS_sendto,
                     SYS_shutdown,
+                    // Only with the kick signal (`kick_signals`).
+                    SYS_tgkill,
                 ],
             ],
             &[FIONBIO],

@@ -220,3 +220,26 @@ fn the_hotplug_thread_may_make_an_inet_socket_only() {
         "{stderr}"
     );
 }
+
+/// The API thread kicks vCPUs out of the guest for vm.pause with one signal, and may send no
+/// other (SIGKILL would end warden).
+#[test]
+fn the_api_thread_may_send_the_kick_signal_only() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Api).unwrap();
+        // SAFETY: tgkill to a thread id that does not exist fails with ESRCH, if it gets
+        // that far (pid 1 has no thread 0x7fffffff).
+        unsafe {
+            if libc::syscall(libc::SYS_tgkill, 1, 0x7fff_ffff, vcpu_kick_signal()) != -1 {
+                libc::_exit(3);
+            }
+            libc::syscall(libc::SYS_tgkill, 1, 0x7fff_ffff, libc::SIGKILL);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(api) made system call tgkill (234),"),
+        "{stderr}"
+    );
+}

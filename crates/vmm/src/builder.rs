@@ -36,6 +36,7 @@ use crate::legacy::{
     I8042,
 };
 use crate::memory::{self, MemoryError};
+use crate::pause::PauseGate;
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
 use crate::stats::StatsReport;
@@ -95,6 +96,10 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 /// Builds the machine `config` describes, runs it, and returns how the guest stopped.
 pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let sigusr1 = block_sigusr1()?;
+    vcpu::install_kick_handler().map_err(|source| VmmError::Io {
+        what: "install the vCPU kick's signal handler".into(),
+        source,
+    })?;
     let filters = Filters::new(config.seccomp)?.map(Arc::new);
     if let Some(filters) = &filters {
         let filters = Arc::clone(filters);
@@ -230,6 +235,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
     }
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let gate = Arc::new(PauseGate::default());
     if let Some(listener) = api_listener {
         let hotplug = start_hotplug(
             &pci,
@@ -251,6 +257,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             power_button,
             exits: exits_tx.clone(),
             hotplug,
+            vcpus: Arc::clone(&gate),
             pid: std::process::id(),
         };
         serve_api(listener, control, filters.clone())?;
@@ -286,14 +293,14 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             .map_err(kvm_error("create vCPU"))?;
         let vcpu = Vcpu::configure(id, fd, &supported_cpuid, &topology, entry)?;
         let (pio, mmio, exits) = (Arc::clone(&pio), Arc::clone(&mmio), exits_tx.clone());
-        let (filters, start) = (filters.clone(), Arc::clone(&start));
+        let (filters, start, gate) = (filters.clone(), Arc::clone(&start), Arc::clone(&gate));
         thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let confined = filters.map_or(Ok(()), |f| f.install(ThreadKind::Vcpu));
                 start.wait();
                 match confined {
-                    Ok(()) => vcpu.run(pio, mmio, exits),
+                    Ok(()) => vcpu.run(pio, mmio, exits, &gate),
                     Err(err) => drop(exits.send(GuestExit::Crash(err.to_string()))),
                 }
             })

@@ -17,6 +17,7 @@ use crate::builder::{confine, VmmError};
 use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
 use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
 use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
+use crate::pause::{PauseError, PauseGate};
 use crate::stats::StatsReport;
 
 /// Answers API requests for one running VM.
@@ -29,6 +30,8 @@ pub struct Control {
     pub exits: Sender<GuestExit>,
     /// The thread that plugs devices in and out.
     pub hotplug: Sender<HotplugRequest>,
+    /// Where the vCPUs stop while the VM is paused.
+    pub vcpus: Arc<PauseGate>,
     /// Ours, read before confinement (the API thread may not ask for it).
     pub pid: u32,
 }
@@ -51,9 +54,8 @@ impl api::Vmm for Control {
                 .map_err(|err| ApiError::new(500, format!("cannot raise the power button's interrupt: {err}"))),
             // Done once answered (see `answered`).
             Request::Shutdown | Request::VmmShutdown => Ok(Response::Done),
-            Request::Pause | Request::Resume => Err(ApiError::not_supported(
-                "pausing is not supported yet: warden cannot stop its vCPUs",
-            )),
+            Request::Pause => self.pause().map(|()| Response::Done),
+            Request::Resume => self.resume().map(|()| Response::Done),
             Request::Reboot => Err(ApiError::not_supported(
                 "warden does not restart guests (a guest reset ends it); use vm.power-button or vm.shutdown",
             )),
@@ -78,6 +80,19 @@ impl api::Vmm for Control {
     }
 }
 
+/// How long a pause waits for every vCPU to leave the guest (one emulating a slow exit, a
+/// VFIO mapping say, gets there when it is done).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The answer to a refused pause or resume: 405 when the VM is not in the state for it (as
+/// Cloud Hypervisor's description has it), 500 when the vCPUs could not be stopped.
+fn pause_refusal(err: PauseError) -> ApiError {
+    match err {
+        PauseError::AlreadyPaused | PauseError::NotPaused => ApiError::wrong_state(err.to_string()),
+        PauseError::Kick { .. } | PauseError::Timeout { .. } => ApiError::new(500, err.to_string()),
+    }
+}
+
 /// How long the API waits for the hotplug thread beyond what the guest is given.
 const HOTPLUG_MARGIN: Duration = Duration::from_secs(10);
 
@@ -96,6 +111,24 @@ impl Control {
         answer
             .recv_timeout(wait)
             .map_err(|_| ApiError::new(500, "the hotplug thread did not answer"))?
+    }
+
+    /// Stops every vCPU (device threads finish what the guest had queued, see `pause`).
+    fn pause(&self) -> Result<(), ApiError> {
+        let pid = self.pid as i32;
+        self.vcpus
+            .pause(|tid| crate::vcpu::kick(pid, tid), PAUSE_TIMEOUT)
+            .map_err(pause_refusal)?;
+        vm_device::lock(&self.info).state = api::VmState::Paused;
+        log::info!("vm.pause: every vCPU is stopped");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.vcpus.resume().map_err(pause_refusal)?;
+        vm_device::lock(&self.info).state = api::VmState::Running;
+        log::info!("vm.resume: the vCPUs run again");
+        Ok(())
     }
 
     fn add_disk(&self, disk: api::DiskConfig) -> Result<api::PciDeviceInfo, ApiError> {
@@ -361,6 +394,28 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pausing_twice_or_resuming_a_running_vm_is_the_wrong_state_and_a_stuck_vcpu_an_error() {
+        let gate = PauseGate::default();
+        let wrong = pause_refusal(gate.resume().unwrap_err());
+        assert_eq!(wrong.status, 405);
+        assert_eq!(wrong.message, "the VM is not paused");
+        gate.pause(|_| Ok(()), Duration::from_millis(1)).unwrap();
+        let wrong = pause_refusal(gate.pause(|_| Ok(()), Duration::ZERO).unwrap_err());
+        assert_eq!(
+            (wrong.status, wrong.message.as_str()),
+            (405, "the VM is already paused")
+        );
+        gate.resume().unwrap();
+        gate.enter(9);
+        let stuck = pause_refusal(
+            gate.pause(|_| Ok(()), Duration::from_millis(1))
+                .unwrap_err(),
+        );
+        assert_eq!(stuck.status, 500);
+        assert!(stuck.message.contains("did not stop"), "{}", stuck.message);
+    }
 
     #[test]
     fn a_hot_added_net_defaults_as_the_command_line_does() {

@@ -15,6 +15,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod pause;
 pub mod pci_bus;
 pub mod pci_hotplug;
 pub mod stats;

@@ -1,10 +1,13 @@
-//! vCPU state at reset (CPUID, MSRs, registers, LAPIC) and the run loop.
+//! vCPU state at reset (CPUID, MSRs, registers, LAPIC), the run loop, and the kick that gets
+//! a vCPU out of the guest for `vm.pause`.
 
+use std::cell::Cell;
+use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -14,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::boot::EntryPoint;
 use crate::layout;
 use crate::legacy::GuestExit;
+use crate::pause::PauseGate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -178,6 +182,53 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(),
     Ok(())
 }
 
+thread_local! {
+    /// The calling vCPU thread's `kvm_run` while it is in its run loop (null elsewhere), for
+    /// the kick's signal handler.
+    static KVM_RUN_AREA: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick's handler: sets `immediate_exit` in the thread's `kvm_run`. Interrupting
+/// `KVM_RUN` is the signal's work; the flag is for a kick that arrives just before it, while
+/// the vCPU emulates an exit: KVM then returns `EINTR` at once instead of entering the guest,
+/// so no kick is lost between the vCPU's look at the pause gate and its `KVM_RUN`.
+extern "C" fn on_kick(_signal: libc::c_int) {
+    let _ = KVM_RUN_AREA.try_with(|area| {
+        let run = area.get();
+        if !run.is_null() {
+            // SAFETY: `run` is this thread's kvm_run mapping, live for the whole run loop (the
+            // pointer is cleared before the loop's VcpuFd goes away); the kernel reads the
+            // byte on the next KVM_RUN.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick's handler for the process, before any thread is confined (no list
+/// allows `rt_sigaction`). `SA_RESTART` keeps the signal from failing other system calls a
+/// vCPU makes; `KVM_RUN` returns `EINTR` regardless.
+pub fn install_kick_handler() -> io::Result<()> {
+    // SAFETY: sigaction is plain data, zero is a valid initial value for each field.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_kick as *const () as usize;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: `action` is a valid sigaction whose handler has the plain signature.
+    if unsafe { libc::sigaction(sandbox::vcpu_kick_signal(), &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kicks vCPU thread `tid` of process `pid` out of the guest.
+pub fn kick(pid: i32, tid: i32) -> io::Result<()> {
+    // SAFETY: tgkill takes three integers; the signal's handler only sets a flag.
+    let sent = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sandbox::vcpu_kick_signal()) };
+    if sent != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One vCPU, configured and ready to run.
 pub struct Vcpu {
     id: u8,
@@ -285,10 +336,23 @@ impl Vcpu {
         fd.set_regs(&regs)
     }
 
-    /// Runs until the guest stops this vCPU; reports why on `exits`.
-    pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, exits: Sender<GuestExit>) {
+    /// Runs until the guest stops this vCPU; reports why on `exits`. Before each entry into
+    /// the guest it passes `gate`, where it waits while the VM is paused.
+    pub fn run(
+        mut self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exits: Sender<GuestExit>,
+        gate: &PauseGate,
+    ) {
         let id = self.id;
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_AREA.with(|area| area.set(run));
+        gate.enter(tid);
         let reason = loop {
+            gate.pass();
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !pio.read(u64::from(port), data) {
@@ -330,10 +394,15 @@ impl Vcpu {
                 Ok(other) => {
                     break GuestExit::Crash(format!("vCPU {id}: unexpected exit {other:?}"))
                 }
-                Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {}
+                // A kick (or a kick's flag, set before KVM_RUN): cleared before the gate is
+                // looked at, so a kick after this look is seen on the next KVM_RUN.
+                Err(err) if err.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
+                Err(err) if err.errno() == libc::EAGAIN => {}
                 Err(err) => break GuestExit::Crash(format!("vCPU {id}: KVM_RUN failed: {err}")),
             }
         };
+        gate.leave(tid);
+        KVM_RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
         let _ = exits.send(reason);
     }
 }
@@ -341,6 +410,25 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kick_sets_immediate_exit_in_its_threads_kvm_run_and_is_harmless_elsewhere() {
+        install_kick_handler().unwrap();
+        // SAFETY: kvm_run is plain data for which all zeroes is valid.
+        let mut run: Box<kvm_run> = Box::new(unsafe { std::mem::zeroed() });
+        let (pid, tid) = (std::process::id() as i32, unsafe { libc::gettid() });
+        // Outside a run loop the handler has nothing to set.
+        kick(pid, tid).unwrap();
+        KVM_RUN_AREA.with(|area| area.set(&mut *run));
+        // A signal a thread sends itself is handled before tgkill returns.
+        kick(pid, tid).unwrap();
+        KVM_RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
+        // SAFETY: the handler wrote the byte with a volatile write; read it the same way.
+        let flag = unsafe { std::ptr::addr_of!(run.immediate_exit).read_volatile() };
+        assert_eq!(flag, 1, "the next KVM_RUN returns at once");
+        let err = kick(pid, i32::MAX).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
 
     #[test]
     fn gdt_round_trip_for_64bit_code() {
