@@ -1,10 +1,14 @@
 //! `--api-socket` (the control-plane issue): while the guest runs, the KVM host asks warden's
 //! API for ping, info and counters, is refused a reboot, hot-adds a disk behind the IOMMU
-//! (which the guest finds in a new IOMMU group and reads back), removes it again, then presses
-//! the power button, and the guest shuts itself down so warden exits 0. One boot.
+//! (which the guest finds in a new IOMMU group and reads back), removes it again, hot-adds a
+//! net behind the IOMMU and moves 4 MiB each way across it (checksums on both sides), removes
+//! it (its tap goes away), pauses the guest (a counter the guest keeps writing to its disk
+//! stops) and resumes it, then presses the power button, and the guest shuts itself down so
+//! warden exits 0. One boot.
 //!
 //! Host and guest take turns through sectors of the boot disk: the guest writes `READY` (8),
-//! `HOTOK` (16, it has read the hot-added disk) and `GONE` (24, the disk has left it).
+//! `HOTOK` (16, it has read the hot-added disk), `GONE` (24, the disk has left it), `NETOK`
+//! (32, the transfers are done) and `COUNTING` (48, its counter runs, in sector 40).
 
 use e2e::{Outcome, Scenario};
 use serde_json::Value;
@@ -48,6 +52,50 @@ done
 [ -e /dev/vdb ] || [ -e $hot ] && echo "API-GUEST-HOT-GONE=no" || echo "API-GUEST-HOT-GONE=yes"
 [ -e /sys/kernel/iommu_groups/$hot_group/devices/0000:00:18.0 ] && echo "API-GUEST-HOT-GROUP-LEFT=no" || echo "API-GUEST-HOT-GROUP-LEFT=yes"
 tell GONE 24
+# The host hot-adds a net behind the IOMMU, in the slot the disk left; its tap's host end is
+# 192.168.251.1.
+wait_for /sys/class/net/eth0 120
+net_pci=$(readlink -f /sys/class/net/eth0/device/..)
+echo "API-GUEST-NET-PCI=${net_pci##*/}"
+net_group=$(group_of "$net_pci")
+echo "API-GUEST-NET-GROUP-DEVICES=$(ls /sys/kernel/iommu_groups/$net_group/devices | tr '\n' ' ')"
+ip link set lo up
+ip addr add 192.168.251.2/24 dev eth0
+ip link set eth0 up
+n=0
+until [ "$(cat /sys/class/net/eth0/operstate)" = up ]; do
+    n=$((n + 1)); [ $n -gt 100 ] && break
+    usleep 100000
+done
+dd if=/dev/urandom of=/tmp/to-host.bin bs=1M count=4 2>/dev/null
+echo "API-GUEST-NET-SENT-MD5=$(md5sum </tmp/to-host.bin | cut -d' ' -f1)"
+printf '#!/bin/sh\nexec cat >/tmp/from-host.bin\n' >/tmp/recv.sh
+chmod +x /tmp/recv.sh
+# Refused until the host listens.
+n=0
+until nc 192.168.251.1 5001 </tmp/to-host.bin 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 300 ] && break
+    usleep 200000
+done
+nc 192.168.251.1 5002 -e /tmp/recv.sh
+echo "API-GUEST-NET-RECEIVED-MD5=$(md5sum </tmp/from-host.bin | cut -d' ' -f1)"
+tell NETOK 32
+n=0
+while [ -e /sys/class/net/eth0 ] || [ -e "$net_pci" ]; do
+    n=$((n + 1)); [ $n -gt 120 ] && break
+    sleep 1
+done
+[ -e /sys/class/net/eth0 ] || [ -e "$net_pci" ] && echo "API-GUEST-NET-GONE=no" || echo "API-GUEST-NET-GONE=yes"
+# A counter the host reads from sector 40 while it pauses and resumes the guest.
+count() {
+    i=0
+    while :; do
+        i=$((i + 1))
+        printf '%010d' $i | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
+    done
+}
+count &
+tell COUNTING 48
 dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
 echo "API-GUEST-POWER-BUTTON=pressed"
 "#;
@@ -58,8 +106,14 @@ const HOST_CLIENT: &str = r#"dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/nu
 dd if=/dev/urandom of=hot.img bs=1M count=32 2>/dev/null
 printf 'HOTPLUG-MARKER' | dd of=hot.img conv=notrunc 2>/dev/null
 sha256sum hot.img | cut -d' ' -f1 >hot.sum
+dd if=/dev/urandom of=to-guest.bin bs=1M count=4 2>/dev/null
+md5sum <to-guest.bin | cut -d' ' -f1 >to-guest.md5
+printf '#!/bin/sh\nexec cat to-guest.bin\n' >send.sh
+printf '#!/bin/sh\nexec cat >from-guest.bin\n' >recv.sh
+chmod +x send.sh recv.sh
 (
   set +e
+  counter() { dd if=disk.img bs=512 skip=40 count=1 2>/dev/null | head -c 10 >counter-$1.txt; }
   wait_sector() {
     n=0
     until [ "$(dd if=disk.img bs=512 skip=$1 count=1 2>/dev/null | head -c ${#2})" = "$2" ]; do
@@ -72,7 +126,6 @@ sha256sum hot.img | cut -d' ' -f1 >hot.sum
   "$API_CLIENT" api.sock GET /api/v1/vm.info >info.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.reboot >reboot.txt
-  "$API_CLIENT" api.sock PUT /api/v1/vm.add-net '{"tap":""}' >add-net.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"missing.img","iommu":true}' >add-missing.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","iommu":true,"id":"hot0"}' >add-disk.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","id":"hot0"}' >add-same-id.txt
@@ -85,13 +138,44 @@ sha256sum hot.img | cut -d' ' -f1 >hot.sum
   wait_sector 24 GONE
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-after.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.info >info-after.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-net \
+    '{"tap":"hotnet0","ip":"192.168.251.1","mask":"255.255.255.0","iommu":true,"id":"hotnet"}' >add-net.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-net '{"tap":"hotnet0","id":"hotnet1"}' >add-net-busy.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-net.txt
+  timeout 120 nc -l -p 5002 -e ./send.sh &
+  timeout 120 nc -l -p 5001 -e ./recv.sh
+  wait
+  md5sum <from-guest.bin | cut -d' ' -f1 >from-guest.md5
+  wait_sector 32 NETOK
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-net.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hotnet"}' >remove-net.txt
+  [ -e /sys/class/net/hotnet0 ] && echo no >tap-gone.txt || echo yes >tap-gone.txt
+  wait_sector 48 COUNTING
+  counter running-1; sleep 2; counter running-2
+  "$API_CLIENT" api.sock PUT /api/v1/vm.resume >resume-running.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.pause >pause.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.pause >pause-again.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-paused.txt
+  # A write queued just before the pause may still land: read after it.
+  sleep 1; counter paused-1; sleep 3; counter paused-2
+  "$API_CLIENT" api.sock PUT /api/v1/vm.resume >resume.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-resumed.txt
+  sleep 3; counter resumed
   "$API_CLIENT" api.sock GET /api/v1/vm.pause >wrong-method.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.power-button >power-button.txt
 ) >/dev/null 2>&1 &"#;
 
 const HOST_CHECK: &str = r#"echo "API-HOST-HOT-SUM=$(cat hot.sum)"
-for f in ping info counters reboot add-net add-missing add-disk add-same-id info-hot \
+echo "API-HOST-NET-SENT-MD5=$(cat to-guest.md5)"
+echo "API-HOST-NET-RECEIVED-MD5=$(cat from-guest.md5 2>/dev/null)"
+echo "API-HOST-TAP-GONE=$(cat tap-gone.txt 2>/dev/null)"
+for c in running-1 running-2 paused-1 paused-2 resumed; do
+  echo "API-HOST-COUNTER-$c=$(cat counter-$c.txt 2>/dev/null)"
+done
+for f in ping info counters reboot add-missing add-disk add-same-id info-hot \
          counters-hot remove-boot remove remove-again counters-after info-after \
+         add-net add-net-busy info-net counters-net remove-net \
+         resume-running pause pause-again info-paused resume info-resumed \
          wrong-method power-button; do
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
 done"#;
@@ -112,7 +196,7 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
         ])
         .guest_script(GUEST_SCRIPT)
         .host_check(HOST_CHECK)
-        .timeout(Duration::from_secs(420))
+        .timeout(Duration::from_secs(600))
         .run()
     else {
         return;
@@ -166,6 +250,8 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
 
     assert_eq!(reply(&out, "reboot").0, 501, "{out}");
     check_hotplug(&out);
+    check_hot_net(&out);
+    check_pause(&out);
     assert_eq!(reply(&out, "wrong-method").0, 405, "{out}");
     assert_eq!(reply(&out, "power-button").0, 204, "{out}");
 
@@ -181,7 +267,6 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
 /// The disk hot-added behind the IOMMU: where it landed, what the guest made of it, the
 /// refusals around it, and its removal.
 fn check_hotplug(out: &Outcome) {
-    assert_eq!(reply(out, "add-net").0, 501, "{out}");
     let (status, missing) = reply(out, "add-missing");
     assert_eq!(status, 400, "{out}");
     assert!(
@@ -271,6 +356,129 @@ fn check_hotplug(out: &Outcome) {
     assert!(
         destroyed["maps"].as_u64().is_some_and(|maps| maps > 0),
         "the destroyed domain keeps its counters: {after}\n{out}"
+    );
+}
+
+/// The net hot-added behind the IOMMU: its slot and group, the data across it both ways, the
+/// tap refused to a second net, and its removal (the tap warden created goes away).
+fn check_hot_net(out: &Outcome) {
+    let (status, added) = reply(out, "add-net");
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(added["id"], "hotnet", "{out}");
+    assert_eq!(
+        added["bdf"], "0000:00:18.0",
+        "the protected slot the disk left\n{out}"
+    );
+    let (status, busy) = reply(out, "add-net-busy");
+    assert_eq!(status, 409, "{out}");
+    assert!(busy["error"].as_str().unwrap().contains("hotnet0"), "{out}");
+    let (_, info) = reply(out, "info-net");
+    assert_eq!(
+        info["device_tree"]["hotnet"]["pci_bdf"], "0000:00:18.0",
+        "{out}"
+    );
+    let net = info["config"]["net"]
+        .as_array()
+        .and_then(|nets| nets.iter().find(|n| n["id"] == "hotnet"))
+        .unwrap_or_else(|| panic!("hotnet in vm.info's nets\n{out}"));
+    assert_eq!(net["tap"], "hotnet0", "{out}");
+    assert_eq!(net["iommu"], true, "{out}");
+    assert!(info["device_tree"]["hotnet1"].is_null(), "{out}");
+
+    assert_eq!(
+        out.marker("API-GUEST-NET-PCI"),
+        Some("0000:00:18.0"),
+        "{out}"
+    );
+    assert_eq!(
+        out.marker("API-GUEST-NET-GROUP-DEVICES").map(str::trim),
+        Some("0000:00:18.0"),
+        "alone in its IOMMU group\n{out}"
+    );
+    let md5 = |key: &str| {
+        let sum = out.marker(key).unwrap_or_default();
+        assert_eq!(sum.len(), 32, "{key}: {sum:?}\n{out}");
+        sum
+    };
+    assert_eq!(
+        md5("API-GUEST-NET-SENT-MD5"),
+        md5("API-HOST-NET-RECEIVED-MD5"),
+        "4 MiB guest to host\n{out}"
+    );
+    assert_eq!(
+        md5("API-HOST-NET-SENT-MD5"),
+        md5("API-GUEST-NET-RECEIVED-MD5"),
+        "4 MiB host to guest\n{out}"
+    );
+    assert_ne!(
+        md5("API-HOST-NET-SENT-MD5"),
+        md5("API-GUEST-NET-SENT-MD5"),
+        "two different payloads\n{out}"
+    );
+
+    // Its DMA went through the IOMMU: a domain of its own, with mappings.
+    let (_, counters) = reply(out, "counters-net");
+    let mapped_domains = counters
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(id, c)| {
+            id.starts_with("virtio-iommu-domain-")
+                && !id.ends_with("-destroyed")
+                && c["maps"].as_u64().is_some_and(|maps| maps > 0)
+        })
+        .count();
+    assert!(
+        mapped_domains >= 2,
+        "the boot disk's and the net's domains: {counters}\n{out}"
+    );
+
+    assert_eq!(reply(out, "remove-net").0, 204, "{out}");
+    assert_eq!(out.marker("API-GUEST-NET-GONE"), Some("yes"), "{out}");
+    assert_eq!(
+        out.marker("API-HOST-TAP-GONE"),
+        Some("yes"),
+        "the tap closed\n{out}"
+    );
+}
+
+/// The guest's counter (sector 40) advances while it runs, stands still while it is paused,
+/// and advances again once resumed; the state transitions answer as Cloud Hypervisor's
+/// description says.
+fn check_pause(out: &Outcome) {
+    let counter = |name: &str| -> u64 {
+        let text = out
+            .marker(&format!("API-HOST-COUNTER-{name}"))
+            .unwrap_or_default();
+        text.parse()
+            .unwrap_or_else(|_| panic!("counter {name}: {text:?}\n{out}"))
+    };
+    let (running_1, running_2) = (counter("running-1"), counter("running-2"));
+    assert!(
+        running_1 > 0 && running_2 > running_1,
+        "the guest counts\n{out}"
+    );
+
+    let (status, refusal) = reply(out, "resume-running");
+    assert_eq!(status, 405, "{out}");
+    assert!(
+        refusal["error"].as_str().unwrap().contains("not paused"),
+        "{out}"
+    );
+    assert_eq!(reply(out, "pause").0, 204, "{out}");
+    assert_eq!(reply(out, "pause-again").0, 405, "{out}");
+    assert_eq!(reply(out, "info-paused").1["state"], "Paused", "{out}");
+    let (paused_1, paused_2) = (counter("paused-1"), counter("paused-2"));
+    assert!(paused_1 >= running_2, "{out}");
+    assert_eq!(
+        paused_1, paused_2,
+        "no guest progress in 3 s of pause\n{out}"
+    );
+    assert_eq!(reply(out, "resume").0, 204, "{out}");
+    assert_eq!(reply(out, "info-resumed").1["state"], "Running", "{out}");
+    assert!(
+        counter("resumed") > paused_2,
+        "the guest counts again after the resume\n{out}"
     );
 }
 
