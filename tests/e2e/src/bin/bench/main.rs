@@ -279,11 +279,18 @@ n=0
 until ip -4 -o addr show | grep -q ' 192.168.249.2/24 '; do
     n=$((n + 1)); [ "$n" -lt 600 ] || {{ echo BENCH-NET=missing; exit 1; }}; sleep 0.1
 done
-# stamp LABEL: the KVM host records the VMM's CPU time, and answers once it has.
+# stamp LABEL: the KVM host records the VMM's CPU time, and answers once it has. No
+# connection yet: try again; any answer but ok: stop.
 stamp() {{
     n=0
-    until bash -c 'exec 3<>/dev/tcp/{HOST_IP}/{STAMP_PORT} && echo "$1" >&3 && read -r a <&3 && [ "$a" = ok ]' stamp "$1" 2>/dev/null; do
-        n=$((n + 1)); [ "$n" -lt 100 ] || {{ echo "BENCH-STAMP-FAILED=$1"; exit 1; }}; sleep 0.2
+    while :; do
+        rc=0
+        bash -c 'exec 3<>/dev/tcp/{HOST_IP}/{STAMP_PORT} || exit 1
+            echo "$1" >&3; read -r a <&3; [ "$a" = ok ] || {{ echo "BENCH-STAMP-REFUSED=$a"; exit 2; }}' \
+            stamp "$1" 2>/dev/null || rc=$?
+        [ "$rc" -ne 0 ] || return 0
+        [ "$rc" -eq 1 ] && [ "$n" -lt 100 ] || {{ echo "BENCH-STAMP-FAILED=$1"; exit 1; }}
+        n=$((n + 1)); sleep 0.2
     done
 }}
 stamp boot
@@ -316,15 +323,24 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
 
 /// The KVM host before the VMM starts: the stamp server (busybox `nc -ll`, one `stamp.sh` per
 /// connection) and the iperf3 server, both in the background, killed by [`HOST_CHECK`].
-/// `stamp.sh` finds the VMM by its file name (`$WARDEN` is the peer for the peer's boots).
-const HOST_SETUP: &str = r#"dir=$(pwd)
+/// `stamp.sh` finds the VMM by its file name (`$WARDEN` is the peer for the peer's boots) and
+/// its working directory, this one; it answers `ok` once the stamp is written.
+const HOST_SETUP: &str = r#"dir=$(pwd -P)
+name=$(basename "$WARDEN")
 cat >stamp.sh <<EOF
 #!/bin/sh
 read -r label
-pid=\$(pidof -s "$(basename "$WARDEN")")
-set -- \$(cut -d' ' -f14,15,43 /proc/\$pid/stat)
-echo "STAMP \$1 \$2 \$3 \$label" >>"$dir/stamps.log"
-echo ok
+pid=
+for p in \$(pidof "$name"); do
+    [ "\$(readlink "/proc/\$p/cwd")" != "$dir" ] || pid=\$p
+done
+if [ -n "\$pid" ] && [ -r "/proc/\$pid/stat" ]; then
+    set -- \$(cut -d' ' -f14,15,43 "/proc/\$pid/stat")
+    echo "STAMP \$1 \$2 \$3 \$label" >>"$dir/stamps.log"
+    echo ok
+else
+    echo "no-$name-process-in-$dir"
+fi
 EOF
 chmod +x stamp.sh
 busybox nc -ll -p STAMP_PORT -e "$dir/stamp.sh" >stamp-server.log 2>&1 &
