@@ -5,7 +5,7 @@
 #   L2 = the guest warden boots:          l2/vmlinuz (bzImage), l2/vmlinux (ELF, PVH note),
 #                                          l2/initramfs.cpio (busybox + virtio/vfio modules)
 #   L1 = the software KVM test host, run   l1/vmlinuz, l1/initramfs.cpio (busybox + kvm,
-#        under QEMU TCG when this machine        kvm-amd nested=1, tun, vfio*)
+#        under QEMU TCG when this machine        kvm-amd nested=1, tun, vfio*, iperf3)
 #        has no usable hardware KVM:
 #
 # The output goes to a cache outside the clone, ${WARDEN_GUEST_CACHE:-$HOME/.cache/warden/guest},
@@ -31,6 +31,11 @@ readonly L2_MODULES=(virtio-iommu virtio_blk failover net_failover virtio_net vi
 # given to L1). Parameters follow the module name after a colon.
 readonly L1_MODULES=(irqbypass ccp kvm kvm-amd:nested=1 tun virtio_blk vfio vfio_iommu_type1
     vfio-pci-core vfio-pci virtio-iommu)
+# iperf3 in L1, the host end of the benchmark's TCP test (tests/e2e/src/bin/bench): Debian's
+# build, with the packages of the shared libraries it loads (L1 is otherwise static busybox).
+readonly L1_IPERF3_PACKAGES=(iperf3 libiperf0 libsctp1 libssl3 libc6)
+readonly L1_IPERF3_LIBS=(ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libiperf.so.0 libcrypto.so.3
+    libsctp.so.1)
 
 readonly SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
 readonly CACHE="${WARDEN_GUEST_CACHE:-$HOME/.cache/warden/guest}"
@@ -204,6 +209,25 @@ pack() {
         cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) >"$2"
 }
 
+# add_iperf3 DEST: Debian's iperf3 and the libraries it needs in DEST/opt/iperf3, and a
+# /bin/iperf3 that starts it with that loader and library path, so nothing else in L1 changes.
+add_iperf3() {
+    local dest=$1 pkg lib file
+    mkdir -p "$work/iperf3" "$dest/opt/iperf3"
+    for pkg in "${L1_IPERF3_PACKAGES[@]}"; do
+        dpkg-deb -x "$(fetch "$pkg")" "$work/iperf3"
+    done
+    cp "$work/iperf3/usr/bin/iperf3" "$dest/opt/iperf3/"
+    for lib in "${L1_IPERF3_LIBS[@]}"; do
+        file=$(find "$work/iperf3" -name "$lib" -print -quit)
+        [[ -n "$file" ]] || die "$lib not found in ${L1_IPERF3_PACKAGES[*]}"
+        cp -L "$file" "$dest/opt/iperf3/"
+    done
+    printf '#!/bin/sh\nexec /opt/iperf3/ld-linux-x86-64.so.2 --library-path /opt/iperf3 /opt/iperf3/iperf3 "$@"\n' \
+        >"$dest/bin/iperf3"
+    chmod 755 "$dest/bin/iperf3"
+}
+
 write_l2_init() {
     cat >"$1/init" <<'EOF'
 #!/bin/sh
@@ -290,9 +314,15 @@ main() {
     flock 9 # another test process may be building the same cache
 
     resolve_packages
-    local key
+    lookup "${L1_IPERF3_PACKAGES[@]}"
+    local key pkg iperf3_versions=()
+    for pkg in "${L1_IPERF3_PACKAGES[@]}"; do
+        [[ -n "$(candidate "$pkg")" ]] || die "apt has no candidate for $pkg (L1's iperf3)"
+        iperf3_versions+=("$pkg=$(candidate "$pkg")")
+    done
     key=$(printf '%s\n' "$(sha256sum <"$SCRIPT")" "$L1_PKG=$(candidate "$L1_PKG")" \
-        "$L2_PKG=$(candidate "$L2_PKG")" "busybox-static=$BUSYBOX_VERSION" | sha256sum | cut -d' ' -f1)
+        "$L2_PKG=$(candidate "$L2_PKG")" "busybox-static=$BUSYBOX_VERSION" "${iperf3_versions[@]}" |
+        sha256sum | cut -d' ' -f1)
     if [[ "$(cat "$CACHE/stamp" 2>/dev/null)" == "$key" ]]; then
         echo "$CACHE"
         return
@@ -322,6 +352,7 @@ main() {
     cp "$work/l1-pkg/boot/vmlinuz-$abi" "$out/l1/vmlinuz"
     new_rootfs "$work/l1-root"
     add_modules "$work/l1-pkg/lib/modules/$abi" "$work/l1-root" "${L1_MODULES[@]}"
+    add_iperf3 "$work/l1-root"
     write_l1_init "$work/l1-root"
     pack "$work/l1-root" "$out/l1/initramfs.cpio"
 

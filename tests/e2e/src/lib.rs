@@ -100,6 +100,7 @@ pub struct Scenario {
     host_disk: Option<PathBuf>,
     distro: bool,
     terminal: bool,
+    vmm: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -129,7 +130,16 @@ impl Scenario {
             host_disk: None,
             distro: false,
             terminal: false,
+            vmm: None,
         }
+    }
+
+    /// Runs `binary` instead of warden, with the same arguments: another VMM with a
+    /// Cloud-Hypervisor-compatible command line, which the benchmark (`src/bin/bench`) measures
+    /// in the same batch. Nested, it must be a static binary: L1 has no shared libraries.
+    pub fn vmm(mut self, binary: &Path) -> Self {
+        self.vmm = Some(binary.to_owned());
+        self
     }
 
     /// A disk image for the KVM host. The harness copies it (sparse) to `host-disk` in the
@@ -356,6 +366,14 @@ impl Prepared {
     fn binary(&self, name: &str) -> PathBuf {
         self.warden.join(name)
     }
+
+    /// The VMM `scenario` runs: warden, or its [`Scenario::vmm`].
+    fn vmm(&self, scenario: &Scenario) -> PathBuf {
+        scenario
+            .vmm
+            .clone()
+            .unwrap_or_else(|| self.binary("warden"))
+    }
 }
 
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
@@ -510,7 +528,8 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
     let (status, timed_out) = match mode {
         Mode::Direct => {
             let files = HostFiles {
-                warden: prepared.binary("warden"),
+                warden: prepared.vmm(scenario),
+                api_client: prepared.binary("api-client"),
                 kernel,
                 initramfs: l2_initramfs,
                 disk_device: None,
@@ -631,6 +650,13 @@ systemctl poweroff --no-block
         name = scenario.name,
         script = scenario.guest_script
     )
+}
+
+/// Where scenarios run on this machine, or why none can: for callers whose own set-up depends
+/// on it (the benchmark installs its host-side tools only where the KVM host is this machine).
+/// Installs QEMU when the nested host needs it, as [`run`] would.
+pub fn mode() -> Result<Mode, String> {
+    choose_mode(false)
 }
 
 /// Picks where warden runs: here with hardware KVM, else nested in QEMU (installed if
@@ -796,8 +822,12 @@ fn write_l1_initramfs(
     disk_device: Option<&str>,
     dest: &Path,
 ) {
+    let vmm = prepared.vmm(scenario);
+    // Under its own name, so the host scripts can find a peer VMM's process (`pidof`) too.
+    let vmm_in_l1 = Path::new("e2e/vmm").join(vmm.file_name().expect("a VMM binary's name"));
     let files = HostFiles {
-        warden: "/e2e/warden".into(),
+        warden: Path::new("/").join(&vmm_in_l1),
+        api_client: "/e2e/api-client".into(),
         kernel: "/e2e/kernel".into(),
         initramfs: "/e2e/initramfs".into(),
         disk_device: disk_device.map(str::to_string),
@@ -811,10 +841,11 @@ fn write_l1_initramfs(
         )?;
         let mut archive = cpio::Writer::new(out);
         archive.dir("e2e")?;
+        archive.dir("e2e/vmm")?;
         for (name, text) in &scripts {
             archive.file(&format!("e2e/{name}"), 0o755, text.as_bytes())?;
         }
-        archive.file_from("e2e/warden", 0o755, &prepared.binary("warden"))?;
+        archive.file_from(&vmm_in_l1.display().to_string(), 0o755, &vmm)?;
         archive.file_from("e2e/api-client", 0o755, &prepared.binary("api-client"))?;
         archive.file_from("e2e/kernel", 0o644, kernel)?;
         archive.file_from("e2e/initramfs", 0o644, l2_initramfs)?;
@@ -826,7 +857,9 @@ fn write_l1_initramfs(
 
 /// The files warden gets, as paths on the KVM host.
 struct HostFiles {
+    /// warden, or the scenario's [`Scenario::vmm`].
     warden: PathBuf,
+    api_client: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
     /// The block device that holds the [`Scenario::host_disk`] in L1 (nested mode), which
@@ -930,13 +963,7 @@ mark "WARDEN-HOST-CHECK-EXIT=$rc"
 "#,
         name = scenario.name,
         warden = shell_quote(&files.warden.display().to_string()),
-        api_client = shell_quote(
-            &files
-                .warden
-                .with_file_name("api-client")
-                .display()
-                .to_string()
-        ),
+        api_client = shell_quote(&files.api_client.display().to_string()),
         kernel = shell_quote(&files.kernel.display().to_string()),
         initramfs = shell_quote(&files.initramfs.display().to_string()),
         timeout = secs(scenario.timeout),
@@ -1058,6 +1085,7 @@ mod tests {
     fn default_args_are_added_unless_given() {
         let files = HostFiles {
             warden: "/w".into(),
+            api_client: "/a".into(),
             kernel: "/k".into(),
             initramfs: "/i".into(),
             disk_device: None,

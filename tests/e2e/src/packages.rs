@@ -63,6 +63,14 @@ pub const DISTRO_IMAGE: &[Tool] = &[
     Tool::new("debugfs", "e2fsprogs"),
 ];
 
+/// The benchmark's host end when warden runs on this machine (`src/bin/bench`): the iperf3
+/// server, and busybox's `nc`, whose `-ll -e` serves the guest's CPU-time stamps. The nested
+/// host has both already (guest/build.sh).
+pub const BENCH_HOST: &[Tool] = &[
+    Tool::new("iperf3", "iperf3"),
+    Tool::new("busybox", "busybox"),
+];
+
 /// ACPICA's compiler, whose disassembler checks warden's ACPI tables.
 pub const IASL: &[Tool] = &[Tool::new("iasl", "acpica-tools")];
 

@@ -1,0 +1,513 @@
+//! `bench`: the benchmark of record for warden's data path (issue 13, part 4), and optionally
+//! another VMM with the same command line in the same batch. Prints one markdown table.
+//!
+//! `cargo run --release -p e2e --bin bench -- [--rounds N] [--peer PATH] [--disk-opts OPTS]`
+//!
+//! Each boot is the Debian 12 image (`Scenario::distro`, root on the virtio disk, 1 vCPU,
+//! 512 MiB) in one configuration: disk and tap both `iommu=on`, or both plain; warden, or the
+//! peer (`--peer`, e.g. a static Cloud Hypervisor build). One boot runs every job of its
+//! configuration; the rounds (default 3) run the configurations in turn, so a slow spell of the
+//! machine hits all of them. The jobs, in the guest: fio with libaio and O_DIRECT on a 64 MiB
+//! file in the root file system, 4 s each (4 KiB random read at depth 1 and 16, 1 MiB
+//! sequential read at depth 4, 4 KiB random write at depth 16), then iperf3 TCP for 4 s each
+//! way against the host end of the tap.
+//!
+//! Host CPU: around each job the guest asks the KVM host, over the tap, to stamp the VMM
+//! process's utime+stime (`/proc/PID/stat`, all threads) and waits for the answer; the
+//! difference, over the bytes the job moved, is CPU seconds per GiB. It includes the vCPU's
+//! time in the guest (`guest_time`), which the table also gives apart.
+//!
+//! Why a binary of the e2e crate and not a `benches/` target: it is the harness (scenarios,
+//! the nested KVM host) that boots the guests, it takes arguments, and `cargo bench` or
+//! `cargo test --benches` must not start half an hour of nested boots by accident.
+
+mod parse;
+mod report;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use e2e::{packages, Mode, Scenario};
+
+use parse::{CpuTime, Measured};
+
+/// The tap's host end, where iperf3 and the stamp server listen; the image's networkd gives
+/// the guest .2.
+const HOST_IP: &str = "192.168.249.1";
+const STAMP_PORT: u16 = 5300;
+/// Where the guest keeps the fio file and the JSON of each job, read back after the run.
+const GUEST_DIR: &str = "/root/warden-bench";
+/// Seconds each job runs.
+const JOB_SECONDS: u32 = 4;
+/// warden's time limit per boot (a nested boot of the image takes 1–2 minutes).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// What a job reports: IOPS for small blocks, MiB/s for the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Iops,
+    MibPerSecond,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Work {
+    Fio {
+        rw: &'static str,
+        bs: &'static str,
+        depth: u32,
+    },
+    /// iperf3 from the guest to the host, or (`reverse`) from the host to the guest.
+    Tcp { reverse: bool },
+}
+
+/// One benchmark job: `name` names its JSON file and stamps, `title` its row.
+#[derive(Clone, Copy, Debug)]
+pub struct Job {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub unit: Unit,
+    work: Work,
+}
+
+pub const JOBS: [Job; 6] = [
+    Job {
+        name: "randread-4k-qd1",
+        title: "4 KiB random read, depth 1",
+        unit: Unit::Iops,
+        work: Work::Fio {
+            rw: "randread",
+            bs: "4k",
+            depth: 1,
+        },
+    },
+    Job {
+        name: "randread-4k-qd16",
+        title: "4 KiB random read, depth 16",
+        unit: Unit::Iops,
+        work: Work::Fio {
+            rw: "randread",
+            bs: "4k",
+            depth: 16,
+        },
+    },
+    Job {
+        name: "read-1m-qd4",
+        title: "1 MiB sequential read, depth 4",
+        unit: Unit::MibPerSecond,
+        work: Work::Fio {
+            rw: "read",
+            bs: "1m",
+            depth: 4,
+        },
+    },
+    Job {
+        name: "randwrite-4k-qd16",
+        title: "4 KiB random write, depth 16",
+        unit: Unit::Iops,
+        work: Work::Fio {
+            rw: "randwrite",
+            bs: "4k",
+            depth: 16,
+        },
+    },
+    Job {
+        name: "tcp-guest-to-host",
+        title: "TCP guest → host",
+        unit: Unit::MibPerSecond,
+        work: Work::Tcp { reverse: false },
+    },
+    Job {
+        name: "tcp-host-to-guest",
+        title: "TCP host → guest",
+        unit: Unit::MibPerSecond,
+        work: Work::Tcp { reverse: true },
+    },
+];
+
+/// Which VMM a boot runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vmm {
+    Warden,
+    Peer,
+}
+
+/// One configuration: a VMM with its disk and tap behind the IOMMU (`iommu`) or plain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub vmm: Vmm,
+    pub iommu: bool,
+}
+
+/// One job's result in one boot.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub measured: Measured,
+    /// The VMM's CPU time over the job.
+    pub cpu: CpuTime,
+}
+
+impl Sample {
+    /// The job's rate in its unit.
+    pub fn rate(&self, unit: Unit) -> f64 {
+        match unit {
+            Unit::Iops => self.measured.iops,
+            Unit::MibPerSecond => self.measured.bytes_per_second / f64::from(1 << 20),
+        }
+    }
+
+    /// Host CPU seconds per GiB moved: all of it, and without the guest's own time.
+    pub fn cpu_per_gib(&self) -> (f64, f64) {
+        let gib = self.measured.bytes as f64 / f64::from(1 << 30);
+        (
+            self.cpu.total / gib,
+            (self.cpu.total - self.cpu.guest) / gib,
+        )
+    }
+}
+
+/// One finished boot.
+#[derive(Debug)]
+pub struct Boot {
+    pub config: Config,
+    pub round: usize,
+    /// Per job, in [`JOBS`] order.
+    pub samples: Vec<Sample>,
+    /// The VMM's CPU time from its start to the guest's first stamp (the boot).
+    pub boot_cpu: f64,
+    pub elapsed: Duration,
+    /// This machine's 1-minute load average before and after.
+    pub load: (f64, f64),
+    pub retried: bool,
+}
+
+struct Options {
+    rounds: usize,
+    peer: Option<PathBuf>,
+    /// Appended to every `--disk` (e.g. `num_queues=1,queue_size=256,direct=on`).
+    disk_opts: String,
+}
+
+const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS]";
+
+fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut o = Options {
+        rounds: 3,
+        peer: None,
+        disk_opts: String::new(),
+    };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--rounds" => {
+                o.rounds = value()?
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("--rounds takes a positive count\n{USAGE}"))?;
+            }
+            "--peer" => o.peer = Some(PathBuf::from(value()?)),
+            "--disk-opts" => o.disk_opts = value()?,
+            _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    match options(std::env::args().skip(1)).and_then(|o| bench(&o)) {
+        Ok(table) => {
+            println!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(o: &Options) -> Result<String, String> {
+    let peer = match &o.peer {
+        Some(path) => {
+            Some(fs::canonicalize(path).map_err(|e| format!("--peer {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let mode = e2e::mode()?;
+    if mode == Mode::Direct {
+        packages::install(packages::BENCH_HOST)?;
+    }
+    let vmms: &[Vmm] = if peer.is_some() {
+        &[Vmm::Warden, Vmm::Peer]
+    } else {
+        &[Vmm::Warden]
+    };
+    let configs: Vec<Config> = vmms
+        .iter()
+        .flat_map(|&vmm| [true, false].map(|iommu| Config { vmm, iommu }))
+        .collect();
+    let peer_name = peer
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    let mut boots = Vec::new();
+    for round in 1..=o.rounds {
+        for &config in &configs {
+            let name = report::config_name(config, peer_name.as_deref());
+            eprintln!("bench: round {round}/{}: {name}", o.rounds);
+            boots.push(boot(config, round, peer.as_deref(), &o.disk_opts)?);
+        }
+    }
+    Ok(report::table(&report::Batch {
+        mode,
+        rounds: o.rounds,
+        peer: peer_name,
+        disk_opts: o.disk_opts.clone(),
+        boots,
+    }))
+}
+
+/// The guest's script: wait for the network, stamp, lay out the fio file, then each job
+/// between two stamps, its JSON in [`GUEST_DIR`].
+fn guest_script() -> String {
+    let mut s = format!(
+        r#"B={GUEST_DIR}
+mkdir -p "$B"
+n=0
+until ip -4 -o addr show | grep -q ' 192.168.249.2/24 '; do
+    n=$((n + 1)); [ "$n" -lt 600 ] || {{ echo BENCH-NET=missing; exit 1; }}; sleep 0.1
+done
+# stamp LABEL: the KVM host records the VMM's CPU time, and answers once it has. No
+# connection yet: try again; any answer but ok: stop.
+stamp() {{
+    n=0
+    while :; do
+        rc=0
+        bash -c 'exec 3<>/dev/tcp/{HOST_IP}/{STAMP_PORT} || exit 1
+            echo "$1" >&3; read -r a <&3; [ "$a" = ok ] || {{ echo "BENCH-STAMP-REFUSED=$a"; exit 2; }}' \
+            stamp "$1" 2>/dev/null || rc=$?
+        [ "$rc" -ne 0 ] || return 0
+        [ "$rc" -eq 1 ] && [ "$n" -lt 100 ] || {{ echo "BENCH-STAMP-FAILED=$1"; exit 1; }}
+        n=$((n + 1)); sleep 0.2
+    done
+}}
+stamp boot
+fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=libaio \
+    --direct=1 --iodepth=4 --output-format=json --output="$B/layout.json"
+"#
+    );
+    for job in &JOBS {
+        let command = match job.work {
+            Work::Fio { rw, bs, depth } => format!(
+                "fio --name={name} --filename=\"$B/file\" --size=64M --rw={rw} --bs={bs} \
+                 --iodepth={depth} --ioengine=libaio --direct=1 --time_based \
+                 --runtime={JOB_SECONDS} --output-format=json --output=\"$B/{name}.json\"",
+                name = job.name
+            ),
+            Work::Tcp { reverse } => format!(
+                "iperf3 -c {HOST_IP} -t {JOB_SECONDS}{} -J >\"$B/{}.json\"",
+                if reverse { " -R" } else { "" },
+                job.name
+            ),
+        };
+        s.push_str(&format!(
+            "stamp 'begin {name}'\n{command}\nstamp 'end {name}'\necho BENCH-JOB={name}\n",
+            name = job.name
+        ));
+    }
+    s.push_str("sync\necho BENCH-DONE=yes\n");
+    s
+}
+
+/// The KVM host before the VMM starts: the stamp server (busybox `nc -ll`, one `stamp.sh` per
+/// connection) and the iperf3 server, both in the background, killed by [`HOST_CHECK`].
+/// `stamp.sh` finds the VMM by its file name (`$WARDEN` is the peer for the peer's boots) and
+/// its working directory, this one; it answers `ok` once the stamp is written.
+const HOST_SETUP: &str = r#"dir=$(pwd -P)
+name=$(basename "$WARDEN")
+cat >stamp.sh <<EOF
+#!/bin/sh
+read -r label
+pid=
+for p in \$(pidof "$name"); do
+    [ "\$(readlink "/proc/\$p/cwd")" != "$dir" ] || pid=\$p
+done
+if [ -n "\$pid" ] && [ -r "/proc/\$pid/stat" ]; then
+    set -- \$(cut -d' ' -f14,15,43 "/proc/\$pid/stat")
+    echo "STAMP \$1 \$2 \$3 \$label" >>"$dir/stamps.log"
+    echo ok
+else
+    echo "no-$name-process-in-$dir"
+fi
+EOF
+chmod +x stamp.sh
+busybox nc -ll -p STAMP_PORT -e "$dir/stamp.sh" >stamp-server.log 2>&1 &
+echo $! >stamp-server.pid
+iperf3 -s >iperf3-server.log 2>&1 &
+echo $! >iperf3-server.pid
+"#;
+
+/// The KVM host after the VMM exits: the servers stopped, the stamps printed.
+const HOST_CHECK: &str = r#"kill "$(cat stamp-server.pid)" "$(cat iperf3-server.pid)" 2>/dev/null || true
+cat stamps.log"#;
+
+/// warden's (and the peer's) arguments for `config`; the harness adds the kernel, initrd,
+/// command line and `--serial tty`. `--console off`: Cloud Hypervisor's default console is the
+/// terminal too, which it refuses next to `--serial tty`.
+fn vmm_args(config: Config, disk_opts: &str) -> Vec<String> {
+    let iommu = if config.iommu { ",iommu=on" } else { "" };
+    let disk_opts = if disk_opts.is_empty() {
+        String::new()
+    } else {
+        format!(",{disk_opts}")
+    };
+    [
+        "--cpus",
+        "boot=1",
+        "--memory",
+        "size=512M",
+        "--console",
+        "off",
+        "--disk",
+        &format!("path=host-disk{disk_opts}{iommu}"),
+        "--net",
+        &format!("tap=,mac=,ip={HOST_IP},mask=255.255.255.0{iommu}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Boots `config` once and collects every job's sample.
+fn boot(
+    config: Config,
+    round: usize,
+    peer: Option<&std::path::Path>,
+    disk_opts: &str,
+) -> Result<Boot, String> {
+    let name = format!(
+        "bench-{}-{}",
+        match config.vmm {
+            Vmm::Warden => "warden",
+            Vmm::Peer => "peer",
+        },
+        if config.iommu { "on" } else { "off" }
+    );
+    let mut scenario = Scenario::new(&name)
+        .distro()
+        .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
+        .warden_args(vmm_args(config, disk_opts))
+        .guest_script(&guest_script())
+        .host_check(HOST_CHECK)
+        .timeout(BOOT_TIMEOUT);
+    if config.vmm == Vmm::Peer {
+        scenario = scenario.vmm(peer.expect("peer configurations only with --peer"));
+    }
+    let load_before = load_average();
+    let out = scenario
+        .run()
+        .ok_or("no KVM and no QEMU here: nothing can run the guest")?;
+    let load = (load_before, load_average());
+    if out.warden_exit != Some(0)
+        || out.guest_script_exit() != Some(0)
+        || out.marker("BENCH-DONE") != Some("yes")
+    {
+        return Err(format!("boot {name} (round {round}) failed:\n{out}"));
+    }
+    let stamps = parse::stamps(out.host_check_output())?;
+    let stamp = |label: &str| {
+        stamps
+            .get(label)
+            .copied()
+            .ok_or_else(|| format!("{name}: no stamp {label:?} from the KVM host\n{out}"))
+    };
+    let mut samples = Vec::new();
+    for job in &JOBS {
+        let path = format!("{GUEST_DIR}/{}.json", job.name);
+        let text = out
+            .guest_file(&path)
+            .ok_or_else(|| format!("{name}: {path} is not on the guest's disk\n{out}"))?;
+        let text = String::from_utf8_lossy(&text);
+        let measured = match job.work {
+            Work::Fio { .. } => parse::fio(&text),
+            Work::Tcp { .. } => parse::iperf3(&text),
+        }
+        .map_err(|e| format!("{name}: {e}"))?;
+        let cpu = stamp(&format!("end {}", job.name))? - stamp(&format!("begin {}", job.name))?;
+        samples.push(Sample { measured, cpu });
+    }
+    Ok(Boot {
+        config,
+        round,
+        samples,
+        boot_cpu: stamp("boot")?.total,
+        elapsed: out.elapsed,
+        load,
+        retried: out.retried,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Options, String> {
+        options(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn options_have_defaults_and_refuse_nonsense() {
+        let o = args(&[]).unwrap();
+        assert_eq!((o.rounds, o.peer, o.disk_opts.as_str()), (3, None, ""));
+        let o = args(&["--rounds", "1", "--peer", "/ch", "--disk-opts", "direct=on"]).unwrap();
+        assert_eq!(o.rounds, 1);
+        assert_eq!(o.peer, Some(PathBuf::from("/ch")));
+        assert_eq!(o.disk_opts, "direct=on");
+        assert!(args(&["--rounds", "0"]).is_err());
+        assert!(args(&["--rounds"]).is_err());
+        assert!(args(&["--fast"]).is_err());
+    }
+
+    #[test]
+    fn both_vmms_get_the_same_cloud_hypervisor_style_arguments() {
+        let on = vmm_args(
+            Config {
+                vmm: Vmm::Peer,
+                iommu: true,
+            },
+            "direct=on",
+        );
+        assert_eq!(on[7], "path=host-disk,direct=on,iommu=on");
+        assert_eq!(
+            on[9],
+            "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0,iommu=on"
+        );
+        let off = vmm_args(
+            Config {
+                vmm: Vmm::Warden,
+                iommu: false,
+            },
+            "",
+        );
+        assert_eq!(off[7], "path=host-disk");
+        assert_eq!(off[9], "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0");
+    }
+
+    #[test]
+    fn every_job_is_stamped_and_written_where_it_is_read_back() {
+        let script = guest_script();
+        for job in &JOBS {
+            assert!(script.contains(&format!("stamp 'begin {}'", job.name)));
+            assert!(script.contains(&format!("stamp 'end {}'", job.name)));
+            assert!(script.contains(&format!("\"$B/{}.json\"", job.name)));
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The benchmark's markdown: one table of medians, ratios and CPU per GiB, the samples
+//! behind it, the boots, and the issue's targets met or missed.
+
+use std::fmt::Write;
+
+use e2e::Mode;
+
+use crate::{Boot, Config, Unit, Vmm, JOBS};
+
+/// Every boot of one run of the benchmark.
+pub struct Batch {
+    pub mode: Mode,
+    pub rounds: usize,
+    /// The peer VMM's file name, if one ran.
+    pub peer: Option<String>,
+    pub disk_opts: String,
+    pub boots: Vec<Boot>,
+}
+
+/// "warden on", "cloud-hypervisor off", ...
+pub fn config_name(config: Config, peer: Option<&str>) -> String {
+    let vmm = match config.vmm {
+        Vmm::Warden => "warden",
+        Vmm::Peer => peer.unwrap_or("peer"),
+    };
+    format!("{vmm} {}", if config.iommu { "on" } else { "off" })
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// About three significant digits.
+fn num(x: f64) -> String {
+    match x.abs() {
+        a if a.is_nan() => "n/a".into(),
+        a if a >= 100.0 => format!("{x:.0}"),
+        a if a >= 10.0 => format!("{x:.1}"),
+        _ => format!("{x:.2}"),
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}", a / b)
+}
+
+/// One configuration's medians for one job: rate, CPU s/GiB, CPU s/GiB without guest time.
+struct Medians {
+    rate: f64,
+    cpu: f64,
+    vmm_cpu: f64,
+}
+
+impl Batch {
+    fn config(&self, vmm: Vmm, iommu: bool) -> Config {
+        Config { vmm, iommu }
+    }
+
+    fn boots_of(&self, config: Config) -> impl Iterator<Item = &Boot> {
+        self.boots.iter().filter(move |b| b.config == config)
+    }
+
+    fn medians(&self, config: Config, job: usize) -> Medians {
+        let unit = JOBS[job].unit;
+        let samples: Vec<_> = self.boots_of(config).map(|b| b.samples[job]).collect();
+        Medians {
+            rate: median(samples.iter().map(|s| s.rate(unit)).collect()),
+            cpu: median(samples.iter().map(|s| s.cpu_per_gib().0).collect()),
+            vmm_cpu: median(samples.iter().map(|s| s.cpu_per_gib().1).collect()),
+        }
+    }
+
+    fn vmms(&self) -> Vec<Vmm> {
+        if self.peer.is_some() {
+            vec![Vmm::Warden, Vmm::Peer]
+        } else {
+            vec![Vmm::Warden]
+        }
+    }
+
+    fn name(&self, config: Config) -> String {
+        config_name(config, self.peer.as_deref())
+    }
+}
+
+fn unit_text(unit: Unit) -> &'static str {
+    match unit {
+        Unit::Iops => "IOPS",
+        Unit::MibPerSecond => "MiB/s",
+    }
+}
+
+pub fn table(batch: &Batch) -> String {
+    let mut s = String::new();
+    let peer = batch.peer.as_deref().unwrap_or("peer");
+    let _ = writeln!(
+        s,
+        "# warden data-path benchmark ({:?} mode, {} round{}, Debian 12 image, 1 vCPU, 512 MiB{})\n",
+        batch.mode,
+        batch.rounds,
+        if batch.rounds == 1 { "" } else { "s" },
+        if batch.disk_opts.is_empty() {
+            String::new()
+        } else {
+            format!(", disk `{}`", batch.disk_opts)
+        }
+    );
+    let _ = writeln!(
+        s,
+        "Medians over the rounds; `on`: disk and tap `iommu=on`, `off`: both plain. CPU: the \
+         VMM process's utime+stime on the KVM host over the job, per GiB moved (in brackets: \
+         without the vCPU's time in the guest).\n"
+    );
+    let mut header = vec!["job".to_string()];
+    for &vmm in &batch.vmms() {
+        let on = batch.name(batch.config(vmm, true));
+        let off = batch.name(batch.config(vmm, false));
+        header.extend([on, off, format!("{} on/off", vmm_name(vmm, peer))]);
+    }
+    if batch.peer.is_some() {
+        header.extend([format!("warden/{peer} on"), format!("warden/{peer} off")]);
+    }
+    for &vmm in &batch.vmms() {
+        for iommu in [true, false] {
+            header.push(format!(
+                "CPU s/GiB {}",
+                batch.name(batch.config(vmm, iommu))
+            ));
+        }
+        header.push(format!("CPU {} on/off", vmm_name(vmm, peer)));
+    }
+    row(&mut s, &header);
+    row(
+        &mut s,
+        &header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 { "---" } else { "---:" }.to_string())
+            .collect::<Vec<_>>(),
+    );
+    for (j, job) in JOBS.iter().enumerate() {
+        let m = |vmm, iommu| batch.medians(batch.config(vmm, iommu), j);
+        let mut cells = vec![format!("{} ({})", job.title, unit_text(job.unit))];
+        for &vmm in &batch.vmms() {
+            let (on, off) = (m(vmm, true), m(vmm, false));
+            cells.extend([num(on.rate), num(off.rate), ratio(on.rate, off.rate)]);
+        }
+        if batch.peer.is_some() {
+            for iommu in [true, false] {
+                cells.push(ratio(m(Vmm::Warden, iommu).rate, m(Vmm::Peer, iommu).rate));
+            }
+        }
+        for &vmm in &batch.vmms() {
+            let (on, off) = (m(vmm, true), m(vmm, false));
+            for x in [&on, &off] {
+                cells.push(format!("{} ({})", num(x.cpu), num(x.vmm_cpu)));
+            }
+            cells.push(ratio(on.cpu, off.cpu));
+        }
+        row(&mut s, &cells);
+    }
+    targets(&mut s, batch);
+    samples(&mut s, batch);
+    s
+}
+
+fn vmm_name(vmm: Vmm, peer: &str) -> &str {
+    match vmm {
+        Vmm::Warden => "warden",
+        Vmm::Peer => peer,
+    }
+}
+
+fn row(s: &mut String, cells: &[String]) {
+    let _ = writeln!(s, "| {} |", cells.join(" | "));
+}
+
+/// The targets of issue 13, each with the jobs that miss it.
+fn targets(s: &mut String, batch: &Batch) {
+    let _ = writeln!(s, "\nTargets (issue 13), from the medians above:\n");
+    let mut check = |what: &str, ok: &dyn Fn(usize) -> Option<(bool, f64)>| {
+        let results: Vec<_> = (0..JOBS.len()).filter_map(|j| Some((j, ok(j)?))).collect();
+        let missed: Vec<String> = results
+            .iter()
+            .filter(|(_, (met, _))| !met)
+            .map(|(j, (_, v))| format!("{} {v:.2}", JOBS[*j].name))
+            .collect();
+        let verdict = if missed.is_empty() {
+            "met".to_string()
+        } else {
+            format!("missed: {}", missed.join(", "))
+        };
+        let _ = writeln!(s, "- {what}: {verdict}");
+    };
+    let rate = |vmm, iommu, j| batch.medians(batch.config(vmm, iommu), j).rate;
+    if batch.peer.is_some() {
+        check(
+            "plain devices, warden ≥ the peer (warden off / peer off ≥ 1)",
+            &|j| {
+                let r = rate(Vmm::Warden, false, j) / rate(Vmm::Peer, false, j);
+                Some((r >= 1.0, r))
+            },
+        );
+    }
+    let on_off = |j| rate(Vmm::Warden, true, j) / rate(Vmm::Warden, false, j);
+    let is_tcp = |j: usize| JOBS[j].name.starts_with("tcp");
+    check("protected disk, ≥ 0.90 of warden's plain", &|j| {
+        (!is_tcp(j)).then(|| (on_off(j) >= 0.90, on_off(j)))
+    });
+    check("protected net, ≥ 0.80 of warden's plain", &|j| {
+        is_tcp(j).then(|| (on_off(j) >= 0.80, on_off(j)))
+    });
+    check("host CPU per GiB protected within 1.5x of plain", &|j| {
+        let on = batch.medians(batch.config(Vmm::Warden, true), j).cpu;
+        let off = batch.medians(batch.config(Vmm::Warden, false), j).cpu;
+        Some((on <= 1.5 * off, on / off))
+    });
+}
+
+/// Each round's rate, and the boots themselves, so the medians can be checked.
+fn samples(s: &mut String, batch: &Batch) {
+    let _ = writeln!(s, "\nEvery round, in order:\n");
+    let mut configs: Vec<Config> = Vec::new();
+    for b in &batch.boots {
+        if !configs.contains(&b.config) {
+            configs.push(b.config);
+        }
+    }
+    let mut header = vec!["job".to_string()];
+    header.extend(configs.iter().map(|&c| batch.name(c)));
+    row(s, &header);
+    row(s, &vec!["---".to_string(); header.len()]);
+    for (j, job) in JOBS.iter().enumerate() {
+        let mut cells = vec![job.name.to_string()];
+        for &c in &configs {
+            let rates: Vec<String> = batch
+                .boots_of(c)
+                .map(|b| num(b.samples[j].rate(job.unit)))
+                .collect();
+            cells.push(rates.join(", "));
+        }
+        row(s, &cells);
+    }
+    let _ = writeln!(s, "\n| boot | round | wall time | VMM CPU to the first stamp | load before → after | retried |");
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | --- | --- |");
+    for b in &batch.boots {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} s | {:.1} s | {:.2} → {:.2} | {} |",
+            batch.name(b.config),
+            b.round,
+            b.elapsed.as_secs_f64(),
+            b.boot_cpu,
+            b.load.0,
+            b.load.1,
+            if b.retried { "yes" } else { "no" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{CpuTime, Measured};
+    use crate::Sample;
+    use std::time::Duration;
+
+    /// A boot whose every job ran at `iops` IOPS and `mib` MiB/s, moving 1 GiB with `cpu` s.
+    fn boot(vmm: Vmm, iommu: bool, round: usize, iops: f64, mib: f64, cpu: f64) -> Boot {
+        let sample = Sample {
+            measured: Measured {
+                iops,
+                bytes_per_second: mib * f64::from(1 << 20),
+                bytes: 1 << 30,
+            },
+            cpu: CpuTime {
+                total: cpu,
+                guest: cpu / 4.0,
+            },
+        };
+        Boot {
+            config: Config { vmm, iommu },
+            round,
+            samples: vec![sample; JOBS.len()],
+            boot_cpu: 30.0,
+            elapsed: Duration::from_secs(120),
+            load: (1.0, 1.5),
+            retried: false,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn the_table_has_medians_ratios_and_cpu_per_gib() {
+        let mut boots = Vec::new();
+        for (round, k) in [(1, 1.0), (2, 3.0), (3, 2.0)] {
+            boots.push(boot(Vmm::Warden, true, round, 900.0 * k, 90.0 * k, 2.0 * k));
+            boots.push(boot(
+                Vmm::Warden,
+                false,
+                round,
+                1000.0 * k,
+                100.0 * k,
+                1.0 * k,
+            ));
+            boots.push(boot(Vmm::Peer, true, round, 500.0 * k, 50.0 * k, 4.0 * k));
+            boots.push(boot(Vmm::Peer, false, round, 800.0 * k, 200.0 * k, 1.0 * k));
+        }
+        let batch = Batch {
+            mode: Mode::Nested,
+            rounds: 3,
+            peer: Some("cloud-hypervisor".into()),
+            disk_opts: String::new(),
+            boots,
+        };
+        let t = table(&batch);
+        // The IOPS row: medians 1800 / 2000 / 1000 / 1600; CPU medians 4 / 2 / 8 / 2 s per GiB,
+        // 3 / 1.5 / 6 / 1.5 without the guest's quarter.
+        assert!(
+            t.contains(
+                "| 4 KiB random read, depth 1 (IOPS) | 1800 | 2000 | 0.90 | 1000 | 1600 | 0.62 \
+                 | 1.80 | 1.25 | 4.00 (3.00) | 2.00 (1.50) | 2.00 | 8.00 (6.00) | 2.00 (1.50) | 4.00 |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| TCP host → guest (MiB/s) | 180 | 200 | 0.90 | 100 | 400 | 0.25 | 1.80 | 0.50 |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("- protected disk, ≥ 0.90 of warden's plain: met"),
+            "{t}"
+        );
+        assert!(t.contains("warden off / peer off ≥ 1): missed: read-1m-qd4 0.50, tcp-guest-to-host 0.50, tcp-host-to-guest 0.50"), "{t}");
+        assert!(
+            t.contains("within 1.5x of plain: missed: randread-4k-qd1 2.00"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| randread-4k-qd1 | 900, 2700, 1800 | 1000, 3000, 2000 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| cloud-hypervisor off | 3 | 120 s | 30.0 s | 1.00 → 1.50 | no |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn without_a_peer_there_are_no_peer_columns() {
+        let batch = Batch {
+            mode: Mode::Direct,
+            rounds: 1,
+            peer: None,
+            disk_opts: "direct=on".into(),
+            boots: vec![
+                boot(Vmm::Warden, true, 1, 900.0, 90.0, 2.0),
+                boot(Vmm::Warden, false, 1, 1000.0, 100.0, 1.0),
+            ],
+        };
+        let t = table(&batch);
+        assert!(t.contains("| job | warden on | warden off | warden on/off | CPU s/GiB warden on | CPU s/GiB warden off | CPU warden on/off |"), "{t}");
+        assert!(!t.contains("peer"), "{t}");
+        assert!(
+            t.contains("1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`"),
+            "{t}"
+        );
+    }
+}
