@@ -319,6 +319,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let exit = exits
         .recv()
         .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()));
+    router.stop();
     report.print();
     for device in &vfio_devices {
         vm_device::lock(device).reset();

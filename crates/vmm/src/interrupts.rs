@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -19,6 +20,9 @@ use crate::layout::{IOAPIC_PINS, MSI_GSI_BASE};
 pub struct GsiRouter {
     vm: Arc<VmFd>,
     state: Mutex<RouterState>,
+    /// Set once the guest has stopped: the VM and its routes go with the process, so the
+    /// devices dropped then leave KVM alone (the VMM thread that drops them may not call it).
+    stopped: AtomicBool,
 }
 
 struct RouterState {
@@ -87,9 +91,15 @@ impl GsiRouter {
                 free_gsis: Vec::new(),
                 msi_routes: BTreeMap::new(),
             }),
+            stopped: AtomicBool::new(false),
         });
         router.commit(&router.lock())?;
         Ok(router)
+    }
+
+    /// The guest has stopped for good: from now on dropped vectors are not unregistered.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
@@ -181,6 +191,9 @@ impl InterruptGroup for MsiGroup {
 /// plugging devices in and out does not use up KVM's routing table.
 impl Drop for MsiGroup {
     fn drop(&mut self) {
+        if self.router.stopped.load(Ordering::Acquire) {
+            return;
+        }
         for (gsi, eventfd) in &self.vectors {
             if let Err(err) = self.router.vm.unregister_irqfd(eventfd, *gsi) {
                 log::warn!("GSI {gsi}: cannot remove the irqfd: {err}");
