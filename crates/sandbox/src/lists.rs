@@ -340,6 +340,9 @@ fn vcpu() -> AllowList {
             VFIO_IOMMU_MAP_DMA,
             VFIO_IOMMU_UNMAP_DMA,
             TUNSETOFFLOAD,
+            // A terminal query (glibc's isatty) made on the vCPU thread when a hot-added
+            // device starts; it only reads the terminal's mode.
+            TCGETS,
         ],
     );
     for &kind in DEVICE_KINDS {

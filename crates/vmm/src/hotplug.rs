@@ -387,11 +387,13 @@ impl Hotplug {
             }
         }
         log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
+        // Dropping the transport stops the device's threads, frees its vectors and closes its
+        // files (a tap warden made goes with it); only then is the removal answered, so that
+        // a client that sees 204 finds the device gone.
+        drop(plugged.transport);
         if let Some((_, reply)) = plugged.eject {
             let _ = reply.send(Ok(()));
         }
-        // Dropping the transport stops the device's threads and frees its vectors.
-        drop(plugged.transport);
     }
 }
 
