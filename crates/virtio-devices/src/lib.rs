@@ -23,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 mod buffers;
 pub mod console;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod iommu;
 pub mod net;
 pub mod rng;

@@ -30,7 +30,13 @@ pub(crate) struct Poller<'a> {
     epoll: &'a Epoll,
 }
 
-impl Poller<'_> {
+impl<'a> Poller<'a> {
+    /// A poller over `epoll`, for driving a handler without its thread (fuzz targets).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn new(epoll: &'a Epoll) -> Self {
+        Poller { epoll }
+    }
+
     /// Starts waiting for `fd` to become readable; [`WorkerHandler::fd_ready`] gets `token`.
     pub(crate) fn add(&self, fd: RawFd, token: u32) -> io::Result<()> {
         self.epoll.ctl(

@@ -402,8 +402,9 @@ impl Requests {
         }
     }
 
-    /// Completes everything in flight, waiting for the engine (tests drive requests this way).
-    #[cfg(test)]
+    /// Completes everything in flight, waiting for the engine (tests and fuzz targets drive
+    /// requests this way).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(super) fn wait_all(&mut self, mut done: impl FnMut(u16, u32)) {
         self.submit();
         while self.slots.iter().any(Option::is_some) {
@@ -415,7 +416,7 @@ impl Requests {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(super) fn in_flight(&self) -> usize {
         self.slots.iter().flatten().count()
     }

@@ -354,6 +354,26 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory> Block<M> {
+    /// Serves `queue` as queue 0's worker would, on the calling thread, until every chain
+    /// made available is complete (see [`crate::fuzzing::block`]).
+    pub(crate) fn serve_for_fuzzing(
+        &self,
+        queue: virtio_queue::Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) {
+        let depth = queue.size();
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        QueueWorker {
+            mem: self.mem.clone(),
+            queue: DeviceQueue::new(0, queue, event_idx, interrupt),
+            requests: Requests::new(Arc::clone(&self.disk), Arc::clone(&self.engines[0]), depth),
+        }
+        .serve_to_completion();
+    }
+}
+
 impl<M> Block<M> {
     /// Sets the cache mode the workers apply and the driver reads in `writeback`.
     fn set_writeback(&mut self, on: bool) {

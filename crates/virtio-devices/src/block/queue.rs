@@ -50,6 +50,22 @@ impl<M: DeviceMemory> QueueWorker<M> {
         }
     }
 
+    /// The worker's loop without its thread: serves, then waits for the I/O in flight and
+    /// serves again, until nothing is in flight and the ring is drained.
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn serve_to_completion(&mut self) {
+        loop {
+            self.serve();
+            if self.requests.in_flight() == 0 {
+                return;
+            }
+            let (queue, mem) = (&mut self.queue, &self.mem);
+            self.requests.wait_all(|head, len| {
+                queue.add_used(mem, head, len);
+            });
+        }
+    }
+
     fn reap(&mut self) -> bool {
         let (queue, mem) = (&mut self.queue, &self.mem);
         self.requests.reap(|head, len| {

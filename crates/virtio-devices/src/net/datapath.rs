@@ -293,6 +293,18 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
+    /// One notification of each queue, transmit first, on the calling thread.
+    pub(super) fn serve_for_fuzzing(&mut self) -> io::Result<()> {
+        let epoll = vmm_sys_util::epoll::Epoll::new()?;
+        let poller = Poller::new(&epoll);
+        self.queue_notified(super::TX_QUEUE, &poller);
+        self.queue_notified(RX_QUEUE, &poller);
+        Ok(())
+    }
+}
+
 impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
     fn queue_notified(&mut self, index: usize, poller: &Poller) {
         // Any sign of life from the driver is a reason to try the tap again.

@@ -206,5 +206,27 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
+    /// Serves one notification of the transmit queue, then of the receive queue, as the
+    /// worker would, on the calling thread (see [`crate::fuzzing::net`]).
+    pub(crate) fn serve_for_fuzzing(
+        &self,
+        rx: virtio_queue::Queue,
+        tx: virtio_queue::Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> io::Result<()> {
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        NetWorker::new(
+            self.mem.clone(),
+            Arc::clone(&self.backend),
+            DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
+            DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
+        )
+        .serve_for_fuzzing()
+    }
+}
+
 #[cfg(test)]
 mod tests;
