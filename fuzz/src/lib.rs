@@ -2,4 +2,8 @@
 //! libFuzzer (`fuzz_targets/`, through cargo-fuzz) and the smoke test (`tests/smoke.rs`, seeds
 //! plus seeded random inputs under `cargo test`) run the same code.
 
+pub mod block;
+pub mod chain_walk;
+pub mod net;
 pub mod request_queue;
+pub mod ring;

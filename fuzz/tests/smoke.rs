@@ -45,3 +45,18 @@ fn run_target(name: &str, target: fn(&[u8])) {
 fn request_queue() {
     run_target("request_queue", virtio_iommu_fuzz::request_queue::run);
 }
+
+#[test]
+fn block() {
+    run_target("block", virtio_iommu_fuzz::block::run);
+}
+
+#[test]
+fn net() {
+    run_target("net", virtio_iommu_fuzz::net::run);
+}
+
+#[test]
+fn chain_walk() {
+    run_target("chain_walk", virtio_iommu_fuzz::chain_walk::run);
+}
