@@ -257,7 +257,12 @@ fn bench(o: &Options) -> Result<String, String> {
         for &config in &configs {
             let name = report::config_name(config, peer_name.as_deref());
             eprintln!("bench: round {round}/{}: {name}", o.rounds);
-            boots.push(boot(config, round, peer.as_deref(), &o.disk_opts)?);
+            boots.push(boot_with_retries(
+                config,
+                round,
+                peer.as_deref(),
+                &o.disk_opts,
+            )?);
         }
     }
     Ok(report::table(&report::Batch {
@@ -267,6 +272,33 @@ fn bench(o: &Options) -> Result<String, String> {
         disk_opts: o.disk_opts.clone(),
         boots,
     }))
+}
+
+/// Boots that may die before one completes a configuration's jobs: the nested test host
+/// sometimes kills a guest under heavy I/O (docs/net-soak-investigation.md), and a lost boot
+/// should cost that boot, not the batch. Each death is said on stderr, with its first lines.
+const ATTEMPTS: usize = 3;
+
+fn boot_with_retries(
+    config: Config,
+    round: usize,
+    peer: Option<&std::path::Path>,
+    disk_opts: &str,
+) -> Result<Boot, String> {
+    let mut attempt = 1;
+    loop {
+        match boot(config, round, peer, disk_opts) {
+            Err(err) if attempt < ATTEMPTS => {
+                let head: Vec<&str> = err.lines().take(2).collect();
+                eprintln!(
+                    "bench: attempt {attempt}/{ATTEMPTS} lost: {}",
+                    head.join(" / ")
+                );
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The guest's script: wait for the network, stamp, lay out the fio file, then each job
