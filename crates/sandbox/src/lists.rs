@@ -168,9 +168,11 @@ impl AllowList {
     fn new(parts: &[&[Syscall]], ioctls: &[Value]) -> Self {
         let mut syscalls: BTreeSet<Syscall> =
             parts.iter().flat_map(|p| p.iter().copied()).collect();
-        if !ioctls.is_empty() {
-            syscalls.insert((libc::SYS_ioctl, "SYS_ioctl"));
-        }
+        // Every thread may log, and writing a log line may ask whether stderr is a terminal
+        // (isatty: TCGETS, which only reads the terminal's mode); seen on a vCPU thread's
+        // first warning.
+        syscalls.insert((libc::SYS_ioctl, "SYS_ioctl"));
+        let ioctls: Vec<Value> = ioctls.iter().copied().chain([TCGETS]).collect();
         let prctl_options = if syscalls.iter().any(|&(nr, _)| nr == libc::SYS_prctl) {
             PRCTL_OPTIONS.iter().copied().collect()
         } else {
@@ -188,7 +190,7 @@ impl AllowList {
         };
         AllowList {
             syscalls,
-            ioctls: ioctls.iter().copied().collect(),
+            ioctls: ioctls.into_iter().collect(),
             prctl_options,
             socket_domains,
             signals,
@@ -340,9 +342,6 @@ fn vcpu() -> AllowList {
             VFIO_IOMMU_MAP_DMA,
             VFIO_IOMMU_UNMAP_DMA,
             TUNSETOFFLOAD,
-            // A terminal query (glibc's isatty) made on the vCPU thread when a hot-added
-            // device starts; it only reads the terminal's mode.
-            TCGETS,
         ],
     );
     for &kind in DEVICE_KINDS {

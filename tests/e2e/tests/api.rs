@@ -96,6 +96,8 @@ count() {
         printf '%010d' $i | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
     done
 }
+# The first value is on the disk before the host is told to read it.
+printf '%010d' 0 | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
 count &
 tell COUNTING 48
 dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
