@@ -73,9 +73,14 @@ pub(super) fn requests<M>(dev: &Block<M>) -> Requests {
     )
 }
 
+/// Reads the image through a file of its own: the device's file is a dup of `temp`'s, so with
+/// `direct` its O_DIRECT would apply to `temp`'s reads too, and refuse unaligned buffers.
 pub(super) fn file_bytes(temp: &TempFile, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
-    temp.as_file().read_exact_at(&mut buf, offset).unwrap();
+    std::fs::File::open(temp.as_path())
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
     buf
 }
 
