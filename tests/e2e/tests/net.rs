@@ -110,7 +110,7 @@ timeout 300 "$WARDEN" --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" \
     --net 'tap=,mac=,ip=192.168.249.1,mask=255.255.255.0' >plain-boot.log 2>&1 \
     && echo PLAIN-WARDEN-EXIT=0 || echo PLAIN-WARDEN-EXIT=$?
 wait
-grep -a 'PLAIN-' plain-boot.log | tr -d '\r'
+grep -a -E 'PLAIN-|triple fault' plain-boot.log | tr -d '\r'
 cat hostside-PLAIN.log"#;
 
 /// The virtio feature bits the guest driver accepted, from sysfs's string of 0s and 1s.
