@@ -69,26 +69,12 @@ fn main() -> ExitCode {
 /// as warden's own `warn_limited!`.
 const LIMITED_CRATES: &[&str] = &["virtio_queue"];
 
-/// Whether log lines are coloured, decided once now: left to `auto`, the logger asks whether
-/// stderr is a terminal (an ioctl) on every line, and a thread confined by seccomp, which may
-/// not make that ioctl, would be killed by its first warning. `RUST_LOG_STYLE` still decides.
-fn write_style() -> env_logger::WriteStyle {
-    use std::io::IsTerminal;
-    match std::env::var("RUST_LOG_STYLE").as_deref() {
-        Ok("always") => env_logger::WriteStyle::Always,
-        Ok("never") => env_logger::WriteStyle::Never,
-        _ if std::io::stderr().is_terminal() => env_logger::WriteStyle::Always,
-        _ => env_logger::WriteStyle::Never,
-    }
-}
-
 fn init_logging(level: Option<log::LevelFilter>) {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
     if let Some(level) = level {
         builder.filter_level(level);
     }
-    builder.write_style(write_style());
     let logger = builder.build();
     let max_level = logger.filter();
     let limited = vm_device::log_limit::Limited::new(logger, LIMITED_CRATES);
