@@ -145,6 +145,7 @@ fn check_boot(out: &Outcome, mode: &str) {
 #[ignore = "reproduces the open protected-net guest death; see docs/net-soak-investigation.md"]
 fn protected_net_survives_sustained_tcp_lazy_and_strict() {
     let Some(out) = Scenario::new("net_soak")
+        .on_every_l1_cpu()
         .host_setup(&host_setup())
         .warden_args([
             "--cpus",

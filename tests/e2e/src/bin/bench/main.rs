@@ -434,6 +434,7 @@ fn boot(
         if config.iommu { "on" } else { "off" }
     );
     let mut scenario = Scenario::new(&name)
+        .on_every_l1_cpu()
         .distro()
         .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
         .warden_args(vmm_args(config, disk_opts))
