@@ -390,7 +390,7 @@ impl Prepared {
 }
 
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
-const GUEST_TOOLS: [&str; 2] = ["vfio-map", "blk-discard"];
+const GUEST_TOOLS: [&str; 3] = ["vfio-map", "blk-discard", "attacker"];
 
 /// Binaries of this crate the KVM host gets beside warden (`$API_CLIENT`).
 const HOST_TOOLS: [&str; 1] = ["api-client"];
