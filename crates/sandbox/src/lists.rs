@@ -294,8 +294,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 SIOCSIFNETMASK,
             ],
         ),
-        // One poll loop over the listening socket and its clients; answering reads the IOMMU
-        // and VFIO counters (memory only), presses the power button (an eventfd write),
+        // One poll loop over the listening socket and its clients; answering reads the IOMMU,
+        // VFIO and device counters (memory only), presses the power button (an eventfd write),
         // tells the VMM thread to end (a channel: futex), and for vm.pause kicks each vCPU
         // thread out of the guest (tgkill, with the kick signal only) and waits for it to
         // park (futex).
