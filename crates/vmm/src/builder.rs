@@ -22,6 +22,7 @@ use vm_superio::Serial;
 
 use crate::bar_placement::BarPlacement;
 use crate::boot::{self, BootInfo};
+use crate::clock::PausedClock;
 use crate::config::{OutputConfig, VmConfig};
 use crate::control::{self, api_listener, serve_api, Control};
 use crate::devices::{
@@ -260,6 +261,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             exits: exits_tx.clone(),
             hotplug,
             vcpus: Arc::clone(&gate),
+            clock: PausedClock::new(Arc::clone(&vm)),
             pid: std::process::id(),
         };
         serve_api(listener, control, filters.clone())?;
