@@ -10,7 +10,8 @@
 use std::collections::BTreeSet;
 
 use kvm_bindings::{
-    kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_userspace_memory_region, KVMIO,
+    kvm_clock_data, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi,
+    kvm_userspace_memory_region, KVMIO,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
@@ -33,6 +34,10 @@ const fn kvm_write<T>(nr: u32) -> u32 {
     ioctl_expr(_IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
 }
 
+const fn kvm_read<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_READ, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
+}
+
 const fn vfio(nr: u32) -> u32 {
     ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + nr, 0) as u32
 }
@@ -49,6 +54,9 @@ const KVM_SET_USER_MEMORY_REGION: Value = (
     "KVM_SET_USER_MEMORY_REGION",
 );
 const KVM_SIGNAL_MSI: Value = (kvm_write::<kvm_msi>(0xa5), "KVM_SIGNAL_MSI");
+/// The guest's clock, read once every vCPU stopped for `vm.pause` and set back on `vm.resume`.
+pub(crate) const KVM_GET_CLOCK: Value = (kvm_read::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK");
+pub(crate) const KVM_SET_CLOCK: Value = (kvm_write::<kvm_clock_data>(0x7b), "KVM_SET_CLOCK");
 /// MSI-X of a passed-through device, wired to irqfds when the guest enables it.
 const VFIO_DEVICE_SET_IRQS: Value = (vfio(10), "VFIO_DEVICE_SET_IRQS");
 const VFIO_DEVICE_RESET: Value = (vfio(11), "VFIO_DEVICE_RESET");
@@ -294,11 +302,12 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 SIOCSIFNETMASK,
             ],
         ),
-        // One poll loop over the listening socket and its clients; answering reads the IOMMU
-        // and VFIO counters (memory only), presses the power button (an eventfd write),
+        // One poll loop over the listening socket and its clients; answering reads the IOMMU,
+        // VFIO and device counters (memory only), presses the power button (an eventfd write),
         // tells the VMM thread to end (a channel: futex), and for vm.pause kicks each vCPU
-        // thread out of the guest (tgkill, with the kick signal only) and waits for it to
-        // park (futex).
+        // thread out of the guest (tgkill, with the kick signal only), waits for it to park
+        // (futex) and reads the guest's clock, which vm.resume sets back (KVM_GET_CLOCK,
+        // KVM_SET_CLOCK on the VM's fd).
         ThreadKind::Api => AllowList::new(
             &[
                 BASE,
@@ -315,7 +324,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_tgkill,
                 ],
             ],
-            &[FIONBIO],
+            &[FIONBIO, KVM_GET_CLOCK, KVM_SET_CLOCK],
         ),
     }
 }

@@ -243,3 +243,30 @@ fn the_api_thread_may_send_the_kick_signal_only() {
         "{stderr}"
     );
 }
+
+/// vm.pause reads the guest's clock and vm.resume sets it back, on the API thread: those two
+/// VM ioctls are allowed there, running the guest is not. The numbers are the kernel's
+/// (`_IOR`/`_IOW` of `struct kvm_clock_data`, 48 bytes).
+#[test]
+fn the_api_thread_may_read_and_set_the_guest_clock_only() {
+    assert_eq!(lists::KVM_GET_CLOCK.0, 0x8030_ae7c);
+    assert_eq!(lists::KVM_SET_CLOCK.0, 0x4030_ae7b);
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Api).unwrap();
+        // SAFETY: ioctls on an fd that is not open fail with EBADF, if they get that far.
+        unsafe {
+            for request in [lists::KVM_GET_CLOCK.0, lists::KVM_SET_CLOCK.0] {
+                if libc::ioctl(-1, u64::from(request), std::ptr::null_mut::<u8>()) != -1 {
+                    libc::_exit(3);
+                }
+            }
+            libc::ioctl(-1, u64::from(lists::KVM_RUN.0));
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(api) made system call ioctl (16) request 0xae80 KVM_RUN,"),
+        "{stderr}"
+    );
+}

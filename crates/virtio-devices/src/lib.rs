@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 mod buffers;
 pub mod console;
+mod counters;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod iommu;
@@ -34,6 +35,7 @@ mod worker;
 
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
+pub use counters::DeviceCounters;
 pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
@@ -185,6 +187,11 @@ pub trait VirtioDevice: Send {
     }
     /// Serves a notification of queue `index` on the calling vCPU thread.
     fn serve_inline(&mut self, _index: usize) {}
+    /// The counters the device keeps for `vm.counters`, shared with its threads: the VMM
+    /// reads them while the device runs. `None` for a device that counts nothing.
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        None
+    }
     /// Stops processing and forgets the queues (the driver reset the device); returns only once
     /// no worker touches guest memory any more.
     fn reset(&mut self);

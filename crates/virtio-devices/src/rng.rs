@@ -17,10 +17,11 @@ use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions, ReadVolatile, VolatileMemoryError};
 
 use crate::buffers::{self, Buffer};
+use crate::counters::RngCounters;
 use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
-    common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
-    VirtioInterrupt,
+    common_features, take_queue, ActivateError, ActivatedQueue, DeviceCounters, DeviceMemory,
+    VirtioDevice, VirtioInterrupt,
 };
 
 /// The entropy source used unless the VMM is told otherwise.
@@ -48,6 +49,7 @@ pub struct Rng<M> {
     mem: M,
     source: Arc<File>,
     core: DeviceWorker,
+    counters: Arc<RngCounters>,
 }
 
 impl<M: DeviceMemory> Rng<M> {
@@ -62,6 +64,7 @@ impl<M: DeviceMemory> Rng<M> {
             mem,
             source: Arc::new(file),
             core: DeviceWorker::new(DeviceThread::Rng, common_features(access_platform)),
+            counters: Arc::default(),
         })
     }
 }
@@ -109,8 +112,13 @@ impl<M: DeviceMemory> VirtioDevice for Rng<M> {
             mem: self.mem.clone(),
             source: Arc::clone(&self.source),
             queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
+            counters: Arc::clone(&self.counters),
         };
         self.core.start(vec![(0, activated.notifier)], handler)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 
     fn reset(&mut self) {
@@ -122,15 +130,19 @@ struct RngWorker<M> {
     mem: M,
     source: Arc<File>,
     queue: DeviceQueue,
+    counters: Arc<RngCounters>,
 }
 
 impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
     fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
         let source = &*self.source;
         let mem = &self.mem;
+        let counters = &self.counters;
         self.queue.process(mem, |chain| {
             let _dma = mem.begin_dma();
-            Some(fill_chain(source, mem, chain))
+            let delivered = fill_chain(source, mem, chain);
+            counters.bytes.add(u64::from(delivered));
+            Some(delivered)
         });
     }
 }
@@ -298,11 +310,16 @@ mod tests {
         assert!(interrupt.wait_for(0, 1));
         assert_eq!(driver.used(), vec![(u32::from(head), 64)]);
         assert_ne!(read(&mem, BUF, 64), vec![0; 64]);
+        // What reached the guest is counted: a chain outside its RAM delivers nothing.
+        driver.add(&[wo(0x20_0000, 64)]);
+        notifier.write(1).unwrap();
+        assert!(crate::test_utils::eventually(|| driver.used().len() == 2));
+        assert_eq!(dev.counters().unwrap().read(), [("bytes", 64)]);
 
         dev.reset();
         driver.add(&[wo(BUF, 64)]);
         notifier.write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert_eq!(driver.used().len(), 1);
+        assert_eq!(driver.used().len(), 2);
     }
 }

@@ -22,11 +22,12 @@ use vm_superio::Serial;
 
 use crate::bar_placement::BarPlacement;
 use crate::boot::{self, BootInfo};
+use crate::clock::PausedClock;
 use crate::config::{OutputConfig, VmConfig};
 use crate::control::{self, api_listener, serve_api, Control};
 use crate::devices::{
-    build_device, create_iommu_model, device_entries, iommu_polling, open_output, open_passthrough,
-    plan_devices, Passthrough, PlannedDevice,
+    build_device, create_iommu_model, device_entries, device_ids, iommu_polling, open_output,
+    open_passthrough, plan_devices, Passthrough, PlannedDevice,
 };
 use crate::hotplug::{self, Hotplug, HotplugRequest, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
@@ -168,7 +169,8 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     } else {
         None
     };
-    for planned in &devices {
+    let mut device_counters = Vec::new();
+    for (planned, id) in devices.iter().zip(device_ids(&devices)) {
         let device = match (&iommu, planned.iommu) {
             (Some(model), true) => {
                 let endpoint = planned.endpoint().endpoint_id();
@@ -179,6 +181,9 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             }
             _ => build_device(&planned.kind, ram.memory.clone(), false, &config.console)?,
         };
+        if let Some(counters) = device.counters() {
+            device_counters.push((id, counters));
+        }
         pci.add_virtio(
             planned.device_number,
             device,
@@ -227,11 +232,8 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         vfio_stats.push((name, p.mapper));
     }
 
-    let report = Arc::new(StatsReport {
-        iommu: iommu.clone(),
-        vfio: vfio_stats,
-    });
-    if report.has_any() {
+    let report = Arc::new(StatsReport::new(iommu.clone(), vfio_stats, device_counters));
+    if report.prints_anything() {
         report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
     }
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
@@ -249,6 +251,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             iommu.clone(),
             &power_button,
             &device_entries,
+            Arc::clone(&report),
             filters.clone(),
         )?;
         let control = Control {
@@ -258,6 +261,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             exits: exits_tx.clone(),
             hotplug,
             vcpus: Arc::clone(&gate),
+            clock: PausedClock::new(Arc::clone(&vm)),
             pid: std::process::id(),
         };
         serve_api(listener, control, filters.clone())?;
@@ -390,6 +394,7 @@ fn start_hotplug(
     iommu: Option<Arc<VirtioIommu>>,
     power_button: &PowerButton<IrqfdTrigger>,
     boot_devices: &[control::DeviceEntry],
+    stats: Arc<StatsReport>,
     filters: Option<Arc<Filters>>,
 ) -> Result<Sender<HotplugRequest>, VmmError> {
     let (requests_tx, requests, ejects) = hotplug::channel_for_ejects();
@@ -420,6 +425,7 @@ fn start_hotplug(
         controller,
         placement,
         boot_ids: boot_devices.iter().map(|d| d.id.clone()).collect(),
+        stats,
     }
     .spawn(requests, filters)?;
     Ok(requests_tx)

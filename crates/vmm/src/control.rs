@@ -11,9 +11,11 @@ use std::thread;
 use std::time::Duration;
 
 use api::{ApiError, Request, Response};
+use kvm_ioctls::VmFd;
 use sandbox::{Filters, ThreadKind};
 
 use crate::builder::{confine, VmmError};
+use crate::clock::PausedClock;
 use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
 use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
 use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
@@ -32,6 +34,8 @@ pub struct Control {
     pub hotplug: Sender<HotplugRequest>,
     /// Where the vCPUs stop while the VM is paused.
     pub vcpus: Arc<PauseGate>,
+    /// The guest's clock, held still while the VM is paused.
+    pub clock: PausedClock<VmFd>,
     /// Ours, read before confinement (the API thread may not ask for it).
     pub pid: u32,
 }
@@ -113,11 +117,16 @@ impl Control {
             .map_err(|_| ApiError::new(500, "the hotplug thread did not answer"))?
     }
 
-    /// Stops every vCPU (device threads finish what the guest had queued, see `pause`).
+    /// Stops every vCPU (device threads finish what the guest had queued, see `pause`), then
+    /// the guest's clock.
     fn pause(&self) -> Result<(), ApiError> {
         let pid = self.pid as i32;
         self.vcpus
-            .pause(|tid| crate::vcpu::kick(pid, tid), PAUSE_TIMEOUT)
+            .pause(
+                |tid| crate::vcpu::kick(pid, tid),
+                PAUSE_TIMEOUT,
+                || self.clock.save(),
+            )
             .map_err(pause_refusal)?;
         vm_device::lock(&self.info).state = api::VmState::Paused;
         log::info!("vm.pause: every vCPU is stopped");
@@ -125,7 +134,9 @@ impl Control {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
-        self.vcpus.resume().map_err(pause_refusal)?;
+        self.vcpus
+            .resume(|| self.clock.restore())
+            .map_err(pause_refusal)?;
         vm_device::lock(&self.info).state = api::VmState::Running;
         log::info!("vm.resume: the vCPUs run again");
         Ok(())
@@ -398,19 +409,20 @@ mod tests {
     #[test]
     fn pausing_twice_or_resuming_a_running_vm_is_the_wrong_state_and_a_stuck_vcpu_an_error() {
         let gate = PauseGate::default();
-        let wrong = pause_refusal(gate.resume().unwrap_err());
+        let wrong = pause_refusal(gate.resume(|| {}).unwrap_err());
         assert_eq!(wrong.status, 405);
         assert_eq!(wrong.message, "the VM is not paused");
-        gate.pause(|_| Ok(()), Duration::from_millis(1)).unwrap();
-        let wrong = pause_refusal(gate.pause(|_| Ok(()), Duration::ZERO).unwrap_err());
+        gate.pause(|_| Ok(()), Duration::from_millis(1), || {})
+            .unwrap();
+        let wrong = pause_refusal(gate.pause(|_| Ok(()), Duration::ZERO, || {}).unwrap_err());
         assert_eq!(
             (wrong.status, wrong.message.as_str()),
             (405, "the VM is already paused")
         );
-        gate.resume().unwrap();
+        gate.resume(|| {}).unwrap();
         gate.enter(9);
         let stuck = pause_refusal(
-            gate.pause(|_| Ok(()), Duration::from_millis(1))
+            gate.pause(|_| Ok(()), Duration::from_millis(1), || {})
                 .unwrap_err(),
         );
         assert_eq!(stuck.status, 500);

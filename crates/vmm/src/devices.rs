@@ -323,33 +323,40 @@ pub(crate) fn build_net<M: DeviceMemory>(
     Box::new(Net::new(mem, tap, options))
 }
 
-/// The devices on bus 0 as `vm.info` names them: Cloud Hypervisor's ids (`_disk0`, `_net0`,
-/// ...), the virtio-iommu under the id of its counters, passed-through devices by their id.
+/// The ids of the virtio devices, in their order: Cloud Hypervisor's (`_disk0`, `_net0`, ...),
+/// which `vm.info`, `vm.counters` and `vm.remove-device` share.
+pub(crate) fn device_ids(devices: &[PlannedDevice]) -> Vec<String> {
+    let (mut disks, mut nets) = (0, 0);
+    devices
+        .iter()
+        .map(|device| match device.kind {
+            DeviceKind::Console => "_console".to_string(),
+            DeviceKind::Rng(_) => "_rng".to_string(),
+            DeviceKind::Disk(_) => {
+                disks += 1;
+                format!("_disk{}", disks - 1)
+            }
+            DeviceKind::Net(_) => {
+                nets += 1;
+                format!("_net{}", nets - 1)
+            }
+        })
+        .collect()
+}
+
+/// The devices on bus 0 as `vm.info` names them: the virtio devices by [`device_ids`], the
+/// virtio-iommu under the id of its counters, passed-through devices by their id.
 pub(crate) fn device_entries(
     devices: &[PlannedDevice],
     passthrough: &[Passthrough],
     iommu: bool,
 ) -> Vec<DeviceEntry> {
-    let (mut disks, mut nets) = (0, 0);
     let mut entries: Vec<DeviceEntry> = devices
         .iter()
-        .map(|device| {
-            let id = match device.kind {
-                DeviceKind::Console => "_console".to_string(),
-                DeviceKind::Rng(_) => "_rng".to_string(),
-                DeviceKind::Disk(_) => {
-                    disks += 1;
-                    format!("_disk{}", disks - 1)
-                }
-                DeviceKind::Net(_) => {
-                    nets += 1;
-                    format!("_net{}", nets - 1)
-                }
-            };
-            DeviceEntry {
-                id,
-                device_number: device.device_number,
-            }
+        .zip(device_ids(devices))
+        .map(|(device, id)| DeviceEntry {
+            id,
+            device_number: device.device_number,
         })
         .collect();
     if iommu {

@@ -35,6 +35,7 @@ use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::pci_hotplug::{Ejected, PciHotplugController};
+use crate::stats::{StatsReport, IOMMU_ID};
 
 /// The slots of bus 0 that take hot-plugged devices (`--api-socket` keeps them free).
 pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
@@ -161,6 +162,8 @@ pub(crate) struct Hotplug {
     pub(crate) placement: Arc<BarPlacement>,
     /// Ids of the devices the VM started with: taken, and not ours to remove.
     pub(crate) boot_ids: Vec<String>,
+    /// Where a plugged device's counters join `vm.counters`, and leave it on removal.
+    pub(crate) stats: Arc<StatsReport>,
 }
 
 /// The channel the hotplug thread listens on, and the controller's end of it.
@@ -227,8 +230,12 @@ impl Hotplug {
         }
     }
 
+    /// Whether `id` names a device already, or could name the virtio-iommu's counters (its
+    /// domains' ids are not in `vm.info`).
     fn taken(&self, slots: &BTreeMap<u8, Plugged>, id: &str) -> bool {
-        self.boot_ids.iter().any(|boot| boot == id) || slots.values().any(|p| p.id == id)
+        self.boot_ids.iter().any(|boot| boot == id)
+            || slots.values().any(|p| p.id == id)
+            || id.starts_with(IOMMU_ID)
     }
 
     fn add_net(
@@ -290,6 +297,7 @@ impl Hotplug {
             }
             _ => (new.build(self.memory.clone(), false), None),
         };
+        let counters = device.as_ref().ok().and_then(|device| device.counters());
         let transport = match device.and_then(|device| self.plug(slot, device)) {
             Ok(transport) => transport,
             Err(err) => {
@@ -316,6 +324,9 @@ impl Hotplug {
                 eject: None,
             },
         );
+        if let Some(counters) = counters {
+            self.stats.add_device(&id, counters);
+        }
         Ok(PciDeviceInfo {
             id,
             bdf: format!("0000:00:{slot:02x}.0"),
@@ -387,6 +398,7 @@ impl Hotplug {
             }
         }
         log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
+        self.stats.remove_device(&plugged.id);
         // Dropping the transport stops the device's threads, frees its vectors and closes its
         // files (a tap warden made goes with it); only then is the removal answered, so that
         // a client that sees 204 finds the device gone.

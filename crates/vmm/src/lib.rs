@@ -7,6 +7,7 @@
 mod bar_placement;
 pub mod boot;
 pub mod builder;
+pub mod clock;
 pub mod config;
 pub mod control;
 mod devices;

@@ -2,7 +2,9 @@
 //!
 //! Pausing closes the gate, kicks every vCPU out of `KVM_RUN` (a signal, see
 //! [`crate::vcpu::kick`]) and waits until each is parked at the gate; resuming opens it. The
-//! gate knows nothing of KVM: a vCPU is a thread id to kick, and the kick is the caller's.
+//! gate knows nothing of KVM: a vCPU is a thread id to kick, and the kick is the caller's, as
+//! is what is done while every vCPU is parked (the guest's clock is read once they all are and
+//! set back before any runs again, see [`crate::clock`]).
 //!
 //! Device threads are not paused: a request the guest queued before the pause still completes
 //! (and raises its interrupt, which waits in KVM for the vCPU), a received frame still fills a
@@ -84,12 +86,14 @@ impl PauseGate {
     }
 
     /// Pauses the VM: closes the gate, `kick`s each vCPU thread out of the guest and waits,
-    /// at most `timeout`, until every one of them is parked. If one cannot be kicked or does
-    /// not stop in time, the gate opens again and the VM runs on.
+    /// at most `timeout`, until every one of them is parked, then calls `stopped`. If one
+    /// cannot be kicked or does not stop in time, the gate opens again and the VM runs on
+    /// (and `stopped` is not called).
     pub fn pause(
         &self,
         kick: impl Fn(i32) -> std::io::Result<()>,
         timeout: Duration,
+        stopped: impl FnOnce(),
     ) -> Result<(), PauseError> {
         let mut state = lock(&self.state);
         if state.paused {
@@ -119,6 +123,8 @@ impl PauseGate {
                         waited: timeout,
                     })
                 } else {
+                    // Under the lock: no resume comes between the parking and this.
+                    stopped();
                     Ok(())
                 }
             }
@@ -129,12 +135,16 @@ impl PauseGate {
         result
     }
 
-    /// Resumes a paused VM: every parked vCPU goes back into the guest.
-    pub fn resume(&self) -> Result<(), PauseError> {
+    /// Resumes a paused VM: calls `resuming` while every vCPU is still parked, then every
+    /// parked vCPU goes back into the guest. A VM that is not paused is left alone, and
+    /// `resuming` not called.
+    pub fn resume(&self, resuming: impl FnOnce()) -> Result<(), PauseError> {
         let mut state = lock(&self.state);
         if !state.paused {
             return Err(PauseError::NotPaused);
         }
+        // Under the lock: a parked vCPU leaves only once it can take it and sees the gate open.
+        resuming();
         self.open(&mut state);
         Ok(())
     }
@@ -193,6 +203,7 @@ mod tests {
                 Ok(())
             },
             Duration::from_secs(5),
+            || {},
         )
         .unwrap();
         assert_eq!(*lock(&kicked), [0, 1, 2], "every vCPU is kicked once");
@@ -203,21 +214,64 @@ mod tests {
         assert_eq!(progress.load(Ordering::SeqCst), before, "no vCPU ran");
 
         assert_eq!(
-            gate.pause(|_| Ok(()), Duration::from_secs(1)),
+            gate.pause(|_| Ok(()), Duration::from_secs(1), || {}),
             Err(PauseError::AlreadyPaused)
         );
-        gate.resume().unwrap();
+        gate.resume(|| {}).unwrap();
         assert!(!gate.is_paused());
         let deadline = Instant::now() + Duration::from_secs(5);
         while progress.load(Ordering::SeqCst) < before + 30 {
             assert!(Instant::now() < deadline, "the vCPUs did not run again");
             thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(gate.resume(), Err(PauseError::NotPaused));
+        assert_eq!(gate.resume(|| {}), Err(PauseError::NotPaused));
 
         stop.store(true, Ordering::SeqCst);
         vcpus.into_iter().for_each(|v| v.join().unwrap());
         assert!(lock(&gate.state).vcpus.is_empty());
+    }
+
+    /// What is done with the VM stopped (the guest's clock) happens once per pause, after the
+    /// last vCPU parked, and once per resume, before any vCPU runs; a refused pause or resume
+    /// does nothing.
+    #[test]
+    fn the_stopped_and_resuming_hooks_run_once_with_every_vcpu_parked() {
+        let gate = Arc::new(PauseGate::default());
+        let progress = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpus: Vec<_> = (0..2)
+            .map(|tid| spawn_vcpu(&gate, tid, &progress, &stop))
+            .collect();
+        let calls = Mutex::new(Vec::new());
+        let record =
+            |what: &'static str| lock(&calls).push((what, progress.load(Ordering::SeqCst)));
+        for round in 0..2 {
+            gate.pause(|_| Ok(()), Duration::from_secs(5), || record("stopped"))
+                .unwrap();
+            let paused_at = progress.load(Ordering::SeqCst);
+            gate.pause(
+                |_| Ok(()),
+                Duration::from_secs(1),
+                || record("stopped again"),
+            )
+            .unwrap_err();
+            thread::sleep(Duration::from_millis(20));
+            gate.resume(|| record("resuming")).unwrap();
+            gate.resume(|| record("resumed again")).unwrap_err();
+            assert_eq!(
+                lock(&calls)[round * 2..],
+                [("stopped", paused_at), ("resuming", paused_at)],
+                "round {round}: no vCPU ran between the two"
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while progress.load(Ordering::SeqCst) < paused_at + 10 {
+                assert!(Instant::now() < deadline, "the vCPUs did not run again");
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(lock(&calls).len(), 4);
+        stop.store(true, Ordering::SeqCst);
+        vcpus.into_iter().for_each(|v| v.join().unwrap());
     }
 
     #[test]
@@ -226,7 +280,11 @@ mod tests {
         // Thread 7 entered the loop but never passes the gate (stuck outside the guest).
         gate.enter(7);
         let err = gate
-            .pause(|_| Ok(()), Duration::from_millis(20))
+            .pause(
+                |_| Ok(()),
+                Duration::from_millis(20),
+                || panic!("the VM did not stop"),
+            )
             .unwrap_err();
         assert_eq!(
             err,
@@ -243,8 +301,9 @@ mod tests {
         assert!(!gate.closed.load(Ordering::SeqCst));
         // A vCPU that leaves (the guest stopped) is not waited for.
         gate.leave(7);
-        gate.pause(|_| Ok(()), Duration::from_millis(20)).unwrap();
-        gate.resume().unwrap();
+        gate.pause(|_| Ok(()), Duration::from_millis(20), || {})
+            .unwrap();
+        gate.resume(|| {}).unwrap();
     }
 
     #[test]
@@ -255,6 +314,7 @@ mod tests {
             .pause(
                 |_| Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
                 Duration::from_secs(1),
+                || panic!("the VM did not stop"),
             )
             .unwrap_err();
         assert!(matches!(err, PauseError::Kick { tid: 3, .. }), "{err}");
@@ -274,9 +334,10 @@ mod tests {
             })
         };
         let started = Instant::now();
-        gate.pause(|_| Ok(()), Duration::from_secs(10)).unwrap();
+        gate.pause(|_| Ok(()), Duration::from_secs(10), || {})
+            .unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         leaver.join().unwrap();
-        gate.resume().unwrap();
+        gate.resume(|| {}).unwrap();
     }
 }

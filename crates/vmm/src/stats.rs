@@ -1,23 +1,30 @@
-//! What warden reports about DMA: the virtio-iommu's counters per domain and in total, and each
-//! passed-through device's VFIO counters. One snapshot, in Cloud Hypervisor's counters shape
-//! (device id → counter name → value), feeds both `vm.counters` and the lines printed on exit
-//! and on SIGUSR1, so the two always agree.
+//! What warden counts, in Cloud Hypervisor's counters shape (device id → counter name →
+//! value): the virtio-iommu's counters per domain and in total, each passed-through device's
+//! VFIO counters, and the I/O of each virtio disk, net and rng (by the id `vm.info` gives it).
+//!
+//! One snapshot feeds both `vm.counters` and the report printed on exit and on SIGUSR1, so
+//! the two agree; the report is about DMA (the IOMMU's and VFIO's lines): a disk's or a net's
+//! traffic is `vm.counters`' alone, not a line on every exit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use api::Counters;
 use vfio::VfioMapper;
+use virtio_devices::DeviceCounters;
 use virtio_iommu::{StatsSnapshot, VirtioIommu};
+use vm_device::lock;
 
 /// The id of the virtio-iommu's totals in the counters.
 pub const IOMMU_ID: &str = "virtio-iommu";
 
 /// The sources of the counters.
 pub struct StatsReport {
-    pub iommu: Option<Arc<VirtioIommu>>,
+    iommu: Option<Arc<VirtioIommu>>,
     /// Per passed-through device: its name and mapper.
-    pub vfio: Vec<(String, Arc<VfioMapper>)>,
+    vfio: Vec<(String, Arc<VfioMapper>)>,
+    /// The virtio devices that count, by id: hot-added ones join, removed ones leave.
+    devices: Mutex<BTreeMap<String, Arc<dyn DeviceCounters>>>,
 }
 
 /// The id of domain `domain`'s counters; destroyed domains keep theirs under another id (a
@@ -56,8 +63,31 @@ fn snapshot_counters(s: &StatsSnapshot) -> BTreeMap<String, u64> {
 }
 
 impl StatsReport {
-    pub fn has_any(&self) -> bool {
+    pub fn new(
+        iommu: Option<Arc<VirtioIommu>>,
+        vfio: Vec<(String, Arc<VfioMapper>)>,
+        devices: impl IntoIterator<Item = (String, Arc<dyn DeviceCounters>)>,
+    ) -> Self {
+        StatsReport {
+            iommu,
+            vfio,
+            devices: Mutex::new(devices.into_iter().collect()),
+        }
+    }
+
+    /// Whether the printed report has any line: an IOMMU or a passed-through device.
+    pub fn prints_anything(&self) -> bool {
         self.iommu.is_some() || !self.vfio.is_empty()
+    }
+
+    /// A hot-added device's counters join, under its id.
+    pub fn add_device(&self, id: &str, counters: Arc<dyn DeviceCounters>) {
+        lock(&self.devices).insert(id.to_string(), counters);
+    }
+
+    /// A removed device's counters leave with it.
+    pub fn remove_device(&self, id: &str) {
+        lock(&self.devices).remove(id);
     }
 
     /// Every counter, now.
@@ -94,6 +124,14 @@ impl StatsReport {
                     ("limit_refusals".into(), s.limit_refusals),
                 ]),
             );
+        }
+        for (id, device) in lock(&self.devices).iter() {
+            let values = device
+                .read()
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect();
+            counters.insert(id.clone(), values);
         }
         counters
     }
@@ -177,10 +215,7 @@ mod tests {
     fn the_printed_lines_are_the_counters() {
         let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
         model.add_endpoint(0x10, EndpointConfig::default()).unwrap();
-        let report = StatsReport {
-            iommu: Some(Arc::clone(&model)),
-            vfio: Vec::new(),
-        };
+        let report = StatsReport::new(Some(Arc::clone(&model)), Vec::new(), []);
         let counters = report.counters();
         assert_eq!(counters[IOMMU_ID]["maps"], 0);
         assert_eq!(counters[IOMMU_ID].len(), 8, "{counters:?}");
@@ -202,5 +237,49 @@ mod tests {
                 "warden: virtio-iommu: 0 IOTLB hits, 0 fault events dropped",
             ]
         );
+    }
+
+    /// A device's counters as a device model keeps them: values that change under the VMM.
+    struct FakeCounters(std::sync::atomic::AtomicU64);
+
+    impl DeviceCounters for FakeCounters {
+        fn read(&self) -> Vec<(&'static str, u64)> {
+            let reads = self.0.load(std::sync::atomic::Ordering::Relaxed);
+            vec![("read_ops", reads), ("read_bytes", reads * 512)]
+        }
+    }
+
+    #[test]
+    fn devices_count_under_their_ids_from_plug_to_removal_and_print_nothing() {
+        let boot_disk = Arc::new(FakeCounters(3.into()));
+        let report = StatsReport::new(
+            None,
+            Vec::new(),
+            [("_disk0".to_string(), boot_disk.clone() as _)],
+        );
+        assert!(
+            !report.prints_anything(),
+            "device I/O is not in the exit report"
+        );
+        let counters = report.counters();
+        assert_eq!(
+            counters,
+            Counters::from([(
+                "_disk0".to_string(),
+                BTreeMap::from([("read_ops".into(), 3), ("read_bytes".into(), 1536)])
+            )])
+        );
+        assert!(report.lines(&counters).is_empty());
+
+        // Read again, not cached: the device counted on meanwhile.
+        boot_disk.0.store(4, std::sync::atomic::Ordering::Relaxed);
+        report.add_device("hot0", Arc::new(FakeCounters(1.into())));
+        let counters = report.counters();
+        assert_eq!(counters["_disk0"]["read_ops"], 4);
+        assert_eq!(counters["hot0"]["read_bytes"], 512);
+
+        report.remove_device("hot0");
+        let ids: Vec<String> = report.counters().into_keys().collect();
+        assert_eq!(ids, ["_disk0"]);
     }
 }

@@ -19,6 +19,7 @@ use vm_device::warn_limited;
 
 use super::image::{Disk, ImageKind};
 use super::request::{self, Action, GuestPtr, Segment};
+use crate::counters::BlockCounters;
 use crate::DeviceMemory;
 
 /// Most bytes of bounce buffers one queue holds at once (O_DIRECT with guest buffers the
@@ -41,6 +42,8 @@ pub(super) enum Started {
 pub(super) struct Requests {
     disk: Arc<Disk>,
     engine: Arc<Mutex<Engine>>,
+    /// The disk's, shared by all its queues.
+    counters: Arc<BlockCounters>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     /// Numbers requests in the order the queue took them, for FLUSH ordering.
@@ -58,6 +61,8 @@ struct InFlight {
     stage: Stage,
     /// Data bytes the request writes into the chain when it succeeds.
     written: u32,
+    /// Data bytes a read or write moves between the image and the guest, for the counters.
+    data_len: u64,
     /// A read through a bounce buffer copies it to these guest segments when it completes.
     read_back: Vec<Segment>,
     bounce: Option<Bounce>,
@@ -74,15 +79,23 @@ enum Stage {
     /// A FLUSH, waiting or in flight.
     Flush,
     Discard,
+    WriteZeroes,
 }
 
 impl Requests {
-    /// Room for `depth` requests (the queue's size) on `engine`.
-    pub(super) fn new(disk: Arc<Disk>, engine: Arc<Mutex<Engine>>, depth: u16) -> Self {
+    /// Room for `depth` requests (the queue's size) on `engine`; what completes is added to
+    /// `counters`.
+    pub(super) fn new(
+        disk: Arc<Disk>,
+        engine: Arc<Mutex<Engine>>,
+        depth: u16,
+        counters: Arc<BlockCounters>,
+    ) -> Self {
         let depth = usize::from(depth);
         Requests {
             disk,
             engine,
+            counters,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             next_seq: 0,
@@ -132,6 +145,7 @@ impl Requests {
             seq,
             stage: Stage::Read,
             written: 0,
+            data_len: 0,
             read_back: Vec::new(),
             bounce: None,
             _dma: dma,
@@ -146,6 +160,7 @@ impl Requests {
                 len,
             } => {
                 entry.written = u32::try_from(len).unwrap_or(u32::MAX);
+                entry.data_len = len;
                 match self.transfer_buffers(&segments, len, false) {
                     Err(started) => {
                         return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
@@ -168,6 +183,7 @@ impl Requests {
                 len,
             } => {
                 entry.stage = Stage::Write;
+                entry.data_len = len;
                 match self.transfer_buffers(&segments, len, true) {
                     Err(started) => {
                         return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
@@ -201,11 +217,18 @@ impl Requests {
                 zero,
                 unmap,
             } => {
-                entry.stage = Stage::Discard;
+                entry.stage = if zero {
+                    Stage::WriteZeroes
+                } else {
+                    Stage::Discard
+                };
                 match self.disk.kind {
                     ImageKind::BlockDevice => {
                         let status = match self.disk.discard_block_device(offset, len, zero) {
-                            Ok(()) => VIRTIO_BLK_S_OK as u8,
+                            Ok(()) => {
+                                entry.count(&self.counters);
+                                VIRTIO_BLK_S_OK as u8
+                            }
                             Err(err) => {
                                 warn_limited!("virtio-blk: request {head}: discard failed: {err}");
                                 VIRTIO_BLK_S_IOERR as u8
@@ -356,6 +379,7 @@ impl Requests {
             if let Some(bounce) = &entry.bounce {
                 bounce.copy_to(&entry.read_back);
             }
+            entry.count(&self.counters);
             done(
                 entry.head,
                 entry.finish(VIRTIO_BLK_S_OK as u8, entry.written),
@@ -439,6 +463,23 @@ impl InFlight {
 
     fn fail(&self) -> u32 {
         self.finish(VIRTIO_BLK_S_IOERR as u8, 0)
+    }
+
+    /// Adds the request, which succeeded, to the disk's counters.
+    fn count(&self, counters: &BlockCounters) {
+        match self.stage {
+            Stage::Read => {
+                counters.read_ops.add(1);
+                counters.read_bytes.add(self.data_len);
+            }
+            Stage::Write | Stage::SyncAfterWrite => {
+                counters.write_ops.add(1);
+                counters.write_bytes.add(self.data_len);
+            }
+            Stage::Flush => counters.flush_ops.add(1),
+            Stage::Discard => counters.discard_ops.add(1),
+            Stage::WriteZeroes => counters.write_zeroes_ops.add(1),
+        }
     }
 }
 

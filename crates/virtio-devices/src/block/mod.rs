@@ -26,10 +26,11 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
 
+use crate::counters::BlockCounters;
 use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
 use crate::{
-    common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
-    VirtioDevice, VirtioInterrupt,
+    common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters,
+    DeviceMemory, VirtioDevice, VirtioInterrupt,
 };
 
 mod image;
@@ -40,6 +41,8 @@ mod request;
 mod tests;
 #[cfg(test)]
 mod tests_async;
+#[cfg(test)]
+mod tests_counters;
 
 use image::{Disk, ImageKind};
 use inflight::Requests;
@@ -140,6 +143,8 @@ pub struct Block<M> {
     queue_sizes: Vec<u16>,
     core: DeviceWorker,
     config: Vec<u8>,
+    /// Fed by every queue's thread.
+    counters: Arc<BlockCounters>,
 }
 
 impl<M: DeviceMemory> Block<M> {
@@ -234,6 +239,7 @@ impl<M: DeviceMemory> Block<M> {
             queue_sizes: vec![options.queue_size; usize::from(options.num_queues)],
             core: DeviceWorker::new(DeviceThread::Block, features),
             config,
+            counters: Arc::default(),
         })
     }
 
@@ -341,11 +347,20 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
             let handler = QueueWorker {
                 mem: self.mem.clone(),
                 queue: DeviceQueue::new(index, activated.queue, event_idx, Arc::clone(&interrupt)),
-                requests: Requests::new(Arc::clone(&self.disk), Arc::clone(engine), depth),
+                requests: Requests::new(
+                    Arc::clone(&self.disk),
+                    Arc::clone(engine),
+                    depth,
+                    Arc::clone(&self.counters),
+                ),
             };
             threads.push((vec![(index, activated.notifier)], handler));
         }
         self.core.start_each(threads)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 
     fn reset(&mut self) {
@@ -368,7 +383,12 @@ impl<M: DeviceMemory> Block<M> {
         QueueWorker {
             mem: self.mem.clone(),
             queue: DeviceQueue::new(0, queue, event_idx, interrupt),
-            requests: Requests::new(Arc::clone(&self.disk), Arc::clone(&self.engines[0]), depth),
+            requests: Requests::new(
+                Arc::clone(&self.disk),
+                Arc::clone(&self.engines[0]),
+                depth,
+                Arc::clone(&self.counters),
+            ),
         }
         .serve_to_completion();
     }

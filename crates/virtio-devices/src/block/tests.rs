@@ -70,6 +70,7 @@ pub(super) fn requests<M>(dev: &Block<M>) -> Requests {
         Arc::clone(&dev.disk),
         Arc::clone(&dev.engines[0]),
         QUEUE_SIZE,
+        Arc::clone(&dev.counters),
     )
 }
 

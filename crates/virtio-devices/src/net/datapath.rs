@@ -26,6 +26,7 @@ use vm_memory::{GuestMemory, Permissions};
 
 use super::{NetBackend, RX_QUEUE};
 use crate::buffers::{self, Buffer};
+use crate::counters::NetCounters;
 use crate::worker::{DeviceQueue, Poller, WorkerHandler};
 use crate::DeviceMemory;
 
@@ -82,6 +83,7 @@ pub(super) struct NetWorker<M, B> {
     tap_failed: bool,
     /// Whether used receive chains await an interrupt.
     rx_used: bool,
+    counters: Arc<NetCounters>,
 }
 
 impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
@@ -91,6 +93,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         rx: DeviceQueue,
         tx: DeviceQueue,
         mrg_rxbuf: bool,
+        counters: Arc<NetCounters>,
     ) -> Self {
         NetWorker {
             mem,
@@ -104,6 +107,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             tap_watched: false,
             tap_failed: false,
             rx_used: false,
+            counters,
         }
     }
 
@@ -252,6 +256,8 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         for (chain, written) in std::mem::take(&mut self.reserved).into_iter().zip(lens) {
             self.rx_used |= self.rx.add_used(&self.mem, chain.head, written);
         }
+        self.counters.rx_frames.add(1);
+        self.counters.rx_bytes.add((len - VNET_HDR_LEN) as u64);
         Delivery::Delivered
     }
 
@@ -285,9 +291,13 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     fn transmit(&mut self) {
         let mem = &self.mem;
         let fd = self.backend.as_raw_fd();
+        let counters = &self.counters;
         self.tx.process(mem, |chain| {
             let _dma = mem.begin_dma();
-            send_chain(mem, fd, chain);
+            if let Some(frame_len) = send_chain(mem, fd, chain) {
+                counters.tx_frames.add(1);
+                counters.tx_bytes.add(frame_len as u64);
+            }
             Some(0)
         });
     }
@@ -322,27 +332,28 @@ impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
     }
 }
 
-/// Writes the frame in `chain` (header first) to the tap `fd`; a frame that cannot be sent is
-/// dropped with a message, like a NIC drops what it cannot transmit.
-fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
+/// Writes the frame in `chain` (header first) to the tap `fd`; returns the frame's length
+/// (without its header) once the tap took it. A frame that cannot be sent is dropped with a
+/// message, like a NIC drops what it cannot transmit.
+fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) -> Option<usize> {
     let head = chain.head_index();
     let buffers = buffers::collect(chain);
     if buffers.iter().any(|b| b.writable) {
         warn_limited!("virtio-net: transmit chain {head} has device-writable buffers; dropping it");
-        return;
+        return None;
     }
     let len = buffers::total_len(&buffers);
     if !(MIN_PACKET_LEN as u64..=MAX_PACKET_LEN as u64).contains(&len) {
         warn_limited!(
             "virtio-net: transmit chain {head} holds {len} bytes, not a frame; dropping it"
         );
-        return;
+        return None;
     }
     let slices = match buffers::slices(mem, &buffers, 0, len, Permissions::Read) {
         Ok(slices) => slices,
         Err(err) => {
             warn_limited!("virtio-net: transmit chain {head}: {err}; dropping it");
-            return;
+            return None;
         }
     };
     if slices.len() > MAX_IOVECS {
@@ -350,7 +361,7 @@ fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
             "virtio-net: transmit chain {head} has {} segments; dropping it",
             slices.len()
         );
-        return;
+        return None;
     }
     // The guards keep the slices' pointers valid until the system call is done.
     let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard()).collect();
@@ -367,7 +378,7 @@ fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
         // which `writev` only reads; at most MAX_IOVECS of them.
         let written = unsafe { libc::writev(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
         if written >= 0 {
-            return;
+            return Some((written as usize).saturating_sub(VNET_HDR_LEN));
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
@@ -379,6 +390,6 @@ fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) {
             // The tap is down or its queue full: a host condition, not the guest's fault.
             _ => debug!("virtio-net: transmit chain {head}: {err}; dropped"),
         }
-        return;
+        return None;
     }
 }

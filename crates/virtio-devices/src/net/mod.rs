@@ -29,10 +29,11 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
 
+use crate::counters::NetCounters;
 use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
 use crate::{
-    common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceMemory,
-    VirtioDevice, VirtioInterrupt,
+    common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters,
+    DeviceMemory, VirtioDevice, VirtioInterrupt,
 };
 use datapath::NetWorker;
 
@@ -79,6 +80,7 @@ pub struct Net<M, B = Tap> {
     core: DeviceWorker,
     config: Vec<u8>,
     queue_sizes: [u16; 2],
+    counters: Arc<NetCounters>,
 }
 
 impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
@@ -118,6 +120,7 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
             core: DeviceWorker::new(DeviceThread::Net, features),
             config,
             queue_sizes: [options.queue_size; 2],
+            counters: Arc::default(),
         }
     }
 }
@@ -189,11 +192,16 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
             DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
             DeviceQueue::new(TX_QUEUE, tx.queue, event_idx, interrupt),
             self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
+            Arc::clone(&self.counters),
         );
         self.core.start(
             vec![(RX_QUEUE, rx.notifier), (TX_QUEUE, tx.notifier)],
             handler,
         )
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 
     fn reset(&mut self) {
@@ -223,6 +231,7 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
             DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
             DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
             self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
+            Arc::clone(&self.counters),
         )
         .serve_for_fuzzing()
     }
