@@ -88,16 +88,21 @@ while [ -e /sys/class/net/eth0 ] || [ -e "$net_pci" ]; do
     sleep 1
 done
 [ -e /sys/class/net/eth0 ] || [ -e "$net_pci" ] && echo "API-GUEST-NET-GONE=no" || echo "API-GUEST-NET-GONE=yes"
-# A counter the host reads from sector 40 while it pauses and resumes the guest.
+# A counter the host reads from sector 40 while it pauses and resumes the guest, with the
+# guest's uptime beside it: the clock the guest keeps time by (kvm-clock) stops for the pause.
+echo "API-GUEST-CLOCKSOURCE=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+stamp() {
+    printf '%010d %012s' $1 "$(cut -d' ' -f1 /proc/uptime)" | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
+}
 count() {
     i=0
     while :; do
         i=$((i + 1))
-        printf '%010d' $i | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
+        stamp $i
     done
 }
 # The first value is on the disk before the host is told to read it.
-printf '%010d' 0 | dd of=/dev/vda bs=512 seek=40 conv=notrunc,fsync 2>/dev/null
+stamp 0
 count &
 tell COUNTING 48
 dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
@@ -117,7 +122,10 @@ printf '#!/bin/sh\nexec cat >from-guest.bin\n' >recv.sh
 chmod +x send.sh recv.sh
 (
   set +e
-  counter() { dd if=disk.img bs=512 skip=40 count=1 2>/dev/null | head -c 10 >counter-$1.txt; }
+  # The guest's count and uptime, then the host's uptime.
+  counter() {
+    echo "$(dd if=disk.img bs=512 skip=40 count=1 2>/dev/null | head -c 23) $(cut -d' ' -f1 /proc/uptime)" >counter-$1.txt
+  }
   wait_sector() {
     n=0
     until [ "$(dd if=disk.img bs=512 skip=$1 count=1 2>/dev/null | head -c ${#2})" = "$2" ]; do
@@ -153,6 +161,7 @@ chmod +x send.sh recv.sh
   wait_sector 32 NETOK
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-net.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hotnet"}' >remove-net.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-net-gone.txt
   [ -e /sys/class/net/hotnet0 ] && echo no >tap-gone.txt || echo yes >tap-gone.txt
   wait_sector 48 COUNTING
   counter running-1; sleep 2; counter running-2
@@ -178,7 +187,7 @@ for c in running-1 running-2 paused-1 paused-2 resumed; do
 done
 for f in ping info counters reboot add-missing add-disk add-same-id info-hot \
          counters-hot remove-boot remove remove-again counters-after info-after \
-         add-net add-net-busy info-net counters-net remove-net \
+         add-net add-net-busy info-net counters-net remove-net counters-net-gone \
          resume-running pause pause-again info-paused resume info-resumed \
          wrong-method power-button; do
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
@@ -247,6 +256,36 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
             .any(|id| id.starts_with("virtio-iommu-domain-")),
         "per-domain counters: {counters}\n{out}"
     );
+    // The boot disk's own counters, under its vm.info id: the guest read it and wrote READY
+    // with a flush.
+    let disk = &counters["_disk0"];
+    let names: Vec<&String> = disk
+        .as_object()
+        .expect("_disk0's counters")
+        .keys()
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "discard_ops",
+            "flush_ops",
+            "read_bytes",
+            "read_ops",
+            "write_bytes",
+            "write_ops",
+            "write_zeroes_ops"
+        ],
+        "{out}"
+    );
+    let at_least = |c: &Value, name: &str, n: u64| {
+        let v = c[name].as_u64().unwrap_or(0);
+        assert!(v >= n, "{name} = {v}, want >= {n}: {c}\n{out}");
+    };
+    at_least(disk, "read_bytes", 4096);
+    at_least(disk, "read_ops", 1);
+    at_least(disk, "write_bytes", 512);
+    at_least(disk, "write_ops", 1);
+    at_least(disk, "flush_ops", 1);
     // The exit report comes from the same counters, later: never behind the API's.
     let (exit_maps, exit_translations) = exit_totals(&out);
     assert!(api_maps <= exit_maps, "{api_maps} > {exit_maps}\n{out}");
@@ -326,6 +365,13 @@ fn check_hotplug(out: &Outcome) {
             .cloned()
             .collect()
     };
+    let hot = &counters["hot0"];
+    let read = hot["read_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        read >= 32 << 20,
+        "the hot disk counted the guest's 32 MiB: {hot}\n{out}"
+    );
+    assert!(hot["read_ops"].as_u64().unwrap_or(0) > 0, "{out}");
     let before = live_domains(&counters);
     assert!(
         before.len() >= 2,
@@ -347,6 +393,17 @@ fn check_hotplug(out: &Outcome) {
 
     // Its domain was detached and destroyed; its counters stay, final.
     let (_, after) = reply(out, "counters-after");
+    assert!(
+        after.get("hot0").is_none(),
+        "a removed disk counts no more\n{out}"
+    );
+    let (_, first) = reply(out, "counters");
+    for (name, value) in first["_disk0"].as_object().unwrap() {
+        assert!(
+            after["_disk0"][name].as_u64() >= value.as_u64(),
+            "_disk0 {name} never goes back\n{out}"
+        );
+    }
     let gone: Vec<&String> = before
         .iter()
         .filter(|id| after.get(id.as_str()).is_none())
@@ -437,7 +494,19 @@ fn check_hot_net(out: &Outcome) {
         "the boot disk's and the net's domains: {counters}\n{out}"
     );
 
+    // What it moved, in its own counters: 4 MiB each way and the frames around them.
+    let net = &counters["hotnet"];
+    for name in ["rx_bytes", "tx_bytes"] {
+        let bytes = net[name].as_u64().unwrap_or(0);
+        assert!(bytes >= 4 << 20, "hotnet {name} = {bytes}: {net}\n{out}");
+    }
+    for name in ["rx_frames", "tx_frames"] {
+        assert!(net[name].as_u64().unwrap_or(0) > 0, "{name}: {net}\n{out}");
+    }
+
     assert_eq!(reply(out, "remove-net").0, 204, "{out}");
+    let (_, gone) = reply(out, "counters-net-gone");
+    assert!(gone.get("hotnet").is_none(), "{gone}\n{out}");
     assert_eq!(out.marker("API-GUEST-NET-GONE"), Some("yes"), "{out}");
     assert_eq!(
         out.marker("API-HOST-TAP-GONE"),
@@ -450,13 +519,21 @@ fn check_hot_net(out: &Outcome) {
 /// and advances again once resumed; the state transitions answer as Cloud Hypervisor's
 /// description says.
 fn check_pause(out: &Outcome) {
-    let counter = |name: &str| -> u64 {
+    // The guest's count and uptime, the host's uptime when it read them.
+    let sample = |name: &str| -> (u64, f64, f64) {
         let text = out
             .marker(&format!("API-HOST-COUNTER-{name}"))
             .unwrap_or_default();
-        text.parse()
-            .unwrap_or_else(|_| panic!("counter {name}: {text:?}\n{out}"))
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let parsed = match fields.as_slice() {
+            [count, guest, host] => {
+                (|| Some((count.parse().ok()?, guest.parse().ok()?, host.parse().ok()?)))()
+            }
+            _ => None,
+        };
+        parsed.unwrap_or_else(|| panic!("counter {name}: {text:?}\n{out}"))
     };
+    let counter = |name: &str| sample(name).0;
     let (running_1, running_2) = (counter("running-1"), counter("running-2"));
     assert!(
         running_1 > 0 && running_2 > running_1,
@@ -483,6 +560,28 @@ fn check_pause(out: &Outcome) {
     assert!(
         counter("resumed") > paused_2,
         "the guest counts again after the resume\n{out}"
+    );
+
+    // The guest's clock stood still for the pause (~4 s): between the last sample before it
+    // and the first after it, the host's uptime ran on by that much more than the guest's.
+    assert_eq!(
+        out.marker("API-GUEST-CLOCKSOURCE"),
+        Some("kvm-clock"),
+        "{out}"
+    );
+    let ((_, guest_before, host_before), (_, guest_after, host_after)) =
+        (sample("running-2"), sample("resumed"));
+    let unseen = (host_after - host_before) - (guest_after - guest_before);
+    assert!(
+        unseen >= 2.5,
+        "the guest saw {:.2} s of the host's {:.2} s pass\n{out}",
+        guest_after - guest_before,
+        host_after - host_before
+    );
+    assert!(
+        !out.guest_output().contains("KVM_GET_CLOCK")
+            && !out.guest_output().contains("KVM_SET_CLOCK"),
+        "the clock was read and set back without a warning\n{out}"
     );
 }
 
