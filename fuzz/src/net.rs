@@ -53,6 +53,10 @@ impl NetBackend for SocketBackend {
     fn set_offloads(&self, _offloads: u32) -> io::Result<()> {
         Ok(())
     }
+
+    fn set_queue_attached(&self, _attached: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The bytes a transmit chain sends, if the device must send it: readable buffers only, in

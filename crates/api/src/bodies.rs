@@ -168,9 +168,9 @@ impl NetConfig {
             "rate_limiter_config",
             self.rate_limiter_config.is_some(),
         )?;
-        if self.num_queues != 2 {
+        if !self.num_queues.is_multiple_of(2) || !(2..=MAX_NET_QUEUES).contains(&self.num_queues) {
             return Err(format!(
-                "NetConfig: num_queues {} is not supported: warden serves one receive and one transmit queue (2)",
+                "NetConfig: num_queues {} is not an even number from 2 to {MAX_NET_QUEUES} (a receive and a transmit queue per pair)",
                 self.num_queues
             ));
         }
@@ -240,6 +240,8 @@ fn unsupported(body: &str, field: &str, given: bool) -> Result<(), String> {
 
 /// Most request queues a disk takes (as on the command line).
 pub const MAX_DISK_QUEUES: u64 = 64;
+/// The most queues a net takes: 16 receive and transmit pairs.
+pub const MAX_NET_QUEUES: u64 = 32;
 
 fn queue_size(body: &str, size: u64) -> Result<(), String> {
     if size.is_power_of_two() && (2..=32768).contains(&size) {

@@ -410,8 +410,8 @@ fn malformed_or_unacceptable_bodies_are_400_with_the_reason() {
         ("vm.add-net", r#"{"tap":"a/b"}"#, "is not an interface name"),
         (
             "vm.add-net",
-            r#"{"num_queues":4}"#,
-            "num_queues 4 is not supported",
+            r#"{"num_queues":3}"#,
+            "num_queues 3 is not an even number from 2 to 32",
         ),
         ("vm.add-net", r#"{"mtu":9000}"#, "mtu is not supported"),
         ("vm.add-device", "{}", "DeviceConfig: path is required"),

@@ -42,6 +42,8 @@ pub enum TapError {
     InUse(String),
     #[error("{0} exists but is not a single-queue tap device; give another tap= name, or tap= for a new tap")]
     NotATap(String),
+    #[error("{0} exists but is not a multi-queue tap device; give another tap= name, tap= for a new tap, or num_queues=2 for one queue pair")]
+    NotAMultiQueueTap(String),
     #[error("tap {name}: {what} failed: {source}")]
     Ioctl {
         name: String,
@@ -79,6 +81,26 @@ impl Tap {
     /// Opens tap `name`, creating it if it does not exist; an empty name creates a new tap
     /// `vmtapN`. The tap is brought up; host offloads start disabled.
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        Self::open_queue(name, false)
+    }
+
+    /// Opens `count` queues of one tap (`IFF_MULTI_QUEUE` when there are several), named and
+    /// created as [`Tap::open`] does: one per queue pair of a multi-queue device, so that each
+    /// pair's worker reads and writes its own file. Every queue starts attached.
+    pub fn open_queues(name: &str, count: usize) -> Result<Vec<Tap>, TapError> {
+        if count <= 1 {
+            return Ok(vec![Self::open(name)?]);
+        }
+        let first = Self::open_queue(name, true)?;
+        let mut queues = Vec::with_capacity(count);
+        for _ in 1..count {
+            queues.push(Self::open_queue(first.name(), true)?);
+        }
+        queues.insert(0, first);
+        Ok(queues)
+    }
+
+    fn open_queue(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
         validate_tap_name(name)?;
         let requested = if name.is_empty() { CREATED_NAME } else { name };
         let file = OpenOptions::new()
@@ -96,7 +118,11 @@ impl Tap {
 
         let mut ifr = ifreq(requested);
         // IFF_NO_PI: no packet-information prefix; IFF_VNET_HDR: a virtio-net header instead.
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        ifr.ifr_ifru.ifru_flags = flags as i16;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
         if unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF as _, &mut ifr) } < 0 {
             let err = io::Error::last_os_error();
@@ -104,6 +130,7 @@ impl Tap {
             return Err(match err.raw_os_error() {
                 Some(libc::EPERM | libc::EACCES) => TapError::NotPermitted { name, source: err },
                 Some(libc::EBUSY) => TapError::InUse(name),
+                Some(libc::EINVAL) if multi_queue => TapError::NotAMultiQueueTap(name),
                 Some(libc::EINVAL) => TapError::NotATap(name),
                 _ => TapError::Ioctl {
                     name,
@@ -154,6 +181,24 @@ impl Tap {
     pub fn set_offloads(&self, offloads: libc::c_uint) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         if unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD as _, offloads.into()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches this queue to its tap or detaches it (`TUNSETQUEUE`): the kernel spreads the
+    /// host's frames over the attached queues only, so a queue pair the driver does not use
+    /// is detached and receives nothing. Only for queues of [`Tap::open_queues`].
+    pub fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        let mut ifr = ifreq("");
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flag as i16;
+        // SAFETY: TUNSETQUEUE reads the flags of an ifreq, which `ifr` is.
+        if unsafe { ioctl_with_ref(&self.file, libc::TUNSETQUEUE as _, &ifr) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -370,6 +415,73 @@ mod tests {
             assert!(err
                 .to_string()
                 .starts_with("lo exists but is not a single-queue tap"));
+        });
+    }
+
+    /// The datagrams of [`broadcast_flows`] waiting on each queue of `queues`, read until
+    /// each is empty (the host sends other frames of its own too).
+    fn flows_per_queue(queues: &[Tap]) -> Vec<usize> {
+        let mut frame = vec![0u8; 2048];
+        queues
+            .iter()
+            .map(|queue| {
+                let mut count = 0;
+                loop {
+                    // SAFETY: reads into a live buffer of the given length.
+                    let len = unsafe {
+                        libc::read(queue.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len())
+                    };
+                    if len <= 0 {
+                        return count;
+                    }
+                    count += usize::from(frame[..len as usize].ends_with(b"flow"));
+                }
+            })
+            .collect()
+    }
+
+    /// The host sends `flows` broadcast datagrams out of the tap, each from its own port (a
+    /// flow of its own, which the kernel may put on any attached queue).
+    fn broadcast_flows(flows: u16) {
+        for port in 0..flows {
+            let socket =
+                std::net::UdpSocket::bind((Ipv4Addr::new(10, 0, 0, 1), 40000 + port)).unwrap();
+            socket.set_broadcast(true).unwrap();
+            socket
+                .send_to(b"flow", (Ipv4Addr::new(10, 0, 0, 255), 9))
+                .unwrap();
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_multi_queue_tap_sends_only_to_its_attached_queues() {
+        in_private_netns(|| {
+            let queues = Tap::open_queues("", 3).unwrap();
+            assert_eq!(queues.len(), 3);
+            assert!(queues.iter().all(|q| q.name() == "vmtap0"), "{queues:?}");
+            queues[0]
+                .set_ipv4(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(255, 255, 255, 0))
+                .unwrap();
+            flows_per_queue(&queues);
+
+            queues[1].set_queue_attached(false).unwrap();
+            queues[2].set_queue_attached(false).unwrap();
+            broadcast_flows(32);
+            assert_eq!(flows_per_queue(&queues), [32, 0, 0]);
+
+            queues[1].set_queue_attached(true).unwrap();
+            queues[2].set_queue_attached(true).unwrap();
+            broadcast_flows(32);
+            let spread = flows_per_queue(&queues);
+            assert_eq!(spread.iter().sum::<usize>(), 32, "{spread:?}");
+            assert!(spread.iter().filter(|&&n| n > 0).count() >= 2, "{spread:?}");
+
+            let single = Tap::open("guest1").unwrap();
+            let err = Tap::open_queues("guest1", 2).unwrap_err();
+            assert!(matches!(err, TapError::NotAMultiQueueTap(_)), "{err}");
+            drop(single);
+            assert_eq!(Tap::open_queues("guest1", 1).unwrap().len(), 1);
         });
     }
 

@@ -72,6 +72,10 @@ const BLKSSZGET: Value = (ioctl_expr(_IOC_NONE, 0x12, 104, 0) as u32, "BLKSSZGET
 /// A tap's offloads follow what the driver negotiated, on activation and reset (and, when a
 /// tap is opened, the offloads it can deliver are probed with it).
 const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
+/// A multi-queue net's control queue detaches the tap queues of the pairs the driver does
+/// not use, and attaches them when it asks for them (on the worker thread; on activation, on
+/// the vCPU's).
+const TUNSETQUEUE: Value = (libc::TUNSETQUEUE as u32, "TUNSETQUEUE");
 /// Opening a hot-added net's tap (`net_util::Tap::open`): attaching to (or creating) the
 /// interface with virtio-net headers, and setting the header size to 12 bytes.
 const TUNSETIFF: Value = (libc::TUNSETIFF as u32, "TUNSETIFF");
@@ -250,7 +254,9 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             // DISCARD and WRITE_ZEROES on a host block device.
             &[BLKDISCARD, BLKZEROOUT],
         ),
-        ThreadKind::Net => AllowList::new(&[BASE, WORKER_LOOP, syscalls![SYS_writev]], &[]),
+        ThreadKind::Net => {
+            AllowList::new(&[BASE, WORKER_LOOP, syscalls![SYS_writev]], &[TUNSETQUEUE])
+        }
         ThreadKind::Rng | ThreadKind::Console | ThreadKind::IommuEvents => {
             AllowList::new(&[BASE, WORKER_LOOP], &[])
         }

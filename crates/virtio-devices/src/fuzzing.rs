@@ -87,7 +87,7 @@ pub fn net<B: NetBackend>(
         queue_size: rx.size().max(tx.size()),
         access_platform: false,
     };
-    let mut dev = Net::new(mem.clone(), backend, options);
+    let mut dev = Net::new(mem.clone(), vec![backend], options);
     dev.ack_features(features);
     dev.serve_for_fuzzing(rx, tx, interrupts)
 }

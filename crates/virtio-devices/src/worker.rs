@@ -404,6 +404,11 @@ impl DeviceQueue {
         }
     }
 
+    /// The queue's index in the device.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// The queue size the driver chose: the most chains it can have available at once.
     pub(crate) fn size(&self) -> u16 {
         self.queue.size()

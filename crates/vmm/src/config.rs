@@ -99,7 +99,9 @@ pub struct NetConfig {
     pub mac: MacAddr,
     /// Address and netmask for the host end of the tap, if warden is to set them.
     pub host_ipv4: Option<(Ipv4Addr, Ipv4Addr)>,
-    /// Size of the receive and the transmit queue.
+    /// Receive and transmit queue pairs, each on a queue of the tap (`num_queues` / 2).
+    pub queue_pairs: u16,
+    /// Size of each receive and transmit queue.
     pub queue_size: u16,
     pub iommu: bool,
 }
@@ -107,6 +109,8 @@ pub struct NetConfig {
 impl NetConfig {
     /// Queue size unless `queue_size=` says otherwise (Cloud Hypervisor's default).
     pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+    /// The most queue pairs a net takes.
+    pub const MAX_QUEUE_PAIRS: u16 = virtio_devices::net::MAX_QUEUE_PAIRS as u16;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -233,6 +233,8 @@ fn net_config(net: &api::NetConfig) -> Result<vmm_config::NetConfig, ApiError> {
                 ipv4(&net.mask).unwrap_or(Ipv4Addr::new(255, 255, 255, 0)),
             )
         }),
+        // Validated: even, up to 32.
+        queue_pairs: (net.num_queues / 2) as u16,
         // Validated: a power of two up to 32768.
         queue_size: net.queue_size as u16,
         iommu: net.iommu,
@@ -357,6 +359,7 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
                 mask: net.host_ipv4.map(|(_, mask)| mask.to_string()),
                 mac: Some(net.mac.to_string()),
                 iommu: net.iommu,
+                num_queues: 2 * u64::from(net.queue_pairs),
                 queue_size: u64::from(net.queue_size),
                 id: Some(format!("_net{i}")),
                 ..Default::default()

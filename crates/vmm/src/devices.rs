@@ -288,26 +288,29 @@ pub(crate) fn build_device<M: DeviceMemory>(
 }
 
 /// Opens (or creates) the tap of `net` and gives its host end the address asked for.
-pub(crate) fn open_tap(net: &NetConfig) -> Result<net_util::Tap, net_util::TapError> {
-    let tap = net_util::Tap::open(&net.tap)?;
+/// The tap's queues, one per queue pair.
+pub(crate) fn open_tap(net: &NetConfig) -> Result<Vec<net_util::Tap>, net_util::TapError> {
+    let queues = net_util::Tap::open_queues(&net.tap, usize::from(net.queue_pairs))?;
     if let Some((ip, mask)) = net.host_ipv4 {
-        tap.set_ipv4(ip, mask)?;
+        queues[0].set_ipv4(ip, mask)?;
     }
-    Ok(tap)
+    Ok(queues)
 }
 
-/// A virtio-net on `tap`, already opened by [`open_tap`].
+/// A virtio-net on the queues of a tap, already opened by [`open_tap`].
 pub(crate) fn build_net<M: DeviceMemory>(
     mem: M,
-    tap: net_util::Tap,
+    tap: Vec<net_util::Tap>,
     net: &NetConfig,
     access_platform: bool,
 ) -> Box<dyn VirtioDevice> {
     // The name matters to whoever configures the host side of a tap warden created.
     log::info!(
-        "--net: tap {} for the guest's {} (queues of {}{})",
-        tap.name(),
+        "--net: tap {} for the guest's {} ({} queue pair{} of {}{})",
+        tap[0].name(),
         net.mac,
+        tap.len(),
+        if tap.len() == 1 { "" } else { "s" },
         net.queue_size,
         if access_platform {
             ", behind the IOMMU"
@@ -413,6 +416,7 @@ mod tests {
             tap: String::new(),
             mac: MacAddr::new([0x02, 0, 0, 0, 0, 1]),
             host_ipv4: None,
+            queue_pairs: 1,
             queue_size: NetConfig::DEFAULT_QUEUE_SIZE,
             iommu: true,
         };

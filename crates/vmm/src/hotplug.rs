@@ -100,8 +100,8 @@ pub fn assign_id(
 /// A device to hot-add, before its memory view is chosen.
 enum NewDevice<'a> {
     Disk(&'a DiskConfig),
-    /// Its tap is open already.
-    Net(&'a NetConfig, Tap),
+    /// Its tap's queues are open already.
+    Net(&'a NetConfig, Vec<Tap>),
 }
 
 impl NewDevice<'_> {
@@ -247,7 +247,7 @@ impl Hotplug {
         let mut name = String::new();
         let added = self.add(slots, net.iommu, id, "_net", || {
             let tap = open_tap(net).map_err(tap_refusal)?;
-            name = tap.name().to_string();
+            name = tap[0].name().to_string();
             Ok((NewDevice::Net(net, tap), format!("tap {name}")))
         })?;
         Ok((added, name))

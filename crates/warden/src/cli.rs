@@ -466,10 +466,12 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
                 .map_err(|_| format!("{key}={value} is not a number"))
         })
     };
+    // Cloud Hypervisor counts queues: a receive and a transmit queue per pair.
     let num_queues = number("num_queues", 2)?;
-    if num_queues != 2 {
+    let max_queues = 2 * NetConfig::MAX_QUEUE_PAIRS;
+    if !num_queues.is_multiple_of(2) || !(2..=max_queues).contains(&num_queues) {
         return Err(format!(
-            "num_queues={num_queues} is not supported: warden serves one receive and one transmit queue; give num_queues=2 (the default)"
+            "num_queues={num_queues} is not an even number from 2 to {max_queues} (a receive and a transmit queue per pair); give e.g. num_queues=4"
         ));
     }
     let queue_size = number("queue_size", NetConfig::DEFAULT_QUEUE_SIZE)?;
@@ -483,6 +485,7 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
         tap: tap.to_string(),
         mac,
         host_ipv4,
+        queue_pairs: num_queues / 2,
         queue_size,
         iommu: kv.switch("iommu")?,
     })
@@ -731,7 +734,9 @@ mod tests {
                 Ipv4Addr::new(255, 255, 0, 0)
             ))
         );
-        assert_eq!(net.queue_size, 1024);
+        assert_eq!((net.queue_pairs, net.queue_size), (1, 1024));
+        let c = config(&["--net", "num_queues=8"]).unwrap();
+        assert_eq!(c.nets[0].queue_pairs, 4);
         let c = config(&["--net", "ip=10.0.0.1"]).unwrap();
         assert_eq!(
             c.nets[0].host_ipv4,
@@ -766,8 +771,15 @@ mod tests {
                 "--net: mask=255.0.255.0 is not a netmask",
             ),
             ("mask=255.255.255.0", "--net: mask= needs ip="),
-            ("num_queues=4", "--net: num_queues=4 is not supported"),
-            ("num_queues=1", "--net: num_queues=1 is not supported"),
+            (
+                "num_queues=3",
+                "--net: num_queues=3 is not an even number from 2 to 32",
+            ),
+            ("num_queues=0", "--net: num_queues=0 is not an even number"),
+            (
+                "num_queues=34",
+                "--net: num_queues=34 is not an even number",
+            ),
             ("num_queues=x", "--net: num_queues=x is not a number"),
             (
                 "queue_size=100",

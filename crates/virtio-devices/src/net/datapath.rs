@@ -1,4 +1,5 @@
-//! The network worker: frames between the tap and the receive/transmit queues.
+//! The network worker of one queue pair: frames between its tap queue and its receive and
+//! transmit queues.
 //!
 //! Receive: a frame is read from the tap into a bounce buffer (its size is only known once
 //! read), then copied into receive chains. With `VIRTIO_NET_F_MRG_RXBUF` a frame takes as
@@ -9,6 +10,9 @@
 //!
 //! Transmit: each chain is one frame with its header in front, written to the tap with one
 //! `writev` straight from the guest's buffers.
+//!
+//! A pair the driver does not use (see `control.rs`) reads nothing from its tap queue and
+//! drops a frame it still held; its worker is woken when that changes.
 //!
 //! A malformed chain (a buffer in the wrong direction, out of guest memory or refused by the
 //! IOMMU, a frame of impossible size) costs its frame, never the worker: it is logged and
@@ -23,8 +27,10 @@ use net_util::VNET_HDR_LEN;
 use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{NetBackend, RX_QUEUE};
+use super::control::{ControlQueue, TapQueues};
+use super::NetBackend;
 use crate::buffers::{self, Buffer};
 use crate::counters::NetCounters;
 use crate::worker::{DeviceQueue, Poller, WorkerHandler};
@@ -43,8 +49,18 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 const RX_BUDGET: usize = 64;
 /// Most iovecs one `writev` takes (Linux's `UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
-/// Epoll token of the tap.
+/// Epoll token of the tap queue.
 const TAP_TOKEN: u32 = 0;
+/// Epoll token of the wake-up the control queue writes when the pair joins or leaves use.
+const WAKE_TOKEN: u32 = 1;
+
+/// One queue pair's queues, and the eventfd that tells its worker the pair's use changed.
+pub(super) struct PairQueues {
+    pub(super) pair: usize,
+    pub(super) rx: DeviceQueue,
+    pub(super) tx: DeviceQueue,
+    pub(super) wake: EventFd,
+}
 
 /// A receive chain taken for the waiting frame: its head and device-writable buffers.
 struct RxChain {
@@ -65,9 +81,13 @@ enum Delivery {
 
 pub(super) struct NetWorker<M, B> {
     mem: M,
-    backend: Arc<B>,
+    taps: Arc<TapQueues<B>>,
+    pair: usize,
     rx: DeviceQueue,
     tx: DeviceQueue,
+    wake: EventFd,
+    /// The first pair's worker also answers the control queue.
+    control: Option<ControlQueue<B>>,
     mrg_rxbuf: bool,
     /// Bounce buffer for one received frame; one byte longer than the longest frame, so that
     /// a truncated read shows.
@@ -89,17 +109,19 @@ pub(super) struct NetWorker<M, B> {
 impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     pub(super) fn new(
         mem: M,
-        backend: Arc<B>,
-        rx: DeviceQueue,
-        tx: DeviceQueue,
+        taps: Arc<TapQueues<B>>,
+        queues: PairQueues,
         mrg_rxbuf: bool,
         counters: Arc<NetCounters>,
     ) -> Self {
         NetWorker {
             mem,
-            backend,
-            rx,
-            tx,
+            taps,
+            pair: queues.pair,
+            rx: queues.rx,
+            tx: queues.tx,
+            wake: queues.wake,
+            control: None,
             mrg_rxbuf,
             frame: vec![0; MAX_PACKET_LEN + 1].into_boxed_slice(),
             pending: None,
@@ -111,10 +133,26 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         }
     }
 
+    /// Makes this worker answer the control queue too.
+    pub(super) fn with_control(mut self, control: ControlQueue<B>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    fn backend(&self) -> &B {
+        self.taps.backend(self.pair)
+    }
+
     /// Delivers the waiting frame, then reads and delivers more until the tap is empty, the
-    /// budget is spent or the driver runs out of buffers.
+    /// budget is spent or the driver runs out of buffers. A pair out of use drops its frame.
     fn receive(&mut self, poller: &Poller) {
+        if !self.taps.is_active(self.pair) && self.pending.take().is_some() {
+            self.drop_frame();
+        }
         for _ in 0..RX_BUDGET {
+            if !self.taps.is_active(self.pair) {
+                break;
+            }
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.read_frame() {
@@ -138,7 +176,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
 
     /// Reads one frame from the tap; `None` when there is none (or the tap failed).
     fn read_frame(&mut self) -> Option<usize> {
-        let fd = self.backend.as_raw_fd();
+        let fd = self.backend().as_raw_fd();
         loop {
             // SAFETY: reads into the live bounce buffer, at most its length.
             let read = unsafe { libc::read(fd, self.frame.as_mut_ptr().cast(), self.frame.len()) };
@@ -272,11 +310,11 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     /// Watches the tap only while a frame read from it has somewhere to go: level-triggered
     /// epoll would otherwise wake the worker in a loop while the driver has no buffers.
     fn update_tap_watch(&mut self, poller: &Poller) {
-        let want = self.pending.is_none() && !self.tap_failed;
+        let want = self.pending.is_none() && !self.tap_failed && self.taps.is_active(self.pair);
         if want == self.tap_watched {
             return;
         }
-        let fd = self.backend.as_raw_fd();
+        let fd = self.backend().as_raw_fd();
         let result = if want {
             poller.add(fd, TAP_TOKEN)
         } else {
@@ -290,7 +328,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
 
     fn transmit(&mut self) {
         let mem = &self.mem;
-        let fd = self.backend.as_raw_fd();
+        let fd = self.taps.backend(self.pair).as_raw_fd();
         let counters = &self.counters;
         self.tx.process(mem, |chain| {
             let _dma = mem.begin_dma();
@@ -309,25 +347,36 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     pub(super) fn serve_for_fuzzing(&mut self) -> io::Result<()> {
         let epoll = vmm_sys_util::epoll::Epoll::new()?;
         let poller = Poller::new(&epoll);
-        self.queue_notified(super::TX_QUEUE, &poller);
-        self.queue_notified(RX_QUEUE, &poller);
+        self.queue_notified(self.tx.index(), &poller);
+        self.queue_notified(self.rx.index(), &poller);
         Ok(())
     }
 }
 
 impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
+    fn start(&mut self, poller: &Poller) -> io::Result<()> {
+        poller.add(self.wake.as_raw_fd(), WAKE_TOKEN)
+    }
+
     fn queue_notified(&mut self, index: usize, poller: &Poller) {
         // Any sign of life from the driver is a reason to try the tap again.
         self.tap_failed = false;
-        if index == RX_QUEUE {
+        if index == self.rx.index() {
             self.receive(poller);
-        } else {
+        } else if index == self.tx.index() {
             self.transmit();
             self.update_tap_watch(poller);
+        } else if let Some(control) = &mut self.control {
+            control.serve(&self.mem);
         }
     }
 
-    fn fd_ready(&mut self, _token: u32, poller: &Poller) {
+    fn fd_ready(&mut self, token: u32, poller: &Poller) {
+        if token == WAKE_TOKEN {
+            if let Err(err) = self.wake.read() {
+                debug!("virtio-net: pair {}: wake-up: {err}", self.pair);
+            }
+        }
         self.receive(poller);
     }
 }

@@ -1,4 +1,6 @@
-//! virtio-net (virtio v1.2 §5.1) on a tap device: one receive and one transmit queue.
+//! virtio-net (virtio v1.2 §5.1) on a tap device: one receive and one transmit queue per
+//! queue pair, each pair on a tap queue and a worker thread of its own; with more than one
+//! pair, `VIRTIO_NET_F_MQ` and the control queue that switches pairs on (`control.rs`).
 //!
 //! Frames cross the tap with the same 12-byte `virtio_net_hdr` the driver uses, so checksum
 //! and segmentation offloads pass through untouched: what the driver sends with
@@ -11,6 +13,7 @@
 //! guest's buffers; received frames are read into a bounce buffer and copied into as many
 //! receive chains as they need (`VIRTIO_NET_F_MRG_RXBUF`).
 
+mod control;
 mod datapath;
 
 use std::io;
@@ -21,13 +24,14 @@ use log::debug;
 use net_util::{MacAddr, Tap};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::counters::NetCounters;
 use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
@@ -35,12 +39,16 @@ use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters,
     DeviceMemory, VirtioDevice, VirtioInterrupt,
 };
-use datapath::NetWorker;
+use control::{ControlQueue, TapQueues};
+use datapath::{NetWorker, PairQueues};
 
-/// Index of the receive queue (host to guest).
+/// Index of the first receive queue (host to guest); pair `n` receives on `2n`.
 pub const RX_QUEUE: usize = 0;
-/// Index of the transmit queue (guest to host).
+/// Index of the first transmit queue (guest to host); pair `n` transmits on `2n + 1`.
 pub const TX_QUEUE: usize = 1;
+/// The most queue pairs a device takes (a tap has at most 256 queues; a guest rarely has
+/// more vCPUs than this to spread them over).
+pub const MAX_QUEUE_PAIRS: usize = 16;
 
 /// The host end of the link: a non-blocking file descriptor carrying one Ethernet frame per
 /// `read` and per `write`, each preceded by a 12-byte virtio-net header. In warden this is a
@@ -50,6 +58,9 @@ pub trait NetBackend: AsRawFd + Send + Sync + 'static {
     fn supported_offloads(&self) -> u32;
     /// Allows the backend to deliver frames needing `offloads` (`TUN_F_*`) unfinished.
     fn set_offloads(&self, offloads: u32) -> io::Result<()>;
+    /// Attaches this queue of a multi-queue backend to its link, or detaches it so that the
+    /// host sends it nothing.
+    fn set_queue_attached(&self, attached: bool) -> io::Result<()>;
 }
 
 impl NetBackend for Tap {
@@ -59,6 +70,10 @@ impl NetBackend for Tap {
 
     fn set_offloads(&self, offloads: u32) -> io::Result<()> {
         Tap::set_offloads(self, offloads)
+    }
+
+    fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        Tap::set_queue_attached(self, attached)
     }
 }
 
@@ -76,16 +91,25 @@ pub struct NetOptions {
 /// A virtio-net device over guest memory `M` (plain or behind the IOMMU), attached to `B`.
 pub struct Net<M, B = Tap> {
     mem: M,
-    backend: Arc<B>,
+    taps: Arc<TapQueues<B>>,
     core: DeviceWorker,
     config: Vec<u8>,
-    queue_sizes: [u16; 2],
+    /// Receive and transmit queue of each pair, then the control queue if there are several.
+    queue_sizes: Vec<u16>,
     counters: Arc<NetCounters>,
 }
 
 impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
-    /// A network device on `backend`, offering the guest offloads `backend` can deliver.
-    pub fn new(mem: M, backend: B, options: NetOptions) -> Self {
+    /// A network device with a queue pair per queue of `backends` (one tap's queues, at least
+    /// one, at most [`MAX_QUEUE_PAIRS`]), offering the guest the offloads they can deliver.
+    pub fn new(mem: M, backends: Vec<B>, options: NetOptions) -> Self {
+        assert!(
+            (1..=MAX_QUEUE_PAIRS).contains(&backends.len()),
+            "{} tap queues for one device",
+            backends.len()
+        );
+        let pairs = backends.len();
+        let backend = &backends[0];
         // The tap parses a header on every write, so transmit offloads are always available.
         let mut features = common_features(options.access_platform)
             | (1 << VIRTIO_NET_F_MAC)
@@ -106,20 +130,28 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
             }
         }
 
-        // Config layout: mac[6], status (le16), max_virtqueue_pairs (le16, meaningful only
-        // with VIRTIO_NET_F_MQ, not offered: one pair). The link is always up: the tap exists
-        // for as long as the device does.
+        // One pair needs no control queue: a driver that asks for nothing is served as
+        // before multi-queue existed.
+        let mut queues = 2 * pairs;
+        if pairs > 1 {
+            features |= (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ);
+            queues += 1;
+        }
+
+        // Config layout: mac[6], status (le16), max_virtqueue_pairs (le16, read by drivers
+        // that accepted VIRTIO_NET_F_MQ). The link is always up: the tap exists for as long
+        // as the device does.
         let mut config = Vec::with_capacity(10);
         config.extend_from_slice(&options.mac.octets());
         config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config.extend_from_slice(&1u16.to_le_bytes());
+        config.extend_from_slice(&(pairs as u16).to_le_bytes());
 
         Net {
             mem,
-            backend: Arc::new(backend),
+            taps: Arc::new(TapQueues::new(backends)),
             core: DeviceWorker::new(DeviceThread::Net, features),
             config,
-            queue_sizes: [options.queue_size; 2],
+            queue_sizes: vec![options.queue_size; queues],
             counters: Arc::default(),
         }
     }
@@ -171,9 +203,25 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         mut queues: Vec<ActivatedQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        let rx = take_queue(&mut queues, RX_QUEUE)?;
-        let tx = take_queue(&mut queues, TX_QUEUE)?;
-        for activated in [&rx, &tx] {
+        // Without MQ the driver knows one pair, and the control queue (if any) follows it.
+        let max_pairs = if self.core.acked(VIRTIO_NET_F_MQ) {
+            self.taps.len()
+        } else {
+            1
+        };
+        let mut pairs = Vec::with_capacity(max_pairs);
+        for pair in 0..max_pairs {
+            let rx = take_queue(&mut queues, RX_QUEUE + 2 * pair)?;
+            let tx = take_queue(&mut queues, TX_QUEUE + 2 * pair)?;
+            pairs.push((rx, tx));
+        }
+        let control = if self.core.acked(VIRTIO_NET_F_CTRL_VQ) {
+            Some(take_queue(&mut queues, 2 * max_pairs)?)
+        } else {
+            None
+        };
+        let all = pairs.iter().flat_map(|(rx, tx)| [rx, tx]).chain(&control);
+        for activated in all {
             if !activated.queue.is_valid(&self.mem) {
                 warn_limited!(
                     "virtio-net: queue {} is not accessible; it will not work",
@@ -181,23 +229,67 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
                 );
             }
         }
-        // The tap must not hand over unfinished frames a driver cannot take.
-        self.backend
+        // The tap must not hand over unfinished frames a driver cannot take (the offloads
+        // are the interface's, whichever queue sets them).
+        self.taps
+            .backend(0)
             .set_offloads(tap_offloads(self.core.acked_features()))
             .map_err(ActivateError::Io)?;
+        // The driver starts on the first pair (§5.1.6.5.5).
+        if let (_, Err(err)) = self.taps.use_pairs(1) {
+            return Err(ActivateError::Io(err));
+        }
+
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
-        let handler = NetWorker::new(
-            self.mem.clone(),
-            Arc::clone(&self.backend),
-            DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
-            DeviceQueue::new(TX_QUEUE, tx.queue, event_idx, interrupt),
-            self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
-            Arc::clone(&self.counters),
-        );
-        self.core.start(
-            vec![(RX_QUEUE, rx.notifier), (TX_QUEUE, tx.notifier)],
-            handler,
-        )
+        let mrg_rxbuf = self.core.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let wakes = (0..max_pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ActivateError::Io)?;
+        let mut control = match control {
+            Some(activated) => {
+                let wakes = wakes
+                    .iter()
+                    .map(EventFd::try_clone)
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(ActivateError::Io)?;
+                let queue = DeviceQueue::new(
+                    activated.index,
+                    activated.queue,
+                    event_idx,
+                    Arc::clone(&interrupt),
+                );
+                Some((
+                    activated.notifier,
+                    ControlQueue::new(queue, Arc::clone(&self.taps), max_pairs, wakes),
+                ))
+            }
+            None => None,
+        };
+        let mut threads = Vec::with_capacity(max_pairs);
+        for (pair, ((rx, tx), wake)) in pairs.into_iter().zip(wakes).enumerate() {
+            let mut notifiers = vec![(rx.index, rx.notifier), (tx.index, tx.notifier)];
+            let queues = PairQueues {
+                pair,
+                rx: DeviceQueue::new(rx.index, rx.queue, event_idx, Arc::clone(&interrupt)),
+                tx: DeviceQueue::new(tx.index, tx.queue, event_idx, Arc::clone(&interrupt)),
+                wake,
+            };
+            let mut worker = NetWorker::new(
+                self.mem.clone(),
+                Arc::clone(&self.taps),
+                queues,
+                mrg_rxbuf,
+                Arc::clone(&self.counters),
+            );
+            // The first pair's thread also answers the control queue.
+            if let Some((notifier, control)) = control.take() {
+                notifiers.push((control.queue.index(), notifier));
+                worker = worker.with_control(control);
+            }
+            threads.push((notifiers, worker));
+        }
+        self.core.start_each(threads)
     }
 
     fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
@@ -208,7 +300,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
         // Dropping the worker stops and joins its thread, which also drops the queues and a
         // received frame not yet delivered.
         self.core.reset();
-        if let Err(err) = self.backend.set_offloads(0) {
+        if let Err(err) = self.taps.backend(0).set_offloads(0) {
             warn_limited!("virtio-net: cannot disable the tap's offloads: {err}");
         }
     }
@@ -216,8 +308,8 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
 
 #[cfg(feature = "fuzzing")]
 impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
-    /// Serves one notification of the transmit queue, then of the receive queue, as the
-    /// worker would, on the calling thread (see [`crate::fuzzing::net`]).
+    /// Serves one notification of the first pair's transmit queue, then of its receive
+    /// queue, as the worker would, on the calling thread (see [`crate::fuzzing::net`]).
     pub(crate) fn serve_for_fuzzing(
         &self,
         rx: virtio_queue::Queue,
@@ -225,11 +317,16 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> io::Result<()> {
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let queues = PairQueues {
+            pair: 0,
+            rx: DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
+            tx: DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        };
         NetWorker::new(
             self.mem.clone(),
-            Arc::clone(&self.backend),
-            DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
-            DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            Arc::clone(&self.taps),
+            queues,
             self.core.acked(VIRTIO_NET_F_MRG_RXBUF),
             Arc::clone(&self.counters),
         )
@@ -237,5 +334,7 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
     }
 }
 
+#[cfg(test)]
+mod mq_tests;
 #[cfg(test)]
 mod tests;

@@ -24,10 +24,29 @@ const MAC: MacAddr = MacAddr::new([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 const ALL_OFFLOADS: u32 = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
 
 /// A backend whose frames go to and come from the other end of a socket pair.
-struct SocketBackend {
+pub(super) struct SocketBackend {
     socket: UnixDatagram,
     offloads: u32,
-    set: Arc<Mutex<Vec<u32>>>,
+    /// Every `set_offloads`, in order.
+    pub(super) set: Arc<Mutex<Vec<u32>>>,
+    /// Every `set_queue_attached`, in order.
+    pub(super) attached: Arc<Mutex<Vec<bool>>>,
+}
+
+impl SocketBackend {
+    /// A backend offering `offloads`, and the host's end of it (5-second receive timeout).
+    pub(super) fn pair(offloads: u32) -> (SocketBackend, UnixDatagram) {
+        let (socket, peer) = UnixDatagram::pair().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let backend = SocketBackend {
+            socket,
+            offloads,
+            set: Arc::default(),
+            attached: Arc::default(),
+        };
+        (backend, peer)
+    }
 }
 
 impl AsRawFd for SocketBackend {
@@ -43,6 +62,11 @@ impl NetBackend for SocketBackend {
 
     fn set_offloads(&self, offloads: u32) -> io::Result<()> {
         self.set.lock().unwrap().push(offloads);
+        Ok(())
+    }
+
+    fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        self.attached.lock().unwrap().push(attached);
         Ok(())
     }
 }
@@ -64,21 +88,14 @@ fn device<M: DeviceMemory>(
     offloads: u32,
     access_platform: bool,
 ) -> (Net<M, SocketBackend>, UnixDatagram, Arc<Mutex<Vec<u32>>>) {
-    let (socket, peer) = UnixDatagram::pair().unwrap();
-    socket.set_nonblocking(true).unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let set = Arc::new(Mutex::new(Vec::new()));
-    let backend = SocketBackend {
-        socket,
-        offloads,
-        set: Arc::clone(&set),
-    };
+    let (backend, peer) = SocketBackend::pair(offloads);
+    let set = Arc::clone(&backend.set);
     let options = NetOptions {
         mac: MAC,
         queue_size: QUEUE_SIZE,
         access_platform,
     };
-    (Net::new(mem, backend, options), peer, set)
+    (Net::new(mem, vec![backend], options), peer, set)
 }
 
 /// Activates a device over `mem` with the driver accepting every offered feature but those
