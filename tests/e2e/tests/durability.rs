@@ -1,7 +1,9 @@
 //! No data lost when warden dies: the guest writes to a protected disk and `fsync`s, tells the
 //! host through a second disk, and the host kills warden with SIGKILL at once. Whatever the
 //! guest was told is written must be in the host image: a write completed to the guest is
-//! never still sitting in warden (an engine's queue, a buffer) when the process goes.
+//! never still sitting in warden (an engine's queue, a buffer) when the process goes. And
+//! with FLUSH negotiated the guest is told the truth about the rest: the disk is a write-back
+//! cache, so a write it did not flush is not taken as durable, and each fsync sends a FLUSH.
 
 use e2e::Scenario;
 use std::time::Duration;
@@ -33,11 +35,20 @@ for b in /sys/block/vd?; do
         signal.img) signal=/dev/${b##*/} ;;
     esac
 done
+# With FLUSH negotiated the disk is a write-back cache: a completed write is not durable until
+# flushed, and the guest knows it. A direct write without fsync sends no FLUSH; each fsync does.
+stat=/sys/block/${data##*/}
+echo "GUEST-WRITE-CACHE=$(cat $stat/queue/write_cache)"
+flushes() { awk '{ print $16 }' $stat/stat; }
+echo "GUEST-FLUSHES-0=$(flushes)"
+dd if=/dev/urandom of=$data bs=1M seek=48 count=1 oflag=direct conv=notrunc 2>/dev/null
+echo "GUEST-FLUSHES-UNSYNCED=$(flushes)"
 for round in 0 1 2; do
     dd if=/dev/urandom of=/tmp/round.bin bs=1M count=16 2>/dev/null
     dd if=/tmp/round.bin of=$data bs=1M seek=$((16 * round)) conv=notrunc,fsync 2>/dev/null
     echo "GUEST-SYNCED-$round-MD5=$(md5sum </tmp/round.bin | cut -d' ' -f1)"
 done
+echo "GUEST-FLUSHES-SYNCED=$(flushes)"
 printf WARDEN-SYNCED | dd of=$signal bs=512 conv=notrunc,fsync 2>/dev/null
 echo GUEST-SIGNALLED=1
 sleep 300
@@ -75,6 +86,25 @@ fn writes_the_guest_synced_survive_sigkill() {
         "warden died of SIGKILL\n{out}"
     );
     assert_eq!(out.marker("GUEST-NOT-KILLED"), None, "{out}");
+    assert_eq!(
+        out.marker("GUEST-WRITE-CACHE"),
+        Some("write back"),
+        "a completed write is not reported durable before a flush\n{out}"
+    );
+    let flushes = |key: &str| -> u64 {
+        out.marker(&format!("GUEST-FLUSHES-{key}"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no flush count {key}\n{out}"))
+    };
+    assert_eq!(
+        flushes("UNSYNCED"),
+        flushes("0"),
+        "a write without fsync sends no FLUSH\n{out}"
+    );
+    assert!(
+        flushes("SYNCED") >= flushes("UNSYNCED") + 3,
+        "each fsync'd round sent a FLUSH\n{out}"
+    );
     for round in 0..3 {
         let synced = out.marker(&format!("GUEST-SYNCED-{round}-MD5"));
         assert!(synced.is_some(), "round {round}\n{out}");
