@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi,
+    kvm_clock_data, kvm_device_attr, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi,
     kvm_userspace_memory_region, KVMIO,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
@@ -63,6 +63,24 @@ const VFIO_DEVICE_RESET: Value = (vfio(11), "VFIO_DEVICE_RESET");
 /// The guest's virtio-iommu MAP and UNMAP requests, mirrored into the host IOMMU.
 const VFIO_IOMMU_MAP_DMA: Value = (vfio(13), "VFIO_IOMMU_MAP_DMA");
 const VFIO_IOMMU_UNMAP_DMA: Value = (vfio(14), "VFIO_IOMMU_UNMAP_DMA");
+/// Opening a hot-added passed-through device (`vfio::open`): a container, its group set into
+/// it and the type1 IOMMU chosen, the device's fd, its regions and interrupts, the host
+/// IOMMU's page sizes and IOVA ranges; its group is unset again on removal.
+const VFIO_OPEN: [Value; 11] = [
+    (vfio(0), "VFIO_GET_API_VERSION"),
+    (vfio(1), "VFIO_CHECK_EXTENSION"),
+    (vfio(2), "VFIO_SET_IOMMU"),
+    (vfio(3), "VFIO_GROUP_GET_STATUS"),
+    (vfio(4), "VFIO_GROUP_SET_CONTAINER"),
+    (vfio(5), "VFIO_GROUP_UNSET_CONTAINER"),
+    (vfio(6), "VFIO_GROUP_GET_DEVICE_FD"),
+    (vfio(7), "VFIO_DEVICE_GET_INFO"),
+    (vfio(8), "VFIO_DEVICE_GET_REGION_INFO"),
+    (vfio(9), "VFIO_DEVICE_GET_IRQ_INFO"),
+    (vfio(12), "VFIO_IOMMU_GET_INFO"),
+];
+/// Telling the VM's KVM VFIO device of a hot-added device's group, and forgetting it.
+const KVM_SET_DEVICE_ATTR: Value = (kvm_write::<kvm_device_attr>(0xe1), "KVM_SET_DEVICE_ATTR");
 /// A disk on a host block device: DISCARD and WRITE_ZEROES (`<linux/fs.h>`).
 const BLKDISCARD: Value = (ioctl_expr(_IOC_NONE, 0x12, 119, 0) as u32, "BLKDISCARD");
 const BLKZEROOUT: Value = (ioctl_expr(_IOC_NONE, 0x12, 127, 0) as u32, "BLKZEROOUT");
@@ -273,30 +291,16 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         // the disk, so here, as on the boot path before any filter. A net's tap is opened
         // (`/dev/net/tun`), attached, sized for virtio-net headers, probed for offloads,
         // brought up and given its host address (an AF_INET socket's ioctls) here; closing it
-        // on removal is a `close`.
-        ThreadKind::Hotplug => AllowList::new(
-            &[
-                BASE,
-                syscalls![
-                    SYS_io_uring_setup,
-                    SYS_io_uring_register,
-                    SYS_openat,
-                    SYS_fstat,
-                    SYS_newfstatat,
-                    SYS_statx,
-                    SYS_lseek,
-                    SYS_eventfd2,
-                    SYS_fcntl,
-                    SYS_dup,
-                    SYS_read,
-                    // Only AF_INET (SOCKET_DOMAINS).
-                    SYS_socket,
-                ],
-            ],
-            &[
+        // on removal is a `close`. A passed-through device is checked in sysfs (links and
+        // directories read), opened through VFIO (VFIO_OPEN), its configuration space read
+        // and its BARs mapped into warden; guest RAM is mapped for its DMA, or, behind the
+        // IOMMU, the guest's mappings withdrawn when it leaves.
+        ThreadKind::Hotplug => {
+            let mut ioctls = vec![
                 KVM_IRQFD,
                 KVM_SET_GSI_ROUTING,
                 KVM_IOEVENTFD,
+                KVM_SET_DEVICE_ATTR,
                 BLKGETSIZE64,
                 BLKSSZGET,
                 TUNSETIFF,
@@ -306,8 +310,37 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 SIOCSIFFLAGS,
                 SIOCSIFADDR,
                 SIOCSIFNETMASK,
-            ],
-        ),
+                VFIO_IOMMU_MAP_DMA,
+                VFIO_IOMMU_UNMAP_DMA,
+                VFIO_DEVICE_SET_IRQS,
+            ];
+            ioctls.extend(VFIO_OPEN);
+            AllowList::new(
+                &[
+                    BASE,
+                    syscalls![
+                        SYS_io_uring_setup,
+                        SYS_io_uring_register,
+                        SYS_openat,
+                        SYS_fstat,
+                        SYS_newfstatat,
+                        SYS_statx,
+                        SYS_lseek,
+                        SYS_eventfd2,
+                        SYS_fcntl,
+                        SYS_dup,
+                        SYS_read,
+                        SYS_pread64,
+                        SYS_readlink,
+                        SYS_readlinkat,
+                        SYS_getdents64,
+                        // Only AF_INET (SOCKET_DOMAINS).
+                        SYS_socket,
+                    ],
+                ],
+                &ioctls,
+            )
+        }
         // One poll loop over the listening socket and its clients; answering reads the IOMMU,
         // VFIO and device counters (memory only), presses the power button (an eventfd write),
         // tells the VMM thread to end (a channel: futex), and for vm.pause kicks each vCPU

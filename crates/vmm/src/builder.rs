@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use sandbox::{Filters, ThreadKind};
-use vfio::VfioPciDevice;
+use vfio::{VfioDeviceFd, VfioPciDevice};
 use virtio_devices::{DeviceThread, Iommu};
 use virtio_iommu::{EndpointIommu, VirtioIommu};
 use vm_device::Bus;
@@ -26,8 +26,8 @@ use crate::clock::PausedClock;
 use crate::config::{OutputConfig, VmConfig};
 use crate::control::{self, api_listener, serve_api, Control};
 use crate::devices::{
-    build_device, create_iommu_model, device_entries, device_ids, iommu_polling, open_output,
-    open_passthrough, plan_devices, Passthrough, PlannedDevice,
+    build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
+    open_output, open_passthrough, plan_devices, Passthrough, PlannedDevice,
 };
 use crate::hotplug::{self, Hotplug, HotplugRequest, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
@@ -137,7 +137,11 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     )?;
     let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
     let devices = plan_devices(config);
-    let passthrough = open_passthrough(config, &vm, &devices, &ram.memory)?;
+    // Made before any filter: passed-through devices, those given now and those hot-added.
+    let kvm_vfio = (!config.devices.is_empty() || config.api_socket.is_some())
+        .then(|| kvm_vfio_device(&vm))
+        .flatten();
+    let passthrough = open_passthrough(config, kvm_vfio.as_ref(), &devices, &ram.memory)?;
     let protected: Vec<acpi::PciBdf> = devices
         .iter()
         .filter(|device| device.iommu)
@@ -247,6 +251,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
                 mmio: &mmio,
                 router: &router,
                 memory: &ram.memory,
+                kvm_vfio,
             },
             iommu.clone(),
             &power_button,
@@ -383,6 +388,7 @@ struct Machine<'a> {
     mmio: &'a Arc<Bus>,
     router: &'a Arc<GsiRouter>,
     memory: &'a GuestMemoryMmap,
+    kvm_vfio: Option<Arc<VfioDeviceFd>>,
 }
 
 /// Puts the PCI hotplug controller on the port bus, has the bus follow the BARs the guest
@@ -424,6 +430,8 @@ fn start_hotplug(
         iommu,
         controller,
         placement,
+        kvm_vfio: machine.kvm_vfio,
+        vfio_entry_limit: vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH)),
         boot_ids: boot_devices.iter().map(|d| d.id.clone()).collect(),
         stats,
     }

@@ -68,9 +68,7 @@ impl api::Vmm for Control {
                 .remove_device(remove.id.unwrap_or_default())
                 .map(|()| Response::Done),
             Request::AddNet(net) => self.add_net(net).map(Response::Added),
-            Request::AddDevice(_) => Err(ApiError::not_supported(
-                "warden hot-plugs disks and nets (vm.add-disk, vm.add-net); passed-through devices are given at boot",
-            )),
+            Request::AddDevice(device) => self.add_device(device).map(Response::Added),
         }
     }
 
@@ -171,6 +169,30 @@ impl Control {
         Ok(added)
     }
 
+    fn add_device(&self, device: api::DeviceConfig) -> Result<api::PciDeviceInfo, ApiError> {
+        let config = vmm_config::DeviceConfig {
+            // Validated: an absolute path.
+            path: PathBuf::from(device.path.clone().unwrap_or_default()),
+            iommu: device.iommu,
+            id: device.id.clone(),
+        };
+        let added = self.ask(
+            |reply| HotplugRequest::AddDevice {
+                device: config,
+                reply,
+            },
+            HOTPLUG_MARGIN,
+        )?;
+        let mut info = vm_device::lock(&self.info);
+        info.config.devices.push(api::DeviceConfig {
+            id: Some(added.id.clone()),
+            ..device
+        });
+        info.device_tree
+            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
+        Ok(added)
+    }
+
     fn add_net(&self, net: api::NetConfig) -> Result<api::PciDeviceInfo, ApiError> {
         let config = net_config(&net)?;
         let id = net.id.clone();
@@ -207,6 +229,7 @@ impl Control {
         info.device_tree.remove(&id);
         info.config.disks.retain(|d| d.id.as_deref() != Some(&id));
         info.config.net.retain(|n| n.id.as_deref() != Some(&id));
+        info.config.devices.retain(|d| d.id.as_deref() != Some(&id));
         Ok(())
     }
 }

@@ -43,14 +43,13 @@ impl Passthrough<'_> {
 /// one with `iommu=on` gets nothing until the guest maps it through the virtio-iommu.
 pub(crate) fn open_passthrough<'a>(
     config: &'a VmConfig,
-    vm: &VmFd,
+    kvm_vfio: Option<&Arc<VfioDeviceFd>>,
     devices: &[PlannedDevice],
     memory: &GuestMemoryMmap,
 ) -> Result<Vec<Passthrough<'a>>, VmmError> {
     if config.devices.is_empty() {
         return Ok(Vec::new());
     }
-    let kvm_vfio = kvm_vfio_device(vm);
     let first = devices
         .last()
         .map_or(IOMMU_DEVICE_NUMBER, |d| d.device_number)
@@ -64,7 +63,7 @@ pub(crate) fn open_passthrough<'a>(
             ));
         }
         let name = device_config.name();
-        let device = vfio::open(&device_config.path, kvm_vfio.clone())?;
+        let device = vfio::open(&device_config.path, kvm_vfio.cloned())?;
         let mapper = Arc::new(VfioMapper::new(
             &name,
             device.container.clone(),
@@ -89,8 +88,9 @@ pub(crate) fn open_passthrough<'a>(
 }
 
 /// The VM's KVM VFIO device, through which KVM learns which groups the guest uses (for DMA
-/// coherency); passthrough works without it, so a failure only costs a warning.
-fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
+/// coherency); passthrough works without it, so a failure only costs a warning. A VM has one:
+/// the boot path's devices and hot-added ones share it.
+pub(crate) fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
     let mut request = kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
         fd: 0,

@@ -1,5 +1,5 @@
 //! Devices plugged in and out while the guest runs (`vm.add-disk`, `vm.add-net`,
-//! `vm.remove-device`), with
+//! `vm.add-device`, `vm.remove-device`), with
 //! ACPI PCI hotplug: the slots at the top of bus 0, the controller the DSDT's slot methods use,
 //! and the one thread that changes the machine for the API.
 //!
@@ -10,6 +10,11 @@
 //! detaches its endpoint from its IOMMU domain (which withdraws its mappings) and drops it,
 //! which stops its threads and frees its interrupts. If the guest does not let go within
 //! [`EJECT_TIMEOUT`], the request fails and the device stays (the guest may still release it).
+//!
+//! A passed-through device (`vm.add-device`) gets a VFIO container of its own, as at boot:
+//! with `iommu=on` it becomes an endpoint whose mapper turns the guest's MAPs into host VFIO
+//! maps, else all guest RAM is mapped for it. Its BARs are the guest's to place and every
+//! access to them traps to VFIO (a boot device's BARs are mapped into the guest instead).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,15 +27,18 @@ use api::{ApiError, PciDeviceInfo};
 use net_util::{Tap, TapError};
 use pci::{PciDevice, PciRoot};
 use sandbox::{Filters, ThreadKind};
+use vfio::{HostIommuInfo, VfioDeviceFd, VfioMapper, VfioPciDevice};
 use virtio_devices::{DeviceMemory, VirtioDevice};
-use virtio_iommu::{EndpointConfig, EndpointIommu, VirtioIommu};
+use virtio_iommu::{
+    EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
+};
 use virtio_pci::VirtioPciDevice;
 use vm_device::lock;
 use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 use crate::bar_placement::BarPlacement;
 use crate::builder::{confine, VmmError};
-use crate::config::{DiskConfig, NetConfig, OutputConfig};
+use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig};
 use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
@@ -49,6 +57,11 @@ pub enum HotplugRequest {
     AddDisk {
         disk: DiskConfig,
         id: Option<String>,
+        reply: Sender<Result<PciDeviceInfo, ApiError>>,
+    },
+    /// A host PCI function to pass through.
+    AddDevice {
+        device: DeviceConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     /// Answered with the device and the name of its tap (the kernel names a new one).
@@ -160,6 +173,10 @@ pub(crate) struct Hotplug {
     pub(crate) iommu: Option<Arc<VirtioIommu>>,
     pub(crate) controller: Arc<Mutex<PciHotplugController<IrqfdTrigger>>>,
     pub(crate) placement: Arc<BarPlacement>,
+    /// The VM's KVM VFIO device, told of each passed-through device's group.
+    pub(crate) kvm_vfio: Option<Arc<VfioDeviceFd>>,
+    /// The host's limit of VFIO mappings per container.
+    pub(crate) vfio_entry_limit: u64,
     /// Ids of the devices the VM started with: taken, and not ours to remove.
     pub(crate) boot_ids: Vec<String>,
     /// Where a plugged device's counters join `vm.counters`, and leave it on removal.
@@ -215,6 +232,9 @@ impl Hotplug {
                     });
                     let _ = reply.send(added);
                 }
+                Ok(HotplugRequest::AddDevice { device, reply }) => {
+                    let _ = reply.send(self.add_passthrough(&mut slots, &device));
+                }
                 Ok(HotplugRequest::AddNet { net, id, reply }) => {
                     let _ = reply.send(self.add_net(&mut slots, &net, id));
                 }
@@ -253,17 +273,14 @@ impl Hotplug {
         Ok((added, name))
     }
 
-    /// Finds the new device an id and a slot, then makes it (`make`, only once nothing
-    /// refuses it: no tap is opened for a refused request; it also says what the device is
-    /// for the log), over guest RAM or through the virtio-iommu, and plugs it in.
-    fn add<'a>(
+    /// An id and a free slot for a new device, behind the IOMMU or not.
+    fn reserve(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &BTreeMap<u8, Plugged>,
         iommu: bool,
         id: Option<String>,
         prefix: &str,
-        make: impl FnOnce() -> Result<(NewDevice<'a>, String), ApiError>,
-    ) -> Result<PciDeviceInfo, ApiError> {
+    ) -> Result<(String, u8), ApiError> {
         if iommu && self.iommu.is_none() {
             return Err(ApiError::bad_request(
                 "iommu=on needs the virtio-iommu, which this VM does not have: start warden with a device behind it or with --platform iommu=on",
@@ -282,6 +299,21 @@ impl Hotplug {
                 ),
             )
         })?;
+        Ok((id, slot))
+    }
+
+    /// Finds the new device an id and a slot, then makes it (`make`, only once nothing
+    /// refuses it: no tap is opened for a refused request; it also says what the device is
+    /// for the log), over guest RAM or through the virtio-iommu, and plugs it in.
+    fn add<'a>(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        iommu: bool,
+        id: Option<String>,
+        prefix: &str,
+        make: impl FnOnce() -> Result<(NewDevice<'a>, String), ApiError>,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        let (id, slot) = self.reserve(slots, iommu, id, prefix)?;
         let (new, what) = make()?;
         let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         let (device, endpoint) = match &self.iommu {
@@ -301,12 +333,93 @@ impl Hotplug {
         let transport = match device.and_then(|device| self.plug(slot, device)) {
             Ok(transport) => transport,
             Err(err) => {
-                if let (Some(model), Some(endpoint)) = (&self.iommu, endpoint) {
-                    let _ = model.remove_endpoint(endpoint);
-                }
+                self.withdraw_endpoint(endpoint);
                 return Err(err);
             }
         };
+        if let Some(counters) = counters {
+            self.stats.add_device(&id, counters);
+        }
+        Ok(self.record(slots, slot, id, &what, transport, endpoint))
+    }
+
+    /// Passes the host PCI function `device` through in a free slot, behind the IOMMU (its
+    /// mappings following the guest's) or with all guest RAM mapped.
+    fn add_passthrough(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        device: &DeviceConfig,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        let (id, slot) = self.reserve(slots, device.iommu, device.id.clone(), "_vfio")?;
+        let refused = |err: vfio::OpenError| {
+            let message = err.to_string();
+            let message = message.strip_prefix("--device: ").unwrap_or(&message);
+            ApiError::bad_request(format!("DeviceConfig: {message}"))
+        };
+        let opened = vfio::open(&device.path, self.kvm_vfio.clone()).map_err(refused)?;
+        let mapper = Arc::new(VfioMapper::new(
+            &id,
+            opened.container.clone(),
+            self.memory.clone(),
+            self.vfio_entry_limit,
+        ));
+        let endpoint = match &self.iommu {
+            Some(model) if device.iommu => {
+                let regions = hot_reserved_regions(model.config(), &opened.iommu)?;
+                let endpoint = acpi::PciBdf::new(0, 0, slot, 0).endpoint_id();
+                let external: Arc<dyn ExternalMapper> = mapper.clone();
+                model
+                    .add_endpoint(
+                        endpoint,
+                        EndpointConfig {
+                            reserved_regions: Some(regions),
+                            mapper: Some(external),
+                        },
+                    )
+                    .map_err(|err| ApiError::new(500, format!("virtio-iommu: {err}")))?;
+                Some(endpoint)
+            }
+            _ => {
+                mapper.set_identity(true).map_err(|err| {
+                    ApiError::new(500, format!("cannot map guest RAM for {id}'s DMA: {err}"))
+                })?;
+                None
+            }
+        };
+        let pci = VfioPciDevice::new(&id, opened.device, |vectors| self.router.msi_group(vectors))
+            .map_err(|err| ApiError::new(500, err));
+        let transport: Result<Arc<Mutex<dyn PciDevice>>, ApiError> =
+            pci.and_then(|pci| self.insert(slot, Arc::new(Mutex::new(pci))));
+        let transport = match transport {
+            Ok(transport) => transport,
+            Err(err) => {
+                self.withdraw_endpoint(endpoint);
+                return Err(err);
+            }
+        };
+        self.stats.add_passthrough(&id, mapper);
+        let what = device.path.display().to_string();
+        Ok(self.record(slots, slot, id, &what, transport, endpoint))
+    }
+
+    /// Takes back the endpoint of a device that could not be plugged in.
+    fn withdraw_endpoint(&self, endpoint: Option<u32>) {
+        if let (Some(model), Some(endpoint)) = (&self.iommu, endpoint) {
+            let _ = model.remove_endpoint(endpoint);
+        }
+    }
+
+    /// Notes the device plugged in at `slot`; returns what the API answers.
+    fn record(
+        &self,
+        slots: &mut BTreeMap<u8, Plugged>,
+        slot: u8,
+        id: String,
+        what: &str,
+        transport: Arc<Mutex<dyn PciDevice>>,
+        endpoint: Option<u32>,
+    ) -> PciDeviceInfo {
+        let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         log::info!(
             "hotplug: {id} ({what}) plugged in at {bdf}{}",
             if endpoint.is_some() {
@@ -324,13 +437,10 @@ impl Hotplug {
                 eject: None,
             },
         );
-        if let Some(counters) = counters {
-            self.stats.add_device(&id, counters);
-        }
-        Ok(PciDeviceInfo {
+        PciDeviceInfo {
             id,
             bdf: format!("0000:00:{slot:02x}.0"),
-        })
+        }
     }
 
     /// Puts `device` behind a virtio-pci transport in `slot` and tells the guest.
@@ -347,11 +457,20 @@ impl Hotplug {
             .map_err(|err| internal("MSI vectors", err.to_string()))?;
         let transport = VirtioPciDevice::new(device, interrupt)
             .map_err(|err| internal("virtio-pci", err.to_string()))?;
-        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        self.insert(slot, Arc::new(Mutex::new(transport)))
+    }
+
+    /// Puts `transport` in `slot` of bus 0, its BARs following where the guest places them,
+    /// and tells the guest.
+    fn insert(
+        &self,
+        slot: u8,
+        transport: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
         self.placement.track(slot);
         if let Err(err) = lock(&self.root).add_device(slot, transport.clone()) {
             self.placement.untrack(slot, &transport);
-            return Err(internal("bus 0", err.to_string()));
+            return Err(ApiError::new(500, format!("bus 0: {err}")));
         }
         if let Err(err) = lock(&self.controller).plugged(slot) {
             // The device is there; the guest finds it when it next rescans.
@@ -407,6 +526,40 @@ impl Hotplug {
             let _ = reply.send(Ok(()));
         }
     }
+}
+
+/// What a hot-added device behind the IOMMU must not have mapped: what its host IOMMU
+/// reserves, and the parts of the virtio-iommu's input range (fixed at boot, before this
+/// device) outside the host's IOVA ranges. Refused if the host maps in pages larger than the
+/// smallest the guest may use.
+fn hot_reserved_regions(
+    model: &IommuConfig,
+    host: &HostIommuInfo,
+) -> Result<Vec<ReservedRegion>, ApiError> {
+    let granule = |mask: u64| mask & mask.wrapping_neg();
+    if host.page_sizes != 0 && granule(host.page_sizes) > granule(model.page_size_mask) {
+        return Err(ApiError::bad_request(format!(
+            "DeviceConfig: the host IOMMU maps in {:#x}-byte pages, larger than the virtio-iommu's {:#x} (fixed at boot); pass the device at boot with --device instead",
+            granule(host.page_sizes),
+            granule(model.page_size_mask)
+        )));
+    }
+    let mut regions = host.reserved_regions();
+    let (start, end) = model.input_range;
+    let reserved = |start: u64, end: u64| ReservedRegion {
+        subtype: virtio_iommu::protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+        start,
+        end,
+    };
+    if let (Some(first), Some(last)) = (host.iova_ranges.first(), host.iova_ranges.last()) {
+        if first.0 > start {
+            regions.push(reserved(start, first.0 - 1));
+        }
+        if last.1 < end {
+            regions.push(reserved(last.1 + 1, end));
+        }
+    }
+    Ok(regions)
 }
 
 /// Answers the removals the guest has not acknowledged by `now`; the devices stay, and a later
@@ -468,6 +621,42 @@ mod tests {
         assert_eq!(err.status, 409);
         assert!(
             err.message.contains("\"data\" is in use"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn a_hot_added_device_behind_the_iommu_gets_the_host_reserved_regions_and_edges() {
+        let model = IommuConfig {
+            page_size_mask: 0x1000 | 0x20_0000,
+            input_range: (0, u64::MAX),
+            ..IommuConfig::default()
+        };
+        // The host's doorbell gap, and nothing above 1 TiB.
+        let host = HostIommuInfo {
+            page_sizes: 0x1000 | 0x20_0000 | 0x4000_0000,
+            iova_ranges: vec![(0, 0xfedf_ffff), (0xfef0_0000, (1 << 40) - 1)],
+        };
+        let regions = hot_reserved_regions(&model, &host).unwrap();
+        assert!(regions.contains(&ReservedRegion::X86_MSI), "{regions:?}");
+        assert!(
+            regions
+                .iter()
+                .any(|r| (r.start, r.end) == (1 << 40, u64::MAX)),
+            "above the host's last range: {regions:?}"
+        );
+        assert!(!regions.iter().any(|r| r.start == 0), "{regions:?}");
+
+        // A host that maps only 64 KiB pages cannot follow 4 KiB guest mappings.
+        let coarse = HostIommuInfo {
+            page_sizes: 0x1_0000,
+            ..host
+        };
+        let err = hot_reserved_regions(&model, &coarse).unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(
+            err.message.contains("0x10000-byte pages"),
             "{}",
             err.message
         );

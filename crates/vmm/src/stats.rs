@@ -21,8 +21,9 @@ pub const IOMMU_ID: &str = "virtio-iommu";
 /// The sources of the counters.
 pub struct StatsReport {
     iommu: Option<Arc<VirtioIommu>>,
-    /// Per passed-through device: its name and mapper.
-    vfio: Vec<(String, Arc<VfioMapper>)>,
+    /// Per passed-through device: its name and mapper (hot-added ones join, removed ones
+    /// leave).
+    vfio: Mutex<Vec<(String, Arc<VfioMapper>)>>,
     /// The virtio devices that count, by id: hot-added ones join, removed ones leave.
     devices: Mutex<BTreeMap<String, Arc<dyn DeviceCounters>>>,
 }
@@ -70,14 +71,19 @@ impl StatsReport {
     ) -> Self {
         StatsReport {
             iommu,
-            vfio,
+            vfio: Mutex::new(vfio),
             devices: Mutex::new(devices.into_iter().collect()),
         }
     }
 
     /// Whether the printed report has any line: an IOMMU or a passed-through device.
     pub fn prints_anything(&self) -> bool {
-        self.iommu.is_some() || !self.vfio.is_empty()
+        self.iommu.is_some() || !lock(&self.vfio).is_empty()
+    }
+
+    /// A hot-added passed-through device's counters join, under its id.
+    pub fn add_passthrough(&self, id: &str, mapper: Arc<VfioMapper>) {
+        lock(&self.vfio).push((id.to_string(), mapper));
     }
 
     /// A hot-added device's counters join, under its id.
@@ -88,6 +94,7 @@ impl StatsReport {
     /// A removed device's counters leave with it.
     pub fn remove_device(&self, id: &str) {
         lock(&self.devices).remove(id);
+        lock(&self.vfio).retain(|(name, _)| name != id);
     }
 
     /// Every counter, now.
@@ -109,7 +116,7 @@ impl StatsReport {
                 }
             }
         }
-        for (name, mapper) in &self.vfio {
+        for (name, mapper) in lock(&self.vfio).iter() {
             let s = mapper.stats();
             // A passed-through device's counters go by its id.
             counters.insert(
@@ -188,7 +195,7 @@ impl StatsReport {
                 get(total, "dropped_fault_events")
             ));
         }
-        for (name, _) in &self.vfio {
+        for (name, _) in lock(&self.vfio).iter() {
             if let Some(c) = counters.get(name) {
                 lines.push(format!(
                     "warden: vfio {name}: {} maps, {} unmaps, {} bytes mapped, {} entries live, {} peak entries (limit {}, {} refused)",

@@ -270,3 +270,174 @@ fn leading_number(line: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unreadable statistics {line:?}"))
 }
+
+/// On this machine: a 48 MiB image for the hot-plugged disk, and the checksum of its first
+/// 32 MiB.
+const HOT_IMAGE: &str = "dd if=/dev/urandom of=passthrough.img bs=1M count=48 2>/dev/null
+echo \"HOST-DISK-MD5=$(head -c 33554432 passthrough.img | md5sum | cut -d' ' -f1)\"";
+
+/// In L1, once the disk is bound: a signal disk, and a client that waits for the guest, adds
+/// the disk behind the IOMMU (then again, which the busy group refuses), reads info and
+/// counters, removes it once the guest has used it, and presses the power button once the
+/// guest has seen it go.
+const HOTPLUG_CLIENT: &str = r#"dd if=/dev/zero of=signal.img bs=1M count=1 2>/dev/null
+(
+  set +e
+  wait_sector() {
+    n=0
+    until [ "$(dd if=signal.img bs=512 skip=$1 count=1 2>/dev/null | head -c ${#2})" = "$2" ]; do
+      n=$((n + 1)); [ $n -gt 400 ] && exit 1
+      sleep 1
+    done
+  }
+  wait_sector 8 READY
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-device \
+    '{"path":"/sys/bus/pci/devices/0000:00:05.0","iommu":true,"id":"pt0"}' >add.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-device \
+    '{"path":"/sys/bus/pci/devices/0000:00:05.0","id":"pt1"}' >add-again.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info.txt
+  wait_sector 16 HOTOK
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"pt0"}' >remove.txt
+  wait_sector 24 GONE
+  "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-after.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.power-button >power-button.txt
+) >/dev/null 2>&1 &"#;
+
+/// In L2: tell the host, find the hot-added disk at slot 0x18 in an IOMMU group of its own,
+/// read 32 MiB, write and read back two rounds of 8 MiB with O_DIRECT, wait for it to go,
+/// then for the power button.
+const HOTPLUG_GUEST: &str = r#"
+wait_for /dev/vda 60
+wait_for /sys/class/input/event0
+for dev in /sys/class/input/event*; do
+    [ "$(cat "$dev/device/name")" = "Power Button" ] && button=/dev/input/${dev##*/}
+done
+exec 3<"$button"
+tell() { printf "$1" | dd of=/dev/vda bs=512 seek=$2 conv=notrunc,fsync 2>/dev/null; }
+tell READY 8
+hot=/sys/bus/pci/devices/0000:00:18.0
+wait_for /dev/vdb 120
+echo "HOT-DRIVER=$(basename "$(readlink $hot/driver)")"
+group=$(basename "$(readlink $hot/iommu_group)")
+echo "HOT-GROUP-DEVICES=$(ls /sys/kernel/iommu_groups/$group/devices | tr '\n' ' ')"
+md5() { md5sum | cut -d' ' -f1; }
+echo "GUEST-DISK-MD5=$(dd if=/dev/vdb bs=1M count=32 iflag=direct 2>/dev/null | md5)"
+for round in 0 1; do
+    dd if=/dev/urandom of=/tmp/written bs=1M count=8 2>/dev/null
+    echo "GUEST-WRITTEN-$round-MD5=$(md5 </tmp/written)"
+    dd if=/tmp/written of=/dev/vdb bs=1M seek=$((32 + 8 * round)) oflag=direct conv=notrunc,fsync 2>/dev/null
+    echo "GUEST-REREAD-$round-MD5=$(dd if=/dev/vdb bs=1M skip=$((32 + 8 * round)) count=8 iflag=direct 2>/dev/null | md5)"
+done
+tell HOTOK 16
+n=0
+while [ -e /dev/vdb ] || [ -e $hot ]; do
+    n=$((n + 1)); [ $n -gt 120 ] && break
+    sleep 1
+done
+[ -e $hot ] && echo "HOT-GONE=no" || echo "HOT-GONE=yes"
+tell GONE 24
+dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
+echo "HOT-POWER-BUTTON=pressed"
+"#;
+
+const HOTPLUG_CHECK: &str = r#"for f in add add-again info counters remove counters-after power-button; do
+  echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
+done"#;
+
+/// The API's answer to call `name`: its status and its body.
+fn api_reply<'a>(out: &'a Outcome, name: &str) -> (u16, &'a str) {
+    let prefix = format!("API-REPLY {name} ");
+    let line = out
+        .host_check_output()
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no reply to {name}\n{out}"));
+    let (status, body) = line.split_once(' ').unwrap_or((line, ""));
+    let status = status
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}: {line:?}\n{out}"));
+    (status, body)
+}
+
+/// A counter of device `id` in a `vm.counters` body.
+fn counter(body: &str, id: &str, name: &str) -> Option<u64> {
+    let counters: serde_json::Value = serde_json::from_str(body).ok()?;
+    counters.get(id)?.get(name)?.as_u64()
+}
+
+/// `vm.add-device` while the guest runs, behind the IOMMU: the VM starts without any
+/// passed-through or protected device (`--platform iommu=on` makes the virtio-iommu), the
+/// disk arrives in slot 0x18 in an IOMMU group of its own, the guest's virtio_blk reads what
+/// this machine wrote and writes what reads back (every DMA through its MAP requests, turned
+/// into L1 VFIO maps), and `vm.remove-device` takes it away again.
+#[test]
+fn passthrough_hot_added_behind_the_virtio_iommu_and_removed() {
+    let Some(out) = passthrough("vfio_hotplug", "")
+        .qemu_setup(HOT_IMAGE)
+        .host_setup(&format!("{BIND_IN_L1}\n{HOTPLUG_CLIENT}"))
+        .warden_args([
+            "--memory",
+            "size=512M",
+            "--platform",
+            "iommu=on",
+            "--disk",
+            "path=signal.img",
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .guest_script(HOTPLUG_GUEST)
+        .host_check(HOTPLUG_CHECK)
+        .timeout(Duration::from_secs(400))
+        .run()
+    else {
+        return;
+    };
+    assert_l1_ready(&out);
+    assert_eq!(out.guest_script_exit(), Some(0), "{out}");
+    let (status, body) = api_reply(&out, "add");
+    assert_eq!(status, 200, "{body}\n{out}");
+    let added: serde_json::Value = serde_json::from_str(body).expect("PciDeviceInfo");
+    assert_eq!(added["id"], "pt0", "{body}");
+    assert_eq!(added["bdf"], "0000:00:18.0", "{body}");
+    let (status, body) = api_reply(&out, "add-again");
+    assert_eq!(status, 400, "the group is in use: {body}\n{out}");
+    assert!(body.contains("is busy"), "{body}");
+    let (_, info) = api_reply(&out, "info");
+    assert!(info.contains(r#""pci_bdf":"0000:00:18.0""#), "{info}");
+
+    assert_eq!(out.marker("HOT-DRIVER"), Some("virtio-pci"), "{out}");
+    assert_eq!(
+        out.marker("HOT-GROUP-DEVICES"),
+        Some("0000:00:18.0"),
+        "an IOMMU group of its own\n{out}"
+    );
+    let host = out.marker("HOST-DISK-MD5").expect("host checksum");
+    assert_eq!(
+        out.marker("GUEST-DISK-MD5"),
+        Some(host),
+        "32 MiB read\n{out}"
+    );
+    for round in 0..2 {
+        let written = out.marker(&format!("GUEST-WRITTEN-{round}-MD5"));
+        assert!(written.is_some(), "{out}");
+        assert_eq!(
+            out.marker(&format!("GUEST-REREAD-{round}-MD5")),
+            written,
+            "round {round}\n{out}"
+        );
+    }
+    let (_, counters) = api_reply(&out, "counters");
+    let maps = counter(counters, "pt0", "maps").unwrap_or(0);
+    assert!(
+        maps > 10,
+        "the guest's MAP requests became VFIO maps: {counters}\n{out}"
+    );
+    assert_eq!(api_reply(&out, "remove").0, 204, "{out}");
+    assert_eq!(out.marker("HOT-GONE"), Some("yes"), "{out}");
+    let (_, after) = api_reply(&out, "counters-after");
+    assert_eq!(counter(after, "pt0", "maps"), None, "gone with it: {after}");
+    assert_eq!(api_reply(&out, "power-button").0, 204, "{out}");
+    assert_eq!(out.marker("HOT-POWER-BUTTON"), Some("pressed"), "{out}");
+    assert_eq!(out.warden_exit, Some(0), "{out}");
+}
