@@ -60,3 +60,8 @@ fn net() {
 fn chain_walk() {
     run_target("chain_walk", virtio_iommu_fuzz::chain_walk::run);
 }
+
+#[test]
+fn console() {
+    run_target("console", virtio_iommu_fuzz::console::run);
+}
