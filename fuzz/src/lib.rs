@@ -8,3 +8,4 @@ pub mod console;
 pub mod net;
 pub mod request_queue;
 pub mod ring;
+pub mod rng;

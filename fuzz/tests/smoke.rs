@@ -65,3 +65,8 @@ fn chain_walk() {
 fn console() {
     run_target("console", virtio_iommu_fuzz::console::run);
 }
+
+#[test]
+fn rng() {
+    run_target("rng", virtio_iommu_fuzz::rng::run);
+}
