@@ -5,6 +5,7 @@
 pub mod block;
 pub mod chain_walk;
 pub mod console;
+pub mod msix;
 pub mod net;
 pub mod request_queue;
 pub mod ring;

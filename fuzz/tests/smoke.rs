@@ -70,3 +70,8 @@ fn console() {
 fn rng() {
     run_target("rng", virtio_iommu_fuzz::rng::run);
 }
+
+#[test]
+fn msix() {
+    run_target("msix", virtio_iommu_fuzz::msix::run);
+}
