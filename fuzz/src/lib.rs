@@ -7,6 +7,7 @@ pub mod chain_walk;
 pub mod console;
 pub mod msix;
 pub mod net;
+pub mod pci_config;
 pub mod request_queue;
 pub mod ring;
 pub mod rng;

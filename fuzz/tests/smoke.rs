@@ -75,3 +75,8 @@ fn rng() {
 fn msix() {
     run_target("msix", virtio_iommu_fuzz::msix::run);
 }
+
+#[test]
+fn pci_config() {
+    run_target("pci_config", virtio_iommu_fuzz::pci_config::run);
+}
