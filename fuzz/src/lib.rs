@@ -11,3 +11,4 @@ pub mod pci_config;
 pub mod request_queue;
 pub mod ring;
 pub mod rng;
+pub mod virtio_pci_registers;

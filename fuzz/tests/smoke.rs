@@ -80,3 +80,8 @@ fn msix() {
 fn pci_config() {
     run_target("pci_config", virtio_iommu_fuzz::pci_config::run);
 }
+
+#[test]
+fn virtio_pci_registers() {
+    run_target("virtio_pci_registers", virtio_iommu_fuzz::virtio_pci_registers::run);
+}
