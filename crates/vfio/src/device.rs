@@ -122,7 +122,8 @@ pub(crate) fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView
                 .min(256);
             view.hidden.push((offset, end));
         }
-        if id == MSIX_CAPABILITY_ID {
+        // The guest's driver uses the first MSI-X capability in the list: emulate that one.
+        if id == MSIX_CAPABILITY_ID && view.msix.is_none() {
             view.msix = Some(offset);
         }
     }
@@ -536,6 +537,21 @@ mod tests {
         assert_eq!(msix_fields(&raw, 0xf8), None);
         assert!(msix_fields(&raw, 0xf4).is_some());
         assert_eq!(msix_fields(&raw, 0xfc), None);
+    }
+
+    /// Linux's driver programs the first MSI-X capability it finds, so that is the one to
+    /// emulate.
+    #[test]
+    fn the_first_msix_capability_is_emulated() {
+        let raw = config_with_caps(
+            &[
+                (0x40, MSIX_CAPABILITY_ID, 0x50),
+                (0x50, MSI_CAPABILITY_ID, 0x60),
+                (0x60, MSIX_CAPABILITY_ID, 0),
+            ],
+            0x40,
+        );
+        assert_eq!(capability_view(&raw, &[MSI_CAPABILITY_ID]).msix, Some(0x40));
     }
 
     #[test]
