@@ -11,4 +11,5 @@ pub mod pci_config;
 pub mod request_queue;
 pub mod ring;
 pub mod rng;
+pub mod vfio_caps;
 pub mod virtio_pci_registers;

@@ -85,3 +85,8 @@ fn pci_config() {
 fn virtio_pci_registers() {
     run_target("virtio_pci_registers", virtio_iommu_fuzz::virtio_pci_registers::run);
 }
+
+#[test]
+fn vfio_caps() {
+    run_target("vfio_caps", virtio_iommu_fuzz::vfio_caps::run);
+}
