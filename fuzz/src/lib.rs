@@ -5,6 +5,7 @@
 pub mod block;
 pub mod chain_walk;
 pub mod console;
+pub mod iommu_domains;
 pub mod msix;
 pub mod net;
 pub mod pci_config;

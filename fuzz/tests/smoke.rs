@@ -90,3 +90,8 @@ fn virtio_pci_registers() {
 fn vfio_caps() {
     run_target("vfio_caps", virtio_iommu_fuzz::vfio_caps::run);
 }
+
+#[test]
+fn iommu_domains() {
+    run_target("iommu_domains", virtio_iommu_fuzz::iommu_domains::run);
+}
