@@ -4,6 +4,13 @@
 
 pub mod block;
 pub mod chain_walk;
+pub mod console;
+pub mod iommu_domains;
+pub mod msix;
 pub mod net;
+pub mod pci_config;
 pub mod request_queue;
 pub mod ring;
+pub mod rng;
+pub mod vfio_caps;
+pub mod virtio_pci_registers;

@@ -240,11 +240,43 @@ impl Ring {
         self.chains.iter().find(|c| u32::from(c.head) == head)
     }
 
+    /// The chains a device handles before it stops at a head that names no descriptor (that
+    /// one is handled, as an empty chain, but cannot be returned).
+    pub fn handled(&self) -> &[Chain] {
+        let end = self
+            .chains
+            .iter()
+            .position(|c| c.head >= self.size)
+            .map_or(self.chains.len(), |i| i + 1);
+        &self.chains[..end]
+    }
+
     /// Whether every head made available names a descriptor: otherwise returning that chain
     /// fails and the device must report the queue broken.
     pub fn heads_valid(&self) -> bool {
         self.chains.iter().all(|c| c.head < self.size)
     }
+}
+
+/// Whether the first `len` bytes of `descs`, in chain order, are all guest memory: a device
+/// that moves only that much must then succeed, and otherwise must fail.
+pub fn prefix_accessible(descs: &[&Desc], len: u64) -> bool {
+    let mut left = len;
+    for d in descs {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(u64::from(d.len));
+        let part = Desc {
+            len: take as u32,
+            ..**d
+        };
+        if !part.accessible() {
+            return false;
+        }
+        left -= take;
+    }
+    true
 }
 
 /// Fills the indirect area from `input` (zeros past its end).

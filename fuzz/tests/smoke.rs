@@ -60,3 +60,38 @@ fn net() {
 fn chain_walk() {
     run_target("chain_walk", virtio_iommu_fuzz::chain_walk::run);
 }
+
+#[test]
+fn console() {
+    run_target("console", virtio_iommu_fuzz::console::run);
+}
+
+#[test]
+fn rng() {
+    run_target("rng", virtio_iommu_fuzz::rng::run);
+}
+
+#[test]
+fn msix() {
+    run_target("msix", virtio_iommu_fuzz::msix::run);
+}
+
+#[test]
+fn pci_config() {
+    run_target("pci_config", virtio_iommu_fuzz::pci_config::run);
+}
+
+#[test]
+fn virtio_pci_registers() {
+    run_target("virtio_pci_registers", virtio_iommu_fuzz::virtio_pci_registers::run);
+}
+
+#[test]
+fn vfio_caps() {
+    run_target("vfio_caps", virtio_iommu_fuzz::vfio_caps::run);
+}
+
+#[test]
+fn iommu_domains() {
+    run_target("iommu_domains", virtio_iommu_fuzz::iommu_domains::run);
+}

@@ -148,6 +148,8 @@ impl MsixState {
     }
 
     fn read_table(&self, offset: u64, data: &mut [u8]) {
+        // Zeros for the accesses `for_each_dword` drops: `data` holds a previous exit's bytes.
+        data.fill(0);
         for_each_dword(offset, data.len(), |dword_offset, range| {
             let index = (dword_offset / MSIX_TABLE_ENTRY_SIZE) as usize;
             let value = self.entries.get(index).map_or(0, |entry| {
@@ -181,6 +183,7 @@ impl MsixState {
     }
 
     fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
         for_each_dword(offset, data.len(), |dword_offset, range| {
             let qword = self.pba.get((dword_offset / 8) as usize).copied();
             let value = qword.map_or(0, |q| (q >> (dword_offset % 8 * 8)) as u32);
@@ -462,6 +465,19 @@ pub(crate) mod tests {
         let mut data = [0u8; 4];
         assert!(!msix.read_bar(0, 0x1008, &mut data));
         assert!(lock(msix.state()).trigger(2).is_err());
+    }
+
+    /// The vCPU hands a read the bytes its previous exit left, so an access the spec does
+    /// not define must still fill the buffer.
+    #[test]
+    fn undefined_reads_return_zeros() {
+        let (_, msix, _) = setup(2);
+        write_entry(&msix, 0, 0xfee0_0000, 0x4041, false);
+        for (offset, len) in [(8, 2), (9, 1), (6, 4), (4, 8), (0x1000, 2), (0x1002, 1)] {
+            let mut data = vec![0xa5; len];
+            assert!(msix.read_bar(0, offset, &mut data));
+            assert_eq!(data, vec![0; len], "{len} bytes at {offset:#x}");
+        }
     }
 
     #[test]

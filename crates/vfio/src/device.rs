@@ -62,15 +62,34 @@ struct MsixCap {
 /// What the device's capability list looks like once the guest's view is applied: bytes whose
 /// value warden chooses (list pointers), and the byte ranges of hidden capabilities.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct CapabilityView {
+pub(crate) struct CapabilityView {
     overrides: Vec<(usize, u8)>,
     hidden: Vec<(usize, usize)>,
-    msix: Option<usize>,
+    pub(crate) msix: Option<usize>,
+}
+
+impl CapabilityView {
+    /// Puts warden's bytes into `bytes`, the value of register `reg_idx`; later overrides win.
+    pub(crate) fn apply(&self, reg_idx: usize, bytes: &mut [u8; 4]) {
+        for &(offset, value) in &self.overrides {
+            if offset / 4 == reg_idx {
+                bytes[offset % 4] = value;
+            }
+        }
+    }
+
+    /// Whether register `reg_idx` overlaps a hidden capability, so guest writes are dropped.
+    pub(crate) fn hides(&self, reg_idx: usize) -> bool {
+        let offset = reg_idx * 4;
+        self.hidden
+            .iter()
+            .any(|&(start, end)| offset + 4 > start && offset < end)
+    }
 }
 
 /// Walks the capability list of `config` (the first 256 bytes of configuration space) and
 /// unlinks the capabilities with an ID in `hide`.
-fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView {
+pub(crate) fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView {
     let mut caps = Vec::new();
     let mut offset = usize::from(config[CAPABILITY_POINTER_OFFSET] & !3);
     // A list longer than the space can hold is looping.
@@ -103,7 +122,8 @@ fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView {
                 .min(256);
             view.hidden.push((offset, end));
         }
-        if id == MSIX_CAPABILITY_ID {
+        // The guest's driver uses the first MSI-X capability in the list: emulate that one.
+        if id == MSIX_CAPABILITY_ID && view.msix.is_none() {
             view.msix = Some(offset);
         }
     }
@@ -112,15 +132,15 @@ fn capability_view(config: &[u8; 256], hide: &[u8]) -> CapabilityView {
 
 /// The fields of an MSI-X capability: vector count, and the table and PBA as (BAR, offset).
 #[derive(Debug, PartialEq, Eq)]
-struct MsixFields {
-    vectors: usize,
-    table: (usize, u32),
-    pba: (usize, u32),
+pub(crate) struct MsixFields {
+    pub(crate) vectors: usize,
+    pub(crate) table: (usize, u32),
+    pub(crate) pba: (usize, u32),
 }
 
 /// Reads the MSI-X capability at `offset` of `config`; `None` if its 12 bytes run past the
 /// configuration space (the capability pointer can name any dword up to 0xfc).
-fn msix_fields(config: &[u8; 256], offset: usize) -> Option<MsixFields> {
+pub(crate) fn msix_fields(config: &[u8; 256], offset: usize) -> Option<MsixFields> {
     let cap = config.get(offset..offset.checked_add(MSIX_CAP_LEN)?)?;
     let u32_at = |o: usize| u32::from_le_bytes([cap[o], cap[o + 1], cap[o + 2], cap[o + 3]]);
     let control = u16::from_le_bytes([cap[2], cap[3]]);
@@ -307,14 +327,6 @@ impl VfioPciDevice {
         }
     }
 
-    fn hidden(&self, reg_idx: usize) -> bool {
-        let offset = reg_idx * 4;
-        self.view
-            .hidden
-            .iter()
-            .any(|&(start, end)| offset + 4 > start && offset < end)
-    }
-
     /// Wires or unwires the device's vectors after the guest toggled MSI-X enable.
     fn sync_msix(&mut self) {
         let (Some(cap), Some(interrupt)) = (&self.msix, &self.interrupt) else {
@@ -382,16 +394,12 @@ impl PciDevice for VfioPciDevice {
                 data
             }
         };
-        for &(offset, value) in &self.view.overrides {
-            if offset / 4 == reg_idx {
-                bytes[offset % 4] = value;
-            }
-        }
+        self.view.apply(reg_idx, &mut bytes);
         u32::from_le_bytes(bytes)
     }
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
-        if self.hidden(reg_idx) {
+        if self.view.hides(reg_idx) {
             debug!(
                 "{}: write to hidden capability at register {reg_idx} dropped",
                 self.name
@@ -529,6 +537,21 @@ mod tests {
         assert_eq!(msix_fields(&raw, 0xf8), None);
         assert!(msix_fields(&raw, 0xf4).is_some());
         assert_eq!(msix_fields(&raw, 0xfc), None);
+    }
+
+    /// Linux's driver programs the first MSI-X capability it finds, so that is the one to
+    /// emulate.
+    #[test]
+    fn the_first_msix_capability_is_emulated() {
+        let raw = config_with_caps(
+            &[
+                (0x40, MSIX_CAPABILITY_ID, 0x50),
+                (0x50, MSI_CAPABILITY_ID, 0x60),
+                (0x60, MSIX_CAPABILITY_ID, 0),
+            ],
+            0x40,
+        );
+        assert_eq!(capability_view(&raw, &[MSI_CAPABILITY_ID]).msix, Some(0x40));
     }
 
     #[test]

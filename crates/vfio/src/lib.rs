@@ -11,6 +11,8 @@
 
 pub mod container;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod mapper;
 pub mod open;
 

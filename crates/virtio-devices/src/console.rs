@@ -135,6 +135,37 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory> Console<M> {
+    /// Serves one notification of the transmit queue, then delivers `input` as if just read
+    /// from the input fd, as the worker would, on the calling thread (see
+    /// [`crate::fuzzing::console`]). Returns how many input bytes are still pending.
+    pub(crate) fn serve_for_fuzzing(
+        &self,
+        rx: virtio_queue::Queue,
+        tx: virtio_queue::Queue,
+        input: &[u8],
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> usize {
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let mut worker = ConsoleWorker {
+            mem: self.mem.clone(),
+            rx: DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
+            tx: DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            output: Arc::clone(&self.output),
+            input: None,
+            input_watched: false,
+            pending: input[..input.len().min(PENDING_MAX)]
+                .iter()
+                .copied()
+                .collect(),
+        };
+        worker.drain_output();
+        worker.deliver_input();
+        worker.pending.len()
+    }
+}
+
 struct ConsoleWorker<M> {
     mem: M,
     rx: DeviceQueue,

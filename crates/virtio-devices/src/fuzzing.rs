@@ -5,7 +5,8 @@
 //! out in guest memory, so that a fuzz input maps to one deterministic run.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -14,7 +15,10 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::buffers::{self, Buffer};
 use crate::worker::DeviceQueue;
-use crate::{Block, BlockError, BlockOptions, Net, NetBackend, NetOptions, VirtioDevice};
+use crate::{
+    Block, BlockError, BlockOptions, Console, Net, NetBackend, NetOptions, Rng, RngError,
+    VirtioDevice,
+};
 
 /// Counts what a device raised, so a target can check it.
 #[derive(Debug, Default)]
@@ -90,6 +94,41 @@ pub fn net<B: NetBackend>(
     let mut dev = Net::new(mem.clone(), vec![backend], options);
     dev.ack_features(features);
     dev.serve_for_fuzzing(rx, tx, interrupts)
+}
+
+/// A virtio-console writing to `output`, with `features` accepted, serves one notification
+/// of the transmit queue `tx`, then delivers `input` (as if typed) into the receive queue
+/// `rx`. Returns how many input bytes found no receive buffer.
+pub fn console(
+    mem: &GuestMemoryMmap,
+    output: Box<dyn Write + Send>,
+    features: u64,
+    rx: Queue,
+    tx: Queue,
+    input: &[u8],
+    interrupts: Arc<Interrupts>,
+) -> usize {
+    let mut dev = Console::new(mem.clone(), output, None, false);
+    dev.ack_features(features);
+    dev.serve_for_fuzzing(rx, tx, input, interrupts)
+}
+
+/// A virtio-rng reading `source`, with `features` accepted, serves one notification of
+/// `queue`. Returns the bytes its counters say reached the guest.
+pub fn rng(
+    mem: &GuestMemoryMmap,
+    source: &Path,
+    features: u64,
+    queue: Queue,
+    interrupts: Arc<Interrupts>,
+) -> Result<u64, RngError> {
+    let mut dev = Rng::new(mem.clone(), source, false)?;
+    dev.ack_features(features);
+    dev.serve_for_fuzzing(queue, interrupts);
+    let counted = dev
+        .counters()
+        .map_or(0, |c| c.read().iter().map(|&(_, n)| n).sum());
+    Ok(counted)
 }
 
 /// A queue as every worker-backed device serves it ([`DeviceQueue`]).

@@ -133,8 +133,29 @@ struct RngWorker<M> {
     counters: Arc<RngCounters>,
 }
 
-impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
-    fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory> Rng<M> {
+    /// Serves one notification of the request queue as the worker would, on the calling
+    /// thread (see [`crate::fuzzing::rng`]).
+    pub(crate) fn serve_for_fuzzing(
+        &self,
+        queue: virtio_queue::Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) {
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        RngWorker {
+            mem: self.mem.clone(),
+            source: Arc::clone(&self.source),
+            queue: DeviceQueue::new(0, queue, event_idx, interrupt),
+            counters: Arc::clone(&self.counters),
+        }
+        .serve();
+    }
+}
+
+impl<M: DeviceMemory> RngWorker<M> {
+    /// Fills every request the driver made available.
+    fn serve(&mut self) {
         let source = &*self.source;
         let mem = &self.mem;
         let counters = &self.counters;
@@ -144,6 +165,12 @@ impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
             counters.bytes.add(u64::from(delivered));
             Some(delivered)
         });
+    }
+}
+
+impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
+    fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
+        self.serve();
     }
 }
 

@@ -1,0 +1,6 @@
+//! libFuzzer entry point of [`virtio_iommu_fuzz::msix`].
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| virtio_iommu_fuzz::msix::run(data));
