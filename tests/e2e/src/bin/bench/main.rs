@@ -179,6 +179,7 @@ pub struct Boot {
     pub elapsed: Duration,
     /// This machine's 1-minute load average before and after.
     pub load: (f64, f64),
+    /// Whether this configuration and round needed more than one boot.
     pub retried: bool,
 }
 
@@ -296,7 +297,12 @@ fn boot_with_retries(
                 );
                 attempt += 1;
             }
-            result => return result,
+            // A boot lost before this one counts as a retry, as the harness's own does.
+            Ok(mut boot) => {
+                boot.retried |= attempt > 1;
+                return Ok(boot);
+            }
+            err => return err,
         }
     }
 }
