@@ -130,7 +130,8 @@ fn check_rx(rx: &Ring, mem: &vm_memory::GuestMemoryMmap, after: &[u8], typed: &[
             break;
         }
         let writable: Vec<&Desc> = chain.descs.iter().filter(|d| d.writable).collect();
-        let take = (typed.len() - delivered).min(chain.writable_len().min(usize::MAX as u64) as usize);
+        let take =
+            (typed.len() - delivered).min(chain.writable_len().min(usize::MAX as u64) as usize);
         let len = if ring::prefix_accessible(&writable, take as u64) {
             take
         } else {
@@ -158,6 +159,10 @@ fn check_rx(rx: &Ring, mem: &vm_memory::GuestMemoryMmap, after: &[u8], typed: &[
         }
         delivered += len;
     }
-    assert_eq!(used.len(), served, "no receive chain used once input ran out");
+    assert_eq!(
+        used.len(),
+        served,
+        "no receive chain used once input ran out"
+    );
     assert_eq!(left, typed.len() - delivered, "input left pending");
 }

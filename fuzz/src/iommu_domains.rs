@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 
+use virtio_iommu::protocol::FaultRecord;
 use virtio_iommu::protocol::{
     encode_tail, AttachRequest, DetachRequest, MapRequest, Request, UnmapRequest, FAULT_SIZE,
     TAIL_SIZE, VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_FAULT_F_ADDRESS,
@@ -29,11 +30,9 @@ use virtio_iommu::protocol::{
     VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_R_UNKNOWN, VIRTIO_IOMMU_MAP_F_READ,
     VIRTIO_IOMMU_MAP_F_WRITE,
 };
-use virtio_iommu::protocol::FaultRecord;
 use virtio_iommu::table::{PERM_READ, PERM_WRITE};
 use virtio_iommu::{
-    Access, Answer, EndpointConfig, FaultReason, IommuConfig, ReservedRegion, Status,
-    VirtioIommu,
+    Access, Answer, EndpointConfig, FaultReason, IommuConfig, ReservedRegion, Status, VirtioIommu,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -164,7 +163,13 @@ impl Model {
     }
 
     /// The pieces `[iova, iova + len)` translates to, or the fault it raises.
-    fn translate(&self, ep: u32, iova: u64, len: u64, need: u8) -> Result<Vec<(u64, u64)>, FaultRecord> {
+    fn translate(
+        &self,
+        ep: u32,
+        iova: u64,
+        len: u64,
+        need: u8,
+    ) -> Result<Vec<(u64, u64)>, FaultRecord> {
         let fault = |reason, address| FaultRecord {
             reason,
             flags: VIRTIO_IOMMU_FAULT_F_ADDRESS
@@ -292,7 +297,11 @@ pub fn run(data: &[u8]) {
             }
             3 => {
                 let start = iova(c);
-                let end = if d == 0xff { start.wrapping_sub(1) } else { start + u64::from(d % 24) * PAGE + PAGE - 1 };
+                let end = if d == 0xff {
+                    start.wrapping_sub(1)
+                } else {
+                    start + u64::from(d % 24) * PAGE + PAGE - 1
+                };
                 let r = UnmapRequest {
                     domain,
                     virt_start: start,
@@ -301,7 +310,14 @@ pub fn run(data: &[u8]) {
                 Some((Request::Unmap(r), model.unmap(r)))
             }
             4 => {
-                translate(&dev, &mut model, endpoint(a), iova(c) + u64::from(b), d, kind);
+                translate(
+                    &dev,
+                    &mut model,
+                    endpoint(a),
+                    iova(c) + u64::from(b),
+                    d,
+                    kind,
+                );
                 None
             }
             _ => {
@@ -343,7 +359,10 @@ fn translate(dev: &VirtioIommu, model: &mut Model, ep: u32, iova: u64, len: u8, 
                 FaultReason::Domain => VIRTIO_IOMMU_FAULT_R_DOMAIN,
                 FaultReason::Mapping => VIRTIO_IOMMU_FAULT_R_MAPPING,
             };
-            assert_eq!((reason, f.endpoint, f.address), (record.reason, ep, record.address));
+            assert_eq!(
+                (reason, f.endpoint, f.address),
+                (record.reason, ep, record.address)
+            );
             // Only registered endpoints can be reported, and only so many wait.
             if ep < ENDPOINTS && model.faults.len() < MAX_PENDING_FAULTS {
                 model.faults.push(record);
@@ -382,7 +401,11 @@ fn drain_events(dev: &VirtioIommu, mem: &GuestMemoryMmap, model: &mut Model, buf
 
 fn check_state(dev: &VirtioIommu, model: &Model) {
     for ep in 0..ENDPOINTS {
-        assert_eq!(dev.endpoint_domain(ep), model.attached.get(&ep).copied(), "endpoint {ep}");
+        assert_eq!(
+            dev.endpoint_domain(ep),
+            model.attached.get(&ep).copied(),
+            "endpoint {ep}"
+        );
     }
     assert_eq!(dev.domain_count(), model.domains.len());
     for (&id, d) in &model.domains {

@@ -285,16 +285,21 @@ fn bar_access(msix: &Msix, model: &mut Model, write: bool, input: &mut Input) ->
         let expected: Vec<u8> = if dword_access(rel, len) {
             (0..len as u64)
                 .step_by(4)
-                .flat_map(|i| match table {
-                    true => model.table_dword(rel + i),
-                    false => model.pba_dword(rel + i),
-                }
-                .to_le_bytes())
+                .flat_map(|i| {
+                    match table {
+                        true => model.table_dword(rel + i),
+                        false => model.pba_dword(rel + i),
+                    }
+                    .to_le_bytes()
+                })
                 .collect()
         } else {
             vec![0; len]
         };
-        assert_eq!(data, expected, "read of {len} bytes at {offset:#x} of BAR {bar}");
+        assert_eq!(
+            data, expected,
+            "read of {len} bytes at {offset:#x} of BAR {bar}"
+        );
     }
     Vec::new()
 }

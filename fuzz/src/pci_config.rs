@@ -22,8 +22,8 @@
 use std::sync::{Arc, Mutex};
 
 use pci::{
-    BarKind, BarMove, BarMoves, BarSpec, PciConfigIo, PciConfigMmio, PciConfiguration,
-    PciDevice, PciHeader, PciRoot, ECAM_BUS_SIZE, NUM_BARS,
+    BarKind, BarMove, BarMoves, BarSpec, PciConfigIo, PciConfigMmio, PciConfiguration, PciDevice,
+    PciHeader, PciRoot, ECAM_BUS_SIZE, NUM_BARS,
 };
 use vm_device::BusDevice;
 
@@ -35,8 +35,18 @@ const DEVICES: [u8; 3] = [3, 7, 31];
 const BARS: [(u8, usize, BarSpec, u64); 5] = [
     (3, 0, bar(0x1000, BarKind::Memory32, false), 0xc000_0000),
     (3, 1, bar(0x20, BarKind::Io, false), 0x1000),
-    (3, 2, bar(0x10_0000, BarKind::Memory64, true), 0x10_0000_0000),
-    (7, 4, bar(0x4000_0000, BarKind::Memory64, false), 0x40_0000_0000),
+    (
+        3,
+        2,
+        bar(0x10_0000, BarKind::Memory64, true),
+        0x10_0000_0000,
+    ),
+    (
+        7,
+        4,
+        bar(0x4000_0000, BarKind::Memory64, false),
+        0x40_0000_0000,
+    ),
     (7, 0, bar(16, BarKind::Memory32, true), 0xc000_1000),
 ];
 const COMMAND_WRITABLE: u32 = 0x0547;

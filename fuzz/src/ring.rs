@@ -96,11 +96,15 @@ impl Desc {
         start as usize..end as usize
     }
 
-    /// Whether all of it is guest memory (so an access to it must succeed).
+    /// Whether all of it is guest memory (so an access to it must succeed). An empty buffer
+    /// is, wherever it points: a device moves nothing through it (found by `rng` and
+    /// `console`: empty descriptors at 1 TiB between real ones).
     pub fn accessible(&self) -> bool {
-        self.addr
-            .checked_add(u64::from(self.len))
-            .is_some_and(|end| end <= MEM_SIZE)
+        self.len == 0
+            || self
+                .addr
+                .checked_add(u64::from(self.len))
+                .is_some_and(|end| end <= MEM_SIZE)
     }
 
     /// Its bytes in `mem`, if all are guest memory.

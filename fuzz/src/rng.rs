@@ -100,7 +100,10 @@ pub fn run(data: &[u8]) {
             if allowed.exclusive(&range) {
                 assert!(after[range.start..range.start + n] == rest[..n], "entropy");
                 let past = range.start + n..range.end;
-                assert!(after[past.clone()] == before[past], "written past the entropy");
+                assert!(
+                    after[past.clone()] == before[past],
+                    "written past the entropy"
+                );
             }
             rest = &rest[n..];
         }

@@ -65,8 +65,14 @@ pub fn run(data: &[u8]) {
     let (guest_list, guest_loops) = walk(|at| guest[at]);
     assert!(!guest_loops, "the guest's list loops: {guest_list:x?}");
     for &at in &guest_list {
-        assert!(!hide.contains(&config[at]), "hidden capability at {at:#x} linked");
-        assert!(!view.drops_writes(at / 4), "writes to visible {at:#x} dropped");
+        assert!(
+            !hide.contains(&config[at]),
+            "hidden capability at {at:#x} linked"
+        );
+        assert!(
+            !view.drops_writes(at / 4),
+            "writes to visible {at:#x} dropped"
+        );
     }
     for &at in device_list.iter().filter(|&&at| hide.contains(&config[at])) {
         assert!(view.drops_writes(at / 4), "writes to hidden {at:#x} kept");

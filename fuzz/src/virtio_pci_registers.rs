@@ -254,7 +254,11 @@ pub fn run(data: &[u8]) {
         match kind % 8 {
             // Mostly the common configuration, sometimes anywhere in BAR 0.
             0 | 1 => {
-                let offset = if raw & 0x8000_0000 != 0 { raw & 0xffff } else { raw % 0x40 };
+                let offset = if raw & 0x8000_0000 != 0 {
+                    raw & 0xffff
+                } else {
+                    raw % 0x40
+                };
                 write_u(&mut dev, offset, len, value);
             }
             2 => {
@@ -264,7 +268,9 @@ pub fn run(data: &[u8]) {
                     dev.read_bar(0, offset, &mut data);
                     let isr = u64::from(data[0]);
                     assert!(offset != 0x1000 || isr & !3 == 0, "ISR {isr:#x}");
-                    assert!(data[usize::from(offset == 0x1000)..].iter().all(|&b| b == 0));
+                    assert!(data[usize::from(offset == 0x1000)..]
+                        .iter()
+                        .all(|&b| b == 0));
                     isr_read = offset == 0x1000;
                 } else {
                     read(&mut dev, offset, len);
@@ -293,7 +299,11 @@ pub fn run(data: &[u8]) {
             6 => {
                 let reg = cfg_cap / 4 + 4;
                 isr_read = true;
-                dev.read_config_register(if raw & 1 != 0 { reg } else { (raw >> 8) as usize % 64 });
+                dev.read_config_register(if raw & 1 != 0 {
+                    reg
+                } else {
+                    (raw >> 8) as usize % 64
+                });
             }
             // What the device does once activated.
             _ => {
@@ -315,11 +325,18 @@ pub fn run(data: &[u8]) {
         let activated = recorded.activations.len() - activations;
         activations = recorded.activations.len();
         let driver_ok = now.status & DRIVER_OK != 0 && last.status & DRIVER_OK == 0;
-        assert!(activated <= usize::from(driver_ok), "activated once per DRIVER_OK");
+        assert!(
+            activated <= usize::from(driver_ok),
+            "activated once per DRIVER_OK"
+        );
         if activated == 1 {
             check_activation(recorded.activations.last().unwrap(), &now, &max_sizes);
         } else if driver_ok {
-            assert_ne!(now.status & NEEDS_RESET, 0, "a failed activation is reported");
+            assert_ne!(
+                now.status & NEEDS_RESET,
+                0,
+                "a failed activation is reported"
+            );
         }
         drop(recorded);
         if !isr_read {
@@ -349,7 +366,10 @@ fn check(
         let &(size, vector, enable, notify_off, ..) = regs;
         match max_sizes.get(q) {
             Some(&max) => {
-                assert!(size.is_power_of_two() && size <= max, "queue {q} size {size}");
+                assert!(
+                    size.is_power_of_two() && size <= max,
+                    "queue {q} size {size}"
+                );
                 assert!(vector_ok(vector) && enable <= 1 && usize::from(notify_off) == q);
             }
             None => assert_eq!(*regs, (0, 0, 0, 0, 0, 0, 0), "no queue {q}"),
@@ -365,7 +385,11 @@ fn check(
         }
         return;
     }
-    assert_eq!(last.status & !now.status, 0, "status bits lost without a reset");
+    assert_eq!(
+        last.status & !now.status,
+        0,
+        "status bits lost without a reset"
+    );
     if now.status & DRIVER_OK != 0 {
         assert_ne!(now.status & FEATURES_OK, 0, "DRIVER_OK without FEATURES_OK");
     }
@@ -374,7 +398,10 @@ fn check(
         assert_ne!(now.driver_features & 1 << VIRTIO_F_VERSION_1, 0);
     }
     if last.status & FEATURES_OK != 0 {
-        assert_eq!(now.driver_features, last.driver_features, "features after FEATURES_OK");
+        assert_eq!(
+            now.driver_features, last.driver_features,
+            "features after FEATURES_OK"
+        );
     }
     for (q, (before, after)) in last.queues.iter().zip(&now.queues).enumerate() {
         if before.2 == 1 {
@@ -392,7 +419,11 @@ fn check_activation(queues: &[Activated], now: &Common, max_sizes: &[u16]) {
     let event_idx = now.driver_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
     for q in queues {
         assert!(q.index < max_sizes.len());
-        assert_eq!(now.queues[q.index].2, 1, "queue {} activated while disabled", q.index);
+        assert_eq!(
+            now.queues[q.index].2, 1,
+            "queue {} activated while disabled",
+            q.index
+        );
         assert_eq!(q.size, now.queues[q.index].0);
         assert!(q.ready && q.event_idx == event_idx, "{q:?}");
     }

@@ -83,7 +83,10 @@ fn pci_config() {
 
 #[test]
 fn virtio_pci_registers() {
-    run_target("virtio_pci_registers", virtio_iommu_fuzz::virtio_pci_registers::run);
+    run_target(
+        "virtio_pci_registers",
+        virtio_iommu_fuzz::virtio_pci_registers::run,
+    );
 }
 
 #[test]
