@@ -312,6 +312,48 @@ impl Outcome {
             .find_map(|line| line.find(&needle).map(|i| line[i + needle.len()..].trim()))
     }
 
+    /// The virtio feature bits a guest printed as `KEY=` followed by sysfs's string of 0s and
+    /// 1s (a device's `features` file), as bit numbers.
+    pub fn feature_bits(&self, key: &str) -> Vec<u32> {
+        let bits = self
+            .marker(key)
+            .unwrap_or_else(|| panic!("no {key}\n{self}"));
+        bits.chars()
+            .enumerate()
+            .filter(|&(_, c)| c == '1')
+            .map(|(bit, _)| bit as u32)
+            .collect()
+    }
+
+    /// warden's exit report of the virtio-iommu's totals (after `warden: virtio-iommu total: `).
+    pub fn iommu_total(&self) -> &str {
+        self.guest_output()
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
+            .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{self}"))
+    }
+
+    /// The host check's `API-REPLY NAME STATUS BODY` line for `name` (the tests' convention for
+    /// calls made with `$API_CLIENT`): the status and the JSON body (null when empty).
+    pub fn api_reply(&self, name: &str) -> (u16, serde_json::Value) {
+        let prefix = format!("API-REPLY {name} ");
+        let line = self
+            .host_check_output()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no reply to {name}\n{self}"));
+        let (status, body) = line.split_once(' ').unwrap_or((line, ""));
+        let status = status
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: no status in {line:?}\n{self}"));
+        let body = if body.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}\n{self}"))
+        };
+        (status, body)
+    }
+
     /// File `path` in the root file system of a [`Scenario::distro`] run's disk, as the guest
     /// left it (read with debugfs after the run); `None` if it isn't there.
     pub fn guest_file(&self, path: &str) -> Option<Vec<u8>> {

@@ -216,13 +216,13 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
     };
 
     assert_ne!(out.marker("API-GUEST-BUTTON"), Some("none"), "{out}");
-    let (status, ping) = reply(&out, "ping");
+    let (status, ping) = out.api_reply("ping");
     assert_eq!(status, 200, "{out}");
     assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{out}");
     assert!(ping["pid"].as_i64().is_some_and(|pid| pid > 1), "{out}");
     assert!(ping["build_version"].is_string(), "{out}");
 
-    let (status, info) = reply(&out, "info");
+    let (status, info) = out.api_reply("info");
     assert_eq!(status, 200, "{out}");
     assert_eq!(info["state"], "Running", "{out}");
     assert_eq!(info["memory_actual_size"], 512u64 << 20, "{out}");
@@ -239,7 +239,7 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
         "{out}"
     );
 
-    let (status, counters) = reply(&out, "counters");
+    let (status, counters) = out.api_reply("counters");
     assert_eq!(status, 200, "{out}");
     let total = &counters["virtio-iommu"];
     let api_maps = total["maps"].as_u64().expect("a maps counter");
@@ -291,12 +291,12 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
     assert!(api_maps <= exit_maps, "{api_maps} > {exit_maps}\n{out}");
     assert!(api_translations <= exit_translations, "{out}");
 
-    assert_eq!(reply(&out, "reboot").0, 501, "{out}");
+    assert_eq!(out.api_reply("reboot").0, 501, "{out}");
     check_hotplug(&out);
     check_hot_net(&out);
     check_pause(&out);
-    assert_eq!(reply(&out, "wrong-method").0, 405, "{out}");
-    assert_eq!(reply(&out, "power-button").0, 204, "{out}");
+    assert_eq!(out.api_reply("wrong-method").0, 405, "{out}");
+    assert_eq!(out.api_reply("power-button").0, 204, "{out}");
 
     assert_eq!(
         out.marker("API-GUEST-POWER-BUTTON"),
@@ -310,21 +310,21 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
 /// The disk hot-added behind the IOMMU: where it landed, what the guest made of it, the
 /// refusals around it, and its removal.
 fn check_hotplug(out: &Outcome) {
-    let (status, missing) = reply(out, "add-missing");
+    let (status, missing) = out.api_reply("add-missing");
     assert_eq!(status, 400, "{out}");
     assert!(
         missing["error"].as_str().unwrap().contains("missing.img"),
         "{out}"
     );
-    let (status, added) = reply(out, "add-disk");
+    let (status, added) = out.api_reply("add-disk");
     assert_eq!(status, 200, "{out}");
     assert_eq!(added["id"], "hot0", "{out}");
     assert_eq!(
         added["bdf"], "0000:00:18.0",
         "the first protected hotplug slot\n{out}"
     );
-    assert_eq!(reply(out, "add-same-id").0, 409, "{out}");
-    let (_, info) = reply(out, "info-hot");
+    assert_eq!(out.api_reply("add-same-id").0, 409, "{out}");
+    let (_, info) = out.api_reply("info-hot");
     assert_eq!(
         info["device_tree"]["hot0"]["pci_bdf"], "0000:00:18.0",
         "{out}"
@@ -355,7 +355,7 @@ fn check_hotplug(out: &Outcome) {
     );
 
     // The reads went through the IOMMU: its domain has mappings.
-    let (_, counters) = reply(out, "counters-hot");
+    let (_, counters) = out.api_reply("counters-hot");
     let live_domains = |counters: &Value| -> Vec<String> {
         counters
             .as_object()
@@ -378,26 +378,26 @@ fn check_hotplug(out: &Outcome) {
         "the boot disk's and the hot disk's domains: {counters}\n{out}"
     );
 
-    let (status, refusal) = reply(out, "remove-boot");
+    let (status, refusal) = out.api_reply("remove-boot");
     assert_eq!(status, 400, "{out}");
     assert!(
         refusal["error"].as_str().unwrap().contains("at boot"),
         "{out}"
     );
-    assert_eq!(reply(out, "remove").0, 204, "{out}");
-    assert_eq!(reply(out, "remove-again").0, 404, "{out}");
+    assert_eq!(out.api_reply("remove").0, 204, "{out}");
+    assert_eq!(out.api_reply("remove-again").0, 404, "{out}");
     assert_eq!(out.marker("API-GUEST-HOT-GONE"), Some("yes"), "{out}");
     assert_eq!(out.marker("API-GUEST-HOT-GROUP-LEFT"), Some("yes"), "{out}");
-    let (_, info) = reply(out, "info-after");
+    let (_, info) = out.api_reply("info-after");
     assert!(info["device_tree"]["hot0"].is_null(), "{out}");
 
     // Its domain was detached and destroyed; its counters stay, final.
-    let (_, after) = reply(out, "counters-after");
+    let (_, after) = out.api_reply("counters-after");
     assert!(
         after.get("hot0").is_none(),
         "a removed disk counts no more\n{out}"
     );
-    let (_, first) = reply(out, "counters");
+    let (_, first) = out.api_reply("counters");
     for (name, value) in first["_disk0"].as_object().unwrap() {
         assert!(
             after["_disk0"][name].as_u64() >= value.as_u64(),
@@ -423,17 +423,17 @@ fn check_hotplug(out: &Outcome) {
 /// The net hot-added behind the IOMMU: its slot and group, the data across it both ways, the
 /// tap refused to a second net, and its removal (the tap warden created goes away).
 fn check_hot_net(out: &Outcome) {
-    let (status, added) = reply(out, "add-net");
+    let (status, added) = out.api_reply("add-net");
     assert_eq!(status, 200, "{out}");
     assert_eq!(added["id"], "hotnet", "{out}");
     assert_eq!(
         added["bdf"], "0000:00:18.0",
         "the protected slot the disk left\n{out}"
     );
-    let (status, busy) = reply(out, "add-net-busy");
+    let (status, busy) = out.api_reply("add-net-busy");
     assert_eq!(status, 409, "{out}");
     assert!(busy["error"].as_str().unwrap().contains("hotnet0"), "{out}");
-    let (_, info) = reply(out, "info-net");
+    let (_, info) = out.api_reply("info-net");
     assert_eq!(
         info["device_tree"]["hotnet"]["pci_bdf"], "0000:00:18.0",
         "{out}"
@@ -478,7 +478,7 @@ fn check_hot_net(out: &Outcome) {
     );
 
     // Its DMA went through the IOMMU: a domain of its own, with mappings.
-    let (_, counters) = reply(out, "counters-net");
+    let (_, counters) = out.api_reply("counters-net");
     let mapped_domains = counters
         .as_object()
         .unwrap()
@@ -504,8 +504,8 @@ fn check_hot_net(out: &Outcome) {
         assert!(net[name].as_u64().unwrap_or(0) > 0, "{name}: {net}\n{out}");
     }
 
-    assert_eq!(reply(out, "remove-net").0, 204, "{out}");
-    let (_, gone) = reply(out, "counters-net-gone");
+    assert_eq!(out.api_reply("remove-net").0, 204, "{out}");
+    let (_, gone) = out.api_reply("counters-net-gone");
     assert!(gone.get("hotnet").is_none(), "{gone}\n{out}");
     assert_eq!(out.marker("API-GUEST-NET-GONE"), Some("yes"), "{out}");
     assert_eq!(
@@ -540,23 +540,23 @@ fn check_pause(out: &Outcome) {
         "the guest counts\n{out}"
     );
 
-    let (status, refusal) = reply(out, "resume-running");
+    let (status, refusal) = out.api_reply("resume-running");
     assert_eq!(status, 405, "{out}");
     assert!(
         refusal["error"].as_str().unwrap().contains("not paused"),
         "{out}"
     );
-    assert_eq!(reply(out, "pause").0, 204, "{out}");
-    assert_eq!(reply(out, "pause-again").0, 405, "{out}");
-    assert_eq!(reply(out, "info-paused").1["state"], "Paused", "{out}");
+    assert_eq!(out.api_reply("pause").0, 204, "{out}");
+    assert_eq!(out.api_reply("pause-again").0, 405, "{out}");
+    assert_eq!(out.api_reply("info-paused").1["state"], "Paused", "{out}");
     let (paused_1, paused_2) = (counter("paused-1"), counter("paused-2"));
     assert!(paused_1 >= running_2, "{out}");
     assert_eq!(
         paused_1, paused_2,
         "no guest progress in 3 s of pause\n{out}"
     );
-    assert_eq!(reply(out, "resume").0, 204, "{out}");
-    assert_eq!(reply(out, "info-resumed").1["state"], "Running", "{out}");
+    assert_eq!(out.api_reply("resume").0, 204, "{out}");
+    assert_eq!(out.api_reply("info-resumed").1["state"], "Running", "{out}");
     assert!(
         counter("resumed") > paused_2,
         "the guest counts again after the resume\n{out}"
@@ -583,27 +583,6 @@ fn check_pause(out: &Outcome) {
             && !out.guest_output().contains("KVM_SET_CLOCK"),
         "the clock was read and set back without a warning\n{out}"
     );
-}
-
-/// The host's `API-REPLY NAME STATUS BODY` line for `name`: the status and the JSON body
-/// (`Null` when there is none).
-fn reply(out: &Outcome, name: &str) -> (u16, Value) {
-    let prefix = format!("API-REPLY {name} ");
-    let line = out
-        .host_check_output()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no reply to {name}\n{out}"));
-    let (status, body) = line.split_once(' ').unwrap_or((line, ""));
-    let status = status
-        .parse()
-        .unwrap_or_else(|_| panic!("{name}: no status in {line:?}\n{out}"));
-    let body = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}\n{out}"))
-    };
-    (status, body)
 }
 
 /// Maps and translations from warden's exit report (`warden: virtio-iommu total: ...`).

@@ -120,18 +120,6 @@ wait
 grep -a -E 'PLAIN-|triple fault' plain-boot.log | tr -d '\r'
 cat hostside-PLAIN.log"#;
 
-/// The virtio feature bits the guest driver accepted, from sysfs's string of 0s and 1s.
-fn negotiated(out: &Outcome, mode: &str) -> Vec<u32> {
-    let bits = out
-        .marker(&format!("{mode}-NET-FEATURES"))
-        .unwrap_or_else(|| panic!("{mode}: no features\n{out}"));
-    bits.chars()
-        .enumerate()
-        .filter(|&(_, c)| c == '1')
-        .map(|(bit, _)| bit as u32)
-        .collect()
-}
-
 /// Checks one boot's traffic and returns its (upload, download) throughput in bytes/s.
 fn check_boot(out: &Outcome, mode: &str) -> (u64, u64) {
     let marker = |key: &str| out.marker(&format!("{mode}-{key}"));
@@ -144,7 +132,7 @@ fn check_boot(out: &Outcome, mode: &str) -> (u64, u64) {
     let first = u8::from_str_radix(mac.get(..2).unwrap_or("zz"), 16)
         .unwrap_or_else(|_| panic!("{mode}: MAC {mac:?}\n{out}"));
     assert_eq!(first & 0x03, 0x02, "random local unicast MAC {mac}\n{out}");
-    let features = negotiated(out, mode);
+    let features = out.feature_bits(&format!("{mode}-NET-FEATURES"));
     // CSUM, GUEST_CSUM, MAC, GUEST_TSO4/6, HOST_TSO4/6, MRG_RXBUF, STATUS, VERSION_1.
     for bit in [0, 1, 5, 7, 8, 11, 12, 15, 16, 32] {
         assert!(
@@ -201,17 +189,16 @@ fn tap_traffic_both_ways_with_and_without_the_iommu() {
         "the protected net device is alone in its IOMMU group\n{out}"
     );
     assert!(
-        negotiated(&out, "PROT").contains(&33),
+        out.feature_bits("PROT-NET-FEATURES").contains(&33),
         "VIRTIO_F_ACCESS_PLATFORM negotiated behind the IOMMU\n{out}"
     );
     assert_eq!(out.marker("PLAIN-NET-GROUP"), Some("none"), "{out}");
-    assert!(!negotiated(&out, "PLAIN").contains(&33), "{out}");
+    assert!(
+        !out.feature_bits("PLAIN-NET-FEATURES").contains(&33),
+        "{out}"
+    );
 
-    let total = out
-        .guest_output()
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-        .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{out}"));
+    let total = out.iommu_total();
     assert!(
         total.contains(" 0 faults"),
         "the guest's own DMA never faults: {total}\n{out}"

@@ -8,7 +8,7 @@
 //! Only the private subnets 192.168.249.0/24 (protected) and 192.168.250.0/24 (plain) are
 //! used, on taps that exist only inside the KVM host.
 
-use e2e::{Outcome, Scenario};
+use e2e::Scenario;
 use std::time::Duration;
 
 /// Megabytes each flow moves per round, and the rounds.
@@ -19,14 +19,18 @@ const ROUNDS: u32 = 2;
 /// ports from there: uploads from vCPU 0 and 1, then downloads to vCPU 0 and 1.
 const NETS: [(&str, u32, u32); 2] = [("PROT", 249, 5001), ("PLAIN", 250, 5011)];
 
+/// The ports that take uploads (vCPU 0's and 1's of each net), space-separated.
+fn upload_ports() -> String {
+    NETS.iter()
+        .map(|(_, _, first)| format!("{} {}", first, first + 1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Host side, before the boot: the download payload, and a listener per port serving its
 /// rounds (an upload's checksum is appended to `up-PORT.md5`).
 fn host_setup() -> String {
-    let ports = NETS
-        .iter()
-        .map(|(_, _, first)| format!("{} {}", first, first + 1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let ports = upload_ports();
     let down_ports = NETS
         .iter()
         .map(|(_, _, first)| format!("{} {}", first + 2, first + 3))
@@ -50,11 +54,7 @@ done"#
 
 /// After warden exits: each upload port's checksums, one line per round.
 fn host_check() -> String {
-    let ports = NETS
-        .iter()
-        .map(|(_, _, first)| format!("{} {}", first, first + 1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let ports = upload_ports();
     format!(
         r#"for port in {ports}; do
     echo "UP-$port=$(cat up-$port.md5 2>/dev/null | tr '\n' ' ')"
@@ -143,18 +143,6 @@ dmesg | grep -i 'queue pairs' || true
     )
 }
 
-/// The virtio feature bits the guest driver accepted, from sysfs's string of 0s and 1s.
-fn negotiated(out: &Outcome, label: &str) -> Vec<u32> {
-    let bits = out
-        .marker(&format!("{label}-FEATURES"))
-        .unwrap_or_else(|| panic!("{label}: no features\n{out}"));
-    bits.chars()
-        .enumerate()
-        .filter(|&(_, c)| c == '1')
-        .map(|(bit, _)| bit as u32)
-        .collect()
-}
-
 #[test]
 fn two_queue_pairs_carry_traffic_on_every_pair_with_and_without_the_iommu() {
     let nets = NETS.map(|(label, subnet, _)| {
@@ -191,7 +179,7 @@ fn two_queue_pairs_carry_traffic_on_every_pair_with_and_without_the_iommu() {
     let sent = out.marker("GUEST-SENT-MD5").expect("guest checksum");
     let downloaded = out.marker("HOST-SENT-MD5").expect("host checksum");
     for (label, _, first_port) in NETS {
-        let features = negotiated(&out, label);
+        let features = out.feature_bits(&format!("{label}-FEATURES"));
         // CTRL_VQ and MQ, as well as VERSION_1.
         for bit in [17, 22, 32] {
             assert!(
@@ -239,11 +227,7 @@ fn two_queue_pairs_carry_traffic_on_every_pair_with_and_without_the_iommu() {
         }
     }
 
-    let total = out
-        .guest_output()
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-        .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{out}"));
+    let total = out.iommu_total();
     assert!(
         total.contains(" 0 faults"),
         "the guest's own DMA never faults: {total}\n{out}"

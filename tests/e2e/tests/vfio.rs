@@ -345,27 +345,6 @@ const HOTPLUG_CHECK: &str = r#"for f in add add-again info counters remove count
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
 done"#;
 
-/// The API's answer to call `name`: its status and its body.
-fn api_reply<'a>(out: &'a Outcome, name: &str) -> (u16, &'a str) {
-    let prefix = format!("API-REPLY {name} ");
-    let line = out
-        .host_check_output()
-        .lines()
-        .find_map(|line| line.trim().strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no reply to {name}\n{out}"));
-    let (status, body) = line.split_once(' ').unwrap_or((line, ""));
-    let status = status
-        .parse()
-        .unwrap_or_else(|_| panic!("{name}: {line:?}\n{out}"));
-    (status, body)
-}
-
-/// A counter of device `id` in a `vm.counters` body.
-fn counter(body: &str, id: &str, name: &str) -> Option<u64> {
-    let counters: serde_json::Value = serde_json::from_str(body).ok()?;
-    counters.get(id)?.get(name)?.as_u64()
-}
-
 /// `vm.add-device` while the guest runs, behind the IOMMU: the VM starts without any
 /// passed-through or protected device (`--platform iommu=on` makes the virtio-iommu), the
 /// disk arrives in slot 0x18 in an IOMMU group of its own, the guest's virtio_blk reads what
@@ -395,16 +374,19 @@ fn passthrough_hot_added_behind_the_virtio_iommu_and_removed() {
     };
     assert_l1_ready(&out);
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");
-    let (status, body) = api_reply(&out, "add");
-    assert_eq!(status, 200, "{body}\n{out}");
-    let added: serde_json::Value = serde_json::from_str(body).expect("PciDeviceInfo");
-    assert_eq!(added["id"], "pt0", "{body}");
-    assert_eq!(added["bdf"], "0000:00:18.0", "{body}");
-    let (status, body) = api_reply(&out, "add-again");
-    assert_eq!(status, 400, "the group is in use: {body}\n{out}");
-    assert!(body.contains("is busy"), "{body}");
-    let (_, info) = api_reply(&out, "info");
-    assert!(info.contains(r#""pci_bdf":"0000:00:18.0""#), "{info}");
+    let (status, added) = out.api_reply("add");
+    assert_eq!(status, 200, "{added}\n{out}");
+    assert_eq!(added["id"], "pt0", "{added}");
+    assert_eq!(added["bdf"], "0000:00:18.0", "{added}");
+    let (status, again) = out.api_reply("add-again");
+    assert_eq!(status, 400, "the group is in use: {again}\n{out}");
+    let error = again["error"].as_str().unwrap_or_default();
+    assert!(error.contains("is busy"), "{again}");
+    let (_, info) = out.api_reply("info");
+    assert_eq!(
+        info["device_tree"]["pt0"]["pci_bdf"], "0000:00:18.0",
+        "{info}"
+    );
 
     assert_eq!(out.marker("HOT-DRIVER"), Some("virtio-pci"), "{out}");
     assert_eq!(
@@ -427,17 +409,18 @@ fn passthrough_hot_added_behind_the_virtio_iommu_and_removed() {
             "round {round}\n{out}"
         );
     }
-    let (_, counters) = api_reply(&out, "counters");
-    let maps = counter(counters, "pt0", "maps").unwrap_or(0);
+    let (_, counters) = out.api_reply("counters");
+    let maps = counters["pt0"]["maps"].as_u64().unwrap_or(0);
     assert!(
         maps > 10,
         "the guest's MAP requests became VFIO maps: {counters}\n{out}"
     );
-    assert_eq!(api_reply(&out, "remove").0, 204, "{out}");
+    assert_eq!(out.api_reply("remove").0, 204, "{out}");
     assert_eq!(out.marker("HOT-GONE"), Some("yes"), "{out}");
-    let (_, after) = api_reply(&out, "counters-after");
-    assert_eq!(counter(after, "pt0", "maps"), None, "gone with it: {after}");
-    assert_eq!(api_reply(&out, "power-button").0, 204, "{out}");
+    let (_, after) = out.api_reply("counters-after");
+    assert!(after.is_object(), "{after}");
+    assert_eq!(after.get("pt0"), None, "gone with it: {after}");
+    assert_eq!(out.api_reply("power-button").0, 204, "{out}");
     assert_eq!(out.marker("HOT-POWER-BUTTON"), Some("pressed"), "{out}");
     assert_eq!(out.warden_exit, Some(0), "{out}");
 }
