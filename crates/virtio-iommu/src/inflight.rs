@@ -12,6 +12,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a wait for transfers goes before it is reported as stuck (a disk request in
+/// flight, however slow the host, ends well within it).
+const STUCK_AFTER: Duration = Duration::from_secs(10);
 
 /// Counts of transfers in flight, by the epoch they began in.
 #[derive(Debug, Default)]
@@ -55,9 +60,22 @@ impl InflightDma {
         let _one_at_a_time = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.epoch.fetch_add(1, Ordering::SeqCst);
         let counter = &self.active[(old & 1) as usize];
+        let started = Instant::now();
+        let mut reported = false;
         while counter.load(Ordering::SeqCst) != 0 {
             // Transfers end on device threads, after system calls: give them the CPU.
             std::thread::yield_now();
+            // The guest's driver spins until the request completes: a transfer that never
+            // ends freezes it silently, so say which wait it is stuck in.
+            if !reported && started.elapsed() >= STUCK_AFTER {
+                reported = true;
+                log::warn!(
+                    "virtio-iommu: a request taking translations away has waited {} s for {} \
+                     device transfers still in flight",
+                    STUCK_AFTER.as_secs(),
+                    counter.load(Ordering::SeqCst)
+                );
+            }
         }
     }
 

@@ -332,12 +332,15 @@ impl Requests {
     }
 
     /// Completes the requests whose I/O finished, calling `done(head, len)` for each; returns
-    /// how many.
+    /// how many. What completing them queued (a FLUSH the writes held back, a write-through
+    /// write's sync) is submitted before returning: the worker may sleep next, and only
+    /// completions would wake it.
     pub(super) fn reap(&mut self, mut done: impl FnMut(u16, u32)) -> usize {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine().reap(&mut completions);
         let count = self.complete(&mut completions, &mut done);
         self.completions = completions;
+        self.submit();
         count
     }
 

@@ -188,6 +188,53 @@ fn a_flush_waits_for_the_writes_before_it() {
     assert_eq!(file_bytes(&temp, 0, 4096), vec![0x3c; 4096]);
 }
 
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable_within(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, owned by this frame.
+    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+}
+
+/// The worker's last steps on a notification are submit, then reap: a reap that finds the
+/// write done releases the FLUSH parked behind it, and that FLUSH must reach the kernel with
+/// nothing more from the worker but waiting on the completion fd. It once sat in io_uring's
+/// submission queue, unsubmitted, and a Debian guest behind the IOMMU froze at shutdown: its
+/// UNMAP waited for that FLUSH, which held its status byte's translation.
+#[test]
+fn a_flush_released_by_a_reap_reaches_the_engine() {
+    let mem = guest_memory();
+    let temp = image();
+    let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+    dev.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    assert_eq!(dev.engine_kind(), io_engine::EngineKind::IoUring);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    let write = driver.chain(&[ro(HDR, 16), ro(DATA, 4096), wo(STATUS, 1)]);
+    assert_eq!(requests.start(&mem, write), Started::Queued);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
+    let flush_head = flush.head_index();
+    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    requests.submit();
+    let fd = requests.completion_fd();
+    assert!(readable_within(fd, 5000), "the write never completed");
+    let mut done = Vec::new();
+    assert_eq!(requests.reap(|head, _| done.push(head)), 1);
+    assert!(
+        readable_within(fd, 5000),
+        "the released FLUSH never reached the kernel"
+    );
+    requests.reap(|head, _| done.push(head));
+    assert_eq!(done.last(), Some(&flush_head));
+    assert_eq!(status(&mem, STATUS + 1), VIRTIO_BLK_S_OK);
+    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+}
+
 /// DISCARD punches a hole (the image gives blocks back, as `fstrim` expects) and
 /// WRITE_ZEROES zeroes; a range past the end, an overflowing sector, a count above the
 /// maximum (whatever its size, one check), unknown flags and extra segments are refused
@@ -388,16 +435,17 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     assert!(untouched.iter().all(|&b| b == 0xa5));
 }
 
-/// Where io_uring is refused, the synchronous engine serves the same queue worker: requests
-/// complete, and a FLUSH still syncs.
-#[test]
-fn the_fallback_engine_serves_the_queue() {
+/// Eight writes and a FLUSH made available at once, on the queue worker's thread: the FLUSH
+/// waits for the writes, then syncs, and every request completes with that one notification.
+fn writes_then_a_flush_complete_on_one_notification(kind: io_engine::EngineKind) {
     let mem = guest_memory();
     let temp = image();
     let mut dev = block(mem.clone(), &temp, BlockOptions::default());
-    *dev.engines[0].lock().unwrap() =
-        io_engine::Engine::synchronous(Arc::clone(&dev.disk.file)).unwrap();
-    assert_eq!(dev.engine_kind(), io_engine::EngineKind::Synchronous);
+    if kind == io_engine::EngineKind::Synchronous {
+        *dev.engines[0].lock().unwrap() =
+            io_engine::Engine::synchronous(Arc::clone(&dev.disk.file)).unwrap();
+    }
+    assert_eq!(dev.engine_kind(), kind);
     let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
     let (notifier, interrupt) = driver.activate(
         &mut dev,
@@ -417,7 +465,11 @@ fn the_fallback_engine_serves_the_queue() {
     driver.add(&[ro(HDR + 0x200, 16), wo(STATUS + 8, 1)]);
     notifier.write(1).unwrap();
     assert!(interrupt.wait_for(0, 1));
-    assert!(crate::test_utils::eventually(|| driver.used().len() == 9));
+    assert!(
+        crate::test_utils::eventually(|| driver.used().len() == 9),
+        "{kind:?}: {} of 9 requests completed",
+        driver.used().len()
+    );
     for i in 0..8u64 {
         assert_eq!(status(&mem, STATUS + i), VIRTIO_BLK_S_OK);
         assert_eq!(file_bytes(&temp, i * 512, 512), vec![0x40 + i as u8; 512]);
@@ -425,6 +477,19 @@ fn the_fallback_engine_serves_the_queue() {
     assert_eq!(status(&mem, STATUS + 8), VIRTIO_BLK_S_OK);
     assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
     dev.reset();
+}
+
+/// The same on io_uring, whose writes complete while the worker sleeps or serves.
+#[test]
+fn the_queue_worker_serves_writes_then_a_flush() {
+    writes_then_a_flush_complete_on_one_notification(io_engine::EngineKind::IoUring);
+}
+
+/// Where io_uring is refused, the synchronous engine serves the same queue worker: requests
+/// complete, and a FLUSH still syncs.
+#[test]
+fn the_fallback_engine_serves_the_queue() {
+    writes_then_a_flush_complete_on_one_notification(io_engine::EngineKind::Synchronous);
 }
 
 /// Behind the IOMMU a request holds its DmaGuard until its I/O completed: an UNMAP (which
