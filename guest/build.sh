@@ -26,11 +26,12 @@ readonly PINNED_ABI="${WARDEN_GUEST_KERNEL_ABI:-6.12.117+deb12}"
 readonly L2_MODULES=(virtio-iommu virtio_blk failover net_failover virtio_net virtio-rng
     vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci button evdev)
 # L1 modules: KVM for AMD SVM (TCG emulates an AMD CPU), nested so L1's /dev/kvm can run L2;
-# tun for tap networking; virtio_blk for a disk image QEMU gives L1 (Scenario::host_disk);
+# tun for tap networking, vhost_net for `--net vhost=on` (it brings vhost, vhost_iotlb, tap);
+# virtio_blk for a disk image QEMU gives L1 (Scenario::host_disk);
 # vfio* and virtio-iommu for passthrough scenarios (an emulated IOMMU
 # given to L1). Parameters follow the module name after a colon.
-readonly L1_MODULES=(irqbypass ccp kvm kvm-amd:nested=1 tun virtio_blk vfio vfio_iommu_type1
-    vfio-pci-core vfio-pci virtio-iommu)
+readonly L1_MODULES=(irqbypass ccp kvm kvm-amd:nested=1 tun vhost_net virtio_blk vfio
+    vfio_iommu_type1 vfio-pci-core vfio-pci virtio-iommu)
 # iperf3 in L1, the host end of the benchmark's TCP test (tests/e2e/src/bin/bench): Debian's
 # build, with the packages of the shared libraries it loads (L1 is otherwise static busybox).
 readonly L1_IPERF3_PACKAGES=(iperf3 libiperf0 libsctp1 libssl3 libc6)

@@ -14,6 +14,9 @@ use kvm_bindings::{
     kvm_userspace_memory_region, KVMIO,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
+use vhost::vhost_kern::vhost_binding::{
+    vhost_memory, vhost_vring_addr, vhost_vring_file, vhost_vring_state, VHOST,
+};
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 use crate::ThreadKind;
@@ -40,6 +43,10 @@ const fn kvm_read<T>(nr: u32) -> u32 {
 
 const fn vfio(nr: u32) -> u32 {
     ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + nr, 0) as u32
+}
+
+const fn vhost_write<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_WRITE, VHOST, nr, std::mem::size_of::<T>() as u32) as u32
 }
 
 pub(crate) const KVM_RUN: Value = (ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u32, "KVM_RUN");
@@ -94,6 +101,37 @@ const TUNSETOFFLOAD: Value = (libc::TUNSETOFFLOAD as u32, "TUNSETOFFLOAD");
 /// not use, and attaches them when it asks for them (on the worker thread; on activation, on
 /// the vCPU's).
 const TUNSETQUEUE: Value = (libc::TUNSETQUEUE as u32, "TUNSETQUEUE");
+/// A net with `vhost=on` hands its rings to the kernel's vhost-net when the guest starts it
+/// (on a vCPU thread), and stops them on reset (there, or on the hotplug thread when the net
+/// is removed).
+pub(crate) const VHOST_START: [Value; 7] = [
+    (vhost_write::<u64>(0x00), "VHOST_SET_FEATURES"),
+    (vhost_write::<vhost_memory>(0x03), "VHOST_SET_MEM_TABLE"),
+    (
+        vhost_write::<vhost_vring_state>(0x10),
+        "VHOST_SET_VRING_NUM",
+    ),
+    (
+        vhost_write::<vhost_vring_addr>(0x11),
+        "VHOST_SET_VRING_ADDR",
+    ),
+    (
+        vhost_write::<vhost_vring_state>(0x12),
+        "VHOST_SET_VRING_BASE",
+    ),
+    (
+        vhost_write::<vhost_vring_file>(0x20),
+        "VHOST_SET_VRING_KICK",
+    ),
+    (
+        vhost_write::<vhost_vring_file>(0x21),
+        "VHOST_SET_VRING_CALL",
+    ),
+];
+pub(crate) const VHOST_NET_SET_BACKEND: Value = (
+    vhost_write::<vhost_vring_file>(0x30),
+    "VHOST_NET_SET_BACKEND",
+);
 /// Opening a hot-added net's tap (`net_util::Tap::open`): attaching to (or creating) the
 /// interface with virtio-net headers, and setting the header size to 12 bytes.
 const TUNSETIFF: Value = (libc::TUNSETIFF as u32, "TUNSETIFF");
@@ -313,6 +351,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 VFIO_IOMMU_MAP_DMA,
                 VFIO_IOMMU_UNMAP_DMA,
                 VFIO_DEVICE_SET_IRQS,
+                VHOST_NET_SET_BACKEND,
             ];
             ioctls.extend(VFIO_OPEN);
             AllowList::new(
@@ -390,8 +429,10 @@ fn vcpu() -> AllowList {
             VFIO_IOMMU_MAP_DMA,
             VFIO_IOMMU_UNMAP_DMA,
             TUNSETOFFLOAD,
+            VHOST_NET_SET_BACKEND,
         ],
     );
+    list.extend(&AllowList::new(&[], &VHOST_START));
     for &kind in DEVICE_KINDS {
         list.extend(&allow_list(kind));
     }

@@ -270,3 +270,25 @@ fn the_api_thread_may_read_and_set_the_guest_clock_only() {
         "{stderr}"
     );
 }
+
+/// The vhost-net requests a vCPU may make are the ones the `vhost` crate issues.
+#[test]
+fn the_vhost_requests_allowed_are_the_crates() {
+    use vhost::vhost_kern::vhost_binding as vb;
+    let issued = [
+        vb::VHOST_SET_FEATURES(),
+        vb::VHOST_SET_MEM_TABLE(),
+        vb::VHOST_SET_VRING_NUM(),
+        vb::VHOST_SET_VRING_ADDR(),
+        vb::VHOST_SET_VRING_BASE(),
+        vb::VHOST_SET_VRING_KICK(),
+        vb::VHOST_SET_VRING_CALL(),
+    ];
+    for ((value, name), issued) in lists::VHOST_START.iter().zip(issued) {
+        assert_eq!(u64::from(*value), issued, "{name}");
+    }
+    assert_eq!(
+        u64::from(lists::VHOST_NET_SET_BACKEND.0),
+        vb::VHOST_NET_SET_BACKEND()
+    );
+}

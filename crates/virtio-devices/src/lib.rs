@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::{DmaFence, DmaGuard};
+use virtio_iommu::{DmaFence, DmaGuard, MappingLookup};
 use virtio_queue::Queue;
 use vm_memory::{GuestMemory, GuestMemoryMmap, IommuMemory};
 use vmm_sys_util::eventfd::EventFd;
@@ -54,20 +54,43 @@ pub trait DeviceMemory: GuestMemory<Bitmap = ()> + Clone + Send + Sync + 'static
     /// its last byte moved, it makes an UNMAP of its buffers wait for it (see
     /// `virtio_iommu::inflight`). `None` where nothing translates.
     fn begin_dma(&self) -> Option<DmaGuard>;
+    /// Guest RAM itself, for a data path the kernel runs (vhost-net), which reaches it by
+    /// host address.
+    fn ram(&self) -> &GuestMemoryMmap;
+    /// Where such a data path gets the mappings it may use: the IOMMU in front of this
+    /// memory, `None` where nothing translates.
+    fn mappings(&self) -> Option<&dyn MappingLookup>;
 }
 
 impl DeviceMemory for GuestMemoryMmap {
     fn begin_dma(&self) -> Option<DmaGuard> {
         None
     }
+
+    fn ram(&self) -> &GuestMemoryMmap {
+        self
+    }
+
+    fn mappings(&self) -> Option<&dyn MappingLookup> {
+        None
+    }
 }
 
 impl<I> DeviceMemory for IommuMemory<GuestMemoryMmap, I>
 where
-    I: vm_memory::Iommu + DmaFence + Send + Sync + 'static,
+    I: vm_memory::Iommu + DmaFence + MappingLookup + Send + Sync + 'static,
 {
     fn begin_dma(&self) -> Option<DmaGuard> {
         self.get_iommu_enabled().then(|| self.iommu().begin_dma())
+    }
+
+    fn ram(&self) -> &GuestMemoryMmap {
+        self.get_backend()
+    }
+
+    fn mappings(&self) -> Option<&dyn MappingLookup> {
+        let iommu: &dyn MappingLookup = self.iommu().as_ref();
+        self.get_iommu_enabled().then_some(iommu)
     }
 }
 

@@ -17,7 +17,7 @@ use vm_memory::{
 };
 
 use virtio_iommu::inflight::InflightDma;
-use virtio_iommu::{DmaFence, DmaGuard};
+use virtio_iommu::{DmaFence, DmaGuard, FaultReason, MappedBlock, MappingLookup};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -272,6 +272,37 @@ pub(crate) struct TestIommu {
 impl DmaFence for TestIommu {
     fn begin_dma(&self) -> DmaGuard {
         self.dma.begin()
+    }
+}
+
+/// Whole mappings are the pages the test mapped, one at a time, with the rights asked for.
+impl MappingLookup for TestIommu {
+    fn with_mapping(
+        &self,
+        iova: u64,
+        read: bool,
+        write: bool,
+        fill: &mut dyn FnMut(MappedBlock),
+    ) -> Result<(), FaultReason> {
+        let page = iova & !0xfff;
+        let access = match (read, write) {
+            (true, true) => Permissions::ReadWrite,
+            (false, true) => Permissions::Write,
+            _ => Permissions::Read,
+        };
+        let refused = FaultReason::Mapping;
+        let mut pieces = self
+            .translate(GuestAddress(page), 0x1000, access)
+            .map_err(|_| refused)?;
+        let piece = pieces.next().ok_or(refused)?;
+        fill(MappedBlock {
+            first: page,
+            last: page + 0xfff,
+            gpa: piece.base.0,
+            read,
+            write,
+        });
+        Ok(())
     }
 }
 

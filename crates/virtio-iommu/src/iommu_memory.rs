@@ -8,9 +8,10 @@ use std::sync::Arc;
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
 
-use crate::device::{perms_of, read_lock, EndpointShared, VirtioIommu};
+use crate::device::{perms_of, read_lock, EndpointShared, FaultReason, MappedBlock, VirtioIommu};
 use crate::inflight::{DmaFence, DmaGuard};
 use crate::iotlb::IotlbGuard;
+use crate::table::{PERM_READ, PERM_WRITE};
 
 /// How many times a miss is refilled before giving up: a refill can only be lost to an
 /// UNMAP racing with it, and an UNMAP makes the next fill fault for real.
@@ -100,6 +101,36 @@ impl Iommu for EndpointIommu {
             length,
             "mappings changed during translation".into(),
         ))
+    }
+}
+
+/// An IOMMU that hands out its mappings to a data path keeping an IOTLB of its own (the
+/// kernel's vhost), which must invalidate it when the IOMMU says so.
+pub trait MappingLookup {
+    /// Calls `fill` with the block of the mapping serving an access at `iova` with these
+    /// rights (a page or larger), while no request can take it away; a refused access is reported as a fault, and its reason
+    /// returned.
+    fn with_mapping(
+        &self,
+        iova: u64,
+        read: bool,
+        write: bool,
+        fill: &mut dyn FnMut(MappedBlock),
+    ) -> Result<(), FaultReason>;
+}
+
+impl MappingLookup for EndpointIommu {
+    fn with_mapping(
+        &self,
+        iova: u64,
+        read: bool,
+        write: bool,
+        fill: &mut dyn FnMut(MappedBlock),
+    ) -> Result<(), FaultReason> {
+        let need = (if read { PERM_READ } else { 0 }) | (if write { PERM_WRITE } else { 0 });
+        self.device
+            .with_mapping(self.endpoint, iova, need, fill)
+            .map_err(|f| f.reason)
     }
 }
 

@@ -37,11 +37,11 @@ extern crate self as virtio_iommu;
 
 pub use device::{
     Access, ConfigError, EndpointConfig, Fault, FaultNotifier, FaultReason, GuestRange,
-    IommuConfig, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES, RETIRED_DOMAINS_KEPT,
-    VIRTIO_F_VERSION_1,
+    IommuConfig, MappedBlock, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES,
+    RETIRED_DOMAINS_KEPT, VIRTIO_F_VERSION_1,
 };
 pub use inflight::{DmaFence, DmaGuard};
-pub use iommu_memory::EndpointIommu;
+pub use iommu_memory::{EndpointIommu, MappingLookup};
 pub use iotlb::{IotlbGuard, IOTLB_MAX_ENTRIES};
 pub use mapper::{ExternalMapper, MapPerms, MapperError};
 pub use protocol::{ReservedRegion, Status};

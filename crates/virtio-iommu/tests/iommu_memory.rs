@@ -306,3 +306,60 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
         .get_slices(GuestAddress(IOVA), 8, Permissions::Write)
         .is_err());
 }
+
+/// A data path that keeps an IOTLB of its own (the kernel's vhost) is handed the block of
+/// the mapping that serves an access (a page of the table here): where it starts and ends,
+/// where it goes, its rights; bypass is one block over the whole space. An access outside
+/// every mapping, or beyond its rights, gets nothing and is a fault like any other.
+#[test]
+fn an_external_iotlb_gets_whole_mappings() {
+    use virtio_iommu::{FaultReason, MappedBlock, MappingLookup};
+    let (d, _mem, dev_mem) = setup(true);
+    let lookup = |iova, read, write| {
+        let mut got = None;
+        dev_mem
+            .iommu()
+            .with_mapping(iova, read, write, &mut |block| got = Some(block))
+            .map(|()| got)
+    };
+    assert_eq!(
+        lookup(0x1234, true, true),
+        Ok(Some(MappedBlock {
+            first: 0,
+            last: u64::MAX,
+            gpa: 0,
+            read: true,
+            write: true
+        }))
+    );
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(
+        map(
+            &d,
+            1,
+            IOVA,
+            IOVA + 0x2fff,
+            0x4_0000,
+            VIRTIO_IOMMU_MAP_F_READ
+        ),
+        Status::Ok
+    );
+    let page = MappedBlock {
+        first: IOVA + 0x1000,
+        last: IOVA + 0x1fff,
+        gpa: 0x4_1000,
+        read: true,
+        write: false,
+    };
+    assert_eq!(lookup(IOVA + 0x1800, true, false), Ok(Some(page)));
+    let faults = d.domain_stats(1).unwrap().faults;
+    assert_eq!(
+        lookup(IOVA + 0x1800, false, true),
+        Err(FaultReason::Mapping)
+    );
+    assert_eq!(
+        lookup(IOVA + 0x3000, true, false),
+        Err(FaultReason::Mapping)
+    );
+    assert_eq!(d.domain_stats(1).unwrap().faults, faults + 2);
+}

@@ -27,7 +27,7 @@ use crate::config::{OutputConfig, VmConfig};
 use crate::control::{self, api_listener, serve_api, Control};
 use crate::devices::{
     build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
-    open_output, open_passthrough, plan_devices, Passthrough, PlannedDevice,
+    open_output, open_passthrough, open_vhost, plan_devices, Passthrough, PlannedDevice,
 };
 use crate::hotplug::{self, Hotplug, HotplugRequest, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
@@ -136,7 +136,8 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         filters.clone(),
     )?;
     let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
-    let devices = plan_devices(config);
+    let mut devices = plan_devices(config);
+    open_vhost(&mut devices, &ram.memory)?;
     // Made before any filter: passed-through devices, those given now and those hot-added.
     let kvm_vfio = (!config.devices.is_empty() || config.api_socket.is_some())
         .then(|| kvm_vfio_device(&vm))
@@ -154,7 +155,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         )
         .collect();
     let iommu = if config.needs_iommu() {
-        let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough)?;
+        let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough, &ram.memory)?;
         let device = Box::new(Iommu::new(
             Arc::clone(&model),
             ram.memory.clone(),
@@ -181,9 +182,15 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("every protected device was registered as an endpoint");
                 let mem = IommuMemory::new(ram.memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &config.console)?
+                build_device(&planned.kind, mem, true, &config.console, &planned.vhost)?
             }
-            _ => build_device(&planned.kind, ram.memory.clone(), false, &config.console)?,
+            _ => build_device(
+                &planned.kind,
+                ram.memory.clone(),
+                false,
+                &config.console,
+                &planned.vhost,
+            )?,
         };
         if let Some(counters) = device.counters() {
             device_counters.push((id, counters));

@@ -104,6 +104,8 @@ pub struct NetConfig {
     /// Size of each receive and transmit queue.
     pub queue_size: u16,
     pub iommu: bool,
+    /// The kernel's vhost-net moves the frames (an instance per pair), not warden's threads.
+    pub vhost: bool,
 }
 
 impl NetConfig {

@@ -261,6 +261,9 @@ fn net_config(net: &api::NetConfig) -> Result<vmm_config::NetConfig, ApiError> {
         // Validated: a power of two up to 32768.
         queue_size: net.queue_size as u16,
         iommu: net.iommu,
+        // Cloud Hypervisor's NetConfig has no such field: a hot-added net uses warden's own
+        // data path.
+        vhost: false,
     })
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
+use net_util::VhostNet;
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper};
+use virtio_devices::net::{VhostIotlb, VhostKernel};
 use virtio_devices::{
     Block, BlockOptions, Console, DeviceMemory, Net, NetOptions, PollConfig, Rng, VirtioDevice,
 };
@@ -118,6 +120,8 @@ pub(crate) struct PlannedDevice<'a> {
     pub(crate) device_number: u8,
     pub(crate) kind: DeviceKind<'a>,
     pub(crate) iommu: bool,
+    /// A net's vhost-net instances, one per pair, with `vhost=on` (see [`open_vhost`]).
+    pub(crate) vhost: Vec<Arc<dyn VhostKernel>>,
 }
 
 impl PlannedDevice<'_> {
@@ -152,8 +156,31 @@ pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
             device_number,
             kind,
             iommu,
+            vhost: Vec::new(),
         })
         .collect()
+}
+
+/// Opens a vhost-net instance per queue pair of each net with `vhost=on`, before the IOMMU
+/// model (a protected one's device IOTLB is its endpoint's mapper) and before any filter.
+pub(crate) fn open_vhost(
+    devices: &mut [PlannedDevice],
+    ram: &GuestMemoryMmap,
+) -> Result<(), VmmError> {
+    for device in devices {
+        let DeviceKind::Net(net) = device.kind else {
+            continue;
+        };
+        if !net.vhost {
+            continue;
+        }
+        for _ in 0..net.queue_pairs {
+            let kernel = VhostNet::open(ram.clone(), device.iommu)
+                .map_err(|err| VmmError::Device(format!("--net vhost=on: {err}")))?;
+            device.vhost.push(Arc::new(kernel));
+        }
+    }
+    Ok(())
 }
 
 /// Polling the request queue only pays when the poller has a CPU of its own: on a single
@@ -182,6 +209,7 @@ pub(crate) fn create_iommu_model(
     backing_page_size: u64,
     devices: &[PlannedDevice],
     passthrough: &[Passthrough],
+    ram: &GuestMemoryMmap,
 ) -> Result<Arc<VirtioIommu>, VmmError> {
     let mut page_size_mask = [4 << 10, 2 << 20, 1 << 30]
         .into_iter()
@@ -217,7 +245,17 @@ pub(crate) fn create_iommu_model(
             .map_err(|err| VmmError::Device(format!("virtio-iommu: {err}")))
     };
     for device in devices.iter().filter(|device| device.iommu) {
-        add(device.endpoint(), EndpointConfig::default())?;
+        // A vhost-net's kernel keeps a device IOTLB, which must lose what the guest unmaps.
+        let mapper = (!device.vhost.is_empty()).then(|| {
+            Arc::new(VhostIotlb::new(device.vhost.clone(), ram.clone())) as Arc<dyn ExternalMapper>
+        });
+        add(
+            device.endpoint(),
+            EndpointConfig {
+                reserved_regions: None,
+                mapper,
+            },
+        )?;
     }
     for p in behind_iommu {
         let mapper: Arc<dyn ExternalMapper> = p.mapper.clone();
@@ -248,6 +286,7 @@ pub(crate) fn build_device<M: DeviceMemory>(
     mem: M,
     access_platform: bool,
     console: &OutputConfig,
+    vhost: &[Arc<dyn VhostKernel>],
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     Ok(match kind {
         DeviceKind::Console => {
@@ -279,7 +318,7 @@ pub(crate) fn build_device<M: DeviceMemory>(
                     .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
             )
         }
-        DeviceKind::Net(net) => build_net(mem, open_tap(net)?, net, access_platform),
+        DeviceKind::Net(net) => build_net(mem, open_tap(net)?, net, access_platform, vhost)?,
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
                 .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
@@ -297,16 +336,18 @@ pub(crate) fn open_tap(net: &NetConfig) -> Result<Vec<net_util::Tap>, net_util::
     Ok(queues)
 }
 
-/// A virtio-net on the queues of a tap, already opened by [`open_tap`].
+/// A virtio-net on the queues of a tap, already opened by [`open_tap`], its frames moved by
+/// warden's threads or, given an instance per pair, by the kernel's vhost-net.
 pub(crate) fn build_net<M: DeviceMemory>(
     mem: M,
     tap: Vec<net_util::Tap>,
     net: &NetConfig,
     access_platform: bool,
-) -> Box<dyn VirtioDevice> {
+    vhost: &[Arc<dyn VhostKernel>],
+) -> Result<Box<dyn VirtioDevice>, VmmError> {
     // The name matters to whoever configures the host side of a tap warden created.
     log::info!(
-        "--net: tap {} for the guest's {} ({} queue pair{} of {}{})",
+        "--net: tap {} for the guest's {} ({} queue pair{} of {}{}{})",
         tap[0].name(),
         net.mac,
         tap.len(),
@@ -316,14 +357,20 @@ pub(crate) fn build_net<M: DeviceMemory>(
             ", behind the IOMMU"
         } else {
             ""
-        }
+        },
+        if vhost.is_empty() { "" } else { ", vhost-net" }
     );
     let options = NetOptions {
         mac: net.mac,
         queue_size: net.queue_size,
         access_platform,
     };
-    Box::new(Net::new(mem, tap, options))
+    if vhost.is_empty() {
+        return Ok(Box::new(Net::new(mem, tap, options)));
+    }
+    let device = Net::with_vhost(mem, tap, options, vhost.to_vec())
+        .map_err(|err| VmmError::Device(format!("--net vhost=on: {err}")))?;
+    Ok(Box::new(device))
 }
 
 /// The ids of the virtio devices, in their order: Cloud Hypervisor's (`_disk0`, `_net0`, ...),
@@ -419,6 +466,7 @@ mod tests {
             queue_pairs: 1,
             queue_size: NetConfig::DEFAULT_QUEUE_SIZE,
             iommu: true,
+            vhost: false,
         };
         let config = VmConfig {
             cpus: 1,

@@ -129,9 +129,11 @@ impl NewDevice<'_> {
                 mem,
                 access_platform,
                 &OutputConfig::Off,
+                &[],
             )
             .map_err(|err| ApiError::bad_request(format!("DiskConfig: {err}"))),
-            NewDevice::Net(net, tap) => Ok(build_net(mem, tap, net, access_platform)),
+            NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])
+                .map_err(|err| ApiError::bad_request(format!("NetConfig: {err}"))),
         }
     }
 }

@@ -82,11 +82,16 @@ pub struct Cli {
     console: String,
 
     /// virtio-net on a tap device (repeatable):
-    /// tap=NAME,mac=MAC[,ip=IP,mask=MASK][,num_queues=2][,queue_size=256][,iommu=on].
+    /// tap=NAME,mac=MAC[,ip=IP,mask=MASK][,num_queues=2][,queue_size=256][,iommu=on][,vhost=on].
     /// An empty or absent tap= creates a new tap vmtapN; an existing tap is opened. An empty or
     /// absent mac= picks a random locally administered MAC. ip=/mask= (default 255.255.255.0)
-    /// configure the host end of the tap. One queue pair. Accepts iommu=on.
-    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=..,mask=..][,iommu=on]")]
+    /// configure the host end of the tap. num_queues counts receive and transmit queues (2 per
+    /// pair). vhost=on: the kernel's vhost-net (/dev/vhost-net) moves the frames, behind the
+    /// IOMMU too (device IOTLB). Accepts iommu=on.
+    #[arg(
+        long,
+        value_name = "tap=NAME,mac=MAC[,ip=..,mask=..][,iommu=on][,vhost=on]"
+    )]
     net: Vec<String>,
 
     /// VFIO passthrough of a host PCI device (repeatable): path=/sys/bus/pci/devices/..[,iommu=on][,id=ID].
@@ -412,6 +417,7 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
             "num_queues",
             "queue_size",
             "iommu",
+            "vhost",
             "id",
         ],
     )?;
@@ -488,6 +494,7 @@ fn parse_net(text: &str) -> ParseResult<NetConfig> {
         queue_pairs: num_queues / 2,
         queue_size,
         iommu: kv.switch("iommu")?,
+        vhost: kv.switch("vhost")?,
     })
 }
 
@@ -735,8 +742,10 @@ mod tests {
             ))
         );
         assert_eq!((net.queue_pairs, net.queue_size), (1, 1024));
-        let c = config(&["--net", "num_queues=8"]).unwrap();
+        assert!(!net.vhost);
+        let c = config(&["--net", "num_queues=8,vhost=on"]).unwrap();
         assert_eq!(c.nets[0].queue_pairs, 4);
+        assert!(c.nets[0].vhost);
         let c = config(&["--net", "ip=10.0.0.1"]).unwrap();
         assert_eq!(
             c.nets[0].host_ipv4,

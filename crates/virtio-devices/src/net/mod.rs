@@ -11,10 +11,14 @@
 //!
 //! The data path is in `datapath.rs`: transmit frames are written to the tap straight from the
 //! guest's buffers; received frames are read into a bounce buffer and copied into as many
-//! receive chains as they need (`VIRTIO_NET_F_MRG_RXBUF`).
+//! receive chains as they need (`VIRTIO_NET_F_MRG_RXBUF`). Or it is the kernel's vhost-net
+//! (`vhost.rs`), one instance per pair.
 
 mod control;
 mod datapath;
+mod vhost;
+
+pub use vhost::{VhostIotlb, VhostKernel};
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 
 use log::debug;
 use net_util::{MacAddr, Tap};
+use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
@@ -97,12 +102,45 @@ pub struct Net<M, B = Tap> {
     /// Receive and transmit queue of each pair, then the control queue if there are several.
     queue_sizes: Vec<u16>,
     counters: Arc<NetCounters>,
+    /// The kernel's vhost-net instances, one per pair, when they are the data path.
+    vhost: Option<Vec<Arc<dyn VhostKernel>>>,
 }
 
 impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
     /// A network device with a queue pair per queue of `backends` (one tap's queues, at least
     /// one, at most [`MAX_QUEUE_PAIRS`]), offering the guest the offloads they can deliver.
     pub fn new(mem: M, backends: Vec<B>, options: NetOptions) -> Self {
+        Self::build(mem, backends, options, u64::MAX, None)
+    }
+
+    /// The same device with the kernel's vhost-net as its data path, an instance per pair
+    /// (the same number as `backends`); ring features the kernel lacks are not offered.
+    pub fn with_vhost(
+        mem: M,
+        backends: Vec<B>,
+        options: NetOptions,
+        kernels: Vec<Arc<dyn VhostKernel>>,
+    ) -> io::Result<Self> {
+        assert_eq!(kernels.len(), backends.len(), "a vhost-net per queue pair");
+        let supported = kernels[0].supported_features()?;
+        let lacking = vhost::RING_FEATURES & !supported;
+        // Offered without it, the device would have the driver bypass the IOMMU.
+        if options.access_platform && lacking & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel's vhost-net lacks VIRTIO_F_ACCESS_PLATFORM, needed behind the IOMMU",
+            ));
+        }
+        Ok(Self::build(mem, backends, options, !lacking, Some(kernels)))
+    }
+
+    fn build(
+        mem: M,
+        backends: Vec<B>,
+        options: NetOptions,
+        feature_mask: u64,
+        vhost: Option<Vec<Arc<dyn VhostKernel>>>,
+    ) -> Self {
         assert!(
             (1..=MAX_QUEUE_PAIRS).contains(&backends.len()),
             "{} tap queues for one device",
@@ -149,10 +187,11 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         Net {
             mem,
             taps: Arc::new(TapQueues::new(backends)),
-            core: DeviceWorker::new(DeviceThread::Net, features),
+            core: DeviceWorker::new(DeviceThread::Net, features & feature_mask),
             config,
             queue_sizes: vec![options.queue_size; queues],
             counters: Arc::default(),
+            vhost,
         }
     }
 }
@@ -240,6 +279,10 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
             return Err(ActivateError::Io(err));
         }
 
+        if let Some(kernels) = &self.vhost {
+            return self.activate_vhost(kernels.clone(), pairs, control, interrupt);
+        }
+
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let mrg_rxbuf = self.core.acked(VIRTIO_NET_F_MRG_RXBUF);
         let wakes = (0..max_pairs)
@@ -297,12 +340,88 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
     }
 
     fn reset(&mut self) {
+        if let Some(kernels) = &self.vhost {
+            vhost::stop_pairs(kernels);
+        }
         // Dropping the worker stops and joins its thread, which also drops the queues and a
         // received frame not yet delivered.
         self.core.reset();
         if let Err(err) = self.taps.backend(0).set_offloads(0) {
             warn_limited!("virtio-net: cannot disable the tap's offloads: {err}");
         }
+    }
+}
+
+impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
+    /// Hands every pair's rings to its vhost-net instance; this device's one thread relays
+    /// the kernel's interrupts, answers its IOTLB misses and serves the control queue.
+    fn activate_vhost(
+        &mut self,
+        kernels: Vec<Arc<dyn VhostKernel>>,
+        pairs: Vec<(ActivatedQueue, ActivatedQueue)>,
+        control: Option<ActivatedQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        let rings = pairs
+            .into_iter()
+            .map(|(rx, tx)| {
+                [
+                    (rx.index, rx.queue, rx.notifier),
+                    (tx.index, tx.queue, tx.notifier),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let pairs = rings.len();
+        let taps = Arc::clone(&self.taps);
+        let acked = self.core.acked_features();
+        let started = vhost::start_pairs(
+            &self.mem,
+            &kernels,
+            |pair| taps.backend(pair).as_raw_fd(),
+            rings,
+            acked,
+        );
+        let mut notifiers = match started {
+            Ok(calls) => calls,
+            Err(err) => {
+                vhost::stop_pairs(&kernels);
+                return Err(err);
+            }
+        };
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let control = match control {
+            Some(activated) => {
+                // The kernel's threads need no wake-up when their pair leaves use: a
+                // detached tap queue gives them nothing.
+                let wakes = (0..pairs)
+                    .map(|_| EventFd::new(EFD_NONBLOCK))
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(ActivateError::Io)?;
+                let queue = DeviceQueue::new(
+                    activated.index,
+                    activated.queue,
+                    event_idx,
+                    Arc::clone(&interrupt),
+                );
+                notifiers.push((activated.index, activated.notifier));
+                Some((
+                    activated.index,
+                    ControlQueue::new(queue, Arc::clone(&self.taps), pairs, wakes),
+                ))
+            }
+            None => None,
+        };
+        let relay = vhost::VhostRelay {
+            mem: self.mem.clone(),
+            kernels: kernels.clone(),
+            interrupt,
+            control,
+        };
+        let started = self.core.start_each(vec![(notifiers, relay)]);
+        if started.is_err() {
+            vhost::stop_pairs(&kernels);
+        }
+        started
     }
 }
 
@@ -338,3 +457,5 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
 mod mq_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vhost_tests;

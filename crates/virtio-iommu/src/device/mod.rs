@@ -33,7 +33,7 @@ use crate::table::{Mapping, MappingTable, MAX_TABLE_NODES, MIN_GRANULE_SHIFT};
 use endpoint_dir::EndpointDir;
 use mapper_sync::{settle_unattached, withdraw_leftover, WITHDRAW_ATTEMPTS};
 pub(crate) use translate::perms_of;
-pub use translate::{Access, Fault, FaultReason, GuestRange, Translation};
+pub use translate::{Access, Fault, FaultReason, GuestRange, MappedBlock, Translation};
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 

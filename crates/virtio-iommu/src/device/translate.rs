@@ -193,6 +193,17 @@ impl Translation {
     }
 }
 
+/// A block of a mapping: IOVAs `first..=last` go to guest-physical `gpa` onwards, with these
+/// rights (bypass is one block over the whole space, at `gpa` 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedBlock {
+    pub first: u64,
+    pub last: u64,
+    pub gpa: u64,
+    pub read: bool,
+    pub write: bool,
+}
+
 /// A validated lock-free miss: no mapping (or permission) for `at`, with the endpoint bound
 /// as `slot` says at count `seq`.
 struct Miss<'a> {
@@ -486,6 +497,35 @@ impl VirtioIommu {
             |first, last, phys, perms| entries.push((first, last, phys, permissions_from(perms))),
         )?;
         write_lock(&shared.iotlb).insert_all(&entries);
+        Ok(())
+    }
+
+    /// The block of the mapping that serves `endpoint`'s access at `iova` (`need`: the rights
+    /// it wants; a block is a leaf of the table, the page the guest mapped), handed to `fill`
+    /// with the state read lock held, for an IOTLB outside the model (vhost's). An UNMAP holds the write lock while its endpoints' mappers invalidate such
+    /// IOTLBs, so what `fill` inserts cannot outlive the mapping; a refusal is a fault,
+    /// counted and queued like any other.
+    pub(crate) fn with_mapping(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        need: u8,
+        fill: &mut dyn FnMut(MappedBlock),
+    ) -> Result<(), Fault> {
+        let st = read_lock(&self.state);
+        let mut found = None;
+        self.walk(&st, endpoint, iova, 1, need, |first, last, phys, perms| {
+            found.get_or_insert(MappedBlock {
+                first,
+                last,
+                gpa: phys,
+                read: perms & PERM_READ != 0,
+                write: perms & PERM_WRITE != 0,
+            });
+        })?;
+        if let Some(block) = found {
+            fill(block);
+        }
         Ok(())
     }
 
