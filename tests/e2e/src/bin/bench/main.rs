@@ -1,7 +1,8 @@
 //! `bench`: the benchmark of record for warden's data path (issue 13, part 4), and optionally
 //! another VMM with the same command line in the same batch. Prints one markdown table.
 //!
-//! `cargo run --release -p e2e --bin bench -- [--rounds N] [--peer PATH] [--disk-opts OPTS]`
+//! `cargo run --release -p e2e --bin bench -- [--rounds N] [--peer PATH] [--disk-opts OPTS]
+//! [--net-opts OPTS]`
 //!
 //! Each boot is the Debian 12 image (`Scenario::distro`, root on the virtio disk, 1 vCPU,
 //! 512 MiB) in one configuration: disk and tap both `iommu=on`, or both plain; warden, or the
@@ -186,17 +187,25 @@ pub struct Boot {
 struct Options {
     rounds: usize,
     peer: Option<PathBuf>,
-    /// Appended to every `--disk` (e.g. `num_queues=1,queue_size=256,direct=on`).
-    disk_opts: String,
+    opts: DeviceOpts,
 }
 
-const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS]";
+/// What every boot appends to its devices' options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceOpts {
+    /// Appended to every `--disk` (e.g. `num_queues=1,queue_size=256,direct=on`).
+    pub disk: String,
+    /// Appended to every `--net` (e.g. `vhost=on`).
+    pub net: String,
+}
+
+const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS] [--net-opts OPTS]";
 
 fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut o = Options {
         rounds: 3,
         peer: None,
-        disk_opts: String::new(),
+        opts: DeviceOpts::default(),
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value\n{USAGE}"));
@@ -209,7 +218,8 @@ fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
                     .ok_or(format!("--rounds takes a positive count\n{USAGE}"))?;
             }
             "--peer" => o.peer = Some(PathBuf::from(value()?)),
-            "--disk-opts" => o.disk_opts = value()?,
+            "--disk-opts" => o.opts.disk = value()?,
+            "--net-opts" => o.opts.net = value()?,
             _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
         }
     }
@@ -258,19 +268,14 @@ fn bench(o: &Options) -> Result<String, String> {
         for &config in &configs {
             let name = report::config_name(config, peer_name.as_deref());
             eprintln!("bench: round {round}/{}: {name}", o.rounds);
-            boots.push(boot_with_retries(
-                config,
-                round,
-                peer.as_deref(),
-                &o.disk_opts,
-            )?);
+            boots.push(boot_with_retries(config, round, peer.as_deref(), &o.opts)?);
         }
     }
     Ok(report::table(&report::Batch {
         mode,
         rounds: o.rounds,
         peer: peer_name,
-        disk_opts: o.disk_opts.clone(),
+        opts: o.opts.clone(),
         boots,
     }))
 }
@@ -284,11 +289,11 @@ fn boot_with_retries(
     config: Config,
     round: usize,
     peer: Option<&std::path::Path>,
-    disk_opts: &str,
+    opts: &DeviceOpts,
 ) -> Result<Boot, String> {
     let mut attempt = 1;
     loop {
-        match boot(config, round, peer, disk_opts) {
+        match boot(config, round, peer, opts) {
             Err(err) if attempt < ATTEMPTS => {
                 let head: Vec<&str> = err.lines().take(2).collect();
                 eprintln!(
@@ -394,13 +399,16 @@ cat stamps.log"#;
 /// warden's (and the peer's) arguments for `config`; the harness adds the kernel, initrd,
 /// command line and `--serial tty`. `--console off`: Cloud Hypervisor's default console is the
 /// terminal too, which it refuses next to `--serial tty`.
-fn vmm_args(config: Config, disk_opts: &str) -> Vec<String> {
+fn vmm_args(config: Config, opts: &DeviceOpts) -> Vec<String> {
     let iommu = if config.iommu { ",iommu=on" } else { "" };
-    let disk_opts = if disk_opts.is_empty() {
-        String::new()
-    } else {
-        format!(",{disk_opts}")
+    let extra = |opts: &str| {
+        if opts.is_empty() {
+            String::new()
+        } else {
+            format!(",{opts}")
+        }
     };
+    let (disk_opts, net_opts) = (extra(&opts.disk), extra(&opts.net));
     [
         "--cpus",
         "boot=1",
@@ -411,7 +419,7 @@ fn vmm_args(config: Config, disk_opts: &str) -> Vec<String> {
         "--disk",
         &format!("path=host-disk{disk_opts}{iommu}"),
         "--net",
-        &format!("tap=,mac=,ip={HOST_IP},mask=255.255.255.0{iommu}"),
+        &format!("tap=,mac=,ip={HOST_IP},mask=255.255.255.0{net_opts}{iommu}"),
     ]
     .map(String::from)
     .to_vec()
@@ -429,7 +437,7 @@ fn boot(
     config: Config,
     round: usize,
     peer: Option<&std::path::Path>,
-    disk_opts: &str,
+    opts: &DeviceOpts,
 ) -> Result<Boot, String> {
     let name = format!(
         "bench-{}-{}",
@@ -443,7 +451,7 @@ fn boot(
         .on_every_l1_cpu()
         .distro()
         .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
-        .warden_args(vmm_args(config, disk_opts))
+        .warden_args(vmm_args(config, opts))
         .guest_script(&guest_script())
         .host_check(HOST_CHECK)
         .timeout(BOOT_TIMEOUT);
@@ -505,11 +513,24 @@ mod tests {
     #[test]
     fn options_have_defaults_and_refuse_nonsense() {
         let o = args(&[]).unwrap();
-        assert_eq!((o.rounds, o.peer, o.disk_opts.as_str()), (3, None, ""));
-        let o = args(&["--rounds", "1", "--peer", "/ch", "--disk-opts", "direct=on"]).unwrap();
+        assert_eq!((o.rounds, o.peer, o.opts), (3, None, DeviceOpts::default()));
+        let o = args(&[
+            "--rounds",
+            "1",
+            "--peer",
+            "/ch",
+            "--disk-opts",
+            "direct=on",
+            "--net-opts",
+            "vhost=on",
+        ])
+        .unwrap();
         assert_eq!(o.rounds, 1);
         assert_eq!(o.peer, Some(PathBuf::from("/ch")));
-        assert_eq!(o.disk_opts, "direct=on");
+        assert_eq!(
+            (o.opts.disk.as_str(), o.opts.net.as_str()),
+            ("direct=on", "vhost=on")
+        );
         assert!(args(&["--rounds", "0"]).is_err());
         assert!(args(&["--rounds"]).is_err());
         assert!(args(&["--fast"]).is_err());
@@ -522,19 +543,22 @@ mod tests {
                 vmm: Vmm::Peer,
                 iommu: true,
             },
-            "direct=on",
+            &DeviceOpts {
+                disk: "direct=on".into(),
+                net: "vhost=on".into(),
+            },
         );
         assert_eq!(on[7], "path=host-disk,direct=on,iommu=on");
         assert_eq!(
             on[9],
-            "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0,iommu=on"
+            "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0,vhost=on,iommu=on"
         );
         let off = vmm_args(
             Config {
                 vmm: Vmm::Warden,
                 iommu: false,
             },
-            "",
+            &DeviceOpts::default(),
         );
         assert_eq!(off[7], "path=host-disk");
         assert_eq!(off[9], "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0");

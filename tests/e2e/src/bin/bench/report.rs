@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use e2e::Mode;
 
-use crate::{Boot, Config, Unit, Vmm, JOBS};
+use crate::{Boot, Config, DeviceOpts, Unit, Vmm, JOBS};
 
 /// Every boot of one run of the benchmark.
 pub struct Batch {
@@ -13,7 +13,7 @@ pub struct Batch {
     pub rounds: usize,
     /// The peer VMM's file name, if one ran.
     pub peer: Option<String>,
-    pub disk_opts: String,
+    pub opts: DeviceOpts,
     pub boots: Vec<Boot>,
 }
 
@@ -104,11 +104,11 @@ pub fn table(batch: &Batch) -> String {
         batch.mode,
         batch.rounds,
         if batch.rounds == 1 { "" } else { "s" },
-        if batch.disk_opts.is_empty() {
-            String::new()
-        } else {
-            format!(", disk `{}`", batch.disk_opts)
-        }
+        [("disk", &batch.opts.disk), ("net", &batch.opts.net)]
+            .iter()
+            .filter(|(_, opts)| !opts.is_empty())
+            .map(|(device, opts)| format!(", {device} `{opts}`"))
+            .collect::<String>()
     );
     let _ = writeln!(
         s,
@@ -321,7 +321,7 @@ mod tests {
             mode: Mode::Nested,
             rounds: 3,
             peer: Some("cloud-hypervisor".into()),
-            disk_opts: String::new(),
+            opts: DeviceOpts::default(),
             boots,
         };
         let t = table(&batch);
@@ -365,7 +365,10 @@ mod tests {
             mode: Mode::Direct,
             rounds: 1,
             peer: None,
-            disk_opts: "direct=on".into(),
+            opts: DeviceOpts {
+                disk: "direct=on".into(),
+                net: "vhost=on".into(),
+            },
             boots: vec![
                 boot(Vmm::Warden, true, 1, 900.0, 90.0, 2.0),
                 boot(Vmm::Warden, false, 1, 1000.0, 100.0, 1.0),
@@ -375,7 +378,9 @@ mod tests {
         assert!(t.contains("| job | warden on | warden off | warden on/off | CPU s/GiB warden on | CPU s/GiB warden off | CPU warden on/off |"), "{t}");
         assert!(!t.contains("peer"), "{t}");
         assert!(
-            t.contains("1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`"),
+            t.contains(
+                "1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`, net `vhost=on`"
+            ),
             "{t}"
         );
     }
