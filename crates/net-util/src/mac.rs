@@ -25,19 +25,27 @@ impl MacAddr {
 
     /// A random unicast, locally administered address (bit 1 of the first octet set, bit 0
     /// clear), so it can collide neither with a vendor-assigned address nor with a group.
+    ///
+    /// A MAC needs no secrecy, so the bytes come from `GRND_INSECURE`, which does not wait for
+    /// the kernel's entropy pool: on a freshly booted host (a nested test host, a VM without a
+    /// hardware RNG) a blocking `getrandom` can hold the VMM's start for minutes. Kernels
+    /// before 5.6 refuse the flag; they get a blocking call.
     pub fn random_local() -> io::Result<Self> {
         let mut octets = [0u8; 6];
         let mut filled = 0;
+        let mut flags = libc::GRND_INSECURE;
         while filled < octets.len() {
             let rest = &mut octets[filled..];
             // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
-            let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
             if got < 0 {
                 let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EINVAL) if flags != 0 => flags = 0,
+                    _ => return Err(err),
                 }
-                return Err(err);
+                continue;
             }
             filled += got as usize;
         }

@@ -38,6 +38,10 @@ use parse::{CpuTime, Measured};
 /// the guest .2.
 const HOST_IP: &str = "192.168.249.1";
 const STAMP_PORT: u16 = 5300;
+/// The guest's MAC, given rather than random: Cloud Hypervisor draws a random one with a
+/// blocking `getrandom`, which in the nested host, before its entropy pool is ready, stalled
+/// its VM creation for minutes (the peer's guest then printed nothing).
+const GUEST_MAC: &str = "52:54:00:12:34:56";
 /// Where the guest keeps the fio file and the JSON of each job, read back after the run.
 const GUEST_DIR: &str = "/root/warden-bench";
 /// Seconds each job runs.
@@ -419,7 +423,7 @@ fn vmm_args(config: Config, opts: &DeviceOpts) -> Vec<String> {
         "--disk",
         &format!("path=host-disk{disk_opts}{iommu}"),
         "--net",
-        &format!("tap=,mac=,ip={HOST_IP},mask=255.255.255.0{net_opts}{iommu}"),
+        &format!("tap=,mac={GUEST_MAC},ip={HOST_IP},mask=255.255.255.0{net_opts}{iommu}"),
     ]
     .map(String::from)
     .to_vec()
@@ -551,7 +555,7 @@ mod tests {
         assert_eq!(on[7], "path=host-disk,direct=on,iommu=on");
         assert_eq!(
             on[9],
-            "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0,vhost=on,iommu=on"
+            "tap=,mac=52:54:00:12:34:56,ip=192.168.249.1,mask=255.255.255.0,vhost=on,iommu=on"
         );
         let off = vmm_args(
             Config {
@@ -561,7 +565,10 @@ mod tests {
             &DeviceOpts::default(),
         );
         assert_eq!(off[7], "path=host-disk");
-        assert_eq!(off[9], "tap=,mac=,ip=192.168.249.1,mask=255.255.255.0");
+        assert_eq!(
+            off[9],
+            "tap=,mac=52:54:00:12:34:56,ip=192.168.249.1,mask=255.255.255.0"
+        );
     }
 
     #[test]
