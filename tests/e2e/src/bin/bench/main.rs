@@ -268,12 +268,29 @@ fn bench(o: &Options) -> Result<String, String> {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
     let mut boots = Vec::new();
+    let mut lost = Vec::new();
     for round in 1..=o.rounds {
         for &config in &configs {
             let name = report::config_name(config, peer_name.as_deref());
             eprintln!("bench: round {round}/{}: {name}", o.rounds);
-            boots.push(boot_with_retries(config, round, peer.as_deref(), &o.opts)?);
+            // A configuration whose every attempt died this round costs its sample, not the
+            // batch: the table's medians are over the rounds it completed, and say so.
+            match boot_with_retries(config, round, peer.as_deref(), &o.opts) {
+                Ok(boot) => boots.push(boot),
+                Err(err) => {
+                    let first = err.lines().next().unwrap_or_default().to_string();
+                    eprintln!("bench: round {round}: {name} lost: {first}");
+                    lost.push(report::Lost {
+                        config,
+                        round,
+                        why: first,
+                    });
+                }
+            }
         }
+    }
+    if boots.is_empty() {
+        return Err("every boot was lost".into());
     }
     Ok(report::table(&report::Batch {
         mode,
@@ -281,6 +298,7 @@ fn bench(o: &Options) -> Result<String, String> {
         peer: peer_name,
         opts: o.opts.clone(),
         boots,
+        lost,
     }))
 }
 

@@ -15,6 +15,16 @@ pub struct Batch {
     pub peer: Option<String>,
     pub opts: DeviceOpts,
     pub boots: Vec<Boot>,
+    /// The configurations and rounds for which every attempt died.
+    pub lost: Vec<Lost>,
+}
+
+/// A configuration's round that no attempt completed.
+pub struct Lost {
+    pub config: Config,
+    pub round: usize,
+    /// The last attempt's first line of error.
+    pub why: String,
 }
 
 /// "warden on", "cloud-hypervisor off", ...
@@ -246,6 +256,15 @@ fn samples(s: &mut String, batch: &Batch) {
         }
         row(s, &cells);
     }
+    for lost in &batch.lost {
+        let _ = writeln!(
+            s,
+            "\nLost: {} in round {}, every attempt ({}); its medians are over the other rounds.",
+            batch.name(lost.config),
+            lost.round,
+            lost.why
+        );
+    }
     let _ = writeln!(s, "\n| boot | round | wall time | VMM CPU to the first stamp | load before → after | retried |");
     let _ = writeln!(s, "| --- | ---: | ---: | ---: | --- | --- |");
     for b in &batch.boots {
@@ -322,6 +341,7 @@ mod tests {
             rounds: 3,
             peer: Some("cloud-hypervisor".into()),
             opts: DeviceOpts::default(),
+            lost: Vec::new(),
             boots,
         };
         let t = table(&batch);
@@ -369,6 +389,14 @@ mod tests {
                 disk: "direct=on".into(),
                 net: "vhost=on".into(),
             },
+            lost: vec![Lost {
+                config: Config {
+                    vmm: Vmm::Warden,
+                    iommu: true,
+                },
+                round: 2,
+                why: "triple fault".into(),
+            }],
             boots: vec![
                 boot(Vmm::Warden, true, 1, 900.0, 90.0, 2.0),
                 boot(Vmm::Warden, false, 1, 1000.0, 100.0, 1.0),
@@ -377,6 +405,10 @@ mod tests {
         let t = table(&batch);
         assert!(t.contains("| job | warden on | warden off | warden on/off | CPU s/GiB warden on | CPU s/GiB warden off | CPU warden on/off |"), "{t}");
         assert!(!t.contains("peer"), "{t}");
+        assert!(
+            t.contains("Lost: warden on in round 2, every attempt (triple fault)"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`, net `vhost=on`"
