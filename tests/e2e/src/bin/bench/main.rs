@@ -267,8 +267,14 @@ fn bench(o: &Options) -> Result<String, String> {
         .as_ref()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
-    let mut boots = Vec::new();
-    let mut lost = Vec::new();
+    let mut batch = report::Batch {
+        mode,
+        rounds: o.rounds,
+        peer: peer_name.clone(),
+        opts: o.opts.clone(),
+        boots: Vec::new(),
+        lost: Vec::new(),
+    };
     for round in 1..=o.rounds {
         for &config in &configs {
             let name = report::config_name(config, peer_name.as_deref());
@@ -276,11 +282,11 @@ fn bench(o: &Options) -> Result<String, String> {
             // A configuration whose every attempt died this round costs its sample, not the
             // batch: the table's medians are over the rounds it completed, and say so.
             match boot_with_retries(config, round, peer.as_deref(), &o.opts) {
-                Ok(boot) => boots.push(boot),
+                Ok(boot) => batch.boots.push(boot),
                 Err(err) => {
                     let first = err.lines().next().unwrap_or_default().to_string();
                     eprintln!("bench: round {round}: {name} lost: {first}");
-                    lost.push(report::Lost {
+                    batch.lost.push(report::Lost {
                         config,
                         round,
                         why: first,
@@ -288,18 +294,15 @@ fn bench(o: &Options) -> Result<String, String> {
                 }
             }
         }
+        // A batch stopped later (a time limit, a dead host) keeps what it measured.
+        if round < o.rounds && !batch.boots.is_empty() {
+            eprintln!("bench: after round {round}:\n{}", report::table(&batch));
+        }
     }
-    if boots.is_empty() {
+    if batch.boots.is_empty() {
         return Err("every boot was lost".into());
     }
-    Ok(report::table(&report::Batch {
-        mode,
-        rounds: o.rounds,
-        peer: peer_name,
-        opts: o.opts.clone(),
-        boots,
-        lost,
-    }))
+    Ok(report::table(&batch))
 }
 
 /// Boots that may die before one completes a configuration's jobs: the nested test host
