@@ -285,10 +285,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
 
         let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
         let mrg_rxbuf = self.core.acked(VIRTIO_NET_F_MRG_RXBUF);
-        let wakes = (0..max_pairs)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(ActivateError::Io)?;
+        let wakes = wake_fds(max_pairs)?;
         let mut control = match control {
             Some(activated) => {
                 let wakes = wakes
@@ -296,16 +293,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
                     .map(EventFd::try_clone)
                     .collect::<io::Result<Vec<_>>>()
                     .map_err(ActivateError::Io)?;
-                let queue = DeviceQueue::new(
-                    activated.index,
-                    activated.queue,
-                    event_idx,
-                    Arc::clone(&interrupt),
-                );
-                Some((
-                    activated.notifier,
-                    ControlQueue::new(queue, Arc::clone(&self.taps), max_pairs, wakes),
-                ))
+                Some(self.control_queue(activated, wakes, &interrupt))
             }
             None => None,
         };
@@ -372,6 +360,12 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
             })
             .collect::<Vec<_>>();
         let pairs = rings.len();
+        // The kernel's threads need no wake-up when their pair leaves use: a detached tap
+        // queue gives them nothing.
+        let control = match control {
+            Some(activated) => Some(self.control_queue(activated, wake_fds(pairs)?, &interrupt)),
+            None => None,
+        };
         let taps = Arc::clone(&self.taps);
         let acked = self.core.acked_features();
         let started = vhost::start_pairs(
@@ -388,29 +382,11 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
                 return Err(err);
             }
         };
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
-        let control = match control {
-            Some(activated) => {
-                // The kernel's threads need no wake-up when their pair leaves use: a
-                // detached tap queue gives them nothing.
-                let wakes = (0..pairs)
-                    .map(|_| EventFd::new(EFD_NONBLOCK))
-                    .collect::<io::Result<Vec<_>>>()
-                    .map_err(ActivateError::Io)?;
-                let queue = DeviceQueue::new(
-                    activated.index,
-                    activated.queue,
-                    event_idx,
-                    Arc::clone(&interrupt),
-                );
-                notifiers.push((activated.index, activated.notifier));
-                Some((
-                    activated.index,
-                    ControlQueue::new(queue, Arc::clone(&self.taps), pairs, wakes),
-                ))
-            }
-            None => None,
-        };
+        let control = control.map(|(notifier, control)| {
+            let index = control.queue.index();
+            notifiers.push((index, notifier));
+            (index, control)
+        });
         let relay = vhost::VhostRelay {
             mem: self.mem.clone(),
             kernels: kernels.clone(),
@@ -423,6 +399,36 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         }
         started
     }
+}
+
+impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
+    /// The control queue's handler over `activated`, switching this device's pairs (and
+    /// writing `wakes`, one per pair, when a pair joins or leaves use), with its notifier.
+    fn control_queue(
+        &self,
+        activated: ActivatedQueue,
+        wakes: Vec<EventFd>,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> (EventFd, ControlQueue<B>) {
+        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let pairs = wakes.len();
+        let queue = DeviceQueue::new(
+            activated.index,
+            activated.queue,
+            event_idx,
+            Arc::clone(interrupt),
+        );
+        let control = ControlQueue::new(queue, Arc::clone(&self.taps), pairs, wakes);
+        (activated.notifier, control)
+    }
+}
+
+/// One non-blocking eventfd per pair, for the pairs' wake-ups.
+fn wake_fds(pairs: usize) -> Result<Vec<EventFd>, ActivateError> {
+    (0..pairs)
+        .map(|_| EventFd::new(EFD_NONBLOCK))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(ActivateError::Io)
 }
 
 #[cfg(feature = "fuzzing")]
