@@ -16,7 +16,10 @@
 //! Host CPU: around each job the guest asks the KVM host, over the tap, to stamp the VMM
 //! process's utime+stime (`/proc/PID/stat`, all threads) and waits for the answer; the
 //! difference, over the bytes the job moved, is CPU seconds per GiB. It includes the vCPU's
-//! time in the guest (`guest_time`), which the table also gives apart.
+//! time in the guest (`guest_time`), which the table also gives apart. For warden the stamp
+//! also reads `vm.counters` over its API socket, so the table gives the guest's MAP requests
+//! per I/O and what each cost in time and host CPU (the API call is counted in the job's CPU:
+//! well under 1 % of it).
 //!
 //! Why a binary of the e2e crate and not a `benches/` target: it is the harness (scenarios,
 //! the nested KVM host) that boots the guests, it takes arguments, and `cargo bench` or
@@ -151,6 +154,8 @@ pub struct Sample {
     pub measured: Measured,
     /// The VMM's CPU time over the job.
     pub cpu: CpuTime,
+    /// The virtio-iommu's MAP requests over the job (warden behind its IOMMU only).
+    pub maps: Option<u64>,
 }
 
 impl Sample {
@@ -392,7 +397,8 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
 /// The KVM host before the VMM starts: the stamp server (busybox `nc -ll`, one `stamp.sh` per
 /// connection) and the iperf3 server, both in the background, killed by [`HOST_CHECK`].
 /// `stamp.sh` finds the VMM by its file name (`$WARDEN` is the peer for the peer's boots) and
-/// its working directory, this one; it answers `ok` once the stamp is written.
+/// its working directory, this one; where warden's API socket is, it first writes warden's
+/// counters (`COUNTERS LABEL|STATUS JSON`); it answers `ok` once the stamp is written.
 const HOST_SETUP: &str = r#"dir=$(pwd -P)
 name=$(basename "$WARDEN")
 cat >stamp.sh <<EOF
@@ -402,6 +408,10 @@ pid=
 for p in \$(pidof "$name"); do
     [ "\$(readlink "/proc/\$p/cwd")" != "$dir" ] || pid=\$p
 done
+if [ -S "$dir/api.sock" ]; then
+    reply=\$("$API_CLIENT" "$dir/api.sock" GET /api/v1/vm.counters 2>&1)
+    echo "COUNTERS \$label|\$reply" >>"$dir/counters.log"
+fi
 if [ -n "\$pid" ] && [ -r "/proc/\$pid/stat" ]; then
     set -- \$(cut -d' ' -f14,15,43 "/proc/\$pid/stat")
     echo "STAMP \$1 \$2 \$3 \$label" >>"$dir/stamps.log"
@@ -417,9 +427,11 @@ iperf3 -s >iperf3-server.log 2>&1 &
 echo $! >iperf3-server.pid
 "#;
 
-/// The KVM host after the VMM exits: the servers stopped, the stamps printed.
+/// The KVM host after the VMM exits: the servers stopped, the stamps (and warden's counters)
+/// printed.
 const HOST_CHECK: &str = r#"kill "$(cat stamp-server.pid)" "$(cat iperf3-server.pid)" 2>/dev/null || true
-cat stamps.log"#;
+cat stamps.log
+[ ! -f counters.log ] || cat counters.log"#;
 
 /// warden's (and the peer's) arguments for `config`; the harness adds the kernel, initrd,
 /// command line and `--serial tty`. `--console off`: Cloud Hypervisor's default console is the
@@ -472,11 +484,16 @@ fn boot(
         },
         if config.iommu { "on" } else { "off" }
     );
+    let mut args = vmm_args(config, opts);
+    if config.vmm == Vmm::Warden {
+        // Where the stamp server reads warden's counters.
+        args.extend(["--api-socket", "api.sock"].map(String::from));
+    }
     let mut scenario = Scenario::new(&name)
         .on_every_l1_cpu()
         .distro()
         .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
-        .warden_args(vmm_args(config, opts))
+        .warden_args(args)
         .guest_script(&guest_script())
         .host_check(HOST_CHECK)
         .timeout(BOOT_TIMEOUT);
@@ -495,6 +512,7 @@ fn boot(
         return Err(format!("boot {name} (round {round}) failed:\n{out}"));
     }
     let stamps = parse::stamps(out.host_check_output())?;
+    let maps = parse::map_requests(out.host_check_output())?;
     let stamp = |label: &str| {
         stamps
             .get(label)
@@ -513,8 +531,17 @@ fn boot(
             Work::Tcp { .. } => parse::iperf3(&text),
         }
         .map_err(|e| format!("{name}: {e}"))?;
-        let cpu = stamp(&format!("end {}", job.name))? - stamp(&format!("begin {}", job.name))?;
-        samples.push(Sample { measured, cpu });
+        let (begin, end) = (format!("begin {}", job.name), format!("end {}", job.name));
+        let cpu = stamp(&end)? - stamp(&begin)?;
+        let maps = match (maps.get(&begin), maps.get(&end)) {
+            (Some(Some(begin)), Some(Some(end))) => Some(end - begin),
+            _ => None,
+        };
+        samples.push(Sample {
+            measured,
+            cpu,
+            maps,
+        });
     }
     Ok(Boot {
         config,

@@ -137,6 +137,33 @@ pub fn stamps(text: &str) -> Result<HashMap<String, CpuTime>, String> {
     Ok(out)
 }
 
+/// The host's `COUNTERS LABEL|STATUS JSON` lines (warden's `vm.counters`, read by the stamp
+/// server just before each stamp), by label: the virtio-iommu's MAP requests so far, or `None`
+/// for a VM without one. A VMM without warden's API (the peer) has no such lines.
+pub fn map_requests(text: &str) -> Result<HashMap<String, Option<u64>>, String> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("COUNTERS ") else {
+            continue;
+        };
+        let (label, reply) = rest
+            .split_once('|')
+            .ok_or_else(|| format!("bad counters line {line:?}"))?;
+        let body = reply
+            .strip_prefix("200 ")
+            .ok_or_else(|| format!("vm.counters refused at {label:?}: {reply}"))?;
+        let counters: Value = serde_json::from_str(body)
+            .map_err(|e| format!("vm.counters at {label:?}: bad JSON: {e}"))?;
+        let maps = counters
+            .pointer("/virtio-iommu/maps")
+            .and_then(Value::as_u64);
+        if out.insert(label.to_string(), maps).is_some() {
+            return Err(format!("counters {label:?} appear twice"));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +228,24 @@ mod tests {
         assert!(stamps("STAMP 1 2 3 boot\nSTAMP 4 5 6 boot\n").is_err());
         assert!(stamps("STAMP 1 x 3 boot\n").is_err());
         assert!(stamps("STAMP 1 2 3\n").is_err());
+    }
+
+    #[test]
+    fn map_requests_are_read_from_the_counters_by_label() {
+        let text = "STAMP 1 2 3 boot\n\
+                    COUNTERS begin read-1m-qd4|200 {\"virtio-iommu\":{\"faults\":0,\"maps\":120},\"disk0\":{\"reads\":9}}\n\
+                    COUNTERS end read-1m-qd4|200 {\"virtio-iommu\":{\"maps\":5120}}\n\
+                    COUNTERS boot|200 {\"disk0\":{\"reads\":1}}\n";
+        let m = map_requests(text).unwrap();
+        assert_eq!(
+            m["end read-1m-qd4"].unwrap() - m["begin read-1m-qd4"].unwrap(),
+            5000
+        );
+        assert_eq!(m["boot"], None);
+        assert!(map_requests("COUNTERS boot|500 {}\n")
+            .unwrap_err()
+            .contains("refused"));
+        assert!(map_requests("COUNTERS boot 200 {}\n").is_err());
+        assert!(map_requests("COUNTERS a|200 {}\nCOUNTERS a|200 {}\n").is_err());
     }
 }
