@@ -325,12 +325,20 @@ impl Outcome {
             .collect()
     }
 
-    /// warden's exit report of the virtio-iommu's totals (after `warden: virtio-iommu total: `).
-    pub fn iommu_total(&self) -> &str {
-        self.guest_output()
+    /// One count of warden's exit report of the virtio-iommu's totals (the line `warden:
+    /// virtio-iommu total: 5 maps, 0 unmaps, ...`), by the name after its number (`maps`,
+    /// `faults`, `translations`, ...).
+    pub fn iommu_counter(&self, name: &str) -> u64 {
+        let total = self
+            .guest_output()
             .lines()
             .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-            .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{self}"))
+            .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{self}"));
+        let suffix = format!(" {name}");
+        total
+            .split(", ")
+            .find_map(|field| field.strip_suffix(&suffix)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} count in the IOMMU's total {total:?}\n{self}"))
     }
 
     /// The host check's `API-REPLY NAME STATUS BODY` line for `name` (the tests' convention for

@@ -287,7 +287,8 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
     at_least(disk, "write_ops", 1);
     at_least(disk, "flush_ops", 1);
     // The exit report comes from the same counters, later: never behind the API's.
-    let (exit_maps, exit_translations) = exit_totals(&out);
+    let (exit_maps, exit_translations) =
+        (out.iommu_counter("maps"), out.iommu_counter("translations"));
     assert!(api_maps <= exit_maps, "{api_maps} > {exit_maps}\n{out}");
     assert!(api_translations <= exit_translations, "{out}");
 
@@ -583,22 +584,4 @@ fn check_pause(out: &Outcome) {
             && !out.guest_output().contains("KVM_SET_CLOCK"),
         "the clock was read and set back without a warning\n{out}"
     );
-}
-
-/// Maps and translations from warden's exit report (`warden: virtio-iommu total: ...`).
-fn exit_totals(out: &Outcome) -> (u64, u64) {
-    let line = out
-        .guest_output()
-        .lines()
-        .find_map(|l| l.split_once("warden: virtio-iommu total: "))
-        .map(|(_, total)| total.trim())
-        .unwrap_or_else(|| panic!("no virtio-iommu total on exit\n{out}"));
-    let numbers: Vec<u64> = line
-        .split(", ")
-        .filter_map(|part| part.split(' ').next()?.parse().ok())
-        .collect();
-    match numbers.as_slice() {
-        [maps, _unmaps, _bytes, _faults, translations] => (*maps, *translations),
-        _ => panic!("unexpected total line {line:?}\n{out}"),
-    }
 }

@@ -96,20 +96,6 @@ fn verdict<'a>(out: &'a Outcome, check: &str) -> &'a str {
         .unwrap_or_else(|| panic!("the attacker did not report {check}\n{out}"))
 }
 
-/// warden's exit report: `N faults` in its virtio-iommu total line.
-fn warden_faults(out: &Outcome) -> u64 {
-    let total = out
-        .guest_output()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("warden: virtio-iommu total: "))
-        .unwrap_or_else(|| panic!("no IOMMU totals\n{out}"));
-    total
-        .split(", ")
-        .find_map(|field| field.strip_suffix(" faults"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no fault count in {total:?}"))
-}
-
 #[test]
 fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
     let Some(out) = Scenario::new("attacker")
@@ -155,7 +141,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         kernel_faults, TRANSLATION_FAULTS,
         "the guest kernel logs a fault event for each\n{out}"
     );
-    let faults = warden_faults(&out);
+    let faults = out.iommu_counter("faults");
     assert_eq!(faults, TRANSLATION_FAULTS, "warden counts each\n{out}");
 
     // Still serving the other protected disk, with real traffic both ways.

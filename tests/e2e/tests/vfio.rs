@@ -225,12 +225,7 @@ while [ ! -e /tmp/vfio-map.done ]; do kill -0 $pid; usleep 100000; done
             .and_then(|v| v.strip_prefix("mapped ms="))
             .unwrap_or_else(|| panic!("vfio-map did not map\n{out}"))
             .to_string();
-        let total = out
-            .guest_output()
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-            .unwrap_or_else(|| panic!("no IOMMU statistics\n{out}"));
-        let requests = leading_number(total);
+        let requests = out.iommu_counter("maps");
         let vfio = vfio_stats(&out)
             .strip_prefix("edu: ")
             .expect("stats for edu");
@@ -261,14 +256,6 @@ while [ ! -e /tmp/vfio-map.done ]; do kill -0 $pid; usleep 100000; done
         fragmented >= 256 * huge,
         "scattered 4 KiB pages need at least 256 times the MAP requests: {rows:?}"
     );
-}
-
-/// The number a statistics line starts with.
-fn leading_number(line: &str) -> u64 {
-    line.split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("unreadable statistics {line:?}"))
 }
 
 /// On this machine: a 48 MiB image for the hot-plugged disk, and the checksum of its first
