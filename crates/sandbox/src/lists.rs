@@ -311,7 +311,11 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             &[BLKDISCARD, BLKZEROOUT],
         ),
         ThreadKind::Net => {
-            AllowList::new(&[BASE, WORKER_LOOP, syscalls![SYS_writev]], &[TUNSETQUEUE])
+            // Frames to the tap from the guest's buffers, and from the tap into them.
+            AllowList::new(
+                &[BASE, WORKER_LOOP, syscalls![SYS_writev, SYS_readv]],
+                &[TUNSETQUEUE],
+            )
         }
         ThreadKind::Rng | ThreadKind::Console | ThreadKind::IommuEvents => {
             AllowList::new(&[BASE, WORKER_LOOP], &[])

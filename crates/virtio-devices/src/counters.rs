@@ -64,6 +64,10 @@ pub(crate) struct NetCounters {
     /// Delivered into the guest's receive buffers.
     pub(crate) rx_bytes: Counter,
     pub(crate) rx_frames: Counter,
+    /// Bytes of delivered frames (headers included) copied from the bounce buffer because
+    /// they did not fit the chains held when the frame was read; the rest went from the tap
+    /// straight into the guest's buffers.
+    pub(crate) rx_bounced_bytes: Counter,
     /// Taken by the tap.
     pub(crate) tx_bytes: Counter,
     pub(crate) tx_frames: Counter,
@@ -74,6 +78,7 @@ impl DeviceCounters for NetCounters {
         vec![
             ("rx_bytes", self.rx_bytes.get()),
             ("rx_frames", self.rx_frames.get()),
+            ("rx_bounced_bytes", self.rx_bounced_bytes.get()),
             ("tx_bytes", self.tx_bytes.get()),
             ("tx_frames", self.tx_frames.get()),
         ]

@@ -1,12 +1,17 @@
 //! The network worker of one queue pair: frames between its tap queue and its receive and
 //! transmit queues.
 //!
-//! Receive: a frame is read from the tap into a bounce buffer (its size is only known once
-//! read), then copied into receive chains. With `VIRTIO_NET_F_MRG_RXBUF` a frame takes as
-//! many chains as it needs and `num_buffers` in its header says how many; without it, one
-//! chain must hold it. When the driver has too few buffers, the frame (and the chains already
-//! taken for it) wait, and the tap is not read until the driver adds buffers: the kernel
-//! queues, then drops, what arrives meanwhile, as a full NIC ring would.
+//! Receive: a frame's size is only known once it is read, so the worker holds receive chains
+//! for the size of the frames it has been getting and reads the next frame straight into
+//! them, with one `readv` whose last iovec is a bounce buffer for whatever does not fit; only
+//! that overflow is copied, into further chains. (Cloud Hypervisor reads each frame into one
+//! chain and does not offer `VIRTIO_NET_F_MRG_RXBUF`; QEMU's virtio-net copies each frame from
+//! its tap buffer.) With MRG_RXBUF a frame
+//! takes as many chains as it needs and `num_buffers` in its header says how many; without
+//! it, one chain must hold it. Chains held and not needed serve the next frame. When the
+//! driver has too few buffers, the frame (and the chains already taken for it) wait, and the
+//! tap is not read until the driver adds buffers: the kernel queues, then drops, what arrives
+//! meanwhile, as a full NIC ring would.
 //!
 //! Transmit: each chain is one frame with its header in front, written to the tap with one
 //! `writev` straight from the guest's buffers.
@@ -62,11 +67,25 @@ pub(super) struct PairQueues {
     pub(super) wake: EventFd,
 }
 
-/// A receive chain taken for the waiting frame: its head and device-writable buffers.
+/// A receive chain held for the next frame: its head and device-writable buffers. A chain
+/// found unusable (a buffer the device would read, too small for a header, refused by the
+/// IOMMU) is held too, and costs the frame that reaches it, as it would have had the frame
+/// been read first; so the IOMMU refuses it once, not once per look.
 struct RxChain {
     head: u16,
     buffers: Vec<Buffer>,
     capacity: u64,
+    usable: bool,
+}
+
+/// The frame read from the tap and not yet delivered: `len` bytes with their header, of which
+/// the first `in_guest` went straight into the first `chains` held chains (filling them) and
+/// the rest wait in the bounce buffer.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    len: usize,
+    in_guest: usize,
+    chains: usize,
 }
 
 /// What became of the waiting frame.
@@ -89,13 +108,18 @@ pub(super) struct NetWorker<M, B> {
     /// The first pair's worker also answers the control queue.
     control: Option<ControlQueue<B>>,
     mrg_rxbuf: bool,
-    /// Bounce buffer for one received frame; one byte longer than the longest frame, so that
-    /// a truncated read shows.
+    /// Bounce buffer for the part of a received frame that did not fit the held chains; one
+    /// byte longer than the longest frame, so that a truncated read shows.
     frame: Box<[u8]>,
-    /// Length of the received frame in `frame` not yet delivered.
-    pending: Option<usize>,
-    /// Chains taken for the pending frame, in order.
+    /// The received frame not yet delivered.
+    pending: Option<Pending>,
+    /// Chains held for the pending or the next frame, in ring order: the last ones popped,
+    /// so they can be given back (`undo_pop`) when the pair leaves use.
     reserved: Vec<RxChain>,
+    /// How many bytes of chains to hold before reading: the larger of the last frame and
+    /// seven eighths of the previous guess, so a bulk stream of 64 KiB frames holds enough
+    /// for one while a trickle of small frames does not hold a ring's worth.
+    expected_len: usize,
     /// Whether the tap is in the worker's epoll set.
     tap_watched: bool,
     /// Set after an unexpected tap read error: the tap is left alone until the driver next
@@ -126,6 +150,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             frame: vec![0; MAX_PACKET_LEN + 1].into_boxed_slice(),
             pending: None,
             reserved: Vec::new(),
+            expected_len: MAX_PACKET_LEN,
             tap_watched: false,
             tap_failed: false,
             rx_used: false,
@@ -144,26 +169,24 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     }
 
     /// Delivers the waiting frame, then reads and delivers more until the tap is empty, the
-    /// budget is spent or the driver runs out of buffers. A pair out of use drops its frame.
+    /// budget is spent or the driver runs out of buffers. A pair out of use drops its frame
+    /// and gives back the chains it held.
     fn receive(&mut self, poller: &Poller) {
-        if !self.taps.is_active(self.pair) && self.pending.take().is_some() {
-            self.drop_frame();
+        if !self.taps.is_active(self.pair) {
+            self.leave_use();
         }
         for _ in 0..RX_BUDGET {
             if !self.taps.is_active(self.pair) {
                 break;
             }
-            let len = match self.pending {
-                Some(len) => len,
-                None => match self.read_frame() {
-                    Some(len) => {
-                        self.pending = Some(len);
-                        len
-                    }
+            if self.pending.is_none() {
+                self.hold_chains();
+                match self.read_frame() {
+                    Some(pending) => self.pending = Some(pending),
                     None => break,
-                },
-            };
-            match self.deliver(len) {
+                }
+            }
+            match self.deliver() {
                 Delivery::Delivered | Delivery::Dropped => self.pending = None,
                 Delivery::NoBuffers => break,
             }
@@ -174,12 +197,122 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         self.update_tap_watch(poller);
     }
 
-    /// Reads one frame from the tap; `None` when there is none (or the tap failed).
-    fn read_frame(&mut self) -> Option<usize> {
-        let fd = self.backend().as_raw_fd();
+    /// The pair left use: its waiting frame is dropped, the chains held for the next one go
+    /// back to the ring unused (they are the last popped, and nothing was written for the
+    /// driver to see).
+    fn leave_use(&mut self) {
+        if self.pending.take().is_some() {
+            self.drop_frame();
+        }
+        for _ in self.reserved.drain(..) {
+            self.rx.undo_pop();
+        }
+    }
+
+    /// Pops receive chains until those held can take a frame of the expected size (one
+    /// chain without MRG_RXBUF), the ring is empty or a chain proves unusable.
+    fn hold_chains(&mut self) {
         loop {
-            // SAFETY: reads into the live bounce buffer, at most its length.
-            let read = unsafe { libc::read(fd, self.frame.as_mut_ptr().cast(), self.frame.len()) };
+            if self.reserved.iter().any(|c| !c.usable)
+                || (!self.mrg_rxbuf && !self.reserved.is_empty())
+                || self.reserved.len() >= usize::from(self.rx.size())
+            {
+                return;
+            }
+            let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
+            if capacity >= self.expected_len as u64 {
+                return;
+            }
+            let Some(chain) = self.pop_chain() else {
+                return;
+            };
+            self.reserved.push(chain);
+        }
+    }
+
+    /// Takes the next available chain, checked: `usable` is false for a chain with a
+    /// device-readable buffer, or, with MRG_RXBUF, one smaller than a header (which the driver
+    /// must not post, virtio 1.2 §5.1.6.3.1: each held chain so brings at least a header's
+    /// worth of room).
+    fn pop_chain(&mut self) -> Option<RxChain> {
+        let chain = self.rx.pop(&self.mem)?;
+        let head = chain.head_index();
+        let buffers = buffers::collect(chain);
+        let capacity = buffers::total_len(&buffers);
+        let usable = if buffers.iter().any(|b| !b.writable) {
+            warn_limited!(
+                "virtio-net: receive chain {head} has device-readable buffers; dropping a frame"
+            );
+            false
+        } else if self.mrg_rxbuf && capacity < VNET_HDR_LEN as u64 {
+            warn_limited!(
+                "virtio-net: receive chain {head} holds {capacity} bytes, less than a header; \
+                 dropping a frame"
+            );
+            false
+        } else {
+            true
+        };
+        Some(RxChain {
+            head,
+            buffers,
+            capacity,
+            usable,
+        })
+    }
+
+    /// Reads one frame from the tap, into the usable chains held (in order, each filled before
+    /// the next) and the bounce buffer after them; `None` when there is none (or the tap
+    /// failed). A held chain the IOMMU refuses is marked unusable and ends the chains read
+    /// into.
+    fn read_frame(&mut self) -> Option<Pending> {
+        let fd = self.backend().as_raw_fd();
+        // The chains' buffers are translated before the read and written by it: one transfer.
+        let _dma = self.mem.begin_dma();
+        let mut slices = Vec::new();
+        let mut direct = (0usize, 0usize);
+        for chain in &mut self.reserved {
+            // Never more than the longest frame, so the bounce buffer keeps the byte that
+            // shows a truncated read; a frame never spills past a chain this cuts short.
+            let take = chain.capacity.min((MAX_PACKET_LEN - direct.1) as u64);
+            if !chain.usable || take == 0 {
+                break;
+            }
+            match buffers::slices(&self.mem, &chain.buffers, 0, take, Permissions::Write) {
+                Ok(more) if slices.len() + more.len() < MAX_IOVECS => slices.extend(more),
+                Ok(_) => break,
+                Err(err) => {
+                    warn_limited!(
+                        "virtio-net: receive chain {}: {err}; dropping a frame",
+                        chain.head
+                    );
+                    chain.usable = false;
+                    break;
+                }
+            }
+            // At most MAX_PACKET_LEN in all.
+            direct = (direct.0 + 1, direct.1 + take as usize);
+        }
+        let (chains, in_guest) = direct;
+        // The guards keep the slices' pointers valid until the system call is done.
+        let guards: Vec<_> = slices.iter().map(|slice| slice.ptr_guard_mut()).collect();
+        let mut iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .zip(&slices)
+            .map(|(guard, slice)| libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            })
+            .collect();
+        let bounce = &mut self.frame[..MAX_PACKET_LEN + 1 - in_guest];
+        iovecs.push(libc::iovec {
+            iov_base: bounce.as_mut_ptr().cast(),
+            iov_len: bounce.len(),
+        });
+        loop {
+            // SAFETY: every iovec points into a live guest-memory slice (writable, its guard
+            // held) or the bounce buffer, of the length given; fewer than MAX_IOVECS of them.
+            let read = unsafe { libc::readv(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
             if read < 0 {
                 let err = io::Error::last_os_error();
                 match err.kind() {
@@ -194,26 +327,46 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             }
             let len = read as usize;
             if (MIN_PACKET_LEN..=MAX_PACKET_LEN).contains(&len) {
-                return Some(len);
+                self.expected_len = len.max(self.expected_len - self.expected_len / 8);
+                return Some(Pending {
+                    len,
+                    in_guest: in_guest.min(len),
+                    chains,
+                });
             }
             warn_limited!("virtio-net: dropping a {len}-byte frame from the tap");
         }
     }
 
-    /// Takes receive chains until the pending `len`-byte frame fits, and writes it into them.
+    /// Takes receive chains until the pending frame fits, writes what of it is in the bounce
+    /// buffer into them, and returns the chains it filled to the driver, `num_buffers` in the
+    /// header saying how many.
     ///
-    /// The chains held for a frame are bounded whatever the driver posts: with MRG_RXBUF a
-    /// chain smaller than a header (which the driver must not post, virtio 1.2 §5.1.6.3.1)
-    /// costs the frame instead of being held, so each held chain brings at least a header's
-    /// worth of room; and a frame that a queue size of chains cannot hold (more than the ring
-    /// has, so the driver reused heads, or the frame can never fit) is dropped.
-    fn deliver(&mut self, len: usize) -> Delivery {
+    /// The chains held for a frame are bounded whatever the driver posts: an unusable chain
+    /// costs the frame instead of being held, and a frame that a queue size of chains cannot
+    /// hold (more than the ring has, so the driver reused heads, or the frame can never fit)
+    /// is dropped.
+    fn deliver(&mut self) -> Delivery {
+        let Some(Pending {
+            len,
+            in_guest,
+            chains: direct,
+        }) = self.pending
+        else {
+            return Delivery::Delivered;
+        };
         let len64 = len as u64;
         let mut rechecked = false;
         loop {
-            let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
-            if capacity >= len64 || (!self.mrg_rxbuf && !self.reserved.is_empty()) {
+            // The frame may use the chains before the first unusable one; reaching that one
+            // costs it the frame.
+            let usable = self.reserved.iter().take_while(|c| c.usable).count();
+            let capacity: u64 = self.reserved[..usable].iter().map(|c| c.capacity).sum();
+            if capacity >= len64 || (!self.mrg_rxbuf && usable > 0) {
                 break;
+            }
+            if usable < self.reserved.len() {
+                return self.drop_frame();
             }
             if self.reserved.len() >= usize::from(self.rx.size()) {
                 warn_limited!(
@@ -223,7 +376,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
                 );
                 return self.drop_frame();
             }
-            let Some(chain) = self.rx.pop(&self.mem) else {
+            let Some(chain) = self.pop_chain() else {
                 // The driver notifies once it adds buffers, unless it did so just now.
                 if !rechecked && self.rx.enable_notification(&self.mem) {
                     rechecked = true;
@@ -232,30 +385,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
                 return Delivery::NoBuffers;
             };
             rechecked = false;
-            let head = chain.head_index();
-            let buffers = buffers::collect(chain);
-            if buffers.iter().any(|b| !b.writable) {
-                warn_limited!("virtio-net: receive chain {head} has device-readable buffers; dropping a frame");
-                self.reserved.push(RxChain {
-                    head,
-                    buffers: Vec::new(),
-                    capacity: 0,
-                });
-                return self.drop_frame();
-            }
-            let capacity = buffers::total_len(&buffers);
-            self.reserved.push(RxChain {
-                head,
-                buffers,
-                capacity,
-            });
-            if self.mrg_rxbuf && capacity < VNET_HDR_LEN as u64 {
-                warn_limited!(
-                    "virtio-net: receive chain {head} holds {capacity} bytes, less than a \
-                     header; dropping a frame"
-                );
-                return self.drop_frame();
-            }
+            self.reserved.push(chain);
         }
 
         let capacity: u64 = self.reserved.iter().map(|c| c.capacity).sum();
@@ -266,42 +396,72 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             );
             return self.drop_frame();
         }
-        // At most the queue size (<= 32768) chains.
-        let num_buffers = self.reserved.len() as u16;
-        self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
-
-        // The chains' buffers are translated as they are written: one transfer.
-        let _dma = self.mem.begin_dma();
+        // The chains the frame fills, each up to its capacity; those after it stay held.
         let mut lens = Vec::with_capacity(self.reserved.len());
-        let mut offset = 0usize;
+        let mut left = len64;
         for chain in &self.reserved {
-            // Below `len`, so fits in usize.
-            let count = chain.capacity.min((len - offset) as u64) as usize;
-            let data = &self.frame[offset..offset + count];
-            if let Err(err) = buffers::write_from(&self.mem, &chain.buffers, 0, data) {
-                warn_limited!(
-                    "virtio-net: receive chain {}: {err}; dropping a frame",
-                    chain.head
-                );
+            if left == 0 {
                 break;
             }
+            let count = chain.capacity.min(left);
             lens.push(count as u32);
-            offset += count;
+            left -= count;
         }
-        if lens.len() < self.reserved.len() {
+        // At most the queue size (<= 32768) chains.
+        let num_buffers = (lens.len() as u16).to_le_bytes();
+
+        let _dma = self.mem.begin_dma();
+        let written = if in_guest == 0 {
+            self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers);
+            Ok(())
+        } else {
+            // The header went straight into the first chain.
+            buffers::write_from(
+                &self.mem,
+                &self.reserved[0].buffers,
+                NUM_BUFFERS_OFFSET as u64,
+                &num_buffers,
+            )
+        }
+        .and_then(|()| {
+            // The rest, from the bounce buffer, into the chains after those read into.
+            let mut offset = 0;
+            for (chain, &count) in self.reserved.iter().zip(&lens).skip(direct) {
+                let data = &self.frame[offset..offset + count as usize];
+                buffers::write_from(&self.mem, &chain.buffers, 0, data).map_err(|err| {
+                    warn_limited!(
+                        "virtio-net: receive chain {}: {err}; dropping a frame",
+                        chain.head
+                    );
+                    err
+                })?;
+                offset += count as usize;
+            }
+            debug_assert_eq!(offset, len - in_guest);
+            Ok(())
+        });
+        if written.is_err() {
             return self.drop_frame();
         }
-        for (chain, written) in std::mem::take(&mut self.reserved).into_iter().zip(lens) {
+        let filled: Vec<RxChain> = self.reserved.drain(..lens.len()).collect();
+        for (chain, written) in filled.into_iter().zip(lens) {
             self.rx_used |= self.rx.add_used(&self.mem, chain.head, written);
         }
         self.counters.rx_frames.add(1);
         self.counters.rx_bytes.add((len - VNET_HDR_LEN) as u64);
+        self.counters.rx_bounced_bytes.add((len - in_guest) as u64);
         Delivery::Delivered
     }
 
-    /// Discards the pending frame and returns the chains taken for it unused.
+    /// Discards the pending frame and returns the chains taken for it unused: those held up to
+    /// and including the first unusable one, or all of them.
     fn drop_frame(&mut self) -> Delivery {
-        for chain in std::mem::take(&mut self.reserved) {
+        let count = self
+            .reserved
+            .iter()
+            .position(|c| !c.usable)
+            .map_or(self.reserved.len(), |i| i + 1);
+        for chain in self.reserved.drain(..count).collect::<Vec<_>>() {
             self.rx_used |= self.rx.add_used(&self.mem, chain.head, 0);
         }
         Delivery::Dropped

@@ -491,6 +491,96 @@ fn a_frame_larger_than_a_ring_of_chains_is_dropped() {
     );
 }
 
+/// Frames are read straight into the chains held for them; what a stream of small frames
+/// taught the worker to hold is not enough for a large one, whose rest goes through the
+/// bounce buffer into the chains the driver posts next, `num_buffers` counting them all.
+#[test]
+fn a_frame_larger_than_the_chains_held_spills_into_the_next_ones() {
+    let mem = guest_memory();
+    let mut h = start(&mem, NO_EVENT_IDX);
+    for i in 0..50u64 {
+        h.rx.add(&[wo(BUF + i * 0x800, 1500)]);
+    }
+    h.rx_kick.write(1).unwrap();
+    for i in 0..50 {
+        let sent = packet(0, 0, 100, i as u8);
+        h.peer.send(&sent).unwrap();
+        let used = h.rx_used_after(i + 1);
+        assert_eq!(used[i].1, (HDR + 100) as u32);
+        assert_eq!(&read(&mem, BUF + i as u64 * 0x800 + 12, 100), &sent[12..]);
+    }
+    // One chain is now enough for what the worker expects: it holds that one only.
+    let big = 0x4_0000;
+    let first = h.post_rx(&[wo(big, 1500)]);
+    thread::sleep(Duration::from_millis(100));
+    let second = h.rx.add(&[wo(big + 0x1000, 1500)]);
+    let third = h.rx.add(&[wo(big + 0x2000, 1500)]);
+    let sent = packet(3, 4, 3000, 7);
+    h.peer.send(&sent).unwrap();
+    let used = h.rx_used_after(51);
+    assert_eq!(
+        &used[50..],
+        [
+            (u32::from(first), 1500),
+            (u32::from(second), 1500),
+            (u32::from(third), 12)
+        ]
+    );
+    let mut received = read(&mem, big, 1500);
+    received.extend(read(&mem, big + 0x1000, 1500));
+    received.extend(read(&mem, big + 0x2000, 12));
+    assert_eq!(&received[10..12], &[3, 0], "num_buffers");
+    assert_eq!(&received[..10], &sent[..10]);
+    assert_eq!(&received[12..], &sent[12..]);
+    // The small frames went straight into held chains; of the large one, all but the first
+    // chain's 1500 bytes were copied.
+    assert_eq!(
+        counters(&h.dev)["rx_bounced_bytes"],
+        (HDR + 3000 - 1500) as u64
+    );
+}
+
+/// Without MRG_RXBUF the driver posts chains for the longest frame (Linux's big packets,
+/// 17 pages and more): one longer than any frame still takes the longest whole.
+#[test]
+fn the_longest_frame_fits_one_chain_longer_than_it() {
+    let mem = guest_memory();
+    let mut h = start(&mem, NO_EVENT_IDX | (1 << VIRTIO_NET_F_MRG_RXBUF));
+    let head = h.post_rx(&[wo(BUF, HDR as u32), wo(BUF + 0x100, 70_000)]);
+    thread::sleep(Duration::from_millis(100));
+    let sent = packet(0, 0, MAX_PACKET_LEN - HDR, 5);
+    h.peer.send(&sent).unwrap();
+    assert_eq!(
+        h.rx_used_after(1),
+        [(u32::from(head), MAX_PACKET_LEN as u32)]
+    );
+    let mut received = read(&mem, BUF, HDR);
+    received.extend(read(&mem, BUF + 0x100, MAX_PACKET_LEN - HDR));
+    assert_eq!(&received[10..12], &[1, 0]);
+    assert_eq!(&received[12..], &sent[12..]);
+}
+
+/// A chain held before its frame came is translated through the IOMMU for the read that
+/// fills it.
+#[test]
+fn protected_frames_are_read_straight_into_translated_chains() {
+    let mem = iommu_memory();
+    let phys: &GuestMemoryMmap = mem.get_backend();
+    mem.iommu()
+        .map(0x1000_0000, BUF, 0x1_0000, Permissions::ReadWrite);
+    let mut h = start(&mem, NO_EVENT_IDX);
+    let head = h.post_rx(&[wo(0x1000_0000, 1000), wo(0x1000_2000, 1000)]);
+    thread::sleep(Duration::from_millis(100));
+    let sent = packet(0, 0, 1800, 2);
+    h.peer.send(&sent).unwrap();
+    assert_eq!(h.rx_used_after(1), [(u32::from(head), (HDR + 1800) as u32)]);
+    let mut received = read(phys, BUF, 1000);
+    received.extend(read(phys, BUF + 0x2000, HDR + 800));
+    assert_eq!(&received[10..12], &[1, 0]);
+    assert_eq!(&received[12..], &sent[12..]);
+    assert_eq!(counters(&h.dev)["rx_bounced_bytes"], 0);
+}
+
 #[test]
 fn protected_device_translates_every_buffer() {
     let mem = iommu_memory();
@@ -583,6 +673,8 @@ fn frames_that_got_through_are_counted_without_their_header() {
         std::collections::BTreeMap::from([
             ("rx_bytes", rx_bytes),
             ("rx_frames", rx_frames),
+            // The second chain was held before its frame came: read straight into.
+            ("rx_bounced_bytes", 0),
             ("tx_bytes", tx_bytes),
             ("tx_frames", tx_frames),
         ])
