@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use e2e::Mode;
 
-use crate::{Boot, Config, DeviceOpts, Unit, Vmm, JOBS};
+use crate::{Boot, BootOpts, Config, Unit, Vmm, JOBS};
 
 /// Every boot of one run of the benchmark.
 pub struct Batch {
@@ -13,7 +13,7 @@ pub struct Batch {
     pub rounds: usize,
     /// The peer VMM's file name, if one ran.
     pub peer: Option<String>,
-    pub opts: DeviceOpts,
+    pub opts: BootOpts,
     pub boots: Vec<Boot>,
     /// The configurations and rounds for which every attempt died.
     pub lost: Vec<Lost>,
@@ -126,7 +126,7 @@ pub fn table(batch: &Batch) -> String {
     let peer = batch.peer.as_deref().unwrap_or("peer");
     let _ = writeln!(
         s,
-        "# warden data-path benchmark ({:?} mode, {} round{}, Debian 12 image, 1 vCPU, 512 MiB{})\n",
+        "# warden data-path benchmark ({:?} mode, {} round{}, Debian 12 image, 1 vCPU, 512 MiB{}{})\n",
         batch.mode,
         batch.rounds,
         if batch.rounds == 1 { "" } else { "s" },
@@ -134,7 +134,12 @@ pub fn table(batch: &Batch) -> String {
             .iter()
             .filter(|(_, opts)| !opts.is_empty())
             .map(|(device, opts)| format!(", {device} `{opts}`"))
-            .collect::<String>()
+            .collect::<String>(),
+        if batch.opts.one_l1_cpu {
+            ", the VMM on one L1 CPU"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
@@ -401,7 +406,7 @@ mod tests {
             mode: Mode::Nested,
             rounds: 3,
             peer: Some("cloud-hypervisor".into()),
-            opts: DeviceOpts::default(),
+            opts: BootOpts::default(),
             lost: Vec::new(),
             boots,
         };
@@ -453,9 +458,10 @@ mod tests {
             mode: Mode::Direct,
             rounds: 1,
             peer: None,
-            opts: DeviceOpts {
+            opts: BootOpts {
                 disk: "direct=on".into(),
                 net: "vhost=on".into(),
+                one_l1_cpu: true,
             },
             lost: vec![Lost {
                 config: Config {
@@ -479,7 +485,7 @@ mod tests {
         );
         assert!(
             t.contains(
-                "1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`, net `vhost=on`"
+                "1 round, Debian 12 image, 1 vCPU, 512 MiB, disk `direct=on`, net `vhost=on`, the VMM on one L1 CPU"
             ),
             "{t}"
         );
