@@ -140,7 +140,8 @@ impl Scenario {
     /// scripts, and so warden, are confined to its CPU 0: the emulated CPU of that host loses
     /// the guest (a false page fault, then a triple fault) when warden's threads run on two of
     /// its CPUs at once under I/O load, and never has with one (docs/net-soak-investigation.md).
-    /// The soak that reproduces that, and the benchmark, which measures parallel work, opt out.
+    /// The soak that reproduces that, and the benchmark, which measures parallel work, opt out
+    /// (the benchmark unless `--one-l1-cpu`).
     /// Direct runs on a real CPU are never confined.
     pub fn on_every_l1_cpu(mut self) -> Self {
         self.one_l1_cpu = false;

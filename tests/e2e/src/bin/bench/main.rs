@@ -500,7 +500,7 @@ fn boot(
     if !opts.one_l1_cpu {
         scenario = scenario.on_every_l1_cpu();
     }
-    let mut scenario = scenario
+    scenario = scenario
         .distro()
         .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
         .warden_args(args)
