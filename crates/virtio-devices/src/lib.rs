@@ -9,7 +9,6 @@
 //! behind it, where every access is translated and permission-checked. Each device is
 //! monomorphised for its memory type, so the unprotected path pays nothing for the IOMMU.
 
-use std::fmt;
 use std::io;
 use std::sync::Arc;
 
@@ -162,24 +161,26 @@ pub struct ActivatedQueue {
 }
 
 /// Why a device could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The driver did not enable a queue the device needs.
+    #[error("queue {0} was not enabled")]
     MissingQueue(usize),
     /// The worker could not be started.
-    Io(io::Error),
+    #[error("cannot start device worker: {0}")]
+    Io(#[from] io::Error),
+    /// A ring handed to a data path that reaches it by host address is not inside one RAM
+    /// region.
+    #[error("the {ring} ({len} bytes at {gpa:#x}) is not inside one guest RAM region")]
+    RingOutsideRam {
+        ring: &'static str,
+        gpa: u64,
+        len: u64,
+    },
+    /// The driver's configuration would let the device reach memory it was not granted.
+    #[error("refused: {0}")]
+    Refused(&'static str),
 }
-
-impl fmt::Display for ActivateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ActivateError::MissingQueue(index) => write!(f, "queue {index} was not enabled"),
-            ActivateError::Io(err) => write!(f, "cannot start device worker: {err}"),
-        }
-    }
-}
-
-impl std::error::Error for ActivateError {}
 
 /// The behaviour of one virtio device type, as the transport sees it.
 pub trait VirtioDevice: Send {

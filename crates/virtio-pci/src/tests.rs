@@ -19,6 +19,7 @@ const F_DEVICE: u64 = 1 << 0;
 const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const F_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+const F_ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
 const S_ACK_DRIVER: u8 = 1 | 2;
 
 /// Common config offsets.
@@ -401,6 +402,29 @@ fn features_not_offered_or_without_version_1_are_refused() {
         assert_eq!(h.status(), S_ACK_DRIVER);
         assert!(h.log.lock().unwrap().activations.is_empty());
     }
+}
+
+/// A device behind the IOMMU offers ACCESS_PLATFORM: a driver that leaves it out would hand
+/// it guest-physical addresses, so FEATURES_OK does not stick and the device never starts.
+#[test]
+fn a_device_behind_the_iommu_requires_access_platform() {
+    let mut h = harness_with(F_VERSION_1 | F_ACCESS_PLATFORM | F_DEVICE, &[64], false);
+    assert_eq!(h.negotiate(F_VERSION_1 | F_DEVICE), S_ACK_DRIVER);
+    assert!(h.log.lock().unwrap().acked.is_empty());
+    h.setup_queue(0, 64, 0x10_000);
+    h.set_status(S_ACK_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    assert_eq!(h.status(), S_ACK_DRIVER);
+    assert!(h.log.lock().unwrap().activations.is_empty());
+
+    // Asked again with the bit, after a reset, it is accepted.
+    h.set_status(0);
+    let features = F_VERSION_1 | F_ACCESS_PLATFORM;
+    assert_eq!(h.negotiate(features), S_ACK_DRIVER | STATUS_FEATURES_OK);
+    assert_eq!(h.log.lock().unwrap().acked, vec![features]);
+
+    // A device outside the IOMMU does not offer it, and needs nothing of the sort.
+    let mut h = harness_with(F_VERSION_1 | F_DEVICE, &[64], false);
+    assert_eq!(h.negotiate(F_VERSION_1), S_ACK_DRIVER | STATUS_FEATURES_OK);
 }
 
 #[test]

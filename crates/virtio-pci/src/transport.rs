@@ -7,8 +7,8 @@ use log::debug;
 use pci::{BarKind, BarMove, BarSpec, EventAddress, Msix, PciConfiguration, PciDevice, PciHeader};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -534,16 +534,16 @@ impl VirtioPciDevice {
         }
         let newly_set = new & !old;
         if newly_set & STATUS_FEATURES_OK != 0 {
-            let accepted = self.driver_features;
-            let not_offered = accepted & !self.offered_features;
-            if not_offered != 0 || accepted & (1 << VIRTIO_F_VERSION_1) == 0 {
-                warn_limited!(
-                    "refusing features {accepted:#x}: not offered {not_offered:#x}, \
-                     VERSION_1 required"
-                );
-                new &= !STATUS_FEATURES_OK;
-            } else {
-                self.device.ack_features(accepted);
+            match self.refusal(self.driver_features) {
+                Some(why) => {
+                    warn_limited!(
+                        "virtio device type {}: refusing features {:#x}: {why}",
+                        self.device.device_type(),
+                        self.driver_features
+                    );
+                    new &= !STATUS_FEATURES_OK;
+                }
+                None => self.device.ack_features(self.driver_features),
             }
         }
         if newly_set & STATUS_DRIVER_OK != 0 && new & STATUS_FEATURES_OK == 0 {
@@ -553,6 +553,26 @@ impl VirtioPciDevice {
         self.status = new;
         if new & !old & STATUS_DRIVER_OK != 0 {
             self.activate();
+        }
+    }
+
+    /// Why the driver's feature set cannot be accepted, if it cannot.
+    ///
+    /// A device behind the IOMMU offers `VIRTIO_F_ACCESS_PLATFORM` and requires it back (virtio
+    /// 1.2 §6.1 lets a device fail FEATURES_OK then): a driver that leaves it out means to hand
+    /// the device guest-physical addresses, which a device whose every access is translated
+    /// must not be given, whatever its data path (the kernel's vhost would take them as
+    /// addresses of its own without an IOTLB).
+    fn refusal(&self, accepted: u64) -> Option<&'static str> {
+        const ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
+        if accepted & !self.offered_features != 0 {
+            Some("it accepts features the device did not offer")
+        } else if accepted & (1 << VIRTIO_F_VERSION_1) == 0 {
+            Some("VERSION_1 is required")
+        } else if self.offered_features & ACCESS_PLATFORM != 0 && accepted & ACCESS_PLATFORM == 0 {
+            Some("the device is behind the IOMMU and ACCESS_PLATFORM is required")
+        } else {
+            None
         }
     }
 

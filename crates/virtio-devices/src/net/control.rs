@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::NetBackend;
 use crate::buffers;
 use crate::worker::DeviceQueue;
+use crate::DeviceMemory;
 
 /// The part of a control request the device reads: class, command and a 16-bit argument.
 const REQUEST_PREFIX: usize = 4;
@@ -152,11 +153,14 @@ impl<B: NetBackend> ControlQueue<B> {
         }
     }
 
-    /// Answers every request the driver has queued.
-    pub(super) fn serve<M: GuestMemory>(&mut self, mem: &M) {
+    /// Answers every request the driver has queued, each inside a transfer of its own: an
+    /// UNMAP of its buffers waits until its request is read and its ack written.
+    pub(super) fn serve<M: DeviceMemory>(&mut self, mem: &M) {
         let commands = &self.commands;
-        self.queue
-            .process(mem, |chain| Some(commands.answer(mem, chain)));
+        self.queue.process(mem, |chain| {
+            let _dma = mem.begin_dma();
+            Some(commands.answer(mem, chain))
+        });
     }
 }
 
@@ -298,6 +302,37 @@ mod tests {
         // Asking for more pairs than there are uses them all; none is switched twice.
         let (changed, result) = taps.use_pairs(9);
         assert!(changed.is_empty() && result.is_ok());
+    }
+
+    /// Behind the IOMMU, a control request is read and its ack written inside a transfer, as
+    /// every other buffer access of a protected device is.
+    #[test]
+    fn control_requests_behind_the_iommu_are_served_inside_a_transfer() {
+        use crate::test_utils::{iommu_memory, ro, wo, Driver, FakeInterrupt, BUFFERS_START};
+        use vm_memory::{Bytes, GuestAddress, Permissions};
+
+        let mem = iommu_memory();
+        let (request, ack) = (BUFFERS_START, BUFFERS_START + 0x100);
+        mem.iommu()
+            .map(BUFFERS_START, BUFFERS_START, 0x1000, Permissions::ReadWrite);
+        mem.write_slice(&[MQ_CLASS, PAIRS_SET, 2, 0], GuestAddress(request))
+            .unwrap();
+        let mut driver = Driver::new(&mem, 0, 16);
+        let taps = Arc::new(TapQueues::new(vec![Queue::default(), Queue::default()]));
+        let queue = DeviceQueue::new(0, driver.queue(), false, Arc::new(FakeInterrupt::default()));
+        let wakes = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let mut control = ControlQueue::new(queue, Arc::clone(&taps), 2, wakes);
+        driver.add(&[ro(request, 4), wo(ack, 1)]);
+        mem.iommu().unguarded.store(0, Ordering::SeqCst);
+        control.serve(&mem);
+        let unguarded = mem.iommu().unguarded.load(Ordering::SeqCst);
+        assert_eq!(unguarded, 0, "buffer translations outside a transfer");
+        assert_eq!(driver.used(), [(0, 1)]);
+        let answer: u8 = mem.read_obj(GuestAddress(ack)).unwrap();
+        assert_eq!(answer, VIRTIO_NET_OK as u8);
+        assert!(taps.is_active(1));
     }
 
     #[test]

@@ -143,6 +143,19 @@ pub(super) fn start_pairs<M: DeviceMemory>(
     acked: u64,
 ) -> Result<Vec<(usize, EventFd)>, ActivateError> {
     let io = ActivateError::Io;
+    // The kernel translates through its IOTLB exactly when ACCESS_PLATFORM is among the
+    // features it is given; without it, it takes ring and buffer addresses as warden's own.
+    // That must be what the memory says: the transport refuses a driver that leaves the bit
+    // out behind the IOMMU, and this holds whoever calls.
+    let translated = mem.mappings().is_some();
+    if translated != (acked & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0) {
+        return Err(ActivateError::Refused(if translated {
+            "the device is behind the IOMMU but the driver did not accept ACCESS_PLATFORM"
+        } else {
+            "ACCESS_PLATFORM accepted by a device outside the IOMMU"
+        }));
+    }
+    let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
     let mut calls = Vec::with_capacity(2 * pairs.len());
     for (pair, rings) in pairs.into_iter().enumerate() {
         let kernel = &kernels[pair];
@@ -152,7 +165,7 @@ pub(super) fn start_pairs<M: DeviceMemory>(
         kernel.set_guest_memory().map_err(io)?;
         for (ring, (index, queue, kick)) in RINGS.into_iter().zip(rings) {
             let call = EventFd::new(EFD_NONBLOCK).map_err(io)?;
-            let addresses = ring_addresses(mem, &queue).map_err(io)?;
+            let addresses = ring_addresses(mem, &queue, event_idx)?;
             // The kernel reads and writes the used ring as the tap is set, before it would
             // ask: the ring's translations must already be in its (new, empty) IOTLB.
             prefill_ring(mem, kernel.as_ref(), &queue);
@@ -193,11 +206,11 @@ fn prefill_ring<M: DeviceMemory>(mem: &M, kernel: &dyn VhostKernel, queue: &Queu
     if mem.mappings().is_none() {
         return;
     }
-    let size = u64::from(queue.size());
+    let [desc_len, avail_len, used_len] = ring_lengths(queue.size(), true);
     let rings = [
-        (queue.desc_table(), 16 * size, false),
-        (queue.avail_ring(), 6 + 2 * size, false),
-        (queue.used_ring(), 6 + 8 * size, true),
+        (queue.desc_table(), desc_len, false),
+        (queue.avail_ring(), avail_len, false),
+        (queue.used_ring(), used_len, true),
     ];
     for (start, len, write) in rings {
         let mut page = start & !(PAGE_SIZE - 1);
@@ -223,23 +236,45 @@ fn prefill_ring<M: DeviceMemory>(mem: &M, kernel: &dyn VhostKernel, queue: &Queu
 const PAGE_SIZE: u64 = 4096;
 
 /// Where the kernel finds `queue`: the driver's addresses as they are behind the IOMMU (the
-/// device IOTLB translates them), else host addresses of guest RAM.
-fn ring_addresses<M: DeviceMemory>(mem: &M, queue: &Queue) -> io::Result<RingAddresses> {
+/// device IOTLB translates them, and refuses what is not mapped), else host addresses of
+/// guest RAM. The kernel then writes the used ring at the host address it is given for as
+/// many entries as the ring has, checking only that the address is a user one: each ring must
+/// lie whole inside one RAM region, or the kernel would write past that region's mapping into
+/// whatever of warden's memory follows it.
+fn ring_addresses<M: DeviceMemory>(
+    mem: &M,
+    queue: &Queue,
+    event_idx: bool,
+) -> Result<RingAddresses, ActivateError> {
     let (desc, avail, used) = (queue.desc_table(), queue.avail_ring(), queue.used_ring());
     if mem.mappings().is_some() {
         return Ok(RingAddresses { desc, avail, used });
     }
-    let host = |gpa: u64| {
-        mem.ram()
-            .get_host_address(GuestAddress(gpa))
-            .map(|p| p as u64)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    let [desc_len, avail_len, used_len] = ring_lengths(queue.size(), event_idx);
+    let host = |gpa: u64, len: u64, what: &'static str| {
+        let slice = usize::try_from(len)
+            .ok()
+            .and_then(|len| mem.ram().get_slice(GuestAddress(gpa), len).ok())
+            .ok_or(ActivateError::RingOutsideRam {
+                ring: what,
+                gpa,
+                len,
+            })?;
+        Ok::<u64, ActivateError>(slice.ptr_guard_mut().as_ptr() as u64)
     };
     Ok(RingAddresses {
-        desc: host(desc)?,
-        avail: host(avail)?,
-        used: host(used)?,
+        desc: host(desc, desc_len, "descriptor table")?,
+        avail: host(avail, avail_len, "available ring")?,
+        used: host(used, used_len, "used ring")?,
     })
+}
+
+/// Bytes of a split queue's descriptor table, available ring and used ring for `size`
+/// entries (virtio 1.2 §2.7), with the event words EVENT_IDX adds.
+pub(super) fn ring_lengths(size: u16, event_idx: bool) -> [u64; 3] {
+    let size = u64::from(size);
+    let event = if event_idx { 2 } else { 0 };
+    [16 * size, 4 + 2 * size + event, 4 + 8 * size + event]
 }
 
 /// The device's thread beside the kernel's: interrupts for the rings, IOTLB misses, and the

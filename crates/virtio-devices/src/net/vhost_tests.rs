@@ -351,3 +351,97 @@ fn a_kernel_without_access_platform_is_refused_behind_the_iommu() {
     let (backend, _peer) = SocketBackend::pair(0);
     assert!(Net::with_vhost(guest_memory(), vec![backend], options(false), vec![kernel]).is_ok());
 }
+
+/// Activates a fresh one-pair device over `mem` with `features` accepted and the receive
+/// ring's used ring moved to `rx_used` (if given); the kernel's calls and the outcome.
+fn activate_with<M: DeviceMemory>(
+    mem: &M,
+    access_platform: bool,
+    features: impl FnOnce(u64) -> u64,
+    rx_used: Option<u64>,
+) -> (Arc<FakeKernel>, Result<(), ActivateError>) {
+    let kernel = FakeKernel::new();
+    let (backend, _peer) = SocketBackend::pair(0);
+    let kernels: Vec<Arc<dyn VhostKernel>> = vec![kernel.clone()];
+    let mut dev = Net::with_vhost(
+        mem.clone(),
+        vec![backend],
+        options(access_platform),
+        kernels,
+    )
+    .unwrap();
+    dev.ack_features(features(dev.features()));
+    let mut rx = Driver::new(mem, RX_BASE, QUEUE_SIZE).queue();
+    if let Some(used) = rx_used {
+        rx.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+    }
+    let tx = Driver::new(mem, TX_BASE, QUEUE_SIZE).queue();
+    let queue = |index, queue| ActivatedQueue {
+        index,
+        queue,
+        notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+    };
+    let result = dev.activate(
+        vec![queue(RX_QUEUE, rx), queue(TX_QUEUE, tx)],
+        Arc::new(FakeInterrupt::default()),
+    );
+    (kernel, result)
+}
+
+/// A driver of a protected device that leaves ACCESS_PLATFORM out would have the kernel
+/// take its I/O virtual addresses as warden's own: the rings never reach the kernel, whoever
+/// let the features through.
+#[test]
+fn behind_the_iommu_the_kernel_never_starts_without_access_platform() {
+    let mem = iommu_memory();
+    let (kernel, result) = activate_with(
+        &mem,
+        true,
+        |offered| offered & !(1 << VIRTIO_F_ACCESS_PLATFORM),
+        None,
+    );
+    assert!(
+        matches!(result, Err(ActivateError::Refused(_))),
+        "{result:?}"
+    );
+    assert!(
+        !kernel
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Ring(..) | Call::Tap(_, Some(_)) | Call::Memory)),
+        "{:?}",
+        kernel.calls()
+    );
+}
+
+/// Outside the IOMMU the kernel gets host addresses and writes a whole used ring from the
+/// one it is given: a ring that starts inside guest RAM but runs past the end of its region
+/// is refused before the kernel sees any ring (the check was of the first byte only).
+#[test]
+fn a_ring_running_past_its_ram_region_is_refused() {
+    let mem = guest_memory();
+    let end = 0x10_0000u64;
+    // The used ring's index fits, its entries do not.
+    let (kernel, result) = activate_with(&mem, false, |offered| offered, Some(end - 4));
+    assert!(
+        matches!(
+            result,
+            Err(ActivateError::RingOutsideRam {
+                ring: "used ring",
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    assert!(
+        !kernel.calls().iter().any(|c| matches!(c, Call::Ring(..))),
+        "{:?}",
+        kernel.calls()
+    );
+    // The last place a whole used ring fits is accepted.
+    let [_, _, used_len] = super::vhost::ring_lengths(QUEUE_SIZE, true);
+    let last = (end - used_len) & !3;
+    let (kernel, result) = activate_with(&mem, false, |offered| offered, Some(last));
+    assert!(result.is_ok(), "{result:?}");
+    assert!(kernel.calls().iter().any(|c| matches!(c, Call::Ring(..))));
+}
