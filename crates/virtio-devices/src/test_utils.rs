@@ -267,7 +267,13 @@ impl VirtioInterrupt for FakeInterrupt {
 pub(crate) struct TestIommu {
     iotlb: RwLock<Iotlb>,
     pub(crate) dma: Arc<InflightDma>,
+    /// Translations of buffers (at or above [`BUFFERS_START`]) made while no transfer was in
+    /// flight: an access an UNMAP would not have waited for.
+    pub(crate) unguarded: AtomicUsize,
 }
+
+/// Where [`Driver`]'s rings end and tests' buffers begin.
+pub(crate) const BUFFERS_START: u64 = 0x1_0000;
 
 impl DmaFence for TestIommu {
     fn begin_dma(&self) -> DmaGuard {
@@ -326,6 +332,9 @@ impl Iommu for TestIommu {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
+        if iova.0 >= BUFFERS_START && self.dma.in_flight() == 0 {
+            self.unguarded.fetch_add(1, Ordering::SeqCst);
+        }
         Iotlb::lookup(self.iotlb.read().unwrap(), iova, length, access).map_err(|fails| {
             IommuError::CannotResolve {
                 iova_range: IovaRange { base: iova, length },
@@ -339,6 +348,7 @@ impl Iommu for TestIommu {
 /// identity-mapped read-write and nothing else.
 pub(crate) fn iommu_memory() -> IommuMemory<GuestMemoryMmap, TestIommu> {
     let mem = IommuMemory::new(guest_memory(), TestIommu::default(), true, ());
-    mem.iommu().map(0, 0, 0x1_0000, Permissions::ReadWrite);
+    mem.iommu()
+        .map(0, 0, BUFFERS_START as usize, Permissions::ReadWrite);
     mem
 }
