@@ -9,6 +9,11 @@
 //! and [`InflightDma::wait_for_earlier`] waits for the transfers that began before it was
 //! called, without stopping new ones (they translate after the change, so they cannot see the
 //! old mappings). It is a grace period in the RCU sense, with two counters that alternate.
+//!
+//! Each endpoint counts its own transfers, and a request waits only for those of the
+//! endpoints it takes translations from (an UNMAP: its domain's; an ATTACH or DETACH: the
+//! endpoint's): a device whose transfer is slow, or stuck on the host, holds up its own
+//! domain and no other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

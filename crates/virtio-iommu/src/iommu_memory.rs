@@ -136,6 +136,6 @@ impl MappingLookup for EndpointIommu {
 
 impl DmaFence for EndpointIommu {
     fn begin_dma(&self) -> DmaGuard {
-        self.device.begin_dma()
+        self.shared.dma.begin()
     }
 }

@@ -307,6 +307,46 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
         .is_err());
 }
 
+/// Transfers are counted per endpoint: a transfer of one device that never ends (stuck on
+/// the host) holds up UNMAPs of its own domain, and nobody else's.
+#[test]
+fn a_transfer_holds_up_only_its_own_endpoints_unmaps() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use virtio_iommu::DmaFence;
+
+    let (d, _mem, dm) = setup(false);
+    assert_eq!(attach(&d, 1, 1), Status::Ok);
+    assert_eq!(attach(&d, 2, 2), Status::Ok);
+    assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
+    assert_eq!(map(&d, 2, IOVA, IOVA + 0xfff, 0x8000, RW), Status::Ok);
+    let stuck = dm.iommu().begin_dma();
+    // The other endpoint's domain unmaps at once (a thread, so that a wait fails the test
+    // rather than hanging it).
+    let (answer, other) = std::sync::mpsc::channel();
+    let d2 = d.clone();
+    std::thread::spawn(move || answer.send(unmap(&d2, 2, IOVA, IOVA + 0xfff)));
+    assert_eq!(
+        other.recv_timeout(Duration::from_secs(5)),
+        Ok(Status::Ok),
+        "another endpoint's transfer held up the UNMAP"
+    );
+    // Its own waits for the transfer.
+    let answered = Arc::new(AtomicBool::new(false));
+    let unmapper = {
+        let (d, answered) = (d.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let status = unmap(&d, 1, IOVA, IOVA + 0xfff);
+            answered.store(true, Ordering::SeqCst);
+            status
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!answered.load(Ordering::SeqCst));
+    drop(stuck);
+    assert_eq!(unmapper.join().unwrap(), Status::Ok);
+}
+
 /// A data path that keeps an IOTLB of its own (the kernel's vhost) is handed the block of
 /// the mapping that serves an access (a page of the table here): where it starts and ends,
 /// where it goes, its rights; bypass is one block over the whole space. An access outside

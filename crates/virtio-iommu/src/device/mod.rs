@@ -158,6 +158,27 @@ type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 pub(crate) struct EndpointShared {
     pub(crate) iotlb: RwLock<EndpointIotlb>,
     pub(crate) hits: AtomicU64,
+    /// The endpoint's device transfers in flight: a request that takes translations away
+    /// from this endpoint waits for them, and only for them, so one device's slow transfer
+    /// (or one stuck on the host) holds up no other device's UNMAP.
+    pub(crate) dma: Arc<InflightDma>,
+}
+
+/// The transfer counters of the endpoints `which` selects, to wait for once the state is
+/// unlocked (those transfers may need it to translate).
+fn transfers_of(st: &State, which: impl Fn(u32, &Endpoint) -> bool) -> Vec<Arc<InflightDma>> {
+    st.endpoints
+        .iter()
+        .filter(|(&id, ep)| which(id, ep))
+        .map(|(_, ep)| Arc::clone(&ep.shared.dma))
+        .collect()
+}
+
+/// Returns once every transfer that began before this call on any of `transfers` ended.
+fn wait_for_transfers(transfers: &[Arc<InflightDma>]) {
+    for dma in transfers {
+        dma.wait_for_earlier();
+    }
 }
 
 pub(crate) fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
@@ -248,8 +269,6 @@ pub struct VirtioIommu {
     /// The last destroyed domains' counters, newest last: a guest resets the IOMMU when it
     /// shuts down, and what each domain did must still be reportable afterwards.
     retired: Mutex<VecDeque<(u32, StatsSnapshot)>>,
-    /// Device transfers in flight: requests that take translations away wait for them.
-    dma: Arc<InflightDma>,
 }
 
 /// How many destroyed domains [`IommuStats::retired_domains`] remembers.
@@ -295,7 +314,6 @@ impl VirtioIommu {
             dir: EndpointDir::new(),
             retired: Mutex::new(VecDeque::new()),
             config,
-            dma: Arc::default(),
         };
         if dev.config.probe_size > MAX_PROBE_SIZE {
             return Err(ConfigError::ProbeSize {
@@ -371,18 +389,19 @@ impl VirtioIommu {
                 return Err(ConfigError::MapperRefused(id));
             }
         }
-        if let Some(ep) = st.endpoints.remove(&id) {
-            self.publish(&st, id);
-            // Handles of the endpoint may outlive it: nothing cached (bypass) may serve them.
-            write_lock(&ep.shared.iotlb).invalidate_all();
-            if let Some(m) = ep.mapper.filter(|_| ep.identity) {
-                if let Err(e) = m.set_identity(false) {
-                    error!("endpoint {id:#x}: identity map left behind: {e}");
-                }
+        let Some(ep) = st.endpoints.remove(&id) else {
+            return Ok(());
+        };
+        self.publish(&st, id);
+        // Handles of the endpoint may outlive it: nothing cached (bypass) may serve them.
+        write_lock(&ep.shared.iotlb).invalidate_all();
+        if let Some(m) = ep.mapper.filter(|_| ep.identity) {
+            if let Err(e) = m.set_identity(false) {
+                error!("endpoint {id:#x}: identity map left behind: {e}");
             }
         }
         drop(st);
-        self.dma.wait_for_earlier();
+        ep.shared.dma.wait_for_earlier();
         Ok(())
     }
 
@@ -469,8 +488,9 @@ impl VirtioIommu {
             return;
         }
         self.set_global_bypass(&mut st, value & 1 != 0);
+        let unattached = transfers_of(&st, |_, ep| ep.domain.is_none());
         drop(st);
-        self.dma.wait_for_earlier();
+        wait_for_transfers(&unattached);
     }
 
     /// Change the `bypass` field: unattached endpoints switch mode, so their IOTLBs are
@@ -524,8 +544,9 @@ impl VirtioIommu {
         }
         st.acked_features = 0;
         lock(&self.faults).pending.clear();
+        let every = transfers_of(&st, |_, _| true);
         drop(st);
-        self.dma.wait_for_earlier();
+        wait_for_transfers(&every);
     }
 
     /// Restore the `bypass` field to its boot value (system reset, not device reset).

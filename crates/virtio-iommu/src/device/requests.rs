@@ -10,8 +10,10 @@ use super::mapper_sync::{
     map_perms, mapper_status, mappers_map, run_steps, withdraw_leftover, Step,
 };
 use super::translate::permissions_from;
-use super::{lock, write_lock, Domain, EndpointShared, State, VirtioIommu, RETIRED_DOMAINS_KEPT};
-use crate::inflight::DmaGuard;
+use super::{
+    lock, transfers_of, wait_for_transfers, write_lock, Domain, EndpointShared, State, VirtioIommu,
+    RETIRED_DOMAINS_KEPT,
+};
 use crate::mapper::ExternalMapper;
 use crate::protocol::*;
 use crate::stats::Counters;
@@ -69,21 +71,21 @@ impl VirtioIommu {
             Request::Unmap(r) => (self.unmap_req(&mut st, r), Vec::new()),
             Request::Probe(r) => self.probe_req(&st, r, props_len),
         };
+        // The endpoints that lost translations: an UNMAP's domain's, or the one (re)attached
+        // or detached.
+        let affected = match *req {
+            _ if answer.0 != Status::Ok => Vec::new(),
+            Request::Attach(AttachRequest { endpoint, .. })
+            | Request::Detach(DetachRequest { endpoint, .. }) => {
+                transfers_of(&st, |id, _| id == endpoint)
+            }
+            Request::Unmap(r) => transfers_of(&st, |_, ep| ep.domain == Some(r.domain)),
+            Request::Map(_) | Request::Probe(_) => Vec::new(),
+        };
         drop(st);
-        let takes_translations = matches!(
-            req,
-            Request::Attach(_) | Request::Detach(_) | Request::Unmap(_)
-        );
-        if takes_translations && answer.0 == Status::Ok {
-            self.dma.wait_for_earlier();
-        }
+        wait_for_transfers(&affected);
         debug!("virtio-iommu: {req:?} -> {:?}", answer.0);
         answer
-    }
-
-    /// Starts a device transfer: see [`InflightDma`](crate::inflight::InflightDma).
-    pub fn begin_dma(&self) -> DmaGuard {
-        self.dma.begin()
     }
 
     fn attach_req(&self, st: &mut State, r: AttachRequest) -> Status {
