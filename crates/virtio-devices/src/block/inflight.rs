@@ -1,11 +1,14 @@
 //! The requests of one queue between their parsing and their completion: many at a time in
 //! the engine, finished in whatever order the engine reports them.
 //!
-//! Each request holds its `DmaGuard` until its completion is handled, so an UNMAP of any of
-//! its buffers waits until the engine stopped writing into them; the host addresses it uses
-//! are only those the IOMMU granted when it was parsed. A FLUSH waits for the writes the queue
-//! took before it, then `fdatasync`s; a write under write-through is made stable before it
-//! completes; the status byte is written after the data moved.
+//! A read or write holds its `DmaGuard` until its data moved, so an UNMAP of any of its buffers
+//! waits until the engine stopped touching them; the host addresses it uses are only those the
+//! IOMMU granted when it was parsed. What moves no guest data while in flight (FLUSH, DISCARD,
+//! WRITE_ZEROES, the sync of a write-through write) holds no guard meanwhile, so a slow host
+//! holds up no UNMAP, and translates its status byte again to complete. A FLUSH waits for the
+//! writes, discards and zeroings the queue took before it, then `fdatasync`s; under
+//! write-through each of those is made stable before it completes; the status byte is written
+//! after the data moved.
 
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
@@ -18,7 +21,7 @@ use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
 
 use super::image::{Disk, ImageKind};
-use super::request::{self, Action, GuestPtr, Segment};
+use super::request::{self, Action, GuestPtr, Segment, StatusByte};
 use crate::counters::BlockCounters;
 use crate::DeviceMemory;
 
@@ -56,9 +59,11 @@ pub(super) struct Requests {
 
 struct InFlight {
     head: u16,
-    status: GuestPtr,
+    status: StatusByte,
     seq: u64,
     stage: Stage,
+    /// The operation is done and an `fdatasync` is making it stable (write-through).
+    stabilizing: bool,
     /// Data bytes the request writes into the chain when it succeeds.
     written: u32,
     /// Data bytes a read or write moves between the image and the guest, for the counters.
@@ -66,20 +71,27 @@ struct InFlight {
     /// A read through a bounce buffer copies it to these guest segments when it completes.
     read_back: Vec<Segment>,
     bounce: Option<Bounce>,
-    /// Held until the request completed: no UNMAP of its buffers completes before that.
-    _dma: Option<DmaGuard>,
+    /// Held while the engine may move data between the image and the request's buffers: no
+    /// UNMAP of them completes before that.
+    dma: Option<DmaGuard>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Read,
     Write,
-    /// A write-through write done, its `fdatasync` in flight.
-    SyncAfterWrite,
     /// A FLUSH, waiting or in flight.
     Flush,
     Discard,
     WriteZeroes,
+}
+
+impl Stage {
+    /// Whether the request changes the image: a FLUSH waits for it, and write-through makes
+    /// it stable before it completes.
+    fn modifies(self) -> bool {
+        matches!(self, Stage::Write | Stage::Discard | Stage::WriteZeroes)
+    }
 }
 
 impl Requests {
@@ -144,15 +156,16 @@ impl Requests {
             status: request.status,
             seq,
             stage: Stage::Read,
+            stabilizing: false,
             written: 0,
             data_len: 0,
             read_back: Vec::new(),
             bounce: None,
-            _dma: dma,
+            dma,
         };
         let op = match request.action {
             Action::Done { status, written } => {
-                return Started::Done(head, entry.finish(status, written))
+                return Started::Done(head, entry.finish(mem, status, written))
             }
             Action::Read {
                 offset,
@@ -163,7 +176,7 @@ impl Requests {
                 entry.data_len = len;
                 match self.transfer_buffers(&segments, len, false) {
                     Err(started) => {
-                        return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
+                        return started.unwrap_or_else(|| Started::Done(head, entry.fail(mem)))
                     }
                     Ok(None) => Op::Read {
                         offset,
@@ -186,7 +199,7 @@ impl Requests {
                 entry.data_len = len;
                 match self.transfer_buffers(&segments, len, true) {
                     Err(started) => {
-                        return started.unwrap_or_else(|| Started::Done(head, entry.fail()))
+                        return started.unwrap_or_else(|| Started::Done(head, entry.fail(mem)))
                     }
                     Ok(None) => Op::Write {
                         offset,
@@ -201,6 +214,7 @@ impl Requests {
             }
             Action::Flush => {
                 entry.stage = Stage::Flush;
+                entry.release_dma();
                 if self.writes_before(seq) {
                     self.next_seq += 1;
                     self.free.pop();
@@ -222,19 +236,24 @@ impl Requests {
                 } else {
                     Stage::Discard
                 };
+                entry.release_dma();
                 match self.disk.kind {
+                    // An ioctl in this thread (io_uring has none for it), with no guard held.
                     ImageKind::BlockDevice => {
-                        let status = match self.disk.discard_block_device(offset, len, zero) {
-                            Ok(()) => {
-                                entry.count(&self.counters);
-                                VIRTIO_BLK_S_OK as u8
-                            }
-                            Err(err) => {
-                                warn_limited!("virtio-blk: request {head}: discard failed: {err}");
-                                VIRTIO_BLK_S_IOERR as u8
-                            }
-                        };
-                        return Started::Done(head, entry.finish(status, 0));
+                        if let Err(err) = self.disk.discard_block_device(offset, len, zero) {
+                            warn_limited!("virtio-blk: request {head}: discard failed: {err}");
+                            return Started::Done(head, entry.fail(mem));
+                        }
+                        if self.disk.writeback() {
+                            entry.count(&self.counters);
+                            return Started::Done(
+                                head,
+                                entry.finish(mem, VIRTIO_BLK_S_OK as u8, 0),
+                            );
+                        }
+                        entry.stabilizing = true;
+                        self.disk.count_sync();
+                        Op::SyncData
                     }
                     ImageKind::File => Op::Fallocate {
                         mode: fallocate_mode(zero, unmap),
@@ -249,8 +268,8 @@ impl Requests {
         self.bounce_bytes += entry.bounce.as_ref().map_or(0, |b| b.layout.size());
         self.slots[slot] = Some(entry);
         if !self.push(slot, op) {
-            if let Some(entry) = self.take(slot) {
-                return Started::Done(head, entry.fail());
+            if let Some(mut entry) = self.take(slot) {
+                return Started::Done(head, entry.fail(mem));
             }
         }
         Started::Queued
@@ -291,12 +310,13 @@ impl Requests {
         Ok(Some(bounce))
     }
 
-    /// Whether a write the queue took before request `seq` is still in flight.
+    /// Whether a change of the image the queue took before request `seq` (a write, a discard,
+    /// a zeroing) is still being made.
     fn writes_before(&self, seq: u64) -> bool {
         self.slots
             .iter()
             .flatten()
-            .any(|r| r.stage == Stage::Write && r.seq < seq)
+            .any(|r| r.stage.modifies() && !r.stabilizing && r.seq < seq)
     }
 
     /// Hands `op` for slot `slot` to the engine; `false` if the engine refused it.
@@ -335,17 +355,22 @@ impl Requests {
     /// how many. What completing them queued (a FLUSH the writes held back, a write-through
     /// write's sync) is submitted before returning: the worker may sleep next, and only
     /// completions would wake it.
-    pub(super) fn reap(&mut self, mut done: impl FnMut(u16, u32)) -> usize {
+    pub(super) fn reap<M: DeviceMemory>(
+        &mut self,
+        mem: &M,
+        mut done: impl FnMut(u16, u32),
+    ) -> usize {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine().reap(&mut completions);
-        let count = self.complete(&mut completions, &mut done);
+        let count = self.complete(mem, &mut completions, &mut done);
         self.completions = completions;
         self.submit();
         count
     }
 
-    fn complete(
+    fn complete<M: DeviceMemory>(
         &mut self,
+        mem: &M,
         completions: &mut Vec<Completion>,
         done: &mut impl FnMut(u16, u32),
     ) -> usize {
@@ -360,9 +385,12 @@ impl Requests {
                     warn_limited!("virtio-blk: request {} failed: {err}", entry.head);
                     true
                 }
-                Ok(()) if entry.stage == Stage::Write && !self.disk.writeback() => {
-                    // Write-through: stable before it completes.
-                    entry.stage = Stage::SyncAfterWrite;
+                Ok(())
+                    if entry.stage.modifies() && !entry.stabilizing && !self.disk.writeback() =>
+                {
+                    // Write-through: stable before it completes. The sync moves no guest data.
+                    entry.stabilizing = true;
+                    entry.release_dma();
                     self.disk.count_sync();
                     if self.push(slot, Op::SyncData) {
                         continue;
@@ -371,29 +399,34 @@ impl Requests {
                 }
                 Ok(()) => false,
             };
-            let Some(entry) = self.take(slot) else {
+            let Some(mut entry) = self.take(slot) else {
                 continue;
             };
             count += 1;
             if failed {
-                done(entry.head, entry.fail());
+                done(entry.head, entry.fail(mem));
                 continue;
             }
             if let Some(bounce) = &entry.bounce {
                 bounce.copy_to(&entry.read_back);
             }
             entry.count(&self.counters);
+            let written = entry.written;
             done(
                 entry.head,
-                entry.finish(VIRTIO_BLK_S_OK as u8, entry.written),
+                entry.finish(mem, VIRTIO_BLK_S_OK as u8, written),
             );
         }
-        count + self.release_flushes(done)
+        count + self.release_flushes(mem, done)
     }
 
     /// Starts the parked FLUSHes whose earlier writes have all completed; returns how many
     /// of them failed to start (and were completed).
-    fn release_flushes(&mut self, done: &mut impl FnMut(u16, u32)) -> usize {
+    fn release_flushes<M: DeviceMemory>(
+        &mut self,
+        mem: &M,
+        done: &mut impl FnMut(u16, u32),
+    ) -> usize {
         let mut failed = 0;
         while let Some(&slot) = self.parked_flushes.front() {
             let seq = self.slots[slot].as_ref().map_or(0, |r| r.seq);
@@ -403,8 +436,8 @@ impl Requests {
             self.parked_flushes.pop_front();
             self.disk.count_sync();
             if !self.push(slot, Op::SyncData) {
-                if let Some(entry) = self.take(slot) {
-                    done(entry.head, entry.fail());
+                if let Some(mut entry) = self.take(slot) {
+                    done(entry.head, entry.fail(mem));
                     failed += 1;
                 }
             }
@@ -413,31 +446,52 @@ impl Requests {
     }
 
     /// Waits until the engine finished every operation of this queue, completing nothing
-    /// (the device is being reset): then no I/O touches guest memory or a bounce buffer.
+    /// (the device is being reset): then no I/O touches guest memory or a bounce buffer, and
+    /// the requests' guards can go.
     pub(super) fn drain(&mut self) {
+        self.drain_with(Engine::wait);
+    }
+
+    /// [`Requests::drain`], waiting with `wait`. A wait that fails does not end the drain:
+    /// until the kernel reports an operation done it may still write into the guest page
+    /// or the bounce buffer it was given, so the guards stay held and the buffers allocated
+    /// meanwhile. Completions land in the ring whether or not anyone waits for them, so the
+    /// drain sleeps on the completion fd and looks again; it ends when the kernel is done.
+    pub(super) fn drain_with(
+        &mut self,
+        mut wait: impl FnMut(&mut Engine, &mut Vec<Completion>) -> std::io::Result<()>,
+    ) {
         let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         let mut discarded = Vec::new();
+        let mut failures = 0u32;
         while engine.in_flight() > 0 {
-            if let Err(err) = engine.wait(&mut discarded) {
-                log::error!(
-                    "virtio-blk: cannot wait for I/O in flight: {err}; leaking its buffers"
-                );
-                std::mem::forget(std::mem::take(&mut self.slots));
-                return;
+            if let Err(err) = wait(&mut engine, &mut discarded) {
+                if failures.is_multiple_of(100) {
+                    log::error!(
+                        "virtio-blk: cannot wait for I/O in flight ({} operations): {err}; \
+                         looking again",
+                        engine.in_flight()
+                    );
+                }
+                failures = failures.saturating_add(1);
+                wait_readable(engine.completion_fd(), DRAIN_POLL_MS);
+                engine.reap(&mut discarded);
             }
             discarded.clear();
         }
+        drop(engine);
+        self.slots.iter_mut().for_each(|slot| *slot = None);
     }
 
     /// Completes everything in flight, waiting for the engine (tests and fuzz targets drive
     /// requests this way).
     #[cfg(any(test, feature = "fuzzing"))]
-    pub(super) fn wait_all(&mut self, mut done: impl FnMut(u16, u32)) {
+    pub(super) fn wait_all<M: DeviceMemory>(&mut self, mem: &M, mut done: impl FnMut(u16, u32)) {
         self.submit();
         while self.slots.iter().any(Option::is_some) {
             let mut completions = std::mem::take(&mut self.completions);
             self.engine().wait(&mut completions).unwrap();
-            self.complete(&mut completions, &mut done);
+            self.complete(mem, &mut completions, &mut done);
             self.completions = completions;
             self.submit();
         }
@@ -455,17 +509,27 @@ impl Requests {
 }
 
 impl InFlight {
-    /// Writes the status byte (after the data) and returns the length for the used ring.
-    fn finish(&self, status: u8, written: u32) -> u32 {
-        // SAFETY: the status byte was translated for writing under the DmaGuard this request
-        // still holds, into guest RAM the worker keeps mapped.
-        unsafe { self.status.0.write_volatile(status) };
+    /// Writes the status byte (after the data) and returns the length for the used ring: 0
+    /// if the driver took the status byte away meanwhile (it cannot learn the outcome).
+    fn finish<M: DeviceMemory>(&mut self, mem: &M, status: u8, written: u32) -> u32 {
+        if !self.status.write(mem, status) {
+            return 0;
+        }
+        self.dma = None;
         // Below 2^32: the data is part of a chain the queue limits to 2^32 - 1 bytes.
         written.saturating_add(1)
     }
 
-    fn fail(&self) -> u32 {
-        self.finish(VIRTIO_BLK_S_IOERR as u8, 0)
+    fn fail<M: DeviceMemory>(&mut self, mem: &M) -> u32 {
+        self.finish(mem, VIRTIO_BLK_S_IOERR as u8, 0)
+    }
+
+    /// The request touches no guest buffer until it completes: it gives its guard up, and
+    /// with it the translation of its status byte.
+    fn release_dma(&mut self) {
+        if self.dma.take().is_some() {
+            self.status.ptr = None;
+        }
     }
 
     /// Adds the request, which succeeded, to the disk's counters.
@@ -475,7 +539,7 @@ impl InFlight {
                 counters.read_ops.add(1);
                 counters.read_bytes.add(self.data_len);
             }
-            Stage::Write | Stage::SyncAfterWrite => {
+            Stage::Write => {
                 counters.write_ops.add(1);
                 counters.write_bytes.add(self.data_len);
             }
@@ -484,6 +548,20 @@ impl InFlight {
             Stage::WriteZeroes => counters.write_zeroes_ops.add(1),
         }
     }
+}
+
+/// How long a drain whose wait failed sleeps on the completion fd before it looks again.
+const DRAIN_POLL_MS: i32 = 10;
+
+/// Waits up to `ms` for `fd` to become readable.
+fn wait_readable(fd: std::os::fd::RawFd, ms: i32) {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call.
+    unsafe { libc::poll(&mut pollfd, 1, ms) };
 }
 
 /// `fallocate` mode for a DISCARD (punch a hole), or a WRITE_ZEROES (zero the range, or

@@ -316,9 +316,15 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
         // Write-back without FLUSH would leave the driver no way to make writes stable.
         let writeback = mode == 1 && self.core.acked(VIRTIO_BLK_F_FLUSH);
         if !writeback && self.disk.writeback() {
-            // Writes completed under write-back become stable now, as write-through promises.
+            // Writes completed under write-back become stable now, as write-through promises;
+            // if they cannot, the cache stays write-back (the driver reads the mode back), so
+            // the driver still flushes and is never told they are stable.
             if let Err(err) = self.disk.sync() {
-                warn_limited!("virtio-blk: cannot flush on switching to write-through: {err}");
+                warn_limited!(
+                    "virtio-blk: cannot flush on switching to write-through: {err}; \
+                     the cache stays write-back"
+                );
+                return;
             }
         }
         self.set_writeback(writeback);

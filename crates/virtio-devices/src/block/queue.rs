@@ -60,7 +60,7 @@ impl<M: DeviceMemory> QueueWorker<M> {
                 return;
             }
             let (queue, mem) = (&mut self.queue, &self.mem);
-            self.requests.wait_all(|head, len| {
+            self.requests.wait_all(mem, |head, len| {
                 queue.add_used(mem, head, len);
             });
         }
@@ -68,7 +68,7 @@ impl<M: DeviceMemory> QueueWorker<M> {
 
     fn reap(&mut self) -> bool {
         let (queue, mem) = (&mut self.queue, &self.mem);
-        self.requests.reap(|head, len| {
+        self.requests.reap(mem, |head, len| {
             queue.add_used(mem, head, len);
         }) > 0
     }

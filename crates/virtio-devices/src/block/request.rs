@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
-use vm_memory::Permissions;
+use vm_memory::{GuestAddress, Permissions};
 
 use super::image::Disk;
 use super::{ID_LEN, MAX_DISCARD_SECTORS, SECTOR_SIZE};
@@ -84,9 +84,47 @@ pub(super) enum Action {
 /// A request ready to carry out.
 #[derive(Debug)]
 pub(super) struct Request {
-    /// The status byte, reachable and device-writable.
-    pub(super) status: GuestPtr,
+    pub(super) status: StatusByte,
     pub(super) action: Action,
+}
+
+/// Where a request's status byte is: its address in the device's address space (an I/O
+/// virtual address behind the IOMMU), and its host address as translated under the
+/// request's `DmaGuard` while it holds one.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StatusByte {
+    pub(super) at: GuestAddress,
+    pub(super) ptr: Option<GuestPtr>,
+}
+
+impl StatusByte {
+    /// Writes `status`, translating the byte again (under a transfer of its own) if the
+    /// request gave its translation up; `false` if it is no longer writable.
+    pub(super) fn write<M: DeviceMemory>(&self, mem: &M, status: u8) -> bool {
+        let _dma;
+        let ptr = match self.ptr {
+            Some(ptr) => ptr,
+            None => {
+                _dma = mem.begin_dma();
+                let byte = [Buffer {
+                    addr: self.at,
+                    len: 1,
+                    writable: true,
+                }];
+                match buffers::slices(mem, &byte, 0, 1, Permissions::Write) {
+                    Ok(slices) => Segment::of::<M>(&slices[0]).ptr,
+                    Err(err) => {
+                        warn_limited!("virtio-blk: status byte at {:#x}: {err}", self.at.0);
+                        return false;
+                    }
+                }
+            }
+        };
+        // SAFETY: the byte was translated for writing under a DmaGuard still held (the
+        // request's, or the one just taken), into guest RAM the worker keeps mapped.
+        unsafe { ptr.0.write_volatile(status) };
+        true
+    }
 }
 
 /// Why a request failed: an unknown type or flag is unsupported, the rest an I/O error.
@@ -150,6 +188,8 @@ pub(super) fn parse<M: DeviceMemory>(
         return None;
     };
     let status_offset = u64::from(status_desc.len) - 1;
+    // Cannot wrap: `slices` below refuses a descriptor whose range does.
+    let status_at = GuestAddress(status_desc.addr.0.wrapping_add(status_offset));
     let status = buffers::slices(
         mem,
         std::slice::from_ref(status_desc),
@@ -169,7 +209,10 @@ pub(super) fn parse<M: DeviceMemory>(
         }
     });
     Some(Request {
-        status: status.ptr,
+        status: StatusByte {
+            at: status_at,
+            ptr: Some(status.ptr),
+        },
         action,
     })
 }

@@ -57,7 +57,7 @@ pub(super) fn submit<M: DeviceMemory>(
         Started::Done(_, len) => len,
         Started::Queued => {
             let mut used = None;
-            requests.wait_all(|_, len| used = Some(len));
+            requests.wait_all(mem, |_, len| used = Some(len));
             used.expect("the request completed")
         }
         Started::NoRoom => panic!("no room for one request"),
@@ -488,6 +488,28 @@ fn the_driver_sets_the_cache_mode_with_config_wce() {
     dev.ack_features(flush);
     dev.write_config(config::WRITEBACK as u64, &[0]);
     assert_eq!(writeback(&dev), 1);
+}
+
+/// Switching to write-through makes earlier writes stable first; if the host cannot (its
+/// `fdatasync` fails), the cache stays write-back as the driver reads it back, so the driver
+/// keeps flushing instead of believing those writes stable.
+#[test]
+fn a_failed_sync_keeps_the_cache_write_back() {
+    // A device whose `fdatasync` fails (EINVAL), as a failing host disk's would.
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let mut dev = Block::new(guest_memory(), null, BlockOptions::default()).unwrap();
+    dev.ack_features(1 << VIRTIO_BLK_F_CONFIG_WCE | 1 << VIRTIO_BLK_F_FLUSH);
+    let mut mode = [0u8];
+    dev.read_config(config::WRITEBACK as u64, &mut mode);
+    assert_eq!(mode, [1]);
+    dev.write_config(config::WRITEBACK as u64, &[0]);
+    dev.read_config(config::WRITEBACK as u64, &mut mode);
+    assert_eq!(mode, [1], "still write-back");
+    assert!(dev.disk.writeback());
 }
 
 /// The status byte is checked before any data moves: a request whose status cannot be

@@ -86,7 +86,7 @@ fn many_requests_in_flight_on_one_queue() {
     }
     assert_eq!(requests.in_flight(), 32);
     let mut done = Vec::new();
-    requests.wait_all(|head, len| done.push((head, len)));
+    requests.wait_all(&mem, |head, len| done.push((head, len)));
     assert_eq!(done.len(), 32);
     assert!(done.iter().all(|&(_, len)| len == 513));
     for i in 0..32u64 {
@@ -180,7 +180,7 @@ fn a_flush_waits_for_the_writes_before_it() {
         "the flush waits for the write"
     );
     let mut order = Vec::new();
-    requests.wait_all(|head, _| order.push(head));
+    requests.wait_all(&mem, |head, _| order.push(head));
     assert_eq!(order, vec![write_head, flush_head]);
     assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
@@ -224,12 +224,12 @@ fn a_flush_released_by_a_reap_reaches_the_engine() {
     let fd = requests.completion_fd();
     assert!(readable_within(fd, 5000), "the write never completed");
     let mut done = Vec::new();
-    assert_eq!(requests.reap(|head, _| done.push(head)), 1);
+    assert_eq!(requests.reap(&mem, |head, _| done.push(head)), 1);
     assert!(
         readable_within(fd, 5000),
         "the released FLUSH never reached the kernel"
     );
-    requests.reap(|head, _| done.push(head));
+    requests.reap(&mem, |head, _| done.push(head));
     assert_eq!(done.last(), Some(&flush_head));
     assert_eq!(status(&mem, STATUS + 1), VIRTIO_BLK_S_OK);
     assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
@@ -386,7 +386,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     ]);
     assert_eq!(requests.start(&mem, chain), Started::Queued);
     assert_eq!(requests.bounce_bytes(), pattern.len());
-    requests.wait_all(|_, _| {});
+    requests.wait_all(&mem, |_, _| {});
     assert_eq!(requests.bounce_bytes(), 0);
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
     assert_eq!(file_bytes(&temp, 16 * 512, pattern.len()), pattern);
@@ -395,7 +395,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     let back = DATA + 0x8001;
     let chain = driver.chain(&[ro(HDR, 16), wo(back, len), wo(STATUS, 1)]);
     assert_eq!(requests.start(&mem, chain), Started::Queued);
-    requests.wait_all(|_, _| {});
+    requests.wait_all(&mem, |_, _| {});
     let mut read = vec![0u8; pattern.len()];
     mem.read_slice(&mut read, GuestAddress(back)).unwrap();
     assert_eq!(read, pattern);
@@ -405,7 +405,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     let chain = driver.chain(&[ro(HDR, 16), wo(DATA, alignment as u32), wo(STATUS, 1)]);
     assert_eq!(requests.start(&mem, chain), Started::Queued);
     assert_eq!(requests.bounce_bytes(), 0);
-    requests.wait_all(|_, _| {});
+    requests.wait_all(&mem, |_, _| {});
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
 
     // More than the bounce budget (descriptors overlapping in guest RAM) on a large sparse
@@ -529,7 +529,7 @@ fn an_unmap_waits_for_io_in_flight() {
         !unmapped.load(Ordering::SeqCst),
         "UNMAP completed with a read in flight"
     );
-    requests.wait_all(|_, _| {});
+    requests.wait_all(&mem, |_, _| {});
     unmap.join().unwrap();
     assert!(unmapped.load(Ordering::SeqCst));
     assert_eq!(mem.iommu().dma.in_flight(), 0);
@@ -538,4 +538,172 @@ fn an_unmap_waits_for_io_in_flight() {
         .read_slice(&mut read, GuestAddress(0x2_1000))
         .unwrap();
     assert_eq!(read, [3; 512]);
+}
+
+/// Carries out a DISCARD (or with `zero` a WRITE_ZEROES) of sectors 8..16 through `requests`,
+/// the way a worker does; returns the used length and the status.
+fn discard(
+    dev: &Block<GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    driver: &mut Driver<GuestMemoryMmap>,
+    zero: bool,
+) -> (u32, u32) {
+    let kind = if zero {
+        VIRTIO_BLK_T_WRITE_ZEROES
+    } else {
+        VIRTIO_BLK_T_DISCARD
+    };
+    header(mem, HDR, kind, 0);
+    segment(mem, DATA, 8, 8, 0);
+    poison_status(mem);
+    let used = submit(
+        dev,
+        driver,
+        mem,
+        &[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)],
+    );
+    (used, status(mem, STATUS))
+}
+
+/// Without FLUSH (or with the driver's write-through) every request that changes the image
+/// is stable when it completes: DISCARD and WRITE_ZEROES get their `fdatasync` as writes
+/// do; under write-back they wait for the driver's FLUSH.
+#[test]
+fn discard_and_write_zeroes_are_stable_on_completion_under_write_through() {
+    for zero in [false, true] {
+        let mem = guest_memory();
+        let temp = image_of(64);
+        let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs.load(Ordering::Relaxed);
+
+        dev.ack_features(1 << VIRTIO_F_VERSION_1);
+        assert_eq!(discard(&dev, &mem, &mut driver, zero), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(syncs(&dev), 1, "write-through, zero={zero}");
+        assert_eq!(file_bytes(&temp, 8 * 512, 4096), vec![0; 4096]);
+
+        dev.ack_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH);
+        assert_eq!(discard(&dev, &mem, &mut driver, zero), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(syncs(&dev), 1, "write-back, zero={zero}");
+    }
+}
+
+/// A FLUSH taken while a DISCARD is in flight waits for it as it waits for writes: the
+/// hole is in the file before the `fdatasync` that makes it stable.
+#[test]
+fn a_flush_waits_for_a_discard_before_it() {
+    let mem = guest_memory();
+    let temp = image_of(64);
+    let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+    dev.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    segment(&mem, DATA, 8, 8, 0);
+    let discard = driver.chain(&[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)]);
+    let discard_head = discard.head_index();
+    assert_eq!(requests.start(&mem, discard), Started::Queued);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
+    let flush_head = flush.head_index();
+    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 0, "parked");
+    let mut order = Vec::new();
+    requests.wait_all(&mem, |head, _| order.push(head));
+    assert_eq!(order, vec![discard_head, flush_head]);
+}
+
+/// Behind the IOMMU, what moves no guest data while in flight holds no guard: a FLUSH (or a
+/// DISCARD, a WRITE_ZEROES) on a slow host holds up no UNMAP. Its status byte is
+/// translated again to complete, and one the driver took away meanwhile is not written.
+#[test]
+fn requests_that_move_no_guest_data_hold_no_guard_in_flight() {
+    let mem = iommu_memory();
+    mem.iommu()
+        .map(0x1000_0000, 0x2_0000, 0x1_0000, Permissions::ReadWrite);
+    let temp = image();
+    let mut dev = block(
+        mem.clone(),
+        &temp,
+        BlockOptions {
+            access_platform: true,
+            ..Default::default()
+        },
+    );
+    dev.ack_features(dev.features());
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    let (hdr, segment_iova, status_iova) = (0x1000_0000, 0x1000_0100, 0x1000_3000);
+    header(&mem, hdr, VIRTIO_BLK_T_FLUSH, 0);
+    mem.write_obj(0xffu8, GuestAddress(status_iova)).unwrap();
+    let flush = driver.chain(&[ro(hdr, 16), wo(status_iova, 1)]);
+    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    assert_eq!(mem.iommu().dma.in_flight(), 0, "a FLUSH holds no guard");
+    requests.wait_all(&mem, |_, len| assert_eq!(len, 1));
+    assert_eq!(status(&mem, status_iova), VIRTIO_BLK_S_OK);
+
+    header(&mem, hdr, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&2u64.to_le_bytes());
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    mem.write_slice(&bytes, GuestAddress(segment_iova)).unwrap();
+    let zeroes = driver.chain(&[ro(hdr, 16), ro(segment_iova, 16), wo(status_iova, 1)]);
+    assert_eq!(requests.start(&mem, zeroes), Started::Queued);
+    assert_eq!(
+        mem.iommu().dma.in_flight(),
+        0,
+        "a WRITE_ZEROES holds no guard"
+    );
+    // The driver takes the status byte's page away while the zeroing is in flight.
+    mem.iommu()
+        .map(0x1000_3000, 0x2_3000, 0x1000, Permissions::No);
+    requests.wait_all(&mem, |_, len| assert_eq!(len, 0, "no status written"));
+    assert_eq!(
+        mem.get_backend()
+            .read_obj::<u8>(GuestAddress(0x2_3000))
+            .unwrap(),
+        VIRTIO_BLK_S_OK as u8,
+        "the old status stays"
+    );
+    assert_eq!(file_bytes(&temp, 2 * 512, 1024), vec![0; 1024]);
+}
+
+/// A wait for I/O in flight that fails (the kernel refused `io_uring_enter`) does not end a
+/// drain with the requests' guards leaked, which would hold up every later UNMAP of the
+/// device for good: the drain looks again until the kernel is done, then lets them go.
+#[test]
+fn a_drain_whose_wait_fails_still_ends_with_every_guard_released() {
+    let mem = iommu_memory();
+    mem.iommu()
+        .map(0x1000_0000, 0x2_0000, 0x1_0000, Permissions::ReadWrite);
+    let temp = image();
+    let dev = block(
+        mem.clone(),
+        &temp,
+        BlockOptions {
+            access_platform: true,
+            ..Default::default()
+        },
+    );
+    let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+    let mut requests = requests(&dev);
+    header(&mem, 0x1000_0000, VIRTIO_BLK_T_IN, 3);
+    let chain = driver.chain(&[
+        ro(0x1000_0000, 16),
+        wo(0x1000_1000, 512),
+        wo(0x1000_3000, 1),
+    ]);
+    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    requests.submit();
+    assert_eq!(mem.iommu().dma.in_flight(), 1);
+    let mut failures = 3;
+    requests.drain_with(|engine, completions| {
+        if failures > 0 {
+            failures -= 1;
+            return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        engine.wait(completions)
+    });
+    assert_eq!(mem.iommu().dma.in_flight(), 0, "guards released");
+    assert_eq!(requests.in_flight(), 0);
 }
