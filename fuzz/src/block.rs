@@ -2,12 +2,13 @@
 //! headers, segments and DISCARD/WRITE_ZEROES ranges come from the input.
 //!
 //! Input layout: byte 0 = options (bit 0 read-only disk, bit 1 FLUSH accepted, bit 2
-//! EVENT_IDX accepted); then the ring ([`crate::ring::Ring::build`]), the indirect tables
+//! EVENT_IDX accepted, bit 3 INDIRECT_DESC accepted); then the ring ([`crate::ring::Ring::build`]), the indirect tables
 //! (128 descriptors of 6 bytes) and the rest copied to the data area, where the descriptors
 //! point.
 //!
 //! Asserts: every chain is returned (or the queue is reported broken, when a head names no
-//! descriptor); a used length fits the chain's writable buffers; a chain returned with a
+//! descriptor); a chain that breaks the ring's rules is returned with length 0; a used length
+//! fits the chain's writable buffers; a chain returned with a
 //! length has a writable status byte at the end of its last descriptor, holding OK, IOERR or
 //! UNSUPP; nothing outside the chains' writable buffers and the used ring changed; a
 //! read-only image is unchanged.
@@ -21,7 +22,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_devices::fuzzing::{self, Interrupts};
 
 use crate::ring::{self, Input, Ring, Written};
@@ -46,6 +47,10 @@ fn image_bytes(file: &mut File) -> Vec<u8> {
     bytes
 }
 
+/// Most descriptors the disk takes in a chain: `SEG_MAX` (its default queue size less two)
+/// plus the header and the status.
+const BLOCK_MAX_DESCRIPTORS: u16 = 256;
+
 /// One input; any byte string is valid.
 pub fn run(data: &[u8]) {
     let mut input = Input(data);
@@ -58,12 +63,16 @@ pub fn run(data: &[u8]) {
     if options & 4 != 0 {
         features |= 1 << VIRTIO_RING_F_EVENT_IDX;
     }
+    let indirect = options & 8 != 0;
+    if indirect {
+        features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    }
 
     let mem = ring::guest_memory();
     let mut ring = Ring::build(&mem, 0, &mut input);
     ring::indirect_tables(&mem, &mut input);
     ring::fill_data(&mem, input.rest());
-    ring.walk(&mem);
+    ring.walk(&mem, indirect, Some(BLOCK_MAX_DESCRIPTORS));
     let before = ring::snapshot(&mem);
 
     let mut file = image();
@@ -101,6 +110,10 @@ pub fn run(data: &[u8]) {
     let after = ring::snapshot(&mem);
     for &(head, len) in &used {
         let chain = ring.chain(head).expect("a used head was made available");
+        if chain.refused {
+            assert_eq!(len, 0, "chain {head} breaks the rules");
+            continue;
+        }
         assert!(
             u64::from(len) <= chain.writable_len(),
             "used length {len} exceeds the writable {} bytes of chain {head}",

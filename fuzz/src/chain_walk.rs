@@ -2,22 +2,25 @@
 //! chain accessors (`buffers.rs`) over arbitrary descriptor tables, avail rings and indices.
 //!
 //! Input layout: byte 0 = options (bit 0 EVENT_IDX, bit 1 an avail index from the input
-//! instead of the number of entries, bit 2 a used ring outside guest memory); 2 bytes of
+//! instead of the number of entries, bit 2 a used ring outside guest memory, bit 3
+//! INDIRECT_DESC); 2 bytes of
 //! avail index; the ring ([`crate::ring::Ring::build`]); per chain 6 bytes of what the
 //! handler does (read and write windows, used length, whether to stop); the indirect tables;
 //! the rest copied to the data area.
 //!
-//! Asserts: chains come in avail order, each as virtio-queue walks it; a read or write
+//! Asserts: chains come in avail order, each as the reference walks it, those that break the
+//! ring's rules (ring.rs) returned with length 0 without reaching the handler; a read or write
 //! succeeds exactly when its window lies in the chain's readable or writable buffers, all in
 //! guest memory; a read returns guest memory, a write lands where it should and a refused
 //! one changes nothing; the used ring gets each chain the handler completed, with the
-//! handler's length; an avail index more than a queue size ahead, or a used ring that cannot
+//! handler's length; a call serves at most a queue's worth of chains; an avail index more than a queue size ahead, or a used ring that cannot
 //! be written, breaks the queue (reported once, nothing served after); at most one interrupt
 //! per call, and one whenever chains were used without EVENT_IDX; nothing outside the
 //! writable buffers and the used ring changed.
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_devices::fuzzing::{ChainQueue, Interrupts};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -94,6 +97,7 @@ pub fn run(data: &[u8]) {
     let mut input = Input(data);
     let options = input.u8();
     let event_idx = options & 1 != 0;
+    let indirect = options & 8 != 0;
     let raw_avail_idx = input.u16();
     let mem = ring::guest_memory();
     let mut ring = Ring::build(&mem, 0, &mut input);
@@ -104,7 +108,7 @@ pub fn run(data: &[u8]) {
         ring.set_avail_idx(&mem, raw_avail_idx);
         raw_avail_idx > ring.size
     };
-    ring.walk(&mem);
+    ring.walk(&mem, indirect, None);
     let mut queue = ring.queue();
     let used_broken = options & 4 != 0;
     if used_broken {
@@ -113,16 +117,34 @@ pub fn run(data: &[u8]) {
     let before = ring::snapshot(&mem);
 
     let interrupts = Arc::new(Interrupts::default());
-    let mut queue = ChainQueue::new(queue, event_idx, Arc::clone(&interrupts));
+    let mut features = 0;
+    if event_idx {
+        features |= 1 << VIRTIO_RING_F_EVENT_IDX;
+    }
+    if indirect {
+        features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    }
+    let mut queue = ChainQueue::new(queue, features, Arc::clone(&interrupts));
+    // The chains the handler completed, and the next reference chain it may get.
     let mut handled: Vec<(u16, u32)> = Vec::new();
+    let mut next = 0;
     let mut writes = Written::default();
     writes.allow(ring.used_range());
     for pass in 0..2 {
         let signalled = interrupts.queue();
         let used_before = ring.used(&mem).len();
-        queue.process(&mem, |chain| {
+        let mut taken = 0;
+        let budget_spent = queue.process(&mem, |chain| {
+            // The device returned the refused chains before this one by itself.
+            while ring.chains.get(next).is_some_and(|c| c.refused) {
+                next += 1;
+            }
             let i = handled.len();
-            let reference: &Chain = ring.chains.get(i).expect("no more chains than available");
+            let reference: &Chain = ring
+                .chains
+                .get(next)
+                .expect("no more chains than available");
+            taken += 1;
             assert_eq!(chain.head(), reference.head);
             let seen: Vec<Desc> = chain
                 .buffers()
@@ -133,7 +155,7 @@ pub fn run(data: &[u8]) {
                     writable,
                 })
                 .collect();
-            assert_eq!(seen, reference.descs, "the chain as virtio-queue walks it");
+            assert_eq!(seen, reference.descs, "the chain as the reference walks it");
             let step = &steps[i % steps.len()];
             if pass == 0 && step.stop {
                 return None;
@@ -141,8 +163,17 @@ pub fn run(data: &[u8]) {
             exercise(&mem, chain, reference, step);
             writes.allow_writable([reference]);
             handled.push((chain.head(), step.used_len));
+            next += 1;
             Some(step.used_len)
         });
+        assert!(taken <= usize::from(ring.size), "a queue's worth per call");
+        if budget_spent {
+            assert_eq!(
+                ring.chains.len(),
+                usize::from(ring.size),
+                "stopped at its budget"
+            );
+        }
         assert!(
             interrupts.queue() - signalled <= 1,
             "one interrupt per call"
@@ -170,19 +201,26 @@ pub fn run(data: &[u8]) {
             "nothing is served after a failed completion"
         );
         assert_eq!(interrupts.needs_reset(), 1);
-    } else if !ring.heads_valid() {
-        assert_eq!(interrupts.needs_reset(), 1);
-        assert_eq!(used.len() + 1, handled.len());
     } else {
-        assert_eq!(interrupts.needs_reset(), 0);
-        assert_eq!(handled.len(), ring.chains.len(), "every chain is served");
-    }
-    if !used_broken {
-        let expected: Vec<(u32, u32)> = handled
+        // Every chain before a head that names no descriptor (which breaks the queue) is
+        // returned in order: refused with 0, or with the handler's length.
+        assert_eq!(interrupts.needs_reset(), usize::from(!ring.heads_valid()));
+        let mut lens = handled.iter();
+        let expected: Vec<(u32, u32)> = ring
+            .served()
             .iter()
-            .take(used.len())
-            .map(|&(head, len)| (u32::from(head), len))
+            .map(|c| {
+                let len = if c.refused {
+                    0
+                } else {
+                    let &(head, len) = lens.next().expect("every chain kept is handled");
+                    assert_eq!(head, c.head);
+                    len
+                };
+                (u32::from(c.head), len)
+            })
             .collect();
+        assert!(lens.next().is_none(), "only the chains kept are handled");
         assert_eq!(used, expected);
     }
     writes.check(&before, &ring::snapshot(&mem));

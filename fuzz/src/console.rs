@@ -1,14 +1,15 @@
 //! virtio-console: arbitrary transmit chains go to a captured output, then input (as if
 //! typed) is delivered into arbitrary receive chains.
 //!
-//! Input layout: byte 0 = options (bit 0 EVENT_IDX accepted); 2 bytes of input length (up to
+//! Input layout: byte 0 = options (bit 0 EVENT_IDX accepted, bit 1 INDIRECT_DESC accepted); 2
+//! bytes of input length (up to
 //! 8 KiB of typed bytes, a pattern unlike guest memory's); the receive ring, the transmit
 //! ring ([`crate::ring::Ring::build`]), the indirect tables, and the rest copied to the data
 //! area.
 //!
-//! Asserts, chain by chain against what virtio-queue walked before the device ran: every
-//! transmit chain is returned with length 0 and the output is exactly, in order, the
-//! readable bytes of each chain whose readable buffers all lie in guest memory (the others
+//! Asserts, chain by chain against the chains walked before the device ran: every transmit
+//! chain is returned with length 0 and the output is exactly, in order, the readable bytes of
+//! each chain that keeps the ring's rules and whose readable buffers all lie in guest memory (the others
 //! are dropped whole); receive chains are used in order while input is pending, each with
 //! the length of the input it can take (as much as fits its writable buffers, or 0 when the
 //! part to write is not all guest memory), and hold that input, in order, where no other
@@ -19,7 +20,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_devices::fuzzing::{self, Interrupts};
 
 use crate::ring::{self, Chain, Desc, Input, Ring, Written};
@@ -63,6 +64,10 @@ pub fn run(data: &[u8]) {
     if options & 1 != 0 {
         features |= 1 << VIRTIO_RING_F_EVENT_IDX;
     }
+    let indirect = options & 2 != 0;
+    if indirect {
+        features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    }
     let typed: Vec<u8> = (0..usize::from(input.u16()) % (MAX_INPUT + 1))
         .map(|i| (i * 7 + 3) as u8 ^ 0x5a)
         .collect();
@@ -72,8 +77,8 @@ pub fn run(data: &[u8]) {
     let mut tx = Ring::build(&mem, 1, &mut input);
     ring::indirect_tables(&mem, &mut input);
     ring::fill_data(&mem, input.rest());
-    rx.walk(&mem);
-    tx.walk(&mem);
+    rx.walk(&mem, indirect, None);
+    tx.walk(&mem, indirect, None);
     let before = ring::snapshot(&mem);
 
     let output = Captured::default();
@@ -90,17 +95,18 @@ pub fn run(data: &[u8]) {
     let after = ring::snapshot(&mem);
 
     let tx_used = tx.used(&mem);
-    let tx_handled = tx.handled();
+    let tx_served = tx.served();
     assert_eq!(
         tx_used.len(),
-        tx_handled.len() - usize::from(!tx.heads_valid()),
+        tx_served.len(),
         "every transmit chain is returned"
     );
-    for (&(head, len), chain) in tx_used.iter().zip(tx_handled) {
+    for (&(head, len), chain) in tx_used.iter().zip(tx_served) {
         assert_eq!((head, len), (u32::from(chain.head), 0));
     }
-    let expected: Vec<u8> = tx_handled
+    let expected: Vec<u8> = tx_served
         .iter()
+        .filter(|c| !c.refused)
         .flat_map(|c| transmitted(c, &before))
         .collect();
     assert!(
@@ -125,9 +131,20 @@ fn check_rx(rx: &Ring, mem: &vm_memory::GuestMemoryMmap, after: &[u8], typed: &[
     written.allow_writable(&rx.chains);
     let mut delivered = 0;
     let mut served = 0;
-    for chain in rx.handled() {
-        if delivered == typed.len() {
+    for chain in rx.served() {
+        // With input pending the device takes chains; one that breaks the rules goes back
+        // unused as it is reached, even once the input ran out (until the next chain).
+        if typed.is_empty() || (delivered == typed.len() && !chain.refused) {
             break;
+        }
+        if chain.refused {
+            assert_eq!(
+                used.get(served),
+                Some(&(u32::from(chain.head), 0)),
+                "receive chain {served} is refused"
+            );
+            served += 1;
+            continue;
         }
         let writable: Vec<&Desc> = chain.descs.iter().filter(|d| d.writable).collect();
         let take =
@@ -137,11 +154,6 @@ fn check_rx(rx: &Ring, mem: &vm_memory::GuestMemoryMmap, after: &[u8], typed: &[
         } else {
             0
         };
-        if chain.head >= rx.size {
-            // Handled, then the queue broke returning it.
-            delivered += len;
-            break;
-        }
         assert_eq!(
             used.get(served),
             Some(&(u32::from(chain.head), len as u32)),

@@ -3,12 +3,12 @@
 //! receive chains, with or without MRG_RXBUF.
 //!
 //! Input layout: byte 0 = options (bit 0 MRG_RXBUF accepted, bit 1 EVENT_IDX accepted, bits
-//! 2.. the number of frames waiting, up to 8); 2 bytes of length per frame; the receive ring,
+//! 2..7 the number of frames waiting, up to 8, bit 7 INDIRECT_DESC accepted); 2 bytes of length per frame; the receive ring,
 //! the transmit ring ([`crate::ring::Ring::build`]), the indirect tables, and the rest copied
 //! to the data area (the transmitted frames).
 //!
 //! Asserts: every transmit chain is returned with length 0, and what reached the socket is,
-//! in order, the bytes of well-formed transmit chains (all of them when few and small); a
+//! in order, the bytes of well-formed transmit chains (keeping the ring's rules) (all of them when few and small); a
 //! receive chain's used length fits its writable buffers, and one with a length has no
 //! device-readable buffer; the receive chains used with a length hold, in order, whole
 //! frames that were waiting, `num_buffers` saying how many chains each took (1 without
@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_devices::fuzzing::{self, Interrupts};
 use virtio_devices::NetBackend;
 
@@ -74,6 +74,9 @@ fn packet(chain: &Chain, mem: &[u8]) -> Option<Vec<u8>> {
         .then_some(bytes)
 }
 
+/// Most descriptors the device takes in a chain (`net::datapath::MAX_CHAIN_DESCRIPTORS`).
+const NET_MAX_DESCRIPTORS: u16 = 256;
+
 /// One input; any byte string is valid.
 pub fn run(data: &[u8]) {
     let mut input = Input(data);
@@ -86,7 +89,11 @@ pub fn run(data: &[u8]) {
     if options & 2 != 0 {
         features |= 1 << VIRTIO_RING_F_EVENT_IDX;
     }
-    let frames: Vec<Vec<u8>> = (0..(options >> 2) % (MAX_FRAMES + 1))
+    let indirect = options & 0x80 != 0;
+    if indirect {
+        features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    }
+    let frames: Vec<Vec<u8>> = (0..(options >> 2 & 0x1f) % (MAX_FRAMES + 1))
         .map(|n| {
             let len = input.u16();
             // Mostly MTU-sized, sometimes up to 64 KiB (an offload packet) or too short.
@@ -106,8 +113,8 @@ pub fn run(data: &[u8]) {
     let mut tx = Ring::build(&mem, 1, &mut input);
     ring::indirect_tables(&mem, &mut input);
     ring::fill_data(&mem, input.rest());
-    rx.walk(&mem);
-    tx.walk(&mem);
+    rx.walk(&mem, indirect, Some(NET_MAX_DESCRIPTORS));
+    tx.walk(&mem, indirect, Some(NET_MAX_DESCRIPTORS));
     let before = ring::snapshot(&mem);
 
     let (socket, peer) = UnixDatagram::pair().unwrap();
@@ -151,6 +158,7 @@ fn check_tx(tx: &Ring, mem: &vm_memory::GuestMemoryMmap, before: &[u8], peer: &U
     // The chains that went out before the queue broke (if it did).
     let expected: Vec<Vec<u8>> = tx.chains[..used.len()]
         .iter()
+        .filter(|c| !c.refused)
         .filter_map(|c| packet(c, before))
         .collect();
     let mut sent = Vec::new();
@@ -201,6 +209,10 @@ fn check_rx(
         if len == 0 {
             continue;
         }
+        assert!(
+            !chain.refused,
+            "chain {head} breaks the rules and was written"
+        );
         assert!(chain.descs.iter().all(|d| d.writable));
         let mut bytes = Vec::new();
         for d in &chain.descs {

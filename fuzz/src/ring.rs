@@ -113,11 +113,15 @@ impl Desc {
     }
 }
 
-/// One avail entry and the chain virtio-queue walks from it.
+/// One avail entry and the chain a device reads from it.
 #[derive(Clone, Debug)]
 pub struct Chain {
     pub head: u16,
     pub descs: Vec<Desc>,
+    /// The chain breaks the rules (an indirect table not negotiated, malformed or nested, a
+    /// loop, a next index or head past its table, more than 4 GiB): the device returns it
+    /// unused (length 0) without handling it, and `descs` is empty.
+    pub refused: bool,
 }
 
 impl Chain {
@@ -182,19 +186,25 @@ impl Ring {
         ring
     }
 
-    /// Walks the chains made available, as a device will: the reference.
-    pub fn walk(&mut self, mem: &GuestMemoryMmap) {
+    /// Walks the chains made available, as a device will (taking indirect tables if
+    /// `indirect` was negotiated, and chains of at most `max` descriptors, or of a queue's
+    /// worth with `None`): the reference.
+    pub fn walk(&mut self, mem: &GuestMemoryMmap, indirect: bool, max: Option<u16>) {
+        let max = max.unwrap_or(self.size);
         let mut queue = self.queue();
-        self.chains = std::iter::from_fn(|| queue.pop_descriptor_chain(mem))
-            .map(|chain| Chain {
-                head: chain.head_index(),
-                descs: chain
-                    .map(|d| Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect(),
+        let heads: Vec<u16> = std::iter::from_fn(|| queue.pop_descriptor_chain(mem))
+            .map(|chain| chain.head_index())
+            .collect();
+        self.chains = heads
+            .into_iter()
+            .map(|head| {
+                let descs = walk_chain(mem, self.base, self.size, head, indirect)
+                    .filter(|descs| descs.len() <= usize::from(max));
+                Chain {
+                    head,
+                    refused: descs.is_none(),
+                    descs: descs.unwrap_or_default(),
+                }
             })
             .collect();
     }
@@ -244,14 +254,14 @@ impl Ring {
         self.chains.iter().find(|c| u32::from(c.head) == head)
     }
 
-    /// The chains a device handles before it stops at a head that names no descriptor (that
-    /// one is handled, as an empty chain, but cannot be returned).
-    pub fn handled(&self) -> &[Chain] {
+    /// The chains a device returns before it stops at a head that names no descriptor
+    /// (which it refuses and cannot return): each handled, or refused and returned unused.
+    pub fn served(&self) -> &[Chain] {
         let end = self
             .chains
             .iter()
             .position(|c| c.head >= self.size)
-            .map_or(self.chains.len(), |i| i + 1);
+            .unwrap_or(self.chains.len());
         &self.chains[..end]
     }
 
@@ -259,6 +269,60 @@ impl Ring {
     /// fails and the device must report the queue broken.
     pub fn heads_valid(&self) -> bool {
         self.chains.iter().all(|c| c.head < self.size)
+    }
+}
+
+/// The chain at `head` of the table at `table` (`size` entries), as virtio 1.2 §2.7.5 has
+/// it: one indirect table at most, as the last descriptor, of whole entries, followed only if
+/// `indirect`; `None` if it breaks a rule.
+fn walk_chain(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    size: u16,
+    head: u16,
+    indirect: bool,
+) -> Option<Vec<Desc>> {
+    let read = |at: u64| -> Option<(u64, u32, u16, u16)> {
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, GuestAddress(at)).ok()?;
+        Some((
+            u64::from_le_bytes(raw[..8].try_into().unwrap()),
+            u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+            u16::from_le_bytes(raw[12..14].try_into().unwrap()),
+            u16::from_le_bytes(raw[14..].try_into().unwrap()),
+        ))
+    };
+    let (mut table, mut size, mut index, mut in_table) = (table, size, head, false);
+    let mut visits = 0u32;
+    let mut total = 0u64;
+    let mut descs = Vec::new();
+    loop {
+        visits += 1;
+        if index >= size || visits > u32::from(size) {
+            return None;
+        }
+        let (addr, len, flags, next) = read(table.checked_add(16 * u64::from(index))?)?;
+        let more = flags & u16::from(F_NEXT) != 0;
+        if flags & u16::from(F_INDIRECT) != 0 {
+            if !indirect || in_table || more || len % 16 != 0 || len == 0 || len / 16 > 0xffff {
+                return None;
+            }
+            (table, size, index, in_table, visits) = (addr, (len / 16) as u16, 0, true, 0);
+            continue;
+        }
+        total += u64::from(len);
+        if total > u64::from(u32::MAX) {
+            return None;
+        }
+        descs.push(Desc {
+            addr,
+            len,
+            writable: flags & u16::from(F_WRITE) != 0,
+        });
+        if !more {
+            return Some(descs);
+        }
+        index = next;
     }
 }
 

@@ -1,12 +1,14 @@
 //! virtio-rng serves a queue of arbitrary chains from a 16 KiB entropy source of known
 //! content (a memfd), so that both its limits and its exhaustion are reached.
 //!
-//! Input layout: byte 0 = options (bit 0 EVENT_IDX accepted); the ring
+//! Input layout: byte 0 = options (bit 0 EVENT_IDX accepted, bit 1 INDIRECT_DESC accepted);
+//! the ring
 //! ([`crate::ring::Ring::build`]), the indirect tables, and the rest copied to the data area.
 //!
-//! Asserts, chain by chain against what virtio-queue walked before the device ran: every
-//! chain is returned in order (or the queue is reported broken, when a head names no
-//! descriptor); each used length is exactly what the chain can take: its writable bytes, at
+//! Asserts, chain by chain against the chains walked before the device ran: every chain is
+//! returned in order (or the queue is reported broken, when a head names no descriptor); one
+//! that breaks the ring's rules with length 0 and nothing taken from the source; each used
+//! length is exactly what the chain can take: its writable bytes, at
 //! most `MAX_REQUEST_BYTES` and what is left of the source, or 0 when those bytes are not all
 //! guest memory, so never more than its writable bytes; the chains hold the source's bytes in
 //! order, and nothing past them, where no other chain may have written; the device's byte
@@ -19,7 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_devices::fuzzing::{self, Interrupts};
 use virtio_devices::rng::MAX_REQUEST_BYTES;
 
@@ -50,11 +52,15 @@ pub fn run(data: &[u8]) {
     if options & 1 != 0 {
         features |= 1 << VIRTIO_RING_F_EVENT_IDX;
     }
+    let indirect = options & 2 != 0;
+    if indirect {
+        features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    }
     let mem = ring::guest_memory();
     let mut ring = Ring::build(&mem, 0, &mut input);
     ring::indirect_tables(&mem, &mut input);
     ring::fill_data(&mem, input.rest());
-    ring.walk(&mem);
+    ring.walk(&mem, indirect, None);
     let before = ring::snapshot(&mem);
 
     let file = source();
@@ -71,14 +77,28 @@ pub fn run(data: &[u8]) {
     let after = ring::snapshot(&mem);
 
     let used = ring.used(&mem);
-    let handled = ring.handled();
-    assert_eq!(used.len(), handled.len() - usize::from(!ring.heads_valid()));
+    let served = ring.served();
+    if std::env::var("FUZZ_DEBUG").is_ok() {
+        eprintln!(
+            "used {used:?}\nchains {:#?}\ncounted {counted}",
+            ring.chains
+        );
+    }
+    assert_eq!(used.len(), served.len());
     assert_eq!(interrupts.needs_reset(), usize::from(!ring.heads_valid()));
     let mut allowed = Written::default();
     allowed.allow_writable(&ring.chains);
     let source = source_bytes();
     let mut consumed = 0;
-    for (&(head, len), chain) in used.iter().zip(handled) {
+    for (&(head, len), chain) in used.iter().zip(served) {
+        if chain.refused {
+            assert_eq!(
+                (head, len),
+                (u32::from(chain.head), 0),
+                "chain {head} is refused"
+            );
+            continue;
+        }
         let writable: Vec<&Desc> = chain.descs.iter().filter(|d| d.writable).collect();
         let asked = chain.writable_len().min(MAX_REQUEST_BYTES);
         let expected = if ring::prefix_accessible(&writable, asked) {

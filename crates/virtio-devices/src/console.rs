@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::QueueT;
 use vm_device::warn_limited;
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::Permissions;
 
-use crate::buffers::{self, Buffer};
-use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
+use crate::buffers::{self, Buffer, Chain};
+use crate::device_queue::{DeviceQueue, Served};
+use crate::worker::{DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice,
     VirtioInterrupt,
@@ -37,6 +37,8 @@ const PENDING_MAX: usize = 64 * 1024;
 const INPUT_CHUNK: usize = 4096;
 /// Epoll token of the input fd.
 const INPUT_TOKEN: u32 = 0;
+/// Guest output is copied out of guest memory this much at a time.
+const OUTPUT_CHUNK: usize = 4096;
 
 /// Where guest output goes; shared with the worker so it survives a reset.
 type Output = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -112,11 +114,11 @@ impl<M: DeviceMemory> VirtioDevice for Console<M> {
                 );
             }
         }
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let handler = ConsoleWorker {
             mem: self.mem.clone(),
-            rx: DeviceQueue::new(RX_QUEUE, rx.queue, event_idx, Arc::clone(&interrupt)),
-            tx: DeviceQueue::new(TX_QUEUE, tx.queue, event_idx, interrupt),
+            rx: DeviceQueue::new(RX_QUEUE, rx.queue, features, Arc::clone(&interrupt)),
+            tx: DeviceQueue::new(TX_QUEUE, tx.queue, features, interrupt),
             output: Arc::clone(&self.output),
             input: self.input.clone(),
             input_watched: false,
@@ -147,11 +149,11 @@ impl<M: DeviceMemory> Console<M> {
         input: &[u8],
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> usize {
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let mut worker = ConsoleWorker {
             mem: self.mem.clone(),
-            rx: DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
-            tx: DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            rx: DeviceQueue::new(RX_QUEUE, rx, features, Arc::clone(&interrupt)),
+            tx: DeviceQueue::new(TX_QUEUE, tx, features, interrupt),
             output: Arc::clone(&self.output),
             input: None,
             input_watched: false,
@@ -160,8 +162,12 @@ impl<M: DeviceMemory> Console<M> {
                 .copied()
                 .collect(),
         };
-        worker.drain_output();
-        worker.deliver_input();
+        let Ok(epoll) = vmm_sys_util::epoll::Epoll::new() else {
+            return worker.pending.len();
+        };
+        let poller = Poller::new(&epoll);
+        worker.drain_output(&poller);
+        worker.deliver_input(&poller);
         worker.pending.len()
     }
 }
@@ -242,31 +248,35 @@ impl<M: DeviceMemory> ConsoleWorker<M> {
     }
 
     /// Moves pending input into the driver's receive buffers, as far as there are buffers.
-    fn deliver_input(&mut self) {
+    fn deliver_input(&mut self, poller: &Poller) {
         if self.pending.is_empty() {
             return;
         }
         let mem = &self.mem;
         let pending = &mut self.pending;
-        self.rx.process(mem, |chain| {
+        let served = self.rx.process(mem, |chain| {
             if pending.is_empty() {
                 return None;
             }
-            let _dma = mem.begin_dma();
             Some(fill_rx_chain(mem, chain, pending))
         });
+        if served == Served::Budget {
+            poller.rearm(RX_QUEUE);
+        }
     }
 
-    fn drain_output(&mut self) {
+    fn drain_output(&mut self, poller: &Poller) {
         let mem = &self.mem;
         let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
-        self.tx.process(mem, |chain| {
-            let _dma = mem.begin_dma();
+        let served = self.tx.process(mem, |chain| {
             write_tx_chain(mem, chain, &mut **output);
             Some(0)
         });
         if let Err(err) = output.flush() {
             warn_limited!("virtio-console: cannot flush output: {err}");
+        }
+        if served == Served::Budget {
+            poller.rearm(TX_QUEUE);
         }
     }
 }
@@ -280,37 +290,35 @@ impl<M: DeviceMemory> WorkerHandler for ConsoleWorker<M> {
     fn queue_notified(&mut self, index: usize, poller: &Poller) {
         match index {
             RX_QUEUE => {
-                self.deliver_input();
+                self.deliver_input(poller);
                 self.update_input_watch(poller);
             }
-            _ => self.drain_output(),
+            _ => self.drain_output(poller),
         }
     }
 
     fn fd_ready(&mut self, _token: u32, poller: &Poller) {
         self.read_input(poller);
-        self.deliver_input();
+        self.deliver_input(poller);
         self.update_input_watch(poller);
     }
 }
 
 /// Copies as much of `pending` as fits into the chain's device-writable buffers; returns the
 /// number of bytes delivered. Input stays pending if the buffers cannot be accessed.
-fn fill_rx_chain<M: GuestMemory>(
-    mem: &M,
-    chain: DescriptorChain<&M>,
-    pending: &mut VecDeque<u8>,
-) -> u32 {
-    let head = chain.head_index();
-    let writable: Vec<Buffer> = buffers::collect(chain)
-        .into_iter()
+fn fill_rx_chain<M: DeviceMemory>(mem: &M, chain: &Chain, pending: &mut VecDeque<u8>) -> u32 {
+    let writable: Vec<Buffer> = chain
+        .buffers
+        .iter()
+        .copied()
         .filter(|b| b.writable)
         .collect();
     let capacity = usize::try_from(buffers::total_len(&writable)).unwrap_or(usize::MAX);
     let len = pending.len().min(capacity);
     let data = &pending.make_contiguous()[..len];
+    let _dma = mem.begin_dma();
     if let Err(err) = buffers::write_from(mem, &writable, 0, data) {
-        warn_limited!("virtio-console: receive buffer {head}: {err}");
+        warn_limited!("virtio-console: receive buffer {}: {err}", chain.head);
         return 0;
     }
     pending.drain(..len);
@@ -318,40 +326,44 @@ fn fill_rx_chain<M: GuestMemory>(
     len as u32
 }
 
-/// Writes the chain's device-readable buffers to `output`. Guest output that cannot be read or
-/// written is dropped with a warning: the console must not stall the guest.
-fn write_tx_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, output: &mut dyn Write) {
-    let head = chain.head_index();
-    let readable: Vec<Buffer> = buffers::collect(chain)
-        .into_iter()
+/// Writes the chain's device-readable buffers to `output`, a chunk at a time: each chunk is
+/// copied out of guest memory inside a transfer of its own and written after it ended, so an
+/// output that blocks (a terminal nobody reads) holds up no UNMAP. Guest output that cannot
+/// be read or written is dropped with a warning: the console must not stall the guest.
+fn write_tx_chain<M: DeviceMemory>(mem: &M, chain: &Chain, output: &mut dyn Write) {
+    let readable: Vec<Buffer> = chain
+        .buffers
+        .iter()
+        .copied()
         .filter(|b| !b.writable)
         .collect();
     let len = buffers::total_len(&readable);
-    let slices = match buffers::slices(mem, &readable, 0, len, Permissions::Read) {
-        Ok(slices) => slices,
-        Err(err) => {
-            warn_limited!("virtio-console: transmit buffer {head}: {err}");
+    // A chain whose buffers are not all readable is dropped whole, not cut short.
+    let reachable = {
+        let _dma = mem.begin_dma();
+        buffers::slices(mem, &readable, 0, len, Permissions::Read).map(|_| ())
+    };
+    if let Err(err) = reachable {
+        warn_limited!("virtio-console: transmit buffer {}: {err}", chain.head);
+        return;
+    }
+    let mut chunk = [0u8; OUTPUT_CHUNK];
+    let mut offset = 0;
+    while offset < len {
+        let count = (len - offset).min(OUTPUT_CHUNK as u64) as usize;
+        let copied = {
+            let _dma = mem.begin_dma();
+            buffers::read_into(mem, &readable, offset, &mut chunk[..count])
+        };
+        if let Err(err) = copied {
+            warn_limited!("virtio-console: transmit buffer {}: {err}", chain.head);
             return;
         }
-    };
-    let mut chunk = [0u8; 4096];
-    for slice in slices {
-        let mut offset = 0;
-        while offset < slice.len() {
-            let part = match slice.subslice(offset, (slice.len() - offset).min(chunk.len())) {
-                Ok(part) => part,
-                Err(err) => {
-                    warn_limited!("virtio-console: transmit buffer {head}: {err}");
-                    return;
-                }
-            };
-            let copied = part.copy_to(&mut chunk[..]);
-            if let Err(err) = output.write_all(&chunk[..copied]) {
-                warn_limited!("virtio-console: cannot write output: {err}");
-                return;
-            }
-            offset += copied;
+        if let Err(err) = output.write_all(&chunk[..count]) {
+            warn_limited!("virtio-console: cannot write output: {err}");
+            return;
         }
+        offset += count as u64;
     }
 }
 
@@ -410,12 +422,12 @@ mod tests {
         let mut out = Vec::new();
 
         let chain = driver.chain(&[ro(BUF, 6), wo(BUF + 0x200, 8), ro(BUF + 0x100, 5)]);
-        write_tx_chain(&mem, chain, &mut out);
+        write_tx_chain(&mem, &chain, &mut out);
         assert_eq!(out, b"hello world");
 
         // A buffer beyond guest RAM drops the whole chain, and nothing panics.
         let chain = driver.chain(&[ro(BUF, 6), ro(0x20_0000, 16)]);
-        write_tx_chain(&mem, chain, &mut out);
+        write_tx_chain(&mem, &chain, &mut out);
         assert_eq!(out, b"hello world");
     }
 
@@ -426,17 +438,17 @@ mod tests {
         let mut pending: VecDeque<u8> = b"abcdefgh".iter().copied().collect();
 
         let chain = driver.chain(&[wo(BUF, 3), wo(BUF + 0x100, 2)]);
-        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 5);
+        assert_eq!(fill_rx_chain(&mem, &chain, &mut pending), 5);
         assert_eq!(read(&mem, BUF, 3), b"abc");
         assert_eq!(read(&mem, BUF + 0x100, 2), b"de");
 
         // An inaccessible buffer takes nothing from the pending input.
         let chain = driver.chain(&[wo(0x20_0000, 16)]);
-        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 0);
+        assert_eq!(fill_rx_chain(&mem, &chain, &mut pending), 0);
         assert_eq!(pending.iter().copied().collect::<Vec<_>>(), b"fgh");
 
         let chain = driver.chain(&[wo(BUF, 64)]);
-        assert_eq!(fill_rx_chain(&mem, chain, &mut pending), 3);
+        assert_eq!(fill_rx_chain(&mem, &chain, &mut pending), 3);
         assert_eq!(read(&mem, BUF, 3), b"fgh");
         assert!(pending.is_empty());
     }
@@ -453,12 +465,12 @@ mod tests {
         let mut out = Vec::new();
 
         let chain = driver.chain(&[ro(0x1000_0000, 3)]);
-        write_tx_chain(&mem, chain, &mut out);
+        write_tx_chain(&mem, &chain, &mut out);
         assert_eq!(out, b"dma");
 
         // The guest-physical address is not an I/O address for this device.
         let chain = driver.chain(&[ro(BUF, 3)]);
-        write_tx_chain(&mem, chain, &mut out);
+        write_tx_chain(&mem, &chain, &mut out);
         assert_eq!(out, b"dma");
     }
 

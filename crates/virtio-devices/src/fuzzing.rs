@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::buffers::{self, Buffer};
-use crate::worker::DeviceQueue;
+use crate::device_queue::{DeviceQueue, Served};
 use crate::{
     Block, BlockError, BlockOptions, Console, Net, NetBackend, NetOptions, Rng, RngError,
     VirtioDevice,
@@ -138,27 +138,29 @@ pub struct ChainQueue {
 
 impl ChainQueue {
     /// Wraps `queue` as a device does on activation.
-    pub fn new(queue: Queue, event_idx: bool, interrupts: Arc<Interrupts>) -> Self {
+    pub fn new(queue: Queue, features: u64, interrupts: Arc<Interrupts>) -> Self {
         ChainQueue {
-            queue: DeviceQueue::new(0, queue, event_idx, interrupts),
+            queue: DeviceQueue::new(0, queue, features, interrupts),
         }
     }
 
     /// One [`DeviceQueue::process`] call: `handle` gets each chain as a device sees it and
     /// returns the used length, or `None` to leave the chain in the ring and stop.
+    /// Returns whether it stopped at its budget (a queue's worth of chains) with more
+    /// available.
     pub fn process(
         &mut self,
         mem: &GuestMemoryMmap,
         mut handle: impl FnMut(&Chain<'_>) -> Option<u32>,
-    ) {
-        self.queue.process(mem, |chain| {
-            let head = chain.head_index();
+    ) -> bool {
+        let served = self.queue.process(mem, |chain| {
             handle(&Chain {
                 mem,
-                head,
-                buffers: buffers::collect(chain),
+                head: chain.head,
+                buffers: chain.buffers.clone(),
             })
         });
+        served == Served::Budget
     }
 }
 

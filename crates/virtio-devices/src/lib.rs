@@ -23,6 +23,7 @@ pub mod block;
 mod buffers;
 pub mod console;
 mod counters;
+mod device_queue;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod iommu;

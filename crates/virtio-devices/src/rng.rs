@@ -11,14 +11,14 @@ use std::sync::Arc;
 
 use log::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::QueueT;
 use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions, ReadVolatile, VolatileMemoryError};
 
-use crate::buffers::{self, Buffer};
+use crate::buffers::{self, Buffer, Chain};
 use crate::counters::RngCounters;
-use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker, Poller, WorkerHandler};
+use crate::device_queue::{DeviceQueue, Served};
+use crate::worker::{DeviceThread, DeviceWorker, Poller, WorkerHandler};
 use crate::{
     common_features, take_queue, ActivateError, ActivatedQueue, DeviceCounters, DeviceMemory,
     VirtioDevice, VirtioInterrupt,
@@ -107,11 +107,11 @@ impl<M: DeviceMemory> VirtioDevice for Rng<M> {
         if !activated.queue.is_valid(&self.mem) {
             warn_limited!("virtio-rng: queue 0 is not accessible; requests will fail");
         }
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let handler = RngWorker {
             mem: self.mem.clone(),
             source: Arc::clone(&self.source),
-            queue: DeviceQueue::new(0, activated.queue, event_idx, interrupt),
+            queue: DeviceQueue::new(0, activated.queue, features, interrupt),
             counters: Arc::clone(&self.counters),
         };
         self.core.start(vec![(0, activated.notifier)], handler)
@@ -142,20 +142,20 @@ impl<M: DeviceMemory> Rng<M> {
         queue: virtio_queue::Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) {
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         RngWorker {
             mem: self.mem.clone(),
             source: Arc::clone(&self.source),
-            queue: DeviceQueue::new(0, queue, event_idx, interrupt),
+            queue: DeviceQueue::new(0, queue, features, interrupt),
             counters: Arc::clone(&self.counters),
         }
-        .serve();
+        .serve_all();
     }
 }
 
 impl<M: DeviceMemory> RngWorker<M> {
-    /// Fills every request the driver made available.
-    fn serve(&mut self) {
+    /// Fills the requests the driver made available, a queue's worth at a time.
+    fn serve(&mut self) -> Served {
         let source = &*self.source;
         let mem = &self.mem;
         let counters = &self.counters;
@@ -164,23 +164,35 @@ impl<M: DeviceMemory> RngWorker<M> {
             let delivered = fill_chain(source, mem, chain);
             counters.bytes.add(u64::from(delivered));
             Some(delivered)
-        });
+        })
+    }
+}
+
+#[cfg(feature = "fuzzing")]
+impl<M: DeviceMemory> RngWorker<M> {
+    /// Serves until the driver's requests are all filled.
+    fn serve_all(&mut self) {
+        while self.serve() == Served::Budget {}
     }
 }
 
 impl<M: DeviceMemory> WorkerHandler for RngWorker<M> {
-    fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
-        self.serve();
+    fn queue_notified(&mut self, index: usize, poller: &Poller) {
+        if self.serve() == Served::Budget {
+            poller.rearm(index);
+        }
     }
 }
 
 /// Fills the chain's device-writable buffers (up to [`MAX_REQUEST_BYTES`]) from `source`;
 /// returns how many bytes were delivered. Device-readable buffers carry nothing for this device
 /// and are skipped.
-fn fill_chain<M: GuestMemory>(source: &File, mem: &M, chain: DescriptorChain<&M>) -> u32 {
-    let head = chain.head_index();
-    let writable: Vec<Buffer> = buffers::collect(chain)
-        .into_iter()
+fn fill_chain<M: GuestMemory>(source: &File, mem: &M, chain: &Chain) -> u32 {
+    let head = chain.head;
+    let writable: Vec<Buffer> = chain
+        .buffers
+        .iter()
+        .copied()
         .filter(|b| b.writable)
         .collect();
     let len = buffers::total_len(&writable).min(MAX_REQUEST_BYTES);
@@ -263,7 +275,7 @@ mod tests {
             .unwrap();
 
         let chain = driver.chain(&[wo(BUF, 100), ro(BUF + 0x1000, 16), wo(BUF + 100, 50)]);
-        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 150);
+        assert_eq!(fill_chain(temp.as_file(), &mem, &chain), 150);
         assert_eq!(read(&mem, BUF, 150), expected(0, 150));
         assert_eq!(read(&mem, BUF + 0x1000, 16), vec![0xee; 16]);
     }
@@ -278,7 +290,7 @@ mod tests {
             .unwrap();
 
         let chain = driver.chain(&[wo(BUF, 2 * cap as u32)]);
-        assert_eq!(fill_chain(temp.as_file(), &mem, chain), cap as u32);
+        assert_eq!(fill_chain(temp.as_file(), &mem, &chain), cap as u32);
         assert_eq!(read(&mem, BUF, cap), expected(0, cap));
         assert_eq!(read(&mem, BUF + cap as u64, 16), vec![0xee; 16]);
     }
@@ -296,18 +308,18 @@ mod tests {
 
         // The second buffer is not mapped: the first must not be filled either.
         let chain = driver.chain(&[wo(0x1000_0000, 64), wo(0x3000_0000, 64)]);
-        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 0);
+        assert_eq!(fill_chain(temp.as_file(), &mem, &chain), 0);
         assert_eq!(read(mem.get_backend(), BUF, 64), vec![0xee; 64]);
 
         // Outside guest RAM altogether.
         let plain = guest_memory();
         let mut driver = Driver::new(&plain, 0, QUEUE_SIZE);
         let chain = driver.chain(&[wo(0x20_0000, 64)]);
-        assert_eq!(fill_chain(temp.as_file(), &plain, chain), 0);
+        assert_eq!(fill_chain(temp.as_file(), &plain, &chain), 0);
 
         // Through the mapping alone, the device fills the translated RAM.
         let chain = Driver::new(&mem, 0, QUEUE_SIZE).chain(&[wo(0x1000_0000, 64)]);
-        assert_eq!(fill_chain(temp.as_file(), &mem, chain), 64);
+        assert_eq!(fill_chain(temp.as_file(), &mem, &chain), 64);
         assert_eq!(read(mem.get_backend(), BUF, 64), expected(0, 64));
     }
 

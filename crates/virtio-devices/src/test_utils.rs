@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Iotlb,
@@ -21,6 +20,7 @@ use virtio_iommu::{DmaFence, DmaGuard, FaultReason, MappedBlock, MappingLookup};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::buffers::{self, Chain, ChainRules};
 use crate::VirtioInterrupt;
 
 /// Guest RAM for tests: 1 MiB at 0. The driver's rings sit at the bottom, so buffers go at
@@ -67,10 +67,14 @@ pub(crate) fn wo(addr: u64, len: u32) -> Desc {
     }
 }
 
-/// The driver side of one split queue.
+/// The driver side of one split queue, laid out as virtio 1.2 §2.7 has it: the descriptor
+/// table at `base`, the available ring after it, the used ring after that (4-aligned). Not
+/// virtio-queue's `MockSplitQueue`, whose used ring starts inside its available ring.
 pub(crate) struct Driver<'a, M: GuestMemory> {
     mem: &'a M,
-    mock: MockSplitQueue<'a, M>,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
     next_desc: u16,
     size: u16,
     /// Device side used by [`Driver::chain`] to hand chains straight to request handlers.
@@ -78,29 +82,57 @@ pub(crate) struct Driver<'a, M: GuestMemory> {
 }
 
 impl<'a, M: GuestMemory> Driver<'a, M> {
-    /// Lays out a queue of `size` entries at guest address `base`.
+    /// Lays out a queue of `size` entries at guest address `base`, its rings zeroed.
     pub(crate) fn new(mem: &'a M, base: u64, size: u16) -> Self {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let device_side = mock.create_queue().unwrap();
-        Driver {
+        let entries = u64::from(size);
+        let desc = GuestAddress(base);
+        let avail = desc.unchecked_add(16 * entries);
+        let used = GuestAddress((avail.0 + 6 + 2 * entries).next_multiple_of(4));
+        let end = used.0 + 6 + 8 * entries;
+        mem.write_slice(&vec![0u8; (end - avail.0) as usize], avail)
+            .unwrap();
+        let mut driver = Driver {
             mem,
-            mock,
+            desc,
+            avail,
+            used,
             next_desc: 0,
             size,
-            device_side,
-        }
+            device_side: Queue::new(size).unwrap(),
+        };
+        driver.device_side = driver.queue();
+        driver
     }
 
     /// Makes `descs` available and pops them as the device would, for calling a device's
     /// per-chain handler directly.
-    pub(crate) fn chain(&mut self, descs: &[Desc]) -> DescriptorChain<&'a M> {
+    pub(crate) fn chain(&mut self, descs: &[Desc]) -> Chain {
         self.add(descs);
-        self.device_side.pop_descriptor_chain(self.mem).unwrap()
+        let head = self
+            .device_side
+            .pop_descriptor_chain(self.mem)
+            .unwrap()
+            .head_index();
+        let rules = ChainRules {
+            indirect: true,
+            max_descriptors: self.size,
+        };
+        buffers::walk(self.mem, self.desc, self.size, head, rules).unwrap()
     }
 
     /// A device-side queue configured the way the transport would hand it over.
     pub(crate) fn queue(&self) -> Queue {
-        self.mock.create_queue().unwrap()
+        let mut queue = Queue::new(self.size).unwrap();
+        queue.set_size(self.size);
+        let split = |addr: GuestAddress| (Some(addr.0 as u32), Some((addr.0 >> 32) as u32));
+        let (lo, hi) = split(self.desc);
+        queue.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail);
+        queue.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used);
+        queue.set_used_ring_address(lo, hi);
+        queue.set_ready(true);
+        queue
     }
 
     /// Activates single-queue `dev` on this queue with `features` accepted, as the transport
@@ -127,37 +159,77 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
 
     /// Makes `descs` available as one chain; returns its head index.
     pub(crate) fn add(&mut self, descs: &[Desc]) -> u16 {
+        // Descriptors are reused from the table's start once it is used up, as a driver
+        // reuses those the device returned.
+        if usize::from(self.next_desc) + descs.len() > usize::from(self.size) {
+            self.next_desc = 0;
+        }
         let head = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let mut flags = if d.writable { VRING_DESC_F_WRITE } else { 0 } as u16;
-                let last = i + 1 == descs.len();
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                let next = if last { 0 } else { head + i as u16 + 1 };
-                RawDescriptor::from(Descriptor::new(d.addr, d.len, flags, next))
-            })
-            .collect();
-        self.mock.add_desc_chains(&raw, head).unwrap();
+        for (i, d) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let next = if last { 0 } else { head + i as u16 + 1 };
+            self.write_desc(self.desc, head + i as u16, d, !last, next);
+        }
+        self.publish(head);
         self.next_desc += descs.len() as u16;
         head
     }
 
+    /// Makes available one descriptor pointing at an indirect table of `descs`, written at
+    /// guest address `table` (virtio 1.2 §2.7.5.3); returns its head index.
+    pub(crate) fn add_indirect(&mut self, table: u64, descs: &[Desc]) -> u16 {
+        for (i, d) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let next = if last { 0 } else { i as u16 + 1 };
+            self.write_desc(GuestAddress(table), i as u16, d, !last, next);
+        }
+        if self.next_desc >= self.size {
+            self.next_desc = 0;
+        }
+        let head = self.next_desc;
+        let raw = Descriptor::new(
+            table,
+            16 * descs.len() as u32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        self.mem
+            .write_obj(
+                RawDescriptor::from(raw),
+                self.desc.unchecked_add(16 * u64::from(head)),
+            )
+            .unwrap();
+        self.publish(head);
+        self.next_desc += 1;
+        head
+    }
+
+    fn write_desc(&self, table: GuestAddress, index: u16, d: &Desc, more: bool, next: u16) {
+        let mut flags = if d.writable { VRING_DESC_F_WRITE } else { 0 } as u16;
+        if more {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let raw = RawDescriptor::from(Descriptor::new(d.addr, d.len, flags, next));
+        self.mem
+            .write_obj(raw, table.unchecked_add(16 * u64::from(index)))
+            .unwrap();
+    }
+
+    /// Puts `head` in the available ring's next entry and publishes it.
+    fn publish(&self, head: u16) {
+        let idx = self.avail_idx();
+        let entry = self.avail.unchecked_add(4 + 2 * u64::from(idx % self.size));
+        self.mem.write_obj(head, entry).unwrap();
+        self.set_avail_idx(idx.wrapping_add(1));
+    }
+
     /// Entries the device put in the used ring so far, as (head, len).
     pub(crate) fn used(&self) -> Vec<(u32, u32)> {
-        let count = self.mock.used().idx().load();
+        let count: u16 = self.mem.read_obj(self.used.unchecked_add(2)).unwrap();
         (0..count)
             .map(|i| {
-                let elem: VirtqUsedElem = self
-                    .mock
-                    .used()
-                    .ring()
-                    .ref_at(usize::from(i % self.size))
-                    .unwrap()
-                    .load();
+                let at = self.used.unchecked_add(4 + 8 * u64::from(i % self.size));
+                let elem: VirtqUsedElem = self.mem.read_obj(at).unwrap();
                 (elem.id(), elem.len())
             })
             .collect()
@@ -166,35 +238,31 @@ impl<'a, M: GuestMemory> Driver<'a, M> {
     /// The used ring's flags: `VRING_USED_F_NO_NOTIFY` while the device asks for no
     /// notifications.
     pub(crate) fn used_flags(&self) -> u16 {
-        self.mem.read_obj(self.mock.used_addr()).unwrap()
+        self.mem.read_obj(self.used).unwrap()
     }
 
     /// The driver's available index: how many chains it made available so far.
     pub(crate) fn avail_idx(&self) -> u16 {
-        self.mock.avail().idx().load()
+        self.mem.read_obj(self.avail.unchecked_add(2)).unwrap()
     }
 
     /// Sets the available index without making chains available, as a broken driver would.
     pub(crate) fn set_avail_idx(&self, value: u16) {
-        self.mock.avail().idx().store(value);
+        self.mem
+            .write_obj(value, self.avail.unchecked_add(2))
+            .unwrap();
     }
 
     /// `avail_event` (EVENT_IDX): the device wants a notification once the available index
     /// passes it.
     pub(crate) fn avail_event(&self) -> u16 {
-        let addr = self
-            .mock
-            .used_addr()
-            .unchecked_add(4 + 8 * u64::from(self.size));
+        let addr = self.used.unchecked_add(4 + 8 * u64::from(self.size));
         self.mem.read_obj(addr).unwrap()
     }
 
     /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index passes it.
     pub(crate) fn set_used_event(&self, value: u16) {
-        let addr = self
-            .mock
-            .avail_addr()
-            .unchecked_add(4 + 2 * u64::from(self.size));
+        let addr = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
         self.mem.write_obj(value, addr).unwrap();
     }
 }

@@ -2,39 +2,63 @@
 //!
 //! Each active device gets one thread that waits in epoll on its queue notifiers, a kill eventfd
 //! and whatever file descriptors the device itself needs (console input). Device logic lives in a
-//! [`WorkerHandler`]; this module owns the thread, the wake-up plumbing and the
-//! enable/disable-notification loop that every queue shares.
+//! [`WorkerHandler`]; this module owns the thread and the wake-up plumbing (the queues
+//! themselves are `device_queue.rs`'s). A stop request wins over anything else ready, and
+//! every handler call is bounded, so stopping a worker takes one round of calls whatever the
+//! driver keeps queueing.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_device::{error_limited, warn_limited};
-use vm_memory::GuestMemory;
+use vm_device::error_limited;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{ActivateError, VirtioInterrupt};
+use crate::ActivateError;
 
 /// Epoll data of the kill eventfd.
 const KILL_TOKEN: u64 = u64::MAX;
 /// Set in the epoll data of device-specific fds, to tell them apart from queue notifiers.
 const DEVICE_TOKEN_BIT: u64 = 1 << 32;
 
-/// Lets a handler add and remove its own file descriptors in the worker's epoll set.
+/// Lets a handler add and remove its own file descriptors in the worker's epoll set, and come
+/// back to a queue it left with work to do.
 pub(crate) struct Poller<'a> {
     epoll: &'a Epoll,
+    notifiers: &'a [(usize, EventFd)],
 }
 
 impl<'a> Poller<'a> {
     /// A poller over `epoll`, for driving a handler without its thread (fuzz targets).
-    #[cfg(feature = "fuzzing")]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn new(epoll: &'a Epoll) -> Self {
-        Poller { epoll }
+        Poller {
+            epoll,
+            notifiers: &[],
+        }
+    }
+
+    /// A poller over `epoll` that comes back to the queues of `notifiers`, for driving a
+    /// handler without its thread.
+    #[cfg(test)]
+    pub(crate) fn with_notifiers(epoll: &'a Epoll, notifiers: &'a [(usize, EventFd)]) -> Self {
+        Poller { epoll, notifiers }
+    }
+
+    /// Has the worker serve queue `index` again after it looked at its other events (a stop
+    /// request among them): a handler that spent its budget on a queue the driver keeps
+    /// full yields this way instead of serving it for as long as the driver likes.
+    pub(crate) fn rearm(&self, index: usize) {
+        let Some((_, notifier)) = self.notifiers.iter().find(|(i, _)| *i == index) else {
+            return;
+        };
+        if let Err(err) = notifier.write(1) {
+            error_limited!("queue {index}: cannot come back to it: {err}");
+        }
     }
 
     /// Starts waiting for `fd` to become readable; [`WorkerHandler::fd_ready`] gets `token`.
@@ -230,7 +254,10 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, position as u64),
             )?;
         }
-        handler.start(&Poller { epoll: &epoll })?;
+        handler.start(&Poller {
+            epoll: &epoll,
+            notifiers: &notifiers,
+        })?;
 
         let thread = thread::Builder::new().name(name).spawn(move || {
             thread_started(kind);
@@ -260,7 +287,10 @@ impl Drop for Worker {
 }
 
 fn run<H: WorkerHandler>(epoll: Epoll, notifiers: Vec<(usize, EventFd)>, mut handler: H) {
-    let poller = Poller { epoll: &epoll };
+    let poller = Poller {
+        epoll: &epoll,
+        notifiers: &notifiers,
+    };
     // Buffers made available before activation (or whose notification raced with it) must not
     // wait for the next kick; this first pass also arms EVENT_IDX.
     for (index, _) in &notifiers {
@@ -277,11 +307,13 @@ fn run<H: WorkerHandler>(epoll: Epoll, notifiers: Vec<(usize, EventFd)>, mut han
                 return;
             }
         };
+        // A stop request wins over whatever else is ready: each handler call is bounded, so
+        // the thread ends within one round of them whatever the driver keeps queueing.
+        if events[..count].iter().any(|e| e.data() == KILL_TOKEN) {
+            return;
+        }
         for event in &events[..count] {
             let token = event.data();
-            if token == KILL_TOKEN {
-                return;
-            }
             if token & DEVICE_TOKEN_BIT != 0 {
                 handler.fd_ready(token as u32, &poller);
                 continue;
@@ -300,319 +332,12 @@ fn run<H: WorkerHandler>(epoll: Epoll, notifiers: Vec<(usize, EventFd)>, mut han
     }
 }
 
-/// An activated queue together with the means to tell the driver about used buffers.
-pub(crate) struct DeviceQueue {
-    index: usize,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    /// The driver broke the queue (see [`DeviceQueue::mark_broken`]): it is not served until
-    /// the device is reset, which builds a new `DeviceQueue`.
-    broken: bool,
-}
-
-impl DeviceQueue {
-    /// Wraps queue `index`; `event_idx` says whether the driver accepted
-    /// `VIRTIO_RING_F_EVENT_IDX`, which the device (not the transport) applies to the queue.
-    pub(crate) fn new(
-        index: usize,
-        mut queue: Queue,
-        event_idx: bool,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Self {
-        queue.set_event_idx(event_idx);
-        DeviceQueue {
-            index,
-            queue,
-            interrupt,
-            broken: false,
-        }
-    }
-
-    /// Stops serving the queue for good and tells the driver the device needs a reset: an
-    /// available index the ring cannot hold, or rings the device cannot write, are driver
-    /// errors no later notification repairs, and serving on would only redo the same work.
-    fn mark_broken(&mut self, why: std::fmt::Arguments) {
-        if self.broken {
-            return;
-        }
-        self.broken = true;
-        error_limited!(
-            "queue {}: {why}; not served until the driver resets the device",
-            self.index
-        );
-        if let Err(err) = self.interrupt.needs_reset() {
-            error_limited!("queue {}: cannot signal NEEDS_RESET: {err}", self.index);
-        }
-    }
-
-    /// Hands every available chain to `handle` and returns it to the driver as used.
-    ///
-    /// `handle` returns how many bytes it wrote into the chain, or `None` to leave the chain in
-    /// the ring and stop (the console's receive queue does so when it has nothing to deliver).
-    /// Notifications from the driver are suppressed while the ring is drained and re-enabled
-    /// before returning, re-checking the ring afterwards, so a buffer added meanwhile is never
-    /// left without either a notification or processing. The driver is interrupted at most
-    /// once per call, and only if the queue says it wants to be. A broken queue (see
-    /// [`DeviceQueue::mark_broken`]) is not served.
-    pub(crate) fn process<M, F>(&mut self, mem: &M, mut handle: F)
-    where
-        M: GuestMemory,
-        F: FnMut(DescriptorChain<&M>) -> Option<u32>,
-    {
-        if self.broken {
-            return;
-        }
-        let mut used_any = false;
-        let mut idle_rounds = 0;
-        'rounds: loop {
-            if let Err(err) = self.queue.disable_notification(mem) {
-                warn_limited!("queue {}: cannot disable notifications: {err}", self.index);
-            }
-            let mut progressed = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let Some(len) = handle(chain) else {
-                    self.queue.go_to_previous_position();
-                    break 'rounds;
-                };
-                if let Err(err) = self.queue.add_used(mem, head, len) {
-                    self.mark_broken(format_args!("cannot return descriptor {head}: {err}"));
-                    break 'rounds;
-                }
-                used_any = true;
-                progressed = true;
-            }
-            match self.queue.enable_notification(mem) {
-                Ok(false) => break,
-                Ok(true) => {
-                    // More buffers arrived while notifications were off: go round again. Two
-                    // rounds in a row without a chain mean the avail index itself is bogus.
-                    idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
-                    if idle_rounds > 1 {
-                        self.mark_broken(format_args!("available ring index is invalid"));
-                        break;
-                    }
-                }
-                Err(err) => {
-                    self.mark_broken(format_args!("cannot enable notifications: {err}"));
-                    break;
-                }
-            }
-        }
-        if used_any {
-            self.signal_used(mem);
-        }
-    }
-
-    /// The queue's index in the device.
-    pub(crate) fn index(&self) -> usize {
-        self.index
-    }
-
-    /// The queue size the driver chose: the most chains it can have available at once.
-    pub(crate) fn size(&self) -> u16 {
-        self.queue.size()
-    }
-
-    /// Takes the next available chain, for devices that cannot complete chains one at a
-    /// time (virtio-net's receive queue spreads one packet over several). `None` once the
-    /// queue is broken.
-    pub(crate) fn pop<'m, M: GuestMemory>(&mut self, mem: &'m M) -> Option<DescriptorChain<&'m M>> {
-        if self.broken {
-            return None;
-        }
-        self.queue.pop_descriptor_chain(mem)
-    }
-
-    /// Returns chain `head` to the driver with `len` bytes written; `false` if the used ring
-    /// cannot be written, which breaks the queue.
-    pub(crate) fn add_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> bool {
-        if self.broken {
-            return false;
-        }
-        match self.queue.add_used(mem, head, len) {
-            Ok(()) => true,
-            Err(err) => {
-                self.mark_broken(format_args!("cannot return descriptor {head}: {err}"));
-                false
-            }
-        }
-    }
-
-    /// Stops the driver's notifications while the device drains the ring.
-    pub(crate) fn disable_notification<M: GuestMemory>(&mut self, mem: &M) {
-        if let Err(err) = self.queue.disable_notification(mem) {
-            warn_limited!("queue {}: cannot disable notifications: {err}", self.index);
-        }
-    }
-
-    /// Gives the chain popped last back to the ring, to be popped again later.
-    pub(crate) fn undo_pop(&mut self) {
-        self.queue.go_to_previous_position();
-    }
-
-    /// Asks the driver to notify when it makes buffers available beyond those already taken
-    /// (with EVENT_IDX, from the current avail index on); returns whether some already are,
-    /// in which case no notification will come for them. An unreachable ring breaks the
-    /// queue (and reads as nothing available).
-    pub(crate) fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> bool {
-        if self.broken {
-            return false;
-        }
-        match self.queue.enable_notification(mem) {
-            Ok(more) => more,
-            Err(err) => {
-                self.mark_broken(format_args!("cannot enable notifications: {err}"));
-                false
-            }
-        }
-    }
-
-    /// Interrupts the driver about used buffers, if it wants to be.
-    pub(crate) fn signal_used<M: GuestMemory>(&mut self, mem: &M) {
-        let needed = self.queue.needs_notification(mem).unwrap_or_else(|err| {
-            // A spurious interrupt is harmless; a lost one hangs the driver.
-            warn_limited!("queue {}: cannot read used_event: {err}", self.index);
-            true
-        });
-        if needed {
-            if let Err(err) = self.interrupt.notify_queue(self.index) {
-                error_limited!("queue {}: cannot interrupt the driver: {err}", self.index);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc::{channel, Sender};
     use std::time::Duration;
 
     use super::*;
-    use crate::test_utils::{guest_memory, wo, Driver, FakeInterrupt};
-
-    const BUF: u64 = 0x2_0000;
-
-    #[test]
-    fn one_interrupt_per_batch_without_event_idx() {
-        let mem = guest_memory();
-        let mut driver = Driver::new(&mem, 0, 16);
-        let interrupt = Arc::new(FakeInterrupt::default());
-        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
-
-        let heads: Vec<u16> = (0..3)
-            .map(|i| driver.add(&[wo(BUF + i * 16, 16)]))
-            .collect();
-        let mut seen = Vec::new();
-        queue.process(&mem, |chain| {
-            seen.push(chain.head_index());
-            Some(8)
-        });
-        assert_eq!(seen, heads);
-        assert_eq!(
-            driver.used(),
-            heads.iter().map(|&h| (u32::from(h), 8)).collect::<Vec<_>>()
-        );
-        assert_eq!(interrupt.count(0), 1);
-
-        // Nothing used, nothing signalled.
-        queue.process(&mem, |_| Some(0));
-        assert_eq!(interrupt.count(0), 1);
-    }
-
-    #[test]
-    fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
-        let mem = guest_memory();
-        let mut driver = Driver::new(&mem, 0, 16);
-        let interrupt = Arc::new(FakeInterrupt::default());
-        let mut queue = DeviceQueue::new(0, driver.queue(), true, interrupt.clone());
-
-        // The driver wants an interrupt only once the fourth buffer is used.
-        driver.set_used_event(3);
-        driver.add(&[wo(BUF, 16)]);
-        queue.process(&mem, |_| Some(1));
-        assert_eq!(driver.used().len(), 1);
-        assert_eq!(interrupt.count(0), 0);
-
-        driver.set_used_event(1);
-        driver.add(&[wo(BUF, 16)]);
-        queue.process(&mem, |_| Some(1));
-        assert_eq!(interrupt.count(0), 1);
-    }
-
-    #[test]
-    fn a_declined_chain_stays_available() {
-        let mem = guest_memory();
-        let mut driver = Driver::new(&mem, 0, 16);
-        let interrupt = Arc::new(FakeInterrupt::default());
-        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
-
-        let head = driver.add(&[wo(BUF, 16)]);
-        queue.process(&mem, |_| None);
-        assert!(driver.used().is_empty());
-        assert_eq!(interrupt.count(0), 0);
-
-        queue.process(&mem, |chain| {
-            assert_eq!(chain.head_index(), head);
-            Some(4)
-        });
-        assert_eq!(driver.used(), vec![(u32::from(head), 4)]);
-    }
-
-    /// An available index more than a queue size ahead: virtio-queue refuses to pop, and the
-    /// two-idle-rounds guard ends the call instead of going round forever. The queue is then
-    /// broken: the driver is told once that the device needs a reset, and nothing is served
-    /// until then, even once the index looks sane again.
-    #[test]
-    fn an_avail_index_beyond_the_ring_breaks_the_queue_until_reset() {
-        let mem = guest_memory();
-        let mut driver = Driver::new(&mem, 0, 16);
-        let interrupt = Arc::new(FakeInterrupt::default());
-        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
-        driver.set_avail_idx(17);
-        queue.process(&mem, |_| panic!("nothing can be popped"));
-        assert!(driver.used().is_empty());
-        assert_eq!(interrupt.count(0), 0);
-        assert_eq!(interrupt.needs_reset_count(), 1);
-
-        driver.set_avail_idx(0);
-        driver.add(&[wo(BUF, 16)]);
-        queue.process(&mem, |_| panic!("a broken queue is not served"));
-        assert!(queue.pop(&mem).is_none());
-        assert!(!queue.enable_notification(&mem));
-        assert_eq!(interrupt.needs_reset_count(), 1, "reported once");
-
-        // Reset hands the device a fresh queue, which serves again.
-        let mut queue = DeviceQueue::new(0, driver.queue(), false, interrupt.clone());
-        queue.process(&mem, |_| Some(1));
-        assert_eq!(driver.used().len(), 1);
-    }
-
-    /// A used ring outside guest memory cannot take the completion: the queue is broken and
-    /// the driver told, instead of the chain being popped and lost again on every kick.
-    #[test]
-    fn an_unwritable_used_ring_breaks_the_queue() {
-        let mem = guest_memory();
-        let mut driver = Driver::new(&mem, 0, 16);
-        let interrupt = Arc::new(FakeInterrupt::default());
-        let mut ring = driver.queue();
-        ring.set_used_ring_address(Some(0xffff_0000), Some(0xf));
-        let mut queue = DeviceQueue::new(0, ring, false, interrupt.clone());
-        driver.add(&[wo(BUF, 16)]);
-        driver.add(&[wo(BUF, 16)]);
-        let mut handled = 0;
-        queue.process(&mem, |_| {
-            handled += 1;
-            Some(1)
-        });
-        assert_eq!(
-            handled, 1,
-            "processing stopped at the first failed completion"
-        );
-        assert_eq!(interrupt.needs_reset_count(), 1);
-        queue.process(&mem, |_| panic!("a broken queue is not served"));
-        assert!(!queue.add_used(&mem, 1, 0));
-    }
 
     struct Recorder {
         calls: Sender<usize>,

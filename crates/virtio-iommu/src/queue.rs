@@ -161,15 +161,19 @@ impl VirtioIommu {
         }
     }
 
-    /// Serve the request queue: pop every available chain, execute it, publish the used
-    /// entry. Returns whether the driver must be interrupted.
+    /// Serve the request queue: pop the available chains, up to a queue's worth (so a driver
+    /// that keeps it full cannot keep the caller here: whoever serves the queue looks again),
+    /// execute each, publish the used entry. Returns whether the driver must be interrupted.
     pub fn process_request_queue<M, Q>(&self, mem: &M, queue: &mut Q) -> Result<bool, Error>
     where
         M: GuestMemory,
         Q: QueueT,
     {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = match ChainLayout::from_descriptors(chain) {
                 Some(layout) => self.process_chain(mem, &layout),

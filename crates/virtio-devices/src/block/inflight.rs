@@ -17,17 +17,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use io_engine::{Completion, Engine, IoVecs, Op};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_iommu::DmaGuard;
-use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
 
 use super::image::{Disk, ImageKind};
 use super::request::{self, Action, GuestPtr, Segment, StatusByte};
+use crate::buffers::Chain;
 use crate::counters::BlockCounters;
 use crate::DeviceMemory;
 
 /// Most bytes of bounce buffers one queue holds at once (O_DIRECT with guest buffers the
 /// host cannot use as they are); a request that needs more is refused with IOERR.
 pub(super) const BOUNCE_BUDGET: usize = 16 << 20;
+/// Most pieces of guest memory the requests of one queue hold in flight at once (each a
+/// `Segment` here and an iovec in the engine, 32 bytes in all): 2 MiB whatever the queue's
+/// size and however the guest fragments its buffers. A request that does not fit waits for
+/// requests in flight to complete; one alone always fits (`request::MAX_SEGMENTS`).
+pub(super) const SEGMENT_BUDGET: usize = request::MAX_SEGMENTS;
 
 /// How a request started.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,6 +59,8 @@ pub(super) struct Requests {
     /// FLUSHes waiting for earlier writes, oldest first.
     parked_flushes: VecDeque<usize>,
     bounce_bytes: usize,
+    /// Guest segments of the requests in flight, against [`SEGMENT_BUDGET`].
+    segments: usize,
     completions: Vec<Completion>,
 }
 
@@ -68,6 +75,8 @@ struct InFlight {
     written: u32,
     /// Data bytes a read or write moves between the image and the guest, for the counters.
     data_len: u64,
+    /// Guest segments it holds (counted against [`SEGMENT_BUDGET`]).
+    segments: usize,
     /// A read through a bounce buffer copies it to these guest segments when it completes.
     read_back: Vec<Segment>,
     bounce: Option<Bounce>,
@@ -113,6 +122,7 @@ impl Requests {
             next_seq: 0,
             parked_flushes: VecDeque::new(),
             bounce_bytes: 0,
+            segments: 0,
             completions: Vec::new(),
         }
     }
@@ -136,12 +146,8 @@ impl Requests {
     }
 
     /// Parses and starts the request in `chain`; the caller checked [`Requests::has_room`].
-    pub(super) fn start<M: DeviceMemory>(
-        &mut self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-    ) -> Started {
-        let head = chain.head_index();
+    pub(super) fn start<M: DeviceMemory>(&mut self, mem: &M, chain: &Chain) -> Started {
+        let head = chain.head;
         let Some(slot) = self.free.last().copied() else {
             return Started::NoRoom;
         };
@@ -150,6 +156,10 @@ impl Requests {
         let Some(request) = request::parse(&self.disk, mem, chain) else {
             return Started::Done(head, 0);
         };
+        let segments = request.action.segments();
+        if self.segments + segments > SEGMENT_BUDGET {
+            return Started::NoRoom;
+        }
         let seq = self.next_seq;
         let mut entry = InFlight {
             head,
@@ -159,6 +169,7 @@ impl Requests {
             stabilizing: false,
             written: 0,
             data_len: 0,
+            segments: 0,
             read_back: Vec::new(),
             bounce: None,
             dma,
@@ -266,6 +277,8 @@ impl Requests {
         self.next_seq += 1;
         self.free.pop();
         self.bounce_bytes += entry.bounce.as_ref().map_or(0, |b| b.layout.size());
+        entry.segments = segments;
+        self.segments += segments;
         self.slots[slot] = Some(entry);
         if !self.push(slot, op) {
             if let Some(mut entry) = self.take(slot) {
@@ -341,6 +354,7 @@ impl Requests {
         if let Some(bounce) = &entry.bounce {
             self.bounce_bytes -= bounce.layout.size();
         }
+        self.segments -= entry.segments;
         Some(entry)
     }
 
@@ -505,6 +519,11 @@ impl Requests {
     #[cfg(test)]
     pub(super) fn bounce_bytes(&self) -> usize {
         self.bounce_bytes
+    }
+
+    #[cfg(test)]
+    pub(super) fn segments(&self) -> usize {
+        self.segments
     }
 }
 

@@ -22,12 +22,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
 
 use crate::counters::BlockCounters;
-use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
+use crate::device_queue::DeviceQueue;
+use crate::worker::{DeviceThread, DeviceWorker};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters,
     DeviceMemory, VirtioDevice, VirtioInterrupt,
@@ -41,6 +41,8 @@ mod request;
 mod tests;
 #[cfg(test)]
 mod tests_async;
+#[cfg(test)]
+mod tests_bounds;
 #[cfg(test)]
 mod tests_counters;
 
@@ -145,6 +147,8 @@ pub struct Block<M> {
     config: Vec<u8>,
     /// Fed by every queue's thread.
     counters: Arc<BlockCounters>,
+    /// What a request's chain may have: the header, `SEG_MAX` data segments and the status.
+    max_descriptors: u16,
 }
 
 impl<M: DeviceMemory> Block<M> {
@@ -178,7 +182,8 @@ impl<M: DeviceMemory> Block<M> {
             .collect::<Result<Vec<_>, _>>()?;
 
         // Data segments per request: a chain without indirect descriptors also needs the
-        // header and the status descriptor, so this is what always fits in the ring.
+        // header and the status descriptor, so this is what always fits in the ring. It is
+        // enforced (indirect tables included): a longer chain is returned unused.
         let seg_max = u32::from(options.queue_size).saturating_sub(2).max(1);
         // No VIRTIO_BLK_F_SIZE_MAX: any segment length is served, so there is no limit to
         // announce; SEG_MAX keeps requests within what the ring can always carry.
@@ -240,6 +245,7 @@ impl<M: DeviceMemory> Block<M> {
             core: DeviceWorker::new(DeviceThread::Block, features),
             config,
             counters: Arc::default(),
+            max_descriptors: u16::try_from(seg_max + 2).unwrap_or(u16::MAX),
         })
     }
 
@@ -337,7 +343,7 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
     ) -> Result<(), ActivateError> {
         // The engines go back to the device only once the old threads are gone.
         self.core.stop();
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         // The driver may enable fewer queues than offered (virtio 1.2 §5.2.6.1): serve those.
         let mut threads = Vec::new();
         for (index, engine) in self.engines.iter().enumerate() {
@@ -352,7 +358,8 @@ impl<M: DeviceMemory> VirtioDevice for Block<M> {
             let depth = activated.queue.size();
             let handler = QueueWorker {
                 mem: self.mem.clone(),
-                queue: DeviceQueue::new(index, activated.queue, event_idx, Arc::clone(&interrupt)),
+                queue: DeviceQueue::new(index, activated.queue, features, Arc::clone(&interrupt))
+                    .with_max_descriptors(self.max_descriptors),
                 requests: Requests::new(
                     Arc::clone(&self.disk),
                     Arc::clone(engine),
@@ -385,10 +392,14 @@ impl<M: DeviceMemory> Block<M> {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) {
         let depth = queue.size();
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
+        let Ok(epoll) = vmm_sys_util::epoll::Epoll::new() else {
+            return;
+        };
         QueueWorker {
             mem: self.mem.clone(),
-            queue: DeviceQueue::new(0, queue, event_idx, interrupt),
+            queue: DeviceQueue::new(0, queue, features, interrupt)
+                .with_max_descriptors(self.max_descriptors),
             requests: Requests::new(
                 Arc::clone(&self.disk),
                 Arc::clone(&self.engines[0]),
@@ -396,7 +407,7 @@ impl<M: DeviceMemory> Block<M> {
                 Arc::clone(&self.counters),
             ),
         }
-        .serve_to_completion();
+        .serve_to_completion(&crate::worker::Poller::new(&epoll));
     }
 }
 

@@ -1,7 +1,9 @@
 //! The thread serving one request queue: takes chains while there is room, keeps their I/O
 //! in flight, and returns them to the driver as they complete, one interrupt per batch.
 
-use crate::worker::{DeviceQueue, Poller, WorkerHandler};
+use crate::device_queue::{DeviceQueue, Served};
+
+use crate::worker::{Poller, WorkerHandler};
 use crate::DeviceMemory;
 
 use super::inflight::{Requests, Started};
@@ -20,43 +22,68 @@ impl<M: DeviceMemory> WorkerHandler for QueueWorker<M> {
         poller.add(self.requests.completion_fd(), COMPLETIONS)
     }
 
-    fn queue_notified(&mut self, _index: usize, _poller: &Poller) {
-        self.serve();
+    fn queue_notified(&mut self, _index: usize, poller: &Poller) {
+        let _ = self.serve(poller);
     }
 
-    fn fd_ready(&mut self, _token: u32, _poller: &Poller) {
-        self.serve();
+    fn fd_ready(&mut self, _token: u32, poller: &Poller) {
+        let _ = self.serve(poller);
     }
+}
+
+/// Why [`QueueWorker::take_available`] stopped taking chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taken {
+    /// The ring is empty (notifications on, the ring re-checked).
+    Drained,
+    /// No room for another request: notifications stay off, completions bring the thread
+    /// back.
+    Full,
+    /// A queue's worth of chains taken in this call, and more available.
+    Budget,
 }
 
 impl<M: DeviceMemory> QueueWorker<M> {
     /// Completes what finished and takes what the driver made available, until the queue is
     /// either drained (notifications on) or full with I/O in flight (its completions wake the
-    /// thread again); then interrupts the driver once, if it wants to be (EVENT_IDX).
-    fn serve(&mut self) {
-        let mut used = false;
+    /// thread again), or a queue's worth of chains was taken (then it comes back through
+    /// `poller` after the worker's other events); then interrupts the driver once, if it
+    /// wants to be (EVENT_IDX).
+    fn serve(&mut self, poller: &Poller) -> Served {
+        self.serve_at_most(poller, usize::from(self.queue.size()))
+    }
+
+    /// [`QueueWorker::serve`], taking at most `budget` chains.
+    pub(super) fn serve_at_most(&mut self, poller: &Poller, mut budget: usize) -> Served {
+        let mut served = Served::All;
         loop {
-            used |= self.reap();
-            let full = self.take_available(&mut used);
+            self.reap();
+            let taken = self.take_available(&mut budget);
             self.requests.submit();
             // A synchronous engine completed everything at once.
-            used |= self.reap();
-            if !full || self.requests.busy() {
-                break;
+            self.reap();
+            match taken {
+                Taken::Drained => break,
+                Taken::Full if self.requests.busy() => break,
+                Taken::Full => {}
+                Taken::Budget => {
+                    poller.rearm(self.queue.index());
+                    served = Served::Budget;
+                    break;
+                }
             }
         }
-        if used {
-            self.queue.signal_used(&self.mem);
-        }
+        self.queue.signal_used(&self.mem);
+        served
     }
 
     /// The worker's loop without its thread: serves, then waits for the I/O in flight and
     /// serves again, until nothing is in flight and the ring is drained.
     #[cfg(feature = "fuzzing")]
-    pub(super) fn serve_to_completion(&mut self) {
+    pub(super) fn serve_to_completion(&mut self, poller: &Poller) {
         loop {
-            self.serve();
-            if self.requests.in_flight() == 0 {
+            let served = self.serve(poller);
+            if self.requests.in_flight() == 0 && served == Served::All {
                 return;
             }
             let (queue, mem) = (&mut self.queue, &self.mem);
@@ -66,47 +93,52 @@ impl<M: DeviceMemory> QueueWorker<M> {
         }
     }
 
-    fn reap(&mut self) -> bool {
+    /// Returns the requests that completed to the driver.
+    fn reap(&mut self) {
         let (queue, mem) = (&mut self.queue, &self.mem);
         self.requests.reap(mem, |head, len| {
             queue.add_used(mem, head, len);
-        }) > 0
+        });
     }
 
-    /// Starts the available chains while there is room; whether it stopped for want of room
-    /// (notifications stay off: completions bring the thread back) rather than because the
-    /// ring was empty (notifications on, the ring re-checked).
-    fn take_available(&mut self, used: &mut bool) -> bool {
+    /// Starts the available chains while there is room and budget left.
+    fn take_available(&mut self, budget: &mut usize) -> Taken {
         let mut idle_rounds = 0;
         loop {
             self.queue.disable_notification(&self.mem);
             let mut progressed = false;
             while self.requests.has_room() {
+                if *budget == 0 {
+                    return Taken::Budget;
+                }
                 let Some(chain) = self.queue.pop(&self.mem) else {
                     break;
                 };
+                *budget -= 1;
                 progressed = true;
-                match self.requests.start(&self.mem, chain) {
-                    Started::Done(head, len) => *used |= self.queue.add_used(&self.mem, head, len),
+                match self.requests.start(&self.mem, &chain) {
+                    Started::Done(head, len) => {
+                        self.queue.add_used(&self.mem, head, len);
+                    }
                     Started::Queued => {}
                     Started::NoRoom => {
                         self.queue.undo_pop();
-                        return true;
+                        return Taken::Full;
                     }
                 }
             }
             if !self.requests.has_room() {
-                return true;
+                return Taken::Full;
             }
             if !self.queue.enable_notification(&self.mem) {
-                return false;
+                return Taken::Drained;
             }
             // More buffers arrived while notifications were off: go round again. Two rounds
             // in a row without a chain mean the avail index itself is bogus.
             idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
             if idle_rounds > 1 {
                 vm_device::error_limited!("virtio-blk: available ring index is invalid");
-                return false;
+                return Taken::Drained;
             }
         }
     }

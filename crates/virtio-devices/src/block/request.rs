@@ -8,14 +8,17 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
 use vm_memory::{GuestAddress, Permissions};
 
 use super::image::Disk;
 use super::{ID_LEN, MAX_DISCARD_SECTORS, SECTOR_SIZE};
-use crate::buffers::{self, AccessError, Buffer, Slice};
+use crate::buffers::{self, AccessError, Buffer, Chain, Slice};
 use crate::DeviceMemory;
+
+/// Most pieces (RAM regions, IOMMU mappings) one request's data may be in: what a queue holds
+/// in flight in all is bounded by its own budget, which a request alone must fit.
+pub(super) const MAX_SEGMENTS: usize = 1 << 16;
 
 /// `struct virtio_blk_req` header: type, reserved (ioprio), sector.
 const HEADER_LEN: u64 = 16;
@@ -79,6 +82,16 @@ pub(super) enum Action {
         zero: bool,
         unmap: bool,
     },
+}
+
+impl Action {
+    /// The pieces of guest memory the request's data is in.
+    pub(super) fn segments(&self) -> usize {
+        match self {
+            Action::Read { segments, .. } | Action::Write { segments, .. } => segments.len(),
+            Action::Done { .. } | Action::Flush | Action::Discard { .. } => 0,
+        }
+    }
 }
 
 /// A request ready to carry out.
@@ -175,13 +188,8 @@ impl RequestError {
 
 /// Reads and validates the request in `chain`. `None` if it has no reachable, device-writable
 /// status byte: such a request is not carried out, and is completed with nothing written.
-pub(super) fn parse<M: DeviceMemory>(
-    disk: &Disk,
-    mem: &M,
-    chain: DescriptorChain<&M>,
-) -> Option<Request> {
-    let head = chain.head_index();
-    let chain = buffers::collect(chain);
+pub(super) fn parse<M: DeviceMemory>(disk: &Disk, mem: &M, chain: &Chain) -> Option<Request> {
+    let (head, chain) = (chain.head, &chain.buffers);
     // The status byte is the last byte of the last descriptor, which must be writable.
     let Some(status_desc) = chain.last().filter(|b| b.writable && b.len > 0) else {
         warn_limited!("virtio-blk: request {head} has no writable status byte; dropping it");
@@ -201,7 +209,7 @@ pub(super) fn parse<M: DeviceMemory>(
         warn_limited!("virtio-blk: request {head}: status byte not accessible; dropping it");
         return None;
     };
-    let action = action(disk, mem, &chain).unwrap_or_else(|err| {
+    let action = action(disk, mem, chain).unwrap_or_else(|err| {
         warn_limited!("virtio-blk: request {head} failed: {err}");
         Action::Done {
             status: err.status(),
@@ -326,10 +334,12 @@ fn segments<M: DeviceMemory>(
     len: u64,
     access: Permissions,
 ) -> Result<Vec<Segment>, AccessError> {
-    Ok(buffers::slices(mem, buffers, offset, len, access)?
-        .iter()
-        .map(Segment::of::<M>)
-        .collect())
+    Ok(
+        buffers::slices_at_most(mem, buffers, offset, len, access, MAX_SEGMENTS)?
+            .iter()
+            .map(Segment::of::<M>)
+            .collect(),
+    )
 }
 
 /// Checks that `len` bytes at `sector` are whole sectors inside the disk; returns the byte

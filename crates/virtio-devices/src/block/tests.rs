@@ -1,6 +1,7 @@
 use std::os::unix::fs::FileExt;
 use std::thread;
 use std::time::Duration;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
@@ -53,7 +54,7 @@ pub(super) fn submit<M: DeviceMemory>(
 ) -> u32 {
     let chain = driver.chain(descs);
     let mut requests = requests(dev);
-    match requests.start(mem, chain) {
+    match requests.start(mem, &chain) {
         Started::Done(_, len) => len,
         Started::Queued => {
             let mut used = None;

@@ -82,7 +82,7 @@ fn many_requests_in_flight_on_one_queue() {
         header(&mem, hdr, VIRTIO_BLK_T_IN, 63 - i);
         mem.write_obj(0xffu8, GuestAddress(status_addr)).unwrap();
         let chain = driver.chain(&[ro(hdr, 16), wo(data, 512), wo(status_addr, 1)]);
-        assert_eq!(requests.start(&mem, chain), Started::Queued);
+        assert_eq!(requests.start(&mem, &chain), Started::Queued);
     }
     assert_eq!(requests.in_flight(), 32);
     let mut done = Vec::new();
@@ -168,12 +168,12 @@ fn a_flush_waits_for_the_writes_before_it() {
     mem.write_slice(&[0x3c; 4096], GuestAddress(DATA)).unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
     let write = driver.chain(&[ro(HDR, 16), ro(DATA, 4096), wo(STATUS, 1)]);
-    let write_head = write.head_index();
-    assert_eq!(requests.start(&mem, write), Started::Queued);
+    let write_head = write.head;
+    assert_eq!(requests.start(&mem, &write), Started::Queued);
     header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
     let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
-    let flush_head = flush.head_index();
-    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    let flush_head = flush.head;
+    assert_eq!(requests.start(&mem, &flush), Started::Queued);
     assert_eq!(
         dev.disk.syncs.load(Ordering::Relaxed),
         0,
@@ -215,11 +215,11 @@ fn a_flush_released_by_a_reap_reaches_the_engine() {
     let mut requests = requests(&dev);
     header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
     let write = driver.chain(&[ro(HDR, 16), ro(DATA, 4096), wo(STATUS, 1)]);
-    assert_eq!(requests.start(&mem, write), Started::Queued);
+    assert_eq!(requests.start(&mem, &write), Started::Queued);
     header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
     let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
-    let flush_head = flush.head_index();
-    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    let flush_head = flush.head;
+    assert_eq!(requests.start(&mem, &flush), Started::Queued);
     requests.submit();
     let fd = requests.completion_fd();
     assert!(readable_within(fd, 5000), "the write never completed");
@@ -384,7 +384,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
         ro(unaligned + 100, len - 100),
         wo(STATUS, 1),
     ]);
-    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.start(&mem, &chain), Started::Queued);
     assert_eq!(requests.bounce_bytes(), pattern.len());
     requests.wait_all(&mem, |_, _| {});
     assert_eq!(requests.bounce_bytes(), 0);
@@ -394,7 +394,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     header(&mem, HDR, VIRTIO_BLK_T_IN, 16);
     let back = DATA + 0x8001;
     let chain = driver.chain(&[ro(HDR, 16), wo(back, len), wo(STATUS, 1)]);
-    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.start(&mem, &chain), Started::Queued);
     requests.wait_all(&mem, |_, _| {});
     let mut read = vec![0u8; pattern.len()];
     mem.read_slice(&mut read, GuestAddress(back)).unwrap();
@@ -403,7 +403,7 @@ fn direct_io_bounces_unaligned_guest_buffers() {
     // Aligned: no bounce.
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     let chain = driver.chain(&[ro(HDR, 16), wo(DATA, alignment as u32), wo(STATUS, 1)]);
-    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.start(&mem, &chain), Started::Queued);
     assert_eq!(requests.bounce_bytes(), 0);
     requests.wait_all(&mem, |_, _| {});
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
@@ -513,7 +513,7 @@ fn an_unmap_waits_for_io_in_flight() {
     let (hdr, data, status_iova) = (0x1000_0000, 0x1000_1000, 0x1000_3000);
     header(&mem, hdr, VIRTIO_BLK_T_IN, 3);
     let chain = driver.chain(&[ro(hdr, 16), wo(data, 512), wo(status_iova, 1)]);
-    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.start(&mem, &chain), Started::Queued);
     assert_eq!(mem.iommu().dma.in_flight(), 1);
 
     let unmapped = Arc::new(AtomicBool::new(false));
@@ -601,12 +601,12 @@ fn a_flush_waits_for_a_discard_before_it() {
     header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
     segment(&mem, DATA, 8, 8, 0);
     let discard = driver.chain(&[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)]);
-    let discard_head = discard.head_index();
-    assert_eq!(requests.start(&mem, discard), Started::Queued);
+    let discard_head = discard.head;
+    assert_eq!(requests.start(&mem, &discard), Started::Queued);
     header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
     let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
-    let flush_head = flush.head_index();
-    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    let flush_head = flush.head;
+    assert_eq!(requests.start(&mem, &flush), Started::Queued);
     assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 0, "parked");
     let mut order = Vec::new();
     requests.wait_all(&mem, |head, _| order.push(head));
@@ -637,7 +637,7 @@ fn requests_that_move_no_guest_data_hold_no_guard_in_flight() {
     header(&mem, hdr, VIRTIO_BLK_T_FLUSH, 0);
     mem.write_obj(0xffu8, GuestAddress(status_iova)).unwrap();
     let flush = driver.chain(&[ro(hdr, 16), wo(status_iova, 1)]);
-    assert_eq!(requests.start(&mem, flush), Started::Queued);
+    assert_eq!(requests.start(&mem, &flush), Started::Queued);
     assert_eq!(mem.iommu().dma.in_flight(), 0, "a FLUSH holds no guard");
     requests.wait_all(&mem, |_, len| assert_eq!(len, 1));
     assert_eq!(status(&mem, status_iova), VIRTIO_BLK_S_OK);
@@ -648,7 +648,7 @@ fn requests_that_move_no_guest_data_hold_no_guard_in_flight() {
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
     mem.write_slice(&bytes, GuestAddress(segment_iova)).unwrap();
     let zeroes = driver.chain(&[ro(hdr, 16), ro(segment_iova, 16), wo(status_iova, 1)]);
-    assert_eq!(requests.start(&mem, zeroes), Started::Queued);
+    assert_eq!(requests.start(&mem, &zeroes), Started::Queued);
     assert_eq!(
         mem.iommu().dma.in_flight(),
         0,
@@ -693,7 +693,7 @@ fn a_drain_whose_wait_fails_still_ends_with_every_guard_released() {
         wo(0x1000_1000, 512),
         wo(0x1000_3000, 1),
     ]);
-    assert_eq!(requests.start(&mem, chain), Started::Queued);
+    assert_eq!(requests.start(&mem, &chain), Started::Queued);
     requests.submit();
     assert_eq!(mem.iommu().dma.in_flight(), 1);
     let mut failures = 3;

@@ -16,14 +16,14 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
-use virtio_queue::DescriptorChain;
 use vm_device::{lock, warn_limited};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::NetBackend;
-use crate::buffers;
-use crate::worker::DeviceQueue;
+use crate::buffers::{self, Chain};
+use crate::device_queue::{DeviceQueue, Served};
+use crate::worker::Poller;
 use crate::DeviceMemory;
 
 /// The part of a control request the device reads: class, command and a 16-bit argument.
@@ -153,23 +153,26 @@ impl<B: NetBackend> ControlQueue<B> {
         }
     }
 
-    /// Answers every request the driver has queued, each inside a transfer of its own: an
-    /// UNMAP of its buffers waits until its request is read and its ack written.
-    pub(super) fn serve<M: DeviceMemory>(&mut self, mem: &M) {
+    /// Answers the requests the driver has queued (a queue's worth at a time), each inside a
+    /// transfer of its own: an UNMAP of its buffers waits until its request is read and its
+    /// ack written. Comes back through `poller` if it stopped at its budget.
+    pub(super) fn serve<M: DeviceMemory>(&mut self, mem: &M, poller: &Poller) {
         let commands = &self.commands;
-        self.queue.process(mem, |chain| {
+        let served = self.queue.process(mem, |chain| {
             let _dma = mem.begin_dma();
             Some(commands.answer(mem, chain))
         });
+        if served == Served::Budget {
+            poller.rearm(self.queue.index());
+        }
     }
 }
 
 impl<B: NetBackend> Commands<B> {
     /// Carries out one request and writes its ack; returns the bytes written (the ack, or
     /// nothing when the chain has no room for it).
-    fn answer<M: GuestMemory>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
-        let head = chain.head_index();
-        let buffers = buffers::collect(chain);
+    fn answer<M: GuestMemory>(&self, mem: &M, chain: &Chain) -> u32 {
+        let (head, buffers) = (chain.head, &chain.buffers);
         // Device-readable buffers first, then device-writable ones (§2.7.4.2).
         let split = buffers
             .iter()
@@ -319,14 +322,15 @@ mod tests {
             .unwrap();
         let mut driver = Driver::new(&mem, 0, 16);
         let taps = Arc::new(TapQueues::new(vec![Queue::default(), Queue::default()]));
-        let queue = DeviceQueue::new(0, driver.queue(), false, Arc::new(FakeInterrupt::default()));
+        let queue = DeviceQueue::new(0, driver.queue(), 0, Arc::new(FakeInterrupt::default()));
         let wakes = (0..2)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
         let mut control = ControlQueue::new(queue, Arc::clone(&taps), 2, wakes);
         driver.add(&[ro(request, 4), wo(ack, 1)]);
         mem.iommu().unguarded.store(0, Ordering::SeqCst);
-        control.serve(&mem);
+        let epoll = vmm_sys_util::epoll::Epoll::new().unwrap();
+        control.serve(&mem, &Poller::new(&epoll));
         let unguarded = mem.iommu().unguarded.load(Ordering::SeqCst);
         assert_eq!(unguarded, 0, "buffer translations outside a transfer");
         assert_eq!(driver.used(), [(0, 1)]);

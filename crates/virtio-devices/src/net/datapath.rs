@@ -29,16 +29,16 @@ use std::sync::Arc;
 
 use log::debug;
 use net_util::VNET_HDR_LEN;
-use virtio_queue::DescriptorChain;
 use vm_device::warn_limited;
 use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{ControlQueue, TapQueues};
 use super::NetBackend;
-use crate::buffers::{self, Buffer};
+use crate::buffers::{self, Buffer, Chain};
 use crate::counters::NetCounters;
-use crate::worker::{DeviceQueue, Poller, WorkerHandler};
+use crate::device_queue::{DeviceQueue, Served};
+use crate::worker::{Poller, WorkerHandler};
 use crate::DeviceMemory;
 
 /// Largest Ethernet frame a tap delivers or accepts: a 64 KiB segmentation-offload packet
@@ -52,6 +52,12 @@ const MIN_PACKET_LEN: usize = VNET_HDR_LEN + 14;
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// Frames received per wake-up, so that a flood cannot starve the transmit queue.
 const RX_BUDGET: usize = 64;
+/// Most descriptors one receive or transmit chain may have: a frame takes far fewer (Linux
+/// uses at most `MAX_SKB_FRAGS + 2`, 19 by default and 47 at most).
+pub(super) const MAX_CHAIN_DESCRIPTORS: u16 = 256;
+/// Most descriptors the receive chains held for one frame may have in all (64 KiB of
+/// buffer records): a frame that needs more is dropped rather than held.
+pub(super) const MAX_HELD_DESCRIPTORS: usize = 4096;
 /// Most iovecs one `writev` takes (Linux's `UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
 /// Epoll token of the tap queue.
@@ -125,8 +131,6 @@ pub(super) struct NetWorker<M, B> {
     /// Set after an unexpected tap read error: the tap is left alone until the driver next
     /// notifies a queue, rather than retried in a busy loop.
     tap_failed: bool,
-    /// Whether used receive chains await an interrupt.
-    rx_used: bool,
     counters: Arc<NetCounters>,
 }
 
@@ -153,7 +157,6 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             expected_len: MAX_PACKET_LEN,
             tap_watched: false,
             tap_failed: false,
-            rx_used: false,
             counters,
         }
     }
@@ -191,9 +194,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
                 Delivery::NoBuffers => break,
             }
         }
-        if std::mem::take(&mut self.rx_used) {
-            self.rx.signal_used(&self.mem);
-        }
+        self.rx.signal_used(&self.mem);
         self.update_tap_watch(poller);
     }
 
@@ -216,6 +217,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             if self.reserved.iter().any(|c| !c.usable)
                 || (!self.mrg_rxbuf && !self.reserved.is_empty())
                 || self.reserved.len() >= usize::from(self.rx.size())
+                || self.held_descriptors() >= MAX_HELD_DESCRIPTORS
             {
                 return;
             }
@@ -235,9 +237,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
     /// must not post, virtio 1.2 §5.1.6.3.1: each held chain so brings at least a header's
     /// worth of room).
     fn pop_chain(&mut self) -> Option<RxChain> {
-        let chain = self.rx.pop(&self.mem)?;
-        let head = chain.head_index();
-        let buffers = buffers::collect(chain);
+        let Chain { head, buffers } = self.rx.pop(&self.mem)?;
         let capacity = buffers::total_len(&buffers);
         let usable = if buffers.iter().any(|b| !b.writable) {
             warn_limited!(
@@ -368,11 +368,14 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             if usable < self.reserved.len() {
                 return self.drop_frame();
             }
-            if self.reserved.len() >= usize::from(self.rx.size()) {
+            if self.reserved.len() >= usize::from(self.rx.size())
+                || self.held_descriptors() >= MAX_HELD_DESCRIPTORS
+            {
                 warn_limited!(
                     "virtio-net: a {len}-byte frame does not fit {} receive chains \
-                     ({capacity} bytes); dropping it",
-                    self.reserved.len()
+                     ({capacity} bytes, {} descriptors); dropping it",
+                    self.reserved.len(),
+                    self.held_descriptors()
                 );
                 return self.drop_frame();
             }
@@ -445,12 +448,17 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         }
         let filled: Vec<RxChain> = self.reserved.drain(..lens.len()).collect();
         for (chain, written) in filled.into_iter().zip(lens) {
-            self.rx_used |= self.rx.add_used(&self.mem, chain.head, written);
+            self.rx.add_used(&self.mem, chain.head, written);
         }
         self.counters.rx_frames.add(1);
         self.counters.rx_bytes.add((len - VNET_HDR_LEN) as u64);
         self.counters.rx_bounced_bytes.add((len - in_guest) as u64);
         Delivery::Delivered
+    }
+
+    /// Descriptors of the receive chains held.
+    fn held_descriptors(&self) -> usize {
+        self.reserved.iter().map(|c| c.buffers.len()).sum()
     }
 
     /// Discards the pending frame and returns the chains taken for it unused: those held up to
@@ -462,7 +470,7 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             .position(|c| !c.usable)
             .map_or(self.reserved.len(), |i| i + 1);
         for chain in self.reserved.drain(..count).collect::<Vec<_>>() {
-            self.rx_used |= self.rx.add_used(&self.mem, chain.head, 0);
+            self.rx.add_used(&self.mem, chain.head, 0);
         }
         Delivery::Dropped
     }
@@ -486,11 +494,11 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
         }
     }
 
-    fn transmit(&mut self) {
+    fn transmit(&mut self, poller: &Poller) {
         let mem = &self.mem;
         let fd = self.taps.backend(self.pair).as_raw_fd();
         let counters = &self.counters;
-        self.tx.process(mem, |chain| {
+        let served = self.tx.process(mem, |chain| {
             let _dma = mem.begin_dma();
             if let Some(frame_len) = send_chain(mem, fd, chain) {
                 counters.tx_frames.add(1);
@@ -498,6 +506,9 @@ impl<M: DeviceMemory, B: NetBackend> NetWorker<M, B> {
             }
             Some(0)
         });
+        if served == Served::Budget {
+            poller.rearm(self.tx.index());
+        }
     }
 }
 
@@ -524,10 +535,10 @@ impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
         if index == self.rx.index() {
             self.receive(poller);
         } else if index == self.tx.index() {
-            self.transmit();
+            self.transmit(poller);
             self.update_tap_watch(poller);
         } else if let Some(control) = &mut self.control {
-            control.serve(&self.mem);
+            control.serve(&self.mem, poller);
         }
     }
 
@@ -544,21 +555,20 @@ impl<M: DeviceMemory, B: NetBackend> WorkerHandler for NetWorker<M, B> {
 /// Writes the frame in `chain` (header first) to the tap `fd`; returns the frame's length
 /// (without its header) once the tap took it. A frame that cannot be sent is dropped with a
 /// message, like a NIC drops what it cannot transmit.
-fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: DescriptorChain<&M>) -> Option<usize> {
-    let head = chain.head_index();
-    let buffers = buffers::collect(chain);
+fn send_chain<M: GuestMemory>(mem: &M, fd: RawFd, chain: &Chain) -> Option<usize> {
+    let (head, buffers) = (chain.head, &chain.buffers);
     if buffers.iter().any(|b| b.writable) {
         warn_limited!("virtio-net: transmit chain {head} has device-writable buffers; dropping it");
         return None;
     }
-    let len = buffers::total_len(&buffers);
+    let len = buffers::total_len(buffers);
     if !(MIN_PACKET_LEN as u64..=MAX_PACKET_LEN as u64).contains(&len) {
         warn_limited!(
             "virtio-net: transmit chain {head} holds {len} bytes, not a frame; dropping it"
         );
         return None;
     }
-    let slices = match buffers::slices(mem, &buffers, 0, len, Permissions::Read) {
+    let slices = match buffers::slices(mem, buffers, 0, len, Permissions::Read) {
         Ok(slices) => slices,
         Err(err) => {
             warn_limited!("virtio-net: transmit chain {head}: {err}; dropping it");

@@ -33,13 +33,13 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_device::warn_limited;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::counters::NetCounters;
-use crate::worker::{DeviceQueue, DeviceThread, DeviceWorker};
+use crate::device_queue::DeviceQueue;
+use crate::worker::{DeviceThread, DeviceWorker};
 use crate::{
     common_features, read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters,
     DeviceMemory, VirtioDevice, VirtioInterrupt,
@@ -283,7 +283,7 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
             return self.activate_vhost(kernels.clone(), pairs, control, interrupt);
         }
 
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let mrg_rxbuf = self.core.acked(VIRTIO_NET_F_MRG_RXBUF);
         let wakes = wake_fds(max_pairs)?;
         let mut control = match control {
@@ -302,8 +302,10 @@ impl<M: DeviceMemory, B: NetBackend> VirtioDevice for Net<M, B> {
             let mut notifiers = vec![(rx.index, rx.notifier), (tx.index, tx.notifier)];
             let queues = PairQueues {
                 pair,
-                rx: DeviceQueue::new(rx.index, rx.queue, event_idx, Arc::clone(&interrupt)),
-                tx: DeviceQueue::new(tx.index, tx.queue, event_idx, Arc::clone(&interrupt)),
+                rx: DeviceQueue::new(rx.index, rx.queue, features, Arc::clone(&interrupt))
+                    .with_max_descriptors(datapath::MAX_CHAIN_DESCRIPTORS),
+                tx: DeviceQueue::new(tx.index, tx.queue, features, Arc::clone(&interrupt))
+                    .with_max_descriptors(datapath::MAX_CHAIN_DESCRIPTORS),
                 wake,
             };
             let mut worker = NetWorker::new(
@@ -410,12 +412,12 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         wakes: Vec<EventFd>,
         interrupt: &Arc<dyn VirtioInterrupt>,
     ) -> (EventFd, ControlQueue<B>) {
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let pairs = wakes.len();
         let queue = DeviceQueue::new(
             activated.index,
             activated.queue,
-            event_idx,
+            features,
             Arc::clone(interrupt),
         );
         let control = ControlQueue::new(queue, Arc::clone(&self.taps), pairs, wakes);
@@ -441,11 +443,13 @@ impl<M: DeviceMemory, B: NetBackend> Net<M, B> {
         tx: virtio_queue::Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> io::Result<()> {
-        let event_idx = self.core.acked(VIRTIO_RING_F_EVENT_IDX);
+        let features = self.core.acked_features();
         let queues = PairQueues {
             pair: 0,
-            rx: DeviceQueue::new(RX_QUEUE, rx, event_idx, Arc::clone(&interrupt)),
-            tx: DeviceQueue::new(TX_QUEUE, tx, event_idx, interrupt),
+            rx: DeviceQueue::new(RX_QUEUE, rx, features, Arc::clone(&interrupt))
+                .with_max_descriptors(datapath::MAX_CHAIN_DESCRIPTORS),
+            tx: DeviceQueue::new(TX_QUEUE, tx, features, interrupt)
+                .with_max_descriptors(datapath::MAX_CHAIN_DESCRIPTORS),
             wake: EventFd::new(EFD_NONBLOCK)?,
         };
         NetWorker::new(

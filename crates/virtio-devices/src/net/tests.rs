@@ -6,6 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
@@ -681,4 +682,43 @@ fn frames_that_got_through_are_counted_without_their_header() {
     };
     assert_eq!(counters(&h.dev), expected(0, 0, 100, 1));
     assert_eq!(counters(&h2.dev), expected(1000, 1, 0, 0));
+}
+
+/// The receive chains held for one frame are bounded by their descriptors, not only by the
+/// ring: a driver posting chains of many one-byte buffers (through indirect tables) cannot
+/// make the device hold a ring's worth of them for one frame. A frame that needs more is
+/// dropped, and the chains taken for it go back unused; the next frame that fits is received.
+#[test]
+fn the_descriptors_held_for_one_frame_are_bounded() {
+    const PER_CHAIN: u64 = 32;
+    const CHAINS: u64 = 140;
+    let mem = guest_memory();
+    let mut h = start(&mem, NO_EVENT_IDX);
+    let heads: Vec<u16> = (0..CHAINS)
+        .map(|i| {
+            let buffers: Vec<_> = (0..PER_CHAIN)
+                .map(|j| wo(BUF + i * PER_CHAIN + j, 1))
+                .collect();
+            h.rx.add_indirect(0x8_0000 + i * PER_CHAIN * 16, &buffers)
+        })
+        .collect();
+    h.rx_kick.write(1).unwrap();
+    // 4200 bytes need 132 chains, 4224 descriptors.
+    h.peer.send(&packet(0, 0, 4200 - HDR, 1)).unwrap();
+    let used = h.rx_used_after(1);
+    let held = super::datapath::MAX_HELD_DESCRIPTORS / PER_CHAIN as usize;
+    assert_eq!(used.len(), held, "{used:?}");
+    assert!(used.iter().all(|&(_, len)| len == 0), "{used:?}");
+    assert_eq!(used[0].0, u32::from(heads[0]));
+
+    h.peer.send(&packet(0, 0, 100 - HDR, 2)).unwrap();
+    let used = h.rx_used_after(2);
+    let next: Vec<u32> = heads[held..held + 4]
+        .iter()
+        .map(|&h| u32::from(h))
+        .collect();
+    assert_eq!(
+        used[held..],
+        [(next[0], 32), (next[1], 32), (next[2], 32), (next[3], 4)]
+    );
 }

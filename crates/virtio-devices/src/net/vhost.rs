@@ -298,9 +298,11 @@ impl<M: DeviceMemory, B: NetBackend> WorkerHandler for VhostRelay<M, B> {
         Ok(())
     }
 
-    fn queue_notified(&mut self, index: usize, _poller: &Poller) {
+    fn queue_notified(&mut self, index: usize, poller: &Poller) {
         match &mut self.control {
-            Some((control_index, control)) if *control_index == index => control.serve(&self.mem),
+            Some((control_index, control)) if *control_index == index => {
+                control.serve(&self.mem, poller)
+            }
             _ => {
                 if let Err(err) = self.interrupt.notify_queue(index) {
                     warn_limited!("vhost-net: cannot interrupt for queue {index}: {err}");
