@@ -40,6 +40,7 @@ use crate::memory::{self, MemoryError};
 use crate::pause::PauseGate;
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
+use crate::plugged::SharedInfo;
 use crate::stats::StatsReport;
 use crate::terminal::{forward_stdin, RawTerminal};
 use crate::vcpu::{self, Topology, Vcpu};
@@ -250,6 +251,11 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let gate = Arc::new(PauseGate::default());
     if let Some(listener) = api_listener {
+        let info = Arc::new(Mutex::new(control::vm_info(
+            config,
+            &device_entries,
+            iommu.is_some(),
+        )));
         let hotplug = start_hotplug(
             &pci,
             Machine {
@@ -262,12 +268,12 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             },
             iommu.clone(),
             &power_button,
-            &device_entries,
+            Arc::clone(&info),
             Arc::clone(&report),
             filters.clone(),
         )?;
         let control = Control {
-            info: Mutex::new(control::vm_info(config, &device_entries, iommu.is_some())),
+            info,
             stats: Arc::clone(&report),
             power_button,
             exits: exits_tx.clone(),
@@ -406,11 +412,13 @@ fn start_hotplug(
     machine: Machine,
     iommu: Option<Arc<VirtioIommu>>,
     power_button: &PowerButton<IrqfdTrigger>,
-    boot_devices: &[control::DeviceEntry],
+    info: SharedInfo,
     stats: Arc<StatsReport>,
     filters: Option<Arc<Filters>>,
 ) -> Result<Sender<HotplugRequest>, VmmError> {
-    let (requests_tx, requests, ejects) = hotplug::channel_for_ejects();
+    let (requests_tx, requests, ejects, ejected) = hotplug::channel_for_ejects();
+    // What vm.info lists at boot: the devices the VM started with.
+    let boot_ids = vm_device::lock(&info).device_tree.keys().cloned().collect();
     let controller = Arc::new(Mutex::new(PciHotplugController::new(
         HOTPLUG_SLOTS,
         Arc::clone(&power_button.0),
@@ -439,8 +447,10 @@ fn start_hotplug(
         placement,
         kvm_vfio: machine.kvm_vfio,
         vfio_entry_limit: vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH)),
-        boot_ids: boot_devices.iter().map(|d| d.id.clone()).collect(),
+        boot_ids,
         stats,
+        info,
+        ejected,
     }
     .spawn(requests, filters)?;
     Ok(requests_tx)

@@ -6,7 +6,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -20,12 +20,14 @@ use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
 use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
 use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
 use crate::pause::{PauseError, PauseGate};
+use crate::plugged::{device_node, pci_bdf, SharedInfo};
 use crate::stats::StatsReport;
 
 /// Answers API requests for one running VM.
 pub struct Control {
-    /// `vm.info`, its device tree kept up to date by hotplug.
-    pub info: Mutex<api::VmInfo>,
+    /// `vm.info`: the hotplug thread keeps its list of hot-plugged devices (see
+    /// `plugged.rs`), the API its state.
+    pub(crate) info: SharedInfo,
     pub stats: Arc<StatsReport>,
     pub power_button: PowerButton<IrqfdTrigger>,
     /// Where the VMM thread waits for the reason the VM ends.
@@ -151,22 +153,15 @@ impl Control {
             queue_size: disk.queue_size as u16,
         };
         let id = disk.id.clone();
-        let added = self.ask(
+        self.ask(
             |reply| HotplugRequest::AddDisk {
                 disk: config,
                 id,
+                listed: disk,
                 reply,
             },
             HOTPLUG_MARGIN,
-        )?;
-        let mut info = vm_device::lock(&self.info);
-        info.config.disks.push(api::DiskConfig {
-            id: Some(added.id.clone()),
-            ..disk
-        });
-        info.device_tree
-            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
-        Ok(added)
+        )
     }
 
     fn add_device(&self, device: api::DeviceConfig) -> Result<api::PciDeviceInfo, ApiError> {
@@ -176,61 +171,39 @@ impl Control {
             iommu: device.iommu,
             id: device.id.clone(),
         };
-        let added = self.ask(
+        self.ask(
             |reply| HotplugRequest::AddDevice {
                 device: config,
+                listed: device,
                 reply,
             },
             HOTPLUG_MARGIN,
-        )?;
-        let mut info = vm_device::lock(&self.info);
-        info.config.devices.push(api::DeviceConfig {
-            id: Some(added.id.clone()),
-            ..device
-        });
-        info.device_tree
-            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
-        Ok(added)
+        )
     }
 
     fn add_net(&self, net: api::NetConfig) -> Result<api::PciDeviceInfo, ApiError> {
         let config = net_config(&net)?;
-        let id = net.id.clone();
-        let (added, tap) = self.ask(
+        let listed = api::NetConfig {
+            mac: Some(config.mac.to_string()),
+            mask: config.host_ipv4.map(|(_, mask)| mask.to_string()),
+            ..net.clone()
+        };
+        self.ask(
             |reply| HotplugRequest::AddNet {
-                net: config.clone(),
-                id,
+                net: config,
+                id: net.id,
+                listed,
                 reply,
             },
             HOTPLUG_MARGIN,
-        )?;
-        let mut info = vm_device::lock(&self.info);
-        info.config.net.push(api::NetConfig {
-            id: Some(added.id.clone()),
-            tap: Some(tap),
-            mac: Some(config.mac.to_string()),
-            mask: config.host_ipv4.map(|(_, mask)| mask.to_string()),
-            ..net
-        });
-        info.device_tree
-            .insert(added.id.clone(), device_node(&added.id, added.bdf.clone()));
-        Ok(added)
+        )
     }
 
     fn remove_device(&self, id: String) -> Result<(), ApiError> {
         self.ask(
-            |reply| HotplugRequest::Remove {
-                id: id.clone(),
-                reply,
-            },
+            |reply| HotplugRequest::Remove { id, reply },
             EJECT_TIMEOUT + HOTPLUG_MARGIN,
-        )?;
-        let mut info = vm_device::lock(&self.info);
-        info.device_tree.remove(&id);
-        info.config.disks.retain(|d| d.id.as_deref() != Some(&id));
-        info.config.net.retain(|n| n.id.as_deref() != Some(&id));
-        info.config.devices.retain(|d| d.id.as_deref() != Some(&id));
-        Ok(())
+        )
     }
 }
 
@@ -265,15 +238,6 @@ fn net_config(net: &api::NetConfig) -> Result<vmm_config::NetConfig, ApiError> {
         // data path.
         vhost: false,
     })
-}
-
-fn device_node(id: &str, bdf: String) -> api::DeviceNode {
-    api::DeviceNode {
-        id: id.to_string(),
-        resources: Vec::new(),
-        children: Vec::new(),
-        pci_bdf: Some(bdf),
-    }
 }
 
 /// Opens the API's listening socket before the guest starts, so a bad path is a usage error.
@@ -419,7 +383,7 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
     let device_tree: BTreeMap<String, api::DeviceNode> = devices
         .iter()
         .map(|device| {
-            let bdf = format!("0000:00:{:02x}.0", device.device_number);
+            let bdf = pci_bdf(device.device_number);
             (device.id.clone(), device_node(&device.id, bdf))
         })
         .collect();

@@ -16,8 +16,8 @@
 //! maps, else all guest RAM is mapped for it. Its BARs are the guest's to place and every
 //! access to them traps to VFIO (a boot device's BARs are mapped into the guest instead).
 
-use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -43,6 +43,7 @@ use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::pci_hotplug::{Ejected, PciHotplugController};
+use crate::plugged::{pci_bdf, Listed, Plugged, PluggedDevices, SharedInfo};
 use crate::stats::{StatsReport, IOMMU_ID};
 
 /// The slots of bus 0 that take hot-plugged devices (`--api-socket` keeps them free).
@@ -54,28 +55,32 @@ pub const EJECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the API asks of the hotplug thread, with where to send the answer.
 pub enum HotplugRequest {
+    /// `listed` is how `vm.info` is to list the disk.
     AddDisk {
         disk: DiskConfig,
         id: Option<String>,
+        listed: api::DiskConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     /// A host PCI function to pass through.
     AddDevice {
         device: DeviceConfig,
+        listed: api::DeviceConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
-    /// Answered with the device and the name of its tap (the kernel names a new one).
+    /// `vm.info` lists it with the name of its tap (the kernel names a new one).
     AddNet {
         net: NetConfig,
         id: Option<String>,
-        reply: Sender<Result<(PciDeviceInfo, String), ApiError>>,
+        listed: api::NetConfig,
+        reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     Remove {
         id: String,
         reply: Sender<Result<(), ApiError>>,
     },
-    /// The guest released the device in this slot (its `_EJ0` ran).
-    Ejected(u8),
+    /// The guest released devices (their slots' `_EJ0` ran): see [`EjectToThread`].
+    Ejected,
 }
 
 /// The slots a new device may take: behind the IOMMU or not. Without a virtio-iommu there is
@@ -148,22 +153,20 @@ fn tap_refusal(err: TapError) -> ApiError {
     ApiError::new(status, format!("NetConfig: {err}"))
 }
 
-/// A device the API plugged in.
-struct Plugged {
-    id: String,
-    transport: Arc<Mutex<dyn PciDevice>>,
-    /// Its virtio-iommu endpoint, if it is behind the IOMMU.
-    endpoint: Option<u32>,
-    /// Asked to leave: until when the client waits, and the client.
-    eject: Option<(Instant, Sender<Result<(), ApiError>>)>,
+/// Tells the hotplug thread of the slots the guest ejects: a bit per slot, and one message
+/// whenever the bits go from none to some. However often the guest writes the eject register,
+/// what waits for the thread is a word and at most two messages.
+struct EjectToThread {
+    slots: Arc<AtomicU32>,
+    thread: Mutex<Sender<HotplugRequest>>,
 }
-
-/// Tells the hotplug thread of each slot the guest ejects.
-struct EjectToThread(Mutex<Sender<HotplugRequest>>);
 
 impl Ejected for EjectToThread {
     fn ejected(&self, slot: u8) {
-        let _ = lock(&self.0).send(HotplugRequest::Ejected(slot));
+        let bit = 1u32.checked_shl(u32::from(slot)).unwrap_or(0);
+        if self.slots.fetch_or(bit, Ordering::AcqRel) == 0 {
+            let _ = lock(&self.thread).send(HotplugRequest::Ejected);
+        }
     }
 }
 
@@ -183,17 +186,27 @@ pub(crate) struct Hotplug {
     pub(crate) boot_ids: Vec<String>,
     /// Where a plugged device's counters join `vm.counters`, and leave it on removal.
     pub(crate) stats: Arc<StatsReport>,
+    /// `vm.info`, whose list of hot-plugged devices this thread keeps.
+    pub(crate) info: SharedInfo,
+    /// The slots the guest ejected and the thread has not looked at (see [`EjectToThread`]).
+    pub(crate) ejected: Arc<AtomicU32>,
 }
 
-/// The channel the hotplug thread listens on, and the controller's end of it.
+/// The channel the hotplug thread listens on, the controller's end of it, and the slots the
+/// controller marks ejected.
 pub(crate) fn channel_for_ejects() -> (
     Sender<HotplugRequest>,
     Receiver<HotplugRequest>,
     Box<dyn Ejected>,
+    Arc<AtomicU32>,
 ) {
     let (tx, rx) = channel();
-    let ejects = Box::new(EjectToThread(Mutex::new(tx.clone())));
-    (tx, rx, ejects)
+    let slots = Arc::new(AtomicU32::new(0));
+    let ejects = Box::new(EjectToThread {
+        slots: Arc::clone(&slots),
+        thread: Mutex::new(tx.clone()),
+    });
+    (tx, rx, ejects, slots)
 }
 
 impl Hotplug {
@@ -217,36 +230,52 @@ impl Hotplug {
     }
 
     fn serve(self, requests: &Receiver<HotplugRequest>) {
-        let mut slots: BTreeMap<u8, Plugged> = BTreeMap::new();
+        let mut slots = PluggedDevices::new(Arc::clone(&self.info));
         loop {
-            let deadline = slots
-                .values()
-                .filter_map(|p| p.eject.as_ref().map(|(at, _)| *at))
-                .min();
-            let request = match deadline {
+            let request = match slots.next_deadline() {
                 Some(at) => requests.recv_timeout(at.saturating_duration_since(Instant::now())),
                 None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match request {
-                Ok(HotplugRequest::AddDisk { disk, id, reply }) => {
+                Ok(HotplugRequest::AddDisk {
+                    disk,
+                    id,
+                    listed,
+                    reply,
+                }) => {
                     let added = self.add(&mut slots, disk.iommu, id, "_disk", || {
-                        Ok((NewDevice::Disk(&disk), disk.path.display().to_string()))
+                        let what = disk.path.display().to_string();
+                        Ok((NewDevice::Disk(&disk), what, Listed::Disk(listed)))
                     });
                     let _ = reply.send(added);
                 }
-                Ok(HotplugRequest::AddDevice { device, reply }) => {
-                    let _ = reply.send(self.add_passthrough(&mut slots, &device));
+                Ok(HotplugRequest::AddDevice {
+                    device,
+                    listed,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.add_passthrough(&mut slots, &device, listed));
                 }
-                Ok(HotplugRequest::AddNet { net, id, reply }) => {
-                    let _ = reply.send(self.add_net(&mut slots, &net, id));
+                Ok(HotplugRequest::AddNet {
+                    net,
+                    id,
+                    listed,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.add_net(&mut slots, &net, id, listed));
                 }
                 Ok(HotplugRequest::Remove { id, reply }) => {
                     if let Err(err) = self.request_removal(&mut slots, &id, reply.clone()) {
                         let _ = reply.send(Err(err));
                     }
                 }
-                Ok(HotplugRequest::Ejected(slot)) => self.unplug(&mut slots, slot),
-                Err(RecvTimeoutError::Timeout) => expire(&mut slots, Instant::now()),
+                Ok(HotplugRequest::Ejected) => {
+                    let ejected = self.ejected.swap(0, Ordering::AcqRel);
+                    for slot in (0..32u8).filter(|slot| ejected & (1 << slot) != 0) {
+                        self.unplug(&mut slots, slot);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => slots.expire(Instant::now()),
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
@@ -254,31 +283,36 @@ impl Hotplug {
 
     /// Whether `id` names a device already, or could name the virtio-iommu's counters (its
     /// domains' ids are not in `vm.info`).
-    fn taken(&self, slots: &BTreeMap<u8, Plugged>, id: &str) -> bool {
-        self.boot_ids.iter().any(|boot| boot == id)
-            || slots.values().any(|p| p.id == id)
-            || id.starts_with(IOMMU_ID)
+    fn taken(&self, slots: &PluggedDevices, id: &str) -> bool {
+        self.boot_ids.iter().any(|boot| boot == id) || slots.has_id(id) || id.starts_with(IOMMU_ID)
     }
 
     fn add_net(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &mut PluggedDevices,
         net: &NetConfig,
         id: Option<String>,
-    ) -> Result<(PciDeviceInfo, String), ApiError> {
-        let mut name = String::new();
-        let added = self.add(slots, net.iommu, id, "_net", || {
+        listed: api::NetConfig,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        self.add(slots, net.iommu, id, "_net", || {
             let tap = open_tap(net).map_err(tap_refusal)?;
-            name = tap[0].name().to_string();
-            Ok((NewDevice::Net(net, tap), format!("tap {name}")))
-        })?;
-        Ok((added, name))
+            let name = tap[0].name().to_string();
+            let listed = api::NetConfig {
+                tap: Some(name.clone()),
+                ..listed
+            };
+            Ok((
+                NewDevice::Net(net, tap),
+                format!("tap {name}"),
+                Listed::Net(listed),
+            ))
+        })
     }
 
     /// An id and a free slot for a new device, behind the IOMMU or not.
     fn reserve(
         &self,
-        slots: &BTreeMap<u8, Plugged>,
+        slots: &PluggedDevices,
         iommu: bool,
         id: Option<String>,
         prefix: &str,
@@ -290,7 +324,7 @@ impl Hotplug {
         }
         let id = assign_id(id, prefix, |id| self.taken(slots, id))?;
         let range = slot_range(iommu, self.iommu.is_some());
-        let slot = free_slot(|slot| slots.contains_key(&slot), range.clone()).ok_or_else(|| {
+        let slot = free_slot(|slot| slots.holds(slot), range.clone()).ok_or_else(|| {
             ApiError::new(
                 409,
                 format!(
@@ -309,14 +343,14 @@ impl Hotplug {
     /// for the log), over guest RAM or through the virtio-iommu, and plugs it in.
     fn add<'a>(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &mut PluggedDevices,
         iommu: bool,
         id: Option<String>,
         prefix: &str,
-        make: impl FnOnce() -> Result<(NewDevice<'a>, String), ApiError>,
+        make: impl FnOnce() -> Result<(NewDevice<'a>, String, Listed), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
         let (id, slot) = self.reserve(slots, iommu, id, prefix)?;
-        let (new, what) = make()?;
+        let (new, what, listed) = make()?;
         let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         let (device, endpoint) = match &self.iommu {
             Some(model) if iommu => {
@@ -342,15 +376,16 @@ impl Hotplug {
         if let Some(counters) = counters {
             self.stats.add_device(&id, counters);
         }
-        Ok(self.record(slots, slot, id, &what, transport, endpoint))
+        Ok(self.record(slots, slot, id, (&what, listed), transport, endpoint))
     }
 
     /// Passes the host PCI function `device` through in a free slot, behind the IOMMU (its
     /// mappings following the guest's) or with all guest RAM mapped.
     fn add_passthrough(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &mut PluggedDevices,
         device: &DeviceConfig,
+        listed: api::DeviceConfig,
     ) -> Result<PciDeviceInfo, ApiError> {
         let (id, slot) = self.reserve(slots, device.iommu, device.id.clone(), "_vfio")?;
         let refused = |err: vfio::OpenError| {
@@ -401,7 +436,8 @@ impl Hotplug {
         };
         self.stats.add_passthrough(&id, mapper);
         let what = device.path.display().to_string();
-        Ok(self.record(slots, slot, id, &what, transport, endpoint))
+        let listed = (&*what, Listed::Device(listed));
+        Ok(self.record(slots, slot, id, listed, transport, endpoint))
     }
 
     /// Takes back the endpoint of a device that could not be plugged in.
@@ -411,13 +447,14 @@ impl Hotplug {
         }
     }
 
-    /// Notes the device plugged in at `slot`; returns what the API answers.
+    /// Notes the device plugged in at `slot` (`what` it is for the log, and how `vm.info`
+    /// lists it); returns what the API answers.
     fn record(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &mut PluggedDevices,
         slot: u8,
         id: String,
-        what: &str,
+        (what, listed): (&str, Listed),
         transport: Arc<Mutex<dyn PciDevice>>,
         endpoint: Option<u32>,
     ) -> PciDeviceInfo {
@@ -438,10 +475,11 @@ impl Hotplug {
                 endpoint,
                 eject: None,
             },
+            listed,
         );
         PciDeviceInfo {
             id,
-            bdf: format!("0000:00:{slot:02x}.0"),
+            bdf: pci_bdf(slot),
         }
     }
 
@@ -483,7 +521,7 @@ impl Hotplug {
 
     fn request_removal(
         &self,
-        slots: &mut BTreeMap<u8, Plugged>,
+        slots: &mut PluggedDevices,
         id: &str,
         reply: Sender<Result<(), ApiError>>,
     ) -> Result<(), ApiError> {
@@ -492,7 +530,7 @@ impl Hotplug {
                 "{id} was there at boot; only hot-plugged devices can be removed"
             )));
         }
-        let Some((&slot, plugged)) = slots.iter_mut().find(|(_, p)| p.id == id) else {
+        let Some((slot, plugged)) = slots.find_mut(id) else {
             return Err(ApiError::new(404, format!("no device has id {id:?}")));
         };
         if plugged.eject.is_some() {
@@ -505,9 +543,12 @@ impl Hotplug {
         Ok(())
     }
 
-    /// The guest let go of the device in `slot`: take it out of the machine.
-    fn unplug(&self, slots: &mut BTreeMap<u8, Plugged>, slot: u8) {
-        let Some(plugged) = slots.remove(&slot) else {
+    /// The guest let go of the device in `slot`: take it out of the machine. Asked for or not:
+    /// a guest may release a device on its own (`echo 0 > /sys/bus/pci/slots/N/power`), and
+    /// Cloud Hypervisor then ejects it too. It stops taking part at once (off the bus and out
+    /// of its IOMMU domain); its threads stop within one round of their bounded work.
+    fn unplug(&self, slots: &mut PluggedDevices, slot: u8) {
+        let Some(plugged) = slots.remove(slot) else {
             log::debug!("hotplug: the guest ejected empty slot {slot:#x}");
             return;
         };
@@ -562,25 +603,6 @@ fn hot_reserved_regions(
         }
     }
     Ok(regions)
-}
-
-/// Answers the removals the guest has not acknowledged by `now`; the devices stay, and a later
-/// `_EJ0` still removes them.
-fn expire(slots: &mut BTreeMap<u8, Plugged>, now: Instant) {
-    for plugged in slots.values_mut() {
-        if plugged.eject.as_ref().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, reply)) = plugged.eject.take() {
-                let _ = reply.send(Err(ApiError::new(
-                    504,
-                    format!(
-                        "the guest did not release {} within {} s; it stays plugged in (ask again, or check the guest's acpiphp)",
-                        plugged.id,
-                        EJECT_TIMEOUT.as_secs()
-                    ),
-                )));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -664,32 +686,20 @@ mod tests {
         );
     }
 
+    /// A guest that writes the eject register in a loop queues one message for the hotplug
+    /// thread, not one per write: the slots are bits of a word the thread takes at once.
     #[test]
-    fn an_unacknowledged_removal_answers_504_once_and_the_device_stays() {
-        let (reply, answer) = channel();
-        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci::HostBridge::new()));
-        let now = Instant::now();
-        let mut slots = BTreeMap::from([(
-            24,
-            Plugged {
-                id: "scratch".into(),
-                transport,
-                endpoint: None,
-                eject: Some((now + Duration::from_secs(1), reply)),
-            },
-        )]);
-        expire(&mut slots, now);
-        assert!(answer.try_recv().is_err(), "not yet due");
-        expire(&mut slots, now + Duration::from_secs(1));
-        let err = answer.try_recv().unwrap().unwrap_err();
-        assert_eq!(err.status, 504);
-        assert!(
-            err.message.contains("did not release scratch"),
-            "{}",
-            err.message
-        );
-        assert!(slots[&24].eject.is_none(), "a new request may ask again");
-        expire(&mut slots, now + Duration::from_secs(5));
-        assert!(answer.try_recv().is_err(), "answered once");
+    fn eject_writes_coalesce_into_one_pending_message() {
+        let (_tx, rx, ejects, ejected) = channel_for_ejects();
+        for _ in 0..10_000 {
+            ejects.ejected(24);
+            ejects.ejected(31);
+        }
+        assert_eq!(rx.try_iter().count(), 1);
+        assert_eq!(ejected.swap(0, Ordering::AcqRel), 1 << 24 | 1 << 31);
+        // Taken: the next write is news again.
+        ejects.ejected(25);
+        assert_eq!(rx.try_iter().count(), 1);
+        assert_eq!(ejected.load(Ordering::Acquire), 1 << 25);
     }
 }

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod pause;
 pub mod pci_bus;
 pub mod pci_hotplug;
+mod plugged;
 pub mod stats;
 mod terminal;
 pub mod vcpu;
