@@ -91,6 +91,12 @@ impl Tap {
         if count <= 1 {
             return Ok(vec![Self::open(name)?]);
         }
+        // The kernel refuses a second user of a single-queue tap (EBUSY), but lets anyone
+        // add queues to a multi-queue one and spreads its frames over them: an existing tap
+        // is taken only while nobody has a queue on it.
+        if !name.is_empty() && carrier(name)? == Some(true) {
+            return Err(TapError::InUse(name.to_string()));
+        }
         let first = Self::open_queue(name, true)?;
         let mut queues = Vec::with_capacity(count);
         for _ in 1..count {
@@ -288,6 +294,47 @@ impl AsRawFd for Tap {
     }
 }
 
+/// Whether interface `name` has its carrier on (`ETHTOOL_GLINK`); `None` if there is no such
+/// interface. tun turns a tap's carrier on as a queue attaches and off as the last one
+/// leaves, so a tap with its carrier on is one some process is using.
+fn carrier(name: &str) -> Result<Option<bool>, TapError> {
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_GLINK: u32 = 0x0a;
+    let error = |source| TapError::Ioctl {
+        name: name.to_string(),
+        what: "SIOCETHTOOL",
+        source,
+    };
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GLINK,
+        data: 0,
+    };
+    let mut ifr = ifreq(name);
+    ifr.ifr_ifru.ifru_data = std::ptr::addr_of_mut!(value).cast();
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value its data points to, which
+    // lives until the call returns, and writes the link state into it.
+    if unsafe { ioctl_with_mut_ref(&socket, libc::SIOCETHTOOL as _, &mut ifr) } < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENODEV) => Ok(None),
+            _ => Err(error(err)),
+        };
+    }
+    Ok(Some(value.data != 0))
+}
+
 /// An all-zero ifreq naming interface `name` (already checked to fit).
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data for which all zeroes is valid.
@@ -394,6 +441,24 @@ mod tests {
         });
     }
 
+    /// A multi-queue tap another user has queues on is refused, not joined (the kernel would
+    /// let a second user add queues and share its traffic); free again once that user closed
+    /// its queues.
+    #[test]
+    fn a_multi_queue_tap_in_use_is_not_joined() {
+        in_private_netns(|| {
+            let other = Tap::open_queues("mq0", 2).unwrap();
+            let err = Tap::open_queues("mq0", 2).unwrap_err();
+            assert!(matches!(err, TapError::InUse(_)), "{err}");
+            assert_eq!(carrier("mq0").unwrap(), Some(true));
+            assert_eq!(carrier("absent0").unwrap(), None);
+            drop(other);
+            // Not persistent: it went with its queues, and the name is free again.
+            let mine = Tap::open_queues("mq0", 2).unwrap();
+            assert_eq!(mine.len(), 2);
+        });
+    }
+
     #[test]
     fn named_taps_are_created_reopened_and_refused_while_busy() {
         in_private_netns(|| {
@@ -477,9 +542,10 @@ mod tests {
             assert_eq!(spread.iter().sum::<usize>(), 32, "{spread:?}");
             assert!(spread.iter().filter(|&&n| n > 0).count() >= 2, "{spread:?}");
 
+            // A single-queue tap in use is refused as in use, before its kind matters.
             let single = Tap::open("guest1").unwrap();
             let err = Tap::open_queues("guest1", 2).unwrap_err();
-            assert!(matches!(err, TapError::NotAMultiQueueTap(_)), "{err}");
+            assert!(matches!(err, TapError::InUse(_)), "{err}");
             drop(single);
             assert_eq!(Tap::open_queues("guest1", 1).unwrap().len(), 1);
         });

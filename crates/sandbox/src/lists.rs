@@ -142,6 +142,7 @@ const SIOCGIFFLAGS: Value = (libc::SIOCGIFFLAGS as u32, "SIOCGIFFLAGS");
 const SIOCSIFFLAGS: Value = (libc::SIOCSIFFLAGS as u32, "SIOCSIFFLAGS");
 const SIOCSIFADDR: Value = (libc::SIOCSIFADDR as u32, "SIOCSIFADDR");
 const SIOCSIFNETMASK: Value = (libc::SIOCSIFNETMASK as u32, "SIOCSIFNETMASK");
+const SIOCETHTOOL: Value = (libc::SIOCETHTOOL as u32, "SIOCETHTOOL");
 /// The only signal `tgkill` may send (argument 2): the one that kicks a vCPU out of the guest
 /// for `vm.pause` ([`crate::vcpu_kick_signal`]).
 fn kick_signals() -> [Value; 1] {
@@ -332,7 +333,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         // A disk's io_uring rings are made (and restricted, through io_uring_register) with
         // the disk, so here, as on the boot path before any filter. A net's tap is opened
         // (`/dev/net/tun`), attached, sized for virtio-net headers, probed for offloads,
-        // brought up and given its host address (an AF_INET socket's ioctls) here; closing it
+        // brought up and given its host address (an AF_INET socket's ioctls; an existing
+        // multi-queue tap's carrier is read first, to refuse one in use) here; closing it
         // on removal is a `close`. A passed-through device is checked in sysfs (links and
         // directories read), opened through VFIO (VFIO_OPEN), its configuration space read
         // and its BARs mapped into warden; guest RAM is mapped for its DMA, or, behind the
@@ -352,6 +354,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 SIOCSIFFLAGS,
                 SIOCSIFADDR,
                 SIOCSIFNETMASK,
+                SIOCETHTOOL,
                 VFIO_IOMMU_MAP_DMA,
                 VFIO_IOMMU_UNMAP_DMA,
                 VFIO_DEVICE_SET_IRQS,

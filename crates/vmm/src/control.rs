@@ -251,7 +251,17 @@ pub(crate) fn api_listener(socket: &ApiSocket) -> Result<UnixListener, VmmError>
                     let _ = std::fs::remove_file(path);
                 }
             }
-            UnixListener::bind(path).map_err(|err| {
+            // Owner-only (0600): whoever can connect controls the VM. The socket file takes
+            // its mode from the umask as bind creates it, so the umask is narrowed around the
+            // bind (this runs first thing at start-up, on the only thread): never a moment with
+            // the file open to others. A listening socket passed as fd= keeps the mode its
+            // creator gave it.
+            // SAFETY: umask only swaps the process's file mode mask.
+            let umask = unsafe { libc::umask(0o177) };
+            let bound = UnixListener::bind(path);
+            // SAFETY: as above, restoring the mask found.
+            unsafe { libc::umask(umask) };
+            bound.map_err(|err| {
                 VmmError::Api(format!(
                     "cannot listen on {}: {err}; give a path that does not exist yet in a writable directory",
                     path.display()
@@ -398,6 +408,23 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whoever can connect to the API controls the VM: the socket is the owner's only,
+    /// whatever the umask.
+    #[test]
+    fn the_api_socket_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("api.sock");
+        // SAFETY: swaps the process's file mode mask; restored below.
+        let umask = unsafe { libc::umask(0o002) };
+        let listener = api_listener(&ApiSocket::Path(path.clone()));
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        let _listener = listener.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
 
     #[test]
     fn pausing_twice_or_resuming_a_running_vm_is_the_wrong_state_and_a_stuck_vcpu_an_error() {

@@ -77,6 +77,7 @@ impl Disk {
                 "virtio-blk: image size {size} is not a multiple of {SECTOR_SIZE}; the tail is not visible"
             );
         }
+        lock_image(&file, readonly)?;
         let direct_alignment = if direct {
             set_direct(&file).map_err(BlockError::Direct)?;
             Some(direct_alignment(&file, kind))
@@ -118,6 +119,59 @@ impl Disk {
         let request = if zero { BLKZEROOUT() } else { BLKDISCARD() };
         // SAFETY: both ioctls read two u64s (offset, length) from `range`.
         ioctl_result(unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) })
+    }
+}
+
+/// Takes an advisory lock on the whole image for as long as `file` is open: shared for a
+/// read-only disk, exclusive otherwise, so two writers (two VMs on one image, or one image
+/// attached twice) or a writer and a reader are refused, as QEMU and Cloud Hypervisor refuse
+/// them. An open-file-description lock (`F_OFD_SETLK`): it belongs to this open of the image,
+/// so a second open in the same process conflicts too, and it goes when the file is closed.
+fn lock_image(file: &File, readonly: bool) -> Result<(), BlockError> {
+    // SAFETY: F_GETFL takes no argument and returns the file's flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // A file opened read-only cannot take a write lock, nor write: a read lock then.
+    let read_only_file = flags >= 0 && flags & libc::O_ACCMODE == libc::O_RDONLY;
+    let kind = if readonly || read_only_file {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    let lock = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        // Zero: to the end of the file, however it grows.
+        l_len: 0,
+        // Must be zero for OFD locks.
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one struct flock, which `lock` is.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(BlockError::Locked { readonly }),
+        _ => Err(BlockError::Lock(err)),
+    }
+}
+
+impl Drop for Disk {
+    /// Gives the image's lock back as the disk goes: the io_uring rings hold the file (and so
+    /// the lock) for a while after they are closed, and a disk removed and added again must
+    /// find its image free.
+    fn drop(&mut self) {
+        let unlock = libc::flock {
+            l_type: libc::F_UNLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: F_OFD_SETLK reads one struct flock, which `unlock` is.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &unlock) };
     }
 }
 

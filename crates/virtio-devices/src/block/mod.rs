@@ -133,6 +133,16 @@ pub enum BlockError {
     /// An I/O engine could not be set up.
     #[error("cannot set up disk I/O: {0}")]
     Engine(io::Error),
+    /// Another user holds the image's lock (see `image::lock_image`).
+    #[error(
+        "the disk image is in use: another VM, or another disk of this one, has it open{}; give each its own image{}",
+        if *readonly { " for writing" } else { "" },
+        if *readonly { "" } else { ", or readonly=on to all of them" }
+    )]
+    Locked { readonly: bool },
+    /// The image's lock could not be taken for another reason.
+    #[error("cannot lock the disk image: {0}")]
+    Lock(io::Error),
 }
 
 /// A virtio-blk device over guest memory `M` (plain or behind the IOMMU).

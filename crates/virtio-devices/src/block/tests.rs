@@ -513,6 +513,42 @@ fn a_failed_sync_keeps_the_cache_write_back() {
     assert!(dev.disk.writeback());
 }
 
+/// An image has one writer: a second disk on it (another VM's, or this one's) is refused
+/// while the first is open, read-only users may share it with each other but not with a
+/// writer, and the lock goes with the disk.
+#[test]
+fn an_image_has_one_writer_at_a_time() {
+    let temp = image();
+    let open = |readonly| {
+        Block::open(
+            guest_memory(),
+            temp.as_path(),
+            BlockOptions {
+                readonly,
+                ..Default::default()
+            },
+        )
+    };
+    let writer = open(false).unwrap();
+    for readonly in [false, true] {
+        let err = open(readonly).err().expect("the image is locked");
+        assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("the disk image is in use"),
+            "{err}"
+        );
+    }
+    drop(writer);
+    let reader = open(true).unwrap();
+    let other_reader = open(true).unwrap();
+    assert!(matches!(
+        open(false),
+        Err(BlockError::Locked { readonly: false })
+    ));
+    drop((reader, other_reader));
+    open(false).unwrap();
+}
+
 /// The status byte is checked before any data moves: a request whose status cannot be
 /// written changes neither the image nor guest memory.
 #[test]
