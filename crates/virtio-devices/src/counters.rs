@@ -41,6 +41,9 @@ pub(crate) struct BlockCounters {
     pub(crate) flush_ops: Counter,
     pub(crate) discard_ops: Counter,
     pub(crate) write_zeroes_ops: Counter,
+    /// `fdatasync`s warden asked of the host to make completed requests stable: FLUSHes,
+    /// and under write-through each write, discard and zeroing.
+    pub(crate) host_syncs: Counter,
 }
 
 impl DeviceCounters for BlockCounters {
@@ -53,6 +56,7 @@ impl DeviceCounters for BlockCounters {
             ("flush_ops", self.flush_ops.get()),
             ("discard_ops", self.discard_ops.get()),
             ("write_zeroes_ops", self.write_zeroes_ops.get()),
+            ("host_syncs", self.host_syncs.get()),
         ]
     }
 }
@@ -132,6 +136,7 @@ mod tests {
                 ("flush_ops", 0),
                 ("discard_ops", 0),
                 ("write_zeroes_ops", 2),
+                ("host_syncs", 0),
             ]
         );
     }

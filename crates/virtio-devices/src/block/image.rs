@@ -10,6 +10,7 @@ use std::sync::Arc;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
 
 use super::{BlockError, ID_LEN, SECTOR_SIZE};
+use crate::counters::BlockCounters;
 
 // <linux/fs.h>
 ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
@@ -40,9 +41,8 @@ pub(super) struct Disk {
     /// (a driver without VIRTIO_BLK_F_FLUSH, which cannot ask for durability, or one that set
     /// write-through) each write is made stable before it completes (virtio 1.2 §5.2.6.2).
     pub(super) writeback: AtomicBool,
-    /// `fdatasync`s asked for, for tests.
-    #[cfg(test)]
-    pub(super) syncs: std::sync::atomic::AtomicUsize,
+    /// The disk's counters, for the `fdatasync`s asked for.
+    counters: Arc<BlockCounters>,
 }
 
 impl Disk {
@@ -53,6 +53,7 @@ impl Disk {
         readonly: bool,
         serial: [u8; ID_LEN],
         direct: bool,
+        counters: Arc<BlockCounters>,
     ) -> Result<Self, BlockError> {
         let metadata = file.metadata().map_err(BlockError::Size)?;
         let kind = if metadata.file_type().is_block_device() {
@@ -92,8 +93,7 @@ impl Disk {
             kind,
             direct_alignment,
             writeback: AtomicBool::new(false),
-            #[cfg(test)]
-            syncs: Default::default(),
+            counters,
         })
     }
 
@@ -101,10 +101,16 @@ impl Disk {
         self.writeback.load(Ordering::Relaxed)
     }
 
-    /// Counts an `fdatasync` about to be asked of the engine (tests check durability by it).
+    /// Counts an `fdatasync` about to be asked of the engine (`host_syncs`: what makes
+    /// durability visible from outside).
     pub(super) fn count_sync(&self) {
-        #[cfg(test)]
-        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.counters.host_syncs.add(1);
+    }
+
+    /// The `fdatasync`s asked for so far.
+    #[cfg(test)]
+    pub(super) fn syncs(&self) -> u64 {
+        self.counters.host_syncs.get()
     }
 
     /// Makes the writes done so far stable, in the calling thread.

@@ -182,7 +182,14 @@ impl<M: DeviceMemory> Block<M> {
             let len = id.len().min(ID_LEN);
             serial[..len].copy_from_slice(&id.as_bytes()[..len]);
         }
-        let disk = Disk::new(image, options.readonly, serial, options.direct)?;
+        let counters = Arc::new(BlockCounters::default());
+        let disk = Disk::new(
+            image,
+            options.readonly,
+            serial,
+            options.direct,
+            Arc::clone(&counters),
+        )?;
         let engines = (0..options.num_queues)
             .map(|_| {
                 Engine::new(Arc::clone(&disk.file), u32::from(options.queue_size))
@@ -254,7 +261,7 @@ impl<M: DeviceMemory> Block<M> {
             queue_sizes: vec![options.queue_size; usize::from(options.num_queues)],
             core: DeviceWorker::new(DeviceThread::Block, features),
             config,
-            counters: Arc::default(),
+            counters,
             max_descriptors: u16::try_from(seg_max + 2).unwrap_or(u16::MAX),
         })
     }

@@ -406,7 +406,7 @@ fn buffers_outside_guest_memory_never_panic() {
 
 /// Writes `byte` over sector 7 through the worker, with `features` negotiated; returns how
 /// many `fdatasync`s the disk did.
-fn write_through_worker(features: u64, byte: u8) -> usize {
+fn write_through_worker(features: u64, byte: u8) -> u64 {
     let mem = guest_memory();
     let temp = image();
     let mut dev = block(mem.clone(), &temp, BlockOptions::default());
@@ -420,7 +420,7 @@ fn write_through_worker(features: u64, byte: u8) -> usize {
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
     assert_eq!(file_bytes(&temp, 7 * 512, 512), vec![byte; 512]);
     dev.reset();
-    dev.disk.syncs.load(Ordering::Relaxed)
+    dev.disk.syncs()
 }
 
 /// Without VIRTIO_BLK_F_FLUSH the driver cannot ask for durability, so the device must
@@ -441,7 +441,7 @@ fn writes_are_stable_on_completion_unless_flush_was_negotiated() {
 /// from then on each write is made stable before it completes.
 #[test]
 fn the_driver_sets_the_cache_mode_with_config_wce() {
-    let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs.load(Ordering::Relaxed);
+    let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs();
     let writeback = |dev: &Block<GuestMemoryMmap>| {
         let mut mode = [0xffu8];
         dev.read_config(config::WRITEBACK as u64, &mut mode);

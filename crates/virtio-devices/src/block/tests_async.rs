@@ -174,15 +174,11 @@ fn a_flush_waits_for_the_writes_before_it() {
     let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
     let flush_head = flush.head;
     assert_eq!(requests.start(&mem, &flush), Started::Queued);
-    assert_eq!(
-        dev.disk.syncs.load(Ordering::Relaxed),
-        0,
-        "the flush waits for the write"
-    );
+    assert_eq!(dev.disk.syncs(), 0, "the flush waits for the write");
     let mut order = Vec::new();
     requests.wait_all(&mem, |head, _| order.push(head));
     assert_eq!(order, vec![write_head, flush_head]);
-    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.disk.syncs(), 1);
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
     assert_eq!(status(&mem, STATUS + 1), VIRTIO_BLK_S_OK);
     assert_eq!(file_bytes(&temp, 0, 4096), vec![0x3c; 4096]);
@@ -232,7 +228,7 @@ fn a_flush_released_by_a_reap_reaches_the_engine() {
     requests.reap(&mem, |head, _| done.push(head));
     assert_eq!(done.last(), Some(&flush_head));
     assert_eq!(status(&mem, STATUS + 1), VIRTIO_BLK_S_OK);
-    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.disk.syncs(), 1);
 }
 
 /// DISCARD punches a hole (the image gives blocks back, as `fstrim` expects) and
@@ -475,7 +471,7 @@ fn writes_then_a_flush_complete_on_one_notification(kind: io_engine::EngineKind)
         assert_eq!(file_bytes(&temp, i * 512, 512), vec![0x40 + i as u8; 512]);
     }
     assert_eq!(status(&mem, STATUS + 8), VIRTIO_BLK_S_OK);
-    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 1);
+    assert_eq!(dev.disk.syncs(), 1);
     dev.reset();
 }
 
@@ -575,7 +571,7 @@ fn discard_and_write_zeroes_are_stable_on_completion_under_write_through() {
         let temp = image_of(64);
         let mut dev = block(mem.clone(), &temp, BlockOptions::default());
         let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
-        let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs.load(Ordering::Relaxed);
+        let syncs = |dev: &Block<GuestMemoryMmap>| dev.disk.syncs();
 
         dev.ack_features(1 << VIRTIO_F_VERSION_1);
         assert_eq!(discard(&dev, &mem, &mut driver, zero), (1, VIRTIO_BLK_S_OK));
@@ -607,7 +603,7 @@ fn a_flush_waits_for_a_discard_before_it() {
     let flush = driver.chain(&[ro(HDR + 16, 16), wo(STATUS + 1, 1)]);
     let flush_head = flush.head;
     assert_eq!(requests.start(&mem, &flush), Started::Queued);
-    assert_eq!(dev.disk.syncs.load(Ordering::Relaxed), 0, "parked");
+    assert_eq!(dev.disk.syncs(), 0, "parked");
     let mut order = Vec::new();
     requests.wait_all(&mem, |head, _| order.push(head));
     assert_eq!(order, vec![discard_head, flush_head]);

@@ -134,6 +134,9 @@ fn completed_requests_add_their_bytes_and_one_operation_each() {
             ("flush_ops", 1),
             ("discard_ops", 1),
             ("write_zeroes_ops", 1),
+            // Write-through (no FLUSH negotiated): the write, the discard and the zeroing are
+            // each made stable, and the FLUSH syncs too.
+            ("host_syncs", 4),
         ])
     );
 }
