@@ -269,6 +269,7 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
         [
             "discard_ops",
             "flush_ops",
+            "host_syncs",
             "read_bytes",
             "read_ops",
             "write_bytes",
@@ -286,6 +287,7 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
     at_least(disk, "write_bytes", 512);
     at_least(disk, "write_ops", 1);
     at_least(disk, "flush_ops", 1);
+    at_least(disk, "host_syncs", 1);
     // The exit report comes from the same counters, later: never behind the API's.
     let (exit_maps, exit_translations) =
         (out.iommu_counter("maps"), out.iommu_counter("translations"));
