@@ -77,6 +77,9 @@ struct InFlight {
     data_len: u64,
     /// Guest segments it holds (counted against [`SEGMENT_BUDGET`]).
     segments: usize,
+    /// A WRITE_ZEROES done with `FALLOC_FL_ZERO_RANGE`, which some file systems lack (tmpfs,
+    /// NFS): its range, to punch a hole instead (which reads back as zeroes too).
+    zero_range: Option<(u64, u64)>,
     /// A read through a bounce buffer copies it to these guest segments when it completes.
     read_back: Vec<Segment>,
     bounce: Option<Bounce>,
@@ -170,6 +173,7 @@ impl Requests {
             written: 0,
             data_len: 0,
             segments: 0,
+            zero_range: None,
             read_back: Vec::new(),
             bounce: None,
             dma,
@@ -266,11 +270,13 @@ impl Requests {
                         self.disk.count_sync();
                         Op::SyncData
                     }
-                    ImageKind::File => Op::Fallocate {
-                        mode: fallocate_mode(zero, unmap),
-                        offset,
-                        len,
-                    },
+                    ImageKind::File => {
+                        let mode = fallocate_mode(zero, unmap);
+                        if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                            entry.zero_range = Some((offset, len));
+                        }
+                        Op::Fallocate { mode, offset, len }
+                    }
                 }
             }
         };
@@ -395,6 +401,17 @@ impl Requests {
                 continue;
             };
             let failed = match completion.result {
+                Err(err)
+                    if err.raw_os_error() == Some(libc::EOPNOTSUPP)
+                        && entry.zero_range.is_some() =>
+                {
+                    let (offset, len) = entry.zero_range.take().unwrap_or_default();
+                    let mode = fallocate_mode(true, true);
+                    if self.push(slot, Op::Fallocate { mode, offset, len }) {
+                        continue;
+                    }
+                    true
+                }
                 Err(err) => {
                     warn_limited!("virtio-blk: request {} failed: {err}", entry.head);
                     true

@@ -703,3 +703,54 @@ fn a_drain_whose_wait_fails_still_ends_with_every_guard_released() {
     assert_eq!(mem.iommu().dma.in_flight(), 0, "guards released");
     assert_eq!(requests.in_flight(), 0);
 }
+
+/// tmpfs (and NFS) have no `FALLOC_FL_ZERO_RANGE`: a WRITE_ZEROES without UNMAP there punches
+/// a hole instead, which reads back as zeroes just the same, rather than failing with IOERR.
+#[test]
+fn write_zeroes_on_a_file_system_without_zero_range_punches_a_hole() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm here: skipped");
+        return;
+    }
+    let temp = TempFile::new_in(shm).unwrap();
+    for sector in 0..64u64 {
+        temp.as_file()
+            .write_all_at(&[0xab; 512], sector * SECTOR_SIZE)
+            .unwrap();
+    }
+    for engine in [
+        io_engine::EngineKind::IoUring,
+        io_engine::EngineKind::Synchronous,
+    ] {
+        let mem = guest_memory();
+        let mut dev = block(mem.clone(), &temp, BlockOptions::default());
+        if engine == io_engine::EngineKind::Synchronous {
+            dev.engines[0] = Arc::new(std::sync::Mutex::new(
+                io_engine::Engine::synchronous(Arc::clone(&dev.disk.file)).unwrap(),
+            ));
+        }
+        let mut driver = Driver::new(&mem, 0, QUEUE_SIZE);
+        header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&mem, DATA, 8, 8, 0);
+        poison_status(&mem);
+        let used = submit(
+            &dev,
+            &mut driver,
+            &mem,
+            &[ro(HDR, 16), ro(DATA, 16), wo(STATUS, 1)],
+        );
+        assert_eq!(
+            (used, status(&mem, STATUS)),
+            (1, VIRTIO_BLK_S_OK),
+            "{engine:?}"
+        );
+        assert_eq!(
+            file_bytes(&temp, 8 * 512, 4096),
+            vec![0; 4096],
+            "{engine:?}"
+        );
+        assert_eq!(file_bytes(&temp, 16 * 512, 512), vec![0xab; 512]);
+        temp.as_file().write_all_at(&[0xab; 4096], 8 * 512).unwrap();
+    }
+}
