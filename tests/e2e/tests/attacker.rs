@@ -1,11 +1,19 @@
-//! The seed's protection promise, tested by an attacker inside the guest: a protected disk is
-//! bound to vfio-pci in L2 and driven from user space by `attacker` (src/bin/attacker.rs),
-//! which maps one buffer and then points the device everywhere else: an IOVA never mapped,
-//! the guest-physical address of a canary page, an IOVA it just unmapped, the MSI window, 4 GiB
-//! lengths, looping and overlapping chains. Every access outside the grant must be refused,
-//! reported to the guest as a fault and counted by warden, the canary and the disk must be
-//! unchanged, warden must keep serving its other protected disk with real traffic, and its
-//! memory must stay bounded.
+//! The seed's protection promise, tested by an attacker inside the guest (`src/bin/attacker`),
+//! one boot for every device path a guest can drive:
+//! - a protected disk bound to vfio-pci in L2 and driven from user space, which maps one
+//!   buffer and then points the device everywhere else: an IOVA never mapped, the
+//!   guest-physical address of a canary page, an IOVA it just unmapped, the MSI window, 4 GiB
+//!   lengths, looping and overlapping chains;
+//! - a protected vhost-net (the kernel's data path), first negotiated without
+//!   ACCESS_PLATFORM (refused: the device does not go live), then properly, with frames to
+//!   send and receive buffers outside its mappings;
+//! - a disk hot-added behind the IOMMU whose ring the attacker keeps full while it writes the
+//!   eject register of its slot over and over: warden unplugs it anyway (its worker stops
+//!   though the ring never empties), queues nothing per write, and its API keeps answering,
+//!   a later hot-add included.
+//! Every access outside a grant must be refused, reported to the guest as a fault and counted
+//! by warden, the canary and the disk must be unchanged, warden must keep serving its other
+//! protected disk with real traffic (during the flood too), and its memory must stay bounded.
 
 use e2e::{Outcome, Scenario};
 use std::time::Duration;
@@ -13,6 +21,8 @@ use std::time::Duration;
 /// The attacked disk starts with a pattern the tool knows; the other disk is random data.
 /// A background job samples warden's peak RSS until it exits.
 const HOST_SETUP: &str = r#"dd if=/dev/zero of=attack.img bs=1M count=8 2>/dev/null
+dd if=/dev/zero of=flood.img bs=1M count=8 2>/dev/null
+dd if=/dev/zero of=after.img bs=1M count=8 2>/dev/null
 yes WARDEN-ATTACK-DISK | head -c 65536 | dd of=attack.img conv=notrunc 2>/dev/null
 echo "HOST-ATTACK-MD5=$(md5sum <attack.img | cut -d' ' -f1)"
 dd if=/dev/urandom of=other.img bs=1M count=96 2>/dev/null
@@ -25,11 +35,43 @@ echo "HOST-OTHER-MD5=$(head -c 33554432 other.img | md5sum | cut -d' ' -f1)"
       [ -s hwm.next ] && mv hwm.next hwm.txt
     usleep 200000
   done
+) >/dev/null 2>&1 &
+# Frames for the vhost-net's receive queue: ARP requests for an address behind the tap.
+(
+  set +e
+  while :; do ping -c 1 -W 1 192.168.253.2 >/dev/null 2>&1 || usleep 200000; done
+) >/dev/null 2>&1 &
+# The API's side: once the guest is ready, hot-add the disk it floods; while it floods, time
+# vm.info (in hundredths of a second, from /proc/uptime) and note whether the disk is listed;
+# once the flood is over, hot-add another disk.
+(
+  set +e
+  now() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+  signal() { dd if=other.img bs=512 skip=$((95 * 2048 + $1)) count=1 2>/dev/null | head -c $2; }
+  n=0
+  until [ "$(signal 0 13)" = READY-HOTPLUG ]; do n=$((n + 1)); [ $n -gt 3000 ] && exit 1; usleep 100000; done
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"flood.img","iommu":true,"id":"flood"}' >add-flood.txt
+  max=0
+  until [ "$(signal 1 10)" = FLOOD-DONE ]; do
+    start=$(now)
+    "$API_CLIENT" api.sock GET /api/v1/vm.info >info-flood.txt
+    took=$(($(now) - start))
+    [ $took -gt $max ] && max=$took
+    grep -q '"flood"' info-flood.txt && echo listed >flood-listed.txt
+    n=$((n + 1)); [ $n -gt 6000 ] && break
+    usleep 500000
+  done
+  echo $max >api-max.txt
+  "$API_CLIENT" api.sock GET /api/v1/vm.info >info-after-flood.txt
+  start=$(now)
+  "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"after.img","iommu":true,"id":"after"}' >add-after.txt
+  echo $(($(now) - start)) >add-after-took.txt
 ) >/dev/null 2>&1 &"#;
 
-/// Bind the attacked disk (found by its serial, the image's name) to vfio-pci, attack, then
-/// move 32 MiB from and 3 x 16 MiB to the other disk, each write read back after the page
-/// cache is dropped.
+/// Bind the attacked disk (found by its serial, the image's name) to vfio-pci and attack it,
+/// then the vhost-net; then tell the host to hot-add the disk to flood, flood it (ejecting its
+/// slot meanwhile) while moving 32 MiB from and 3 x 16 MiB to the other disk, each write read
+/// back after the page cache is dropped.
 const GUEST: &str = r#"
 wait_for /dev/vda 60
 wait_for /dev/vdb 60
@@ -39,18 +81,48 @@ for b in /sys/block/vd?; do
         other.img) other=/dev/${b##*/} ;;
     esac
 done
-bdf=${dev##*/}
+# Hands the PCI device at sysfs path $1 to vfio-pci.
+to_vfio() {
+    echo vfio-pci >$1/driver_override
+    if [ -e $1/driver ]; then echo ${1##*/} >$1/driver/unbind; fi
+    echo ${1##*/} >/sys/bus/pci/drivers_probe
+}
 echo "ATTACK-GROUP-DEVICES=$(ls "$dev/iommu_group/devices" | tr '\n' ' ')"
-echo vfio-pci >$dev/driver_override
-echo $bdf >$dev/driver/unbind
-echo $bdf >/sys/bus/pci/drivers_probe
+to_vfio $dev
 echo "ATTACK-DRIVER=$(basename "$(readlink $dev/driver)")"
 # The virtio-iommu offers no interrupt remapping on x86, which type1 insists on unless told.
 echo 1 >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
-attacker $dev
+attacker blk $dev
 echo "ATTACK-EXIT=$?"
-echo "ATTACK-KERNEL-FAULTS=$(dmesg | grep -i virtio_iommu | grep -ci fault)"
+faults() { dmesg | grep -i virtio_iommu | grep -ci fault; }
+echo "ATTACK-KERNEL-FAULTS=$(faults)"
 dmesg | grep -i virtio_iommu | grep -i fault | head -4
+
+# The vhost-net (modern virtio-net: 1af4:1041).
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1041 ]; then net=$d; fi
+done
+to_vfio $net
+echo "ATTACK-NET-DRIVER=$(basename "$(readlink $net/driver)")"
+status=0
+attacker net $net || status=$?
+echo "ATTACK-NET-EXIT=$status"
+echo "ATTACK-NET-KERNEL-FAULTS=$(faults)"
+
+# Signals to the host, in the other disk's 95th MiB, written through to the image.
+signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }
+signal 0 READY-HOTPLUG
+n=0
+until flood=$(grep -l flood.img /sys/block/vd*/serial 2>/dev/null); do
+    n=$((n + 1)); [ $n -gt 600 ] && break
+    usleep 100000
+done
+flood=$(readlink -f ${flood%/serial}/device/..)
+slot=$((0x$(echo ${flood##*/} | cut -d: -f3 | cut -d. -f1)))
+echo "ATTACK-FLOOD-DEVICE=${flood##*/} slot $slot"
+to_vfio $flood
+attacker flood $flood 20 6 $slot >/tmp/flood.txt 2>&1 &
+flooding=$!
 
 echo "OTHER-READ-MD5=$(head -c 33554432 $other | md5sum | cut -d' ' -f1)"
 for round in 1 2 3; do
@@ -60,6 +132,18 @@ for round in 1 2 3; do
     echo 3 >/proc/sys/vm/drop_caches
     echo "OTHER-READBACK-$round-MD5=$(dd if=$other bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 done
+status=0
+wait $flooding || status=$?
+echo "ATTACK-FLOOD-EXIT=$status"
+cat /tmp/flood.txt
+signal 1 FLOOD-DONE
+# The host's hot-add after the flood.
+n=0
+until grep -q after.img /sys/block/vd*/serial 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 600 ] && break
+    usleep 100000
+done
+echo "ATTACK-AFTER-DISK=$(grep -l after.img /sys/block/vd*/serial 2>/dev/null | cut -d/ -f4)"
 "#;
 
 /// What the host's images hold after the guest is gone, and warden's peak RSS.
@@ -67,7 +151,26 @@ const HOST_CHECK: &str = r#"echo "HOST-ATTACK-AFTER-MD5=$(md5sum <attack.img | c
 for round in 1 2 3; do
     echo "HOST-OTHER-$round-MD5=$(dd if=other.img bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 done
-echo "HOST-WARDEN-HWM-KB=$(cat hwm.txt)""#;
+echo "HOST-WARDEN-HWM-KB=$(cat hwm.txt)"
+echo "HOST-API-MAX-CS=$(cat api-max.txt 2>/dev/null)"
+echo "HOST-FLOOD-LISTED=$(cat flood-listed.txt 2>/dev/null)"
+echo "HOST-ADD-AFTER-CS=$(cat add-after-took.txt 2>/dev/null)"
+for f in add-flood info-after-flood add-after; do
+  echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
+done""#;
+
+/// The vhost-net's checks, each of which must come back `refused`.
+const VHOST_REFUSED: [&str; 4] = [
+    "VHOST-WITHOUT-ACCESS-PLATFORM",
+    "VHOST-NEVER-MAPPED-TX",
+    "VHOST-CANARY-TX",
+    "VHOST-CANARY-RX",
+];
+/// The refused vhost-net accesses that reach the IOMMU (all but the refused negotiation):
+/// each faults at least once (the kernel asks again as frames keep coming).
+const VHOST_FAULTS_AT_LEAST: u64 = 3;
+/// Longest a `vm.info` may take while the guest floods a ring, in hundredths of a second.
+const API_ANSWER_CS: u64 = 500;
 
 /// Guest RAM: warden's peak RSS may hold all of it, plus a bounded amount of its own.
 const GUEST_RAM_MIB: u64 = 512;
@@ -107,11 +210,15 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
             "path=attack.img,iommu=on",
             "--disk",
             "path=other.img,iommu=on",
+            "--net",
+            "tap=,mac=52:54:00:12:34:99,ip=192.168.253.1,iommu=on,vhost=on",
+            "--api-socket",
+            "path=api.sock",
         ])
         .guest_tool("attacker")
         .guest_script(GUEST)
         .host_check(HOST_CHECK)
-        .timeout(Duration::from_secs(400))
+        .timeout(Duration::from_secs(600))
         .run()
     else {
         return;
@@ -141,8 +248,67 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         kernel_faults, TRANSLATION_FAULTS,
         "the guest kernel logs a fault event for each\n{out}"
     );
+
+    // The vhost-net: refused without ACCESS_PLATFORM, then its buffers outside the grant
+    // fault as the disk's did, and it still serves what it was granted.
+    assert_eq!(out.marker("ATTACK-NET-DRIVER"), Some("vfio-pci"), "{out}");
+    assert_eq!(out.marker("ATTACK-NET-EXIT"), Some("0"), "{out}");
+    for check in VHOST_REFUSED {
+        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
+    }
+    for check in ["VHOST-BASELINE-TX", "VHOST-BASELINE-RX", "VHOST-RECOVERED"] {
+        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
+    }
+    assert_eq!(verdict(&out, "VHOST-CANARY"), "intact", "{out}");
+    let net_kernel_faults: u64 = out
+        .marker("ATTACK-NET-KERNEL-FAULTS")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        net_kernel_faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
+        "the guest kernel logs the vhost-net's faults too: {net_kernel_faults}\n{out}"
+    );
     let faults = out.iommu_counter("faults");
-    assert_eq!(faults, TRANSLATION_FAULTS, "warden counts each\n{out}");
+    assert!(
+        faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
+        "warden counts each: {faults}\n{out}"
+    );
+
+    // The flood: the disk served while the ring was kept full, then unplugged though it never
+    // emptied; the eject register written thousands of times; vm.info answering all along and
+    // no longer listing the disk; a hot-add after it answered at once.
+    assert_eq!(out.marker("ATTACK-FLOOD-EXIT"), Some("0"), "{out}");
+    assert_eq!(out.api_reply("add-flood").0, 200, "{out}");
+    assert_eq!(out.marker("HOST-FLOOD-LISTED"), Some("listed"), "{out}");
+    let writes: u64 = out
+        .marker("ATTACK-FLOOD-EJECT-WRITES")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(writes >= 1000, "the eject register was flooded: {writes}\n{out}");
+    assert_eq!(
+        out.marker("ATTACK-FLOOD-STILL-SERVED"),
+        Some("false"),
+        "the ejected disk stopped\n{out}"
+    );
+    let (_, info) = out.api_reply("info-after-flood");
+    assert!(
+        !info["device_tree"]
+            .as_object()
+            .is_some_and(|tree| tree.contains_key("flood")),
+        "vm.info no longer lists the disk the guest ejected: {info}\n{out}"
+    );
+    let centiseconds = |key: &str| -> u64 {
+        out.marker(key)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}\n{out}"))
+    };
+    assert!(
+        centiseconds("HOST-API-MAX-CS") <= API_ANSWER_CS,
+        "vm.info answered within {API_ANSWER_CS} cs during the flood\n{out}"
+    );
+    assert_eq!(out.api_reply("add-after").0, 200, "{out}");
+    assert!(centiseconds("HOST-ADD-AFTER-CS") <= API_ANSWER_CS, "{out}");
+    assert!(out.marker("ATTACK-AFTER-DISK").is_some_and(|d| d.starts_with("vd")), "{out}");
 
     // Still serving the other protected disk, with real traffic both ways.
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");
