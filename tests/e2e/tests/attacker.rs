@@ -284,7 +284,10 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         .marker("ATTACK-FLOOD-EJECT-WRITES")
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(writes >= 1000, "the eject register was flooded: {writes}\n{out}");
+    assert!(
+        writes >= 1000,
+        "the eject register was flooded: {writes}\n{out}"
+    );
     assert_eq!(
         out.marker("ATTACK-FLOOD-STILL-SERVED"),
         Some("false"),
@@ -308,7 +311,11 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
     );
     assert_eq!(out.api_reply("add-after").0, 200, "{out}");
     assert!(centiseconds("HOST-ADD-AFTER-CS") <= API_ANSWER_CS, "{out}");
-    assert!(out.marker("ATTACK-AFTER-DISK").is_some_and(|d| d.starts_with("vd")), "{out}");
+    assert!(
+        out.marker("ATTACK-AFTER-DISK")
+            .is_some_and(|d| d.starts_with("vd")),
+        "{out}"
+    );
 
     // Still serving the other protected disk, with real traffic both ways.
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");

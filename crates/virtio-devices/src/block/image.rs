@@ -164,11 +164,12 @@ fn lock_image(file: &File, readonly: bool) -> Result<(), BlockError> {
     }
 }
 
-impl Drop for Disk {
-    /// Gives the image's lock back as the disk goes: the io_uring rings hold the file (and so
-    /// the lock) for a while after they are closed, and a disk removed and added again must
-    /// find its image free.
-    fn drop(&mut self) {
+impl Disk {
+    /// Gives the image's lock back (the disk is going): the io_uring rings hold the file, and
+    /// so the lock, for a while after they are closed, and a disk removed and added again must
+    /// find its image free. Called by the device's owner once its workers are gone (a worker
+    /// may not make this call: its thread's allow-list has no `fcntl`).
+    pub(super) fn release_lock(&self) {
         let unlock = libc::flock {
             l_type: libc::F_UNLCK as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,

@@ -428,6 +428,15 @@ impl<M: DeviceMemory> Block<M> {
     }
 }
 
+impl<M> Drop for Block<M> {
+    /// Stops the workers (which hold the image too), then gives the image's lock back, in the
+    /// thread that drops the disk (the hotplug thread's, on removal).
+    fn drop(&mut self) {
+        self.core.stop();
+        self.disk.release_lock();
+    }
+}
+
 impl<M> Block<M> {
     /// Sets the cache mode the workers apply and the driver reads in `writeback`.
     fn set_writeback(&mut self, on: bool) {

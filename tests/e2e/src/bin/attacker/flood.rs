@@ -121,7 +121,11 @@ pub fn run(device: &Path, seconds: u64, eject_at: u64, slot: u8) -> Result<(), S
         }
         if avail.wrapping_sub(used) < QUEUE_SIZE {
             while avail.wrapping_sub(used) < QUEUE_SIZE {
-                put(buf, AVAIL + 4 + 2 * usize::from(avail % QUEUE_SIZE), &[0, 0]);
+                put(
+                    buf,
+                    AVAIL + 4 + 2 * usize::from(avail % QUEUE_SIZE),
+                    &[0, 0],
+                );
                 avail = avail.wrapping_add(1);
             }
             fence(Ordering::SeqCst);
@@ -130,8 +134,7 @@ pub fn run(device: &Path, seconds: u64, eject_at: u64, slot: u8) -> Result<(), S
         // Notify only when the device asks for it and has stopped moving: otherwise the
         // ring is refilled behind its back, with no exit at all.
         let idle = moved_at.elapsed() > Duration::from_millis(1);
-        if idle && get_u16(buf, USED) & USED_F_NO_NOTIFY == 0 && !ejecting.load(Ordering::SeqCst)
-        {
+        if idle && get_u16(buf, USED) & USED_F_NO_NOTIFY == 0 && !ejecting.load(Ordering::SeqCst) {
             dev.notify(0)?;
             kicks += 1;
             moved_at = Instant::now();
@@ -145,7 +148,10 @@ pub fn run(device: &Path, seconds: u64, eject_at: u64, slot: u8) -> Result<(), S
         "ATTACK-FLOOD=done chains={served} kicks={kicks} eject-writes={} served-after-eject={after_eject:?} still-served={still_moving}",
         writes.load(Ordering::Relaxed)
     );
-    println!("ATTACK-FLOOD-EJECT-WRITES={}", writes.load(Ordering::Relaxed));
+    println!(
+        "ATTACK-FLOOD-EJECT-WRITES={}",
+        writes.load(Ordering::Relaxed)
+    );
     println!("ATTACK-FLOOD-STILL-SERVED={still_moving}");
     Ok(())
 }

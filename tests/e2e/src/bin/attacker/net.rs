@@ -191,7 +191,11 @@ pub fn run(device: &Path) -> Result<(), String> {
         ("VHOST-CANARY-TX", canary_gpa),
     ] {
         let sent = net.send(addr, Duration::from_secs(3))?;
-        report(name, verdict(sent.is_none()), &format!("iova={addr:#x} used={sent:?}"));
+        report(
+            name,
+            verdict(sent.is_none()),
+            &format!("iova={addr:#x} used={sent:?}"),
+        );
         net.start()?;
     }
 
