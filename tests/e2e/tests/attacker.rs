@@ -157,7 +157,7 @@ echo "HOST-FLOOD-LISTED=$(cat flood-listed.txt 2>/dev/null)"
 echo "HOST-ADD-AFTER-CS=$(cat add-after-took.txt 2>/dev/null)"
 for f in add-flood info-after-flood add-after; do
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
-done""#;
+done"#;
 
 /// The vhost-net's checks, each of which must come back `refused`.
 const VHOST_REFUSED: [&str; 4] = [
