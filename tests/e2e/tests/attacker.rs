@@ -11,6 +11,7 @@
 //!   eject register of its slot over and over: warden unplugs it anyway (its worker stops
 //!   though the ring never empties), queues nothing per write, and its API keeps answering,
 //!   a later hot-add included.
+//!
 //! Every access outside a grant must be refused, reported to the guest as a fault and counted
 //! by warden, the canary and the disk must be unchanged, warden must keep serving its other
 //! protected disk with real traffic (during the flood too), and its memory must stay bounded.

@@ -26,13 +26,13 @@ pub const IOVA_NEVER_MAPPED: u64 = 0x8000_0000;
 const MSI_WINDOW: u64 = 0xfee0_0000;
 
 /// Offsets of the ring, the request and the data inside the buffer.
-const DESC: usize = 0x0000;
-const AVAIL: usize = 0x1000;
-const USED: usize = 0x2000;
+pub const DESC: usize = 0x0000;
+pub const AVAIL: usize = 0x1000;
+pub const USED: usize = 0x2000;
 const HEADER: usize = 0x3000;
 const STATUS: usize = 0x3100;
 const DATA: usize = 0x4000;
-const QUEUE_SIZE: u16 = 16;
+pub const QUEUE_SIZE: u16 = 16;
 const SECTOR_BYTES: usize = 4096;
 
 const BLK_T_IN: u32 = 0;
@@ -57,8 +57,9 @@ fn layout() -> QueueLayout {
     }
 }
 
-/// Reset, negotiate VERSION_1 + ACCESS_PLATFORM, and set queue 0 up in the buffer.
-fn start(dev: &Device, ring: &mut [u8]) -> Result<(), String> {
+/// Reset, negotiate VERSION_1 + ACCESS_PLATFORM, and set queue 0 up in the buffer (mapped at
+/// [`IOVA`]; its first 16 KiB are the ring's).
+pub fn start(dev: &Device, ring: &mut [u8]) -> Result<(), String> {
     ring[..DATA].fill(0);
     if !dev.negotiate(FEATURES)? {
         return Err("the device refused VERSION_1 + ACCESS_PLATFORM".into());

@@ -10,17 +10,12 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::blk::{FEATURES, IOVA};
+use crate::blk::{self, AVAIL, DESC, IOVA, QUEUE_SIZE, USED};
 use crate::vfio::{
-    get_u16, pinned_pages, put, put_desc, Container, Desc, Device, QueueLayout, DESC_F_NEXT,
-    DESC_F_WRITE,
+    get_u16, pinned_pages, put, put_desc, Container, Desc, Device, DESC_F_NEXT, DESC_F_WRITE,
 };
 
 const BUFFER_LEN: usize = 1 << 16;
-const QUEUE_SIZE: u16 = 16;
-const DESC: usize = 0x0000;
-const AVAIL: usize = 0x1000;
-const USED: usize = 0x2000;
 const HEADER: usize = 0x3000;
 const ID: usize = 0x3100;
 const STATUS: usize = 0x3200;
@@ -48,21 +43,7 @@ pub fn run(device: &Path, seconds: u64, eject_at: u64, slot: u8) -> Result<(), S
     let buf = pinned_pages(BUFFER_LEN, 0)?;
     container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
     let dev = Device::open(&container, &bdf)?;
-    if !dev.negotiate(FEATURES)? {
-        return Err("the disk refused VERSION_1 + ACCESS_PLATFORM".into());
-    }
-    dev.setup_queue(
-        0,
-        QueueLayout {
-            size: QUEUE_SIZE,
-            desc: IOVA + DESC as u64,
-            avail: IOVA + AVAIL as u64,
-            used: IOVA + USED as u64,
-        },
-    )?;
-    if !dev.driver_ok()? {
-        return Err("the disk refused DRIVER_OK".into());
-    }
+    blk::start(&dev, buf)?;
     // One GET_ID request, made available again and again: the cheapest request there is.
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&BLK_T_GET_ID.to_le_bytes());
