@@ -73,8 +73,14 @@ echo "HOST-OTHER-MD5=$(head -c 33554432 other.img | md5sum | cut -d' ' -f1)"
 /// Bind the attacked disk (found by its serial, the image's name) to vfio-pci and attack it,
 /// then the vhost-net; then tell the host to hot-add the disk to flood, flood it (ejecting its
 /// slot meanwhile) while moving 32 MiB from and 3 x 16 MiB to the other disk, each write read
-/// back after the page cache is dropped.
+/// back after the page cache is dropped. Every report line is also kept in a file and printed
+/// again at the end, when warden is quiet: its log lines share the console with the guest's
+/// serial output and can cut a line printed while it logs.
 const GUEST: &str = r#"
+report=/tmp/report.txt
+say() { echo "$*" | tee -a $report; }
+# Runs a tool, keeps its output in the report; its exit status in $rc.
+keep() { "$@" >/tmp/tool.txt 2>&1 && rc=0 || rc=$?; tee -a $report </tmp/tool.txt; }
 wait_for /dev/vda 60
 wait_for /dev/vdb 60
 for b in /sys/block/vd?; do
@@ -89,15 +95,15 @@ to_vfio() {
     if [ -e $1/driver ]; then echo ${1##*/} >$1/driver/unbind; fi
     echo ${1##*/} >/sys/bus/pci/drivers_probe
 }
-echo "ATTACK-GROUP-DEVICES=$(ls "$dev/iommu_group/devices" | tr '\n' ' ')"
+say "ATTACK-GROUP-DEVICES=$(ls "$dev/iommu_group/devices" | tr '\n' ' ')"
 to_vfio $dev
-echo "ATTACK-DRIVER=$(basename "$(readlink $dev/driver)")"
+say "ATTACK-DRIVER=$(basename "$(readlink $dev/driver)")"
 # The virtio-iommu offers no interrupt remapping on x86, which type1 insists on unless told.
 echo 1 >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
-attacker blk $dev
-echo "ATTACK-EXIT=$?"
+keep attacker blk $dev
+say "ATTACK-EXIT=$rc"
 faults() { dmesg | grep -i virtio_iommu | grep -ci fault; }
-echo "ATTACK-KERNEL-FAULTS=$(faults)"
+say "ATTACK-KERNEL-FAULTS=$(faults)"
 dmesg | grep -i virtio_iommu | grep -i fault | head -4
 
 # The vhost-net (modern virtio-net: 1af4:1041).
@@ -105,11 +111,10 @@ for d in /sys/bus/pci/devices/*; do
     if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1041 ]; then net=$d; fi
 done
 to_vfio $net
-echo "ATTACK-NET-DRIVER=$(basename "$(readlink $net/driver)")"
-status=0
-attacker net $net || status=$?
-echo "ATTACK-NET-EXIT=$status"
-echo "ATTACK-NET-KERNEL-FAULTS=$(faults)"
+say "ATTACK-NET-DRIVER=$(basename "$(readlink $net/driver)")"
+keep attacker net $net
+say "ATTACK-NET-EXIT=$rc"
+say "ATTACK-NET-KERNEL-FAULTS=$(faults)"
 
 # Signals to the host, in the other disk's 95th MiB, written through to the image.
 signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }
@@ -121,26 +126,28 @@ until flood=$(grep -l flood.img /sys/block/vd*/serial 2>/dev/null); do
 done
 flood=$(readlink -f ${flood%/serial}/device/..)
 slot=$((0x$(echo ${flood##*/} | cut -d: -f3 | cut -d. -f1)))
-echo "ATTACK-FLOOD-DEVICE=${flood##*/} slot $slot"
+say "ATTACK-FLOOD-DEVICE=${flood##*/} slot $slot"
 to_vfio $flood
 attacker flood $flood 20 6 $slot >/tmp/flood.txt 2>&1 &
 flooding=$!
 
-echo "OTHER-READ-MD5=$(head -c 33554432 $other | md5sum | cut -d' ' -f1)"
+say "OTHER-READ-MD5=$(head -c 33554432 $other | md5sum | cut -d' ' -f1)"
 for round in 1 2 3; do
     dd if=/dev/urandom of=/tmp/round.bin bs=1M count=16 2>/dev/null
-    echo "OTHER-WROTE-$round-MD5=$(md5sum </tmp/round.bin | cut -d' ' -f1)"
+    say "OTHER-WROTE-$round-MD5=$(md5sum </tmp/round.bin | cut -d' ' -f1)"
     dd if=/tmp/round.bin of=$other bs=1M seek=$((16 + 16 * round)) conv=notrunc,fsync 2>/dev/null
     echo 3 >/proc/sys/vm/drop_caches
-    echo "OTHER-READBACK-$round-MD5=$(dd if=$other bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+    say "OTHER-READBACK-$round-MD5=$(dd if=$other bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 done
 status=0
 wait $flooding || status=$?
-echo "ATTACK-FLOOD-EXIT=$status"
-cat /tmp/flood.txt
+say "ATTACK-FLOOD-EXIT=$status"
+tee -a $report </tmp/flood.txt
 signal 1 FLOOD-DONE
 # The host hot-adds another disk now (into the slot the guest still believes taken).
 sleep 5
+echo ATTACK-REPORT-AGAIN
+cat $report
 "#;
 
 /// What the host's images hold after the guest is gone, and warden's peak RSS.
