@@ -197,7 +197,7 @@ fn compile(
 ) -> Result<BpfProgram, seccompiler::BackendError> {
     let list = lists::allow_list(kind);
     // These arguments are ints to the kernel (an ioctl's request is an unsigned int, a prctl's
-    // option, a socket's domain and a signal an int): only their low 32 bits count, so only those are
+    // option, a socket's domain, a signal and an fcntl command an int): only their low 32 bits count, so only those are
     // compared.
     let one_of = |arg: u8, values: &std::collections::BTreeSet<lists::Value>| {
         values
@@ -216,6 +216,10 @@ fn compile(
     let prctl_rules = one_of(0, &list.prctl_options)?;
     let socket_rules = one_of(0, &list.socket_domains)?;
     let tgkill_rules = one_of(2, &list.signals)?;
+    let fcntl_rules = match &list.fcntl_commands {
+        Some(commands) => one_of(1, commands)?,
+        None => Vec::new(),
+    };
     let rules = list
         .syscalls
         .iter()
@@ -225,6 +229,7 @@ fn compile(
                 libc::SYS_prctl => prctl_rules.clone(),
                 libc::SYS_socket => socket_rules.clone(),
                 libc::SYS_tgkill => tgkill_rules.clone(),
+                libc::SYS_fcntl => fcntl_rules.clone(),
                 _ => Vec::new(),
             };
             (nr, rules)

@@ -159,6 +159,12 @@ const PRCTL_OPTIONS: &[Value] = &[
     (libc::PR_SET_NO_NEW_PRIVS as u32, "PR_SET_NO_NEW_PRIVS"),
 ];
 
+/// A debug build's std checks that a descriptor is open before closing it (`fcntl(fd,
+/// F_GETFD)` in `OwnedFd`'s drop), and every thread closes what it drops: without it a debug
+/// build's API thread died closing its first client. A thread that needs no other `fcntl`
+/// gets this command alone, and only in debug builds.
+const DEBUG_FD_CHECK: Value = (libc::F_GETFD as u32, "F_GETFD");
+
 /// Accepted API clients are made non-blocking.
 const FIONBIO: Value = (libc::FIONBIO as u32, "FIONBIO");
 
@@ -231,6 +237,9 @@ pub(crate) struct AllowList {
     pub socket_domains: BTreeSet<Value>,
     /// The signals `tgkill` may send (argument 2), if `syscalls` holds it.
     pub signals: BTreeSet<Value>,
+    /// The commands `fcntl` is restricted to (argument 1), if `syscalls` holds it; `None`:
+    /// any command.
+    pub fcntl_commands: Option<BTreeSet<Value>>,
 }
 
 impl AllowList {
@@ -257,12 +266,22 @@ impl AllowList {
         } else {
             BTreeSet::new()
         };
+        let fcntl = (libc::SYS_fcntl, "SYS_fcntl");
+        let fcntl_commands = if syscalls.contains(&fcntl) {
+            None
+        } else if cfg!(debug_assertions) {
+            syscalls.insert(fcntl);
+            Some(BTreeSet::from([DEBUG_FD_CHECK]))
+        } else {
+            Some(BTreeSet::new())
+        };
         AllowList {
             syscalls,
             ioctls: ioctls.into_iter().collect(),
             prctl_options,
             socket_domains,
             signals,
+            fcntl_commands,
         }
     }
 
@@ -274,6 +293,13 @@ impl AllowList {
         self.socket_domains
             .extend(other.socket_domains.iter().copied());
         self.signals.extend(other.signals.iter().copied());
+        self.fcntl_commands = match (self.fcntl_commands.take(), &other.fcntl_commands) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.extend(theirs.iter().copied());
+                Some(mine)
+            }
+            _ => None,
+        };
     }
 }
 
@@ -516,6 +542,11 @@ pub(crate) fn named_socket_domains() -> BTreeSet<Value> {
 /// Every `prctl` option the SIGSYS report can name.
 pub(crate) fn named_prctl_options() -> BTreeSet<Value> {
     PRCTL_OPTIONS.iter().copied().collect()
+}
+
+/// Every `fcntl` command the SIGSYS report can name.
+pub(crate) fn named_fcntl_commands() -> BTreeSet<Value> {
+    BTreeSet::from([DEBUG_FD_CHECK])
 }
 
 /// Every ioctl request the SIGSYS report can name.

@@ -28,6 +28,7 @@ struct Tables {
     ioctls: Vec<Value>,
     prctl_options: Vec<Value>,
     socket_domains: Vec<Value>,
+    fcntl_commands: Vec<Value>,
 }
 
 static TABLES: OnceLock<Tables> = OnceLock::new();
@@ -48,6 +49,7 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
         ioctls: crate::lists::named_ioctls().into_iter().collect(),
         prctl_options: crate::lists::named_prctl_options().into_iter().collect(),
         socket_domains: crate::lists::named_socket_domains().into_iter().collect(),
+        fcntl_commands: crate::lists::named_fcntl_commands().into_iter().collect(),
     });
     // SAFETY: sigaction is plain data, zero is a valid initial value for each field.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -120,6 +122,11 @@ fn describe(line: &mut Line, syscall: i64, args: [u64; 2]) {
             &b" domain 0x"[..],
             args[0],
             tables.map(|t| &t.socket_domains[..]),
+        )),
+        libc::SYS_fcntl => Some((
+            &b" command 0x"[..],
+            args[1],
+            tables.map(|t| &t.fcntl_commands[..]),
         )),
         _ => None,
     };

@@ -66,7 +66,45 @@ fn a_vcpu_allows_all_that_the_device_threads_it_starts_do() {
             .difference(&vcpu.prctl_options)
             .collect();
         assert!(missing.is_empty(), "{kind}: {missing:?}");
+        if let Some(vcpu_commands) = &vcpu.fcntl_commands {
+            let device_commands = device.fcntl_commands.as_ref().expect("restricted");
+            assert!(device_commands.is_subset(vcpu_commands), "{kind}");
+        }
     }
+}
+
+/// A debug build's std asks whether a descriptor is open before closing it; a thread whose
+/// list has no `fcntl` of its own may ask that and nothing else.
+#[test]
+fn a_thread_without_fcntl_may_close_what_it_drops_in_a_debug_build() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        // SAFETY: a new eventfd, owned by `fd` from here on.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(libc::eventfd(0, 0)) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        filters.install(ThreadKind::Api).unwrap();
+        // SAFETY: plain system calls on a descriptor this child owns.
+        unsafe {
+            if cfg!(debug_assertions) && libc::fcntl(raw, libc::F_GETFD) != -1 {
+                libc::write(libc::STDERR_FILENO, b"asked ".as_ptr().cast(), 6);
+            }
+            libc::fcntl(raw, libc::F_SETFL, libc::O_NONBLOCK);
+        }
+        drop(fd);
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert_eq!(
+        stderr.starts_with("asked "),
+        cfg!(debug_assertions),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "(api) made system call fcntl (72) command 0x{:x},",
+            libc::F_SETFL
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
