@@ -36,8 +36,19 @@ impl HttpError {
     }
 }
 
-/// Parses the request at the start of `input`: `Ok(None)` while more bytes are needed.
-pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpError> {
+/// What the bytes at the start of the input hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed; `wants_continue` once the headers are in, asked for
+    /// `Expect: 100-continue`, and the body is still to come.
+    Partial {
+        wants_continue: bool,
+    },
+    Complete(HttpRequest),
+}
+
+/// Parses the request at the start of `input`.
+pub fn parse(input: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let too_large = || {
@@ -55,7 +66,11 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
         Ok(httparse::Status::Partial) if input.len() > limits.max_header_bytes => {
             return Err(too_large())
         }
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => {
+            return Ok(Parsed::Partial {
+                wants_continue: false,
+            })
+        }
         Err(httparse::Error::TooManyHeaders) => return Err(too_large()),
         Err(err) => return Err(HttpError::new(400, format!("malformed request: {err}"))),
     };
@@ -66,6 +81,7 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
     };
     let mut content_length = 0usize;
     let mut connection = None;
+    let mut expect_continue = false;
     for header in request.headers.iter() {
         let value = std::str::from_utf8(header.value).map(str::trim);
         if header.name.eq_ignore_ascii_case("content-length") {
@@ -80,6 +96,8 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
             ));
         } else if header.name.eq_ignore_ascii_case("connection") {
             connection = value.ok().map(str::to_ascii_lowercase);
+        } else if header.name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.is_ok_and(|v| v.eq_ignore_ascii_case("100-continue"));
         }
     }
     if content_length > limits.max_body_bytes {
@@ -93,7 +111,9 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
     }
     let length = header_length + content_length;
     if input.len() < length {
-        return Ok(None);
+        return Ok(Parsed::Partial {
+            wants_continue: expect_continue,
+        });
     }
     let keep_alive = match (version, connection.as_deref()) {
         (_, Some("close")) => false,
@@ -102,7 +122,7 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
         _ => true,
     };
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    Ok(Some(HttpRequest {
+    Ok(Parsed::Complete(HttpRequest {
         method: method.to_string(),
         path: path.to_string(),
         body: input[header_length..length].to_vec(),
@@ -113,8 +133,12 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<HttpRequest>, HttpE
 
 /// A response's bytes: a JSON `body` if any, `Connection: close` when `close`, and the
 /// methods a path allows for a 405.
+///
+/// The status line is `HTTP/1.1 200 ` with an empty reason phrase, as Cloud Hypervisor's
+/// server writes it: its client, `ch-remote`, reads everything after `HTTP/1.1 ` up to the
+/// end of the line as the number, and fails on a reason phrase. HTTP/1.1 allows an empty one (RFC 9112 §4).
 pub fn response(status: u16, body: Option<&str>, close: bool, allow: Option<&str>) -> Vec<u8> {
-    let mut head = format!("HTTP/1.1 {status} {}\r\nServer: warden\r\n", reason(status));
+    let mut head = format!("HTTP/1.1 {status} \r\nServer: warden\r\n");
     if let Some(allow) = allow {
         head.push_str(&format!("Allow: {allow}\r\n"));
     }
@@ -133,26 +157,12 @@ pub fn response(status: u16, body: Option<&str>, close: bool, allow: Option<&str
     head.into_bytes()
 }
 
-/// A one-line JSON error body: `{"error":"..."}`.
+/// A one-line JSON error body as Cloud Hypervisor sends one: an array of messages, from the
+/// outermost to the root cause (`["..."]`), which its client prints as it is.
 pub fn error_body(message: &str) -> String {
-    serde_json::json!({ "error": message }).to_string()
+    serde_json::json!([message]).to_string()
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
+/// The interim answer to a request that asked whether to send its body
+/// (`Expect: 100-continue`).
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 \r\n\r\n";

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use crate::http::{self, HttpRequest};
+use crate::http::{self, HttpRequest, Parsed};
 use crate::routes::{self, Request};
 use crate::Vmm;
 
@@ -57,6 +57,8 @@ struct Connection {
     lingering: bool,
     /// The accepted request whose answer is in `output`, for [`Vmm::answered`].
     answering: Option<Request>,
+    /// The request being received was told to go on (`100`): told once.
+    continued: bool,
 }
 
 impl Connection {
@@ -71,6 +73,7 @@ impl Connection {
             eof: false,
             lingering: false,
             answering: None,
+            continued: false,
         }
     }
 
@@ -104,8 +107,15 @@ impl Connection {
             return;
         }
         match http::parse(&self.input, limits) {
-            Ok(None) => self.closing = self.eof,
-            Ok(Some(request)) => {
+            Ok(Parsed::Partial { wants_continue }) => {
+                if wants_continue && !self.continued {
+                    self.continued = true;
+                    self.output = http::CONTINUE.to_vec();
+                }
+                self.closing = self.eof;
+            }
+            Ok(Parsed::Complete(request)) => {
+                self.continued = false;
                 self.input.drain(..request.length);
                 let close = !request.keep_alive || self.eof;
                 (self.output, self.answering) = answer(vmm, &request, close);

@@ -173,10 +173,12 @@ impl Reply {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
     }
 
-    /// The one-line message of an error reply.
+    /// The one-line message of an error reply: Cloud Hypervisor's array of messages, one here.
     fn error(&self) -> String {
         assert!(!self.body.contains('\n'), "one line: {self:?}");
-        self.json()["error"]
+        let messages = self.json();
+        assert_eq!(messages.as_array().map(Vec::len), Some(1), "{self:?}");
+        messages[0]
             .as_str()
             .unwrap_or_else(|| panic!("an error body: {self:?}"))
             .to_string()
@@ -587,4 +589,45 @@ fn more_clients_than_the_limit_wait_their_turn() {
     // The third is served once the idle ones time out.
     let reply = server.call("GET", "vmm.ping", "");
     assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+/// The status line as Cloud Hypervisor's server writes it, with no reason phrase: its client
+/// reads the rest of the line as the number. Errors are its array of messages.
+#[test]
+fn status_lines_and_error_bodies_are_cloud_hypervisors() {
+    let server = server();
+    let reply = server.call("GET", "vmm.ping", "");
+    assert!(reply.head.starts_with("HTTP/1.1 200 \r\n"), "{reply:?}");
+    let reply = server.call("GET", "vm.nothing", "");
+    assert!(reply.head.starts_with("HTTP/1.1 404 \r\n"), "{reply:?}");
+    assert!(reply.json().is_array(), "{reply:?}");
+}
+
+/// A client that asks before sending its body (`Expect: 100-continue`, as curl does for
+/// larger bodies) is told to go on once, and then answered.
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let server = server();
+    let mut stream = server.connect();
+    let body = r#"{"path":"/images/hot.img"}"#;
+    stream
+        .write_all(
+            format!(
+                "PUT /api/v1/vm.add-disk HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut interim = [0u8; 17];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 \r\n\r\n");
+    stream.write_all(body.as_bytes()).unwrap();
+    let reply = read_reply(&mut stream);
+    assert_eq!(reply.status, 501, "the fake's answer: {reply:?}");
+    let requests = server.requests();
+    let [Request::AddDisk(disk)] = requests.as_slice() else {
+        panic!("the body arrived and was parsed: {requests:?}")
+    };
+    assert_eq!(disk.path.as_deref(), Some("/images/hot.img"));
 }

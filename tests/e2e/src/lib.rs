@@ -24,7 +24,8 @@
 //!
 //! Host scripts run in a scratch directory, so relative paths (`disk.img`) work in both
 //! the scripts and `warden_args`; `$WARDEN`, `$L2_KERNEL` and `$L2_INITRAMFS` name the files
-//! warden gets, and `$API_CLIENT` a client of its `--api-socket` (`src/bin/api-client.rs`). Everything printed (the host's console, warden's serial output, so the guest's
+//! warden gets, and `$API_CLIENT` a client of its `--api-socket` (`src/bin/api-client.rs`);
+//! a scenario's [`Scenario::host_binary`]s (a peer's client) are on their `PATH`. Everything printed (the host's console, warden's serial output, so the guest's
 //! console) lands in [`Outcome::console`] and in `console.log` in the scratch directory,
 //! `<target dir>/e2e-runs/<scenario name>/`, which is kept for post-mortems.
 //!
@@ -102,6 +103,7 @@ pub struct Scenario {
     terminal: bool,
     vmm: Option<PathBuf>,
     one_l1_cpu: bool,
+    host_binaries: Vec<PathBuf>,
 }
 
 impl Scenario {
@@ -133,6 +135,7 @@ impl Scenario {
             terminal: false,
             vmm: None,
             one_l1_cpu: true,
+            host_binaries: Vec::new(),
         }
     }
 
@@ -153,6 +156,14 @@ impl Scenario {
     /// in the same batch. Nested, it must be a static binary: L1 has no shared libraries.
     pub fn vmm(mut self, binary: &Path) -> Self {
         self.vmm = Some(binary.to_owned());
+        self
+    }
+
+    /// Puts `binary`, a program from outside this crate (a peer's client such as Cloud
+    /// Hypervisor's `ch-remote`), on the KVM host's `PATH` under its own name for the host
+    /// scripts. Nested, it must be a static binary: L1 has no shared libraries.
+    pub fn host_binary(mut self, binary: &Path) -> Self {
+        self.host_binaries.push(binary.to_owned());
         self
     }
 
@@ -614,9 +625,16 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
     let start = Instant::now();
     let (status, timed_out) = match mode {
         Mode::Direct => {
+            let bin_dir = run_dir.join("bin");
+            fs::create_dir(&bin_dir).expect("create the host binaries' directory");
+            for binary in &scenario.host_binaries {
+                std::os::unix::fs::symlink(binary, bin_dir.join(binary_name(binary)))
+                    .unwrap_or_else(|e| panic!("cannot link {}: {e}", binary.display()));
+            }
             let files = HostFiles {
                 warden: prepared.vmm(scenario),
                 api_client: prepared.binary("api-client"),
+                bin_dir,
                 kernel,
                 initramfs: l2_initramfs,
                 disk_device: None,
@@ -701,6 +719,15 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
     outcome
 }
 
+/// A binary's file name, which it keeps on the KVM host.
+fn binary_name(binary: &Path) -> String {
+    binary
+        .file_name()
+        .unwrap_or_else(|| panic!("{} names no file", binary.display()))
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Copies `image` sparsely to `host-disk` in `run_dir` (a 1 GiB image with 350 MB of data
 /// takes a second or two) and returns the copy's path.
 fn copy_host_disk(image: &Path, run_dir: &Path) -> PathBuf {
@@ -738,6 +765,24 @@ systemctl poweroff --no-block
         name = scenario.name,
         script = scenario.guest_script
     )
+}
+
+/// A peer's static binary (`../shared/peers/` beside the workspace, see its README: Cloud
+/// Hypervisor's `cloud-hypervisor` and `ch-remote`), or the file `variable` names. `None`,
+/// said loudly for `test`, when it isn't there: the test should just return.
+pub fn peer_binary(name: &str, variable: &str, test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(variable).map_or_else(
+        || workspace_root().join("../shared/peers").join(name),
+        PathBuf::from,
+    );
+    if path.is_file() {
+        return Some(path);
+    }
+    packages::say(&format!(
+        "E2E SKIPPED: {test} did not run: no {name} at {} (set {variable} to a static build)",
+        path.display()
+    ));
+    None
 }
 
 /// Where scenarios run on this machine, or why none can: for callers whose own set-up depends
@@ -916,6 +961,7 @@ fn write_l1_initramfs(
     let files = HostFiles {
         warden: Path::new("/").join(&vmm_in_l1),
         api_client: "/e2e/api-client".into(),
+        bin_dir: "/e2e/bin".into(),
         kernel: "/e2e/kernel".into(),
         initramfs: "/e2e/initramfs".into(),
         disk_device: disk_device.map(str::to_string),
@@ -931,6 +977,10 @@ fn write_l1_initramfs(
         let mut archive = cpio::Writer::new(out);
         archive.dir("e2e")?;
         archive.dir("e2e/vmm")?;
+        archive.dir("e2e/bin")?;
+        for binary in &scenario.host_binaries {
+            archive.file_from(&format!("e2e/bin/{}", binary_name(binary)), 0o755, binary)?;
+        }
         for (name, text) in &scripts {
             archive.file(&format!("e2e/{name}"), 0o755, text.as_bytes())?;
         }
@@ -949,6 +999,8 @@ struct HostFiles {
     /// warden, or the scenario's [`Scenario::vmm`].
     warden: PathBuf,
     api_client: PathBuf,
+    /// Where the scenario's [`Scenario::host_binary`]s are: first on the scripts' `PATH`.
+    bin_dir: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
     /// The block device that holds the [`Scenario::host_disk`] in L1 (nested mode), which
@@ -1039,6 +1091,7 @@ ln -sf {dev} host-disk
     let host = format!(
         r#"# generated by the e2e harness: scenario {name}
 export WARDEN={warden} L2_KERNEL={kernel} L2_INITRAMFS={initramfs} API_CLIENT={api_client}
+export PATH={bin_dir}:"$PATH"
 mark() {{ echo "$@" {mark}; }}
 {one_cpu}{link_disk}mark WARDEN-HOST-SETUP
 sh -e ./setup.sh
@@ -1061,6 +1114,7 @@ mark "WARDEN-HOST-CHECK-EXIT=$rc"
         name = scenario.name,
         warden = shell_quote(&files.warden.display().to_string()),
         api_client = shell_quote(&files.api_client.display().to_string()),
+        bin_dir = shell_quote(&files.bin_dir.display().to_string()),
         kernel = shell_quote(&files.kernel.display().to_string()),
         initramfs = shell_quote(&files.initramfs.display().to_string()),
         timeout = secs(scenario.timeout),
@@ -1208,6 +1262,7 @@ mod tests {
         let files = HostFiles {
             warden: "/w".into(),
             api_client: "/a".into(),
+            bin_dir: "/b".into(),
             kernel: "/k".into(),
             initramfs: "/i".into(),
             disk_device: None,
@@ -1230,6 +1285,7 @@ mod tests {
         let files = |nested| HostFiles {
             warden: "/w".into(),
             api_client: "/a".into(),
+            bin_dir: "/b".into(),
             kernel: "/k".into(),
             initramfs: "/i".into(),
             disk_device: None,

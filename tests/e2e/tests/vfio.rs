@@ -367,7 +367,7 @@ fn passthrough_hot_added_behind_the_virtio_iommu_and_removed() {
     assert_eq!(added["bdf"], "0000:00:18.0", "{added}");
     let (status, again) = out.api_reply("add-again");
     assert_eq!(status, 400, "the group is in use: {again}\n{out}");
-    let error = again["error"].as_str().unwrap_or_default();
+    let error = again[0].as_str().unwrap_or_default();
     assert!(error.contains("is busy"), "{again}");
     let (_, info) = out.api_reply("info");
     assert_eq!(

@@ -1,0 +1,288 @@
+//! Cloud Hypervisor's own client, `ch-remote` (a static v54 build, found as
+//! [`e2e::peer_binary`] says), drives warden's `--api-socket` while the guest runs: ping, info
+//! and counters; two rounds of hot-adding a disk behind the IOMMU, which the guest reads whole
+//! and overwrites with data of its own (24 MiB each way, checksums on both sides), then
+//! removing it; a hot-added net behind the IOMMU that the guest pings the host across, removed
+//! again; pause and resume; two refusals, whose messages it must print; and `shutdown-vmm`,
+//! which ends warden. `ch-remote` reads replies more strictly than curl (a status line with a
+//! reason phrase was an error to it), so this is what "Cloud Hypervisor's clients work
+//! unchanged" rests on. One boot.
+//!
+//! Host and guest take turns through sectors of the boot disk: the guest writes `READY` (8),
+//! `HOTn` (8 + 8n: round n's disk is read and written), `GONEn` (40 + 8n: it has left the
+//! guest), `NETUP` (64: the host answered pings over the hot-added net) and `NETGONE` (72).
+
+use e2e::{Outcome, Scenario};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Bytes of each hot-added disk: read whole by the guest, then overwritten by it.
+const HOT_DISK_MIB: usize = 24;
+
+const GUEST_SCRIPT: &str = r#"
+wait_for /dev/vda
+tell() { printf "$1" | dd of=/dev/vda bs=512 seek=$2 conv=notrunc,fsync 2>/dev/null; }
+group_devices() { ls "/sys/kernel/iommu_groups/$(basename "$(readlink "$1/iommu_group")")/devices" | tr '\n' ' '; }
+gone() {
+    n=0
+    while [ -e "$1" ] || [ -e "$2" ]; do
+        n=$((n + 1)); [ $n -gt 120 ] && break
+        sleep 1
+    done
+    [ -e "$1" ] || [ -e "$2" ] && echo no || echo yes
+}
+head -c 4096 /dev/vda >/dev/null
+tell READY 8
+hot=/sys/bus/pci/devices/0000:00:18.0
+for round in 1 2; do
+    wait_for /dev/vdb 120
+    echo "CHR-GUEST-$round-GROUP-DEVICES=$(group_devices $hot)"
+    echo "CHR-GUEST-$round-READ-SUM=$(sha256sum </dev/vdb | cut -d' ' -f1)"
+    dd if=/dev/urandom of=/tmp/out bs=1M count=HOT_DISK_MIB 2>/dev/null
+    echo "CHR-GUEST-$round-WROTE-SUM=$(sha256sum </tmp/out | cut -d' ' -f1)"
+    dd if=/tmp/out of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    rm /tmp/out
+    tell "HOT$round" $((8 + 8 * round))
+    echo "CHR-GUEST-$round-GONE=$(gone /dev/vdb $hot)"
+    tell "GONE$round" $((40 + 8 * round))
+done
+wait_for /sys/class/net/eth0 120
+net_pci=$(readlink -f /sys/class/net/eth0/device/..)
+echo "CHR-GUEST-NET-PCI=${net_pci##*/}"
+echo "CHR-GUEST-NET-GROUP-DEVICES=$(group_devices "$net_pci")"
+ip addr add 192.168.250.2/24 dev eth0
+ip link set eth0 up
+n=0
+until ping -c 1 -W 1 192.168.250.1 >/dev/null 2>&1; do
+    n=$((n + 1)); [ $n -gt 60 ] && break
+    usleep 200000
+done
+echo "CHR-GUEST-NET-PINGS=$(ping -c 3 -W 5 192.168.250.1 | grep -c 'bytes from')"
+tell NETUP 64
+echo "CHR-GUEST-NET-GONE=$(gone /sys/class/net/eth0 "$net_pci")"
+tell NETGONE 72
+# The host ends warden (shutdown-vmm) when it is done.
+sleep 600
+"#;
+
+/// The host's half, in the background while warden runs: `chr NAME ARGS` runs `ch-remote
+/// ARGS` and keeps its stdout, stderr and exit status as `NAME.out`, `NAME.err`, `NAME.rc`.
+const HOST_CLIENT: &str = r#"dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/null
+for r in 1 2; do
+  dd if=/dev/urandom of=hot$r.img bs=1M count=HOT_DISK_MIB 2>/dev/null
+  sha256sum hot$r.img | cut -d' ' -f1 >hot$r.before
+done
+(
+  set +e
+  chr() { name=$1; shift; ch-remote --api-socket api.sock "$@" >$name.out 2>$name.err; echo $? >$name.rc; }
+  wait_sector() {
+    n=0
+    until [ "$(dd if=disk.img bs=512 skip=$1 count=1 2>/dev/null | head -c ${#2})" = "$2" ]; do
+      n=$((n + 1)); [ $n -gt 300 ] && exit 1
+      sleep 1
+    done
+  }
+  wait_sector 8 READY
+  chr ping ping
+  chr info info
+  chr add-missing add-disk path=missing.img,iommu=on
+  chr remove-unknown remove-device nothing
+  for r in 1 2; do
+    chr add-$r add-disk path=hot$r.img,iommu=on,id=hot$r
+    wait_sector $((8 + 8 * r)) HOT$r
+    chr counters-$r counters
+    chr remove-$r remove-device hot$r
+    wait_sector $((40 + 8 * r)) GONE$r
+    sha256sum hot$r.img | cut -d' ' -f1 >hot$r.after
+  done
+  chr add-net add-net tap=chr0,ip=192.168.250.1,mask=255.255.255.0,iommu=on,id=hotnet
+  chr info-net info
+  wait_sector 64 NETUP
+  chr remove-net remove-device hotnet
+  wait_sector 72 NETGONE
+  chr pause pause
+  chr info-paused info
+  chr resume resume
+  chr info-resumed info
+  chr shutdown shutdown-vmm
+) >/dev/null 2>&1 &"#;
+
+const HOST_CHECK: &str = r#"for r in 1 2; do
+  echo "CHR-HOST-$r-BEFORE=$(cat hot$r.before)"
+  echo "CHR-HOST-$r-AFTER=$(cat hot$r.after 2>/dev/null)"
+done
+for f in ping info add-missing remove-unknown add-1 counters-1 remove-1 add-2 counters-2 \
+         remove-2 add-net info-net remove-net pause info-paused resume info-resumed shutdown; do
+  echo "CHR-RC $f $(cat $f.rc 2>/dev/null)"
+  echo "CHR-OUT $f $(tr '\n' ' ' <$f.out 2>/dev/null)"
+  echo "CHR-ERR $f $(tr '\n' ' ' <$f.err 2>/dev/null)"
+done"#;
+
+/// What `ch-remote NAME` did: its exit status, stdout and stderr (each on one line).
+struct Call {
+    rc: Option<i32>,
+    out: String,
+    err: String,
+}
+
+impl Call {
+    fn of(outcome: &Outcome, name: &str) -> Call {
+        let field = |kind: &str| {
+            let prefix = format!("CHR-{kind} {name} ");
+            let bare = format!("CHR-{kind} {name}");
+            outcome
+                .host_check_output()
+                .lines()
+                .map(str::trim)
+                .find_map(|l| l.strip_prefix(&prefix).or((l == bare).then_some("")))
+                .unwrap_or_else(|| panic!("no {kind} for {name}\n{outcome}"))
+                .trim()
+                .to_string()
+        };
+        Call {
+            rc: field("RC").parse().ok(),
+            out: field("OUT"),
+            err: field("ERR"),
+        }
+    }
+
+    /// The JSON it printed, after checking it succeeded.
+    fn json(&self, name: &str, outcome: &Outcome) -> Value {
+        self.succeeded(name, outcome);
+        serde_json::from_str(&self.out)
+            .unwrap_or_else(|e| panic!("{name}: {e}: {:?}\n{outcome}", self.out))
+    }
+
+    fn succeeded(&self, name: &str, outcome: &Outcome) {
+        assert_eq!(
+            self.rc,
+            Some(0),
+            "ch-remote {name}: {} {}\n{outcome}",
+            self.out,
+            self.err
+        );
+    }
+}
+
+#[test]
+fn cloud_hypervisors_ch_remote_drives_warden() {
+    let Some(ch_remote) = e2e::peer_binary("ch-remote", "WARDEN_CH_REMOTE", "ch_remote") else {
+        return;
+    };
+    let mib = HOT_DISK_MIB.to_string();
+    let Some(out) = Scenario::new("ch_remote")
+        .host_binary(&ch_remote)
+        .host_setup(&HOST_CLIENT.replace("HOT_DISK_MIB", &mib))
+        .warden_args([
+            "--cpus",
+            "1",
+            "--memory",
+            "size=512M",
+            "--disk",
+            "path=disk.img,iommu=on",
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .guest_script(&GUEST_SCRIPT.replace("HOT_DISK_MIB", &mib))
+        .host_check(HOST_CHECK)
+        .timeout(Duration::from_secs(600))
+        .run()
+    else {
+        return;
+    };
+    let call = |name: &str| Call::of(&out, name);
+
+    let ping = call("ping").json("ping", &out);
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{out}");
+    let info = call("info").json("info", &out);
+    assert_eq!(info["state"], "Running", "{out}");
+    assert_eq!(info["config"]["disks"][0]["iommu"], true, "{out}");
+
+    // Refusals: a non-zero exit and warden's message in ch-remote's chain of errors.
+    for (name, message) in [
+        ("add-missing", "missing.img"),
+        ("remove-unknown", "no device has id \"nothing\""),
+    ] {
+        let refused = call(name);
+        assert_ne!(refused.rc, Some(0), "{name}: {}\n{out}", refused.out);
+        assert!(
+            refused.err.contains(message),
+            "{name}: {}\n{out}",
+            refused.err
+        );
+    }
+
+    let mut maps = 0;
+    for round in 1..=2 {
+        let id = format!("hot{round}");
+        let added = call(&format!("add-{round}")).json("add-disk", &out);
+        assert_eq!(added["id"], id.as_str(), "{out}");
+        assert_eq!(added["bdf"], "0000:00:18.0", "{out}");
+        let marker = |key: &str| out.marker(&format!("CHR-{key}")).map(str::to_string);
+        assert_eq!(
+            marker(&format!("GUEST-{round}-GROUP-DEVICES")).as_deref(),
+            Some("0000:00:18.0"),
+            "a group of its own: {out}"
+        );
+        let before = marker(&format!("HOST-{round}-BEFORE"));
+        assert!(before.as_ref().is_some_and(|s| s.len() == 64), "{out}");
+        assert_eq!(
+            marker(&format!("GUEST-{round}-READ-SUM")),
+            before,
+            "the guest read the host's data: {out}"
+        );
+        assert_eq!(
+            marker(&format!("HOST-{round}-AFTER")),
+            marker(&format!("GUEST-{round}-WROTE-SUM")),
+            "the host has the guest's data: {out}"
+        );
+        let counters = call(&format!("counters-{round}")).json("counters", &out);
+        let now = counters["virtio-iommu"]["maps"].as_u64().expect("maps");
+        assert!(
+            now > maps,
+            "round {round} mapped through the IOMMU: {counters}\n{out}"
+        );
+        assert!(
+            counters[&id]["read_bytes"].as_u64() >= Some((HOT_DISK_MIB as u64) << 20),
+            "{counters}\n{out}"
+        );
+        maps = now;
+        call(&format!("remove-{round}")).succeeded("remove-device", &out);
+        assert_eq!(
+            marker(&format!("GUEST-{round}-GONE")).as_deref(),
+            Some("yes"),
+            "{out}"
+        );
+    }
+
+    let added = call("add-net").json("add-net", &out);
+    assert_eq!(added["id"], "hotnet", "{out}");
+    let info = call("info-net").json("info", &out);
+    assert_eq!(info["config"]["net"][0]["tap"], "chr0", "{out}");
+    assert_eq!(info["config"]["net"][0]["iommu"], true, "{out}");
+    let bdf = added["bdf"].as_str().expect("a bdf");
+    assert_eq!(out.marker("CHR-GUEST-NET-PCI"), Some(bdf), "{out}");
+    assert_eq!(
+        out.marker("CHR-GUEST-NET-GROUP-DEVICES"),
+        Some(bdf),
+        "{out}"
+    );
+    assert_eq!(out.marker("CHR-GUEST-NET-PINGS"), Some("3"), "{out}");
+    call("remove-net").succeeded("remove-device", &out);
+    assert_eq!(out.marker("CHR-GUEST-NET-GONE"), Some("yes"), "{out}");
+
+    call("pause").succeeded("pause", &out);
+    assert_eq!(
+        call("info-paused").json("info", &out)["state"],
+        "Paused",
+        "{out}"
+    );
+    call("resume").succeeded("resume", &out);
+    assert_eq!(
+        call("info-resumed").json("info", &out)["state"],
+        "Running",
+        "{out}"
+    );
+    call("shutdown").succeeded("shutdown-vmm", &out);
+    assert_eq!(out.warden_exit, Some(0), "shutdown-vmm ends warden: {out}");
+}
