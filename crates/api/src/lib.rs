@@ -14,11 +14,8 @@ pub mod responses;
 pub mod routes;
 mod server;
 
-pub use bodies::{DeviceConfig, DiskConfig, NetConfig, VmRemoveDevice};
-pub use responses::{
-    ConsoleConfig, Counters, CpusConfig, DeviceNode, MemoryConfig, PayloadConfig, PciDeviceInfo,
-    RngConfig, SerialConfig, VmConfig, VmInfo, VmState, VmmPingResponse,
-};
+pub use bodies::VmRemoveDevice;
+pub use responses::{Counters, DeviceNode, PciDeviceInfo, VmInfo, VmState, VmmPingResponse};
 pub use routes::{ApiError, Request, Response};
 pub use server::{serve, Limits};
 

@@ -2,7 +2,9 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::bodies::{DeviceConfig, DiskConfig, NetConfig, VmRemoveDevice};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig};
+
+use crate::bodies::VmRemoveDevice;
 use crate::responses::{Counters, PciDeviceInfo, VmInfo, VmmPingResponse};
 
 /// What a client asked the VMM for, its body parsed and validated.
@@ -122,17 +124,17 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         "vm.reboot" => Request::Reboot,
         "vm.add-disk" => {
             let disk: DiskConfig = json(name, "DiskConfig", body)?;
-            disk.validate().map_err(ApiError::bad_request)?;
+            disk.validate().map_err(config_refusal)?;
             Request::AddDisk(disk)
         }
         "vm.add-net" => {
             let net: NetConfig = json(name, "NetConfig", body)?;
-            net.validate().map_err(ApiError::bad_request)?;
+            net.validate().map_err(config_refusal)?;
             Request::AddNet(net)
         }
         "vm.add-device" => {
             let device: DeviceConfig = json(name, "DeviceConfig", body)?;
-            device.validate().map_err(ApiError::bad_request)?;
+            device.validate().map_err(config_refusal)?;
             Request::AddDevice(device)
         }
         "vm.remove-device" => {
@@ -142,6 +144,11 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         }
         _ => unreachable!("every endpoint in ENDPOINTS is routed"),
     })
+}
+
+/// 400 for a configuration warden cannot build, naming the field.
+fn config_refusal(err: vm_config::ConfigError) -> ApiError {
+    ApiError::bad_request(err.to_string())
 }
 
 /// The body of `endpoint`, a JSON `schema` object.

@@ -51,44 +51,25 @@ impl Vmm for FakeVmm {
 
 fn info() -> VmInfo {
     VmInfo {
-        config: VmConfig {
-            cpus: CpusConfig {
+        config: vm_config::VmConfig {
+            cpus: vm_config::CpusConfig {
                 boot_vcpus: 2,
                 max_vcpus: 2,
+                ..Default::default()
             },
-            memory: MemoryConfig {
-                size: 512 << 20,
-                shared: false,
-                hugepages: false,
-                file: None,
-            },
-            payload: PayloadConfig {
-                kernel: "vmlinuz".into(),
-                cmdline: "console=ttyS0".into(),
-                initramfs: None,
-            },
-            disks: vec![DiskConfig {
+            payload: Some(vm_config::PayloadConfig {
+                kernel: Some("vmlinuz".into()),
+                cmdline: Some("console=ttyS0".into()),
+                ..Default::default()
+            }),
+            disks: vec![vm_config::DiskConfig {
                 path: Some("disk.img".into()),
                 iommu: true,
                 id: Some("_disk0".into()),
                 ..Default::default()
             }],
-            net: vec![],
-            rng: Some(RngConfig {
-                src: "/dev/urandom".into(),
-                iommu: false,
-            }),
-            serial: SerialConfig {
-                mode: "Tty".into(),
-                file: None,
-            },
-            console: ConsoleConfig {
-                mode: "Null".into(),
-                file: None,
-                iommu: false,
-            },
-            devices: vec![],
             iommu: true,
+            ..Default::default()
         },
         state: VmState::Running,
         memory_actual_size: 512 << 20,
@@ -329,7 +310,7 @@ fn hotplug_bodies_are_parsed_with_ch_defaults_and_handed_on() {
     else {
         panic!("four hotplug requests: {requests:?}")
     };
-    assert_eq!(disk.path.as_deref(), Some("/tmp/d.img"));
+    assert_eq!(disk.path(), std::path::Path::new("/tmp/d.img"));
     assert!(disk.iommu && !disk.readonly);
     assert_eq!((disk.num_queues, disk.queue_size), (1, 128));
     assert_eq!(net.tap.as_deref(), Some("vmtap9"));
@@ -362,7 +343,7 @@ fn malformed_or_unacceptable_bodies_are_400_with_the_reason() {
         (
             "vm.add-disk",
             r#"{"readonly":true}"#,
-            "DiskConfig: path is required",
+            "disks.path is required",
         ),
         (
             "vm.add-disk",
@@ -372,27 +353,22 @@ fn malformed_or_unacceptable_bodies_are_400_with_the_reason() {
         (
             "vm.add-disk",
             r#"{"path":"/d","num_queues":65}"#,
-            "num_queues 65 is not from 1 to 64",
+            "num_queues: 65 is not from 1 to 64",
         ),
         (
             "vm.add-disk",
             r#"{"path":"/d","queue_size":100}"#,
-            "queue_size 100 is not a power of two",
-        ),
-        (
-            "vm.add-disk",
-            r#"{"path":"/d","pci_segment":1}"#,
-            "pci_segment 1 does not exist",
+            "queue_size: 100 is not a power of two",
         ),
         (
             "vm.add-disk",
             r#"{"path":"/d","id":"a b"}"#,
-            "id \"a b\" must be",
+            "disks.id: \"a b\" must be",
         ),
         (
             "vm.add-net",
             r#"{"ip":"fe80::1"}"#,
-            "ip \"fe80::1\" is not an IPv4 address",
+            "net.ip: \"fe80::1\" is not an IPv4 address",
         ),
         (
             "vm.add-net",
@@ -402,21 +378,21 @@ fn malformed_or_unacceptable_bodies_are_400_with_the_reason() {
         (
             "vm.add-net",
             r#"{"mac":"01:00:5e:00:00:01"}"#,
-            "is not a unicast MAC",
+            "is a multicast address",
         ),
         (
             "vm.add-net",
             r#"{"mac":"52:54:00:12:34"}"#,
-            "is not a unicast MAC",
+            "is not a MAC address",
         ),
         ("vm.add-net", r#"{"tap":"a/b"}"#, "is not an interface name"),
         (
             "vm.add-net",
             r#"{"num_queues":3}"#,
-            "num_queues 3 is not an even number from 2 to 32",
+            "num_queues: 3 is not an even number from 2 to 32",
         ),
         ("vm.add-net", r#"{"mtu":9000}"#, "mtu is not supported"),
-        ("vm.add-device", "{}", "DeviceConfig: path is required"),
+        ("vm.add-device", "{}", "devices.path is required"),
         (
             "vm.add-device",
             r#"{"path":"sys/x"}"#,
@@ -629,5 +605,5 @@ fn expect_100_continue_is_answered_before_the_body() {
     let [Request::AddDisk(disk)] = requests.as_slice() else {
         panic!("the body arrived and was parsed: {requests:?}")
     };
-    assert_eq!(disk.path.as_deref(), Some("/images/hot.img"));
+    assert_eq!(disk.path(), std::path::Path::new("/images/hot.img"));
 }

@@ -18,29 +18,29 @@ const VIABLE_DRIVERS: [&str; 3] = ["vfio-pci", "pci-stub", "pcieport"];
 /// Why a device could not be opened; each message is one line naming `--device` and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("--device: {0}: no such PCI device; give its sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0")]
+    #[error("device: {0}: no such PCI device; give its sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0")]
     NoDevice(PathBuf),
-    #[error("--device: /dev/vfio/vfio does not exist: load VFIO on the host (modprobe vfio-pci)")]
+    #[error("device: /dev/vfio/vfio does not exist: load VFIO on the host (modprobe vfio-pci)")]
     NoVfio,
-    #[error("--device: {0} has no IOMMU group: the host IOMMU is off; enable it (intel_iommu=on or amd_iommu=on on the host's kernel command line)")]
+    #[error("device: {0} has no IOMMU group: the host IOMMU is off; enable it (intel_iommu=on or amd_iommu=on on the host's kernel command line)")]
     NoGroup(PathBuf),
-    #[error("--device: {bdf} is {driver}, not vfio-pci; bind it: echo vfio-pci > {path}/driver_override; echo {bdf} > {path}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe")]
+    #[error("device: {bdf} is {driver}, not vfio-pci; bind it: echo vfio-pci > {path}/driver_override; echo {bdf} > {path}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe")]
     NotVfioPci {
         bdf: String,
         path: String,
         driver: String,
     },
-    #[error("--device: IOMMU group {group} of {bdf} is not viable: {others} must be bound to vfio-pci (or unbound) too, since devices in one group can reach each other's DMA")]
+    #[error("device: IOMMU group {group} of {bdf} is not viable: {others} must be bound to vfio-pci (or unbound) too, since devices in one group can reach each other's DMA")]
     GroupNotViable {
         group: u32,
         bdf: String,
         others: String,
     },
-    #[error("--device: cannot open /dev/vfio/{0}: permission denied; run warden as root (or give its user the group's device node)")]
+    #[error("device: cannot open /dev/vfio/{0}: permission denied; run warden as root (or give its user the group's device node)")]
     NotPermitted(u32),
-    #[error("--device: /dev/vfio/{0} is busy: another process (another VMM?) holds the group")]
+    #[error("device: /dev/vfio/{0} is busy: another process (another VMM?) holds the group")]
     Busy(u32),
-    #[error("--device: {path}: {what}")]
+    #[error("device: {path}: {what}")]
     Vfio { path: PathBuf, what: String },
 }
 
@@ -161,7 +161,7 @@ mod tests {
         let err = check_host(Path::new("/sys/bus/pci/devices/0000:ff:1f.7")).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--device: /sys/bus/pci/devices/0000:ff:1f.7: no such PCI device; give its sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0"
+            "device: /sys/bus/pci/devices/0000:ff:1f.7: no such PCI device; give its sysfs path, e.g. path=/sys/bus/pci/devices/0000:01:00.0"
         );
     }
 
@@ -180,7 +180,7 @@ mod tests {
             std::os::unix::fs::symlink("../drivers/virtio-pci", dev.join("driver")).unwrap();
             let err = check_host(&dev).unwrap_err().to_string();
             assert!(
-                err.starts_with("--device: 0000:00:03.0 is bound to virtio-pci, not vfio-pci; bind it: echo vfio-pci >"),
+                err.starts_with("device: 0000:00:03.0 is bound to virtio-pci, not vfio-pci; bind it: echo vfio-pci >"),
                 "{err}"
             );
         } else {

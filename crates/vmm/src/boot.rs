@@ -36,31 +36,31 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("--kernel: cannot open {path}: {source}")]
+    #[error("payload.kernel: cannot open {path}: {source}")]
     OpenKernel {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--kernel: {path} is neither an ELF vmlinux nor a bzImage ({elf}; {bzimage})")]
+    #[error("payload.kernel: {path} is neither an ELF vmlinux nor a bzImage ({elf}; {bzimage})")]
     UnknownKernelFormat {
         path: PathBuf,
         elf: loader::Error,
         bzimage: loader::Error,
     },
-    #[error("--initramfs: cannot open {path}: {source}")]
+    #[error("payload.initramfs: cannot open {path}: {source}")]
     OpenInitramfs {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--initramfs: {path} ({size} bytes) does not fit in guest RAM below {limit:#x}; give more --memory")]
+    #[error("payload.initramfs: {path} ({size} bytes) does not fit in guest RAM below {limit:#x}; give more memory")]
     InitramfsTooLarge {
         path: PathBuf,
         size: u64,
         limit: u64,
     },
-    #[error("--initramfs: cannot copy {path} into guest RAM: {reason}")]
+    #[error("payload.initramfs: cannot copy {path} into guest RAM: {reason}")]
     LoadInitramfs { path: PathBuf, reason: String },
-    #[error("--cmdline: {0}")]
+    #[error("payload.cmdline: {0}")]
     Cmdline(String),
     #[error("cannot write boot parameters: {0}")]
     BootParams(String),
@@ -373,7 +373,7 @@ mod tests {
             rsdp: GuestAddress(layout::ACPI_START),
         };
         let err = load_kernel(&mem, &info).unwrap_err().to_string();
-        assert!(err.starts_with("--kernel: "), "{err}");
+        assert!(err.starts_with("payload.kernel: "), "{err}");
         assert!(
             err.contains("neither an ELF vmlinux nor a bzImage"),
             "{err}"

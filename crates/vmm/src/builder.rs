@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -23,7 +24,8 @@ use vm_superio::Serial;
 use crate::bar_placement::BarPlacement;
 use crate::boot::{self, BootInfo};
 use crate::clock::PausedClock;
-use crate::config::{OutputConfig, VmConfig};
+use vm_config::{ConsoleMode, SerialConfig, VmConfig};
+
 use crate::control::{self, api_listener, serve_api, Control};
 use crate::devices::{
     build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
@@ -37,6 +39,7 @@ use crate::legacy::{
     I8042,
 };
 use crate::memory::{self, MemoryError};
+use crate::options::VmmOptions;
 use crate::pause::PauseGate;
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
@@ -68,7 +71,7 @@ pub enum VmmError {
     Vfio(#[from] vfio::OpenError),
     /// A tap that cannot be used as asked: the host lacks the tun driver or the permission,
     /// or the name is taken.
-    #[error("--net: {0}")]
+    #[error("net: {0}")]
     Net(#[from] net_util::TapError),
     #[error("--seccomp: {0}; run with --seccomp false on a host without seccomp filters")]
     Seccomp(#[from] sandbox::Error),
@@ -95,14 +98,15 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-/// Builds the machine `config` describes, runs it, and returns how the guest stopped.
-pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
+/// Builds the machine `config` (validated and resolved) describes, runs it under `options`,
+/// and returns how the guest stopped.
+pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmError> {
     let sigusr1 = block_sigusr1()?;
     vcpu::install_kick_handler().map_err(|source| VmmError::Io {
         what: "install the vCPU kick's signal handler".into(),
         source,
     })?;
-    let filters = Filters::new(config.seccomp)?.map(Arc::new);
+    let filters = Filters::new(options.seccomp)?.map(Arc::new);
     if let Some(filters) = &filters {
         let filters = Arc::clone(filters);
         virtio_devices::set_thread_start_hook(Box::new(move |kind| {
@@ -111,7 +115,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     }
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     warn_if_kvm_cannot_run_linux();
-    let api_listener = config.api_socket.as_ref().map(api_listener).transpose()?;
+    let api_listener = options.api_socket.as_ref().map(api_listener).transpose()?;
 
     let ram = memory::create_guest_ram(&config.memory)?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create VM"))?);
@@ -123,7 +127,8 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     })?;
 
     // Keystrokes go to the guest unprocessed (Ctrl-C included), as on a serial line.
-    let _raw_terminal = (config.serial == OutputConfig::Tty || config.console == OutputConfig::Tty)
+    let _raw_terminal = (config.serial.mode == ConsoleMode::Tty
+        || config.console.mode == ConsoleMode::Tty)
         .then(RawTerminal::enter)
         .flatten();
     let (exits_tx, exits) = channel();
@@ -140,7 +145,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let mut devices = plan_devices(config);
     open_vhost(&mut devices, &ram.memory)?;
     // Made before any filter: passed-through devices, those given now and those hot-added.
-    let kvm_vfio = (!config.devices.is_empty() || config.api_socket.is_some())
+    let kvm_vfio = (!config.devices.is_empty() || options.api_socket.is_some())
         .then(|| kvm_vfio_device(&vm))
         .flatten();
     let passthrough = open_passthrough(config, kvm_vfio.as_ref(), &devices, &ram.memory)?;
@@ -155,12 +160,19 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
                 .map(Passthrough::endpoint),
         )
         .collect();
-    let iommu = if config.needs_iommu() {
-        let model = create_iommu_model(ram.backing_page_size, &devices, &passthrough, &ram.memory)?;
+    let platform = config.platform();
+    let iommu = if config.iommu {
+        let model = create_iommu_model(
+            ram.backing_page_size,
+            platform.iommu_address_width_bits,
+            &devices,
+            &passthrough,
+            &ram.memory,
+        )?;
         let device = Box::new(Iommu::new(
             Arc::clone(&model),
             ram.memory.clone(),
-            iommu_polling(config.iommu_poll),
+            iommu_polling(Duration::from_micros(platform.iommu_poll_us())),
         ));
         pci.add_virtio(
             IOMMU_DEVICE_NUMBER,
@@ -183,15 +195,9 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("every protected device was registered as an endpoint");
                 let mem = IommuMemory::new(ram.memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &config.console, &planned.vhost)?
+                build_device(&planned.kind, mem, true, &planned.vhost)?
             }
-            _ => build_device(
-                &planned.kind,
-                ram.memory.clone(),
-                false,
-                &config.console,
-                &planned.vhost,
-            )?,
+            _ => build_device(&planned.kind, ram.memory.clone(), false, &planned.vhost)?,
         };
         if let Some(counters) = device.counters() {
             device_counters.push((id, counters));
@@ -207,7 +213,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
         .map_err(VmmError::Device)?;
     }
     let device_entries = device_entries(&devices, &passthrough, iommu.is_some());
-    if config.api_socket.is_some() {
+    if options.api_socket.is_some() {
         if let Some(full) = device_entries
             .iter()
             .find(|d| d.device_number >= HOTPLUG_SLOTS.start)
@@ -226,10 +232,10 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let mut vfio_devices = Vec::new();
     let mut vfio_stats = Vec::new();
     for p in passthrough {
-        let name = p.config.name();
+        let name = p.id();
         let device =
             VfioPciDevice::new(&name, p.opened.device, |vectors| router.msi_group(vectors))
-                .map_err(|err| VmmError::Device(format!("--device {name}: {err}")))?;
+                .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
         let device = Arc::new(Mutex::new(device));
         pci.add_vfio(
             p.device_number,
@@ -239,7 +245,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
             &mut mmio,
             &mut next_slot,
         )
-        .map_err(|err| VmmError::Device(format!("--device {name}: {err}")))?;
+        .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
         vfio_devices.push(device);
         vfio_stats.push((name, p.mapper));
     }
@@ -251,11 +257,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let gate = Arc::new(PauseGate::default());
     if let Some(listener) = api_listener {
-        let info = Arc::new(Mutex::new(control::vm_info(
-            config,
-            &device_entries,
-            iommu.is_some(),
-        )));
+        let info = Arc::new(Mutex::new(control::vm_info(config, &device_entries)));
         let hotplug = start_hotplug(
             &pci,
             Machine {
@@ -286,17 +288,22 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     }
 
     let rsdp = acpi::write_tables(
-        &acpi_layout(config, iommu.is_some().then_some(protected)),
+        &acpi_layout(
+            config,
+            options.api_socket.is_some(),
+            iommu.is_some().then_some(protected),
+        ),
         &ram.memory,
         GuestAddress(layout::ACPI_START),
     )
     .map_err(|err| VmmError::Device(format!("ACPI tables: {err}")))?;
+    let payload = config.payload();
     let entry = boot::load_kernel(
         &ram.memory,
         &BootInfo {
-            kernel: &config.kernel,
-            initramfs: config.initramfs.as_deref(),
-            cmdline: &config.cmdline,
+            kernel: payload.kernel(),
+            initramfs: payload.initramfs.as_deref(),
+            cmdline: payload.cmdline(),
             rsdp,
         },
     )?;
@@ -306,10 +313,23 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, VmmError> {
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_error("get supported CPUID"))?;
-    let topology = Topology { cpus: config.cpus };
+    let top = layout::pci_mmio64_start(config.memory.size) + layout::PCI_MMIO64_SIZE;
+    if top > 1u64 << config.cpus.max_phys_bits.min(63) {
+        return Err(VmmError::Device(format!(
+            "cpus.max_phys_bits: {} bits cannot address the machine, which ends at {top:#x}",
+            config.cpus.max_phys_bits
+        )));
+    }
+    // Validated: 1 to 254.
+    let cpus = config.cpus.boot_vcpus as u8;
+    let topology = Topology {
+        cpus,
+        max_phys_bits: config.cpus.max_phys_bits,
+        nested: config.cpus.nested,
+    };
     // The guest starts once every vCPU and this thread are confined.
-    let start = Arc::new(Barrier::new(usize::from(config.cpus) + 1));
-    for id in 0..config.cpus {
+    let start = Arc::new(Barrier::new(usize::from(cpus) + 1));
+    for id in 0..cpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_error("create vCPU"))?;
@@ -478,16 +498,21 @@ fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
 
 /// The machine as the guest's ACPI tables describe it.
 ///
-/// With `--api-socket`, the hotplug slots are there too, and with a virtio-iommu the VIOT
-/// covers the slots for protected hotplug.
-fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi::AcpiLayout {
-    let hotplug = config.api_socket.is_some();
+/// With `hotplug` (an API to plug devices in), the hotplug slots are there too, and with a
+/// virtio-iommu the VIOT covers the slots for protected hotplug.
+fn acpi_layout(
+    config: &VmConfig,
+    hotplug: bool,
+    protected: Option<Vec<acpi::PciBdf>>,
+) -> acpi::AcpiLayout {
     let mmio64_start = layout::pci_mmio64_start(config.memory.size);
+    // Validated: 1 to 254.
+    let cpus = config.cpus.boot_vcpus as u8;
     acpi::AcpiLayout {
-        cpus: config.cpus,
+        cpus,
         ioapic: acpi::IoApic {
             // After the LAPIC IDs 0..cpus, so that no two interrupt controllers share an ID.
-            id: config.cpus,
+            id: cpus,
             address: layout::IOAPIC_START as u32,
             gsi_base: 0,
         },
@@ -502,7 +527,7 @@ fn acpi_layout(config: &VmConfig, protected: Option<Vec<acpi::PciBdf>>) -> acpi:
         mmio64: mmio64_start..mmio64_start + layout::PCI_MMIO64_SIZE,
         // Virtio queue notifications live in I/O BARs.
         pci_io: Some(layout::PCI_IO_START..layout::PCI_IO_END),
-        serial: (config.serial != OutputConfig::Off).then_some(acpi::Serial {
+        serial: (config.serial.mode != ConsoleMode::Off).then_some(acpi::Serial {
             port: layout::COM1_PORT,
             irq: layout::COM1_IRQ,
         }),
@@ -576,7 +601,7 @@ fn set_up_irqchip(vm: &VmFd) -> Result<(), VmmError> {
 fn add_legacy_devices(
     pio: &mut Bus,
     router: &GsiRouter,
-    serial: &OutputConfig,
+    serial: &SerialConfig,
     exits: &Sender<GuestExit>,
     filters: Option<Arc<Filters>>,
 ) -> Result<PowerButton<IrqfdTrigger>, VmmError> {
@@ -585,17 +610,17 @@ fn add_legacy_devices(
             pio.insert(device, u64::from(base), u64::from(len))
                 .map_err(|err| VmmError::Device(err.to_string()))
         };
-    if *serial != OutputConfig::Off {
+    if serial.mode != ConsoleMode::Off {
         let irq = router
             .legacy_irqfd(layout::COM1_IRQ)
             .map_err(|source| VmmError::Io {
                 what: "serial interrupt".into(),
                 source,
             })?;
-        let out = open_output(serial, "--serial")?;
+        let out = open_output(serial.mode, serial.file.as_deref(), "serial")?;
         let port = Arc::new(Mutex::new(SerialPort(Serial::new(IrqfdTrigger(irq), out))));
         insert(pio, port.clone(), layout::COM1_PORT, 8)?;
-        if *serial == OutputConfig::Tty && io::stdin().is_terminal() {
+        if serial.mode == ConsoleMode::Tty && io::stdin().is_terminal() {
             forward_stdin(port, filters);
         }
     }

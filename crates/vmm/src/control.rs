@@ -1,10 +1,8 @@
 //! The VMM's side of the API (`--api-socket`): what each request does to the running machine.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -16,9 +14,11 @@ use sandbox::{Filters, ThreadKind};
 
 use crate::builder::{confine, VmmError};
 use crate::clock::PausedClock;
-use crate::config::{self as vmm_config, ApiSocket, OutputConfig, VmConfig};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig};
+
 use crate::hotplug::{HotplugRequest, EJECT_TIMEOUT};
 use crate::legacy::{GuestExit, IrqfdTrigger, PowerButton};
+use crate::options::ApiSocket;
 use crate::pause::{PauseError, PauseGate};
 use crate::plugged::{device_node, pci_bdf, SharedInfo};
 use crate::stats::StatsReport;
@@ -142,59 +142,23 @@ impl Control {
         Ok(())
     }
 
-    fn add_disk(&self, disk: api::DiskConfig) -> Result<api::PciDeviceInfo, ApiError> {
-        let config = vmm_config::DiskConfig {
-            path: PathBuf::from(disk.path.clone().unwrap_or_default()),
-            readonly: disk.readonly,
-            iommu: disk.iommu,
-            direct: disk.direct,
-            // Validated: 1..=64 queues, a power of two up to 32768 entries.
-            num_queues: disk.num_queues as u16,
-            queue_size: disk.queue_size as u16,
-        };
-        let id = disk.id.clone();
+    fn add_disk(&self, disk: DiskConfig) -> Result<api::PciDeviceInfo, ApiError> {
         self.ask(
-            |reply| HotplugRequest::AddDisk {
-                disk: config,
-                id,
-                listed: disk,
-                reply,
-            },
+            |reply| HotplugRequest::AddDisk { disk, reply },
             HOTPLUG_MARGIN,
         )
     }
 
-    fn add_device(&self, device: api::DeviceConfig) -> Result<api::PciDeviceInfo, ApiError> {
-        let config = vmm_config::DeviceConfig {
-            // Validated: an absolute path.
-            path: PathBuf::from(device.path.clone().unwrap_or_default()),
-            iommu: device.iommu,
-            id: device.id.clone(),
-        };
+    fn add_device(&self, device: DeviceConfig) -> Result<api::PciDeviceInfo, ApiError> {
         self.ask(
-            |reply| HotplugRequest::AddDevice {
-                device: config,
-                listed: device,
-                reply,
-            },
+            |reply| HotplugRequest::AddDevice { device, reply },
             HOTPLUG_MARGIN,
         )
     }
 
-    fn add_net(&self, net: api::NetConfig) -> Result<api::PciDeviceInfo, ApiError> {
-        let config = net_config(&net)?;
-        let listed = api::NetConfig {
-            mac: Some(config.mac.to_string()),
-            mask: config.host_ipv4.map(|(_, mask)| mask.to_string()),
-            ..net.clone()
-        };
+    fn add_net(&self, net: NetConfig) -> Result<api::PciDeviceInfo, ApiError> {
         self.ask(
-            |reply| HotplugRequest::AddNet {
-                net: config,
-                id: net.id,
-                listed,
-                reply,
-            },
+            |reply| HotplugRequest::AddNet { net, reply },
             HOTPLUG_MARGIN,
         )
     }
@@ -205,39 +169,6 @@ impl Control {
             EJECT_TIMEOUT + HOTPLUG_MARGIN,
         )
     }
-}
-
-/// The net a validated `NetConfig` asks for: a new tap unless one is named, a random locally
-/// administered MAC unless one is given, and the host end's netmask 255.255.255.0 unless
-/// given (as on the command line).
-fn net_config(net: &api::NetConfig) -> Result<vmm_config::NetConfig, ApiError> {
-    let ipv4 = |text: &Option<String>| text.as_deref().and_then(|t| t.parse::<Ipv4Addr>().ok());
-    let mac = match net.mac.as_deref() {
-        Some(mac) => mac.parse().map_err(|_| {
-            ApiError::bad_request(format!("NetConfig: mac {mac:?} is not a MAC address"))
-        })?,
-        None => vmm_config::MacAddr::random_local().map_err(|err| {
-            ApiError::new(500, format!("cannot pick a random MAC ({err}); give one"))
-        })?,
-    };
-    Ok(vmm_config::NetConfig {
-        tap: net.tap.clone().unwrap_or_default(),
-        mac,
-        host_ipv4: ipv4(&net.ip).map(|ip| {
-            (
-                ip,
-                ipv4(&net.mask).unwrap_or(Ipv4Addr::new(255, 255, 255, 0)),
-            )
-        }),
-        // Validated: even, up to 32.
-        queue_pairs: (net.num_queues / 2) as u16,
-        // Validated: a power of two up to 32768.
-        queue_size: net.queue_size as u16,
-        iommu: net.iommu,
-        // Cloud Hypervisor's NetConfig has no such field: a hot-added net uses warden's own
-        // data path.
-        vhost: false,
-    })
 }
 
 /// Opens the API's listening socket before the guest starts, so a bad path is a usage error.
@@ -307,89 +238,8 @@ pub struct DeviceEntry {
     pub device_number: u8,
 }
 
-/// `vm.info`'s description of the machine `config` builds, with its devices.
-pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::VmInfo {
-    let path = |p: &std::path::Path| p.display().to_string();
-    let output = |output: &OutputConfig| match output {
-        OutputConfig::Off => ("Off", None),
-        OutputConfig::Null => ("Null", None),
-        OutputConfig::Tty => ("Tty", None),
-        OutputConfig::File(file) => ("File", Some(path(file))),
-    };
-    let (serial_mode, serial_file) = output(&config.serial);
-    let (console_mode, console_file) = output(&config.console);
-    let vm_config = api::VmConfig {
-        cpus: api::CpusConfig {
-            boot_vcpus: config.cpus,
-            max_vcpus: config.cpus,
-        },
-        memory: api::MemoryConfig {
-            size: config.memory.size,
-            shared: config.memory.shared,
-            hugepages: config.memory.backing == crate::config::MemoryBacking::Hugepages,
-            file: match &config.memory.backing {
-                crate::config::MemoryBacking::File(file) => Some(path(file)),
-                _ => None,
-            },
-        },
-        payload: api::PayloadConfig {
-            kernel: path(&config.kernel),
-            cmdline: config.cmdline.clone(),
-            initramfs: config.initramfs.as_deref().map(path),
-        },
-        disks: config
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, disk)| api::DiskConfig {
-                path: Some(path(&disk.path)),
-                readonly: disk.readonly,
-                iommu: disk.iommu,
-                id: Some(format!("_disk{i}")),
-                ..Default::default()
-            })
-            .collect(),
-        net: config
-            .nets
-            .iter()
-            .enumerate()
-            .map(|(i, net)| api::NetConfig {
-                tap: (!net.tap.is_empty()).then(|| net.tap.clone()),
-                ip: net.host_ipv4.map(|(ip, _)| ip.to_string()),
-                mask: net.host_ipv4.map(|(_, mask)| mask.to_string()),
-                mac: Some(net.mac.to_string()),
-                iommu: net.iommu,
-                num_queues: 2 * u64::from(net.queue_pairs),
-                queue_size: u64::from(net.queue_size),
-                id: Some(format!("_net{i}")),
-                ..Default::default()
-            })
-            .collect(),
-        rng: config.rng.as_ref().map(|rng| api::RngConfig {
-            src: path(&rng.src),
-            iommu: rng.iommu,
-        }),
-        serial: api::SerialConfig {
-            mode: serial_mode.into(),
-            file: serial_file,
-        },
-        console: api::ConsoleConfig {
-            mode: console_mode.into(),
-            file: console_file,
-            iommu: config.console_iommu,
-        },
-        devices: config
-            .devices
-            .iter()
-            .map(|device| api::DeviceConfig {
-                path: Some(path(&device.path)),
-                iommu: device.iommu,
-                id: Some(device.name()),
-                ..Default::default()
-            })
-            .collect(),
-        iommu,
-    };
+/// `vm.info` of the machine `config` (validated and resolved) builds, with its devices.
+pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry]) -> api::VmInfo {
     let device_tree: BTreeMap<String, api::DeviceNode> = devices
         .iter()
         .map(|device| {
@@ -398,7 +248,7 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry], iommu: bool) -> api::
         })
         .collect();
     api::VmInfo {
-        config: vm_config,
+        config: config.clone(),
         state: api::VmState::Running,
         memory_actual_size: config.memory.size,
         device_tree,
@@ -447,48 +297,5 @@ mod tests {
         );
         assert_eq!(stuck.status, 500);
         assert!(stuck.message.contains("did not stop"), "{}", stuck.message);
-    }
-
-    #[test]
-    fn a_hot_added_net_defaults_as_the_command_line_does() {
-        let net = net_config(&api::NetConfig {
-            ip: Some("192.168.250.1".into()),
-            iommu: true,
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(net.tap, "", "a new tap");
-        assert!(!net.mac.is_multicast());
-        assert_eq!(net.mac.octets()[0] & 2, 2, "locally administered");
-        assert_eq!(
-            net.host_ipv4,
-            Some((
-                Ipv4Addr::new(192, 168, 250, 1),
-                Ipv4Addr::new(255, 255, 255, 0)
-            ))
-        );
-        assert_eq!(net.queue_size, 256);
-        assert!(net.iommu);
-
-        let net = net_config(&api::NetConfig {
-            tap: Some("hot0".into()),
-            mac: Some("52:54:00:12:34:56".into()),
-            ip: Some("10.0.0.1".into()),
-            mask: Some("255.255.0.0".into()),
-            queue_size: 64,
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(net.tap, "hot0");
-        assert_eq!(net.mac.to_string(), "52:54:00:12:34:56");
-        assert_eq!(
-            net.host_ipv4,
-            Some((Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(255, 255, 0, 0)))
-        );
-        assert_eq!(net.queue_size, 64);
-        assert_eq!(
-            net_config(&api::NetConfig::default()).unwrap().host_ipv4,
-            None
-        );
     }
 }

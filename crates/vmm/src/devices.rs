@@ -21,10 +21,12 @@ use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
 
 use crate::builder::VmmError;
-use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig, RngConfig, VmConfig};
 use crate::control::DeviceEntry;
 use crate::pci_bus::IOMMU_DEVICE_NUMBER;
 use crate::stats;
+use vm_config::{
+    ConsoleConfig, ConsoleMode, DeviceConfig, DiskConfig, NetConfig, RngConfig, VmConfig,
+};
 
 /// A host device to pass through, opened, with its place on bus 0 and its DMA mapper.
 pub(crate) struct Passthrough<'a> {
@@ -37,6 +39,11 @@ pub(crate) struct Passthrough<'a> {
 impl Passthrough<'_> {
     pub(crate) fn endpoint(&self) -> acpi::PciBdf {
         acpi::PciBdf::new(0, 0, self.device_number, 0)
+    }
+
+    /// Its id (resolved: the one given, or `_vfioN`).
+    pub(crate) fn id(&self) -> String {
+        self.config.id.clone().unwrap_or_default()
     }
 }
 
@@ -61,11 +68,11 @@ pub(crate) fn open_passthrough<'a>(
     for (device_config, device_number) in config.devices.iter().zip(first..) {
         if device_number >= pci::MAX_DEVICES {
             return Err(VmmError::Device(
-                "--device: bus 0 is full (32 slots); pass fewer devices".into(),
+                "devices: bus 0 is full (32 slots); pass fewer devices".into(),
             ));
         }
-        let name = device_config.name();
-        let device = vfio::open(&device_config.path, kvm_vfio.cloned())?;
+        let name = device_config.id.clone().unwrap_or_default();
+        let device = vfio::open(device_config.path(), kvm_vfio.cloned())?;
         let mapper = Arc::new(VfioMapper::new(
             &name,
             device.container.clone(),
@@ -75,7 +82,7 @@ pub(crate) fn open_passthrough<'a>(
         if !device_config.iommu {
             mapper.set_identity(true).map_err(|err| {
                 VmmError::Device(format!(
-                    "--device {name}: cannot map guest RAM for its DMA: {err}"
+                    "device {name}: cannot map guest RAM for its DMA: {err}"
                 ))
             })?;
         }
@@ -109,7 +116,7 @@ pub(crate) fn kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
 
 /// One virtio device to plug in, before its memory view is chosen.
 pub(crate) enum DeviceKind<'a> {
-    Console,
+    Console(&'a ConsoleConfig),
     Disk(&'a DiskConfig),
     Net(&'a NetConfig),
     Rng(&'a RngConfig),
@@ -136,20 +143,17 @@ impl PlannedDevice<'_> {
 /// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
 /// their addresses when the IOMMU is switched on).
 pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
-    let console = (config.console != OutputConfig::Off)
-        .then_some((DeviceKind::Console, config.console_iommu));
+    let console = (config.console.mode != ConsoleMode::Off)
+        .then_some((DeviceKind::Console(&config.console), config.console.iommu));
     let disks = config
         .disks
         .iter()
         .map(|disk| (DeviceKind::Disk(disk), disk.iommu));
     let nets = config
-        .nets
+        .net
         .iter()
         .map(|net| (DeviceKind::Net(net), net.iommu));
-    let rng = config
-        .rng
-        .as_ref()
-        .map(|rng| (DeviceKind::Rng(rng), rng.iommu));
+    let rng = Some((DeviceKind::Rng(&config.rng), config.rng.iommu));
     (IOMMU_DEVICE_NUMBER + 1..)
         .zip(console.into_iter().chain(disks).chain(nets).chain(rng))
         .map(|(device_number, (kind, iommu))| PlannedDevice {
@@ -174,9 +178,9 @@ pub(crate) fn open_vhost(
         if !net.vhost {
             continue;
         }
-        for _ in 0..net.queue_pairs {
+        for _ in 0..net.queue_pairs() {
             let kernel = VhostNet::open(ram.clone(), device.iommu)
-                .map_err(|err| VmmError::Device(format!("--net vhost=on: {err}")))?;
+                .map_err(|err| VmmError::Device(format!("net vhost: {err}")))?;
             device.vhost.push(Arc::new(kernel));
         }
     }
@@ -197,7 +201,8 @@ pub(crate) fn iommu_polling(max_window: Duration) -> PollConfig {
 }
 
 /// The virtio-iommu model for a guest whose RAM is backed by pages of `backing_page_size`,
-/// with the protected virtio devices and passed-through devices as endpoints.
+/// taking addresses of `address_width_bits`, with the protected virtio devices and
+/// passed-through devices as endpoints.
 ///
 /// Page sizes larger than 4 KiB are offered only where RAM is really backed by them, so that a
 /// guest mapping a 2 MiB IOMMU page also maps one contiguous host page (what VFIO needs). With
@@ -207,6 +212,7 @@ pub(crate) fn iommu_polling(max_window: Duration) -> PollConfig {
 /// guest's IOMMU driver attaches it.
 pub(crate) fn create_iommu_model(
     backing_page_size: u64,
+    address_width_bits: u8,
     devices: &[PlannedDevice],
     passthrough: &[Passthrough],
     ram: &GuestMemoryMmap,
@@ -215,7 +221,8 @@ pub(crate) fn create_iommu_model(
         .into_iter()
         .filter(|&size| size <= backing_page_size.max(4 << 10))
         .fold(0, |mask, size| mask | size);
-    let mut input_range = (0, u64::MAX);
+    // Validated: 1 to 64 bits.
+    let mut input_range = (0, u64::MAX >> (64 - u32::from(address_width_bits)));
     let behind_iommu: Vec<&Passthrough> = passthrough.iter().filter(|p| p.config.iommu).collect();
     for p in &behind_iommu {
         let host = &p.opened.iommu;
@@ -228,7 +235,7 @@ pub(crate) fn create_iommu_model(
     }
     if page_size_mask == 0 || input_range.0 > input_range.1 {
         return Err(VmmError::Device(format!(
-            "--device: the host IOMMU's page sizes or IOVA ranges leave the virtio-iommu nothing to offer (page sizes {page_size_mask:#x}, range {:#x}..={:#x})",
+            "devices: the host IOMMU's page sizes or IOVA ranges leave the virtio-iommu nothing to offer (page sizes {page_size_mask:#x}, range {:#x}..={:#x})",
             input_range.0, input_range.1
         )));
     }
@@ -285,23 +292,22 @@ pub(crate) fn build_device<M: DeviceMemory>(
     kind: &DeviceKind,
     mem: M,
     access_platform: bool,
-    console: &OutputConfig,
     vhost: &[Arc<dyn VhostKernel>],
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     Ok(match kind {
-        DeviceKind::Console => {
+        DeviceKind::Console(console) => {
             let input =
-                if *console == OutputConfig::Tty && io::stdin().is_terminal() {
+                if console.mode == ConsoleMode::Tty && io::stdin().is_terminal() {
                     Some(io::stdin().as_fd().try_clone_to_owned().map_err(|source| {
                         VmmError::Io {
-                            what: "--console: duplicate stdin".into(),
+                            what: "console: duplicate stdin".into(),
                             source,
                         }
                     })?)
                 } else {
                     None
                 };
-            let output = open_output(console, "--console")?;
+            let output = open_output(console.mode, console.file.as_deref(), "console")?;
             Box::new(Console::new(mem, output, input, access_platform))
         }
         DeviceKind::Disk(disk) => {
@@ -309,19 +315,21 @@ pub(crate) fn build_device<M: DeviceMemory>(
                 readonly: disk.readonly,
                 access_platform,
                 direct: disk.direct,
-                num_queues: disk.num_queues,
+                // Validated: at most 64.
+                num_queues: disk.num_queues as u16,
                 queue_size: disk.queue_size,
                 ..Default::default()
             };
+            let id = disk.id.as_deref().unwrap_or_default();
             Box::new(
-                Block::open(mem, &disk.path, options)
-                    .map_err(|err| VmmError::Device(format!("--disk: {err}")))?,
+                Block::open(mem, disk.path(), options)
+                    .map_err(|err| VmmError::Device(format!("disk {id}: {err}")))?,
             )
         }
         DeviceKind::Net(net) => build_net(mem, open_tap(net)?, net, access_platform, vhost)?,
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
-                .map_err(|err| VmmError::Device(format!("--rng: {err}")))?,
+                .map_err(|err| VmmError::Device(format!("rng: {err}")))?,
         ),
     })
 }
@@ -329,8 +337,9 @@ pub(crate) fn build_device<M: DeviceMemory>(
 /// Opens (or creates) the tap of `net` and gives its host end the address asked for.
 /// The tap's queues, one per queue pair.
 pub(crate) fn open_tap(net: &NetConfig) -> Result<Vec<net_util::Tap>, net_util::TapError> {
-    let queues = net_util::Tap::open_queues(&net.tap, usize::from(net.queue_pairs))?;
-    if let Some((ip, mask)) = net.host_ipv4 {
+    let name = net.tap.as_deref().unwrap_or_default();
+    let queues = net_util::Tap::open_queues(name, net.queue_pairs())?;
+    if let Some((ip, mask)) = net.host_ipv4() {
         queues[0].set_ipv4(ip, mask)?;
     }
     Ok(queues)
@@ -346,10 +355,11 @@ pub(crate) fn build_net<M: DeviceMemory>(
     vhost: &[Arc<dyn VhostKernel>],
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     // The name matters to whoever configures the host side of a tap warden created.
+    let mac = net.mac.expect("a resolved net has its MAC");
     log::info!(
-        "--net: tap {} for the guest's {} ({} queue pair{} of {}{}{})",
+        "net: tap {} for the guest's {} ({} queue pair{} of {}{}{})",
         tap[0].name(),
-        net.mac,
+        mac,
         tap.len(),
         if tap.len() == 1 { "" } else { "s" },
         net.queue_size,
@@ -361,7 +371,7 @@ pub(crate) fn build_net<M: DeviceMemory>(
         if vhost.is_empty() { "" } else { ", vhost-net" }
     );
     let options = NetOptions {
-        mac: net.mac,
+        mac,
         queue_size: net.queue_size,
         access_platform,
     };
@@ -369,27 +379,21 @@ pub(crate) fn build_net<M: DeviceMemory>(
         return Ok(Box::new(Net::new(mem, tap, options)));
     }
     let device = Net::with_vhost(mem, tap, options, vhost.to_vec())
-        .map_err(|err| VmmError::Device(format!("--net vhost=on: {err}")))?;
+        .map_err(|err| VmmError::Device(format!("net vhost: {err}")))?;
     Ok(Box::new(device))
 }
 
-/// The ids of the virtio devices, in their order: Cloud Hypervisor's (`_disk0`, `_net0`, ...),
-/// which `vm.info`, `vm.counters` and `vm.remove-device` share.
+/// The ids of the virtio devices, in their order: the configuration's (resolved: Cloud
+/// Hypervisor's `_disk0`, `_net0`, ... unless given), and `_console` and `_rng`, which
+/// `vm.info`, `vm.counters` and `vm.remove-device` share.
 pub(crate) fn device_ids(devices: &[PlannedDevice]) -> Vec<String> {
-    let (mut disks, mut nets) = (0, 0);
     devices
         .iter()
         .map(|device| match device.kind {
-            DeviceKind::Console => "_console".to_string(),
+            DeviceKind::Console(_) => "_console".to_string(),
             DeviceKind::Rng(_) => "_rng".to_string(),
-            DeviceKind::Disk(_) => {
-                disks += 1;
-                format!("_disk{}", disks - 1)
-            }
-            DeviceKind::Net(_) => {
-                nets += 1;
-                format!("_net{}", nets - 1)
-            }
+            DeviceKind::Disk(disk) => disk.id.clone().unwrap_or_default(),
+            DeviceKind::Net(net) => net.id.clone().unwrap_or_default(),
         })
         .collect()
 }
@@ -416,95 +420,70 @@ pub(crate) fn device_entries(
         });
     }
     entries.extend(passthrough.iter().map(|p| DeviceEntry {
-        id: p.config.name(),
+        id: p.id(),
         device_number: p.device_number,
     }));
     entries
 }
 
-/// Opens where a character device writes: the terminal, or a file named by `option`.
+/// Opens where a character device (`what`) writes: the terminal, or its file.
 pub(crate) fn open_output(
-    output: &OutputConfig,
-    option: &str,
+    mode: ConsoleMode,
+    file: Option<&Path>,
+    what: &str,
 ) -> Result<Box<dyn Write + Send>, VmmError> {
-    match output {
-        OutputConfig::Off | OutputConfig::Null => Ok(Box::new(io::sink())),
-        OutputConfig::Tty => Ok(Box::new(io::stdout())),
-        OutputConfig::File(path) => OpenOptions::new()
+    match (mode, file) {
+        (ConsoleMode::Tty, _) => Ok(Box::new(io::stdout())),
+        (ConsoleMode::File, Some(path)) => OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map(|file| Box::new(file) as Box<dyn Write + Send>)
             .map_err(|source| VmmError::Io {
-                what: format!("{option}: cannot open file={}", path.display()),
+                what: format!("{what}: cannot open file {}", path.display()),
                 source,
             }),
+        // Validated: a file mode has its file; Pty and Socket are refused.
+        _ => Ok(Box::new(io::sink())),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-    use crate::config::{MacAddr, MemoryBacking, MemoryConfig};
 
     #[test]
     fn nets_sit_between_disks_and_rng_and_count_for_the_iommu() {
         let disk = DiskConfig {
-            path: PathBuf::from("disk.img"),
-            readonly: false,
-            iommu: false,
-            direct: false,
-            num_queues: 1,
-            queue_size: DiskConfig::DEFAULT_QUEUE_SIZE,
+            path: Some("disk.img".into()),
+            ..Default::default()
         };
         let net = NetConfig {
-            tap: String::new(),
-            mac: MacAddr::new([0x02, 0, 0, 0, 0, 1]),
-            host_ipv4: None,
-            queue_pairs: 1,
-            queue_size: NetConfig::DEFAULT_QUEUE_SIZE,
             iommu: true,
-            vhost: false,
+            ..Default::default()
         };
-        let config = VmConfig {
-            cpus: 1,
-            memory: MemoryConfig {
-                size: 512 << 20,
-                backing: MemoryBacking::Anonymous,
-                shared: false,
-            },
-            kernel: PathBuf::from("vmlinux"),
-            initramfs: None,
-            cmdline: String::new(),
+        let mut config = VmConfig {
             disks: vec![disk.clone(), disk],
-            nets: vec![
+            net: vec![
                 net.clone(),
                 NetConfig {
                     iommu: false,
                     ..net
                 },
             ],
-            rng: Some(RngConfig {
-                src: PathBuf::from("/dev/urandom"),
-                iommu: false,
-            }),
-            serial: OutputConfig::Off,
-            console: OutputConfig::Null,
-            console_iommu: false,
-            iommu_poll: Duration::ZERO,
-            platform_iommu: false,
-            devices: Vec::new(),
-            seccomp: crate::config::SeccompMode::Off,
-            api_socket: None,
+            console: ConsoleConfig {
+                mode: ConsoleMode::Null,
+                ..Default::default()
+            },
+            ..Default::default()
         };
-        assert!(config.needs_iommu(), "a protected net needs the IOMMU");
+        config.resolve().unwrap();
+        assert!(config.iommu, "a protected net needs the IOMMU");
         let plan: Vec<(u8, &str, bool)> = plan_devices(&config)
             .iter()
             .map(|device| {
                 let kind = match device.kind {
-                    DeviceKind::Console => "console",
+                    DeviceKind::Console(_) => "console",
                     DeviceKind::Disk(_) => "disk",
                     DeviceKind::Net(_) => "net",
                     DeviceKind::Rng(_) => "rng",
@@ -522,6 +501,10 @@ mod tests {
                 (6, "net", false),
                 (7, "rng", false),
             ]
+        );
+        assert_eq!(
+            device_ids(&plan_devices(&config)),
+            ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng"]
         );
     }
 }

@@ -38,13 +38,14 @@ use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 use crate::bar_placement::BarPlacement;
 use crate::builder::{confine, VmmError};
-use crate::config::{DeviceConfig, DiskConfig, NetConfig, OutputConfig};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig};
+
 use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::pci_hotplug::{Ejected, PciHotplugController};
 use crate::plugged::{pci_bdf, Listed, Plugged, PluggedDevices, SharedInfo};
-use crate::stats::{StatsReport, IOMMU_ID};
+use crate::stats::StatsReport;
 
 /// The slots of bus 0 that take hot-plugged devices (`--api-socket` keeps them free).
 pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
@@ -55,24 +56,18 @@ pub const EJECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the API asks of the hotplug thread, with where to send the answer.
 pub enum HotplugRequest {
-    /// `listed` is how `vm.info` is to list the disk.
     AddDisk {
         disk: DiskConfig,
-        id: Option<String>,
-        listed: api::DiskConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     /// A host PCI function to pass through.
     AddDevice {
         device: DeviceConfig,
-        listed: api::DeviceConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     /// `vm.info` lists it with the name of its tap (the kernel names a new one).
     AddNet {
         net: NetConfig,
-        id: Option<String>,
-        listed: api::NetConfig,
         reply: Sender<Result<PciDeviceInfo, ApiError>>,
     },
     Remove {
@@ -98,21 +93,14 @@ pub fn free_slot(used: impl Fn(u8) -> bool, range: Range<u8>) -> Option<u8> {
     range.clone().find(|&slot| !used(slot))
 }
 
-/// The id a new device gets: the one asked for if nobody has it, else the first free
-/// `{prefix}{n}` (Cloud Hypervisor's `_disk0`, `_disk1`, ...).
-pub fn assign_id(
-    asked: Option<String>,
-    prefix: &str,
-    taken: impl Fn(&str) -> bool,
-) -> Result<String, ApiError> {
-    match asked {
-        Some(id) if taken(&id) => Err(ApiError::new(409, format!("id {id:?} is in use"))),
-        Some(id) => Ok(id),
-        None => Ok((0..)
-            .map(|n| format!("{prefix}{n}"))
-            .find(|id| !taken(id))
-            .expect("fewer devices than numbers")),
-    }
+/// The answer to a configuration the machine cannot take: 409 for an id or a tap in use (as
+/// Cloud Hypervisor answers a duplicate id), else 400 naming the field.
+fn config_refusal(err: vm_config::ConfigError) -> ApiError {
+    let status = match err.problem {
+        Problem::DuplicateId(_) | Problem::DuplicateTap(_) => 409,
+        _ => 400,
+    };
+    ApiError::new(status, err.to_string())
 }
 
 /// A device to hot-add, before its memory view is chosen.
@@ -129,16 +117,12 @@ impl NewDevice<'_> {
         access_platform: bool,
     ) -> Result<Box<dyn VirtioDevice>, ApiError> {
         match self {
-            NewDevice::Disk(disk) => build_device(
-                &DeviceKind::Disk(disk),
-                mem,
-                access_platform,
-                &OutputConfig::Off,
-                &[],
-            )
-            .map_err(|err| ApiError::bad_request(format!("DiskConfig: {err}"))),
+            NewDevice::Disk(disk) => {
+                build_device(&DeviceKind::Disk(disk), mem, access_platform, &[])
+                    .map_err(|err| ApiError::bad_request(err.to_string()))
+            }
             NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])
-                .map_err(|err| ApiError::bad_request(format!("NetConfig: {err}"))),
+                .map_err(|err| ApiError::bad_request(err.to_string())),
         }
     }
 }
@@ -150,7 +134,7 @@ fn tap_refusal(err: TapError) -> ApiError {
     } else {
         400
     };
-    ApiError::new(status, format!("NetConfig: {err}"))
+    ApiError::new(status, format!("net: {err}"))
 }
 
 /// Tells the hotplug thread of the slots the guest ejects: a bit per slot, and one message
@@ -182,7 +166,7 @@ pub(crate) struct Hotplug {
     pub(crate) kvm_vfio: Option<Arc<VfioDeviceFd>>,
     /// The host's limit of VFIO mappings per container.
     pub(crate) vfio_entry_limit: u64,
-    /// Ids of the devices the VM started with: taken, and not ours to remove.
+    /// Ids of the devices the VM started with: not ours to remove.
     pub(crate) boot_ids: Vec<String>,
     /// Where a plugged device's counters join `vm.counters`, and leave it on removal.
     pub(crate) stats: Arc<StatsReport>,
@@ -237,32 +221,14 @@ impl Hotplug {
                 None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match request {
-                Ok(HotplugRequest::AddDisk {
-                    disk,
-                    id,
-                    listed,
-                    reply,
-                }) => {
-                    let added = self.add(&mut slots, disk.iommu, id, "_disk", || {
-                        let what = disk.path.display().to_string();
-                        Ok((NewDevice::Disk(&disk), what, Listed::Disk(listed)))
-                    });
-                    let _ = reply.send(added);
+                Ok(HotplugRequest::AddDisk { disk, reply }) => {
+                    let _ = reply.send(self.add_disk(&mut slots, disk));
                 }
-                Ok(HotplugRequest::AddDevice {
-                    device,
-                    listed,
-                    reply,
-                }) => {
-                    let _ = reply.send(self.add_passthrough(&mut slots, &device, listed));
+                Ok(HotplugRequest::AddDevice { device, reply }) => {
+                    let _ = reply.send(self.add_passthrough(&mut slots, device));
                 }
-                Ok(HotplugRequest::AddNet {
-                    net,
-                    id,
-                    listed,
-                    reply,
-                }) => {
-                    let _ = reply.send(self.add_net(&mut slots, &net, id, listed));
+                Ok(HotplugRequest::AddNet { net, reply }) => {
+                    let _ = reply.send(self.add_net(&mut slots, net));
                 }
                 Ok(HotplugRequest::Remove { id, reply }) => {
                     if let Err(err) = self.request_removal(&mut slots, &id, reply.clone()) {
@@ -281,50 +247,73 @@ impl Hotplug {
         }
     }
 
-    /// Whether `id` names a device already, or could name the virtio-iommu's counters (its
-    /// domains' ids are not in `vm.info`).
-    fn taken(&self, slots: &PluggedDevices, id: &str) -> bool {
-        self.boot_ids.iter().any(|boot| boot == id) || slots.has_id(id) || id.starts_with(IOMMU_ID)
+    /// The machine's configuration with a new device (`push`), checked whole as it would be at
+    /// boot (ids and taps used once, segments that exist) and resolved: the new device as
+    /// `last` finds it there, with its id and, for a net, its MAC.
+    fn admit<T>(
+        &self,
+        push: impl FnOnce(&mut VmConfig),
+        last: impl FnOnce(&VmConfig) -> Option<&T>,
+    ) -> Result<T, ApiError>
+    where
+        T: Clone,
+    {
+        let mut candidate = lock(&self.info).config.clone();
+        push(&mut candidate);
+        candidate.validate().map_err(config_refusal)?;
+        candidate
+            .resolve()
+            .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))?;
+        Ok(last(&candidate).expect("just pushed").clone())
+    }
+
+    fn add_disk(
+        &self,
+        slots: &mut PluggedDevices,
+        disk: DiskConfig,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        let disk = self.admit(|c| c.disks.push(disk), |c| c.disks.last())?;
+        self.add(
+            slots,
+            disk.iommu,
+            disk.id.clone().unwrap_or_default(),
+            || {
+                let what = disk.path().display().to_string();
+                Ok((NewDevice::Disk(&disk), what, Listed::Disk(disk.clone())))
+            },
+        )
     }
 
     fn add_net(
         &self,
         slots: &mut PluggedDevices,
-        net: &NetConfig,
-        id: Option<String>,
-        listed: api::NetConfig,
+        net: NetConfig,
     ) -> Result<PciDeviceInfo, ApiError> {
-        self.add(slots, net.iommu, id, "_net", || {
-            let tap = open_tap(net).map_err(tap_refusal)?;
+        let net = self.admit(|c| c.net.push(net), |c| c.net.last())?;
+        self.add(slots, net.iommu, net.id.clone().unwrap_or_default(), || {
+            let tap = open_tap(&net).map_err(tap_refusal)?;
             let name = tap[0].name().to_string();
-            let listed = api::NetConfig {
+            let listed = NetConfig {
                 tap: Some(name.clone()),
-                ..listed
+                ..net.clone()
             };
             Ok((
-                NewDevice::Net(net, tap),
+                NewDevice::Net(&net, tap),
                 format!("tap {name}"),
                 Listed::Net(listed),
             ))
         })
     }
 
-    /// An id and a free slot for a new device, behind the IOMMU or not.
-    fn reserve(
-        &self,
-        slots: &PluggedDevices,
-        iommu: bool,
-        id: Option<String>,
-        prefix: &str,
-    ) -> Result<(String, u8), ApiError> {
+    /// A free slot for a new device, behind the IOMMU or not.
+    fn reserve(&self, slots: &PluggedDevices, iommu: bool) -> Result<u8, ApiError> {
         if iommu && self.iommu.is_none() {
             return Err(ApiError::bad_request(
                 "iommu=on needs the virtio-iommu, which this VM does not have: start warden with a device behind it or with --platform iommu=on",
             ));
         }
-        let id = assign_id(id, prefix, |id| self.taken(slots, id))?;
         let range = slot_range(iommu, self.iommu.is_some());
-        let slot = free_slot(|slot| slots.holds(slot), range.clone()).ok_or_else(|| {
+        free_slot(|slot| slots.holds(slot), range.clone()).ok_or_else(|| {
             ApiError::new(
                 409,
                 format!(
@@ -334,22 +323,20 @@ impl Hotplug {
                     range.end - 1
                 ),
             )
-        })?;
-        Ok((id, slot))
+        })
     }
 
-    /// Finds the new device an id and a slot, then makes it (`make`, only once nothing
-    /// refuses it: no tap is opened for a refused request; it also says what the device is
-    /// for the log), over guest RAM or through the virtio-iommu, and plugs it in.
+    /// Finds the new device `id` a slot, then makes it (`make`, only once nothing refuses
+    /// it: no tap is opened for a refused request; it also says what the device is for the
+    /// log), over guest RAM or through the virtio-iommu, and plugs it in.
     fn add<'a>(
         &self,
         slots: &mut PluggedDevices,
         iommu: bool,
-        id: Option<String>,
-        prefix: &str,
+        id: String,
         make: impl FnOnce() -> Result<(NewDevice<'a>, String, Listed), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
-        let (id, slot) = self.reserve(slots, iommu, id, prefix)?;
+        let slot = self.reserve(slots, iommu)?;
         let (new, what, listed) = make()?;
         let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         let (device, endpoint) = match &self.iommu {
@@ -384,16 +371,13 @@ impl Hotplug {
     fn add_passthrough(
         &self,
         slots: &mut PluggedDevices,
-        device: &DeviceConfig,
-        listed: api::DeviceConfig,
+        device: DeviceConfig,
     ) -> Result<PciDeviceInfo, ApiError> {
-        let (id, slot) = self.reserve(slots, device.iommu, device.id.clone(), "_vfio")?;
-        let refused = |err: vfio::OpenError| {
-            let message = err.to_string();
-            let message = message.strip_prefix("--device: ").unwrap_or(&message);
-            ApiError::bad_request(format!("DeviceConfig: {message}"))
-        };
-        let opened = vfio::open(&device.path, self.kvm_vfio.clone()).map_err(refused)?;
+        let device = self.admit(|c| c.devices.push(device), |c| c.devices.last())?;
+        let id = device.id.clone().unwrap_or_default();
+        let slot = self.reserve(slots, device.iommu)?;
+        let refused = |err: vfio::OpenError| ApiError::bad_request(err.to_string());
+        let opened = vfio::open(device.path(), self.kvm_vfio.clone()).map_err(refused)?;
         let mapper = Arc::new(VfioMapper::new(
             &id,
             opened.container.clone(),
@@ -435,8 +419,8 @@ impl Hotplug {
             }
         };
         self.stats.add_passthrough(&id, mapper);
-        let what = device.path.display().to_string();
-        let listed = (&*what, Listed::Device(listed));
+        let what = device.path().display().to_string();
+        let listed = (&*what, Listed::Device(device.clone()));
         Ok(self.record(slots, slot, id, listed, transport, endpoint))
     }
 
@@ -582,7 +566,7 @@ fn hot_reserved_regions(
     let granule = |mask: u64| mask & mask.wrapping_neg();
     if host.page_sizes != 0 && granule(host.page_sizes) > granule(model.page_size_mask) {
         return Err(ApiError::bad_request(format!(
-            "DeviceConfig: the host IOMMU maps in {:#x}-byte pages, larger than the virtio-iommu's {:#x} (fixed at boot); pass the device at boot with --device instead",
+            "devices: the host IOMMU maps in {:#x}-byte pages, larger than the virtio-iommu's {:#x} (fixed at boot); pass the device at boot with --device instead",
             granule(host.page_sizes),
             granule(model.page_size_mask)
         )));
@@ -630,24 +614,6 @@ mod tests {
         let used = [24u8, 25, 26, 27];
         assert_eq!(free_slot(|s| used.contains(&s), 24..28), None);
         assert_eq!(free_slot(|_| false, 28..32), Some(28));
-    }
-
-    #[test]
-    fn ids_are_unique_and_default_to_the_first_free_number() {
-        let taken = ["_disk0", "_disk1", "data"];
-        let is_taken = |id: &str| taken.contains(&id);
-        assert_eq!(assign_id(None, "_disk", is_taken).unwrap(), "_disk2");
-        assert_eq!(
-            assign_id(Some("scratch".into()), "_disk", is_taken).unwrap(),
-            "scratch"
-        );
-        let err = assign_id(Some("data".into()), "_disk", is_taken).unwrap_err();
-        assert_eq!(err.status, 409);
-        assert!(
-            err.message.contains("\"data\" is in use"),
-            "{}",
-            err.message
-        );
     }
 
     #[test]

@@ -10,33 +10,31 @@ use std::path::{Path, PathBuf};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::config::{MemoryBacking, MemoryConfig};
-use crate::layout;
+use vm_config::{MemoryBacking, MemoryConfig};
 
-/// The smallest guest we agree to build: a kernel plus a small initramfs.
-pub const MIN_MEMORY: u64 = 64 << 20;
+use crate::layout;
 
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("--memory: size={size} is too small; give at least {} MiB (e.g. size=512M)", MIN_MEMORY >> 20)]
-    TooSmall { size: u64 },
-    #[error("--memory: cannot open file={path}: {source}; give an existing directory (e.g. a hugetlbfs mount such as /dev/hugepages) or a file path")]
+    #[error("memory: cannot open file {path}: {source}; give an existing directory (e.g. a hugetlbfs mount such as /dev/hugepages) or a file path")]
     OpenBacking { path: PathBuf, source: io::Error },
-    #[error("--memory: cannot size the backing file to {size} bytes: {source}")]
+    #[error("memory: cannot size the backing file to {size} bytes: {source}")]
     SizeBacking { size: u64, source: io::Error },
-    #[error("--memory: size={size} is not a multiple of the {page_size}-byte huge page size; round it up")]
+    #[error(
+        "memory: size {size} is not a multiple of the {page_size}-byte huge page size; round it up"
+    )]
     Unaligned { size: u64, page_size: u64 },
-    #[error("--memory: {needed} huge pages of {} KiB are needed but only {free} are free; reserve them with `echo {needed} > /proc/sys/vm/nr_hugepages` (or via /sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)", page_size >> 10, page_size >> 10)]
+    #[error("memory: {needed} huge pages of {} KiB are needed but only {free} are free; reserve them with `echo {needed} > /proc/sys/vm/nr_hugepages` (or via /sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)", page_size >> 10, page_size >> 10)]
     HugepagesNotReserved {
         needed: u64,
         free: u64,
         page_size: u64,
     },
-    #[error("--memory: hugepages=on needs huge page support in the host kernel: {0}")]
+    #[error("memory: hugepages needs huge page support in the host kernel: {0}")]
     NoHugepages(io::Error),
-    #[error("--memory: cannot map guest RAM: {0}")]
+    #[error("memory: cannot map guest RAM: {0}")]
     Mmap(String),
 }
 
@@ -47,12 +45,13 @@ pub struct GuestRam {
     pub backing_page_size: u64,
 }
 
-/// Maps guest RAM as `config` asks.
+/// Maps guest RAM as `config` (validated) asks.
 pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> {
-    if config.size < MIN_MEMORY {
-        return Err(MemoryError::TooSmall { size: config.size });
-    }
-    let (file, backing_page_size) = match &config.backing {
+    let (file, backing_page_size) = match config.backing() {
+        // Shared RAM is a memfd, which a vhost-user back end can map too.
+        MemoryBacking::Anonymous if config.shared => {
+            (Some(create_memfd(config.size, 0)?), host_page_size())
+        }
         MemoryBacking::Anonymous => (None, host_page_size()),
         MemoryBacking::File(path) => {
             let file = open_backing_file(path, config.size)?;
@@ -65,7 +64,10 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
         MemoryBacking::Hugepages => {
             let page_size = default_hugepage_size().map_err(MemoryError::NoHugepages)?;
             check_hugepages_free(config.size, page_size)?;
-            (Some(create_hugetlb_memfd(config.size)?), page_size)
+            (
+                Some(create_memfd(config.size, libc::MFD_HUGETLB)?),
+                page_size,
+            )
         }
     };
 
@@ -78,6 +80,10 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
             // Huge pages mapped privately are still reserved at mmap time, so a missing
             // reservation fails here rather than as a SIGBUS inside the guest.
             (Some(_), false) => libc::MAP_PRIVATE,
+        } | if config.prefault {
+            libc::MAP_POPULATE
+        } else {
+            0
         };
         let mut builder = MmapRegionBuilder::new(len as usize)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -92,6 +98,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
         let mapping = builder
             .build()
             .map_err(|err| MemoryError::Mmap(err.to_string()))?;
+        advise(&mapping, config, file.is_none())?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| MemoryError::Mmap(format!("region at {start:#x} overflows")))?;
         regions.push(region);
@@ -103,6 +110,40 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
         memory,
         backing_page_size,
     })
+}
+
+/// What the kernel is told about anonymous RAM: transparent huge pages or not (`thp`), and
+/// whether KSM may merge its pages (`mergeable`).
+fn advise(
+    mapping: &vm_memory::mmap::MmapRegion,
+    config: &MemoryConfig,
+    anonymous: bool,
+) -> Result<(), MemoryError> {
+    let mut advice = Vec::new();
+    if anonymous {
+        advice.push(if config.thp {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        });
+    }
+    if config.mergeable {
+        advice.push(libc::MADV_MERGEABLE);
+    }
+    for advice in advice {
+        // SAFETY: the range is the mapping `mapping` owns; madvise changes only how the kernel
+        // backs it, not its contents or its validity.
+        let ret = unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), advice) };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            // A kernel without THP or KSM refuses the advice: the RAM works all the same.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(MemoryError::Mmap(format!("madvise: {err}")));
+            }
+            log::info!("memory: the kernel does not take madvise({advice}): {err}");
+        }
+    }
+    Ok(())
 }
 
 fn host_page_size() -> u64 {
@@ -206,12 +247,18 @@ fn check_hugepages_free(size: u64, page_size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-fn create_hugetlb_memfd(size: u64) -> Result<File, MemoryError> {
+/// An anonymous file of `size` bytes to back RAM (`MFD_HUGETLB` in `flags` for huge pages).
+fn create_memfd(size: u64, flags: libc::c_uint) -> Result<File, MemoryError> {
     let name = CString::new("warden-ram").expect("no interior NUL");
     // SAFETY: memfd_create takes a valid C string and flags; the fd it returns is owned below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_HUGETLB) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
-        return Err(MemoryError::NoHugepages(io::Error::last_os_error()));
+        let err = io::Error::last_os_error();
+        return Err(if flags & libc::MFD_HUGETLB != 0 {
+            MemoryError::NoHugepages(err)
+        } else {
+            MemoryError::Mmap(format!("memfd_create: {err}"))
+        });
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -228,17 +275,8 @@ mod tests {
     fn anonymous(size: u64) -> MemoryConfig {
         MemoryConfig {
             size,
-            backing: MemoryBacking::Anonymous,
-            shared: false,
+            ..Default::default()
         }
-    }
-
-    #[test]
-    fn refuses_tiny_guests() {
-        assert!(matches!(
-            create_guest_ram(&anonymous(1 << 20)),
-            Err(MemoryError::TooSmall { .. })
-        ));
     }
 
     #[test]
@@ -259,8 +297,9 @@ mod tests {
         let dir = std::env::temp_dir();
         let config = MemoryConfig {
             size: 64 << 20,
-            backing: MemoryBacking::File(dir),
+            file: Some(dir),
             shared: true,
+            ..Default::default()
         };
         let ram = create_guest_ram(&config).unwrap();
         ram.memory.write_obj(7u8, GuestAddress(0)).unwrap();
@@ -271,12 +310,12 @@ mod tests {
     fn a_missing_backing_directory_is_named() {
         let config = MemoryConfig {
             size: 64 << 20,
-            backing: MemoryBacking::File("/nonexistent/dir/ram".into()),
-            shared: false,
+            file: Some("/nonexistent/dir/ram".into()),
+            ..Default::default()
         };
         let err = create_guest_ram(&config).err().unwrap().to_string();
         assert!(
-            err.starts_with("--memory: cannot open file=/nonexistent/dir/ram"),
+            err.starts_with("memory: cannot open file /nonexistent/dir/ram"),
             "{err}"
         );
     }

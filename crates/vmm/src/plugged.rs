@@ -18,13 +18,12 @@ use crate::hotplug::EJECT_TIMEOUT;
 /// what it lists of hot-plugged devices).
 pub(crate) type SharedInfo = Arc<Mutex<api::VmInfo>>;
 
-/// How a hot-plugged device appears in `vm.info`'s configuration (its `id` is filled in when
-/// it is plugged).
+/// How a hot-plugged device appears in `vm.info`'s configuration (resolved: with its id).
 #[derive(Clone, Debug)]
 pub(crate) enum Listed {
-    Disk(api::DiskConfig),
-    Net(api::NetConfig),
-    Device(api::DeviceConfig),
+    Disk(vm_config::DiskConfig),
+    Net(vm_config::NetConfig),
+    Device(vm_config::DeviceConfig),
 }
 
 /// A device the API plugged in.
@@ -56,11 +55,6 @@ impl PluggedDevices {
         self.slots.contains_key(&slot)
     }
 
-    /// Whether a hot-plugged device has id `id`.
-    pub(crate) fn has_id(&self, id: &str) -> bool {
-        self.slots.values().any(|p| p.id == id)
-    }
-
     /// The device with id `id`, and its slot.
     pub(crate) fn find_mut(&mut self, id: &str) -> Option<(u8, &mut Plugged)> {
         self.slots
@@ -83,18 +77,9 @@ impl PluggedDevices {
         let mut info = lock(&self.info);
         let config = &mut info.config;
         match listed {
-            Listed::Disk(disk) => config.disks.push(api::DiskConfig {
-                id: Some(id.clone()),
-                ..disk
-            }),
-            Listed::Net(net) => config.net.push(api::NetConfig {
-                id: Some(id.clone()),
-                ..net
-            }),
-            Listed::Device(device) => config.devices.push(api::DeviceConfig {
-                id: Some(id.clone()),
-                ..device
-            }),
+            Listed::Disk(disk) => config.disks.push(disk),
+            Listed::Net(net) => config.net.push(net),
+            Listed::Device(device) => config.devices.push(device),
         }
         let node = device_node(&id, pci_bdf(slot));
         info.device_tree.insert(id, node);
@@ -170,39 +155,8 @@ mod tests {
 
     /// `vm.info` of a machine with no device.
     fn empty_info() -> SharedInfo {
-        let output = || api::SerialConfig {
-            mode: "Off".into(),
-            file: None,
-        };
         Arc::new(Mutex::new(api::VmInfo {
-            config: api::VmConfig {
-                cpus: api::CpusConfig {
-                    boot_vcpus: 1,
-                    max_vcpus: 1,
-                },
-                memory: api::MemoryConfig {
-                    size: 1 << 29,
-                    shared: false,
-                    hugepages: false,
-                    file: None,
-                },
-                payload: api::PayloadConfig {
-                    kernel: "vmlinuz".into(),
-                    cmdline: String::new(),
-                    initramfs: None,
-                },
-                disks: Vec::new(),
-                net: Vec::new(),
-                rng: None,
-                serial: output(),
-                console: api::ConsoleConfig {
-                    mode: "Off".into(),
-                    file: None,
-                    iommu: false,
-                },
-                devices: Vec::new(),
-                iommu: false,
-            },
+            config: vm_config::VmConfig::default(),
             state: api::VmState::Running,
             memory_actual_size: 1 << 29,
             device_tree: Default::default(),
@@ -224,12 +178,17 @@ mod tests {
     fn vm_info_follows_every_plug_and_unplug() {
         let info = empty_info();
         let mut devices = PluggedDevices::new(Arc::clone(&info));
-        let disk = api::DiskConfig {
+        let disk = vm_config::DiskConfig {
             path: Some("/images/scratch.img".into()),
+            id: Some("scratch".into()),
             ..Default::default()
         };
         devices.insert(24, plugged("scratch"), Listed::Disk(disk));
-        devices.insert(28, plugged("_net0"), Listed::Net(Default::default()));
+        let net = vm_config::NetConfig {
+            id: Some("_net0".into()),
+            ..Default::default()
+        };
+        devices.insert(28, plugged("_net0"), Listed::Net(net));
         assert_eq!(
             listed_ids(&info),
             (
@@ -242,7 +201,7 @@ mod tests {
             lock(&info).device_tree["scratch"].pci_bdf.as_deref(),
             Some("0000:00:18.0")
         );
-        assert!(devices.holds(24) && devices.has_id("_net0"));
+        assert!(devices.holds(24) && devices.holds(28));
 
         // The guest's own _EJ0 for slot 24.
         assert_eq!(devices.remove(24).map(|p| p.id), Some("scratch".into()));

@@ -15,8 +15,7 @@ use virtio_devices::DeviceCounters;
 use virtio_iommu::{StatsSnapshot, VirtioIommu};
 use vm_device::lock;
 
-/// The id of the virtio-iommu's totals in the counters.
-pub const IOMMU_ID: &str = "virtio-iommu";
+pub use vm_config::IOMMU_ID;
 
 /// The sources of the counters.
 pub struct StatsReport {

@@ -31,9 +31,13 @@ pub enum VcpuError {
     Memory { id: u8, reason: String },
 }
 
-/// The guest's view of the machine's topology, the same for every vCPU.
+/// The guest's view of the machine's topology and address width, the same for every vCPU.
 pub struct Topology {
     pub cpus: u8,
+    /// The physical address width reported, at most the host's (CPUID 0x80000008).
+    pub max_phys_bits: u8,
+    /// Whether VMX or SVM stays in the guest's CPUID, so it can run guests of its own.
+    pub nested: bool,
 }
 
 /// Makes `cpuid` (KVM's supported set) describe vCPU `id` of a machine with `topology`.
@@ -42,9 +46,14 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, topology: &Topology) {
     const EBX_LOGICAL_COUNT_SHIFT: u32 = 16;
     const EDX_HTT: u32 = 1 << 28;
     const ECX_HYPERVISOR: u32 = 1 << 31;
+    const ECX_VMX: u32 = 1 << 5;
+    const EXT_ECX_SVM: u32 = 1 << 2;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
+                if !topology.nested {
+                    entry.ecx &= !ECX_VMX;
+                }
                 entry.ebx = (entry.ebx & 0x0000_ffff)
                     | (u32::from(id) << EBX_APIC_ID_SHIFT)
                     | (u32::from(topology.cpus) << EBX_LOGICAL_COUNT_SHIFT);
@@ -62,6 +71,11 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, topology: &Topology) {
                     level => (0, 0, level),
                 };
                 entry.edx = u32::from(id);
+            }
+            0x8000_0001 if !topology.nested => entry.ecx &= !EXT_ECX_SVM,
+            0x8000_0008 => {
+                let bits = (entry.eax & 0xff).min(u32::from(topology.max_phys_bits));
+                entry.eax = (entry.eax & !0xff) | bits;
             }
             _ => {}
         }

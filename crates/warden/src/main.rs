@@ -1,7 +1,6 @@
 //! `warden`: parse the command line, build the VM, run it, and exit with the guest's verdict.
 
 mod cli;
-mod options;
 
 use std::process::ExitCode;
 
@@ -32,14 +31,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_level);
-    let config = match cli.into_config() {
-        Ok(config) => config,
+    let (config, options) = match cli.into_config() {
+        Ok(parsed) => parsed,
         Err(err) => {
             eprintln!("warden: {err}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match vmm::run(&config) {
+    match vmm::run(&config, &options) {
         Ok(GuestExit::Poweroff) => ExitCode::SUCCESS,
         Ok(GuestExit::Shutdown(why)) => {
             eprintln!("warden: shut down through the API ({why})");

@@ -237,7 +237,7 @@ echo \"REFUSED-MESSAGE=$(cat refused.log)\"",
     );
     let message = out.marker("REFUSED-MESSAGE").unwrap_or_default();
     assert!(
-        message.starts_with("warden: --memory:") && message.contains("/proc/sys/vm/nr_hugepages"),
-        "the refusal names the option and the remedy: {message:?}\n{out}"
+        message.starts_with("warden: memory:") && message.contains("/proc/sys/vm/nr_hugepages"),
+        "the refusal names the section and the remedy: {message:?}\n{out}"
     );
 }
