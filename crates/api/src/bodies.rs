@@ -19,3 +19,15 @@ impl VmRemoveDevice {
         }
     }
 }
+
+/// `VmResize`: the vCPUs, RAM and balloon the VM is to have; absent: unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VmResize {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired_vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired_ram: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired_balloon: Option<u64>,
+}

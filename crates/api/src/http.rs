@@ -132,7 +132,7 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
 }
 
 /// A response's bytes: a JSON `body` if any, `Connection: close` when `close`, and the
-/// methods a path allows for a 405.
+/// method a path takes when it was called with another.
 ///
 /// The status line is `HTTP/1.1 200 ` with an empty reason phrase, as Cloud Hypervisor's
 /// server writes it: its client, `ch-remote`, reads everything after `HTTP/1.1 ` up to the

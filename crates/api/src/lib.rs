@@ -14,7 +14,7 @@ pub mod responses;
 pub mod routes;
 mod server;
 
-pub use bodies::VmRemoveDevice;
+pub use bodies::{VmRemoveDevice, VmResize};
 pub use responses::{Counters, DeviceNode, PciDeviceInfo, VmInfo, VmState, VmmPingResponse};
 pub use routes::{ApiError, Request, Response};
 pub use server::{serve, Limits};

@@ -2,9 +2,9 @@
 
 use serde::de::DeserializeOwned;
 
-use vm_config::{DeviceConfig, DiskConfig, NetConfig};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig};
 
-use crate::bodies::VmRemoveDevice;
+use crate::bodies::{VmRemoveDevice, VmResize};
 use crate::responses::{Counters, PciDeviceInfo, VmInfo, VmmPingResponse};
 
 /// What a client asked the VMM for, its body parsed and validated.
@@ -13,13 +13,20 @@ pub enum Request {
     Ping,
     Info,
     Counters,
-    /// `vm.shutdown`: stop the guest now.
+    /// `vm.create`: the VM's configuration, as given (the VMM validates it).
+    Create(Box<VmConfig>),
+    /// `vm.boot`: build the created VM and start it.
+    Boot,
+    /// `vm.delete`: stop the VM if it runs, and forget its configuration.
+    Delete,
+    /// `vm.shutdown`: stop the guest now; the VMM stays, the configuration too.
     Shutdown,
     /// `vm.power-button`: ask the guest to shut itself down.
     PowerButton,
     Pause,
     Resume,
     Reboot,
+    Resize(VmResize),
     /// `vmm.shutdown`: end the VMM (and so the guest).
     VmmShutdown,
     AddDisk(DiskConfig),
@@ -59,17 +66,6 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, message)
     }
-
-    /// 405: the VM is not in a state that allows the action (Cloud Hypervisor's status for,
-    /// e.g., resuming a VM that is not paused).
-    pub fn wrong_state(message: impl Into<String>) -> Self {
-        Self::new(405, message)
-    }
-
-    /// 501: warden does not do this.
-    pub fn not_supported(message: impl Into<String>) -> Self {
-        Self::new(501, message)
-    }
 }
 
 const PREFIX: &str = "/api/v1/";
@@ -80,11 +76,15 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("vmm.shutdown", "PUT"),
     ("vm.info", "GET"),
     ("vm.counters", "GET"),
+    ("vm.create", "PUT"),
+    ("vm.boot", "PUT"),
+    ("vm.delete", "PUT"),
     ("vm.shutdown", "PUT"),
     ("vm.power-button", "PUT"),
     ("vm.pause", "PUT"),
     ("vm.resume", "PUT"),
     ("vm.reboot", "PUT"),
+    ("vm.resize", "PUT"),
     ("vm.add-disk", "PUT"),
     ("vm.add-net", "PUT"),
     ("vm.add-device", "PUT"),
@@ -100,16 +100,16 @@ pub fn allowed_method(path: &str) -> Option<&'static str> {
         .map(|&(_, method)| method)
 }
 
-/// The request `method` on `path` with `body` stands for: 404 for an unknown path, 405 for
-/// the wrong method, 400 for a body that does not parse or validate.
+/// The request `method` on `path` with `body` stands for: 404 for an unknown path, 400 for the
+/// wrong method (Cloud Hypervisor's status; the answer's `Allow` names the right one) and for a
+/// body that does not parse or validate.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError> {
     let allowed =
         allowed_method(path).ok_or_else(|| ApiError::new(404, format!("no endpoint {path}")))?;
     if method != allowed {
-        return Err(ApiError::new(
-            405,
-            format!("{path} takes {allowed}, not {method}"),
-        ));
+        return Err(ApiError::bad_request(format!(
+            "{path} takes {allowed}, not {method}"
+        )));
     }
     let name = &path[PREFIX.len()..];
     Ok(match name {
@@ -117,11 +117,15 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         "vmm.shutdown" => Request::VmmShutdown,
         "vm.info" => Request::Info,
         "vm.counters" => Request::Counters,
+        "vm.create" => Request::Create(Box::new(json(name, "VmConfig", body)?)),
+        "vm.boot" => Request::Boot,
+        "vm.delete" => Request::Delete,
         "vm.shutdown" => Request::Shutdown,
         "vm.power-button" => Request::PowerButton,
         "vm.pause" => Request::Pause,
         "vm.resume" => Request::Resume,
         "vm.reboot" => Request::Reboot,
+        "vm.resize" => Request::Resize(json(name, "VmResize", body)?),
         "vm.add-disk" => {
             let disk: DiskConfig = json(name, "DiskConfig", body)?;
             disk.validate().map_err(config_refusal)?;

@@ -202,9 +202,8 @@ fn answer(vmm: &dyn Vmm, request: &HttpRequest, close: bool) -> (Vec<u8>, Option
         Err(err) => routes::status_and_body(Err(err)),
     };
     log::debug!("api: {} {} -> {status}", request.method, request.path);
-    let allow = (status == 405)
-        .then(|| routes::allowed_method(&request.path))
-        .flatten();
+    // A wrong method is told the right one, whatever the status.
+    let allow = routes::allowed_method(&request.path).filter(|&method| method != request.method);
     (
         http::response(status, body.as_deref(), close, allow),
         accepted,

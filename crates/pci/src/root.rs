@@ -100,6 +100,13 @@ impl PciRoot {
         self.moves = Some(handler);
     }
 
+    /// Unplugs every device but the host bridge and forgets the BAR handler: the end of the
+    /// machine, which lets go of what the devices and the handler hold.
+    pub fn clear(&mut self) {
+        self.devices.retain(|&device_number, _| device_number == 0);
+        self.moves = None;
+    }
+
     /// Unplugs the device at `device_number` (never the host bridge); returns it.
     pub fn remove_device(&mut self, device_number: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         if device_number == 0 {

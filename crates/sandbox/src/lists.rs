@@ -10,8 +10,9 @@
 use std::collections::BTreeSet;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_device_attr, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi,
-    kvm_userspace_memory_region, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_create_device, kvm_device_attr, kvm_fpu, kvm_ioeventfd,
+    kvm_irq_routing, kvm_irqfd, kvm_lapic_state, kvm_msi, kvm_msrs, kvm_pit_config, kvm_regs,
+    kvm_sregs, kvm_userspace_memory_region, KVMIO,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 use vhost::vhost_kern::vhost_binding::{
@@ -47,6 +48,23 @@ const fn vfio(nr: u32) -> u32 {
 
 const fn vhost_write<T>(nr: u32) -> u32 {
     ioctl_expr(_IOC_WRITE, VHOST, nr, std::mem::size_of::<T>() as u32) as u32
+}
+
+const fn kvm_none(nr: u32) -> u32 {
+    ioctl_expr(_IOC_NONE, KVMIO, nr, 0) as u32
+}
+
+const fn kvm_read_write<T>(nr: u32) -> u32 {
+    ioctl_expr(
+        _IOC_READ | _IOC_WRITE,
+        KVMIO,
+        nr,
+        std::mem::size_of::<T>() as u32,
+    ) as u32
+}
+
+const fn vhost_read<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_READ, VHOST, nr, std::mem::size_of::<T>() as u32) as u32
 }
 
 pub(crate) const KVM_RUN: Value = (ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u32, "KVM_RUN");
@@ -316,12 +334,7 @@ pub(crate) const DEVICE_KINDS: &[ThreadKind] = &[
 pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
     match kind {
         ThreadKind::Vcpu => vcpu(),
-        ThreadKind::Vmm => AllowList::new(
-            // After boot the VMM thread waits for the guest to stop, prints the statistics and
-            // resets passed-through devices (MSI-X off, then a device reset).
-            &[BASE],
-            &[VFIO_DEVICE_SET_IRQS, VFIO_DEVICE_RESET, TCSETS, TCGETS],
-        ),
+        ThreadKind::Vmm => vmm(),
         ThreadKind::Block => AllowList::new(
             &[
                 BASE,
@@ -413,12 +426,9 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 &ioctls,
             )
         }
-        // One poll loop over the listening socket and its clients; answering reads the IOMMU,
-        // VFIO and device counters (memory only), presses the power button (an eventfd write),
-        // tells the VMM thread to end (a channel: futex), and for vm.pause kicks each vCPU
-        // thread out of the guest (tgkill, with the kick signal only), waits for it to park
-        // (futex) and reads the guest's clock, which vm.resume sets back (KVM_GET_CLOCK,
-        // KVM_SET_CLOCK on the VM's fd).
+        // One poll loop over the listening socket and its clients; each request goes to the
+        // VMM thread and its answer comes back over channels (futex), so the API thread acts
+        // on nothing itself.
         ThreadKind::Api => AllowList::new(
             &[
                 BASE,
@@ -431,13 +441,94 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_recvfrom,
                     SYS_sendto,
                     SYS_shutdown,
-                    // Only with the kick signal (`kick_signals`).
-                    SYS_tgkill,
                 ],
             ],
-            &[FIONBIO, KVM_GET_CLOCK, KVM_SET_CLOCK],
+            &[FIONBIO],
         ),
     }
+}
+
+/// Building a VM on the VMM thread, besides what the threads it starts do: opening its files
+/// (kernel, initramfs, images, taps, /dev/vhost-net, VFIO groups), mapping guest RAM (a
+/// memfd, or a file sized to it), making each disk's io_uring, and the eventfds and epoll sets
+/// of devices and interrupts.
+const BUILD: &[Syscall] = syscalls![
+    SYS_openat,
+    SYS_fstat,
+    SYS_newfstatat,
+    SYS_statx,
+    SYS_fstatfs,
+    SYS_lseek,
+    SYS_ftruncate,
+    SYS_memfd_create,
+    SYS_getdents64,
+    SYS_readlink,
+    SYS_readlinkat,
+    SYS_io_uring_setup,
+    SYS_io_uring_register,
+    SYS_io_uring_enter,
+    SYS_eventfd2,
+    SYS_epoll_create1,
+    SYS_dup,
+    // Only AF_INET (SOCKET_DOMAINS): a tap's host address.
+    SYS_socket,
+    // Only with the kick signal: a pause, and the end of a VM, kick its vCPUs out.
+    SYS_tgkill,
+];
+
+/// The calls that make a VM and its vCPUs (KVM's), hold the guest's clock still across a
+/// pause, open a vhost-net instance, put the terminal in raw mode and back, and reset
+/// passed-through devices when a VM ends.
+const BUILD_IOCTLS: [Value; 27] = [
+    (kvm_none(0x01), "KVM_CREATE_VM"),
+    (kvm_none(0x04), "KVM_GET_VCPU_MMAP_SIZE"),
+    (
+        kvm_read_write::<kvm_cpuid2>(0x05),
+        "KVM_GET_SUPPORTED_CPUID",
+    ),
+    (kvm_none(0x41), "KVM_CREATE_VCPU"),
+    (kvm_none(0x47), "KVM_SET_TSS_ADDR"),
+    (kvm_write::<u64>(0x48), "KVM_SET_IDENTITY_MAP_ADDR"),
+    (kvm_none(0x60), "KVM_CREATE_IRQCHIP"),
+    (kvm_write::<kvm_pit_config>(0x77), "KVM_CREATE_PIT2"),
+    (kvm_write::<kvm_regs>(0x82), "KVM_SET_REGS"),
+    (kvm_read::<kvm_sregs>(0x83), "KVM_GET_SREGS"),
+    (kvm_write::<kvm_sregs>(0x84), "KVM_SET_SREGS"),
+    (kvm_write::<kvm_msrs>(0x89), "KVM_SET_MSRS"),
+    (kvm_write::<kvm_fpu>(0x8d), "KVM_SET_FPU"),
+    (kvm_read::<kvm_lapic_state>(0x8e), "KVM_GET_LAPIC"),
+    (kvm_write::<kvm_lapic_state>(0x8f), "KVM_SET_LAPIC"),
+    (kvm_write::<kvm_cpuid2>(0x90), "KVM_SET_CPUID2"),
+    (
+        kvm_read_write::<kvm_create_device>(0xe0),
+        "KVM_CREATE_DEVICE",
+    ),
+    KVM_GET_CLOCK,
+    KVM_SET_CLOCK,
+    (vhost_read::<u64>(0x00), "VHOST_GET_FEATURES"),
+    (
+        ioctl_expr(_IOC_NONE, VHOST, 0x01, 0) as u32,
+        "VHOST_SET_OWNER",
+    ),
+    (vhost_write::<u64>(0x25), "VHOST_SET_BACKEND_FEATURES"),
+    (vhost_read::<u64>(0x26), "VHOST_GET_BACKEND_FEATURES"),
+    TCGETS,
+    TCSETS,
+    VFIO_DEVICE_SET_IRQS,
+    VFIO_DEVICE_RESET,
+];
+
+/// The VMM thread: builds VMs (the command line's, `vm.boot`, `vm.reboot`, the guest's own
+/// reset) and ends them, and acts on the API's requests. It starts every other thread, which
+/// keeps its filter under its own, so its list holds every other list.
+fn vmm() -> AllowList {
+    let mut list = AllowList::new(&[BASE, THREAD_START, BUILD], &BUILD_IOCTLS);
+    for kind in ThreadKind::ALL {
+        if kind != ThreadKind::Vmm {
+            list.extend(&allow_list(kind));
+        }
+    }
+    list
 }
 
 /// The vCPU runs the guest, emulates device registers (including a passed-through device's

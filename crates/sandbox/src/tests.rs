@@ -259,13 +259,13 @@ fn the_hotplug_thread_may_make_an_inet_socket_only() {
     );
 }
 
-/// The API thread kicks vCPUs out of the guest for vm.pause with one signal, and may send no
-/// other (SIGKILL would end warden).
+/// The VMM thread kicks vCPUs out of the guest (for vm.pause, and to end a VM) with one
+/// signal, and may send no other (SIGKILL would end warden).
 #[test]
-fn the_api_thread_may_send_the_kick_signal_only() {
+fn the_vmm_thread_may_send_the_kick_signal_only() {
     let filters = filters(Mode::Enforce);
     let (status, stderr) = in_child(|| {
-        filters.install(ThreadKind::Api).unwrap();
+        filters.install(ThreadKind::Vmm).unwrap();
         // SAFETY: tgkill to a thread id that does not exist fails with ESRCH, if it gets
         // that far (pid 1 has no thread 0x7fffffff).
         unsafe {
@@ -277,21 +277,21 @@ fn the_api_thread_may_send_the_kick_signal_only() {
     });
     assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
     assert!(
-        stderr.contains("(api) made system call tgkill (234),"),
+        stderr.contains("(vmm) made system call tgkill (234),"),
         "{stderr}"
     );
 }
 
-/// vm.pause reads the guest's clock and vm.resume sets it back, on the API thread: those two
-/// VM ioctls are allowed there, running the guest is not. The numbers are the kernel's
-/// (`_IOR`/`_IOW` of `struct kvm_clock_data`, 48 bytes).
+/// vm.pause reads the guest's clock and vm.resume sets it back, on the VMM thread; an ioctl
+/// no thread needs (pushing input into the terminal) it may not make. The numbers are the
+/// kernel's (`_IOR`/`_IOW` of `struct kvm_clock_data`, 48 bytes).
 #[test]
-fn the_api_thread_may_read_and_set_the_guest_clock_only() {
+fn the_vmm_thread_may_read_and_set_the_guest_clock_but_not_feed_the_terminal() {
     assert_eq!(lists::KVM_GET_CLOCK.0, 0x8030_ae7c);
     assert_eq!(lists::KVM_SET_CLOCK.0, 0x4030_ae7b);
     let filters = filters(Mode::Enforce);
     let (status, stderr) = in_child(|| {
-        filters.install(ThreadKind::Api).unwrap();
+        filters.install(ThreadKind::Vmm).unwrap();
         // SAFETY: ioctls on an fd that is not open fail with EBADF, if they get that far.
         unsafe {
             for request in [lists::KVM_GET_CLOCK.0, lists::KVM_SET_CLOCK.0] {
@@ -299,14 +299,52 @@ fn the_api_thread_may_read_and_set_the_guest_clock_only() {
                     libc::_exit(3);
                 }
             }
-            libc::ioctl(-1, u64::from(lists::KVM_RUN.0));
+            libc::ioctl(-1, libc::TIOCSTI, std::ptr::null_mut::<u8>());
         }
     });
     assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
     assert!(
-        stderr.contains("(api) made system call ioctl (16) request 0xae80 KVM_RUN,"),
+        stderr.contains(&format!(
+            "(vmm) made system call ioctl (16) request 0x{:x},",
+            libc::TIOCSTI
+        )),
         "{stderr}"
     );
+}
+
+/// The API thread hands every request to the VMM thread: it can neither signal a thread nor
+/// touch the VM.
+#[test]
+fn the_api_thread_only_serves_its_sockets() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Api).unwrap();
+        // SAFETY: as above, the filter stops the call first.
+        unsafe { libc::syscall(libc::SYS_tgkill, 1, 0x7fff_ffff, vcpu_kick_signal()) };
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(api) made system call tgkill (234),"),
+        "{stderr}"
+    );
+}
+
+/// Every thread is started by the VMM thread (or by a thread it started) and keeps its
+/// filter under its own: the VMM's list must hold every other list.
+#[test]
+fn the_vmm_thread_allows_all_that_the_threads_it_starts_do() {
+    let vmm = lists::allow_list(ThreadKind::Vmm);
+    for kind in ThreadKind::ALL {
+        let list = lists::allow_list(kind);
+        let missing: Vec<_> = list.syscalls.difference(&vmm.syscalls).collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
+        let missing: Vec<_> = list.ioctls.difference(&vmm.ioctls).collect();
+        assert!(missing.is_empty(), "{kind}: {missing:?}");
+        assert!(list.signals.is_subset(&vmm.signals), "{kind}");
+        assert!(list.socket_domains.is_subset(&vmm.socket_domains), "{kind}");
+        assert!(list.prctl_options.is_subset(&vmm.prctl_options), "{kind}");
+        assert!(vmm.fcntl_commands.is_none(), "any fcntl: {kind}");
+    }
 }
 
 /// The vhost-net requests a vCPU may make are the ones the `vhost` crate issues.

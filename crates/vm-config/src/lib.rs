@@ -45,7 +45,7 @@ use error::refuse;
 pub const IOMMU_ID: &str = "virtio-iommu";
 
 /// Devices Cloud Hypervisor has and warden does not yet: refused by name when given.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotYet {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
@@ -113,7 +113,7 @@ impl NotYet {
 }
 
 /// `VmConfig`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     #[serde(default)]
     pub cpus: CpusConfig,

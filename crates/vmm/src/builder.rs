@@ -1,155 +1,275 @@
-//! The boot path: from a validated configuration to a running guest, in order.
+//! The boot path: from a validated configuration to a machine ready to run, in order. [`build`]
+//! reads as the list of what a VM is made of; each `attach_*` step owns one part.
 
 use std::io::{self, IsTerminal};
 use std::path::Path;
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Barrier, Mutex};
-use std::thread;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use sandbox::{Filters, ThreadKind};
 use vfio::{VfioDeviceFd, VfioPciDevice};
-use virtio_devices::{DeviceThread, Iommu};
+use virtio_devices::Iommu;
 use virtio_iommu::{EndpointIommu, VirtioIommu};
-use vm_device::Bus;
+use vm_config::{ConsoleMode, SerialConfig, VmConfig};
+use vm_device::{lock, Bus};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
 };
 use vm_superio::Serial;
 
 use crate::bar_placement::BarPlacement;
-use crate::boot::{self, BootInfo};
+use crate::boot::{self, BootInfo, EntryPoint};
 use crate::clock::PausedClock;
-use vm_config::{ConsoleMode, SerialConfig, VmConfig};
-
-use crate::control::{self, api_listener, serve_api, Control};
+use crate::control::{vm_info, DeviceEntry};
 use crate::devices::{
     build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
     open_output, open_passthrough, open_vhost, plan_devices, Passthrough, PlannedDevice,
 };
-use crate::hotplug::{self, Hotplug, HotplugRequest, HOTPLUG_SLOTS, PROTECTED_SLOTS};
+use crate::error::{kvm_error, VmmError};
+use crate::events::ExitNotice;
+use crate::hotplug::{self, Hotplug, HotplugThread, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{
-    AcpiReset, AcpiSleep, Cmos, GenericEvents, GuestExit, IrqfdTrigger, PowerButton, SerialPort,
-    I8042,
+    AcpiReset, AcpiSleep, Cmos, GenericEvents, IrqfdTrigger, PowerButton, SerialPort, I8042,
 };
-use crate::memory::{self, MemoryError};
-use crate::options::VmmOptions;
+use crate::memory::{self, GuestRam};
 use crate::pause::PauseGate;
 use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
 use crate::plugged::SharedInfo;
 use crate::stats::StatsReport;
-use crate::terminal::{forward_stdin, RawTerminal};
+use crate::terminal::RawTerminal;
 use crate::vcpu::{self, Topology, Vcpu};
+use crate::vm::Vm;
+use crate::vmm::Host;
 
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    #[error("cannot open /dev/kvm: {0}; warden needs KVM (load kvm_intel or kvm_amd, and run as a user who may open /dev/kvm)")]
-    NoKvm(kvm_ioctls::Error),
-    #[error("KVM: {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Boot(#[from] boot::BootError),
-    #[error(transparent)]
-    Vcpu(#[from] vcpu::VcpuError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
-    #[error("device setup: {0}")]
-    Device(String),
-    #[error(transparent)]
-    Vfio(#[from] vfio::OpenError),
-    /// A tap that cannot be used as asked: the host lacks the tun driver or the permission,
-    /// or the name is taken.
-    #[error("net: {0}")]
-    Net(#[from] net_util::TapError),
-    #[error("--seccomp: {0}; run with --seccomp false on a host without seccomp filters")]
-    Seccomp(#[from] sandbox::Error),
-    #[error("--api-socket: {0}")]
-    Api(String),
-}
-
-impl VmmError {
-    /// Errors the user can fix by changing the command line or preparing the host.
-    pub fn is_user_error(&self) -> bool {
-        matches!(
-            self,
-            VmmError::Memory(_)
-                | VmmError::Boot(_)
-                | VmmError::NoKvm(_)
-                | VmmError::Vfio(_)
-                | VmmError::Net(_)
-                | VmmError::Api(_)
-        )
-    }
-}
-
-fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { what, source }
-}
-
-/// Builds the machine `config` (validated and resolved) describes, runs it under `options`,
-/// and returns how the guest stopped.
-pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmError> {
-    let sigusr1 = block_sigusr1()?;
-    vcpu::install_kick_handler().map_err(|source| VmmError::Io {
-        what: "install the vCPU kick's signal handler".into(),
-        source,
-    })?;
-    let filters = Filters::new(options.seccomp)?.map(Arc::new);
-    if let Some(filters) = &filters {
-        let filters = Arc::clone(filters);
-        virtio_devices::set_thread_start_hook(Box::new(move |kind| {
-            confine(Some(&filters), device_thread_kind(kind));
-        }));
-    }
-    let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
-    warn_if_kvm_cannot_run_linux();
-    let api_listener = options.api_socket.as_ref().map(api_listener).transpose()?;
-
+/// Builds VM number `number` as `config` (validated and resolved) describes it, ready for
+/// [`Vm::start`].
+pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, VmmError> {
     let ram = memory::create_guest_ram(&config.memory)?;
-    let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create VM"))?);
-    register_ram(&vm, &ram.memory)?;
-    set_up_irqchip(&vm)?;
-    let router = GsiRouter::new(Arc::clone(&vm)).map_err(|source| VmmError::Io {
+    let fd = attach_kvm_vm(&host.kvm, &ram.memory)?;
+    let router = GsiRouter::new(Arc::clone(&fd)).map_err(|source| VmmError::Io {
         what: "set GSI routing".into(),
         source,
     })?;
-
+    let exits = ExitNotice::new(number, host.events.clone());
     // Keystrokes go to the guest unprocessed (Ctrl-C included), as on a serial line.
-    let _raw_terminal = (config.serial.mode == ConsoleMode::Tty
+    let raw_terminal = (config.serial.mode == ConsoleMode::Tty
         || config.console.mode == ConsoleMode::Tty)
         .then(RawTerminal::enter)
         .flatten();
-    let (exits_tx, exits) = channel();
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let power_button = add_legacy_devices(
-        &mut pio,
-        &router,
-        &config.serial,
-        &exits_tx,
-        filters.clone(),
-    )?;
-    let mut pci = PciBus::new(config.memory.size, &mut pio, &mut mmio).map_err(VmmError::Device)?;
+    let mut buses = Buses::default();
+    let power_button =
+        attach_legacy_devices(&mut buses.pio, &router, &config.serial, &exits, host)?;
+    let mut pci = PciBus::new(config.memory.size, &mut buses.pio, &mut buses.mmio)
+        .map_err(VmmError::Device)?;
     let mut devices = plan_devices(config);
     open_vhost(&mut devices, &ram.memory)?;
-    // Made before any filter: passed-through devices, those given now and those hot-added.
-    let kvm_vfio = (!config.devices.is_empty() || options.api_socket.is_some())
-        .then(|| kvm_vfio_device(&vm))
+    let kvm_vfio = (!config.devices.is_empty() || host.hotplug)
+        .then(|| kvm_vfio_device(&fd))
         .flatten();
     let passthrough = open_passthrough(config, kvm_vfio.as_ref(), &devices, &ram.memory)?;
-    let protected: Vec<acpi::PciBdf> = devices
+    let machine = Machine {
+        fd: &fd,
+        router: &router,
+        ram: &ram,
+    };
+    let iommu = attach_iommu(
+        config,
+        &machine,
+        &devices,
+        &passthrough,
+        &mut pci,
+        &mut buses,
+    )?;
+    let mut stats =
+        attach_virtio_devices(&machine, &devices, iommu.as_ref(), &mut pci, &mut buses)?;
+    let entries = device_entries(&devices, &passthrough, iommu.is_some());
+    check_hotplug_slots_free(host.hotplug, &entries)?;
+    let protected = protected_endpoints(&devices, &passthrough);
+    let (vfio_devices, vfio_stats) =
+        attach_passthrough(passthrough, &machine, &mut pci, &mut buses)?;
+    let stats = Arc::new(StatsReport::new(iommu.clone(), vfio_stats, stats.drain(..)));
+    let info: SharedInfo = Arc::new(Mutex::new(vm_info(config, &entries)));
+    let (pio, mmio) = (Arc::new(buses.pio), Arc::new(buses.mmio));
+    let hotplug = if host.hotplug {
+        Some(attach_hotplug(
+            &pci,
+            &machine,
+            (&pio, &mmio),
+            kvm_vfio,
+            iommu.clone(),
+            &power_button,
+            (Arc::clone(&info), Arc::clone(&stats)),
+            host,
+        )?)
+    } else {
+        None
+    };
+    let entry = load_payload(
+        config,
+        &ram.memory,
+        host.hotplug,
+        iommu.is_some().then_some(protected),
+    )?;
+    let vcpus = create_vcpus(&host.kvm, &fd, config, entry)?;
+    Ok(Vm {
+        number,
+        pid: host.pid,
+        _memory: ram.memory.clone(),
+        root: pci.root(),
+        clock: PausedClock::new(Arc::clone(&fd)),
+        _fd: fd,
+        pio,
+        mmio,
+        router,
+        gate: Arc::new(PauseGate::default()),
+        power_button,
+        stats,
+        info,
+        hotplug,
+        vfio_devices,
+        vcpus,
+        running: Vec::new(),
+        exits,
+        _raw_terminal: raw_terminal,
+    })
+}
+
+/// A device's counters, by its id.
+type Counted = (String, Arc<dyn virtio_devices::DeviceCounters>);
+
+/// Passed-through devices, and their DMA mappers by id.
+type Passed = (
+    Vec<Arc<Mutex<VfioPciDevice>>>,
+    Vec<(String, Arc<vfio::VfioMapper>)>,
+);
+
+/// The port and MMIO buses while devices are put on them.
+#[derive(Default)]
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// What the devices of one VM are built on.
+struct Machine<'a> {
+    fd: &'a Arc<VmFd>,
+    router: &'a Arc<GsiRouter>,
+    ram: &'a GuestRam,
+}
+
+/// The KVM VM, its RAM registered, with the in-kernel interrupt controllers and timer.
+fn attach_kvm_vm(kvm: &Kvm, memory: &GuestMemoryMmap) -> Result<Arc<VmFd>, VmmError> {
+    let fd = Arc::new(kvm.create_vm().map_err(kvm_error("create VM"))?);
+    register_ram(&fd, memory)?;
+    set_up_irqchip(&fd)?;
+    Ok(fd)
+}
+
+/// The virtio-iommu, in its own slot, when the configuration asks for one; returns its model,
+/// through which protected devices translate.
+fn attach_iommu(
+    config: &VmConfig,
+    machine: &Machine,
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
+    pci: &mut PciBus,
+    buses: &mut Buses,
+) -> Result<Option<Arc<VirtioIommu>>, VmmError> {
+    if !config.iommu {
+        return Ok(None);
+    }
+    let platform = config.platform();
+    let model = create_iommu_model(
+        machine.ram.backing_page_size,
+        platform.iommu_address_width_bits,
+        devices,
+        passthrough,
+        &machine.ram.memory,
+    )?;
+    let device = Box::new(Iommu::new(
+        Arc::clone(&model),
+        machine.ram.memory.clone(),
+        iommu_polling(Duration::from_micros(platform.iommu_poll_us())),
+    ));
+    pci.add_virtio(
+        IOMMU_DEVICE_NUMBER,
+        device,
+        machine.router,
+        machine.fd,
+        &mut buses.pio,
+        &mut buses.mmio,
+    )
+    .map_err(VmmError::Device)?;
+    Ok(Some(model))
+}
+
+/// Each virtio device in its slot, over guest RAM or, behind the IOMMU, RAM seen through it;
+/// returns the counters of those that count.
+fn attach_virtio_devices(
+    machine: &Machine,
+    devices: &[PlannedDevice],
+    iommu: Option<&Arc<VirtioIommu>>,
+    pci: &mut PciBus,
+    buses: &mut Buses,
+) -> Result<Vec<Counted>, VmmError> {
+    let memory = &machine.ram.memory;
+    let mut counters = Vec::new();
+    for (planned, id) in devices.iter().zip(device_ids(devices)) {
+        let device = match (iommu, planned.iommu) {
+            (Some(model), true) => {
+                let endpoint = planned.endpoint().endpoint_id();
+                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
+                    .expect("every protected device was registered as an endpoint");
+                let mem = IommuMemory::new(memory.clone(), translator, true, ());
+                build_device(&planned.kind, mem, true, &planned.vhost)?
+            }
+            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost)?,
+        };
+        if let Some(device_counters) = device.counters() {
+            counters.push((id, device_counters));
+        }
+        pci.add_virtio(
+            planned.device_number,
+            device,
+            machine.router,
+            machine.fd,
+            &mut buses.pio,
+            &mut buses.mmio,
+        )
+        .map_err(VmmError::Device)?;
+    }
+    Ok(counters)
+}
+
+/// With hotplug, slots 24..31 stay free for it.
+fn check_hotplug_slots_free(hotplug: bool, entries: &[DeviceEntry]) -> Result<(), VmmError> {
+    let full = entries
+        .iter()
+        .find(|d| hotplug && d.device_number >= HOTPLUG_SLOTS.start);
+    match full {
+        Some(full) => Err(VmmError::Device(format!(
+            "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
+            full.id,
+            full.device_number,
+            HOTPLUG_SLOTS.start,
+            HOTPLUG_SLOTS.end - 1
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The endpoints behind the IOMMU, as the VIOT lists them.
+fn protected_endpoints(
+    devices: &[PlannedDevice],
+    passthrough: &[Passthrough],
+) -> Vec<acpi::PciBdf> {
+    devices
         .iter()
         .filter(|device| device.iommu)
         .map(PlannedDevice::endpoint)
@@ -159,147 +279,106 @@ pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmErro
                 .filter(|p| p.config.iommu)
                 .map(Passthrough::endpoint),
         )
-        .collect();
-    let platform = config.platform();
-    let iommu = if config.iommu {
-        let model = create_iommu_model(
-            ram.backing_page_size,
-            platform.iommu_address_width_bits,
-            &devices,
-            &passthrough,
-            &ram.memory,
-        )?;
-        let device = Box::new(Iommu::new(
-            Arc::clone(&model),
-            ram.memory.clone(),
-            iommu_polling(Duration::from_micros(platform.iommu_poll_us())),
-        ));
-        pci.add_virtio(
-            IOMMU_DEVICE_NUMBER,
-            device,
-            &router,
-            &vm,
-            &mut pio,
-            &mut mmio,
-        )
-        .map_err(VmmError::Device)?;
-        Some(model)
-    } else {
-        None
-    };
-    let mut device_counters = Vec::new();
-    for (planned, id) in devices.iter().zip(device_ids(&devices)) {
-        let device = match (&iommu, planned.iommu) {
-            (Some(model), true) => {
-                let endpoint = planned.endpoint().endpoint_id();
-                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
-                    .expect("every protected device was registered as an endpoint");
-                let mem = IommuMemory::new(ram.memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &planned.vhost)?
-            }
-            _ => build_device(&planned.kind, ram.memory.clone(), false, &planned.vhost)?,
-        };
-        if let Some(counters) = device.counters() {
-            device_counters.push((id, counters));
-        }
-        pci.add_virtio(
-            planned.device_number,
-            device,
-            &router,
-            &vm,
-            &mut pio,
-            &mut mmio,
-        )
-        .map_err(VmmError::Device)?;
-    }
-    let device_entries = device_entries(&devices, &passthrough, iommu.is_some());
-    if options.api_socket.is_some() {
-        if let Some(full) = device_entries
-            .iter()
-            .find(|d| d.device_number >= HOTPLUG_SLOTS.start)
-        {
-            return Err(VmmError::Device(format!(
-                "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
-                full.id,
-                full.device_number,
-                HOTPLUG_SLOTS.start,
-                HOTPLUG_SLOTS.end - 1
-            )));
-        }
-    }
+        .collect()
+}
+
+/// Each passed-through device in its slot, its BARs mapped into the guest; returns them (to
+/// reset when the VM ends) and their mappers (for the counters).
+fn attach_passthrough(
+    passthrough: Vec<Passthrough>,
+    machine: &Machine,
+    pci: &mut PciBus,
+    buses: &mut Buses,
+) -> Result<Passed, VmmError> {
     // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
-    let mut next_slot = ram.memory.num_regions() as u32;
-    let mut vfio_devices = Vec::new();
-    let mut vfio_stats = Vec::new();
+    let mut next_slot = machine.ram.memory.num_regions() as u32;
+    let mut devices = Vec::new();
+    let mut mappers = Vec::new();
     for p in passthrough {
         let name = p.id();
-        let device =
-            VfioPciDevice::new(&name, p.opened.device, |vectors| router.msi_group(vectors))
-                .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
+        let device = VfioPciDevice::new(&name, p.opened.device, |vectors| {
+            machine.router.msi_group(vectors)
+        })
+        .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
         let device = Arc::new(Mutex::new(device));
         pci.add_vfio(
             p.device_number,
             device.clone(),
-            &vm,
-            &mut pio,
-            &mut mmio,
+            machine.fd,
+            &mut buses.pio,
+            &mut buses.mmio,
             &mut next_slot,
         )
         .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
-        vfio_devices.push(device);
-        vfio_stats.push((name, p.mapper));
+        devices.push(device);
+        mappers.push((name, p.mapper));
     }
+    Ok((devices, mappers))
+}
 
-    let report = Arc::new(StatsReport::new(iommu.clone(), vfio_stats, device_counters));
-    if report.prints_anything() {
-        report_stats_on_sigusr1(Arc::clone(&report), sigusr1, filters.clone())?;
+/// Puts the PCI hotplug controller on the port bus, has the bus follow the BARs the guest
+/// gives hot-plugged devices, and starts the thread that plugs them in.
+#[allow(clippy::too_many_arguments)]
+fn attach_hotplug(
+    pci: &PciBus,
+    machine: &Machine,
+    (pio, mmio): (&Arc<Bus>, &Arc<Bus>),
+    kvm_vfio: Option<Arc<VfioDeviceFd>>,
+    iommu: Option<Arc<VirtioIommu>>,
+    power_button: &PowerButton<IrqfdTrigger>,
+    (info, stats): (SharedInfo, Arc<StatsReport>),
+    host: &Host,
+) -> Result<HotplugThread, VmmError> {
+    let (requests_tx, requests, ejects, ejected) = hotplug::channel_for_ejects();
+    // What vm.info lists at boot: the devices the VM started with.
+    let boot_ids = lock(&info).device_tree.keys().cloned().collect();
+    let controller = Arc::new(Mutex::new(PciHotplugController::new(
+        HOTPLUG_SLOTS,
+        Arc::clone(&power_button.0),
+        ejects,
+    )));
+    pio.insert(
+        controller.clone(),
+        u64::from(layout::PCI_HOTPLUG_PORT),
+        u64::from(acpi::PCI_HOTPLUG_PORTS),
+    )
+    .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
+    let placement = BarPlacement::new(Arc::clone(pio), Arc::clone(mmio), Arc::clone(machine.fd));
+    lock(&pci.root()).set_bar_moves(placement.clone());
+    Hotplug {
+        root: pci.root(),
+        router: Arc::clone(machine.router),
+        memory: machine.ram.memory.clone(),
+        iommu,
+        controller,
+        placement,
+        kvm_vfio,
+        vfio_entry_limit: vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH)),
+        boot_ids,
+        stats,
+        info,
+        ejected,
     }
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let gate = Arc::new(PauseGate::default());
-    if let Some(listener) = api_listener {
-        let info = Arc::new(Mutex::new(control::vm_info(config, &device_entries)));
-        let hotplug = start_hotplug(
-            &pci,
-            Machine {
-                vm: &vm,
-                pio: &pio,
-                mmio: &mmio,
-                router: &router,
-                memory: &ram.memory,
-                kvm_vfio,
-            },
-            iommu.clone(),
-            &power_button,
-            Arc::clone(&info),
-            Arc::clone(&report),
-            filters.clone(),
-        )?;
-        let control = Control {
-            info,
-            stats: Arc::clone(&report),
-            power_button,
-            exits: exits_tx.clone(),
-            hotplug,
-            vcpus: Arc::clone(&gate),
-            clock: PausedClock::new(Arc::clone(&vm)),
-            pid: std::process::id(),
-        };
-        serve_api(listener, control, filters.clone())?;
-    }
+    .spawn(requests_tx, requests, host.filters.clone())
+}
 
+/// The ACPI tables, the kernel, its initramfs and command line, and the boot structures the
+/// boot vCPU starts from; returns where it starts.
+fn load_payload(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    hotplug: bool,
+    protected: Option<Vec<acpi::PciBdf>>,
+) -> Result<EntryPoint, VmmError> {
     let rsdp = acpi::write_tables(
-        &acpi_layout(
-            config,
-            options.api_socket.is_some(),
-            iommu.is_some().then_some(protected),
-        ),
-        &ram.memory,
+        &acpi_layout(config, hotplug, protected),
+        memory,
         GuestAddress(layout::ACPI_START),
     )
     .map_err(|err| VmmError::Device(format!("ACPI tables: {err}")))?;
     let payload = config.payload();
     let entry = boot::load_kernel(
-        &ram.memory,
+        memory,
         &BootInfo {
             kernel: payload.kernel(),
             initramfs: payload.initramfs.as_deref(),
@@ -307,12 +386,18 @@ pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmErro
             rsdp,
         },
     )?;
-    vcpu::write_boot_tables(&ram.memory, entry)
+    vcpu::write_boot_tables(memory, entry)
         .map_err(|reason| VmmError::Vcpu(vcpu::VcpuError::Memory { id: 0, reason }))?;
+    Ok(entry)
+}
 
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_error("get supported CPUID"))?;
+/// The vCPUs, configured to start at `entry`, not yet running.
+fn create_vcpus(
+    kvm: &Kvm,
+    fd: &VmFd,
+    config: &VmConfig,
+    entry: EntryPoint,
+) -> Result<Vec<Vcpu>, VmmError> {
     let top = layout::pci_mmio64_start(config.memory.size) + layout::PCI_MMIO64_SIZE;
     if top > 1u64 << config.cpus.max_phys_bits.min(63) {
         return Err(VmmError::Device(format!(
@@ -320,6 +405,9 @@ pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmErro
             config.cpus.max_phys_bits
         )));
     }
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_error("get supported CPUID"))?;
     // Validated: 1 to 254.
     let cpus = config.cpus.boot_vcpus as u8;
     let topology = Topology {
@@ -327,173 +415,20 @@ pub fn run(config: &VmConfig, options: &VmmOptions) -> Result<GuestExit, VmmErro
         max_phys_bits: config.cpus.max_phys_bits,
         nested: config.cpus.nested,
     };
-    // The guest starts once every vCPU and this thread are confined.
-    let start = Arc::new(Barrier::new(usize::from(cpus) + 1));
-    for id in 0..cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_error("create vCPU"))?;
-        let vcpu = Vcpu::configure(id, fd, &supported_cpuid, &topology, entry)?;
-        let (pio, mmio, exits) = (Arc::clone(&pio), Arc::clone(&mmio), exits_tx.clone());
-        let (filters, start, gate) = (filters.clone(), Arc::clone(&start), Arc::clone(&gate));
-        thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let confined = filters.map_or(Ok(()), |f| f.install(ThreadKind::Vcpu));
-                start.wait();
-                match confined {
-                    Ok(()) => vcpu.run(pio, mmio, exits, &gate),
-                    Err(err) => drop(exits.send(GuestExit::Crash(err.to_string()))),
-                }
-            })
-            .map_err(|source| VmmError::Io {
-                what: format!("start vCPU {id} thread"),
-                source,
-            })?;
-    }
-    drop(exits_tx);
-    // Threads started from here on are device threads, started by vCPUs.
-    if let Some(filters) = &filters {
-        filters.install(ThreadKind::Vmm)?;
-    }
-    start.wait();
-
-    let exit = exits
-        .recv()
-        .map_err(|_| VmmError::Device("every vCPU and device stopped without a reason".into()));
-    router.stop();
-    report.print();
-    for device in &vfio_devices {
-        vm_device::lock(device).reset();
-    }
-    exit
-}
-
-/// Blocks SIGUSR1 in the calling thread, before any other thread starts, so that every
-/// thread inherits the mask and the signal is only consumed by [`report_stats_on_sigusr1`].
-fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
-    // SAFETY: sigset_t is plain data that sigemptyset initialises.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    let blocked = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if blocked != 0 {
-        return Err(VmmError::Io {
-            what: "block SIGUSR1".into(),
-            source: io::Error::from_raw_os_error(blocked),
-        });
-    }
-    Ok(set)
-}
-
-/// Prints the counters whenever the process gets SIGUSR1, from a thread of its own.
-fn report_stats_on_sigusr1(
-    report: Arc<StatsReport>,
-    set: libc::sigset_t,
-    filters: Option<Arc<Filters>>,
-) -> Result<(), VmmError> {
-    thread::Builder::new()
-        .name("stats".into())
-        .spawn(move || {
-            confine(filters.as_deref(), ThreadKind::Stats);
-            loop {
-                let mut signal = 0;
-                // SAFETY: `set` and `signal` are valid for the call.
-                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                    report.print();
-                }
-            }
+    (0..cpus)
+        .map(|id| {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_error("create vCPU"))?;
+            Ok(Vcpu::configure(
+                id,
+                vcpu_fd,
+                &supported_cpuid,
+                &topology,
+                entry,
+            )?)
         })
-        .map(drop)
-        .map_err(|source| VmmError::Io {
-            what: "start the statistics thread".into(),
-            source,
-        })
-}
-
-/// What devices are plugged into while the guest runs.
-struct Machine<'a> {
-    vm: &'a Arc<VmFd>,
-    pio: &'a Arc<Bus>,
-    mmio: &'a Arc<Bus>,
-    router: &'a Arc<GsiRouter>,
-    memory: &'a GuestMemoryMmap,
-    kvm_vfio: Option<Arc<VfioDeviceFd>>,
-}
-
-/// Puts the PCI hotplug controller on the port bus, has the bus follow the BARs the guest
-/// gives hot-plugged devices, and starts the thread that plugs them in; returns where the API
-/// sends its requests.
-fn start_hotplug(
-    pci: &PciBus,
-    machine: Machine,
-    iommu: Option<Arc<VirtioIommu>>,
-    power_button: &PowerButton<IrqfdTrigger>,
-    info: SharedInfo,
-    stats: Arc<StatsReport>,
-    filters: Option<Arc<Filters>>,
-) -> Result<Sender<HotplugRequest>, VmmError> {
-    let (requests_tx, requests, ejects, ejected) = hotplug::channel_for_ejects();
-    // What vm.info lists at boot: the devices the VM started with.
-    let boot_ids = vm_device::lock(&info).device_tree.keys().cloned().collect();
-    let controller = Arc::new(Mutex::new(PciHotplugController::new(
-        HOTPLUG_SLOTS,
-        Arc::clone(&power_button.0),
-        ejects,
-    )));
-    machine
-        .pio
-        .insert(
-            controller.clone(),
-            u64::from(layout::PCI_HOTPLUG_PORT),
-            u64::from(acpi::PCI_HOTPLUG_PORTS),
-        )
-        .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
-    let placement = BarPlacement::new(
-        Arc::clone(machine.pio),
-        Arc::clone(machine.mmio),
-        Arc::clone(machine.vm),
-    );
-    vm_device::lock(&pci.root()).set_bar_moves(placement.clone());
-    Hotplug {
-        root: pci.root(),
-        router: Arc::clone(machine.router),
-        memory: machine.memory.clone(),
-        iommu,
-        controller,
-        placement,
-        kvm_vfio: machine.kvm_vfio,
-        vfio_entry_limit: vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH)),
-        boot_ids,
-        stats,
-        info,
-        ejected,
-    }
-    .spawn(requests, filters)?;
-    Ok(requests_tx)
-}
-
-/// Confines the calling thread to `kind`'s filter, if filters are on. A thread that cannot be
-/// confined must not run at all, and has nobody to return an error to: warden exits.
-pub(crate) fn confine(filters: Option<&Filters>, kind: ThreadKind) {
-    if let Some(Err(err)) = filters.map(|f| f.install(kind)) {
-        eprintln!("warden: {err}");
-        std::process::exit(1);
-    }
-}
-
-fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
-    match kind {
-        DeviceThread::Block => ThreadKind::Block,
-        DeviceThread::Net => ThreadKind::Net,
-        DeviceThread::Rng => ThreadKind::Rng,
-        DeviceThread::Console => ThreadKind::Console,
-        DeviceThread::IommuEvents => ThreadKind::IommuEvents,
-        DeviceThread::IommuPoller => ThreadKind::IommuPoller,
-    }
+        .collect()
 }
 
 /// The machine as the guest's ACPI tables describe it.
@@ -557,16 +492,6 @@ fn acpi_layout(
     }
 }
 
-/// kvm_pvm runs guest kernel code through an instruction emulator: say so once, up front,
-/// instead of leaving the user to wonder why the guest never reaches userspace.
-fn warn_if_kvm_cannot_run_linux() {
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!(
-            "warden: warning: this host's KVM is kvm_pvm (no VMX/SVM): guest kernel code is emulated, so an unmodified Linux guest will crawl and cannot start userspace here; use a host with hardware virtualization"
-        );
-    }
-}
-
 fn register_ram(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmmError> {
     for (slot, region) in memory.iter().enumerate() {
         let region_info = kvm_userspace_memory_region {
@@ -577,7 +502,8 @@ fn register_ram(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmmError> {
             flags: 0,
         };
         // SAFETY: the region is a live mapping owned by `memory`, which outlives the VM's use
-        // of it: both are kept until the process exits.
+        // of it: the `Vm` keeps a clone of `memory` and drops it after the VM's fd and every
+        // vCPU (see its fields' order).
         unsafe { vm.set_user_memory_region(region_info) }
             .map_err(kvm_error("register guest RAM"))?;
     }
@@ -597,13 +523,14 @@ fn set_up_irqchip(vm: &VmFd) -> Result<(), VmmError> {
     .map_err(kvm_error("create PIT"))
 }
 
-/// Adds the legacy devices; returns the power button.
-fn add_legacy_devices(
+/// The legacy devices (COM1, CMOS, i8042, the ACPI sleep and reset registers, the power
+/// button's event register); returns the power button.
+fn attach_legacy_devices(
     pio: &mut Bus,
     router: &GsiRouter,
     serial: &SerialConfig,
-    exits: &Sender<GuestExit>,
-    filters: Option<Arc<Filters>>,
+    exits: &ExitNotice,
+    host: &Host,
 ) -> Result<PowerButton<IrqfdTrigger>, VmmError> {
     let insert =
         |pio: &mut Bus, device: Arc<Mutex<dyn vm_device::BusDevice>>, base: u16, len: u16| {
@@ -621,7 +548,7 @@ fn add_legacy_devices(
         let port = Arc::new(Mutex::new(SerialPort(Serial::new(IrqfdTrigger(irq), out))));
         insert(pio, port.clone(), layout::COM1_PORT, 8)?;
         if serial.mode == ConsoleMode::Tty && io::stdin().is_terminal() {
-            forward_stdin(port, filters);
+            host.serial_input.attach(port)?;
         }
     }
     insert(

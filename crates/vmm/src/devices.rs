@@ -20,8 +20,8 @@ use virtio_devices::{
 use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
 
-use crate::builder::VmmError;
 use crate::control::DeviceEntry;
+use crate::error::VmmError;
 use crate::pci_bus::IOMMU_DEVICE_NUMBER;
 use crate::stats;
 use vm_config::{

@@ -5,11 +5,12 @@
 //!
 //! The API thread sends a [`HotplugRequest`] and waits for the answer; the `hotplug` thread
 //! builds the device (over guest RAM, or RAM seen through the virtio-iommu for `iommu=on`),
-//! plugs it into its slot and tells the guest. A removal asks the guest to release the device;
-//! once the guest's `_EJ0` says it has (a vCPU passes the slot on), the thread unplugs it,
-//! detaches its endpoint from its IOMMU domain (which withdraws its mappings) and drops it,
-//! which stops its threads and frees its interrupts. If the guest does not let go within
-//! [`EJECT_TIMEOUT`], the request fails and the device stays (the guest may still release it).
+//! plugs it into its slot and tells the guest. A removal asks the guest to release the device
+//! and is answered then, as Cloud Hypervisor answers it (Kata gives it 5 s); once the guest's
+//! `_EJ0` says it has (a vCPU passes the slot on), the thread unplugs it, detaches its endpoint
+//! from its IOMMU domain (which withdraws its mappings) and drops it, which stops its threads
+//! and frees its interrupts. A guest that never lets go keeps the device (the device tree still
+//! lists it; the configuration no longer does).
 //!
 //! A passed-through device (`vm.add-device`) gets a VFIO container of its own, as at boot:
 //! with `iommu=on` it becomes an endpoint whose mapper turns the guest's MAPs into host VFIO
@@ -18,12 +19,11 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use api::{ApiError, PciDeviceInfo};
+use api::{ApiError, PciDeviceInfo, Response};
 use net_util::{Tap, TapError};
 use pci::{PciDevice, PciRoot};
 use sandbox::{Filters, ThreadKind};
@@ -37,7 +37,8 @@ use vm_device::lock;
 use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 use crate::bar_placement::BarPlacement;
-use crate::builder::{confine, VmmError};
+use crate::error::VmmError;
+use crate::threads;
 use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig};
 
 use crate::devices::{build_device, build_net, open_tap, DeviceKind};
@@ -51,31 +52,61 @@ use crate::stats::StatsReport;
 pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
 /// With a virtio-iommu, the VIOT puts these slots behind it: where `iommu=on` devices go.
 pub const PROTECTED_SLOTS: Range<u8> = 24..28;
-/// How long the guest has to release a device it is asked to.
-pub const EJECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where the hotplug thread sends its answer: straight to the API's client.
+pub(crate) type Reply = Sender<Result<Response, ApiError>>;
 
 /// What the API asks of the hotplug thread, with where to send the answer.
 pub enum HotplugRequest {
     AddDisk {
         disk: DiskConfig,
-        reply: Sender<Result<PciDeviceInfo, ApiError>>,
+        reply: Reply,
     },
     /// A host PCI function to pass through.
     AddDevice {
         device: DeviceConfig,
-        reply: Sender<Result<PciDeviceInfo, ApiError>>,
+        reply: Reply,
     },
     /// `vm.info` lists it with the name of its tap (the kernel names a new one).
     AddNet {
         net: NetConfig,
-        reply: Sender<Result<PciDeviceInfo, ApiError>>,
+        reply: Reply,
     },
     Remove {
         id: String,
-        reply: Sender<Result<(), ApiError>>,
+        reply: Reply,
     },
     /// The guest released devices (their slots' `_EJ0` ran): see [`EjectToThread`].
     Ejected,
+    /// The VM is going away: the thread ends.
+    Stop,
+}
+
+/// The running hotplug thread: where requests go. Dropped, it stops the thread and waits for
+/// it (the controller on the port bus holds a sender too, so the channel alone would never
+/// close).
+pub(crate) struct HotplugThread {
+    requests: Sender<HotplugRequest>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl HotplugThread {
+    pub(crate) fn send(&self, request: HotplugRequest) -> Result<(), ApiError> {
+        self.requests
+            .send(request)
+            .map_err(|_| ApiError::new(500, "the hotplug thread is gone"))
+    }
+}
+
+impl Drop for HotplugThread {
+    fn drop(&mut self) {
+        let _ = self.requests.send(HotplugRequest::Stop);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the hotplug thread panicked");
+            }
+        }
+    }
 }
 
 /// The slots a new device may take: behind the IOMMU or not. Without a virtio-iommu there is
@@ -194,46 +225,40 @@ pub(crate) fn channel_for_ejects() -> (
 }
 
 impl Hotplug {
-    /// Serves `requests` from a thread of its own, confined to the hotplug list.
-    pub fn spawn(
+    /// Serves `requests` (whose sender is `sender`) from a thread of its own, confined to the
+    /// hotplug list.
+    pub(crate) fn spawn(
         self,
+        sender: Sender<HotplugRequest>,
         requests: Receiver<HotplugRequest>,
         filters: Option<Arc<Filters>>,
-    ) -> Result<(), VmmError> {
-        thread::Builder::new()
-            .name("hotplug".into())
-            .spawn(move || {
-                confine(filters.as_deref(), ThreadKind::Hotplug);
-                self.serve(&requests);
-            })
-            .map(drop)
-            .map_err(|source| VmmError::Io {
-                what: "start the hotplug thread".into(),
-                source,
-            })
+    ) -> Result<HotplugThread, VmmError> {
+        let thread = threads::spawn("hotplug", ThreadKind::Hotplug, filters, move || {
+            self.serve(&requests)
+        })?;
+        Ok(HotplugThread {
+            requests: sender,
+            thread: Some(thread),
+        })
     }
 
     fn serve(self, requests: &Receiver<HotplugRequest>) {
         let mut slots = PluggedDevices::new(Arc::clone(&self.info));
         loop {
-            let request = match slots.next_deadline() {
-                Some(at) => requests.recv_timeout(at.saturating_duration_since(Instant::now())),
-                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            match request {
+            match requests.recv() {
                 Ok(HotplugRequest::AddDisk { disk, reply }) => {
-                    let _ = reply.send(self.add_disk(&mut slots, disk));
+                    let _ = reply.send(self.add_disk(&mut slots, disk).map(Response::Added));
                 }
                 Ok(HotplugRequest::AddDevice { device, reply }) => {
-                    let _ = reply.send(self.add_passthrough(&mut slots, device));
+                    let added = self.add_passthrough(&mut slots, device);
+                    let _ = reply.send(added.map(Response::Added));
                 }
                 Ok(HotplugRequest::AddNet { net, reply }) => {
-                    let _ = reply.send(self.add_net(&mut slots, net));
+                    let _ = reply.send(self.add_net(&mut slots, net).map(Response::Added));
                 }
                 Ok(HotplugRequest::Remove { id, reply }) => {
-                    if let Err(err) = self.request_removal(&mut slots, &id, reply.clone()) {
-                        let _ = reply.send(Err(err));
-                    }
+                    let asked = self.request_removal(&mut slots, &id);
+                    let _ = reply.send(asked.map(|()| Response::Done));
                 }
                 Ok(HotplugRequest::Ejected) => {
                     let ejected = self.ejected.swap(0, Ordering::AcqRel);
@@ -241,8 +266,7 @@ impl Hotplug {
                         self.unplug(&mut slots, slot);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => slots.expire(Instant::now()),
-                Err(RecvTimeoutError::Disconnected) => return,
+                Ok(HotplugRequest::Stop) | Err(_) => return,
             }
         }
     }
@@ -305,8 +329,15 @@ impl Hotplug {
         })
     }
 
-    /// A free slot for a new device, behind the IOMMU or not.
-    fn reserve(&self, slots: &PluggedDevices, iommu: bool) -> Result<u8, ApiError> {
+    /// A free slot for the new device `id`, behind the IOMMU or not; 409 while a device the
+    /// guest has not released yet still has the id.
+    fn reserve(&self, slots: &PluggedDevices, id: &str, iommu: bool) -> Result<u8, ApiError> {
+        if slots.has_id(id) {
+            return Err(ApiError::new(
+                409,
+                format!("id {id:?} is in use by a device the guest has not released yet"),
+            ));
+        }
         if iommu && self.iommu.is_none() {
             return Err(ApiError::bad_request(
                 "iommu=on needs the virtio-iommu, which this VM does not have: start warden with a device behind it or with --platform iommu=on",
@@ -336,7 +367,7 @@ impl Hotplug {
         id: String,
         make: impl FnOnce() -> Result<(NewDevice<'a>, String, Listed), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
-        let slot = self.reserve(slots, iommu)?;
+        let slot = self.reserve(slots, &id, iommu)?;
         let (new, what, listed) = make()?;
         let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         let (device, endpoint) = match &self.iommu {
@@ -375,7 +406,7 @@ impl Hotplug {
     ) -> Result<PciDeviceInfo, ApiError> {
         let device = self.admit(|c| c.devices.push(device), |c| c.devices.last())?;
         let id = device.id.clone().unwrap_or_default();
-        let slot = self.reserve(slots, device.iommu)?;
+        let slot = self.reserve(slots, &id, device.iommu)?;
         let refused = |err: vfio::OpenError| ApiError::bad_request(err.to_string());
         let opened = vfio::open(device.path(), self.kvm_vfio.clone()).map_err(refused)?;
         let mapper = Arc::new(VfioMapper::new(
@@ -457,7 +488,7 @@ impl Hotplug {
                 id: id.clone(),
                 transport,
                 endpoint,
-                eject: None,
+                leaving: false,
             },
             listed,
         );
@@ -503,12 +534,9 @@ impl Hotplug {
         Ok(transport)
     }
 
-    fn request_removal(
-        &self,
-        slots: &mut PluggedDevices,
-        id: &str,
-        reply: Sender<Result<(), ApiError>>,
-    ) -> Result<(), ApiError> {
+    /// Asks the guest to release the device `id` (it leaves the configuration now, the machine
+    /// when the guest's `_EJ0` says so).
+    fn request_removal(&self, slots: &mut PluggedDevices, id: &str) -> Result<(), ApiError> {
         if self.boot_ids.iter().any(|boot| boot == id) {
             return Err(ApiError::bad_request(format!(
                 "{id} was there at boot; only hot-plugged devices can be removed"
@@ -517,13 +545,13 @@ impl Hotplug {
         let Some((slot, plugged)) = slots.find_mut(id) else {
             return Err(ApiError::new(404, format!("no device has id {id:?}")));
         };
-        if plugged.eject.is_some() {
+        if plugged.leaving {
             return Err(ApiError::new(409, format!("{id} is already being removed")));
         }
         lock(&self.controller)
             .request_eject(slot)
             .map_err(|err| ApiError::new(500, format!("cannot raise the hotplug event: {err}")))?;
-        plugged.eject = Some((Instant::now() + EJECT_TIMEOUT, reply));
+        slots.mark_leaving(slot);
         Ok(())
     }
 
@@ -546,12 +574,8 @@ impl Hotplug {
         log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
         self.stats.remove_device(&plugged.id);
         // Dropping the transport stops the device's threads, frees its vectors and closes its
-        // files (a tap warden made goes with it); only then is the removal answered, so that
-        // a client that sees 204 finds the device gone.
+        // files (a tap warden made goes with it).
         drop(plugged.transport);
-        if let Some((_, reply)) = plugged.eject {
-            let _ = reply.send(Ok(()));
-        }
     }
 }
 

@@ -3,7 +3,6 @@
 //! power button the VMM presses.
 
 use std::io::{self, Write};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,6 +11,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::events::ExitNotice;
 use crate::layout;
 
 /// Why the guest stopped.
@@ -19,12 +19,11 @@ use crate::layout;
 pub enum GuestExit {
     /// ACPI S5 (`poweroff`): the normal end of a run.
     Poweroff,
-    /// The guest asked for a reset (`reboot`, or `panic=N`); warden does not reboot guests.
+    /// The guest asked for a reset (`reboot`, `panic=N`, a triple fault): the VM is built
+    /// again from its configuration.
     Reset(&'static str),
     /// A vCPU stopped in a way the guest did not ask for.
     Crash(String),
-    /// A client of the API ended the VM (`vm.shutdown`, `vmm.shutdown`).
-    Shutdown(&'static str),
 }
 
 /// Raises the serial line's interrupt by writing its irqfd.
@@ -136,11 +135,11 @@ impl BusDevice for Cmos {
 
 /// Just enough of the i8042 controller for its CPU-reset command, which Linux uses to reboot.
 pub struct I8042 {
-    exits: Sender<GuestExit>,
+    exits: ExitNotice,
 }
 
 impl I8042 {
-    pub fn new(exits: Sender<GuestExit>) -> Self {
+    pub fn new(exits: ExitNotice) -> Self {
         I8042 { exits }
     }
 }
@@ -156,18 +155,18 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset == I8042_COMMAND_OFFSET && data.first() == Some(&I8042_RESET_CPU) {
-            let _ = self.exits.send(GuestExit::Reset("i8042 reset"));
+            self.exits.send(GuestExit::Reset("i8042 reset"));
         }
     }
 }
 
 /// The FADT's reset register: the guest writes [`layout::ACPI_RESET_VALUE`] to reboot.
 pub struct AcpiReset {
-    exits: Sender<GuestExit>,
+    exits: ExitNotice,
 }
 
 impl AcpiReset {
-    pub fn new(exits: Sender<GuestExit>) -> Self {
+    pub fn new(exits: ExitNotice) -> Self {
         AcpiReset { exits }
     }
 }
@@ -179,7 +178,7 @@ impl BusDevice for AcpiReset {
 
     fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
         if data.first() == Some(&layout::ACPI_RESET_VALUE) {
-            let _ = self.exits.send(GuestExit::Reset("ACPI reset"));
+            self.exits.send(GuestExit::Reset("ACPI reset"));
         }
     }
 }
@@ -189,11 +188,11 @@ impl BusDevice for AcpiReset {
 /// The DSDT's `_S5_` package gives [`acpi::SLEEP_TYPE_S5`]; Linux powers off by writing
 /// `SLP_TYP << 2 | SLP_EN` to the control register.
 pub struct AcpiSleep {
-    exits: Sender<GuestExit>,
+    exits: ExitNotice,
 }
 
 impl AcpiSleep {
-    pub fn new(exits: Sender<GuestExit>) -> Self {
+    pub fn new(exits: ExitNotice) -> Self {
         AcpiSleep { exits }
     }
 }
@@ -207,7 +206,7 @@ impl BusDevice for AcpiSleep {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         if offset == 0 && acpi::requested_sleep_type(value) == Some(acpi::SLEEP_TYPE_S5) {
-            let _ = self.exits.send(GuestExit::Poweroff);
+            self.exits.send(GuestExit::Poweroff);
         }
     }
 }
@@ -258,7 +257,7 @@ impl<T: Trigger> PowerButton<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::channel;
+    use crate::events::testing::notice;
 
     #[test]
     fn a_press_raises_the_interrupt_and_reading_the_register_clears_it() {
@@ -311,32 +310,32 @@ mod tests {
 
     #[test]
     fn s5_write_powers_off_and_other_states_do_not() {
-        let (tx, rx) = channel();
+        let (tx, next) = notice();
         let mut sleep = AcpiSleep::new(tx);
         sleep.write(0, 0, &[(3 << 2) | SLP_EN]);
         sleep.write(0, 0, &[acpi::SLEEP_TYPE_S5 << 2]);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(next(), None);
         sleep.write(0, 0, &[(acpi::SLEEP_TYPE_S5 << 2) | SLP_EN]);
-        assert_eq!(rx.try_recv(), Ok(GuestExit::Poweroff));
+        assert_eq!(next(), Some(GuestExit::Poweroff));
     }
 
     #[test]
     fn acpi_reset_value_resets() {
-        let (tx, rx) = channel();
+        let (tx, next) = notice();
         let mut reset = AcpiReset::new(tx);
         reset.write(0x3c2, 0, &[0x01]);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(next(), None);
         reset.write(0x3c2, 0, &[layout::ACPI_RESET_VALUE]);
-        assert_eq!(rx.try_recv(), Ok(GuestExit::Reset("ACPI reset")));
+        assert_eq!(next(), Some(GuestExit::Reset("ACPI reset")));
     }
 
     #[test]
     fn i8042_reset_command_resets() {
-        let (tx, rx) = channel();
+        let (tx, next) = notice();
         let mut i8042 = I8042::new(tx);
         i8042.write(0x60, 0, &[I8042_RESET_CPU]);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(next(), None);
         i8042.write(0x60, 4, &[I8042_RESET_CPU]);
-        assert!(matches!(rx.try_recv(), Ok(GuestExit::Reset(_))));
+        assert!(matches!(next(), Some(GuestExit::Reset(_))));
     }
 }

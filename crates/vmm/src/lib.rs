@@ -1,15 +1,20 @@
-//! Builds one KVM virtual machine from a [`config::VmConfig`] and runs it to its end.
+//! The VMM: its lifecycle ([`vmm`]: the VM created, booted, shut down, rebooted, deleted,
+//! through the command line or the API) and the machine it builds from a
+//! `vm_config::VmConfig`.
 //!
-//! [`builder::run`] is the whole boot path, top to bottom; the modules beside it each own one
-//! piece of the machine (its address map, RAM, interrupt routing, legacy devices, kernel
-//! loading, vCPUs), and [`control`] answers the API.
+//! [`builder::build`] is the whole boot path, top to bottom, and [`vm::Vm`] the machine from
+//! its start to its end; the modules beside them each own one piece of the machine (its
+//! address map, RAM, interrupt routing, legacy devices, kernel loading, vCPUs, hotplug), and
+//! [`control`] carries the API's requests to the VMM thread.
 
 mod bar_placement;
 pub mod boot;
-pub mod builder;
+mod builder;
 pub mod clock;
-pub mod control;
+mod control;
 mod devices;
+mod error;
+mod events;
 pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
@@ -22,7 +27,10 @@ pub mod pci_hotplug;
 mod plugged;
 pub mod stats;
 mod terminal;
+mod threads;
 pub mod vcpu;
+mod vm;
+mod vmm;
 
-pub use builder::{run, VmmError};
-pub use legacy::GuestExit;
+pub use error::VmmError;
+pub use vmm::{run, VmmExit};

@@ -12,6 +12,8 @@ pub struct VmmOptions {
     pub seccomp: SeccompMode,
     /// Where to serve Cloud Hypervisor's REST API, if anywhere.
     pub api_socket: Option<ApiSocket>,
+    /// A guest's reset ends the VMM instead of booting the VM again (QEMU's `-no-reboot`).
+    pub no_reboot: bool,
 }
 
 /// The Unix socket of the API (`--api-socket`).

@@ -1,4 +1,5 @@
-//! `vm.pause` and `vm.resume`: the gate every vCPU passes before it enters the guest.
+//! `vm.pause` and `vm.resume`: the gate every vCPU passes before it enters the guest; and
+//! the end of a VM, when the gate sends every vCPU out of its run loop for good.
 //!
 //! Pausing closes the gate, kicks every vCPU out of `KVM_RUN` (a signal, see
 //! [`crate::vcpu::kick`]) and waits until each is parked at the gate; resuming opens it. The
@@ -36,6 +37,8 @@ pub enum PauseError {
 #[derive(Default)]
 struct State {
     paused: bool,
+    /// The VM is going away: every vCPU leaves its run loop at the gate.
+    stopping: bool,
     /// The thread ids of the vCPUs in their run loop.
     vcpus: Vec<i32>,
     /// How many of them wait at the gate.
@@ -64,25 +67,59 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU before each `KVM_RUN`: returns at once unless the VM is paused, and
-    /// then once it is resumed.
-    pub fn pass(&self) {
+    /// Called by a vCPU before each `KVM_RUN`: `true` at once unless the VM is paused, and
+    /// then once it is resumed; `false` once the VM is stopping, when the vCPU is to leave its
+    /// run loop.
+    pub fn pass(&self) -> bool {
         if !self.closed.load(Ordering::SeqCst) {
-            return;
+            return true;
         }
         let mut state = lock(&self.state);
         if !state.paused {
-            return;
+            return !state.stopping;
         }
         state.parked += 1;
         self.changed.notify_all();
-        while state.paused {
+        while state.paused && !state.stopping {
             state = self
                 .changed
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         state.parked -= 1;
+        !state.stopping
+    }
+
+    /// Ends the VM's run: closes the gate for good (a paused VM's parked vCPUs wake to leave),
+    /// `kick`s each vCPU thread out of the guest and waits, at most `timeout`, until every one
+    /// has left its run loop.
+    pub fn stop(
+        &self,
+        kick: impl Fn(i32) -> std::io::Result<()>,
+        timeout: Duration,
+    ) -> Result<(), PauseError> {
+        let mut state = lock(&self.state);
+        state.stopping = true;
+        self.closed.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+        for &tid in &state.vcpus {
+            kick(tid).map_err(|err| PauseError::Kick {
+                tid,
+                reason: err.to_string(),
+            })?;
+        }
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| !s.vcpus.is_empty())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if waited.timed_out() {
+            return Err(PauseError::Timeout {
+                running: state.vcpus.len(),
+                vcpus: state.vcpus.len(),
+                waited: timeout,
+            });
+        }
+        Ok(())
     }
 
     /// Pauses the VM: closes the gate, `kick`s each vCPU thread out of the guest and waits,
@@ -186,6 +223,44 @@ mod tests {
             }
             gate.leave(tid);
         })
+    }
+
+    /// A vCPU that leaves its loop when the gate says so, as the real run loop does.
+    fn spawn_stoppable_vcpu(gate: &Arc<PauseGate>, tid: i32) -> thread::JoinHandle<()> {
+        gate.enter(tid);
+        let gate = gate.clone();
+        thread::spawn(move || {
+            while gate.pass() {
+                thread::sleep(Duration::from_micros(100));
+            }
+            gate.leave(tid);
+        })
+    }
+
+    #[test]
+    fn stopping_sends_running_and_parked_vcpus_out_for_good() {
+        for paused_first in [false, true] {
+            let gate = Arc::new(PauseGate::default());
+            let vcpus: Vec<_> = (0..3).map(|tid| spawn_stoppable_vcpu(&gate, tid)).collect();
+            if paused_first {
+                gate.pause(|_| Ok(()), Duration::from_secs(5), || {})
+                    .unwrap();
+            }
+            let kicked = Mutex::new(0);
+            gate.stop(
+                |_| {
+                    *lock(&kicked) += 1;
+                    Ok(())
+                },
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert_eq!(*lock(&kicked), 3);
+            for vcpu in vcpus {
+                vcpu.join().unwrap();
+            }
+            assert!(!gate.pass(), "nothing enters the guest again");
+        }
     }
 
     #[test]

@@ -1,18 +1,13 @@
 //! The devices the API plugged in, by slot of bus 0: the hotplug thread's record of them and
 //! what `vm.info` lists of them, changed together in one place. However a device comes or goes
-//! (a client's call, one that timed out and succeeded later, or the guest ejecting it on its
-//! own), `vm.info` says what the machine has.
+//! (a client's call, or the guest ejecting it on its own), `vm.info` says what the machine
+//! has.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use api::ApiError;
 use pci::PciDevice;
 use vm_device::lock;
-
-use crate::hotplug::EJECT_TIMEOUT;
 
 /// `vm.info`, shared by the API (which reads it) and the hotplug thread (which alone changes
 /// what it lists of hot-plugged devices).
@@ -32,8 +27,8 @@ pub(crate) struct Plugged {
     pub(crate) transport: Arc<Mutex<dyn PciDevice>>,
     /// Its virtio-iommu endpoint, if it is behind the IOMMU.
     pub(crate) endpoint: Option<u32>,
-    /// Asked to leave: until when the client waits, and the client.
-    pub(crate) eject: Option<(Instant, Sender<Result<(), ApiError>>)>,
+    /// Asked to leave, and not let go of yet.
+    pub(crate) leaving: bool,
 }
 
 /// The hot-plugged devices by slot, kept in step with `vm.info`.
@@ -63,12 +58,9 @@ impl PluggedDevices {
             .map(|(&slot, p)| (slot, p))
     }
 
-    /// The earliest time a removal waits until.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .values()
-            .filter_map(|p| p.eject.as_ref().map(|(at, _)| *at))
-            .min()
+    /// Whether a plugged device, leaving or not, has id `id`.
+    pub(crate) fn has_id(&self, id: &str) -> bool {
+        self.slots.values().any(|p| p.id == id)
     }
 
     /// Records `plugged` in `slot` and lists it in `vm.info` as `listed`.
@@ -101,24 +93,18 @@ impl PluggedDevices {
         Some(plugged)
     }
 
-    /// Answers the removals the guest has not acknowledged by `now`; the devices stay, and a
-    /// later `_EJ0` still removes them.
-    pub(crate) fn expire(&mut self, now: Instant) {
-        for plugged in self.slots.values_mut() {
-            if plugged.eject.as_ref().is_none_or(|(at, _)| *at > now) {
-                continue;
-            }
-            if let Some((_, reply)) = plugged.eject.take() {
-                let _ = reply.send(Err(ApiError::new(
-                    504,
-                    format!(
-                        "the guest did not release {} within {} s; it stays plugged in (ask again, or check the guest's acpiphp)",
-                        plugged.id,
-                        EJECT_TIMEOUT.as_secs()
-                    ),
-                )));
-            }
-        }
+    /// The device `id` is leaving: the configuration no longer lists it (a reboot builds the
+    /// VM without it), the device tree does until the guest lets go.
+    pub(crate) fn mark_leaving(&mut self, slot: u8) {
+        let Some(plugged) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        plugged.leaving = true;
+        let id = Some(plugged.id.as_str());
+        let config = &mut lock(&self.info).config;
+        config.disks.retain(|d| d.id.as_deref() != id);
+        config.net.retain(|n| n.id.as_deref() != id);
+        config.devices.retain(|d| d.id.as_deref() != id);
     }
 }
 
@@ -139,9 +125,6 @@ pub(crate) fn device_node(id: &str, bdf: String) -> api::DeviceNode {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::channel;
-    use std::time::Duration;
-
     use super::*;
 
     fn plugged(id: &str) -> Plugged {
@@ -149,7 +132,7 @@ mod tests {
             id: id.into(),
             transport: Arc::new(Mutex::new(pci::HostBridge::new())),
             endpoint: None,
-            eject: None,
+            leaving: false,
         }
     }
 
@@ -212,31 +195,22 @@ mod tests {
         assert!(devices.remove(24).is_none(), "an empty slot ejects nothing");
     }
 
+    /// A device asked to leave is gone from the configuration at once (a reboot would not
+    /// build it), and from the device tree once the guest lets go.
     #[test]
-    fn an_unacknowledged_removal_answers_504_once_and_the_device_stays() {
-        let (reply, answer) = channel();
-        let now = Instant::now();
-        let mut devices = PluggedDevices::new(empty_info());
-        let mut scratch = plugged("scratch");
-        scratch.eject = Some((now + Duration::from_secs(1), reply));
-        devices.insert(24, scratch, Listed::Disk(Default::default()));
-        assert_eq!(devices.next_deadline(), Some(now + Duration::from_secs(1)));
-        devices.expire(now);
-        assert!(answer.try_recv().is_err(), "not yet due");
-        devices.expire(now + Duration::from_secs(1));
-        let err = answer.try_recv().unwrap().unwrap_err();
-        assert_eq!(err.status, 504);
-        assert!(
-            err.message.contains("did not release scratch"),
-            "{}",
-            err.message
-        );
-        assert!(
-            devices.next_deadline().is_none(),
-            "a new request may ask again"
-        );
-        devices.expire(now + Duration::from_secs(5));
-        assert!(answer.try_recv().is_err(), "answered once");
-        assert!(devices.holds(24));
+    fn a_leaving_device_leaves_the_configuration_first_and_the_tree_on_eject() {
+        let info = empty_info();
+        let mut devices = PluggedDevices::new(Arc::clone(&info));
+        let disk = vm_config::DiskConfig {
+            path: Some("/images/scratch.img".into()),
+            id: Some("scratch".into()),
+            ..Default::default()
+        };
+        devices.insert(24, plugged("scratch"), Listed::Disk(disk));
+        devices.mark_leaving(24);
+        assert_eq!(listed_ids(&info), (vec![], vec![], vec!["scratch".into()]));
+        assert!(devices.has_id("scratch"), "still plugged in");
+        assert!(devices.remove(24).is_some_and(|p| p.leaving));
+        assert_eq!(listed_ids(&info), (vec![], vec![], vec![]));
     }
 }

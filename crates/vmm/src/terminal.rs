@@ -2,14 +2,15 @@
 //! to COM1 from a thread of their own.
 
 use std::io::{self, IsTerminal, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::Duration;
 
 use sandbox::{Filters, ThreadKind};
 
-use crate::builder::confine;
+use crate::error::VmmError;
 use crate::legacy::SerialPort;
+use crate::threads;
 
 /// The terminal on stdin in raw mode, restored to what it was when dropped.
 pub(crate) struct RawTerminal {
@@ -46,29 +47,57 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Feeds terminal input to the guest's serial port from a thread of its own.
-pub(crate) fn forward_stdin(port: Arc<Mutex<SerialPort>>, filters: Option<Arc<Filters>>) {
-    let spawned = thread::Builder::new()
-        .name("serial-input".into())
-        .spawn(move || {
-            confine(filters.as_deref(), ThreadKind::SerialInput);
-            let mut buffer = [0u8; 64];
-            let mut stdin = io::stdin();
-            while let Ok(count) = stdin.read(&mut buffer) {
-                if count == 0 {
-                    break;
+/// Terminal input for the serial port of whichever VM runs. One thread for the process reads
+/// stdin (a read on a terminal cannot be called off, so it outlives each VM) and feeds the
+/// port attached last; the port is held weakly, so a VM that ends takes its port with it and
+/// input meanwhile is dropped.
+#[derive(Clone)]
+pub(crate) struct SerialInput {
+    port: Arc<Mutex<Weak<Mutex<SerialPort>>>>,
+    started: Arc<OnceLock<()>>,
+    filters: Option<Arc<Filters>>,
+}
+
+impl SerialInput {
+    pub(crate) fn new(filters: Option<Arc<Filters>>) -> Self {
+        SerialInput {
+            port: Arc::new(Mutex::new(Weak::new())),
+            started: Arc::new(OnceLock::new()),
+            filters,
+        }
+    }
+
+    /// Sends terminal input to `port` from now on, starting the reading thread the first
+    /// time.
+    pub(crate) fn attach(&self, port: Arc<Mutex<SerialPort>>) -> Result<(), VmmError> {
+        *vm_device::lock(&self.port) = Arc::downgrade(&port);
+        if self.started.get().is_some() {
+            return Ok(());
+        }
+        let target = Arc::clone(&self.port);
+        threads::spawn(
+            "serial-input",
+            ThreadKind::SerialInput,
+            self.filters.clone(),
+            move || {
+                let mut buffer = [0u8; 64];
+                let mut stdin = io::stdin();
+                while let Ok(count) = stdin.read(&mut buffer) {
+                    if count == 0 {
+                        break;
+                    }
+                    let port = vm_device::lock(&target).upgrade();
+                    if let Some(port) = port {
+                        feed_serial(&port, &buffer[..count]);
+                    }
                 }
-                feed_serial(&port, &buffer[..count]);
-            }
-        });
-    if let Err(err) = spawned {
-        log::warn!("no serial input: {err}");
+            },
+        )?;
+        let _ = self.started.set(());
+        Ok(())
     }
 }
 
-/// Puts `bytes` into the UART's receive FIFO. It holds 64 bytes: when a paste (or a fast typist
-/// over a slow nested guest) fills it, the rest waits here until the guest has read some,
-/// instead of being lost.
 fn feed_serial(port: &Mutex<SerialPort>, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         let taken = vm_device::lock(port).0.enqueue_raw_bytes(bytes);

@@ -3,7 +3,6 @@
 
 use std::cell::Cell;
 use std::io;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -15,6 +14,7 @@ use vm_device::Bus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::EntryPoint;
+use crate::events::ExitNotice;
 use crate::layout;
 use crate::legacy::GuestExit;
 use crate::pause::PauseGate;
@@ -352,13 +352,11 @@ impl Vcpu {
 
     /// Runs until the guest stops this vCPU; reports why on `exits`. Before each entry into
     /// the guest it passes `gate`, where it waits while the VM is paused.
-    pub fn run(
-        mut self,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        exits: Sender<GuestExit>,
-        gate: &PauseGate,
-    ) {
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, exits: ExitNotice, gate: &PauseGate) {
         let id = self.id;
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::gettid() };
@@ -366,58 +364,73 @@ impl Vcpu {
         KVM_RUN_AREA.with(|area| area.set(run));
         gate.enter(tid);
         let reason = loop {
-            gate.pass();
-            match self.fd.run() {
+            if !gate.pass() {
+                // The VM is going away: nothing to report.
+                break None;
+            }
+            let exit = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
+                    None
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !pio.write(u64::from(port), data) {
                         log::trace!("vCPU {id}: unclaimed port write {port:#x}");
                     }
+                    None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !mmio.read(addr, data) {
                         log::debug!("vCPU {id}: unclaimed MMIO read {addr:#x}");
                         data.fill(0xff);
                     }
+                    None
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if !mmio.write(addr, data) {
                         log::debug!("vCPU {id}: unclaimed MMIO write {addr:#x}");
                     }
+                    None
                 }
-                Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::Shutdown) => break GuestExit::Reset("triple fault"),
-                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => break GuestExit::Poweroff,
-                    KVM_SYSTEM_EVENT_RESET => break GuestExit::Reset("system reset"),
-                    KVM_SYSTEM_EVENT_CRASH => break GuestExit::Crash("guest crashed".into()),
-                    other => break GuestExit::Crash(format!("system event {other}")),
-                },
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    break GuestExit::Crash(format!(
-                        "vCPU {id}: VM entry failed (reason {reason:#x}) on host CPU {cpu}"
-                    ))
-                }
+                Ok(VcpuExit::Hlt) => None,
+                Ok(VcpuExit::Shutdown) => Some(GuestExit::Reset("triple fault")),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
+                    KVM_SYSTEM_EVENT_RESET => GuestExit::Reset("system reset"),
+                    KVM_SYSTEM_EVENT_CRASH => GuestExit::Crash("guest crashed".into()),
+                    other => GuestExit::Crash(format!("system event {other}")),
+                }),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(GuestExit::Crash(format!(
+                    "vCPU {id}: VM entry failed (reason {reason:#x}) on host CPU {cpu}"
+                ))),
                 Ok(VcpuExit::InternalError) => {
-                    break GuestExit::Crash(format!("vCPU {id}: KVM internal error"))
+                    Some(GuestExit::Crash(format!("vCPU {id}: KVM internal error")))
                 }
-                Ok(other) => {
-                    break GuestExit::Crash(format!("vCPU {id}: unexpected exit {other:?}"))
-                }
+                Ok(other) => Some(GuestExit::Crash(format!(
+                    "vCPU {id}: unexpected exit {other:?}"
+                ))),
                 // A kick (or a kick's flag, set before KVM_RUN): cleared before the gate is
                 // looked at, so a kick after this look is seen on the next KVM_RUN.
-                Err(err) if err.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
-                Err(err) if err.errno() == libc::EAGAIN => {}
-                Err(err) => break GuestExit::Crash(format!("vCPU {id}: KVM_RUN failed: {err}")),
+                Err(err) if err.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
+                Err(err) if err.errno() == libc::EAGAIN => None,
+                Err(err) => Some(GuestExit::Crash(format!(
+                    "vCPU {id}: KVM_RUN failed: {err}"
+                ))),
+            };
+            if exit.is_some() {
+                break exit;
             }
         };
         gate.leave(tid);
         KVM_RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
-        let _ = exits.send(reason);
+        if let Some(reason) = reason {
+            exits.send(reason);
+        }
     }
 }
 

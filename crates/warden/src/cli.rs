@@ -12,10 +12,13 @@ use vm_config::{
 };
 use vmm::options::{ApiSocket, VmmOptions};
 
+/// The Cloud Hypervisor release whose command line and REST API warden follows.
+pub const CLOUD_HYPERVISOR_VERSION: &str = "54.0.0";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "warden",
-    version,
+    disable_version_flag = true,
     about = "A KVM virtual machine monitor with a virtual IOMMU (virtio-iommu).",
     after_help = "Devices tagged iommu=on sit behind a virtio-iommu (PCI 00:01.0) described by the ACPI VIOT table: every DMA they make is translated through the guest's MAP/UNMAP requests. Default: iommu=off."
 )]
@@ -37,7 +40,8 @@ pub struct Cli {
     )]
     memory: String,
 
-    /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage. Without it warden
+    /// starts with no VM and waits for vm.create on --api-socket.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
 
@@ -124,7 +128,26 @@ pub struct Cli {
 
     /// Log level: error, warn, info, debug (every IOMMU request) or trace. RUST_LOG also works.
     #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<log::LevelFilter>,
+    log_level: Option<log::LevelFilter>,
+
+    /// Prints `cloud-hypervisor v54.0.0-warden.X.Y.Z`: the Cloud Hypervisor release whose
+    /// command line and API warden follows (libvirt reads it, up to the first '-'), then
+    /// warden's own version.
+    #[arg(short = 'V', long)]
+    pub version: bool,
+
+    /// Write the log to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// More log: -v info, -vv debug, -vvv trace (Cloud Hypervisor's flag); --log-level wins.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// A guest's reset (reboot, panic, triple fault) ends warden (exit 1) instead of booting
+    /// the VM again.
+    #[arg(long)]
+    no_reboot: bool,
 }
 
 /// A user error, phrased as one line naming the option.
@@ -180,14 +203,50 @@ fn existing(option: &'static str, path: &Path, hint: &'static str) -> Result<(),
 
 const A_FILE: &str = "give the path of an existing file";
 
+/// What `--version` prints: see [`Cli::version`].
+pub fn version_line() -> String {
+    format!(
+        "cloud-hypervisor v{CLOUD_HYPERVISOR_VERSION}-warden.{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 impl Cli {
-    /// Validates every option: the VM they describe, validated and resolved as a
-    /// `vm.create` body is, and the VMM's own settings.
-    pub fn into_config(self) -> Result<(VmConfig, VmmOptions), CliError> {
-        let kernel = self.kernel.ok_or(CliError::Vmm {
-            option: "kernel",
-            message: "is required; give the guest kernel (vmlinux or bzImage)".into(),
-        })?;
+    /// The log level asked for, by `--log-level` or `-v`.
+    pub fn log_level(&self) -> Option<log::LevelFilter> {
+        self.log_level.or(match self.verbose {
+            0 => None,
+            1 => Some(log::LevelFilter::Info),
+            2 => Some(log::LevelFilter::Debug),
+            _ => Some(log::LevelFilter::Trace),
+        })
+    }
+
+    /// Validates every option: the VM they describe (none without `--kernel`, when the API
+    /// is to create it), validated and resolved as a `vm.create` body is, and the VMM's own
+    /// settings.
+    pub fn into_config(self) -> Result<(Option<VmConfig>, VmmOptions), CliError> {
+        let options = VmmOptions {
+            seccomp: self.seccomp.parse().map_err(|message| CliError::Vmm {
+                option: "seccomp",
+                message,
+            })?,
+            api_socket: self
+                .api_socket
+                .as_deref()
+                .map(parse_api_socket)
+                .transpose()?,
+            no_reboot: self.no_reboot,
+        };
+        let Some(kernel) = self.kernel else {
+            return match options.api_socket {
+                Some(_) => Ok((None, options)),
+                None => Err(CliError::Vmm {
+                    option: "kernel",
+                    message: "is required without --api-socket; give the guest kernel (vmlinux or bzImage)".into(),
+                }),
+            };
+        };
         let (platform, iommu) = PlatformConfig::parse(&self.platform)?;
         let mut config = VmConfig {
             cpus: CpusConfig::parse(&self.cpus)?,
@@ -228,18 +287,7 @@ impl Cli {
         config
             .resolve()
             .map_err(|err| CliError::RandomMac(err.to_string()))?;
-        let options = VmmOptions {
-            seccomp: self.seccomp.parse().map_err(|message| CliError::Vmm {
-                option: "seccomp",
-                message,
-            })?,
-            api_socket: self
-                .api_socket
-                .as_deref()
-                .map(parse_api_socket)
-                .transpose()?,
-        };
-        Ok((config, options))
+        Ok((Some(config), options))
     }
 }
 
@@ -283,9 +331,10 @@ mod tests {
     fn parsed(args: &[&str]) -> Result<(VmConfig, VmmOptions), CliError> {
         let mut argv = vec!["warden", "--kernel", "/proc/self/exe"];
         argv.extend_from_slice(args);
-        Cli::try_parse_from(argv)
+        let (config, options) = Cli::try_parse_from(argv)
             .expect("clap accepts")
-            .into_config()
+            .into_config()?;
+        Ok((config.expect("a kernel was given"), options))
     }
 
     fn config(args: &[&str]) -> Result<VmConfig, CliError> {
@@ -344,6 +393,18 @@ mod tests {
         from_api.validate().unwrap();
         from_api.resolve().unwrap();
         assert_eq!(from_cli, from_api);
+    }
+
+    /// libvirt's parser: the output starts with `cloud-hypervisor `, has no '/', and its
+    /// version is what follows the `v`, up to the first '-'.
+    #[test]
+    fn the_version_reads_as_libvirt_parses_cloud_hypervisors() {
+        let line = version_line();
+        let version = line.strip_prefix("cloud-hypervisor v").unwrap();
+        assert!(!line.contains('/'));
+        assert_eq!(version.split('-').next(), Some(CLOUD_HYPERVISOR_VERSION));
+        assert!(line.ends_with(env!("CARGO_PKG_VERSION")));
+        assert!(Cli::try_parse_from(["warden", "-V"]).unwrap().version);
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! `warden`: parse the command line, build the VM, run it, and exit with the guest's verdict.
+//! `warden`: parse the command line, run the VMM (and the VM the command line describes, if
+//! any), and exit with how it ended.
 
 mod cli;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::GuestExit;
+use vmm::VmmExit;
 
 /// Exit code for a wrong command line, a missing file or a host set up wrongly for the request.
 const EXIT_USAGE: u8 = 2;
@@ -30,7 +32,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(cli.log_level);
+    if cli.version {
+        println!("{}", cli::version_line());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(err) = init_logging(cli.log_level(), cli.log_file.as_deref()) {
+        eprintln!("warden: --log-file: {err}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let (config, options) = match cli.into_config() {
         Ok(parsed) => parsed,
         Err(err) => {
@@ -38,17 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match vmm::run(&config, &options) {
-        Ok(GuestExit::Poweroff) => ExitCode::SUCCESS,
-        Ok(GuestExit::Shutdown(why)) => {
-            eprintln!("warden: shut down through the API ({why})");
+    match vmm::run(config, &options) {
+        Ok(VmmExit::Poweroff) => ExitCode::SUCCESS,
+        Ok(VmmExit::ApiShutdown) => {
+            eprintln!("warden: shut down through the API (vmm.shutdown)");
             ExitCode::SUCCESS
         }
-        Ok(GuestExit::Reset(why)) => {
-            eprintln!("warden: the guest asked for a reset ({why}): it rebooted or panicked; warden does not restart guests");
+        Ok(VmmExit::Reset(why)) => {
+            eprintln!("warden: the guest asked for a reset ({why}): it rebooted or panicked; --no-reboot ends warden instead of booting it again");
             ExitCode::from(EXIT_FAILURE)
         }
-        Ok(GuestExit::Crash(why)) => {
+        Ok(VmmExit::Crash(why)) => {
             eprintln!("warden: the guest stopped abnormally: {why}");
             ExitCode::from(EXIT_FAILURE)
         }
@@ -68,11 +77,19 @@ fn main() -> ExitCode {
 /// as warden's own `warn_limited!`.
 const LIMITED_CRATES: &[&str] = &["virtio_queue"];
 
-fn init_logging(level: Option<log::LevelFilter>) {
+/// The log at `level` (or `RUST_LOG`'s, else warnings), on stderr or in `file`.
+fn init_logging(level: Option<log::LevelFilter>, file: Option<&Path>) -> std::io::Result<()> {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
     if let Some(level) = level {
         builder.filter_level(level);
+    }
+    if let Some(path) = file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
     }
     let logger = builder.build();
     let max_level = logger.filter();
@@ -80,4 +97,5 @@ fn init_logging(level: Option<log::LevelFilter>) {
     if log::set_boxed_logger(Box::new(limited)).is_ok() {
         log::set_max_level(max_level);
     }
+    Ok(())
 }

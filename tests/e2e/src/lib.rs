@@ -104,6 +104,7 @@ pub struct Scenario {
     vmm: Option<PathBuf>,
     one_l1_cpu: bool,
     host_binaries: Vec<PathBuf>,
+    reboots: bool,
 }
 
 impl Scenario {
@@ -136,6 +137,7 @@ impl Scenario {
             vmm: None,
             one_l1_cpu: true,
             host_binaries: Vec::new(),
+            reboots: false,
         }
     }
 
@@ -156,6 +158,15 @@ impl Scenario {
     /// in the same batch. Nested, it must be a static binary: L1 has no shared libraries.
     pub fn vmm(mut self, binary: &Path) -> Self {
         self.vmm = Some(binary.to_owned());
+        self
+    }
+
+    /// Lets warden boot the guest again when it resets itself (its default). Otherwise the
+    /// harness gives warden `--no-reboot`, so that a reset ends the run: a guest the nested
+    /// test host's emulated CPU triple-faults by mistake then shows as such (and the run is
+    /// retried, see [`run`]) instead of booting again and running its script twice.
+    pub fn reboots(mut self) -> Self {
+        self.reboots = true;
         self
     }
 
@@ -1047,6 +1058,9 @@ fn host_scripts(scenario: &Scenario, files: &HostFiles) -> [(&'static str, Strin
             }
         }
     }
+    if scenario.vmm.is_none() && !scenario.reboots && !given("--no-reboot") {
+        args.push("--no-reboot".to_string());
+    }
     // Checking the seccomp lists against a new path: the kernel logs what a list lacks.
     let seccomp_log = std::env::var("WARDEN_E2E_SECCOMP").is_ok_and(|mode| mode == "log");
     if seccomp_log && !given("--seccomp") {
@@ -1271,13 +1285,24 @@ mod tests {
         let s = Scenario::new("t").warden_args(["--cmdline=x y", "--cpus", "2"]);
         let [(_, host), ..] = host_scripts(&s, &files);
         assert!(host.contains(
-            r#""$WARDEN" '--kernel' '/k' '--initramfs' '/i' '--serial' 'tty' '--cmdline=x y' '--cpus' '2'"#
+            r#""$WARDEN" '--kernel' '/k' '--initramfs' '/i' '--serial' 'tty' '--no-reboot' '--cmdline=x y' '--cpus' '2'"#
         ));
         let s = Scenario::new("t")
             .warden_args(["--version"])
             .without_default_args();
         let [(_, host), ..] = host_scripts(&s, &files);
-        assert!(host.contains(r#""$WARDEN" '--version'"#));
+        assert!(host.contains(r#""$WARDEN" '--no-reboot' '--version'"#));
+        let s = Scenario::new("t").reboots().without_default_args();
+        let [(_, host), ..] = host_scripts(&s, &files);
+        assert!(!host.contains("--no-reboot"), "{host}");
+        let s = Scenario::new("t")
+            .vmm(Path::new("/peer"))
+            .without_default_args();
+        let [(_, host), ..] = host_scripts(&s, &files);
+        assert!(
+            !host.contains("--no-reboot"),
+            "a peer has no such option: {host}"
+        );
     }
 
     #[test]

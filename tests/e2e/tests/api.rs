@@ -1,5 +1,5 @@
 //! `--api-socket` (the control-plane issue): while the guest runs, the KVM host asks warden's
-//! API for ping, info and counters, is refused a reboot, hot-adds a disk behind the IOMMU
+//! API for ping, info and counters, is refused a vCPU it cannot hot-add, hot-adds a disk behind the IOMMU
 //! (which the guest finds in a new IOMMU group and reads back), removes it again, hot-adds a
 //! net behind the IOMMU and moves 4 MiB each way across it (checksums on both sides), removes
 //! it (its tap goes away), pauses the guest (a counter the guest keeps writing to its disk
@@ -137,7 +137,8 @@ chmod +x send.sh recv.sh
   "$API_CLIENT" api.sock GET /api/v1/vmm.ping >ping.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.info >info.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters.txt
-  "$API_CLIENT" api.sock PUT /api/v1/vm.reboot >reboot.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.resize '{"desired_vcpus":1}' >resize-same.txt
+  "$API_CLIENT" api.sock PUT /api/v1/vm.resize '{"desired_vcpus":2}' >resize-more.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"missing.img","iommu":true}' >add-missing.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","iommu":true,"id":"hot0"}' >add-disk.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-disk '{"path":"hot.img","id":"hot0"}' >add-same-id.txt
@@ -146,8 +147,8 @@ chmod +x send.sh recv.sh
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-hot.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"_disk0"}' >remove-boot.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hot0"}' >remove.txt
-  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hot0"}' >remove-again.txt
   wait_sector 24 GONE
+  "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hot0"}' >remove-again.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-after.txt
   "$API_CLIENT" api.sock GET /api/v1/vm.info >info-after.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.add-net \
@@ -161,9 +162,12 @@ chmod +x send.sh recv.sh
   wait_sector 32 NETOK
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-net.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.remove-device '{"id":"hotnet"}' >remove-net.txt
+  wait_sector 48 COUNTING
+  # The answer came when the guest was asked; the net goes once it lets go.
+  n=0
+  while [ -e /sys/class/net/hotnet0 ] && [ $n -lt 100 ]; do n=$((n + 1)); sleep 0.1; done
   "$API_CLIENT" api.sock GET /api/v1/vm.counters >counters-net-gone.txt
   [ -e /sys/class/net/hotnet0 ] && echo no >tap-gone.txt || echo yes >tap-gone.txt
-  wait_sector 48 COUNTING
   counter running-1; sleep 2; counter running-2
   "$API_CLIENT" api.sock PUT /api/v1/vm.resume >resume-running.txt
   "$API_CLIENT" api.sock PUT /api/v1/vm.pause >pause.txt
@@ -185,7 +189,7 @@ echo "API-HOST-TAP-GONE=$(cat tap-gone.txt 2>/dev/null)"
 for c in running-1 running-2 paused-1 paused-2 resumed; do
   echo "API-HOST-COUNTER-$c=$(cat counter-$c.txt 2>/dev/null)"
 done
-for f in ping info counters reboot add-missing add-disk add-same-id info-hot \
+for f in ping info counters resize-same resize-more add-missing add-disk add-same-id info-hot \
          counters-hot remove-boot remove remove-again counters-after info-after \
          add-net add-net-busy info-net counters-net remove-net counters-net-gone \
          resume-running pause pause-again info-paused resume info-resumed \
@@ -294,11 +298,18 @@ fn api_socket_answers_while_the_guest_runs_and_the_power_button_ends_it() {
     assert!(api_maps <= exit_maps, "{api_maps} > {exit_maps}\n{out}");
     assert!(api_translations <= exit_translations, "{out}");
 
-    assert_eq!(out.api_reply("reboot").0, 501, "{out}");
+    // What the VM has already is fine; a vCPU more is refused (no vCPU hotplug yet).
+    assert_eq!(out.api_reply("resize-same").0, 204, "{out}");
+    let (status, refusal) = out.api_reply("resize-more");
+    assert_eq!(status, 500, "{out}");
+    assert!(
+        refusal[0].as_str().unwrap().contains("no vCPU hotplug"),
+        "{out}"
+    );
     check_hotplug(&out);
     check_hot_net(&out);
     check_pause(&out);
-    assert_eq!(out.api_reply("wrong-method").0, 405, "{out}");
+    assert_eq!(out.api_reply("wrong-method").0, 400, "{out}");
     assert_eq!(out.api_reply("power-button").0, 204, "{out}");
 
     assert_eq!(
@@ -540,11 +551,12 @@ fn check_pause(out: &Outcome) {
         "the guest counts\n{out}"
     );
 
+    // Cloud Hypervisor's status for a call in the wrong state.
     let (status, refusal) = out.api_reply("resume-running");
-    assert_eq!(status, 405, "{out}");
+    assert_eq!(status, 500, "{out}");
     assert!(refusal[0].as_str().unwrap().contains("not paused"), "{out}");
     assert_eq!(out.api_reply("pause").0, 204, "{out}");
-    assert_eq!(out.api_reply("pause-again").0, 405, "{out}");
+    assert_eq!(out.api_reply("pause-again").0, 500, "{out}");
     assert_eq!(out.api_reply("info-paused").1["state"], "Paused", "{out}");
     let (paused_1, paused_2) = (counter("paused-1"), counter("paused-2"));
     assert!(paused_1 >= running_2, "{out}");

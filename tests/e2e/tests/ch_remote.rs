@@ -1,16 +1,20 @@
 //! Cloud Hypervisor's own client, `ch-remote` (a static v54 build, found as
-//! [`e2e::peer_binary`] says), drives warden's `--api-socket` while the guest runs: ping, info
-//! and counters; two rounds of hot-adding a disk behind the IOMMU, which the guest reads whole
-//! and overwrites with data of its own (24 MiB each way, checksums on both sides), then
-//! removing it; a hot-added net behind the IOMMU that the guest pings the host across, removed
-//! again; pause and resume; two refusals, whose messages it must print; and `shutdown-vmm`,
-//! which ends warden. `ch-remote` reads replies more strictly than curl (a status line with a
-//! reason phrase was an error to it), so this is what "Cloud Hypervisor's clients work
-//! unchanged" rests on. One boot.
+//! [`e2e::peer_binary`] says), drives warden from an empty VMM (`--api-socket` alone, as Kata
+//! and libvirt start it) through the VM's whole life: `create` from a JSON file (state
+//! `Created`), `boot` (`Running`), ping, info and counters; two rounds of hot-adding a disk
+//! behind the IOMMU, which the guest reads whole and overwrites with data of its own (24 MiB
+//! each way, checksums on both sides), then removing it; a hot-added net behind the IOMMU that
+//! the guest pings the host across, removed again; pause and resume; two refusals, whose
+//! messages it must print; `shutdown` (warden stays, state `Created`), `boot` again (the guest
+//! boots a second time), `reboot` (a third), `delete` (`vm.info` then has no VM) and
+//! `shutdown-vmm`, which ends warden (exit 0). `ch-remote` reads replies more strictly than
+//! curl (a status line with a reason phrase was an error to it), so this is what "Cloud
+//! Hypervisor's clients work unchanged" rests on.
 //!
 //! Host and guest take turns through sectors of the boot disk: the guest writes `READY` (8),
 //! `HOTn` (8 + 8n: round n's disk is read and written), `GONEn` (40 + 8n: it has left the
-//! guest), `NETUP` (64: the host answered pings over the hot-added net) and `NETGONE` (72).
+//! guest), `NETUP` (64: the host answered pings over the hot-added net), `NETGONE` (72),
+//! `BOOT2` (80) and `BOOT3` (88); sector 100 tells each boot which one it is.
 
 use e2e::{Outcome, Scenario};
 use serde_json::Value;
@@ -22,6 +26,20 @@ const HOT_DISK_MIB: usize = 24;
 const GUEST_SCRIPT: &str = r#"
 wait_for /dev/vda
 tell() { printf "$1" | dd of=/dev/vda bs=512 seek=$2 conv=notrunc,fsync 2>/dev/null; }
+case "$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 6)" in
+PHASE1)
+    echo CHR-GUEST-SECOND-BOOT=yes
+    tell PHASE2 100
+    tell BOOT2 80
+    sleep 600
+    ;;
+PHASE2)
+    echo CHR-GUEST-THIRD-BOOT=yes
+    tell PHASE3 100
+    tell BOOT3 88
+    sleep 600
+    ;;
+esac
 group_devices() { ls "/sys/kernel/iommu_groups/$(basename "$(readlink "$1/iommu_group")")/devices" | tr '\n' ' '; }
 gone() {
     n=0
@@ -60,14 +78,21 @@ done
 echo "CHR-GUEST-NET-PINGS=$(ping -c 3 -W 5 192.168.250.1 | grep -c 'bytes from')"
 tell NETUP 64
 echo "CHR-GUEST-NET-GONE=$(gone /sys/class/net/eth0 "$net_pci")"
+tell PHASE1 100
 tell NETGONE 72
-# The host ends warden (shutdown-vmm) when it is done.
+# The host shuts the VM down, then boots it again.
 sleep 600
 "#;
 
 /// The host's half, in the background while warden runs: `chr NAME ARGS` runs `ch-remote
 /// ARGS` and keeps its stdout, stderr and exit status as `NAME.out`, `NAME.err`, `NAME.rc`.
 const HOST_CLIENT: &str = r#"dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/null
+cat >vm.json <<EOF
+{"cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 536870912},
+ "payload": {"kernel": "$L2_KERNEL", "initramfs": "$L2_INITRAMFS", "cmdline": "console=ttyS0 panic=-1"},
+ "disks": [{"path": "disk.img", "iommu": true}],
+ "serial": {"mode": "Tty"}, "console": {"mode": "Off"}}
+EOF
 for r in 1 2; do
   dd if=/dev/urandom of=hot$r.img bs=1M count=HOT_DISK_MIB 2>/dev/null
   sha256sum hot$r.img | cut -d' ' -f1 >hot$r.before
@@ -82,8 +107,13 @@ done
       sleep 1
     done
   }
-  wait_sector 8 READY
+  for n in $(seq 50); do [ -S api.sock ] && break; sleep 0.1; done
   chr ping ping
+  chr info-none info
+  chr create create vm.json
+  chr info-created info
+  chr boot boot
+  wait_sector 8 READY
   chr info info
   chr add-missing add-disk path=missing.img,iommu=on
   chr remove-unknown remove-device nothing
@@ -104,6 +134,17 @@ done
   chr info-paused info
   chr resume resume
   chr info-resumed info
+  chr shutdown-vm shutdown
+  chr info-shut info
+  chr ping-shut ping
+  chr boot-again boot
+  wait_sector 80 BOOT2
+  chr info-again info
+  chr reboot reboot
+  wait_sector 88 BOOT3
+  chr info-rebooted info
+  chr delete delete
+  chr info-deleted info
   chr shutdown shutdown-vmm
 ) >/dev/null 2>&1 &"#;
 
@@ -111,8 +152,10 @@ const HOST_CHECK: &str = r#"for r in 1 2; do
   echo "CHR-HOST-$r-BEFORE=$(cat hot$r.before)"
   echo "CHR-HOST-$r-AFTER=$(cat hot$r.after 2>/dev/null)"
 done
-for f in ping info add-missing remove-unknown add-1 counters-1 remove-1 add-2 counters-2 \
-         remove-2 add-net info-net remove-net pause info-paused resume info-resumed shutdown; do
+for f in ping info-none create info-created boot info add-missing remove-unknown add-1 \
+         counters-1 remove-1 add-2 counters-2 remove-2 add-net info-net remove-net pause \
+         info-paused resume info-resumed shutdown-vm info-shut ping-shut boot-again info-again \
+         reboot info-rebooted delete info-deleted shutdown; do
   echo "CHR-RC $f $(cat $f.rc 2>/dev/null)"
   echo "CHR-OUT $f $(tr '\n' ' ' <$f.out 2>/dev/null)"
   echo "CHR-ERR $f $(tr '\n' ' ' <$f.err 2>/dev/null)"
@@ -173,16 +216,8 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
     let Some(out) = Scenario::new("ch_remote")
         .host_binary(&ch_remote)
         .host_setup(&HOST_CLIENT.replace("HOT_DISK_MIB", &mib))
-        .warden_args([
-            "--cpus",
-            "1",
-            "--memory",
-            "size=512M",
-            "--disk",
-            "path=disk.img,iommu=on",
-            "--api-socket",
-            "path=api.sock",
-        ])
+        .without_default_args()
+        .warden_args(["--api-socket", "path=api.sock"])
         .guest_script(&GUEST_SCRIPT.replace("HOT_DISK_MIB", &mib))
         .host_check(HOST_CHECK)
         .timeout(Duration::from_secs(600))
@@ -194,9 +229,26 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
 
     let ping = call("ping").json("ping", &out);
     assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{out}");
+    let none = call("info-none");
+    assert_ne!(none.rc, Some(0), "no VM yet: {}\n{out}", none.out);
+    assert!(
+        none.err.contains("VM is not created"),
+        "{}\n{out}",
+        none.err
+    );
+    call("create").succeeded("create", &out);
+    let created = call("info-created").json("info", &out);
+    assert_eq!(created["state"], "Created", "{out}");
+    assert_eq!(created["config"]["disks"][0]["id"], "_disk0", "{out}");
+    call("boot").succeeded("boot", &out);
     let info = call("info").json("info", &out);
     assert_eq!(info["state"], "Running", "{out}");
     assert_eq!(info["config"]["disks"][0]["iommu"], true, "{out}");
+    assert_eq!(info["config"]["iommu"], true, "{out}");
+    assert_eq!(
+        info["device_tree"]["virtio-iommu"]["pci_bdf"], "0000:00:01.0",
+        "{out}"
+    );
 
     // Refusals: a non-zero exit and warden's message in ch-remote's chain of errors.
     for (name, message) in [
@@ -283,6 +335,45 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
         "Running",
         "{out}"
     );
+
+    // vm.shutdown ends the VM, not warden: the configuration stays, and boots again.
+    call("shutdown-vm").succeeded("shutdown", &out);
+    let shut = call("info-shut").json("info", &out);
+    assert_eq!(shut["state"], "Created", "{out}");
+    assert_eq!(
+        shut["config"]["disks"].as_array().map(Vec::len),
+        Some(1),
+        "{out}"
+    );
+    call("ping-shut").succeeded("ping", &out);
+    call("boot-again").succeeded("boot", &out);
+    assert_eq!(out.marker("CHR-GUEST-SECOND-BOOT"), Some("yes"), "{out}");
+    assert_eq!(
+        call("info-again").json("info", &out)["state"],
+        "Running",
+        "{out}"
+    );
+    call("reboot").succeeded("reboot", &out);
+    assert_eq!(out.marker("CHR-GUEST-THIRD-BOOT"), Some("yes"), "{out}");
+    assert_eq!(
+        call("info-rebooted").json("info", &out)["state"],
+        "Running",
+        "{out}"
+    );
+    assert_eq!(
+        out.guest_output().matches("WARDEN-L2-INIT").count(),
+        3,
+        "three boots in one warden\n{out}"
+    );
+    call("delete").succeeded("delete", &out);
+    let deleted = call("info-deleted");
+    assert_ne!(deleted.rc, Some(0), "{out}");
+    assert!(
+        deleted.err.contains("VM is not created"),
+        "{}\n{out}",
+        deleted.err
+    );
+
     call("shutdown").succeeded("shutdown-vmm", &out);
     assert_eq!(out.warden_exit, Some(0), "shutdown-vmm ends warden: {out}");
 }

@@ -1,0 +1,559 @@
+//! The VMM process and the VM's lifecycle, as Cloud Hypervisor has it: started with a
+//! configuration (the command line: `vm.create` then `vm.boot` of what it parsed) or empty,
+//! waiting for `vm.create` on its API socket. One thread, this one, acts on every request
+//! that changes the VM and on how its guest stops, in order:
+//!
+//! - `vm.create` stores a validated configuration (state `Created`); `vm.boot` builds the VM
+//!   and starts it (`Running`); `vm.shutdown` ends it and keeps the configuration, hot-plugged
+//!   devices included (`Created` again, `vm.boot` starts it anew); `vm.reboot` and a guest's
+//!   own reset end it and build it again; `vm.delete` ends it and forgets the configuration;
+//!   `vmm.shutdown` ends the VMM.
+//! - The guest's poweroff ends the VMM (exit 0), as Cloud Hypervisor's does; a crash ends it
+//!   with the reason (exit 1).
+//! - A request in a state that does not allow it is refused with Cloud Hypervisor's status:
+//!   404 for a VM not created, 500 for one not running or already created.
+
+use std::io;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use api::{ApiError, Request, Response, VmInfo, VmResize, VmState};
+use kvm_ioctls::Kvm;
+use sandbox::{Filters, ThreadKind};
+use vm_config::VmConfig;
+
+use crate::builder;
+use crate::control::{api_listener, serve_api, Control};
+use crate::error::VmmError;
+use crate::events::VmmEvent;
+use crate::hotplug::HotplugRequest;
+use crate::legacy::GuestExit;
+use crate::options::VmmOptions;
+use crate::pause::PauseError;
+use crate::stats::StatsReport;
+use crate::terminal::SerialInput;
+use crate::threads;
+use crate::vcpu;
+use crate::vm::Vm;
+
+/// What every VM of this process is built with.
+pub(crate) struct Host {
+    pub(crate) kvm: Kvm,
+    pub(crate) filters: Option<Arc<Filters>>,
+    /// Where the VMs' guests report how they stopped.
+    pub(crate) events: Sender<VmmEvent>,
+    /// An API to plug devices in and out through: the hotplug slots and their thread.
+    pub(crate) hotplug: bool,
+    pub(crate) serial_input: SerialInput,
+    pub(crate) pid: i32,
+}
+
+/// How the VMM ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    /// The guest powered off.
+    Poweroff,
+    /// `vmm.shutdown`.
+    ApiShutdown,
+    /// The guest reset itself and `--no-reboot` asked the VMM to end rather than build it
+    /// again.
+    Reset(&'static str),
+    /// A vCPU stopped in a way the guest did not ask for.
+    Crash(String),
+}
+
+/// The VM the SIGUSR1 report is about: the running one's counters.
+type ReportSlot = Arc<Mutex<Option<Arc<StatsReport>>>>;
+
+/// Runs the VMM: with `config` (the command line's), builds and boots that VM; with an API
+/// socket, serves it; returns once the VMM is to end.
+pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, VmmError> {
+    let sigusr1 = block_sigusr1()?;
+    vcpu::install_kick_handler().map_err(|source| VmmError::Io {
+        what: "install the vCPU kick's signal handler".into(),
+        source,
+    })?;
+    let filters = sandbox::Filters::new(options.seccomp)?.map(Arc::new);
+    if let Some(filters) = &filters {
+        threads::install_device_thread_hook(filters);
+    }
+    let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+    warn_if_kvm_cannot_run_linux();
+    let listener = options.api_socket.as_ref().map(api_listener).transpose()?;
+    let reports = ReportSlot::default();
+    report_stats_on_sigusr1(Arc::clone(&reports), sigusr1, filters.clone())?;
+    let (events_tx, events) = channel();
+    let pid = std::process::id() as i32;
+    let mut vmm = Vmm {
+        host: Host {
+            kvm,
+            filters: filters.clone(),
+            events: events_tx.clone(),
+            hotplug: listener.is_some(),
+            serial_input: SerialInput::new(filters.clone()),
+            pid,
+        },
+        config: None,
+        vm: None,
+        built: 0,
+        no_reboot: options.no_reboot,
+        reports,
+    };
+    // From here on this thread builds VMs under its filter, which allows what that takes.
+    if let Some(filters) = &filters {
+        filters.install(ThreadKind::Vmm)?;
+    }
+    if let Some(listener) = listener {
+        serve_api(listener, Control::new(events_tx, pid as u32), filters)?;
+    }
+    if let Some(config) = config {
+        vmm.create(config)
+            .map_err(|err| VmmError::Config(err.message))?;
+        vmm.boot()?;
+    }
+    Ok(vmm.serve(&events))
+}
+
+/// The VMM's state: the configuration once created, the VM once booted.
+struct Vmm {
+    host: Host,
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    /// VMs built so far: the next one's number.
+    built: u64,
+    no_reboot: bool,
+    reports: ReportSlot,
+}
+
+impl Vmm {
+    /// Acts on events until the VMM is to end.
+    fn serve(mut self, events: &Receiver<VmmEvent>) -> VmmExit {
+        loop {
+            let Ok(event) = events.recv() else {
+                // Every sender is gone: nothing can ask anything of the VMM again.
+                self.end_vm();
+                return VmmExit::ApiShutdown;
+            };
+            match event {
+                VmmEvent::Api { request, reply } => self.answer(request, reply),
+                VmmEvent::VmmShutdownAnswered => {
+                    self.end_vm();
+                    return VmmExit::ApiShutdown;
+                }
+                VmmEvent::Guest { vm, exit } => {
+                    if self.vm.as_ref().is_none_or(|current| current.number != vm) {
+                        // About a VM already gone (a second vCPU's report, a reset racing a
+                        // shutdown).
+                        continue;
+                    }
+                    if let Some(exit) = self.guest_stopped(exit) {
+                        return exit;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The running guest stopped: `Some` if the VMM ends with it.
+    fn guest_stopped(&mut self, exit: GuestExit) -> Option<VmmExit> {
+        match exit {
+            GuestExit::Poweroff => {
+                self.end_vm();
+                Some(VmmExit::Poweroff)
+            }
+            GuestExit::Reset(why) if self.no_reboot => {
+                self.end_vm();
+                Some(VmmExit::Reset(why))
+            }
+            GuestExit::Reset(why) => {
+                eprintln!("warden: the guest reset itself ({why}): booting it again");
+                match self.reboot() {
+                    Ok(()) => None,
+                    Err(err) => {
+                        self.end_vm();
+                        Some(VmmExit::Crash(format!(
+                            "cannot boot the guest again: {}",
+                            err.message
+                        )))
+                    }
+                }
+            }
+            GuestExit::Crash(why) => {
+                self.end_vm();
+                Some(VmmExit::Crash(why))
+            }
+        }
+    }
+
+    /// Answers `request`, or hands `reply` to the hotplug thread, which answers it.
+    fn answer(&mut self, request: Request, reply: Sender<Result<Response, ApiError>>) {
+        let handled: Handled = match request {
+            Request::Ping => Ok(Response::Ping(ping(self.host.pid))).into(),
+            Request::Create(config) => self.create(*config).map(|()| Response::Done).into(),
+            Request::Boot => self
+                .boot()
+                .map(|()| Response::Done)
+                .map_err(boot_refusal)
+                .into(),
+            Request::Shutdown => self.shutdown().map(|()| Response::Done).into(),
+            Request::Reboot => self.reboot().map(|()| Response::Done).into(),
+            Request::Delete => {
+                self.end_vm();
+                self.config = None;
+                Ok(Response::Done).into()
+            }
+            // Answered on the API thread; the VMM ends once the answer is out.
+            Request::VmmShutdown => Ok(Response::Done).into(),
+            Request::Info => self
+                .info()
+                .map(|info| Response::Info(Box::new(info)))
+                .into(),
+            Request::Counters => self
+                .running()
+                .map(|vm| Response::Counters(vm.counters()))
+                .into(),
+            Request::PowerButton => self
+                .running()
+                .and_then(|vm| {
+                    vm.press_power_button()
+                        .map(|()| Response::Done)
+                        .map_err(|err| {
+                            ApiError::new(
+                                500,
+                                format!("cannot raise the power button's interrupt: {err}"),
+                            )
+                        })
+                })
+                .into(),
+            Request::Pause => self
+                .running()
+                .and_then(|vm| vm.pause().map_err(pause_refusal))
+                .map(|()| Response::Done)
+                .into(),
+            Request::Resume => self
+                .running()
+                .and_then(|vm| vm.resume().map_err(pause_refusal))
+                .map(|()| Response::Done)
+                .into(),
+            Request::Resize(resize) => self.resize(&resize).map(|()| Response::Done).into(),
+            Request::AddDisk(disk) => {
+                let added = disk.clone();
+                self.plug(
+                    |reply| HotplugRequest::AddDisk { disk, reply },
+                    |config| config.disks.push(added),
+                    reply.clone(),
+                )
+            }
+            Request::AddNet(net) => {
+                let added = net.clone();
+                self.plug(
+                    |reply| HotplugRequest::AddNet { net, reply },
+                    |config| config.net.push(added),
+                    reply.clone(),
+                )
+            }
+            Request::AddDevice(device) => {
+                let added = device.clone();
+                self.plug(
+                    |reply| HotplugRequest::AddDevice { device, reply },
+                    |config| config.devices.push(added),
+                    reply.clone(),
+                )
+            }
+            Request::RemoveDevice(remove) => {
+                self.unplug(remove.id.unwrap_or_default(), reply.clone())
+            }
+        };
+        if let Handled::Answer(answer) = handled {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// `vm.create`: a validated configuration, with what it leaves open settled.
+    fn create(&mut self, mut config: VmConfig) -> Result<(), ApiError> {
+        if self.config.is_some() {
+            return Err(ApiError::new(500, "VM is already created"));
+        }
+        config
+            .validate()
+            .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        config
+            .resolve()
+            .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))?;
+        self.config = Some(config);
+        Ok(())
+    }
+
+    /// `vm.boot`: builds the created VM and runs it.
+    fn boot(&mut self) -> Result<(), VmmError> {
+        if self.vm.is_some() {
+            return Err(VmmError::Lifecycle("VM is already created"));
+        }
+        let config = self
+            .config
+            .as_ref()
+            .ok_or(VmmError::Lifecycle("VM config is missing"))?;
+        let number = self.built;
+        self.built += 1;
+        let mut vm = builder::build(config, &self.host, number)?;
+        vm.start(&self.host)?;
+        *vm_device::lock(&self.reports) = Some(Arc::clone(&vm.stats));
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// `vm.shutdown`: ends the VM, keeps its configuration.
+    fn shutdown(&mut self) -> Result<(), ApiError> {
+        self.running()?;
+        self.end_vm();
+        Ok(())
+    }
+
+    /// `vm.reboot`, or the guest's own reset: the VM ends and is built again from its
+    /// configuration (hot-plugged devices included).
+    fn reboot(&mut self) -> Result<(), ApiError> {
+        if self.vm.is_none() {
+            return Err(not_created());
+        }
+        self.end_vm();
+        self.boot().map_err(boot_refusal)
+    }
+
+    /// Ends the VM if there is one: its configuration as it stands is kept, its counters
+    /// printed.
+    fn end_vm(&mut self) {
+        let Some(vm) = self.vm.take() else { return };
+        self.config = Some(vm.config());
+        *vm_device::lock(&self.reports) = None;
+        let stats = vm.shutdown();
+        stats.print();
+    }
+
+    fn running(&self) -> Result<&Vm, ApiError> {
+        match (&self.vm, &self.config) {
+            (Some(vm), _) => Ok(vm),
+            (None, Some(_)) => Err(ApiError::new(500, "VM is not running")),
+            (None, None) => Err(not_created()),
+        }
+    }
+
+    /// `vm.info`: the running VM's, or the created one's configuration in state `Created`.
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        match (&self.vm, &self.config) {
+            (Some(vm), _) => Ok(vm.info()),
+            (None, Some(config)) => Ok(VmInfo {
+                config: config.clone(),
+                state: VmState::Created,
+                memory_actual_size: config.memory.size,
+                device_tree: Default::default(),
+            }),
+            (None, None) => Err(not_created()),
+        }
+    }
+
+    /// `vm.resize`: warden has no vCPU or memory hotplug and no balloon yet, so a running VM
+    /// takes only what it has already; a created one takes new counts into its
+    /// configuration (checked whole).
+    fn resize(&mut self, resize: &VmResize) -> Result<(), ApiError> {
+        let Some(config) = &self.config else {
+            return Err(not_created());
+        };
+        let mut resized = match &self.vm {
+            Some(vm) => vm.config(),
+            None => config.clone(),
+        };
+        if let Some(vcpus) = resize.desired_vcpus {
+            resized.cpus.boot_vcpus = vcpus;
+        }
+        if let Some(ram) = resize.desired_ram {
+            resized.memory.size = ram;
+        }
+        if resize.desired_balloon.is_some_and(|size| size != 0) {
+            return Err(ApiError::new(500, "warden has no balloon device"));
+        }
+        match &self.vm {
+            Some(vm) => {
+                let current = vm.config();
+                if resized.cpus.boot_vcpus != current.cpus.boot_vcpus {
+                    return Err(ApiError::new(
+                        500,
+                        format!(
+                            "warden has no vCPU hotplug yet: the VM keeps its {} vCPUs",
+                            current.cpus.boot_vcpus
+                        ),
+                    ));
+                }
+                if resized.memory.size != current.memory.size {
+                    return Err(ApiError::new(
+                        500,
+                        format!(
+                            "warden has no memory hotplug yet: the VM keeps its {} bytes of RAM",
+                            current.memory.size
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            None => {
+                resized
+                    .validate()
+                    .map_err(|err| ApiError::bad_request(err.to_string()))?;
+                self.config = Some(resized);
+                Ok(())
+            }
+        }
+    }
+
+    /// A hot-add: to the running VM's hotplug thread (which answers), or, to a VM only
+    /// created, into its configuration (`add_to`), checked whole.
+    fn plug(
+        &mut self,
+        request: impl FnOnce(Sender<Result<Response, ApiError>>) -> HotplugRequest,
+        add_to: impl FnOnce(&mut VmConfig),
+        reply: Sender<Result<Response, ApiError>>,
+    ) -> Handled {
+        if let Some(vm) = &self.vm {
+            return match vm.hotplug(request(reply)) {
+                Ok(()) => Handled::HandedOn,
+                Err(err) => Handled::Answer(Err(err)),
+            };
+        }
+        let Some(config) = &self.config else {
+            return Handled::Answer(Err(not_created()));
+        };
+        let mut added = config.clone();
+        add_to(&mut added);
+        let checked = added
+            .validate()
+            .map_err(|err| ApiError::bad_request(err.to_string()))
+            .and_then(|()| {
+                added
+                    .resolve()
+                    .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))
+            });
+        Handled::Answer(checked.map(|()| {
+            self.config = Some(added);
+            Response::Done
+        }))
+    }
+
+    /// `vm.remove-device`: the running VM's hotplug thread asks the guest to let go, or the
+    /// device leaves the created VM's configuration.
+    fn unplug(&mut self, id: String, reply: Sender<Result<Response, ApiError>>) -> Handled {
+        if let Some(vm) = &self.vm {
+            return match vm.hotplug(HotplugRequest::Remove { id, reply }) {
+                Ok(()) => Handled::HandedOn,
+                Err(err) => Handled::Answer(Err(err)),
+            };
+        }
+        let Some(config) = &mut self.config else {
+            return Handled::Answer(Err(not_created()));
+        };
+        let before = config.disks.len() + config.net.len() + config.devices.len();
+        let named = |given: &Option<String>| given.as_deref() == Some(id.as_str());
+        config.disks.retain(|d| !named(&d.id));
+        config.net.retain(|n| !named(&n.id));
+        config.devices.retain(|d| !named(&d.id));
+        let after = config.disks.len() + config.net.len() + config.devices.len();
+        Handled::Answer(if after < before {
+            Ok(Response::Done)
+        } else {
+            Err(ApiError::new(404, format!("no device has id {id:?}")))
+        })
+    }
+}
+
+/// What became of a request: answered here, or handed on with its reply channel.
+enum Handled {
+    Answer(Result<Response, ApiError>),
+    HandedOn,
+}
+
+impl From<Result<Response, ApiError>> for Handled {
+    fn from(answer: Result<Response, ApiError>) -> Self {
+        Handled::Answer(answer)
+    }
+}
+
+/// `vmm.ping`'s answer.
+pub(crate) fn ping(pid: i32) -> api::VmmPingResponse {
+    api::VmmPingResponse {
+        build_version: format!("warden {}", env!("CARGO_PKG_VERSION")),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: i64::from(pid),
+        features: vec!["kvm".into(), "virtio-iommu".into(), "vfio".into()],
+    }
+}
+
+fn not_created() -> ApiError {
+    ApiError::new(404, "VM is not created")
+}
+
+/// A boot that failed: 404 without a configuration, 500 when one runs already (Cloud
+/// Hypervisor's statuses), 400 for what the user can fix (a file, the host's preparation),
+/// else 500.
+fn boot_refusal(err: VmmError) -> ApiError {
+    let status = match &err {
+        VmmError::Lifecycle("VM config is missing") => 404,
+        VmmError::Lifecycle(_) => 500,
+        err if err.is_user_error() => 400,
+        _ => 500,
+    };
+    ApiError::new(status, err.to_string())
+}
+
+/// A refused pause or resume: 500, as Cloud Hypervisor answers both a wrong state and a
+/// failure.
+fn pause_refusal(err: PauseError) -> ApiError {
+    ApiError::new(500, err.to_string())
+}
+
+/// Blocks SIGUSR1 in the calling thread, before any other thread starts, so that every
+/// thread inherits the mask and the signal is only consumed by [`report_stats_on_sigusr1`].
+fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if blocked != 0 {
+        return Err(VmmError::Io {
+            what: "block SIGUSR1".into(),
+            source: io::Error::from_raw_os_error(blocked),
+        });
+    }
+    Ok(set)
+}
+
+/// Prints the running VM's counters whenever the process gets SIGUSR1, from a thread of its
+/// own.
+fn report_stats_on_sigusr1(
+    reports: ReportSlot,
+    set: libc::sigset_t,
+    filters: Option<Arc<Filters>>,
+) -> Result<(), VmmError> {
+    threads::spawn("stats", ThreadKind::Stats, filters, move || loop {
+        let mut signal = 0;
+        // SAFETY: `set` and `signal` are valid for the call.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            let report = vm_device::lock(&reports).clone();
+            if let Some(report) = report {
+                report.print();
+            }
+        }
+    })
+    .map(drop)
+}
+
+/// kvm_pvm runs guest kernel code through an instruction emulator: say so once, up front,
+/// instead of leaving the user to wonder why the guest never reaches userspace.
+fn warn_if_kvm_cannot_run_linux() {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "warden: warning: this host's KVM is kvm_pvm (no VMX/SVM): guest kernel code is emulated, so an unmodified Linux guest will crawl and cannot start userspace here; use a host with hardware virtualization"
+        );
+    }
+}
