@@ -9,12 +9,14 @@
 //! serves all clients without blocking on any of them.
 
 pub mod bodies;
+mod files;
 pub mod http;
 pub mod responses;
 pub mod routes;
 mod server;
 
 pub use bodies::{VmRemoveDevice, VmResize};
+pub use files::Files;
 pub use responses::{Counters, DeviceNode, PciDeviceInfo, VmInfo, VmState, VmmPingResponse};
 pub use routes::{ApiError, Request, Response};
 pub use server::{serve, Limits};

@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig};
 
 use crate::bodies::{VmRemoveDevice, VmResize};
+use crate::files::Files;
 use crate::responses::{Counters, PciDeviceInfo, VmInfo, VmmPingResponse};
 
 /// What a client asked the VMM for, its body parsed and validated.
@@ -30,7 +31,8 @@ pub enum Request {
     /// `vmm.shutdown`: end the VMM (and so the guest).
     VmmShutdown,
     AddDisk(DiskConfig),
-    AddNet(NetConfig),
+    /// A net, with the taps the client passed for it (none: warden opens its `tap`).
+    AddNet(NetConfig, Files),
     AddDevice(DeviceConfig),
     RemoveDevice(VmRemoveDevice),
 }
@@ -100,10 +102,12 @@ pub fn allowed_method(path: &str) -> Option<&'static str> {
         .map(|&(_, method)| method)
 }
 
-/// The request `method` on `path` with `body` stands for: 404 for an unknown path, 400 for the
-/// wrong method (Cloud Hypervisor's status; the answer's `Allow` names the right one) and for a
-/// body that does not parse or validate.
-pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError> {
+/// The request `method` on `path` with `body` (and the descriptors that came with it) stands
+/// for: 404 for an unknown path, 400 for the wrong method (Cloud Hypervisor's status; the
+/// answer's `Allow` names the right one) and for a body that does not parse or validate.
+/// Descriptors go with `vm.add-net` only, as in Cloud Hypervisor; any other request's are
+/// closed.
+pub fn route(method: &str, path: &str, body: &[u8], files: Files) -> Result<Request, ApiError> {
     let allowed =
         allowed_method(path).ok_or_else(|| ApiError::new(404, format!("no endpoint {path}")))?;
     if method != allowed {
@@ -134,7 +138,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         "vm.add-net" => {
             let net: NetConfig = json(name, "NetConfig", body)?;
             net.validate().map_err(config_refusal)?;
-            Request::AddNet(net)
+            Request::AddNet(net, files)
         }
         "vm.add-device" => {
             let device: DeviceConfig = json(name, "DeviceConfig", body)?;

@@ -1,12 +1,15 @@
 //! The server loop: one thread, non-blocking sockets and `poll(2)`, so that no client (one
 //! that sends half a request and waits, or never reads its answer) holds up another.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::files::Files;
 use crate::http::{self, HttpRequest, Parsed};
 use crate::routes::{self, Request};
 use crate::Vmm;
@@ -23,6 +26,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Clients served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// File descriptors passed with one request; more are closed and the request refused
+    /// with 400.
+    pub max_files: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +38,8 @@ impl Default for Limits {
             max_body_bytes: 64 << 10,
             request_timeout: Duration::from_secs(10),
             max_connections: 16,
+            // A tap queue each, for the most queue pairs a net takes.
+            max_files: 16,
         }
     }
 }
@@ -59,6 +67,10 @@ struct Connection {
     answering: Option<Request>,
     /// The request being received was told to go on (`100`): told once.
     continued: bool,
+    /// Descriptors passed with the request being received.
+    files: Vec<OwnedFd>,
+    /// More descriptors came than a request may pass: refused once its bytes are in.
+    too_many_files: bool,
 }
 
 impl Connection {
@@ -74,16 +86,19 @@ impl Connection {
             lingering: false,
             answering: None,
             continued: false,
+            files: Vec::new(),
+            too_many_files: false,
         }
     }
 
-    /// Reads what the client sent, up to what a largest request could take.
+    /// Reads what the client sent, up to what a largest request could take, and the
+    /// descriptors that came with it.
     fn read(&mut self, limits: &Limits) {
         let most = limits.max_header_bytes + limits.max_body_bytes + 1;
         let mut chunk = [0u8; 4096];
         while self.lingering || self.input.len() < most {
             let room = chunk.len().min(most - self.input.len());
-            match self.stream.read(&mut chunk[..room]) {
+            match self.receive(&mut chunk[..room], limits) {
                 Ok(0) => {
                     self.eof = true;
                     return;
@@ -101,9 +116,58 @@ impl Connection {
         }
     }
 
+    /// One `recvmsg`: bytes into `buffer`, descriptors onto `files` (at most `max_files` for
+    /// the request; past that they are closed and the request is to be refused).
+    fn receive(&mut self, buffer: &mut [u8], limits: &Limits) -> io::Result<usize> {
+        let mut raw = [-1; 16];
+        let room = limits
+            .max_files
+            .saturating_sub(self.files.len())
+            .min(raw.len());
+        let mut iovec = [libc::iovec {
+            iov_base: buffer.as_mut_ptr().cast(),
+            iov_len: buffer.len(),
+        }];
+        // Room for one more than allowed, so that one too many is seen, not lost.
+        let slots = &mut raw[..(room + 1).min(16)];
+        // SAFETY: the iovec points at `buffer`, which recvmsg may fill; the descriptors it
+        // reports are ours, wrapped right below.
+        let received = unsafe { self.stream.recv_with_fds(&mut iovec, slots) };
+        match received {
+            Ok((bytes, count)) => {
+                for &fd in &slots[..count] {
+                    // SAFETY: a descriptor the kernel just gave this process, owned by nobody.
+                    self.files.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+                if self.files.len() > limits.max_files {
+                    self.files.clear();
+                    self.too_many_files = true;
+                }
+                Ok(bytes)
+            }
+            // More descriptors than room: they are closed, and so is the connection once it
+            // is told why (the bytes that came with them are lost).
+            Err(err) if err.errno() == libc::ENOBUFS => {
+                self.files.clear();
+                self.too_many_files = true;
+                Err(io::Error::from(ErrorKind::WouldBlock))
+            }
+            Err(err) => Err(io::Error::from_raw_os_error(err.errno())),
+        }
+    }
+
     /// Answers the next complete request, if any and if the last answer is out.
     fn process(&mut self, vmm: &dyn Vmm, limits: &Limits) {
         if !self.output.is_empty() || self.closing {
+            return;
+        }
+        if self.too_many_files {
+            let message = format!(
+                "more than {} file descriptors passed with one request",
+                limits.max_files
+            );
+            self.output = http::response(400, Some(&http::error_body(&message)), true, None);
+            self.closing = true;
             return;
         }
         match http::parse(&self.input, limits) {
@@ -118,7 +182,8 @@ impl Connection {
                 self.continued = false;
                 self.input.drain(..request.length);
                 let close = !request.keep_alive || self.eof;
-                (self.output, self.answering) = answer(vmm, &request, close);
+                let files = Files::new(std::mem::take(&mut self.files));
+                (self.output, self.answering) = answer(vmm, &request, files, close);
                 self.closing = close;
                 self.deadline = Instant::now() + limits.request_timeout;
             }
@@ -190,10 +255,17 @@ impl Connection {
     }
 }
 
-/// The bytes of the answer to `request`, and the request if the VMM accepted it.
-fn answer(vmm: &dyn Vmm, request: &HttpRequest, close: bool) -> (Vec<u8>, Option<Request>) {
+/// The bytes of the answer to `request` (which came with `files`), and the request if the
+/// VMM accepted it.
+fn answer(
+    vmm: &dyn Vmm,
+    request: &HttpRequest,
+    files: Files,
+    close: bool,
+) -> (Vec<u8>, Option<Request>) {
     let mut accepted = None;
-    let (status, body) = match routes::route(&request.method, &request.path, &request.body) {
+    let routed = routes::route(&request.method, &request.path, &request.body, files);
+    let (status, body) = match routed {
         Ok(typed) => {
             let answer = vmm.handle(typed.clone());
             accepted = answer.is_ok().then_some(typed);

@@ -35,7 +35,7 @@ impl Vmm for FakeVmm {
             Request::Info => Ok(Response::Info(Box::new(info()))),
             Request::Reboot => Err(ApiError::new(501, "warden does not restart guests")),
             Request::AddDisk(_)
-            | Request::AddNet(_)
+            | Request::AddNet(..)
             | Request::AddDevice(_)
             | Request::RemoveDevice(_) => Err(ApiError::new(501, "hotplug is not supported yet")),
             _ => Ok(Response::Done),
@@ -303,7 +303,7 @@ fn hotplug_bodies_are_parsed_with_ch_defaults_and_handed_on() {
     );
     server.call("PUT", "vm.remove-device", r#"{"id":"hot0"}"#);
     let requests = server.requests();
-    let [Request::AddDisk(disk), Request::AddNet(net), Request::AddDevice(device), Request::RemoveDevice(remove)] =
+    let [Request::AddDisk(disk), Request::AddNet(net, files), Request::AddDevice(device), Request::RemoveDevice(remove)] =
         requests.as_slice()
     else {
         panic!("four hotplug requests: {requests:?}")
@@ -312,6 +312,7 @@ fn hotplug_bodies_are_parsed_with_ch_defaults_and_handed_on() {
     assert!(disk.iommu && !disk.readonly);
     assert_eq!((disk.num_queues, disk.queue_size), (1, 128));
     assert_eq!(net.tap.as_deref(), Some("vmtap9"));
+    assert!(files.is_empty(), "no descriptors came");
     assert_eq!((net.num_queues, net.queue_size), (2, 256));
     assert!(net.offload_csum);
     assert!(device.iommu);
@@ -611,4 +612,58 @@ fn expect_100_continue_is_answered_before_the_body() {
         panic!("the body arrived and was parsed: {requests:?}")
     };
     assert_eq!(disk.path(), std::path::Path::new("/images/hot.img"));
+}
+
+/// Sends `request` in one `sendmsg` with `count` descriptors (ends of pipes), as Kata's
+/// `vm.add-net` does, and reads the answer.
+fn send_with_files(server: &TestServer, request: &str, count: usize) -> Reply {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let pipes: Vec<(std::fs::File, std::fs::File)> = (0..count)
+        .map(|_| {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` has room for the two descriptors pipe makes, owned right below.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: both are fresh descriptors owned by nobody else.
+            unsafe {
+                (
+                    std::fs::File::from_raw_fd(fds[0]),
+                    std::fs::File::from_raw_fd(fds[1]),
+                )
+            }
+        })
+        .collect();
+    let raw: Vec<i32> = pipes.iter().map(|(r, _)| r.as_raw_fd()).collect();
+    let mut stream = server.connect();
+    let sent = stream.send_with_fds(&[request.as_bytes()], &raw).unwrap();
+    assert_eq!(sent, request.len());
+    read_reply(&mut stream)
+}
+
+/// A tap passed as a descriptor reaches the VMM with its `vm.add-net`; a request with more
+/// descriptors than any needs is refused.
+#[test]
+fn descriptors_passed_with_add_net_reach_the_vmm_and_too_many_are_refused() {
+    let server = server();
+    let body = r#"{"mac":"aa:bb:cc:dd:ee:01","num_queues":4}"#;
+    let request = format!(
+        "PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = send_with_files(&server, &request, 2);
+    assert_eq!(reply.status, 501, "the fake's answer: {reply:?}");
+    let requests = server.requests();
+    let [Request::AddNet(net, files)] = requests.as_slice() else {
+        panic!("one add-net: {requests:?}")
+    };
+    assert_eq!(net.num_queues, 4);
+    assert_eq!(files.len(), 2, "{files:?}");
+
+    let reply = send_with_files(&server, &request, 17);
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply.error().contains("more than 16 file descriptors"),
+        "{reply:?}"
+    );
+    assert_eq!(server.requests().len(), 1, "nothing more reached the VMM");
 }

@@ -44,6 +44,12 @@ pub enum TapError {
     NotATap(String),
     #[error("{0} exists but is not a multi-queue tap device; give another tap= name, tap= for a new tap, or num_queues=2 for one queue pair")]
     NotAMultiQueueTap(String),
+    #[error("descriptor {fd} is not a tap ({source}); pass the descriptor of an open tap queue")]
+    NotATapFd { fd: RawFd, source: io::Error },
+    #[error("tap {0} was opened without IFF_VNET_HDR and IFF_NO_PI; open it with both (a virtio-net header before each frame)")]
+    WithoutVnetHeader(String),
+    #[error("the descriptors passed are queues of different taps ({0} and {1}); pass the queues of one tap")]
+    DifferentTaps(String, String),
     #[error("tap {name}: {what} failed: {source}")]
     Ioctl {
         name: String,
@@ -106,6 +112,68 @@ impl Tap {
         Ok(queues)
     }
 
+    /// The queues of a tap a client opened and passed as descriptors (`vm.add-net` with
+    /// `SCM_RIGHTS`), one per queue pair: each must be a queue of the same tap, opened with
+    /// virtio-net headers. It is made non-blocking and given 12-byte headers; its name, up
+    /// state and addresses are the client's.
+    pub fn from_fds(fds: Vec<OwnedFd>) -> Result<Vec<Tap>, TapError> {
+        let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let raw = fd.as_raw_fd();
+            let file = File::from(fd);
+            let mut ifr = ifreq("");
+            // SAFETY: TUNGETIFF fills an ifreq, which `ifr` is.
+            if unsafe { ioctl_with_mut_ref(&file, libc::TUNGETIFF as _, &mut ifr) } < 0 {
+                return Err(TapError::NotATapFd {
+                    fd: raw,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: the kernel NUL-terminates the name within IFNAMSIZ; TUNGETIFF wrote the
+            // flags member.
+            let (name, flags) = unsafe {
+                (
+                    CStr::from_ptr(ifr.ifr_name.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                    i32::from(ifr.ifr_ifru.ifru_flags) & 0xffff,
+                )
+            };
+            let needed = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            if flags & needed != needed {
+                return Err(TapError::WithoutVnetHeader(name));
+            }
+            if let Some(first) = taps.first() {
+                if first.name != name {
+                    return Err(TapError::DifferentTaps(first.name.clone(), name));
+                }
+            }
+            // SAFETY: fcntl on a descriptor `file` owns.
+            let status = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            // SAFETY: as above.
+            if status < 0
+                || unsafe {
+                    libc::fcntl(file.as_raw_fd(), libc::F_SETFL, status | libc::O_NONBLOCK)
+                } < 0
+            {
+                return Err(TapError::Ioctl {
+                    name,
+                    what: "fcntl(O_NONBLOCK)",
+                    source: io::Error::last_os_error(),
+                });
+            }
+            let mut tap = Tap {
+                file,
+                name,
+                offloads: 0,
+            };
+            tap.set_vnet_header()?;
+            tap.offloads = tap.probe_offloads()?;
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
     fn open_queue(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
         validate_tap_name(name)?;
         let requested = if name.is_empty() { CREATED_NAME } else { name };
@@ -155,20 +223,32 @@ impl Tap {
             offloads: 0,
         };
 
-        let header_len = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads an int.
-        if unsafe { ioctl_with_ref(&tap.file, libc::TUNSETVNETHDRSZ as _, &header_len) } < 0 {
-            return Err(tap.ioctl_error("TUNSETVNETHDRSZ"));
-        }
-        // What the tap accepts now is what it can deliver once a guest asks for it.
-        tap.offloads = OFFLOAD_CANDIDATES
-            .into_iter()
-            .find(|&offloads| tap.set_offloads(offloads).is_ok())
-            .unwrap_or(0);
-        tap.set_offloads(0)
-            .map_err(|_| tap.ioctl_error("TUNSETOFFLOAD"))?;
+        tap.set_vnet_header()?;
+        tap.offloads = tap.probe_offloads()?;
         tap.set_up()?;
         Ok(tap)
+    }
+
+    /// 12-byte virtio-net headers before each frame.
+    fn set_vnet_header(&self) -> Result<(), TapError> {
+        let header_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int.
+        if unsafe { ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ as _, &header_len) } < 0 {
+            return Err(self.ioctl_error("TUNSETVNETHDRSZ"));
+        }
+        Ok(())
+    }
+
+    /// What the tap accepts now is what it can deliver once a guest asks for it; it starts
+    /// with none.
+    fn probe_offloads(&self) -> Result<libc::c_uint, TapError> {
+        let offloads = OFFLOAD_CANDIDATES
+            .into_iter()
+            .find(|&offloads| self.set_offloads(offloads).is_ok())
+            .unwrap_or(0);
+        self.set_offloads(0)
+            .map_err(|_| self.ioctl_error("TUNSETOFFLOAD"))?;
+        Ok(offloads)
     }
 
     /// The interface name, as the kernel chose it for a new tap.
@@ -397,6 +477,53 @@ mod tests {
             Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
         };
         (read(libc::SIOCGIFADDR), read(libc::SIOCGIFNETMASK))
+    }
+
+    /// A tap queue opened as an orchestrator opens one (Kata: a single queue with virtio-net
+    /// headers), blocking, its descriptor to pass on.
+    fn open_as_a_client(name: &str, flags: i32) -> OwnedFd {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut ifr = ifreq(name);
+        ifr.ifr_ifru.ifru_flags = flags as i16;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
+        assert!(unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF as _, &mut ifr) } >= 0);
+        OwnedFd::from(file)
+    }
+
+    #[test]
+    fn a_tap_passed_as_a_descriptor_is_taken_as_it_was_opened() {
+        in_private_netns(|| {
+            let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let taps = Tap::from_fds(vec![open_as_a_client("kata0", vnet)]).unwrap();
+            assert_eq!(taps[0].name(), "kata0");
+            // SAFETY: fcntl on a descriptor the tap owns.
+            let status = unsafe { libc::fcntl(taps[0].as_raw_fd(), libc::F_GETFL) };
+            assert_ne!(status & libc::O_NONBLOCK, 0, "made non-blocking");
+            assert_ne!(taps[0].supported_offloads() & libc::TUN_F_CSUM, 0);
+
+            let bare = open_as_a_client("bare0", libc::IFF_TAP | libc::IFF_NO_PI);
+            let err = Tap::from_fds(vec![bare]).unwrap_err();
+            assert!(
+                matches!(err, TapError::WithoutVnetHeader(ref n) if n == "bare0"),
+                "{err}"
+            );
+
+            let (read, _write) = std::io::pipe().unwrap();
+            let err = Tap::from_fds(vec![OwnedFd::from(read)]).unwrap_err();
+            assert!(err.to_string().contains("is not a tap"), "{err}");
+
+            let multi = vnet | libc::IFF_MULTI_QUEUE;
+            let err = Tap::from_fds(vec![
+                open_as_a_client("mq0", multi),
+                open_as_a_client("mq1", multi),
+            ])
+            .unwrap_err();
+            assert!(matches!(err, TapError::DifferentTaps(..)), "{err}");
+        });
     }
 
     #[test]

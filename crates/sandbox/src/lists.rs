@@ -154,6 +154,8 @@ pub(crate) const VHOST_NET_SET_BACKEND: Value = (
 /// interface with virtio-net headers, and setting the header size to 12 bytes.
 const TUNSETIFF: Value = (libc::TUNSETIFF as u32, "TUNSETIFF");
 const TUNSETVNETHDRSZ: Value = (libc::TUNSETVNETHDRSZ as u32, "TUNSETVNETHDRSZ");
+/// A tap passed as a descriptor (`vm.add-net` with `SCM_RIGHTS`): its name and flags.
+const TUNGETIFF: Value = (libc::TUNGETIFF as u32, "TUNGETIFF");
 /// Bringing the tap up, and giving its host end the address and netmask `NetConfig` asks for,
 /// through an AF_INET datagram socket (the only kind `socket` is allowed to make).
 const SIOCGIFFLAGS: Value = (libc::SIOCGIFFLAGS as u32, "SIOCGIFFLAGS");
@@ -387,6 +389,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 BLKGETSIZE64,
                 BLKSSZGET,
                 TUNSETIFF,
+                TUNGETIFF,
                 TUNSETVNETHDRSZ,
                 TUNSETOFFLOAD,
                 SIOCGIFFLAGS,
@@ -438,6 +441,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_accept4,
                     SYS_accept,
                     SYS_read,
+                    // With the descriptors a client passes (`SCM_RIGHTS`).
+                    SYS_recvmsg,
                     SYS_recvfrom,
                     SYS_sendto,
                     SYS_shutdown,

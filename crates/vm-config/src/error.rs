@@ -91,6 +91,8 @@ pub enum Problem {
     DuplicateTap(String),
     #[error("needs ip, the host end's address")]
     MaskWithoutIp,
+    #[error("{fds} tap descriptors for {num_queues} queues: give one per queue pair (2 queues)")]
+    FdsForQueues { fds: usize, num_queues: usize },
     #[error("{0}")]
     Conflict(&'static str),
     /// The command line's `key=value` syntax.

@@ -62,6 +62,11 @@ pub struct NetConfig {
     pub vhost_socket: Option<String>,
     #[serde(default)]
     pub vhost_mode: VhostMode,
+    /// The descriptors of the taps a client passed with `vm.add-net` (`SCM_RIGHTS`), one per
+    /// queue pair, as `vm.info` lists them; never taken from a body, as Cloud Hypervisor
+    /// never takes them.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<i32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     #[serde(default)]
@@ -103,6 +108,7 @@ impl Default for NetConfig {
             vhost_user: false,
             vhost_socket: None,
             vhost_mode: VhostMode::Client,
+            fds: None,
             id: None,
             pci_segment: 0,
             rate_limiter_config: None,
@@ -231,6 +237,34 @@ impl NetConfig {
             );
         }
         queue_size(SECTION, self.queue_size)?;
+        if let Some(fds) = &self.fds {
+            if 2 * fds.len() != self.num_queues {
+                return refuse(
+                    SECTION,
+                    "num_queues",
+                    Problem::FdsForQueues {
+                        fds: fds.len(),
+                        num_queues: self.num_queues,
+                    },
+                );
+            }
+            if self.tap.is_some() {
+                return refuse(
+                    SECTION,
+                    "tap",
+                    Problem::Conflict("a net on taps passed as descriptors names no tap"),
+                );
+            }
+            if self.vhost {
+                return refuse(
+                    SECTION,
+                    "vhost",
+                    Problem::Conflict(
+                        "a net on taps passed as descriptors uses warden's own data path",
+                    ),
+                );
+            }
+        }
         id(SECTION, self.id.as_deref())
     }
 }
@@ -283,6 +317,32 @@ mod tests {
         assert_eq!(refused("mac=01:00:00:00:00:01"), "net.mac: 01:00:00:00:00:01 is a multicast address; give a unicast one (even first octet)");
         assert!(refused("num_queues=3").starts_with("net.num_queues: 3 is not an even number"));
         assert!(refused("tap=a/b").starts_with("net.tap:"));
+    }
+
+    /// Descriptors come with the request, never in its body; their count must match the
+    /// queue pairs.
+    #[test]
+    fn tap_descriptors_are_not_taken_from_a_body_and_must_match_the_pairs() {
+        let net: NetConfig = serde_json::from_str(r#"{"fds":[3,4],"num_queues":4}"#).unwrap();
+        assert_eq!(net.fds, None);
+        let net = NetConfig {
+            fds: Some(vec![7]),
+            num_queues: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            net.validate().unwrap_err().to_string(),
+            "net.num_queues: 1 tap descriptors for 4 queues: give one per queue pair (2 queues)"
+        );
+        let net = NetConfig {
+            fds: Some(vec![7, 8]),
+            num_queues: 4,
+            ..Default::default()
+        };
+        net.validate().unwrap();
+        assert!(serde_json::to_string(&net)
+            .unwrap()
+            .contains(r#""fds":[7,8]"#));
     }
 
     #[test]

@@ -42,6 +42,7 @@ use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
 use crate::plugged::SharedInfo;
 use crate::stats::StatsReport;
+use crate::taps::PassedTaps;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, Topology, Vcpu};
 use crate::vm::Vm;
@@ -86,8 +87,14 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
         &mut pci,
         &mut buses,
     )?;
-    let mut stats =
-        attach_virtio_devices(&machine, &devices, iommu.as_ref(), &mut pci, &mut buses)?;
+    let mut stats = attach_virtio_devices(
+        &machine,
+        &devices,
+        iommu.as_ref(),
+        &mut pci,
+        &mut buses,
+        &host.taps,
+    )?;
     let entries = device_entries(&devices, &passthrough, iommu.is_some());
     check_hotplug_slots_free(host.hotplug, &entries)?;
     let protected = protected_endpoints(&devices, &passthrough);
@@ -217,6 +224,7 @@ fn attach_virtio_devices(
     iommu: Option<&Arc<VirtioIommu>>,
     pci: &mut PciBus,
     buses: &mut Buses,
+    passed: &PassedTaps,
 ) -> Result<Vec<Counted>, VmmError> {
     let memory = &machine.ram.memory;
     let mut counters = Vec::new();
@@ -227,9 +235,9 @@ fn attach_virtio_devices(
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("every protected device was registered as an endpoint");
                 let mem = IommuMemory::new(memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &planned.vhost)?
+                build_device(&planned.kind, mem, true, &planned.vhost, passed)?
             }
-            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost)?,
+            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost, passed)?,
         };
         if let Some(device_counters) = device.counters() {
             counters.push((id, device_counters));
@@ -358,6 +366,8 @@ fn attach_hotplug(
         stats,
         info,
         ejected,
+        monitor: host.monitor.clone(),
+        taps: host.taps.clone(),
     }
     .spawn(requests_tx, requests, host.filters.clone())
 }

@@ -57,7 +57,10 @@ impl api::Vmm for Control {
         let wait = answer_timeout(&request);
         let (reply, answer) = channel();
         self.events
-            .send(VmmEvent::Api { request, reply })
+            .send(VmmEvent::Api {
+                request: Box::new(request),
+                reply,
+            })
             .map_err(|_| ApiError::new(500, "the VMM is gone"))?;
         answer
             .recv_timeout(wait)

@@ -24,6 +24,7 @@ use crate::control::DeviceEntry;
 use crate::error::VmmError;
 use crate::pci_bus::IOMMU_DEVICE_NUMBER;
 use crate::stats;
+use crate::taps::PassedTaps;
 use vm_config::{
     ConsoleConfig, ConsoleMode, DeviceConfig, DiskConfig, NetConfig, RngConfig, VmConfig,
 };
@@ -287,12 +288,14 @@ fn intersect_page_sizes(guest: u64, host: u64) -> u64 {
     guest & !(host_granule - 1)
 }
 
-/// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU.
+/// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU (a
+/// net on taps its client passed finds them in `passed`).
 pub(crate) fn build_device<M: DeviceMemory>(
     kind: &DeviceKind,
     mem: M,
     access_platform: bool,
     vhost: &[Arc<dyn VhostKernel>],
+    passed: &PassedTaps,
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     Ok(match kind {
         DeviceKind::Console(console) => {
@@ -326,7 +329,9 @@ pub(crate) fn build_device<M: DeviceMemory>(
                     .map_err(|err| VmmError::Device(format!("disk {id}: {err}")))?,
             )
         }
-        DeviceKind::Net(net) => build_net(mem, open_tap(net)?, net, access_platform, vhost)?,
+        DeviceKind::Net(net) => {
+            build_net(mem, open_tap(net, passed)?, net, access_platform, vhost)?
+        }
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
                 .map_err(|err| VmmError::Device(format!("rng: {err}")))?,
@@ -334,9 +339,24 @@ pub(crate) fn build_device<M: DeviceMemory>(
     })
 }
 
-/// Opens (or creates) the tap of `net` and gives its host end the address asked for.
-/// The tap's queues, one per queue pair.
-pub(crate) fn open_tap(net: &NetConfig) -> Result<Vec<net_util::Tap>, net_util::TapError> {
+/// The tap queues of `net`, one per queue pair: copies of the descriptors its client passed
+/// (held in `passed`), or the tap it names, opened (or created) with its host end given the
+/// address asked for.
+pub(crate) fn open_tap(
+    net: &NetConfig,
+    passed: &PassedTaps,
+) -> Result<Vec<net_util::Tap>, net_util::TapError> {
+    if net.fds.is_some() {
+        let id = net.id.as_deref().unwrap_or_default();
+        let fds = passed
+            .copies(id)
+            .map_err(|source| net_util::TapError::Ioctl {
+                name: id.to_string(),
+                what: "dup",
+                source,
+            })?;
+        return net_util::Tap::from_fds(fds);
+    }
     let name = net.tap.as_deref().unwrap_or_default();
     let queues = net_util::Tap::open_queues(name, net.queue_pairs())?;
     if let Some((ip, mask)) = net.host_ipv4() {

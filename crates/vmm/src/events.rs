@@ -11,7 +11,7 @@ pub(crate) enum VmmEvent {
     /// A request from the API thread, and where the answer goes (the VMM thread may hand it
     /// on: a hotplug request is answered by the hotplug thread).
     Api {
-        request: Request,
+        request: Box<Request>,
         reply: Sender<Result<Response, ApiError>>,
     },
     /// The answer to `vmm.shutdown` is in the client's socket: the VMM may end.

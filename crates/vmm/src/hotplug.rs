@@ -18,6 +18,7 @@
 //! access to them traps to VFIO (a boot device's BARs are mapped into the guest instead).
 
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -44,9 +45,11 @@ use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig};
 use crate::devices::{build_device, build_net, open_tap, DeviceKind};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
+use crate::monitor::{self, EventMonitor};
 use crate::pci_hotplug::{Ejected, PciHotplugController};
 use crate::plugged::{pci_bdf, Listed, Plugged, PluggedDevices, SharedInfo};
 use crate::stats::StatsReport;
+use crate::taps::PassedTaps;
 
 /// The slots of bus 0 that take hot-plugged devices (`--api-socket` keeps them free).
 pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
@@ -67,9 +70,11 @@ pub enum HotplugRequest {
         device: DeviceConfig,
         reply: Reply,
     },
-    /// `vm.info` lists it with the name of its tap (the kernel names a new one).
+    /// `vm.info` lists it with the name of its tap (the kernel names a new one); `fds` are
+    /// the taps its client passed, if any.
     AddNet {
         net: NetConfig,
+        fds: Vec<OwnedFd>,
         reply: Reply,
     },
     Remove {
@@ -149,7 +154,8 @@ impl NewDevice<'_> {
     ) -> Result<Box<dyn VirtioDevice>, ApiError> {
         match self {
             NewDevice::Disk(disk) => {
-                build_device(&DeviceKind::Disk(disk), mem, access_platform, &[])
+                let no_taps = PassedTaps::default();
+                build_device(&DeviceKind::Disk(disk), mem, access_platform, &[], &no_taps)
                     .map_err(|err| ApiError::bad_request(err.to_string()))
             }
             NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])
@@ -205,6 +211,10 @@ pub(crate) struct Hotplug {
     pub(crate) info: SharedInfo,
     /// The slots the guest ejected and the thread has not looked at (see [`EjectToThread`]).
     pub(crate) ejected: Arc<AtomicU32>,
+    /// Told of each device the guest let go of (`device-removed`).
+    pub(crate) monitor: Option<Arc<EventMonitor>>,
+    /// The taps clients passed, which a net added with them joins and a removed one leaves.
+    pub(crate) taps: PassedTaps,
 }
 
 /// The channel the hotplug thread listens on, the controller's end of it, and the slots the
@@ -253,8 +263,9 @@ impl Hotplug {
                     let added = self.add_passthrough(&mut slots, device);
                     let _ = reply.send(added.map(Response::Added));
                 }
-                Ok(HotplugRequest::AddNet { net, reply }) => {
-                    let _ = reply.send(self.add_net(&mut slots, net).map(Response::Added));
+                Ok(HotplugRequest::AddNet { net, fds, reply }) => {
+                    let added = self.add_net(&mut slots, net, fds);
+                    let _ = reply.send(added.map(Response::Added));
                 }
                 Ok(HotplugRequest::Remove { id, reply }) => {
                     let asked = self.request_removal(&mut slots, &id);
@@ -308,17 +319,26 @@ impl Hotplug {
         )
     }
 
+    /// A net on the tap it names, or on `fds`, the taps its client passed (kept, for the
+    /// VM's next build, while the net is plugged in).
     fn add_net(
         &self,
         slots: &mut PluggedDevices,
         net: NetConfig,
+        fds: Vec<OwnedFd>,
     ) -> Result<PciDeviceInfo, ApiError> {
         let net = self.admit(|c| c.net.push(net), |c| c.net.last())?;
-        self.add(slots, net.iommu, net.id.clone().unwrap_or_default(), || {
-            let tap = open_tap(&net).map_err(tap_refusal)?;
+        let id = net.id.clone().unwrap_or_default();
+        if !fds.is_empty() {
+            self.taps.insert(&id, fds);
+        }
+        let added = self.add(slots, net.iommu, id.clone(), || {
+            let tap = open_tap(&net, &self.taps).map_err(tap_refusal)?;
             let name = tap[0].name().to_string();
+            // A tap warden created is listed by name; one passed as a descriptor stays
+            // `fds` alone, as its client gave it.
             let listed = NetConfig {
-                tap: Some(name.clone()),
+                tap: net.fds.is_none().then(|| name.clone()),
                 ..net.clone()
             };
             Ok((
@@ -326,7 +346,11 @@ impl Hotplug {
                 format!("tap {name}"),
                 Listed::Net(listed),
             ))
-        })
+        });
+        if added.is_err() {
+            self.taps.remove(&id);
+        }
+        added
     }
 
     /// A free slot for the new device `id`, behind the IOMMU or not; 409 while a device the
@@ -552,6 +576,9 @@ impl Hotplug {
             .request_eject(slot)
             .map_err(|err| ApiError::new(500, format!("cannot raise the hotplug event: {err}")))?;
         slots.mark_leaving(slot);
+        // Its taps' descriptors close now, as Cloud Hypervisor closes them (the device's own
+        // copies go with it).
+        self.taps.remove(id);
         Ok(())
     }
 
@@ -572,6 +599,12 @@ impl Hotplug {
             }
         }
         log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
+        monitor::emit(
+            self.monitor.as_deref(),
+            "vm",
+            "device-removed",
+            &[("id", &plugged.id), ("bdf", &pci_bdf(slot))],
+        );
         self.stats.remove_device(&plugged.id);
         // Dropping the transport stops the device's threads, frees its vectors and closes its
         // files (a tap warden made goes with it).

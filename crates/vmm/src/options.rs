@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::monitor::MonitorTarget;
 pub use sandbox::Mode as SeccompMode;
 
 /// The VMM's own settings.
@@ -14,6 +15,8 @@ pub struct VmmOptions {
     pub api_socket: Option<ApiSocket>,
     /// A guest's reset ends the VMM instead of booting the VM again (QEMU's `-no-reboot`).
     pub no_reboot: bool,
+    /// Where to write Cloud Hypervisor's event stream, if anywhere.
+    pub event_monitor: Option<MonitorTarget>,
 }
 
 /// The Unix socket of the API (`--api-socket`).

@@ -14,6 +14,7 @@
 //!   404 for a VM not created, 500 for one not running or already created.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -28,9 +29,11 @@ use crate::error::VmmError;
 use crate::events::VmmEvent;
 use crate::hotplug::HotplugRequest;
 use crate::legacy::GuestExit;
+use crate::monitor::{self, EventMonitor};
 use crate::options::VmmOptions;
 use crate::pause::PauseError;
 use crate::stats::StatsReport;
+use crate::taps::PassedTaps;
 use crate::terminal::SerialInput;
 use crate::threads;
 use crate::vcpu;
@@ -46,6 +49,16 @@ pub(crate) struct Host {
     pub(crate) hotplug: bool,
     pub(crate) serial_input: SerialInput,
     pub(crate) pid: i32,
+    /// Where the VMM's and the VM's events go (`--event-monitor`).
+    pub(crate) monitor: Option<Arc<EventMonitor>>,
+    /// The taps clients passed for nets of the configuration.
+    pub(crate) taps: PassedTaps,
+}
+
+impl Host {
+    fn emit(&self, source: &str, event: &str) {
+        monitor::emit(self.monitor.as_deref(), source, event, &[]);
+    }
 }
 
 /// How the VMM ended.
@@ -80,6 +93,18 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
     let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
     warn_if_kvm_cannot_run_linux();
     let listener = options.api_socket.as_ref().map(api_listener).transpose()?;
+    let monitor = options
+        .event_monitor
+        .as_ref()
+        .map(|target| {
+            EventMonitor::open(target).map_err(|source| VmmError::Io {
+                what: format!("--event-monitor: cannot open {target:?}"),
+                source,
+            })
+        })
+        .transpose()?
+        .map(Arc::new);
+    monitor::emit(monitor.as_deref(), "vmm", "starting", &[]);
     let reports = ReportSlot::default();
     report_stats_on_sigusr1(Arc::clone(&reports), sigusr1, filters.clone())?;
     let (events_tx, events) = channel();
@@ -92,6 +117,8 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
             hotplug: listener.is_some(),
             serial_input: SerialInput::new(filters.clone()),
             pid,
+            monitor,
+            taps: PassedTaps::default(),
         },
         config: None,
         vm: None,
@@ -111,7 +138,9 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
             .map_err(|err| VmmError::Config(err.message))?;
         vmm.boot()?;
     }
-    Ok(vmm.serve(&events))
+    let exit = vmm.serve(&events);
+    vmm.host.emit("vmm", "shutdown");
+    Ok(exit)
 }
 
 /// The VMM's state: the configuration once created, the VM once booted.
@@ -126,18 +155,18 @@ struct Vmm {
 }
 
 impl Vmm {
-    /// Acts on events until the VMM is to end.
-    fn serve(mut self, events: &Receiver<VmmEvent>) -> VmmExit {
+    /// Acts on events until the VMM is to end; the VM is gone by then.
+    fn serve(&mut self, events: &Receiver<VmmEvent>) -> VmmExit {
         loop {
             let Ok(event) = events.recv() else {
                 // Every sender is gone: nothing can ask anything of the VMM again.
-                self.end_vm();
+                self.delete();
                 return VmmExit::ApiShutdown;
             };
             match event {
-                VmmEvent::Api { request, reply } => self.answer(request, reply),
+                VmmEvent::Api { request, reply } => self.answer(*request, reply),
                 VmmEvent::VmmShutdownAnswered => {
-                    self.end_vm();
+                    self.delete();
                     return VmmExit::ApiShutdown;
                 }
                 VmmEvent::Guest { vm, exit } => {
@@ -158,7 +187,7 @@ impl Vmm {
     fn guest_stopped(&mut self, exit: GuestExit) -> Option<VmmExit> {
         match exit {
             GuestExit::Poweroff => {
-                self.end_vm();
+                self.delete();
                 Some(VmmExit::Poweroff)
             }
             GuestExit::Reset(why) if self.no_reboot => {
@@ -198,8 +227,7 @@ impl Vmm {
             Request::Shutdown => self.shutdown().map(|()| Response::Done).into(),
             Request::Reboot => self.reboot().map(|()| Response::Done).into(),
             Request::Delete => {
-                self.end_vm();
-                self.config = None;
+                self.delete();
                 Ok(Response::Done).into()
             }
             // Answered on the API thread; the VMM ends once the answer is out.
@@ -227,13 +255,25 @@ impl Vmm {
                 .into(),
             Request::Pause => self
                 .running()
-                .and_then(|vm| vm.pause().map_err(pause_refusal))
-                .map(|()| Response::Done)
+                .and_then(|vm| {
+                    self.host.emit("vm", "pausing");
+                    vm.pause().map_err(pause_refusal)
+                })
+                .map(|()| {
+                    self.host.emit("vm", "paused");
+                    Response::Done
+                })
                 .into(),
             Request::Resume => self
                 .running()
-                .and_then(|vm| vm.resume().map_err(pause_refusal))
-                .map(|()| Response::Done)
+                .and_then(|vm| {
+                    self.host.emit("vm", "resuming");
+                    vm.resume().map_err(pause_refusal)
+                })
+                .map(|()| {
+                    self.host.emit("vm", "resumed");
+                    Response::Done
+                })
                 .into(),
             Request::Resize(resize) => self.resize(&resize).map(|()| Response::Done).into(),
             Request::AddDisk(disk) => {
@@ -244,14 +284,7 @@ impl Vmm {
                     reply.clone(),
                 )
             }
-            Request::AddNet(net) => {
-                let added = net.clone();
-                self.plug(
-                    |reply| HotplugRequest::AddNet { net, reply },
-                    |config| config.net.push(added),
-                    reply.clone(),
-                )
-            }
+            Request::AddNet(net, files) => self.add_net(net, files.take(), reply.clone()),
             Request::AddDevice(device) => {
                 let added = device.clone();
                 self.plug(
@@ -286,6 +319,14 @@ impl Vmm {
 
     /// `vm.boot`: builds the created VM and runs it.
     fn boot(&mut self) -> Result<(), VmmError> {
+        self.host.emit("vm", "booting");
+        self.start_vm()?;
+        self.host.emit("vm", "booted");
+        Ok(())
+    }
+
+    /// Builds the VM from its configuration and starts it.
+    fn start_vm(&mut self) -> Result<(), VmmError> {
         if self.vm.is_some() {
             return Err(VmmError::Lifecycle("VM is already created"));
         }
@@ -312,11 +353,23 @@ impl Vmm {
     /// `vm.reboot`, or the guest's own reset: the VM ends and is built again from its
     /// configuration (hot-plugged devices included).
     fn reboot(&mut self) -> Result<(), ApiError> {
+        self.host.emit("vm", "rebooting");
         if self.vm.is_none() {
             return Err(not_created());
         }
         self.end_vm();
-        self.boot().map_err(boot_refusal)
+        self.start_vm().map_err(boot_refusal)?;
+        self.host.emit("vm", "rebooted");
+        Ok(())
+    }
+
+    /// `vm.delete`, and the VMM's end: the VM ends and its configuration is forgotten.
+    fn delete(&mut self) {
+        self.end_vm();
+        self.host.taps.clear();
+        if self.config.take().is_some() {
+            self.host.emit("vm", "deleted");
+        }
     }
 
     /// Ends the VM if there is one: its configuration as it stands is kept, its counters
@@ -327,6 +380,7 @@ impl Vmm {
         *vm_device::lock(&self.reports) = None;
         let stats = vm.shutdown();
         stats.print();
+        self.host.emit("vm", "shutdown");
     }
 
     fn running(&self) -> Result<&Vm, ApiError> {
@@ -412,12 +466,14 @@ impl Vmm {
         add_to: impl FnOnce(&mut VmConfig),
         reply: Sender<Result<Response, ApiError>>,
     ) -> Handled {
-        if let Some(vm) = &self.vm {
-            return match vm.hotplug(request(reply)) {
-                Ok(()) => Handled::HandedOn,
-                Err(err) => Handled::Answer(Err(err)),
-            };
+        match &self.vm {
+            Some(vm) => hand_on(vm, request(reply)),
+            None => self.cold_plug(add_to),
         }
+    }
+
+    /// A device added before boot: into the configuration, checked whole and resolved.
+    fn cold_plug(&mut self, add_to: impl FnOnce(&mut VmConfig)) -> Handled {
         let Some(config) = &self.config else {
             return Handled::Answer(Err(not_created()));
         };
@@ -437,14 +493,39 @@ impl Vmm {
         }))
     }
 
+    /// `vm.add-net`: on the tap it names, or on `fds`, the tap queues its client passed (one
+    /// per queue pair), which the configuration then lists by number and the VMM holds while
+    /// the net is in it.
+    fn add_net(
+        &mut self,
+        mut net: vm_config::NetConfig,
+        fds: Vec<OwnedFd>,
+        reply: Sender<Result<Response, ApiError>>,
+    ) -> Handled {
+        if !fds.is_empty() {
+            net.fds = Some(fds.iter().map(AsRawFd::as_raw_fd).collect());
+        }
+        if let Some(vm) = &self.vm {
+            return hand_on(vm, HotplugRequest::AddNet { net, fds, reply });
+        }
+        let answer = self.cold_plug(|config| config.net.push(net));
+        if let (Handled::Answer(Ok(_)), false) = (&answer, fds.is_empty()) {
+            let id = self
+                .config
+                .as_ref()
+                .and_then(|config| config.net.last())
+                .and_then(|net| net.id.clone())
+                .unwrap_or_default();
+            self.host.taps.insert(&id, fds);
+        }
+        answer
+    }
+
     /// `vm.remove-device`: the running VM's hotplug thread asks the guest to let go, or the
     /// device leaves the created VM's configuration.
     fn unplug(&mut self, id: String, reply: Sender<Result<Response, ApiError>>) -> Handled {
         if let Some(vm) = &self.vm {
-            return match vm.hotplug(HotplugRequest::Remove { id, reply }) {
-                Ok(()) => Handled::HandedOn,
-                Err(err) => Handled::Answer(Err(err)),
-            };
+            return hand_on(vm, HotplugRequest::Remove { id, reply });
         }
         let Some(config) = &mut self.config else {
             return Handled::Answer(Err(not_created()));
@@ -455,11 +536,20 @@ impl Vmm {
         config.net.retain(|n| !named(&n.id));
         config.devices.retain(|d| !named(&d.id));
         let after = config.disks.len() + config.net.len() + config.devices.len();
+        self.host.taps.remove(&id);
         Handled::Answer(if after < before {
             Ok(Response::Done)
         } else {
             Err(ApiError::new(404, format!("no device has id {id:?}")))
         })
+    }
+}
+
+/// Hands `request` to `vm`'s hotplug thread, which answers it.
+fn hand_on(vm: &Vm, request: HotplugRequest) -> Handled {
+    match vm.hotplug(request) {
+        Ok(()) => Handled::HandedOn,
+        Err(err) => Handled::Answer(Err(err)),
     }
 }
 

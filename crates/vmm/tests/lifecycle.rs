@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::options::{ApiSocket, SeccompMode, VmmOptions};
+use vmm::options::{ApiSocket, MonitorTarget, SeccompMode, VmmOptions};
 use vmm::VmmExit;
 
 /// An ELF64 executable whose one segment, at 1 MiB (the entry), is `hlt; jmp .-1`.
@@ -111,10 +111,12 @@ fn a_vm_comes_and_goes_and_leaves_nothing_behind() {
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let socket: PathBuf = dir.join("api.sock");
+    let events = dir.join("events");
     let options = VmmOptions {
         seccomp: SeccompMode::Off,
         api_socket: Some(ApiSocket::Path(socket.clone())),
         no_reboot: true,
+        event_monitor: Some(MonitorTarget::Path(events.clone())),
     };
     let vmm = thread::spawn(move || vmm::run(None, &options));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -177,4 +179,43 @@ fn a_vm_comes_and_goes_and_leaves_nothing_behind() {
 
     assert_eq!(call(&socket, "PUT", "vmm.shutdown", "").0, 204);
     assert_eq!(vmm.join().unwrap().unwrap(), VmmExit::ApiShutdown);
+
+    // The event stream told it all, in order, as libvirt reads it.
+    let stream = std::fs::read_to_string(&events).unwrap();
+    let told: Vec<String> = stream
+        .split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            let field = |name: &str| {
+                let key = format!("\"{name}\": \"");
+                let start = event.find(&key).map(|i| i + key.len()).expect(name);
+                event[start..].split('"').next().unwrap().to_string()
+            };
+            format!("{}/{}", field("source"), field("event"))
+        })
+        .collect();
+    let mut expected = vec!["vmm/starting".to_string()];
+    for round in 0..3 {
+        // The second vm.boot, refused, is told too, as Cloud Hypervisor tells it.
+        expected.extend(["vm/booting", "vm/booted", "vm/booting"].map(String::from));
+        if round == 1 {
+            expected.extend(["vm/pausing", "vm/paused"].map(String::from));
+        }
+        expected.push("vm/shutdown".into());
+    }
+    expected.extend(
+        [
+            "vm/booting",
+            "vm/booted",
+            "vm/rebooting",
+            "vm/shutdown",
+            "vm/rebooted",
+            "vm/shutdown",
+            "vm/deleted",
+            "vm/rebooting",
+            "vmm/shutdown",
+        ]
+        .map(String::from),
+    );
+    assert_eq!(told, expected, "{stream}");
 }

@@ -10,7 +10,7 @@ use vm_config::{
     ConfigError, ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, PlatformConfig, RngConfig, Section, SerialConfig, VmConfig,
 };
-use vmm::options::{ApiSocket, VmmOptions};
+use vmm::options::{ApiSocket, MonitorTarget, VmmOptions};
 
 /// The Cloud Hypervisor release whose command line and REST API warden follows.
 pub const CLOUD_HYPERVISOR_VERSION: &str = "54.0.0";
@@ -126,6 +126,12 @@ pub struct Cli {
     #[arg(long, value_name = "path=PATH|fd=N")]
     api_socket: Option<String>,
 
+    /// Cloud Hypervisor's event stream (pretty JSON events, a blank line after each: the VMM's
+    /// and the VM's lifecycle, devices the guest released): path=PATH (a file, or a FIFO
+    /// whose reader is waited for) or fd=N.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    event_monitor: Option<String>,
+
     /// Log level: error, warn, info, debug (every IOMMU request) or trace. RUST_LOG also works.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<log::LevelFilter>,
@@ -234,9 +240,24 @@ impl Cli {
             api_socket: self
                 .api_socket
                 .as_deref()
-                .map(parse_api_socket)
+                .map(|text| {
+                    path_or_fd("api-socket", text).map(|target| match target {
+                        PathOrFd::Path(path) => ApiSocket::Path(path),
+                        PathOrFd::Fd(fd) => ApiSocket::Fd(fd),
+                    })
+                })
                 .transpose()?,
             no_reboot: self.no_reboot,
+            event_monitor: self
+                .event_monitor
+                .as_deref()
+                .map(|text| {
+                    path_or_fd("event-monitor", text).map(|target| match target {
+                        PathOrFd::Path(path) => MonitorTarget::Path(path),
+                        PathOrFd::Fd(fd) => MonitorTarget::Fd(fd),
+                    })
+                })
+                .transpose()?,
         };
         let Some(kernel) = self.kernel else {
             return match options.api_socket {
@@ -291,14 +312,17 @@ impl Cli {
     }
 }
 
-/// `path=PATH`, `fd=N`, or a bare path, as Cloud Hypervisor takes them.
-fn parse_api_socket(text: &str) -> Result<ApiSocket, CliError> {
-    let refuse = |message: String| CliError::Vmm {
-        option: "api-socket",
-        message,
-    };
+/// A file the VMM opens, or one it inherited.
+enum PathOrFd {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// `option`'s `path=PATH`, `fd=N`, or a bare path, as Cloud Hypervisor takes them.
+fn path_or_fd(option: &'static str, text: &str) -> Result<PathOrFd, CliError> {
+    let refuse = |message: String| CliError::Vmm { option, message };
     if !text.contains('=') && !text.is_empty() {
-        return Ok(ApiSocket::Path(PathBuf::from(text)));
+        return Ok(PathOrFd::Path(PathBuf::from(text)));
     }
     let kv = KeyValues::parse(Section::Vm, text, &["path", "fd"]).map_err(|err| {
         refuse(match err.problem {
@@ -307,12 +331,12 @@ fn parse_api_socket(text: &str) -> Result<ApiSocket, CliError> {
         })
     })?;
     match (kv.get("path"), kv.get("fd")) {
-        (Some(path), None) if !path.is_empty() => Ok(ApiSocket::Path(PathBuf::from(path))),
+        (Some(path), None) if !path.is_empty() => Ok(PathOrFd::Path(PathBuf::from(path))),
         (None, Some(fd)) => fd
             .parse::<i32>()
             .ok()
             .filter(|&fd| fd > 2)
-            .map(ApiSocket::Fd)
+            .map(PathOrFd::Fd)
             .ok_or_else(|| {
                 refuse(format!(
                     "fd={fd} is not a descriptor number above 2 (stdio)"
@@ -697,6 +721,16 @@ mod tests {
             "--api-socket: give exactly one of path=PATH or fd=N"
         );
         assert!(error(&["--api-socket", "sock=/a"]).starts_with("--api-socket: unknown key 'sock'"));
+        let monitor = |text: &str| parsed(&["--event-monitor", text]).map(|(_, o)| o.event_monitor);
+        assert_eq!(
+            monitor("path=/run/events"),
+            Ok(Some(MonitorTarget::Path("/run/events".into())))
+        );
+        assert_eq!(monitor("fd=9"), Ok(Some(MonitorTarget::Fd(9))));
+        assert_eq!(
+            error(&["--event-monitor", "fd=0"]),
+            "--event-monitor: fd=0 is not a descriptor number above 2 (stdio)"
+        );
     }
 
     #[test]

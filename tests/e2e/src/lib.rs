@@ -465,8 +465,9 @@ impl Prepared {
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
 const GUEST_TOOLS: [&str; 3] = ["vfio-map", "blk-discard", "attacker"];
 
-/// Binaries of this crate the KVM host gets beside warden (`$API_CLIENT`).
-const HOST_TOOLS: [&str; 1] = ["api-client"];
+/// Binaries of this crate the KVM host gets beside warden, on its scripts' `PATH` (and
+/// `api-client` as `$API_CLIENT`).
+const HOST_TOOLS: [&str; 2] = ["api-client", "tap-fd"];
 
 /// Serializes runs: tests in a crate run on parallel threads, and one QEMU already wants
 /// both cores of a small CI machine (and a nested guest is too slow to share them).
@@ -638,8 +639,9 @@ fn run_once(scenario: &Scenario, mode: Mode, prepared: &Prepared) -> Outcome {
         Mode::Direct => {
             let bin_dir = run_dir.join("bin");
             fs::create_dir(&bin_dir).expect("create the host binaries' directory");
-            for binary in &scenario.host_binaries {
-                std::os::unix::fs::symlink(binary, bin_dir.join(binary_name(binary)))
+            let tools = HOST_TOOLS.iter().map(|tool| prepared.binary(tool));
+            for binary in tools.chain(scenario.host_binaries.iter().cloned()) {
+                std::os::unix::fs::symlink(&binary, bin_dir.join(binary_name(&binary)))
                     .unwrap_or_else(|e| panic!("cannot link {}: {e}", binary.display()));
             }
             let files = HostFiles {
@@ -989,6 +991,9 @@ fn write_l1_initramfs(
         archive.dir("e2e")?;
         archive.dir("e2e/vmm")?;
         archive.dir("e2e/bin")?;
+        for tool in HOST_TOOLS {
+            archive.file_from(&format!("e2e/bin/{tool}"), 0o755, &prepared.binary(tool))?;
+        }
         for binary in &scenario.host_binaries {
             archive.file_from(&format!("e2e/bin/{}", binary_name(binary)), 0o755, binary)?;
         }

@@ -26,15 +26,29 @@ const HOT_DISK_MIB: usize = 24;
 const GUEST_SCRIPT: &str = r#"
 wait_for /dev/vda
 tell() { printf "$1" | dd of=/dev/vda bs=512 seek=$2 conv=notrunc,fsync 2>/dev/null; }
+# The net on the tap the host passed as a descriptor: up, and pings across it counted.
+fdnet_pings() {
+    wait_for /sys/class/net/eth0 120
+    ip addr add 192.168.252.2/24 dev eth0
+    ip link set eth0 up
+    n=0
+    until ping -c 1 -W 1 192.168.252.1 >/dev/null 2>&1; do
+        n=$((n + 1)); [ $n -gt 60 ] && break
+        usleep 200000
+    done
+    ping -c 3 -W 5 192.168.252.1 | grep -c 'bytes from'
+}
 case "$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 6)" in
 PHASE1)
     echo CHR-GUEST-SECOND-BOOT=yes
+    echo "CHR-GUEST-SECOND-FDNET-PINGS=$(fdnet_pings)"
     tell PHASE2 100
     tell BOOT2 80
     sleep 600
     ;;
 PHASE2)
     echo CHR-GUEST-THIRD-BOOT=yes
+    echo "CHR-GUEST-THIRD-FDNET-PINGS=$(fdnet_pings)"
     tell PHASE3 100
     tell BOOT3 88
     sleep 600
@@ -78,8 +92,11 @@ done
 echo "CHR-GUEST-NET-PINGS=$(ping -c 3 -W 5 192.168.250.1 | grep -c 'bytes from')"
 tell NETUP 64
 echo "CHR-GUEST-NET-GONE=$(gone /sys/class/net/eth0 "$net_pci")"
-tell PHASE1 100
 tell NETGONE 72
+echo "CHR-GUEST-FDNET-PINGS=$(fdnet_pings)"
+echo "CHR-GUEST-FDNET-MAC=$(cat /sys/class/net/eth0/address)"
+tell PHASE1 100
+tell FDNETUP 96
 # The host shuts the VM down, then boots it again.
 sleep 600
 "#;
@@ -130,6 +147,13 @@ done
   wait_sector 64 NETUP
   chr remove-net remove-device hotnet
   wait_sector 72 NETGONE
+  # A tap opened here, passed to warden as a descriptor; it stays through the boots below.
+  name=add-fdnet
+  tap-fd chrfd0 1 192.168.252.1/24 ch-remote --api-socket api.sock \
+    add-net "fd=[3],mac=52:54:00:aa:bb:01,num_queues=2,iommu=on,id=fdnet" >$name.out 2>$name.err
+  echo $? >$name.rc
+  chr info-fdnet info
+  wait_sector 96 FDNETUP
   chr pause pause
   chr info-paused info
   chr resume resume
@@ -153,7 +177,8 @@ const HOST_CHECK: &str = r#"for r in 1 2; do
   echo "CHR-HOST-$r-AFTER=$(cat hot$r.after 2>/dev/null)"
 done
 for f in ping info-none create info-created boot info add-missing remove-unknown add-1 \
-         counters-1 remove-1 add-2 counters-2 remove-2 add-net info-net remove-net pause \
+         counters-1 remove-1 add-2 counters-2 remove-2 add-net info-net remove-net add-fdnet \
+         info-fdnet pause \
          info-paused resume info-resumed shutdown-vm info-shut ping-shut boot-again info-again \
          reboot info-rebooted delete info-deleted shutdown; do
   echo "CHR-RC $f $(cat $f.rc 2>/dev/null)"
@@ -322,6 +347,29 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
     assert_eq!(out.marker("CHR-GUEST-NET-PINGS"), Some("3"), "{out}");
     call("remove-net").succeeded("remove-device", &out);
     assert_eq!(out.marker("CHR-GUEST-NET-GONE"), Some("yes"), "{out}");
+
+    // A net on a tap passed as a descriptor (Kata's and libvirt's way): the guest pings
+    // across it, and it stays in the configuration through vm.shutdown, vm.boot and
+    // vm.reboot, its descriptor held by warden.
+    let added = call("add-fdnet").json("add-net fd=[3]", &out);
+    assert_eq!(added["id"], "fdnet", "{out}");
+    let info = call("info-fdnet").json("info", &out);
+    let fdnet = &info["config"]["net"][0];
+    assert_eq!(fdnet["id"], "fdnet", "{out}");
+    assert!(fdnet["fds"][0].as_i64().is_some_and(|fd| fd > 2), "{out}");
+    assert!(fdnet.get("tap").is_none(), "{out}");
+    assert_eq!(
+        out.marker("CHR-GUEST-FDNET-MAC"),
+        Some("52:54:00:aa:bb:01"),
+        "{out}"
+    );
+    for boot in ["", "SECOND-", "THIRD-"] {
+        assert_eq!(
+            out.marker(&format!("CHR-GUEST-{boot}FDNET-PINGS")),
+            Some("3"),
+            "{boot}boot: {out}"
+        );
+    }
 
     call("pause").succeeded("pause", &out);
     assert_eq!(
