@@ -21,10 +21,12 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// A request body; more is refused with 413.
     pub max_body_bytes: usize,
-    /// Time from connecting (or from the last answer) to a complete request and from then
-    /// to the answer being read; a client slower than that is answered 408 and dropped.
+    /// Time from a request's first byte to all of it, and from then to its answer being
+    /// read; a client slower than that is answered 408 and dropped. A connection between
+    /// requests has no deadline: Kata's runtime keeps one for the VMM's whole life.
     pub request_timeout: Duration,
-    /// Clients served at once; more wait in the listen backlog.
+    /// Clients served at once; more wait in the listen backlog, or take the place of the
+    /// connection idle the longest.
     pub max_connections: usize,
     /// File descriptors passed with one request; more are closed and the request refused
     /// with 400.
@@ -44,6 +46,10 @@ impl Default for Limits {
     }
 }
 
+/// How long a connection must have been idle before a new client may take its place (one
+/// that just connected has sent nothing yet either).
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a closing connection waits for the client to hang up, discarding what it still
 /// sends: closing a Unix socket with unread input resets it, and the client could lose its
 /// answer.
@@ -57,6 +63,9 @@ struct Connection {
     output: Vec<u8>,
     sent: usize,
     deadline: Instant,
+    /// When it last sent a byte or was answered: the connection idle the longest gives its
+    /// place to a new client when all are taken.
+    last_active: Instant,
     /// Close once `output` is sent.
     closing: bool,
     /// The client sent all it will.
@@ -81,6 +90,7 @@ impl Connection {
             output: Vec::new(),
             sent: 0,
             deadline: Instant::now() + limits.request_timeout,
+            last_active: Instant::now(),
             closing: false,
             eof: false,
             lingering: false,
@@ -91,9 +101,35 @@ impl Connection {
         }
     }
 
+    /// Between requests, with nothing received or to send: no deadline runs.
+    fn idle(&self) -> bool {
+        self.input.is_empty()
+            && self.output.is_empty()
+            && self.files.is_empty()
+            && !self.closing
+            && !self.lingering
+            && !self.too_many_files
+    }
+
+    /// Idle long enough that a new client may take its place.
+    fn evictable(&self, now: Instant) -> bool {
+        self.idle() && self.last_active + IDLE_GRACE <= now
+    }
+
     /// Reads what the client sent, up to what a largest request could take, and the
-    /// descriptors that came with it.
+    /// descriptors that came with it; a request's first byte starts its deadline.
     fn read(&mut self, limits: &Limits) {
+        let was_idle = self.idle();
+        self.read_available(limits);
+        if !self.idle() || self.eof {
+            self.last_active = Instant::now();
+            if was_idle {
+                self.deadline = self.last_active + limits.request_timeout;
+            }
+        }
+    }
+
+    fn read_available(&mut self, limits: &Limits) {
         let most = limits.max_header_bytes + limits.max_body_bytes + 1;
         let mut chunk = [0u8; 4096];
         while self.lingering || self.input.len() < most {
@@ -223,6 +259,7 @@ impl Connection {
         }
         self.output.clear();
         self.sent = 0;
+        self.last_active = Instant::now();
         if let Some(request) = self.answering.take() {
             vmm.answered(&request);
         }
@@ -291,13 +328,14 @@ pub fn serve(listener: UnixListener, vmm: &dyn Vmm, limits: &Limits) -> io::Erro
     loop {
         let now = Instant::now();
         connections.retain_mut(|c| {
-            let expired = c.deadline <= now;
+            let expired = !c.idle() && c.deadline <= now;
             if expired && !c.lingering {
                 c.time_out();
             }
             !expired && !c.finished()
         });
-        let accepting = connections.len() < limits.max_connections;
+        let full = connections.len() >= limits.max_connections;
+        let accepting = !full || connections.iter().any(|c| c.evictable(now));
         let mut fds = Vec::with_capacity(connections.len() + 1);
         fds.push(pollfd(&listener, if accepting { libc::POLLIN } else { 0 }));
         for c in &connections {
@@ -308,9 +346,16 @@ pub fn serve(listener: UnixListener, vmm: &dyn Vmm, limits: &Limits) -> io::Erro
             };
             fds.push(pollfd(&c.stream, events));
         }
+        // Deadlines of requests under way; when full, also the moment an idle connection may
+        // give its place to a waiting client.
         let timeout = connections
             .iter()
-            .map(|c| c.deadline.saturating_duration_since(now))
+            .filter_map(|c| match c.idle() {
+                false => Some(c.deadline),
+                true if full => Some(c.last_active + IDLE_GRACE),
+                true => None,
+            })
+            .map(|at| at.saturating_duration_since(now))
             .min()
             .map_or(-1, |wait| {
                 i32::try_from(wait.as_millis() + 1).unwrap_or(i32::MAX)
@@ -343,19 +388,35 @@ pub fn serve(listener: UnixListener, vmm: &dyn Vmm, limits: &Limits) -> io::Erro
     }
 }
 
-/// Takes every waiting client, as many as there is room for.
+/// Takes every waiting client, as many as there is room for, a place taken by a connection
+/// idle for [`IDLE_GRACE`] counting as room: the one idle the longest is closed for it.
 fn accept_all(
     listener: &UnixListener,
     connections: &mut Vec<Connection>,
     limits: &Limits,
 ) -> io::Result<()> {
-    while connections.len() < limits.max_connections {
+    let now = Instant::now();
+    while connections.len() < limits.max_connections || connections.iter().any(|c| c.evictable(now))
+    {
         match listener.accept() {
             Ok((stream, _)) => {
                 // A client that cannot be made non-blocking is dropped, not waited on.
-                if stream.set_nonblocking(true).is_ok() {
-                    connections.push(Connection::new(stream, limits));
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
                 }
+                if connections.len() >= limits.max_connections {
+                    let longest_idle = connections
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.evictable(now))
+                        .min_by_key(|(_, c)| c.last_active)
+                        .map(|(index, _)| index);
+                    if let Some(index) = longest_idle {
+                        log::debug!("api: all places taken: closing the longest idle client");
+                        connections.swap_remove(index);
+                    }
+                }
+                connections.push(Connection::new(stream, limits));
             }
             Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(err) if err.kind() == ErrorKind::Interrupted => {}

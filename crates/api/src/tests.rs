@@ -171,6 +171,28 @@ fn read_reply(stream: &mut UnixStream) -> Reply {
     split_reply(&String::from_utf8(raw).unwrap())
 }
 
+/// Reads one reply on a kept-alive connection: its head, then `Content-Length` bytes.
+fn read_one_reply(stream: &mut UnixStream) -> Reply {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{raw:?}");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8(raw.clone()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |n| n.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    raw.extend_from_slice(&body);
+    split_reply(&String::from_utf8(raw).unwrap())
+}
+
 fn split_reply(text: &str) -> Reply {
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -486,16 +508,20 @@ fn oversized_headers_are_431_and_oversized_bodies_413_and_both_close() {
 }
 
 #[test]
-fn a_silent_client_stalls_nobody_and_is_timed_out() {
+fn a_client_stuck_in_a_request_stalls_nobody_and_is_timed_out() {
     let server = TestServer::start(Limits {
         request_timeout: Duration::from_millis(500),
         ..Limits::default()
     });
     let started = Instant::now();
-    let mut silent = server.connect();
-    // And one that sends half a request and stops.
+    // One that sends half a request and stops, and one whose answer is never read because it
+    // never finishes its body.
     let mut half = server.connect();
     half.write_all(b"GET /api/v1/vmm.pi").unwrap();
+    let mut no_body = server.connect();
+    no_body
+        .write_all(b"PUT /api/v1/vm.add-disk HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        .unwrap();
     let reply = server.call("GET", "vmm.ping", "");
     assert_eq!(reply.status, 200);
     assert!(
@@ -503,11 +529,31 @@ fn a_silent_client_stalls_nobody_and_is_timed_out() {
         "answered while the others wait: {:?}",
         started.elapsed()
     );
-    for stream in [&mut silent, &mut half] {
+    for stream in [&mut half, &mut no_body] {
         let reply = read_reply(stream);
         assert_eq!(reply.status, 408, "{reply:?}");
     }
     assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+/// Kata's runtime keeps one connection for the VMM's whole life, and its Go runtime reuses
+/// idle ones: a connection between requests is never timed out.
+#[test]
+fn a_kept_alive_connection_may_wait_between_requests_as_long_as_it_likes() {
+    let server = TestServer::start(Limits {
+        request_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    });
+    let mut stream = server.connect();
+    // Silent from the start, then between requests, each time past the request timeout.
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(500));
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let reply = read_one_reply(&mut stream);
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
 }
 
 #[test]
@@ -521,11 +567,11 @@ fn two_clients_interleaved_each_get_their_answer() {
     second
         .write_all(b"ng HTTP/1.1\r\nConnection: close\r\n\r\n")
         .unwrap();
-    let ping = read_reply(&mut second);
+    let ping = read_one_reply(&mut second);
     first
         .write_all(b"ters HTTP/1.1\r\nConnection: close\r\n\r\n")
         .unwrap();
-    let counters = read_reply(&mut first);
+    let counters = read_one_reply(&mut first);
     assert_eq!(ping.json()["pid"], 42);
     assert_eq!(counters.json()["virtio-iommu"]["maps"], 7);
 }
@@ -561,16 +607,53 @@ fn http_1_0_closes_after_the_answer_and_queries_are_ignored() {
 }
 
 #[test]
+fn a_new_client_takes_the_place_of_the_one_idle_the_longest() {
+    let server = TestServer::start(Limits {
+        max_connections: 2,
+        ..Limits::default()
+    });
+    let mut oldest = server.connect();
+    thread::sleep(Duration::from_millis(50));
+    let mut newer = server.connect();
+    newer
+        .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one_reply(&mut newer).status, 200);
+    // Both places are taken by idle clients: the third is served once the oldest has been
+    // idle for a second.
+    let reply = server.call("GET", "vmm.ping", "");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // In the place of the oldest, which was closed without a word; the newer one stays.
+    let mut rest = Vec::new();
+    oldest
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(oldest.read_to_end(&mut rest).unwrap(), 0);
+    newer
+        .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one_reply(&mut newer).status, 200);
+}
+
+#[test]
 fn more_clients_than_the_limit_wait_their_turn() {
     let server = TestServer::start(Limits {
         max_connections: 2,
         request_timeout: Duration::from_millis(300),
         ..Limits::default()
     });
-    let _idle: Vec<UnixStream> = (0..2).map(|_| server.connect()).collect();
-    // The third is served once the idle ones time out.
+    // Two clients in the middle of requests hold both places until they time out.
+    let _busy: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut stream = server.connect();
+            stream.write_all(b"GET /api/v1/vmm.pi").unwrap();
+            stream
+        })
+        .collect();
+    let started = Instant::now();
     let reply = server.call("GET", "vmm.ping", "");
     assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
 }
 
 /// The status line as Cloud Hypervisor's server writes it, with no reason phrase: its client
