@@ -70,9 +70,9 @@ pub enum ThreadKind {
     IommuEvents,
     /// The virtio-iommu's request queue poller.
     IommuPoller,
-    /// Prints statistics on SIGUSR1.
-    Stats,
-    /// Forwards terminal input to the serial port.
+    /// Takes the process's signals: SIGUSR1 prints statistics, SIGTERM and SIGINT end the VMM.
+    Signals,
+    /// Forwards the terminal's input, or a serial pty's, to the serial port.
     SerialInput,
     /// Serves the REST API on its Unix socket (`--api-socket`).
     Api,
@@ -90,7 +90,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::IommuEvents,
         ThreadKind::IommuPoller,
-        ThreadKind::Stats,
+        ThreadKind::Signals,
         ThreadKind::SerialInput,
         ThreadKind::Api,
         ThreadKind::Hotplug,
@@ -107,7 +107,7 @@ impl ThreadKind {
             ThreadKind::Console => "virtio-console",
             ThreadKind::IommuEvents => "virtio-iommu events",
             ThreadKind::IommuPoller => "virtio-iommu poller",
-            ThreadKind::Stats => "stats",
+            ThreadKind::Signals => "signals",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::Api => "api",
             ThreadKind::Hotplug => "hotplug",

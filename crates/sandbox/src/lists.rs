@@ -191,6 +191,9 @@ const FIONBIO: Value = (libc::FIONBIO as u32, "FIONBIO");
 /// The terminal's mode is restored on exit (glibc's tcsetattr reads it back to check).
 const TCSETS: Value = (libc::TCSETS as u32, "TCSETS");
 const TCGETS: Value = (libc::TCGETS as u32, "TCGETS");
+// A `Pty` serial port or console: unlock its master and learn its number.
+const TIOCSPTLCK: Value = (libc::TIOCSPTLCK as u32, "TIOCSPTLCK");
+const TIOCGPTN: Value = (libc::TIOCGPTN as u32, "TIOCGPTN");
 
 /// What any thread may need once confined: allocating (which may map, grow or give back memory),
 /// locking, logging to stderr, sleeping, closing what it drops, and ending. `write` and
@@ -366,8 +369,11 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         ThreadKind::IommuPoller => {
             AllowList::new(&[BASE], &[VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA])
         }
-        ThreadKind::Stats => AllowList::new(&[BASE, syscalls![SYS_rt_sigtimedwait]], &[]),
-        ThreadKind::SerialInput => AllowList::new(&[BASE, syscalls![SYS_read]], &[]),
+        ThreadKind::Signals => AllowList::new(&[BASE, syscalls![SYS_rt_sigtimedwait]], &[]),
+        // Terminal input, or a serial pty's, which it polls beside its stop eventfd.
+        ThreadKind::SerialInput => {
+            AllowList::new(&[BASE, syscalls![SYS_read, SYS_poll, SYS_ppoll]], &[])
+        }
         // Plugs devices in and out while the guest runs (`--api-socket`): opens a disk image,
         // makes the device's eventfds, MSI vectors (irqfds and routes) and queue notification
         // ioeventfds, and undoes them on removal, when it also joins the device's threads.
@@ -484,7 +490,7 @@ const BUILD: &[Syscall] = syscalls![
 /// The calls that make a VM and its vCPUs (KVM's), hold the guest's clock still across a
 /// pause, open a vhost-net instance, put the terminal in raw mode and back, and reset
 /// passed-through devices when a VM ends.
-const BUILD_IOCTLS: [Value; 27] = [
+const BUILD_IOCTLS: [Value; 29] = [
     (kvm_none(0x01), "KVM_CREATE_VM"),
     (kvm_none(0x04), "KVM_GET_VCPU_MMAP_SIZE"),
     (
@@ -519,6 +525,8 @@ const BUILD_IOCTLS: [Value; 27] = [
     (vhost_read::<u64>(0x26), "VHOST_GET_BACKEND_FEATURES"),
     TCGETS,
     TCSETS,
+    TIOCSPTLCK,
+    TIOCGPTN,
     VFIO_DEVICE_SET_IRQS,
     VFIO_DEVICE_RESET,
 ];
@@ -620,7 +628,7 @@ pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
     all.extend(vcpu().syscalls);
     for kind in [
         ThreadKind::Vmm,
-        ThreadKind::Stats,
+        ThreadKind::Signals,
         ThreadKind::SerialInput,
         ThreadKind::Api,
         ThreadKind::Hotplug,

@@ -109,13 +109,15 @@ fn parse_mode(
             section,
             "mode",
             Problem::Syntax(format!(
-                "'{text}' must name exactly one of off, null, tty or file=PATH"
+                "'{text}' must name exactly one of off, null, tty, pty or file=PATH"
             )),
         ),
     }
 }
 
-/// The modes warden has: `Pty` and `Socket` are not yet, and `File` needs its file.
+/// The modes warden has: `Socket` is not yet, and `File` needs its file. A `Pty`'s `file` is
+/// the path warden gives its pseudo-terminal when the VM is created (what a client asked for
+/// there is replaced).
 fn validate_mode(
     section: Section,
     mode: ConsoleMode,
@@ -123,7 +125,7 @@ fn validate_mode(
     socket: &Option<PathBuf>,
 ) -> Result<(), ConfigError> {
     match mode {
-        ConsoleMode::Pty | ConsoleMode::Socket => refuse(
+        ConsoleMode::Socket => refuse(
             section,
             "mode",
             Problem::UnsupportedValue(format!("{mode:?}")),
@@ -136,7 +138,7 @@ fn validate_mode(
 }
 
 impl SerialConfig {
-    /// `--serial off|null|tty|file=PATH`.
+    /// `--serial off|null|tty|pty|file=PATH`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let (mode, file, _) = parse_mode(Section::Serial, text, false)?;
         Ok(SerialConfig {
@@ -152,7 +154,7 @@ impl SerialConfig {
 }
 
 impl ConsoleConfig {
-    /// `--console off|null|tty|file=PATH[,iommu=on]`.
+    /// `--console off|null|tty|pty|file=PATH[,iommu=on]`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let (mode, file, iommu) = parse_mode(Section::Console, text, true)?;
         Ok(ConsoleConfig {
@@ -185,9 +187,13 @@ mod tests {
             "the UART does no DMA"
         );
         let json: SerialConfig = serde_json::from_str(r#"{"mode":"Pty"}"#).unwrap();
+        assert!(json.validate().is_ok());
+        assert_eq!(SerialConfig::parse("pty").unwrap(), json);
+        let json: SerialConfig =
+            serde_json::from_str(r#"{"mode":"Socket","socket":"/tmp/s"}"#).unwrap();
         assert_eq!(
             json.validate().unwrap_err().to_string(),
-            "serial.mode: Pty is not supported by warden"
+            "serial.mode: Socket is not supported by warden"
         );
         let json: ConsoleConfig = serde_json::from_str(r#"{"mode":"File"}"#).unwrap();
         assert_eq!(

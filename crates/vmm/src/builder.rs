@@ -26,7 +26,7 @@ use crate::clock::PausedClock;
 use crate::control::{vm_info, DeviceEntry};
 use crate::devices::{
     build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
-    open_output, open_passthrough, open_vhost, plan_devices, Passthrough, PlannedDevice,
+    open_output, open_passthrough, open_vhost, plan_devices, Held, Passthrough, PlannedDevice,
 };
 use crate::error::{kvm_error, VmmError};
 use crate::events::ExitNotice;
@@ -42,7 +42,6 @@ use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
 use crate::plugged::SharedInfo;
 use crate::stats::StatsReport;
-use crate::taps::PassedTaps;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, Topology, Vcpu};
 use crate::vm::Vm;
@@ -93,7 +92,10 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
         iommu.as_ref(),
         &mut pci,
         &mut buses,
-        &host.taps,
+        Held {
+            taps: &host.taps,
+            ptys: &host.ptys,
+        },
     )?;
     let entries = device_entries(&devices, &passthrough, iommu.is_some());
     check_hotplug_slots_free(host.hotplug, &entries)?;
@@ -224,7 +226,7 @@ fn attach_virtio_devices(
     iommu: Option<&Arc<VirtioIommu>>,
     pci: &mut PciBus,
     buses: &mut Buses,
-    passed: &PassedTaps,
+    held: Held<'_>,
 ) -> Result<Vec<Counted>, VmmError> {
     let memory = &machine.ram.memory;
     let mut counters = Vec::new();
@@ -235,9 +237,9 @@ fn attach_virtio_devices(
                 let translator = EndpointIommu::new(Arc::clone(model), endpoint)
                     .expect("every protected device was registered as an endpoint");
                 let mem = IommuMemory::new(memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &planned.vhost, passed)?
+                build_device(&planned.kind, mem, true, &planned.vhost, held)?
             }
-            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost, passed)?,
+            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost, held)?,
         };
         if let Some(device_counters) = device.counters() {
             counters.push((id, device_counters));
@@ -554,9 +556,11 @@ fn attach_legacy_devices(
                 what: "serial interrupt".into(),
                 source,
             })?;
-        let out = open_output(serial.mode, serial.file.as_deref(), "serial")?;
+        let pty = host.ptys.serial();
+        let out = open_output(serial.mode, serial.file.as_deref(), pty, "serial")?;
         let port = Arc::new(Mutex::new(SerialPort(Serial::new(IrqfdTrigger(irq), out))));
         insert(pio, port.clone(), layout::COM1_PORT, 8)?;
+        host.ptys.attach_serial(&port);
         if serial.mode == ConsoleMode::Tty && io::stdin().is_terminal() {
             host.serial_input.attach(port)?;
         }

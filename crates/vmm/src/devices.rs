@@ -23,6 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::control::DeviceEntry;
 use crate::error::VmmError;
 use crate::pci_bus::IOMMU_DEVICE_NUMBER;
+use crate::pty::{Pty, Ptys};
 use crate::stats;
 use crate::taps::PassedTaps;
 use vm_config::{
@@ -288,29 +289,42 @@ fn intersect_page_sizes(guest: u64, host: u64) -> u64 {
     guest & !(host_granule - 1)
 }
 
+/// What the VMM holds across builds of its configuration's VM that devices are built on.
+#[derive(Clone, Copy)]
+pub(crate) struct Held<'a> {
+    /// The taps clients passed as descriptors.
+    pub(crate) taps: &'a PassedTaps,
+    /// The `Pty` devices' pseudo-terminals.
+    pub(crate) ptys: &'a Ptys,
+}
+
 /// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU (a
-/// net on taps its client passed finds them in `passed`).
+/// net on taps its client passed, or a console on a pty, finds them in `held`).
 pub(crate) fn build_device<M: DeviceMemory>(
     kind: &DeviceKind,
     mem: M,
     access_platform: bool,
     vhost: &[Arc<dyn VhostKernel>],
-    passed: &PassedTaps,
+    held: Held<'_>,
 ) -> Result<Box<dyn VirtioDevice>, VmmError> {
     Ok(match kind {
         DeviceKind::Console(console) => {
-            let input =
-                if console.mode == ConsoleMode::Tty && io::stdin().is_terminal() {
-                    Some(io::stdin().as_fd().try_clone_to_owned().map_err(|source| {
-                        VmmError::Io {
-                            what: "console: duplicate stdin".into(),
-                            source,
-                        }
-                    })?)
-                } else {
-                    None
-                };
-            let output = open_output(console.mode, console.file.as_deref(), "console")?;
+            let duplicated = |source| VmmError::Io {
+                what: "console: duplicate its input".into(),
+                source,
+            };
+            let pty = held.ptys.console();
+            let input = match (console.mode, pty) {
+                (ConsoleMode::Tty, _) if io::stdin().is_terminal() => Some(
+                    io::stdin()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(duplicated)?,
+                ),
+                (ConsoleMode::Pty, Some(pty)) => Some(pty.input().map_err(duplicated)?),
+                _ => None,
+            };
+            let output = open_output(console.mode, console.file.as_deref(), pty, "console")?;
             Box::new(Console::new(mem, output, input, access_platform))
         }
         DeviceKind::Disk(disk) => {
@@ -330,7 +344,7 @@ pub(crate) fn build_device<M: DeviceMemory>(
             )
         }
         DeviceKind::Net(net) => {
-            build_net(mem, open_tap(net, passed)?, net, access_platform, vhost)?
+            build_net(mem, open_tap(net, held.taps)?, net, access_platform, vhost)?
         }
         DeviceKind::Rng(rng) => Box::new(
             Rng::new(mem, &rng.src, access_platform)
@@ -446,15 +460,20 @@ pub(crate) fn device_entries(
     entries
 }
 
-/// Opens where a character device (`what`) writes: the terminal, or its file.
+/// Opens where a character device (`what`) writes: the terminal, its file or its `pty`.
 pub(crate) fn open_output(
     mode: ConsoleMode,
     file: Option<&Path>,
+    pty: Option<&Pty>,
     what: &str,
 ) -> Result<Box<dyn Write + Send>, VmmError> {
-    match (mode, file) {
-        (ConsoleMode::Tty, _) => Ok(Box::new(io::stdout())),
-        (ConsoleMode::File, Some(path)) => OpenOptions::new()
+    match (mode, file, pty) {
+        (ConsoleMode::Tty, _, _) => Ok(Box::new(io::stdout())),
+        (ConsoleMode::Pty, _, Some(pty)) => pty.output().map_err(|source| VmmError::Io {
+            what: format!("{what}: duplicate its pseudo-terminal"),
+            source,
+        }),
+        (ConsoleMode::File, Some(path), _) => OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
@@ -463,7 +482,7 @@ pub(crate) fn open_output(
                 what: format!("{what}: cannot open file {}", path.display()),
                 source,
             }),
-        // Validated: a file mode has its file; Pty and Socket are refused.
+        // Validated: a file mode has its file, Socket is refused; a Pty has its pty.
         _ => Ok(Box::new(io::sink())),
     }
 }

@@ -16,6 +16,8 @@ pub(crate) enum VmmEvent {
     },
     /// The answer to `vmm.shutdown` is in the client's socket: the VMM may end.
     VmmShutdownAnswered,
+    /// The process got SIGTERM or SIGINT (its number): the VMM ends.
+    Terminate(i32),
     /// The guest of VM number `vm` stopped.
     Guest { vm: u64, exit: GuestExit },
 }

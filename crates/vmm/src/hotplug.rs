@@ -42,12 +42,13 @@ use crate::error::VmmError;
 use crate::threads;
 use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig};
 
-use crate::devices::{build_device, build_net, open_tap, DeviceKind};
+use crate::devices::{build_device, build_net, open_tap, DeviceKind, Held};
 use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::monitor::{self, EventMonitor};
 use crate::pci_hotplug::{Ejected, PciHotplugController};
 use crate::plugged::{pci_bdf, Listed, Plugged, PluggedDevices, SharedInfo};
+use crate::pty::Ptys;
 use crate::stats::StatsReport;
 use crate::taps::PassedTaps;
 
@@ -154,8 +155,11 @@ impl NewDevice<'_> {
     ) -> Result<Box<dyn VirtioDevice>, ApiError> {
         match self {
             NewDevice::Disk(disk) => {
-                let no_taps = PassedTaps::default();
-                build_device(&DeviceKind::Disk(disk), mem, access_platform, &[], &no_taps)
+                let nothing = Held {
+                    taps: &PassedTaps::default(),
+                    ptys: &Ptys::default(),
+                };
+                build_device(&DeviceKind::Disk(disk), mem, access_platform, &[], nothing)
                     .map_err(|err| ApiError::bad_request(err.to_string()))
             }
             NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])

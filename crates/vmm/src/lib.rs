@@ -26,6 +26,7 @@ pub mod pause;
 pub mod pci_bus;
 pub mod pci_hotplug;
 mod plugged;
+mod pty;
 pub mod stats;
 mod taps;
 mod terminal;

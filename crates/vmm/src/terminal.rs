@@ -98,7 +98,7 @@ impl SerialInput {
     }
 }
 
-fn feed_serial(port: &Mutex<SerialPort>, mut bytes: &[u8]) {
+pub(crate) fn feed_serial(port: &Mutex<SerialPort>, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         let taken = vm_device::lock(port).0.enqueue_raw_bytes(bytes);
         match taken {

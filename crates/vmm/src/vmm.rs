@@ -32,6 +32,7 @@ use crate::legacy::GuestExit;
 use crate::monitor::{self, EventMonitor};
 use crate::options::VmmOptions;
 use crate::pause::PauseError;
+use crate::pty::Ptys;
 use crate::stats::StatsReport;
 use crate::taps::PassedTaps;
 use crate::terminal::SerialInput;
@@ -53,6 +54,8 @@ pub(crate) struct Host {
     pub(crate) monitor: Option<Arc<EventMonitor>>,
     /// The taps clients passed for nets of the configuration.
     pub(crate) taps: PassedTaps,
+    /// The configuration's pseudo-terminals.
+    pub(crate) ptys: Ptys,
 }
 
 impl Host {
@@ -73,6 +76,9 @@ pub enum VmmExit {
     Reset(&'static str),
     /// A vCPU stopped in a way the guest did not ask for.
     Crash(String),
+    /// SIGTERM or SIGINT (its number): the VM was stopped and the VMM ended as on
+    /// `vmm.shutdown` (how libvirt stops Cloud Hypervisor).
+    Signal(i32),
 }
 
 /// The VM the SIGUSR1 report is about: the running one's counters.
@@ -81,7 +87,7 @@ type ReportSlot = Arc<Mutex<Option<Arc<StatsReport>>>>;
 /// Runs the VMM: with `config` (the command line's), builds and boots that VM; with an API
 /// socket, serves it; returns once the VMM is to end.
 pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, VmmError> {
-    let sigusr1 = block_sigusr1()?;
+    let signals = block_signals()?;
     vcpu::install_kick_handler().map_err(|source| VmmError::Io {
         what: "install the vCPU kick's signal handler".into(),
         source,
@@ -106,8 +112,13 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
         .map(Arc::new);
     monitor::emit(monitor.as_deref(), "vmm", "starting", &[]);
     let reports = ReportSlot::default();
-    report_stats_on_sigusr1(Arc::clone(&reports), sigusr1, filters.clone())?;
     let (events_tx, events) = channel();
+    watch_signals(
+        Arc::clone(&reports),
+        signals,
+        events_tx.clone(),
+        filters.clone(),
+    )?;
     let pid = std::process::id() as i32;
     let mut vmm = Vmm {
         host: Host {
@@ -119,6 +130,7 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
             pid,
             monitor,
             taps: PassedTaps::default(),
+            ptys: Ptys::default(),
         },
         config: None,
         vm: None,
@@ -168,6 +180,10 @@ impl Vmm {
                 VmmEvent::VmmShutdownAnswered => {
                     self.delete();
                     return VmmExit::ApiShutdown;
+                }
+                VmmEvent::Terminate(signal) => {
+                    self.delete();
+                    return VmmExit::Signal(signal);
                 }
                 VmmEvent::Guest { vm, exit } => {
                     if self.vm.as_ref().is_none_or(|current| current.number != vm) {
@@ -313,6 +329,8 @@ impl Vmm {
         config
             .resolve()
             .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))?;
+        self.host.ptys = Ptys::open(&mut config, self.host.filters.clone())
+            .map_err(|err| ApiError::new(500, err.to_string()))?;
         self.config = Some(config);
         Ok(())
     }
@@ -357,7 +375,8 @@ impl Vmm {
         if self.vm.is_none() {
             return Err(not_created());
         }
-        self.end_vm();
+        // No `vm/shutdown` between: libvirt stops the VMM when it reads one.
+        self.stop_vm();
         self.start_vm().map_err(boot_refusal)?;
         self.host.emit("vm", "rebooted");
         Ok(())
@@ -367,20 +386,30 @@ impl Vmm {
     fn delete(&mut self) {
         self.end_vm();
         self.host.taps.clear();
+        self.host.ptys = Ptys::default();
         if self.config.take().is_some() {
             self.host.emit("vm", "deleted");
         }
     }
 
-    /// Ends the VM if there is one: its configuration as it stands is kept, its counters
-    /// printed.
+    /// Ends the VM if there is one, and says so on the event monitor.
     fn end_vm(&mut self) {
-        let Some(vm) = self.vm.take() else { return };
+        if self.stop_vm() {
+            self.host.emit("vm", "shutdown");
+        }
+    }
+
+    /// Ends the VM if there is one (whether there was): its configuration as it stands is
+    /// kept, its counters printed.
+    fn stop_vm(&mut self) -> bool {
+        let Some(vm) = self.vm.take() else {
+            return false;
+        };
         self.config = Some(vm.config());
         *vm_device::lock(&self.reports) = None;
         let stats = vm.shutdown();
         stats.print();
-        self.host.emit("vm", "shutdown");
+        true
     }
 
     fn running(&self) -> Result<&Vm, ApiError> {
@@ -598,40 +627,58 @@ fn pause_refusal(err: PauseError) -> ApiError {
     ApiError::new(500, err.to_string())
 }
 
-/// Blocks SIGUSR1 in the calling thread, before any other thread starts, so that every
-/// thread inherits the mask and the signal is only consumed by [`report_stats_on_sigusr1`].
-fn block_sigusr1() -> Result<libc::sigset_t, VmmError> {
+/// The signals the signal thread takes: SIGUSR1 (a report), SIGTERM and SIGINT (the end).
+const WATCHED_SIGNALS: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
+
+/// Blocks [`WATCHED_SIGNALS`] in the calling thread, before any other thread starts, so that
+/// every thread inherits the mask and only [`watch_signals`] consumes them.
+fn block_signals() -> Result<libc::sigset_t, VmmError> {
     // SAFETY: sigset_t is plain data that sigemptyset initialises.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
     let blocked = unsafe {
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
+        for signal in WATCHED_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if blocked != 0 {
         return Err(VmmError::Io {
-            what: "block SIGUSR1".into(),
+            what: "block SIGUSR1, SIGTERM and SIGINT".into(),
             source: io::Error::from_raw_os_error(blocked),
         });
     }
     Ok(set)
 }
 
-/// Prints the running VM's counters whenever the process gets SIGUSR1, from a thread of its
-/// own.
-fn report_stats_on_sigusr1(
+/// A thread of its own for the process's signals: SIGUSR1 prints the running VM's counters;
+/// SIGTERM or SIGINT asks the VMM thread to stop the VM and end, as Cloud Hypervisor does (a
+/// second one, should the VMM thread be stuck, ends the process at once).
+fn watch_signals(
     reports: ReportSlot,
     set: libc::sigset_t,
+    events: Sender<VmmEvent>,
     filters: Option<Arc<Filters>>,
 ) -> Result<(), VmmError> {
-    threads::spawn("stats", ThreadKind::Stats, filters, move || loop {
-        let mut signal = 0;
-        // SAFETY: `set` and `signal` are valid for the call.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            let report = vm_device::lock(&reports).clone();
-            if let Some(report) = report {
-                report.print();
+    threads::spawn("signals", ThreadKind::Signals, filters, move || {
+        let mut ending = false;
+        loop {
+            let mut signal = 0;
+            // SAFETY: `set` and `signal` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                continue;
+            }
+            if signal == libc::SIGUSR1 {
+                let report = vm_device::lock(&reports).clone();
+                if let Some(report) = report {
+                    report.print();
+                }
+            } else if ending {
+                std::process::exit(128 + signal);
+            } else {
+                ending = true;
+                let _ = events.send(VmmEvent::Terminate(signal));
             }
         }
     })

@@ -550,8 +550,12 @@ mod tests {
         assert!(error(&["--serial", "tty,off"]).contains("exactly one of"));
         assert!(config(&["--serial", "null", "--console", "tty,iommu=on"]).is_ok());
         assert_eq!(
-            error(&["--serial", "pty"]),
-            "--serial: mode: Pty is not supported by warden"
+            config(&["--serial", "pty"]).unwrap().serial.mode,
+            ConsoleMode::Pty
+        );
+        assert_eq!(
+            error(&["--serial", "socket=/tmp/s"]),
+            "--serial: mode: Socket is not supported by warden"
         );
     }
 

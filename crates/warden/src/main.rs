@@ -53,6 +53,10 @@ fn main() -> ExitCode {
             eprintln!("warden: shut down through the API (vmm.shutdown)");
             ExitCode::SUCCESS
         }
+        Ok(VmmExit::Signal(signal)) => {
+            eprintln!("warden: stopped by signal {signal}");
+            ExitCode::SUCCESS
+        }
         Ok(VmmExit::Reset(why)) => {
             eprintln!("warden: the guest asked for a reset ({why}): it rebooted or panicked; --no-reboot ends warden instead of booting it again");
             ExitCode::from(EXIT_FAILURE)
