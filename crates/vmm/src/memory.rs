@@ -98,7 +98,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
         let mapping = builder
             .build()
             .map_err(|err| MemoryError::Mmap(err.to_string()))?;
-        advise(&mapping, config, file.is_none())?;
+        advise(&mapping, config, backing_page_size == host_page_size())?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| MemoryError::Mmap(format!("region at {start:#x} overflows")))?;
         regions.push(region);
@@ -112,15 +112,17 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> 
     })
 }
 
-/// What the kernel is told about anonymous RAM: transparent huge pages or not (`thp`), and
+/// What the kernel is told about RAM: transparent huge pages or not (`thp`), and
 /// whether KSM may merge its pages (`mergeable`).
 fn advise(
     mapping: &vm_memory::mmap::MmapRegion,
     config: &MemoryConfig,
-    anonymous: bool,
+    base_pages: bool,
 ) -> Result<(), MemoryError> {
     let mut advice = Vec::new();
-    if anonymous {
+    // RAM in base pages, shared RAM's memfd included (shmem takes the advice where
+    // `shmem_enabled` is `advise`), as Cloud Hypervisor advises it; hugetlbfs RAM has its own.
+    if base_pages {
         advice.push(if config.thp {
             libc::MADV_HUGEPAGE
         } else {
@@ -290,6 +292,32 @@ mod tests {
             0xdead_beef
         );
         assert_eq!(ram.memory.last_addr(), GuestAddress((128 << 20) - 1));
+    }
+
+    /// The `VmFlags` of the mapping that starts at `address` (`/proc/self/smaps`).
+    fn vm_flags(address: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{address:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap_or_else(|| panic!("no mapping at {address:#x}"))
+            .to_string()
+    }
+
+    #[test]
+    fn shared_ram_is_advised_as_anonymous_ram_is() {
+        for shared in [false, true] {
+            let config = MemoryConfig {
+                shared,
+                ..anonymous(64 << 20)
+            };
+            let ram = create_guest_ram(&config).unwrap();
+            let region = ram.memory.iter().next().unwrap();
+            let host = region.as_ptr() as u64;
+            let flags = vm_flags(host);
+            assert!(flags.contains(" hg"), "shared={shared}: {flags}");
+        }
     }
 
     #[test]
