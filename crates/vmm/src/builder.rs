@@ -12,21 +12,20 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use vfio::{VfioDeviceFd, VfioPciDevice};
 use virtio_devices::Iommu;
-use virtio_iommu::{EndpointIommu, VirtioIommu};
+use virtio_iommu::VirtioIommu;
 use vm_config::{ConsoleMode, SerialConfig, VmConfig};
 use vm_device::{lock, Bus};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, IommuMemory,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::Serial;
 
+use crate::attach;
 use crate::bar_placement::BarPlacement;
 use crate::boot::{self, BootInfo, EntryPoint};
 use crate::clock::PausedClock;
 use crate::control::{vm_info, DeviceEntry};
 use crate::devices::{
-    build_device, create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device,
-    open_output, open_passthrough, open_vhost, plan_devices, Held, Passthrough, PlannedDevice,
+    create_iommu_model, device_entries, device_ids, iommu_polling, kvm_vfio_device, open_output,
+    open_passthrough, open_vhost, plan_devices, ConfiguredDevice, Held, Passthrough, PlannedDevice,
 };
 use crate::error::{kvm_error, VmmError};
 use crate::events::ExitNotice;
@@ -125,7 +124,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
         host.hotplug,
         iommu.is_some().then_some(protected),
     )?;
-    let vcpus = create_vcpus(&host.kvm, &fd, config, entry)?;
+    let vcpus = create_vcpus(host, &fd, config, entry)?;
     Ok(Vm {
         number,
         pid: host.pid,
@@ -228,19 +227,17 @@ fn attach_virtio_devices(
     buses: &mut Buses,
     held: Held<'_>,
 ) -> Result<Vec<Counted>, VmmError> {
-    let memory = &machine.ram.memory;
     let mut counters = Vec::new();
     for (planned, id) in devices.iter().zip(device_ids(devices)) {
-        let device = match (iommu, planned.iommu) {
-            (Some(model), true) => {
-                let endpoint = planned.endpoint().endpoint_id();
-                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
-                    .expect("every protected device was registered as an endpoint");
-                let mem = IommuMemory::new(memory.clone(), translator, true, ());
-                build_device(&planned.kind, mem, true, &planned.vhost, held)?
-            }
-            _ => build_device(&planned.kind, memory.clone(), false, &planned.vhost, held)?,
+        let behind = iommu
+            .filter(|_| planned.iommu)
+            .map(|model| (model, planned.endpoint().endpoint_id()));
+        let recipe = ConfiguredDevice {
+            kind: &planned.kind,
+            vhost: &planned.vhost,
+            held,
         };
+        let device = attach::virtio_device(recipe, &machine.ram.memory, behind)?;
         if let Some(device_counters) = device.counters() {
             counters.push((id, device_counters));
         }
@@ -405,7 +402,7 @@ fn load_payload(
 
 /// The vCPUs, configured to start at `entry`, not yet running.
 fn create_vcpus(
-    kvm: &Kvm,
+    host: &Host,
     fd: &VmFd,
     config: &VmConfig,
     entry: EntryPoint,
@@ -417,7 +414,8 @@ fn create_vcpus(
             config.cpus.max_phys_bits
         )));
     }
-    let supported_cpuid = kvm
+    let supported_cpuid = host
+        .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_error("get supported CPUID"))?;
     // Validated: 1 to 254.
@@ -426,6 +424,7 @@ fn create_vcpus(
         cpus,
         max_phys_bits: config.cpus.max_phys_bits,
         nested: config.cpus.nested,
+        tsc_deadline_timer: host.tsc_deadline_timer,
     };
     (0..cpus)
         .map(|id| {

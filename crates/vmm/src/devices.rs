@@ -20,6 +20,7 @@ use virtio_devices::{
 use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
 
+use crate::attach;
 use crate::control::DeviceEntry;
 use crate::error::VmmError;
 use crate::pci_bus::IOMMU_DEVICE_NUMBER;
@@ -296,6 +297,23 @@ pub(crate) struct Held<'a> {
     pub(crate) taps: &'a PassedTaps,
     /// The `Pty` devices' pseudo-terminals.
     pub(crate) ptys: &'a Ptys,
+}
+
+/// A device of the configuration, as [`attach::virtio_device`] builds it.
+pub(crate) struct ConfiguredDevice<'a> {
+    pub(crate) kind: &'a DeviceKind<'a>,
+    pub(crate) vhost: &'a [Arc<dyn VhostKernel>],
+    pub(crate) held: Held<'a>,
+}
+
+impl attach::Recipe<VmmError> for ConfiguredDevice<'_> {
+    fn build<M: DeviceMemory>(
+        self,
+        mem: M,
+        access_platform: bool,
+    ) -> Result<Box<dyn VirtioDevice>, VmmError> {
+        build_device(self.kind, mem, access_platform, self.vhost, self.held)
+    }
 }
 
 /// Builds one virtio device over `mem`: guest RAM itself, or RAM seen through the IOMMU (a

@@ -30,13 +30,11 @@ use pci::{PciDevice, PciRoot};
 use sandbox::{Filters, ThreadKind};
 use vfio::{HostIommuInfo, VfioDeviceFd, VfioMapper, VfioPciDevice};
 use virtio_devices::{DeviceMemory, VirtioDevice};
-use virtio_iommu::{
-    EndpointConfig, EndpointIommu, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu,
-};
-use virtio_pci::VirtioPciDevice;
+use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, ReservedRegion, VirtioIommu};
 use vm_device::lock;
-use vm_memory::{GuestMemoryMmap, IommuMemory};
+use vm_memory::GuestMemoryMmap;
 
+use crate::attach;
 use crate::bar_placement::BarPlacement;
 use crate::error::VmmError;
 use crate::threads;
@@ -147,7 +145,7 @@ enum NewDevice<'a> {
     Net(&'a NetConfig, Vec<Tap>),
 }
 
-impl NewDevice<'_> {
+impl attach::Recipe<ApiError> for NewDevice<'_> {
     fn build<M: DeviceMemory>(
         self,
         mem: M,
@@ -397,20 +395,18 @@ impl Hotplug {
     ) -> Result<PciDeviceInfo, ApiError> {
         let slot = self.reserve(slots, &id, iommu)?;
         let (new, what, listed) = make()?;
-        let bdf = acpi::PciBdf::new(0, 0, slot, 0);
-        let (device, endpoint) = match &self.iommu {
+        let endpoint = match &self.iommu {
             Some(model) if iommu => {
-                let endpoint = bdf.endpoint_id();
+                let endpoint = acpi::PciBdf::new(0, 0, slot, 0).endpoint_id();
                 model
                     .add_endpoint(endpoint, EndpointConfig::default())
                     .map_err(|err| ApiError::new(500, format!("virtio-iommu: {err}")))?;
-                let translator = EndpointIommu::new(Arc::clone(model), endpoint)
-                    .expect("the endpoint was just added");
-                let mem = IommuMemory::new(self.memory.clone(), translator, true, ());
-                (new.build(mem, true), Some(endpoint))
+                Some((model, endpoint))
             }
-            _ => (new.build(self.memory.clone(), false), None),
+            _ => None,
         };
+        let device = attach::virtio_device(new, &self.memory, endpoint);
+        let endpoint = endpoint.map(|(_, endpoint)| endpoint);
         let counters = device.as_ref().ok().and_then(|device| device.counters());
         let transport = match device.and_then(|device| self.plug(slot, device)) {
             Ok(transport) => transport,
@@ -532,15 +528,9 @@ impl Hotplug {
         slot: u8,
         device: Box<dyn VirtioDevice>,
     ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
-        let internal = |what: &str, err: String| ApiError::new(500, format!("{what}: {err}"));
-        let vectors = virtio_pci::msix_vectors(device.as_ref());
-        let interrupt = self
-            .router
-            .msi_group(vectors)
-            .map_err(|err| internal("MSI vectors", err.to_string()))?;
-        let transport = VirtioPciDevice::new(device, interrupt)
-            .map_err(|err| internal("virtio-pci", err.to_string()))?;
-        self.insert(slot, Arc::new(Mutex::new(transport)))
+        let transport =
+            attach::transport(device, &self.router).map_err(|err| ApiError::new(500, err))?;
+        self.insert(slot, transport)
     }
 
     /// Puts `transport` in `slot` of bus 0, its BARs following where the guest places them,

@@ -7,6 +7,7 @@
 //! address map, RAM, interrupt routing, legacy devices, kernel loading, vCPUs, hotplug), and
 //! [`control`] carries the API's requests to the VMM thread.
 
+mod attach;
 mod bar_placement;
 pub mod boot;
 mod builder;

@@ -8,9 +8,9 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{BarAllocator, BarKind, EventAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 use vfio::VfioPciDevice;
 use virtio_devices::VirtioDevice;
-use virtio_pci::VirtioPciDevice;
 use vm_device::{lock, Bus};
 
+use crate::attach;
 use crate::interrupts::GsiRouter;
 use crate::layout;
 
@@ -92,10 +92,7 @@ impl PciBus {
         pio: &mut Bus,
         mmio: &mut Bus,
     ) -> Result<(), String> {
-        let vectors = virtio_pci::msix_vectors(device.as_ref());
-        let interrupt = router.msi_group(vectors).map_err(|err| err.to_string())?;
-        let transport = VirtioPciDevice::new(device, interrupt).map_err(|err| err.to_string())?;
-        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        let transport = attach::transport(device, router)?;
         self.place_bars(&transport, pio, mmio)?;
         for (eventfd, address) in lock(&transport).ioeventfds() {
             let kvm_address = match address {

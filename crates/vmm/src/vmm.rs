@@ -43,6 +43,9 @@ use crate::vm::Vm;
 /// What every VM of this process is built with.
 pub(crate) struct Host {
     pub(crate) kvm: Kvm,
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`, asked once before the VMM thread's filter (which does
+    /// not allow `KVM_CHECK_EXTENSION`) is installed.
+    pub(crate) tsc_deadline_timer: bool,
     pub(crate) filters: Option<Arc<Filters>>,
     /// Where the VMs' guests report how they stopped.
     pub(crate) events: Sender<VmmEvent>,
@@ -122,6 +125,7 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
     let pid = std::process::id() as i32;
     let mut vmm = Vmm {
         host: Host {
+            tsc_deadline_timer: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
             kvm,
             filters: filters.clone(),
             events: events_tx.clone(),
