@@ -18,7 +18,7 @@ mod server;
 pub use bodies::{VmRemoveDevice, VmResize};
 pub use files::Files;
 pub use responses::{Counters, DeviceNode, PciDeviceInfo, VmInfo, VmState, VmmPingResponse};
-pub use routes::{ApiError, Request, Response};
+pub use routes::{ApiError, Refusal, Request, Response};
 pub use server::{serve, Limits};
 
 /// What the API asks of the virtual machine monitor. Called on the API thread, one request at

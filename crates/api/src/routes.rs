@@ -49,24 +49,57 @@ pub enum Response {
     Added(PciDeviceInfo),
 }
 
-/// A refused request: its HTTP status and a one-line reason.
+/// Why a request was refused. The VMM says what went wrong; the status code each kind gets
+/// is chosen here alone ([`Refusal::status`]), as Cloud Hypervisor answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// It cannot be acted on as given: a bad body or configuration, a file that cannot be
+    /// opened, a host not prepared for it.
+    BadRequest,
+    /// No such endpoint, no VM, or no device by that id.
+    NotFound,
+    /// Something it needs is taken: an id, a tap, the hotplug slots.
+    Conflict,
+    /// The VMM could not do it, or not in the VM's present state.
+    Failed,
+    /// Something warden does not do.
+    NotImplemented,
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::BadRequest => 400,
+            Refusal::NotFound => 404,
+            Refusal::Conflict => 409,
+            Refusal::Failed => 500,
+            Refusal::NotImplemented => 501,
+        }
+    }
+}
+
+/// A refused request: why, and a one-line reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
-    pub status: u16,
+    pub refusal: Refusal,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: u16, message: impl Into<String>) -> Self {
+    pub fn new(refusal: Refusal, message: impl Into<String>) -> Self {
         ApiError {
-            status,
+            refusal,
             message: message.into(),
         }
     }
 
-    /// 400: the body is not one warden can act on.
+    /// The body is not one warden can act on.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, message)
+        Self::new(Refusal::BadRequest, message)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.refusal.status()
     }
 }
 
@@ -108,8 +141,8 @@ pub fn allowed_method(path: &str) -> Option<&'static str> {
 /// Descriptors go with `vm.add-net` only, as in Cloud Hypervisor; any other request's are
 /// closed.
 pub fn route(method: &str, path: &str, body: &[u8], files: Files) -> Result<Request, ApiError> {
-    let allowed =
-        allowed_method(path).ok_or_else(|| ApiError::new(404, format!("no endpoint {path}")))?;
+    let allowed = allowed_method(path)
+        .ok_or_else(|| ApiError::new(Refusal::NotFound, format!("no endpoint {path}")))?;
     if method != allowed {
         return Err(ApiError::bad_request(format!(
             "{path} takes {allowed}, not {method}"
@@ -182,6 +215,6 @@ pub fn status_and_body(answer: Result<Response, ApiError>) -> (u16, Option<Strin
         Ok(Response::Counters(counters)) => json(serde_json::to_string(&counters)),
         Ok(Response::Added(info)) => json(serde_json::to_string(&info)),
         Ok(Response::Done) => (204, None),
-        Err(err) => (err.status, Some(crate::http::error_body(&err.message))),
+        Err(err) => (err.status(), Some(crate::http::error_body(&err.message))),
     }
 }

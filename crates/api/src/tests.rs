@@ -33,11 +33,17 @@ impl Vmm for FakeVmm {
                 BTreeMap::from([("maps".to_string(), 7u64)]),
             )]))),
             Request::Info => Ok(Response::Info(Box::new(info()))),
-            Request::Reboot => Err(ApiError::new(501, "warden does not restart guests")),
+            Request::Reboot => Err(ApiError::new(
+                Refusal::NotImplemented,
+                "warden does not restart guests",
+            )),
             Request::AddDisk(_)
             | Request::AddNet(..)
             | Request::AddDevice(_)
-            | Request::RemoveDevice(_) => Err(ApiError::new(501, "hotplug is not supported yet")),
+            | Request::RemoveDevice(_) => Err(ApiError::new(
+                Refusal::NotImplemented,
+                "hotplug is not supported yet",
+            )),
             _ => Ok(Response::Done),
         }
     }

@@ -29,6 +29,7 @@ use crate::devices::{
 };
 use crate::error::{kvm_error, VmmError};
 use crate::events::ExitNotice;
+use crate::host::Host;
 use crate::hotplug::{self, Hotplug, HotplugThread, HOTPLUG_SLOTS, PROTECTED_SLOTS};
 use crate::interrupts::GsiRouter;
 use crate::layout;
@@ -44,7 +45,6 @@ use crate::stats::StatsReport;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, Topology, Vcpu};
 use crate::vm::Vm;
-use crate::vmm::Host;
 
 /// Builds VM number `number` as `config` (validated and resolved) describes it, ready for
 /// [`Vm::start`].

@@ -7,7 +7,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::{ApiError, Request, Response};
+use api::{ApiError, Refusal, Request, Response};
 use sandbox::{Filters, ThreadKind};
 use vm_config::VmConfig;
 
@@ -16,7 +16,6 @@ use crate::events::VmmEvent;
 use crate::options::ApiSocket;
 use crate::plugged::{device_node, pci_bdf};
 use crate::threads;
-use crate::vmm::ping;
 
 /// The API's side of the VMM: hands each request to the VMM thread and waits for its answer
 /// (bounded: a wedged VMM must not hold the API forever). `vmm.ping` and `vmm.shutdown` are
@@ -61,10 +60,10 @@ impl api::Vmm for Control {
                 request: Box::new(request),
                 reply,
             })
-            .map_err(|_| ApiError::new(500, "the VMM is gone"))?;
+            .map_err(|_| ApiError::new(Refusal::Failed, "the VMM is gone"))?;
         answer
             .recv_timeout(wait)
-            .map_err(|_| ApiError::new(500, "the VMM did not answer"))?
+            .map_err(|_| ApiError::new(Refusal::Failed, "the VMM did not answer"))?
     }
 
     fn answered(&self, request: &Request) {
@@ -148,6 +147,16 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry]) -> api::VmInfo {
         state: api::VmState::Running,
         memory_actual_size: config.memory.size,
         device_tree,
+    }
+}
+
+/// `vmm.ping`'s answer.
+pub(crate) fn ping(pid: i32) -> api::VmmPingResponse {
+    api::VmmPingResponse {
+        build_version: format!("warden {}", env!("CARGO_PKG_VERSION")),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: i64::from(pid),
+        features: vec!["kvm".into(), "virtio-iommu".into(), "vfio".into()],
     }
 }
 

@@ -4,7 +4,17 @@ use std::sync::mpsc::Sender;
 
 use api::{ApiError, Request, Response};
 
-use crate::legacy::GuestExit;
+/// Why the guest stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// ACPI S5 (`poweroff`): the normal end of a run.
+    Poweroff,
+    /// The guest asked for a reset (`reboot`, `panic=N`, a triple fault): the VM is built
+    /// again from its configuration.
+    Reset(&'static str),
+    /// A vCPU stopped in a way the guest did not ask for.
+    Crash(String),
+}
 
 /// One thing for the VMM thread to act on.
 pub(crate) enum VmmEvent {

@@ -24,7 +24,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use api::{ApiError, PciDeviceInfo, Response};
+use api::{ApiError, PciDeviceInfo, Refusal, Response};
 use net_util::{Tap, TapError};
 use pci::{PciDevice, PciRoot};
 use sandbox::{Filters, ThreadKind};
@@ -98,7 +98,7 @@ impl HotplugThread {
     pub(crate) fn send(&self, request: HotplugRequest) -> Result<(), ApiError> {
         self.requests
             .send(request)
-            .map_err(|_| ApiError::new(500, "the hotplug thread is gone"))
+            .map_err(|_| ApiError::new(Refusal::Failed, "the hotplug thread is gone"))
     }
 }
 
@@ -128,14 +128,14 @@ pub fn free_slot(used: impl Fn(u8) -> bool, range: Range<u8>) -> Option<u8> {
     range.clone().find(|&slot| !used(slot))
 }
 
-/// The answer to a configuration the machine cannot take: 409 for an id or a tap in use (as
-/// Cloud Hypervisor answers a duplicate id), else 400 naming the field.
+/// The answer to a configuration the machine cannot take: a conflict for an id or a tap in
+/// use (as Cloud Hypervisor answers a duplicate id), else a bad request naming the field.
 fn config_refusal(err: vm_config::ConfigError) -> ApiError {
-    let status = match err.problem {
-        Problem::DuplicateId(_) | Problem::DuplicateTap(_) => 409,
-        _ => 400,
+    let refusal = match err.problem {
+        Problem::DuplicateId(_) | Problem::DuplicateTap(_) => Refusal::Conflict,
+        _ => Refusal::BadRequest,
     };
-    ApiError::new(status, err.to_string())
+    ApiError::new(refusal, err.to_string())
 }
 
 /// A device to hot-add, before its memory view is chosen.
@@ -166,14 +166,15 @@ impl attach::Recipe<ApiError> for NewDevice<'_> {
     }
 }
 
-/// The answer to a tap that cannot be opened: 409 if someone else has it, else 400.
+/// The answer to a tap that cannot be opened: a conflict if someone else has it, else a bad
+/// request.
 fn tap_refusal(err: TapError) -> ApiError {
-    let status = if matches!(err, TapError::InUse(_)) {
-        409
+    let refusal = if matches!(err, TapError::InUse(_)) {
+        Refusal::Conflict
     } else {
-        400
+        Refusal::BadRequest
     };
-    ApiError::new(status, format!("net: {err}"))
+    ApiError::new(refusal, format!("net: {err}"))
 }
 
 /// Tells the hotplug thread of the slots the guest ejects: a bit per slot, and one message
@@ -298,9 +299,9 @@ impl Hotplug {
         let mut candidate = lock(&self.info).config.clone();
         push(&mut candidate);
         candidate.validate().map_err(config_refusal)?;
-        candidate
-            .resolve()
-            .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))?;
+        candidate.resolve().map_err(|err| {
+            ApiError::new(Refusal::Failed, format!("cannot pick a random MAC: {err}"))
+        })?;
         Ok(last(&candidate).expect("just pushed").clone())
     }
 
@@ -360,7 +361,7 @@ impl Hotplug {
     fn reserve(&self, slots: &PluggedDevices, id: &str, iommu: bool) -> Result<u8, ApiError> {
         if slots.has_id(id) {
             return Err(ApiError::new(
-                409,
+                Refusal::Conflict,
                 format!("id {id:?} is in use by a device the guest has not released yet"),
             ));
         }
@@ -372,7 +373,7 @@ impl Hotplug {
         let range = slot_range(iommu, self.iommu.is_some());
         free_slot(|slot| slots.holds(slot), range.clone()).ok_or_else(|| {
             ApiError::new(
-                409,
+                Refusal::Conflict,
                 format!(
                     "no free slot for a device {} the IOMMU: slots {:02x}..{:02x} are all in use; remove one first",
                     if iommu { "behind" } else { "outside" },
@@ -400,7 +401,9 @@ impl Hotplug {
                 let endpoint = acpi::PciBdf::new(0, 0, slot, 0).endpoint_id();
                 model
                     .add_endpoint(endpoint, EndpointConfig::default())
-                    .map_err(|err| ApiError::new(500, format!("virtio-iommu: {err}")))?;
+                    .map_err(|err| {
+                        ApiError::new(Refusal::Failed, format!("virtio-iommu: {err}"))
+                    })?;
                 Some((model, endpoint))
             }
             _ => None,
@@ -452,18 +455,23 @@ impl Hotplug {
                             mapper: Some(external),
                         },
                     )
-                    .map_err(|err| ApiError::new(500, format!("virtio-iommu: {err}")))?;
+                    .map_err(|err| {
+                        ApiError::new(Refusal::Failed, format!("virtio-iommu: {err}"))
+                    })?;
                 Some(endpoint)
             }
             _ => {
                 mapper.set_identity(true).map_err(|err| {
-                    ApiError::new(500, format!("cannot map guest RAM for {id}'s DMA: {err}"))
+                    ApiError::new(
+                        Refusal::Failed,
+                        format!("cannot map guest RAM for {id}'s DMA: {err}"),
+                    )
                 })?;
                 None
             }
         };
         let pci = VfioPciDevice::new(&id, opened.device, |vectors| self.router.msi_group(vectors))
-            .map_err(|err| ApiError::new(500, err));
+            .map_err(|err| ApiError::new(Refusal::Failed, err));
         let transport: Result<Arc<Mutex<dyn PciDevice>>, ApiError> =
             pci.and_then(|pci| self.insert(slot, Arc::new(Mutex::new(pci))));
         let transport = match transport {
@@ -528,8 +536,8 @@ impl Hotplug {
         slot: u8,
         device: Box<dyn VirtioDevice>,
     ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
-        let transport =
-            attach::transport(device, &self.router).map_err(|err| ApiError::new(500, err))?;
+        let transport = attach::transport(device, &self.router)
+            .map_err(|err| ApiError::new(Refusal::Failed, err))?;
         self.insert(slot, transport)
     }
 
@@ -543,7 +551,7 @@ impl Hotplug {
         self.placement.track(slot);
         if let Err(err) = lock(&self.root).add_device(slot, transport.clone()) {
             self.placement.untrack(slot, &transport);
-            return Err(ApiError::new(500, format!("bus 0: {err}")));
+            return Err(ApiError::new(Refusal::Failed, format!("bus 0: {err}")));
         }
         if let Err(err) = lock(&self.controller).plugged(slot) {
             // The device is there; the guest finds it when it next rescans.
@@ -561,14 +569,23 @@ impl Hotplug {
             )));
         }
         let Some((slot, plugged)) = slots.find_mut(id) else {
-            return Err(ApiError::new(404, format!("no device has id {id:?}")));
+            return Err(ApiError::new(
+                Refusal::NotFound,
+                format!("no device has id {id:?}"),
+            ));
         };
         if plugged.leaving {
-            return Err(ApiError::new(409, format!("{id} is already being removed")));
+            return Err(ApiError::new(
+                Refusal::Conflict,
+                format!("{id} is already being removed"),
+            ));
         }
-        lock(&self.controller)
-            .request_eject(slot)
-            .map_err(|err| ApiError::new(500, format!("cannot raise the hotplug event: {err}")))?;
+        lock(&self.controller).request_eject(slot).map_err(|err| {
+            ApiError::new(
+                Refusal::Failed,
+                format!("cannot raise the hotplug event: {err}"),
+            )
+        })?;
         slots.mark_leaving(slot);
         // Its taps' descriptors close now, as Cloud Hypervisor closes them (the device's own
         // copies go with it).
@@ -695,7 +712,7 @@ mod tests {
             ..host
         };
         let err = hot_reserved_regions(&model, &coarse).unwrap_err();
-        assert_eq!(err.status, 400);
+        assert_eq!(err.refusal, Refusal::BadRequest);
         assert!(
             err.message.contains("0x10000-byte pages"),
             "{}",

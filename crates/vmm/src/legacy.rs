@@ -11,20 +11,8 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::events::ExitNotice;
+use crate::events::{ExitNotice, GuestExit};
 use crate::layout;
-
-/// Why the guest stopped.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GuestExit {
-    /// ACPI S5 (`poweroff`): the normal end of a run.
-    Poweroff,
-    /// The guest asked for a reset (`reboot`, `panic=N`, a triple fault): the VM is built
-    /// again from its configuration.
-    Reset(&'static str),
-    /// A vCPU stopped in a way the guest did not ask for.
-    Crash(String),
-}
 
 /// Raises the serial line's interrupt by writing its irqfd.
 pub struct IrqfdTrigger(pub EventFd);

@@ -16,6 +16,7 @@ mod control;
 mod devices;
 mod error;
 mod events;
+mod host;
 pub mod hotplug;
 pub mod interrupts;
 pub mod layout;

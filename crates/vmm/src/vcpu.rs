@@ -15,8 +15,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::EntryPoint;
 use crate::events::ExitNotice;
+use crate::events::GuestExit;
 use crate::layout;
-use crate::legacy::GuestExit;
 use crate::pause::PauseGate;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use api::{ApiError, Counters, VmInfo, VmState};
+use api::{ApiError, Counters, Refusal, VmInfo, VmState};
 use kvm_ioctls::VmFd;
 use pci::PciRoot;
 use sandbox::ThreadKind;
@@ -18,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::clock::PausedClock;
 use crate::error::VmmError;
 use crate::events::ExitNotice;
+use crate::host::Host;
 use crate::hotplug::{HotplugRequest, HotplugThread};
 use crate::interrupts::GsiRouter;
 use crate::legacy::{IrqfdTrigger, PowerButton};
@@ -27,7 +28,6 @@ use crate::stats::StatsReport;
 use crate::terminal::RawTerminal;
 use crate::threads;
 use crate::vcpu::{self, Vcpu};
-use crate::vmm::Host;
 
 /// How long a pause, and the end of a VM, wait for every vCPU to leave the guest (one
 /// emulating a slow exit, a VFIO mapping say, gets there when it is done).
@@ -127,7 +127,7 @@ impl Vm {
     pub(crate) fn hotplug(&self, request: HotplugRequest) -> Result<(), ApiError> {
         match &self.hotplug {
             Some(thread) => thread.send(request),
-            None => Err(ApiError::new(500, "this VM has no hotplug")),
+            None => Err(ApiError::new(Refusal::Failed, "this VM has no hotplug")),
         }
     }
 

@@ -18,17 +18,18 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use api::{ApiError, Request, Response, VmInfo, VmResize, VmState};
+use api::{ApiError, Refusal, Request, Response, VmInfo, VmResize, VmState};
 use kvm_ioctls::Kvm;
 use sandbox::{Filters, ThreadKind};
 use vm_config::VmConfig;
 
 use crate::builder;
-use crate::control::{api_listener, serve_api, Control};
+use crate::control::{api_listener, ping, serve_api, Control};
 use crate::error::VmmError;
+use crate::events::GuestExit;
 use crate::events::VmmEvent;
+use crate::host::Host;
 use crate::hotplug::HotplugRequest;
-use crate::legacy::GuestExit;
 use crate::monitor::{self, EventMonitor};
 use crate::options::VmmOptions;
 use crate::pause::PauseError;
@@ -39,33 +40,6 @@ use crate::terminal::SerialInput;
 use crate::threads;
 use crate::vcpu;
 use crate::vm::Vm;
-
-/// What every VM of this process is built with.
-pub(crate) struct Host {
-    pub(crate) kvm: Kvm,
-    /// `KVM_CAP_TSC_DEADLINE_TIMER`, asked once before the VMM thread's filter (which does
-    /// not allow `KVM_CHECK_EXTENSION`) is installed.
-    pub(crate) tsc_deadline_timer: bool,
-    pub(crate) filters: Option<Arc<Filters>>,
-    /// Where the VMs' guests report how they stopped.
-    pub(crate) events: Sender<VmmEvent>,
-    /// An API to plug devices in and out through: the hotplug slots and their thread.
-    pub(crate) hotplug: bool,
-    pub(crate) serial_input: SerialInput,
-    pub(crate) pid: i32,
-    /// Where the VMM's and the VM's events go (`--event-monitor`).
-    pub(crate) monitor: Option<Arc<EventMonitor>>,
-    /// The taps clients passed for nets of the configuration.
-    pub(crate) taps: PassedTaps,
-    /// The configuration's pseudo-terminals.
-    pub(crate) ptys: Ptys,
-}
-
-impl Host {
-    fn emit(&self, source: &str, event: &str) {
-        monitor::emit(self.monitor.as_deref(), source, event, &[]);
-    }
-}
 
 /// How the VMM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -267,7 +241,7 @@ impl Vmm {
                         .map(|()| Response::Done)
                         .map_err(|err| {
                             ApiError::new(
-                                500,
+                                Refusal::Failed,
                                 format!("cannot raise the power button's interrupt: {err}"),
                             )
                         })
@@ -325,16 +299,16 @@ impl Vmm {
     /// `vm.create`: a validated configuration, with what it leaves open settled.
     fn create(&mut self, mut config: VmConfig) -> Result<(), ApiError> {
         if self.config.is_some() {
-            return Err(ApiError::new(500, "VM is already created"));
+            return Err(ApiError::new(Refusal::Failed, "VM is already created"));
         }
         config
             .validate()
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
-        config
-            .resolve()
-            .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))?;
+        config.resolve().map_err(|err| {
+            ApiError::new(Refusal::Failed, format!("cannot pick a random MAC: {err}"))
+        })?;
         self.host.ptys = Ptys::open(&mut config, self.host.filters.clone())
-            .map_err(|err| ApiError::new(500, err.to_string()))?;
+            .map_err(|err| ApiError::new(Refusal::Failed, err.to_string()))?;
         self.config = Some(config);
         Ok(())
     }
@@ -419,7 +393,7 @@ impl Vmm {
     fn running(&self) -> Result<&Vm, ApiError> {
         match (&self.vm, &self.config) {
             (Some(vm), _) => Ok(vm),
-            (None, Some(_)) => Err(ApiError::new(500, "VM is not running")),
+            (None, Some(_)) => Err(ApiError::new(Refusal::Failed, "VM is not running")),
             (None, None) => Err(not_created()),
         }
     }
@@ -456,14 +430,17 @@ impl Vmm {
             resized.memory.size = ram;
         }
         if resize.desired_balloon.is_some_and(|size| size != 0) {
-            return Err(ApiError::new(500, "warden has no balloon device"));
+            return Err(ApiError::new(
+                Refusal::Failed,
+                "warden has no balloon device",
+            ));
         }
         match &self.vm {
             Some(vm) => {
                 let current = vm.config();
                 if resized.cpus.boot_vcpus != current.cpus.boot_vcpus {
                     return Err(ApiError::new(
-                        500,
+                        Refusal::Failed,
                         format!(
                             "warden has no vCPU hotplug yet: the VM keeps its {} vCPUs",
                             current.cpus.boot_vcpus
@@ -472,7 +449,7 @@ impl Vmm {
                 }
                 if resized.memory.size != current.memory.size {
                     return Err(ApiError::new(
-                        500,
+                        Refusal::Failed,
                         format!(
                             "warden has no memory hotplug yet: the VM keeps its {} bytes of RAM",
                             current.memory.size
@@ -516,9 +493,9 @@ impl Vmm {
             .validate()
             .map_err(|err| ApiError::bad_request(err.to_string()))
             .and_then(|()| {
-                added
-                    .resolve()
-                    .map_err(|err| ApiError::new(500, format!("cannot pick a random MAC: {err}")))
+                added.resolve().map_err(|err| {
+                    ApiError::new(Refusal::Failed, format!("cannot pick a random MAC: {err}"))
+                })
             });
         Handled::Answer(checked.map(|()| {
             self.config = Some(added);
@@ -573,7 +550,10 @@ impl Vmm {
         Handled::Answer(if after < before {
             Ok(Response::Done)
         } else {
-            Err(ApiError::new(404, format!("no device has id {id:?}")))
+            Err(ApiError::new(
+                Refusal::NotFound,
+                format!("no device has id {id:?}"),
+            ))
         })
     }
 }
@@ -598,37 +578,27 @@ impl From<Result<Response, ApiError>> for Handled {
     }
 }
 
-/// `vmm.ping`'s answer.
-pub(crate) fn ping(pid: i32) -> api::VmmPingResponse {
-    api::VmmPingResponse {
-        build_version: format!("warden {}", env!("CARGO_PKG_VERSION")),
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: i64::from(pid),
-        features: vec!["kvm".into(), "virtio-iommu".into(), "vfio".into()],
-    }
-}
-
 fn not_created() -> ApiError {
-    ApiError::new(404, "VM is not created")
+    ApiError::new(Refusal::NotFound, "VM is not created")
 }
 
-/// A boot that failed: 404 without a configuration, 500 when one runs already (Cloud
-/// Hypervisor's statuses), 400 for what the user can fix (a file, the host's preparation),
-/// else 500.
+/// A boot that failed: not found without a configuration, failed when one runs already
+/// (Cloud Hypervisor's answers), a bad request for what the user can fix (a file, the host's
+/// preparation), else failed.
 fn boot_refusal(err: VmmError) -> ApiError {
-    let status = match &err {
-        VmmError::Lifecycle("VM config is missing") => 404,
-        VmmError::Lifecycle(_) => 500,
-        err if err.is_user_error() => 400,
-        _ => 500,
+    let refusal = match &err {
+        VmmError::Lifecycle("VM config is missing") => Refusal::NotFound,
+        VmmError::Lifecycle(_) => Refusal::Failed,
+        err if err.is_user_error() => Refusal::BadRequest,
+        _ => Refusal::Failed,
     };
-    ApiError::new(status, err.to_string())
+    ApiError::new(refusal, err.to_string())
 }
 
-/// A refused pause or resume: 500, as Cloud Hypervisor answers both a wrong state and a
+/// A refused pause or resume: failed, as Cloud Hypervisor answers both a wrong state and a
 /// failure.
 fn pause_refusal(err: PauseError) -> ApiError {
-    ApiError::new(500, err.to_string())
+    ApiError::new(Refusal::Failed, err.to_string())
 }
 
 /// The signals the signal thread takes: SIGUSR1 (a report), SIGTERM and SIGINT (the end).
