@@ -38,6 +38,7 @@
 mod cpio;
 pub mod distro;
 pub mod packages;
+pub mod wire;
 
 pub use distro::DistroImage;
 
@@ -105,6 +106,7 @@ pub struct Scenario {
     one_l1_cpu: bool,
     host_binaries: Vec<PathBuf>,
     reboots: bool,
+    launcher: Option<String>,
 }
 
 impl Scenario {
@@ -138,6 +140,7 @@ impl Scenario {
             one_l1_cpu: true,
             host_binaries: Vec::new(),
             reboots: false,
+            launcher: None,
         }
     }
 
@@ -175,6 +178,17 @@ impl Scenario {
     /// scripts. Nested, it must be a static binary: L1 has no shared libraries.
     pub fn host_binary(mut self, binary: &Path) -> Self {
         self.host_binaries.push(binary.to_owned());
+        self
+    }
+
+    /// Starts warden through `tool`, one of this crate's [`HOST_TOOLS`] that plays an
+    /// orchestrator: the run is `tool "$WARDEN" ARGS` with the scenario's
+    /// [`Scenario::warden_args`], the tool gives warden a command line of its own (the
+    /// harness adds none), and `WARDEN-EXIT` is the tool's exit status.
+    pub fn launcher(mut self, tool: &str) -> Self {
+        assert!(HOST_TOOLS.contains(&tool), "{tool} is not a host tool");
+        self.launcher = Some(tool.to_string());
+        self.default_args = false;
         self
     }
 
@@ -467,7 +481,7 @@ const GUEST_TOOLS: [&str; 3] = ["vfio-map", "blk-discard", "attacker"];
 
 /// Binaries of this crate the KVM host gets beside warden, on its scripts' `PATH` (and
 /// `api-client` as `$API_CLIENT`).
-const HOST_TOOLS: [&str; 2] = ["api-client", "tap-fd"];
+const HOST_TOOLS: [&str; 4] = ["api-client", "tap-fd", "kata-replay", "libvirt-replay"];
 
 /// Serializes runs: tests in a crate run on parallel threads, and one QEMU already wants
 /// both cores of a small CI machine (and a nested guest is too slow to share them).
@@ -1063,12 +1077,13 @@ fn host_scripts(scenario: &Scenario, files: &HostFiles) -> [(&'static str, Strin
             }
         }
     }
-    if scenario.vmm.is_none() && !scenario.reboots && !given("--no-reboot") {
+    let launched = scenario.launcher.is_some();
+    if scenario.vmm.is_none() && !scenario.reboots && !launched && !given("--no-reboot") {
         args.push("--no-reboot".to_string());
     }
     // Checking the seccomp lists against a new path: the kernel logs what a list lacks.
     let seccomp_log = std::env::var("WARDEN_E2E_SECCOMP").is_ok_and(|mode| mode == "log");
-    if seccomp_log && !given("--seccomp") {
+    if seccomp_log && !launched && !given("--seccomp") {
         args.extend(["--seccomp".to_string(), "log".to_string()]);
     }
     args.extend(scenario.warden_args.iter().cloned());
@@ -1118,7 +1133,7 @@ rc=$?
 mark "WARDEN-HOST-SETUP-EXIT=$rc"
 [ "$rc" -eq 0 ] || exit 0
 mark WARDEN-START
-{seccomp_setup}timeout {foreground}{timeout} "$WARDEN" {args}
+{seccomp_setup}timeout {foreground}{timeout} {launcher}"$WARDEN" {args}
 warden_rc=$?
 # The guest's last line may lack a newline.
 mark ""
@@ -1138,6 +1153,10 @@ mark "WARDEN-HOST-CHECK-EXIT=$rc"
         initramfs = shell_quote(&files.initramfs.display().to_string()),
         timeout = secs(scenario.timeout),
         args = args.join(" "),
+        launcher = scenario
+            .launcher
+            .as_deref()
+            .map_or(String::new(), |tool| format!("{tool} ")),
         exit = if scenario.terminal {
             "exit $warden_rc"
         } else {

@@ -6,9 +6,8 @@
 //! `tap-fd NAME QUEUES ADDRESS/PREFIX COMMAND [ARGS...]`
 
 use std::ffi::CString;
-use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, IntoRawFd};
-use std::process::{Command, ExitCode};
+use std::os::fd::IntoRawFd;
+use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,25 +42,10 @@ fn open_and_exec(
     address: &str,
     command: &[String],
 ) -> std::io::Result<std::convert::Infallible> {
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-    if queues > 1 {
-        flags |= libc::IFF_MULTI_QUEUE;
-    }
-    for queue in 0..queues {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        // SAFETY: ifreq is plain data for which all zeroes is valid.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = flags as i16;
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    for (queue, file) in e2e::wire::open_tap(name, queues, address)?
+        .into_iter()
+        .enumerate()
+    {
         let target = 3 + queue as i32;
         let fd = file.into_raw_fd();
         if fd != target {
@@ -75,18 +59,6 @@ fn open_and_exec(
         } else {
             // SAFETY: clears close-on-exec on a descriptor this process owns.
             unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-        }
-    }
-    for ip in [
-        vec!["addr", "add", address, "dev", name],
-        vec!["link", "set", name, "up"],
-    ] {
-        let status = Command::new("ip").args(&ip).status()?;
-        if !status.success() {
-            return Err(std::io::Error::other(format!(
-                "ip {}: {status}",
-                ip.join(" ")
-            )));
         }
     }
     let program = CString::new(command[0].as_str()).map_err(std::io::Error::other)?;
