@@ -162,14 +162,7 @@ impl Tap {
                     source: io::Error::last_os_error(),
                 });
             }
-            let mut tap = Tap {
-                file,
-                name,
-                offloads: 0,
-            };
-            tap.set_vnet_header()?;
-            tap.offloads = tap.probe_offloads()?;
-            taps.push(tap);
+            taps.push(Tap::with_vnet_header(file, name)?);
         }
         Ok(taps)
     }
@@ -217,15 +210,21 @@ impl Tap {
         let name = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
+        let tap = Tap::with_vnet_header(file, name)?;
+        tap.set_up()?;
+        Ok(tap)
+    }
+
+    /// A tap queue `file` of `name`, set to take and give the virtio-net header, its
+    /// offloads probed.
+    fn with_vnet_header(file: File, name: String) -> Result<Tap, TapError> {
         let mut tap = Tap {
             file,
             name,
             offloads: 0,
         };
-
         tap.set_vnet_header()?;
         tap.offloads = tap.probe_offloads()?;
-        tap.set_up()?;
         Ok(tap)
     }
 
