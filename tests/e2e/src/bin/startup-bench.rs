@@ -67,6 +67,7 @@ fn bench() -> Result<String, String> {
         .into_owned();
     let mut samples: Samples = BTreeMap::new();
     let mut failures = Vec::new();
+    let mut raw = String::new();
     let mut done = 0;
     while done < rounds {
         let batch = (rounds - done).min(ROUNDS_PER_BOOT);
@@ -76,13 +77,18 @@ fn bench() -> Result<String, String> {
             .filter_map(|l| l.trim().strip_prefix("BENCH-ROUND "))
         {
             record(line, &mut samples, &mut failures);
+            raw += &format!("BENCH-ROUND {line}\n");
         }
         done += batch;
     }
     if samples.is_empty() {
         return Err("no round ran; see target/e2e-runs/startup_bench".into());
     }
-    Ok(report(&samples, &peer_name, rounds, &failures))
+    // Every run's numbers after the table, for a second look.
+    Ok(format!(
+        "{}\n{raw}",
+        report(&samples, &peer_name, rounds, &failures)
+    ))
 }
 
 /// (VMM, mode) → step → (round, value) of each run.
@@ -167,18 +173,20 @@ fn median(values: &[(usize, f64)]) -> Option<f64> {
     (!sorted.is_empty()).then(|| sorted[sorted.len() / 2])
 }
 
-/// In how many rounds warden's run was the quicker (the smaller) of the pair, of how many.
-fn wins(ours: &[(usize, f64)], theirs: &[(usize, f64)]) -> (usize, usize) {
-    let paired: Vec<(f64, f64)> = ours
+/// Round by round, warden's run against the peer's: in how many warden's was the smaller,
+/// of how many pairs, and the median of warden's minus the peer's.
+fn paired(ours: &[(usize, f64)], theirs: &[(usize, f64)]) -> (usize, usize, Option<f64>) {
+    let differences: Vec<(usize, f64)> = ours
         .iter()
         .filter_map(|&(round, a)| {
             theirs
                 .iter()
                 .find(|&&(r, _)| r == round)
-                .map(|&(_, b)| (a, b))
+                .map(|&(_, b)| (round, a - b))
         })
         .collect();
-    (paired.iter().filter(|(a, b)| a < b).count(), paired.len())
+    let smaller = differences.iter().filter(|&&(_, d)| d < 0.0).count();
+    (smaller, differences.len(), median(&differences))
 }
 
 fn report(samples: &Samples, peer: &str, rounds: usize, failures: &[String]) -> String {
@@ -192,9 +200,10 @@ fn report(samples: &Samples, peer: &str, rounds: usize, failures: &[String]) -> 
     let mut text = format!(
         "Start-up as Kata Containers drives it, medians of {rounds} interleaved rounds (ms; \
          `ping` from the VMM's start, the rest from vmm.ping's first answer; n = samples; \
-         rounds where warden's run was the smaller of the two)\n\n\
-         | mode | step | warden | {peer} | warden/{peer} | warden smaller |\n\
-         | --- | --- | ---: | ---: | ---: | ---: |\n"
+         paired: round by round, how often warden's run was the smaller, and the median of \
+         warden's minus {peer}'s)\n\n\
+         | mode | step | warden | {peer} | warden/{peer} | warden smaller | median difference |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for mode in MODES {
         for step in STEPS.iter().chain(&["rss"]) {
@@ -206,14 +215,15 @@ fn report(samples: &Samples, peer: &str, rounds: usize, failures: &[String]) -> 
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                 _ => "-".into(),
             };
-            let (won, of) = wins(&ours, &theirs);
+            let (won, of, difference) = paired(&ours, &theirs);
+            let difference = difference.map_or("-".into(), |d| format!("{d:+.1}"));
             let step = if *step == "rss" {
                 "peak RSS (MiB)"
             } else {
                 step
             };
             text += &format!(
-                "| {mode} | {step} | {} | {} | {ratio} | {won}/{of} |\n",
+                "| {mode} | {step} | {} | {} | {ratio} | {won}/{of} | {difference} |\n",
                 show(&ours),
                 show(&theirs)
             );
