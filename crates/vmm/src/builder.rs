@@ -424,6 +424,7 @@ fn create_vcpus(
         cpus,
         max_phys_bits: config.cpus.max_phys_bits,
         nested: config.cpus.nested,
+        tsc_deadline_timer: host.tsc_deadline_timer,
     };
     (0..cpus)
         .map(|id| {

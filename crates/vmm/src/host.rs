@@ -17,6 +17,9 @@ use crate::terminal::SerialInput;
 /// What every VM of this process is built with.
 pub(crate) struct Host {
     pub(crate) kvm: Kvm,
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`, asked once before the VMM thread's filter (which does
+    /// not allow `KVM_CHECK_EXTENSION`) is installed.
+    pub(crate) tsc_deadline_timer: bool,
     pub(crate) filters: Option<Arc<Filters>>,
     /// Where the VMs' guests report how they stopped.
     pub(crate) events: Sender<VmmEvent>,

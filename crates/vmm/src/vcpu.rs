@@ -38,6 +38,10 @@ pub struct Topology {
     pub max_phys_bits: u8,
     /// Whether VMX or SVM stays in the guest's CPUID, so it can run guests of its own.
     pub nested: bool,
+    /// KVM emulates the local APIC's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`). Its
+    /// supported CPUID need not say so (the mode depends on the in-kernel APIC), so VMMs set
+    /// the bit from the capability; without it Linux times through the APIC's counter.
+    pub tsc_deadline_timer: bool,
 }
 
 /// Makes `cpuid` (KVM's supported set) describe vCPU `id` of a machine with `topology`.
@@ -46,6 +50,7 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, topology: &Topology) {
     const EBX_LOGICAL_COUNT_SHIFT: u32 = 16;
     const EDX_HTT: u32 = 1 << 28;
     const ECX_HYPERVISOR: u32 = 1 << 31;
+    const ECX_TSC_DEADLINE: u32 = 1 << 24;
     const ECX_VMX: u32 = 1 << 5;
     const EXT_ECX_SVM: u32 = 1 << 2;
     for entry in cpuid.as_mut_slice() {
@@ -61,6 +66,9 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u8, topology: &Topology) {
                     entry.edx |= EDX_HTT;
                 }
                 entry.ecx |= ECX_HYPERVISOR;
+                if topology.tsc_deadline_timer {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
             }
             // Extended topology: one thread per core, `cpus` cores per package.
             0xb | 0x1f => {
@@ -455,6 +463,28 @@ mod tests {
         assert_eq!(flag, 1, "the next KVM_RUN returns at once");
         let err = kick(pid, i32::MAX).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_when_kvm_emulates_it() {
+        use kvm_bindings::kvm_cpuid_entry2;
+        let leaf_one = kvm_cpuid_entry2 {
+            function: 1,
+            ..Default::default()
+        };
+        for offered in [false, true] {
+            let mut cpuid = CpuId::from_entries(&[leaf_one]).unwrap();
+            let topology = Topology {
+                cpus: 1,
+                max_phys_bits: 46,
+                nested: false,
+                tsc_deadline_timer: offered,
+            };
+            patch_cpuid(&mut cpuid, 0, &topology);
+            let ecx = cpuid.as_slice()[0].ecx;
+            assert_eq!(ecx & (1 << 24) != 0, offered, "{ecx:#x}");
+            assert_ne!(ecx & (1 << 31), 0, "the hypervisor bit");
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub fn run(config: Option<VmConfig>, options: &VmmOptions) -> Result<VmmExit, Vm
     let pid = std::process::id() as i32;
     let mut vmm = Vmm {
         host: Host {
+            tsc_deadline_timer: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
             kvm,
             filters: filters.clone(),
             events: events_tx.clone(),

@@ -58,12 +58,14 @@ fn layout() -> QueueLayout {
 }
 
 /// Reset, negotiate VERSION_1 + ACCESS_PLATFORM, and set queue 0 up in the buffer (mapped at
-/// [`IOVA`]; its first 16 KiB are the ring's).
+/// [`IOVA`]; its first 16 KiB are the ring's). The ring is cleared only once the reset is
+/// complete: until then the device may still complete a request of its previous life and
+/// write its used index there.
 pub fn start(dev: &Device, ring: &mut [u8]) -> Result<(), String> {
-    ring[..DATA].fill(0);
     if !dev.negotiate(FEATURES)? {
         return Err("the device refused VERSION_1 + ACCESS_PLATFORM".into());
     }
+    ring[..DATA].fill(0);
     dev.setup_queue(0, layout())?;
     if !dev.driver_ok()? {
         return Err("the device refused DRIVER_OK".into());
@@ -181,14 +183,22 @@ impl Driver {
         Ok(())
     }
 
-    /// A read of 4 KiB at `sector` into the mapped buffer; `None` unless it succeeded.
-    fn read_back(&mut self, sector: u64) -> Result<Option<Vec<u8>>, String> {
+    /// A read of 4 KiB at `sector` into the mapped buffer: the data, or how the device
+    /// answered instead (with its status register and ring indexes, for the log).
+    fn read_back(&mut self, sector: u64) -> Result<Result<Vec<u8>, String>, String> {
         self.buf[DATA..DATA + SECTOR_BYTES].fill(0);
         let answer = self.request(BLK_T_IN, sector, IOVA + DATA as u64)?;
         if answer != (Answer::Completed { status: BLK_S_OK }) {
-            return Ok(None);
+            return Ok(Err(format!(
+                "{} device-status={:#x} avail-idx={} used-idx={} ring-used-idx={}",
+                answer.describe(),
+                self.dev.status()?,
+                self.avail_idx,
+                self.used_idx,
+                get_u16(self.buf, USED + 2)
+            )));
         }
-        Ok(Some(self.buf[DATA..DATA + SECTOR_BYTES].to_vec()))
+        Ok(Ok(self.buf[DATA..DATA + SECTOR_BYTES].to_vec()))
     }
 }
 
@@ -225,9 +235,9 @@ pub fn run(device: &Path) -> Result<(), String> {
 
     // The tool works: a read into the mapping returns what the host wrote.
     match driver.read_back(0)? {
-        Some(data) if data == pattern => report("BASELINE", "ok", "sector 0 read through the map"),
-        Some(_) => return Err("the baseline read returned other data".into()),
-        None => return Err("the baseline read failed".into()),
+        Ok(data) if data == pattern => report("BASELINE", "ok", "sector 0 read through the map"),
+        Ok(_) => return Err("the baseline read returned other data".into()),
+        Err(answer) => return Err(format!("the baseline read failed: {answer}")),
     }
 
     // Reads (the device writes guest memory) and writes (it reads guest memory) to places
@@ -337,13 +347,14 @@ pub fn run(device: &Path) -> Result<(), String> {
         report("CANARY", "CHANGED", &format!("gpa={canary_gpa:#x}"));
     }
     match driver.read_back(8)? {
-        Some(data) if data == disk_pattern(8) => report("SECTOR-8", "intact", "the host's pattern"),
-        Some(_) => report("SECTOR-8", "CHANGED", "a refused write reached the disk"),
-        None => report("SECTOR-8", "FAILED", "could not read it back"),
+        Ok(data) if data == disk_pattern(8) => report("SECTOR-8", "intact", "the host's pattern"),
+        Ok(_) => report("SECTOR-8", "CHANGED", "a refused write reached the disk"),
+        Err(answer) => report("SECTOR-8", "FAILED", &format!("no read: {answer}")),
     }
     match driver.read_back(0)? {
-        Some(data) if data == pattern => report("RECOVERED", "ok", "sector 0 after a reset"),
-        _ => report("RECOVERED", "FAILED", "the device no longer serves"),
+        Ok(data) if data == pattern => report("RECOVERED", "ok", "sector 0 after a reset"),
+        Ok(_) => report("RECOVERED", "FAILED", "sector 0 read back other data"),
+        Err(answer) => report("RECOVERED", "FAILED", &format!("no read: {answer}")),
     }
     Ok(())
 }

@@ -51,12 +51,13 @@ struct Net {
 }
 
 impl Net {
-    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets both queues up in the buffer.
+    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets both queues up in the buffer,
+    /// cleared once the reset is complete (as `blk::start` does, and for its reason).
     fn start(&mut self) -> Result<(), String> {
-        self.buf[..FRAME].fill(0);
         if !self.dev.negotiate(FEATURES)? {
             return Err("the net device refused VERSION_1 + ACCESS_PLATFORM".into());
         }
+        self.buf[..FRAME].fill(0);
         for queue in [RX, TX] {
             self.dev.setup_queue(queue, layout(queue))?;
         }
