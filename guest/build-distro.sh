@@ -10,7 +10,8 @@
 #   root-offset the byte offset of p3 in disk.img (for debugfs/mke2fs `offset=`)
 #
 # The system: systemd as PID 1, a login on the serial console (root, empty password),
-# systemd-networkd giving a virtio-net 192.168.249.2/24, and fio, iperf3, pciutils, ethtool.
+# systemd-networkd giving a virtio-net 192.168.249.2/24, and fio, iperf3, pciutils, ethtool,
+# socat (vsock).
 # Tests put a script at /usr/local/sbin/warden-scenario (see SCENARIO_UNIT): the image then
 # runs it once the boot is complete, and powers off.
 #
@@ -38,7 +39,7 @@ readonly P3_START=$((P2_START + P2_SIZE))
 readonly P3_SIZE=$(((IMAGE_SECTORS - 34 - P3_START) / 8 * 8))
 
 readonly PACKAGES=(systemd-sysv udev kmod initramfs-tools e2fsprogs iproute2
-    fio iperf3 pciutils ethtool)
+    fio iperf3 pciutils ethtool socat)
 
 log() { echo "guest/build-distro.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }

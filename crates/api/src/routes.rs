@@ -2,7 +2,7 @@
 
 use serde::de::DeserializeOwned;
 
-use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig, VsockConfig};
 
 use crate::bodies::{VmRemoveDevice, VmResize};
 use crate::files::Files;
@@ -34,6 +34,7 @@ pub enum Request {
     /// A net, with the taps the client passed for it (none: warden opens its `tap`).
     AddNet(NetConfig, Files),
     AddDevice(DeviceConfig),
+    AddVsock(VsockConfig),
     RemoveDevice(VmRemoveDevice),
 }
 
@@ -123,6 +124,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.add-disk", "PUT"),
     ("vm.add-net", "PUT"),
     ("vm.add-device", "PUT"),
+    ("vm.add-vsock", "PUT"),
     ("vm.remove-device", "PUT"),
 ];
 
@@ -177,6 +179,11 @@ pub fn route(method: &str, path: &str, body: &[u8], files: Files) -> Result<Requ
             let device: DeviceConfig = json(name, "DeviceConfig", body)?;
             device.validate().map_err(config_refusal)?;
             Request::AddDevice(device)
+        }
+        "vm.add-vsock" => {
+            let vsock: VsockConfig = json(name, "VsockConfig", body)?;
+            vsock.validate().map_err(config_refusal)?;
+            Request::AddVsock(vsock)
         }
         "vm.remove-device" => {
             let remove: VmRemoveDevice = json(name, "VmRemoveDevice", body)?;

@@ -329,13 +329,19 @@ fn hotplug_bodies_are_parsed_with_ch_defaults_and_handed_on() {
         "vm.add-device",
         r#"{"path":"/sys/bus/pci/devices/0000:01:00.0","iommu":true}"#,
     );
+    server.call(
+        "PUT",
+        "vm.add-vsock",
+        r#"{"cid":3,"socket":"/run/v.sock","iommu":true}"#,
+    );
     server.call("PUT", "vm.remove-device", r#"{"id":"hot0"}"#);
     let requests = server.requests();
-    let [Request::AddDisk(disk), Request::AddNet(net, files), Request::AddDevice(device), Request::RemoveDevice(remove)] =
+    let [Request::AddDisk(disk), Request::AddNet(net, files), Request::AddDevice(device), Request::AddVsock(vsock), Request::RemoveDevice(remove)] =
         requests.as_slice()
     else {
-        panic!("four hotplug requests: {requests:?}")
+        panic!("five hotplug requests: {requests:?}")
     };
+    assert_eq!((vsock.cid, vsock.iommu), (3, true));
     assert_eq!(disk.path(), std::path::Path::new("/tmp/d.img"));
     assert!(disk.iommu && !disk.readonly);
     assert_eq!((disk.num_queues, disk.queue_size), (1, 128));
@@ -413,6 +419,12 @@ fn malformed_or_unacceptable_bodies_are_400_with_the_reason() {
             "is not a MAC address",
         ),
         ("vm.add-net", r#"{"tap":"a/b"}"#, "is not an interface name"),
+        (
+            "vm.add-vsock",
+            r#"{"cid":2,"socket":"/v"}"#,
+            "vsock.cid: 2 is not from 3 to 4294967294",
+        ),
+        ("vm.add-vsock", r#"{"cid":3}"#, "missing field `socket`"),
         (
             "vm.add-net",
             r#"{"num_queues":3}"#,

@@ -70,6 +70,8 @@ pub enum ThreadKind {
     IommuEvents,
     /// The virtio-iommu's request queue poller.
     IommuPoller,
+    /// virtio-vsock: its queues and the host programs' Unix sockets.
+    Vsock,
     /// Takes the process's signals: SIGUSR1 prints statistics, SIGTERM and SIGINT end the VMM.
     Signals,
     /// Forwards the terminal's input, or a serial pty's, to the serial port.
@@ -81,7 +83,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 12] = [
+    pub const ALL: [ThreadKind; 13] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -90,6 +92,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::IommuEvents,
         ThreadKind::IommuPoller,
+        ThreadKind::Vsock,
         ThreadKind::Signals,
         ThreadKind::SerialInput,
         ThreadKind::Api,
@@ -107,6 +110,7 @@ impl ThreadKind {
             ThreadKind::Console => "virtio-console",
             ThreadKind::IommuEvents => "virtio-iommu events",
             ThreadKind::IommuPoller => "virtio-iommu poller",
+            ThreadKind::Vsock => "virtio-vsock",
             ThreadKind::Signals => "signals",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::Api => "api",

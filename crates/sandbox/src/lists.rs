@@ -169,8 +169,13 @@ fn kick_signals() -> [Value; 1] {
     [(crate::vcpu_kick_signal() as u32, "SIGRTMIN (vCPU kick)")]
 }
 
-/// The socket interface ioctls are addressed to: AF_INET only (argument 0).
-const SOCKET_DOMAINS: &[Value] = &[(libc::AF_INET as u32, "AF_INET")];
+/// The socket interface ioctls are addressed to: AF_INET only (argument 0), unless a list
+/// says otherwise.
+const SOCKET_DOMAINS: &[Value] = &[INET_SOCKET];
+const INET_SOCKET: Value = (libc::AF_INET as u32, "AF_INET");
+/// A vsock device's host side: its listening socket, and the guest's connections to host
+/// programs' sockets.
+const UNIX_SOCKET: Value = (libc::AF_UNIX as u32, "AF_UNIX");
 /// The `prctl` options of starting a thread: std names it, the filter is installed with
 /// no-new-privileges, and the SIGSYS report reads the name first.
 const PRCTL_OPTIONS: &[Value] = &[
@@ -308,6 +313,12 @@ impl AllowList {
         }
     }
 
+    /// The list, `socket` allowed with `domains` instead of the default ones.
+    fn with_socket_domains(mut self, domains: &[Value]) -> Self {
+        self.socket_domains = domains.iter().copied().collect();
+        self
+    }
+
     fn extend(&mut self, other: &AllowList) {
         self.syscalls.extend(other.syscalls.iter().copied());
         self.ioctls.extend(other.ioctls.iter().copied());
@@ -334,6 +345,7 @@ pub(crate) const DEVICE_KINDS: &[ThreadKind] = &[
     ThreadKind::Console,
     ThreadKind::IommuEvents,
     ThreadKind::IommuPoller,
+    ThreadKind::Vsock,
 ];
 
 pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
@@ -365,6 +377,26 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
         ThreadKind::Rng | ThreadKind::Console | ThreadKind::IommuEvents => {
             AllowList::new(&[BASE, WORKER_LOOP], &[])
         }
+        // Host programs' connections: accepted from the device's listening socket (made with
+        // the device) and made non-blocking, or made to a program's socket for the guest
+        // (non-blocking from the start); bytes read and written, a side shut down.
+        ThreadKind::Vsock => AllowList::new(
+            &[
+                BASE,
+                WORKER_LOOP,
+                syscalls![
+                    SYS_accept4,
+                    SYS_socket,
+                    SYS_connect,
+                    SYS_shutdown,
+                    // std reads and writes sockets with recv(2) and send(2).
+                    SYS_recvfrom,
+                    SYS_sendto,
+                ],
+            ],
+            &[FIONBIO],
+        )
+        .with_socket_domains(&[UNIX_SOCKET]),
         // Serves MAP/UNMAP requests, which reach the host IOMMU for passed-through endpoints.
         ThreadKind::IommuPoller => {
             AllowList::new(&[BASE], &[VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA])
@@ -407,6 +439,7 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                 VFIO_IOMMU_UNMAP_DMA,
                 VFIO_DEVICE_SET_IRQS,
                 VHOST_NET_SET_BACKEND,
+                FIONBIO,
             ];
             ioctls.extend(VFIO_OPEN);
             AllowList::new(
@@ -428,12 +461,18 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                         SYS_readlink,
                         SYS_readlinkat,
                         SYS_getdents64,
-                        // Only AF_INET (SOCKET_DOMAINS).
+                        // A tap's host address (AF_INET), a vsock's listening socket
+                        // (AF_UNIX), which goes with the device.
                         SYS_socket,
+                        SYS_bind,
+                        SYS_listen,
+                        SYS_unlink,
+                        SYS_unlinkat,
                     ],
                 ],
                 &ioctls,
             )
+            .with_socket_domains(&[INET_SOCKET, UNIX_SOCKET])
         }
         // One poll loop over the listening socket and its clients; each request goes to the
         // VMM thread and its answer comes back over channels (futex), so the API thread acts
@@ -481,8 +520,13 @@ const BUILD: &[Syscall] = syscalls![
     SYS_eventfd2,
     SYS_epoll_create1,
     SYS_dup,
-    // Only AF_INET (SOCKET_DOMAINS): a tap's host address.
+    // A tap's host address (AF_INET); a vsock's listening socket (AF_UNIX, from the device
+    // lists), removed with the device.
     SYS_socket,
+    SYS_bind,
+    SYS_listen,
+    SYS_unlink,
+    SYS_unlinkat,
     // Only with the kick signal: a pause, and the end of a VM, kick its vCPUs out.
     SYS_tgkill,
 ];
@@ -640,7 +684,7 @@ pub(crate) fn named_syscalls() -> BTreeSet<Syscall> {
 
 /// Every `socket` domain a list allows.
 pub(crate) fn named_socket_domains() -> BTreeSet<Value> {
-    SOCKET_DOMAINS.iter().copied().collect()
+    BTreeSet::from([INET_SOCKET, UNIX_SOCKET])
 }
 
 /// Every `prctl` option the SIGSYS report can name.

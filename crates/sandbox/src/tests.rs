@@ -237,24 +237,50 @@ fn a_disk_thread_may_enter_its_ring_but_not_set_one_up() {
 }
 
 /// The hotplug thread opens a hot-added net's tap and sets its host address through an
-/// AF_INET socket; no other kind of socket (a Unix or netlink one, say) is allowed.
+/// AF_INET socket, and binds a hot-added vsock's AF_UNIX socket; no other kind of socket (a
+/// netlink one, say) is allowed.
 #[test]
-fn the_hotplug_thread_may_make_an_inet_socket_only() {
+fn the_hotplug_thread_may_make_inet_and_unix_sockets_only() {
     let filters = filters(Mode::Enforce);
     let (status, stderr) = in_child(|| {
         filters.install(ThreadKind::Hotplug).unwrap();
-        // SAFETY: plain system calls; the descriptor is closed by _exit.
+        // SAFETY: plain system calls; the descriptors are closed by _exit.
         unsafe {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if fd < 0 || libc::ioctl(fd, libc::SIOCGIFFLAGS, std::ptr::null_mut::<u8>()) != -1 {
                 libc::_exit(3);
             }
-            libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) < 0 {
+                libc::_exit(4);
+            }
+            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
         }
     });
     assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
     assert!(
-        stderr.contains("(hotplug) made system call socket (41) domain 0x1,"),
+        stderr.contains("(hotplug) made system call socket (41) domain 0x10,"),
+        "{stderr}"
+    );
+}
+
+/// A vsock's worker connects the guest to host programs' Unix sockets, and to nothing else.
+#[test]
+fn the_vsock_thread_may_make_unix_sockets_only() {
+    let filters = filters(Mode::Enforce);
+    let (status, stderr) = in_child(|| {
+        filters.install(ThreadKind::Vsock).unwrap();
+        // SAFETY: plain system calls; the descriptor is closed by _exit.
+        unsafe {
+            let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            if libc::socket(libc::AF_UNIX, flags, 0) < 0 {
+                libc::_exit(3);
+            }
+            libc::socket(libc::AF_INET, flags, 0);
+        }
+    });
+    assert_eq!(exit_code(status), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(virtio-vsock) made system call socket (41) domain 0x2 AF_INET"),
         "{stderr}"
     );
 }

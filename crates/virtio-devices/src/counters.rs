@@ -101,6 +101,31 @@ impl DeviceCounters for RngCounters {
     }
 }
 
+/// virtio-vsock: packets and stream bytes each way (`rx` towards the guest, `tx` from it, as
+/// for a net), connections opened either way, and those the host side ended with a reset.
+#[derive(Debug, Default)]
+pub(crate) struct VsockCounters {
+    pub(crate) rx_bytes: Counter,
+    pub(crate) rx_packets: Counter,
+    pub(crate) tx_bytes: Counter,
+    pub(crate) tx_packets: Counter,
+    pub(crate) connections: Counter,
+    pub(crate) resets: Counter,
+}
+
+impl DeviceCounters for VsockCounters {
+    fn read(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("rx_bytes", self.rx_bytes.get()),
+            ("rx_packets", self.rx_packets.get()),
+            ("tx_bytes", self.tx_bytes.get()),
+            ("tx_packets", self.tx_packets.get()),
+            ("connections", self.connections.get()),
+            ("resets", self.resets.get()),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -31,6 +31,7 @@ pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
+pub mod vsock;
 mod worker;
 
 pub use block::{Block, BlockError, BlockOptions};
@@ -39,6 +40,7 @@ pub use counters::DeviceCounters;
 pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
+pub use vsock::{Vsock, VsockError};
 pub use worker::{set_thread_start_hook, DeviceThread, ThreadStartHook};
 
 /// The memory a device reads and writes guest buffers through: the device's I/O address space.

@@ -70,6 +70,20 @@ impl<'a> Poller<'a> {
         )
     }
 
+    /// Starts watching socket `fd` both ways, edge-triggered: [`WorkerHandler::fd_ready`]
+    /// gets `token` each time it becomes readable or writable or hangs up, and the handler
+    /// reads or writes until it would block (a socket it cannot serve now, for want of guest
+    /// buffers or credit, then costs no wake-ups until something changes).
+    pub(crate) fn add_stream(&self, fd: RawFd, token: u32) -> io::Result<()> {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, DEVICE_TOKEN_BIT | u64::from(token)),
+        )
+    }
+
     /// Stops waiting for `fd`.
     pub(crate) fn remove(&self, fd: RawFd) -> io::Result<()> {
         self.epoll
@@ -104,6 +118,8 @@ pub enum DeviceThread {
     IommuEvents,
     /// The virtio-iommu's request queue poller.
     IommuPoller,
+    /// virtio-vsock: its queues and the host's Unix sockets.
+    Vsock,
 }
 
 impl DeviceThread {
@@ -115,6 +131,7 @@ impl DeviceThread {
             DeviceThread::Rng => "rng",
             DeviceThread::Console => "con",
             DeviceThread::IommuEvents | DeviceThread::IommuPoller => "iommu",
+            DeviceThread::Vsock => "vsock",
         }
     }
 }

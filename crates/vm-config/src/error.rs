@@ -15,8 +15,9 @@ pub enum Section {
     Serial,
     Console,
     Devices,
+    Vsock,
     Platform,
-    /// The top level of `VmConfig` (`balloon`, `vsock`, ...).
+    /// The top level of `VmConfig` (`balloon`, `fs`, ...).
     Vm,
 }
 
@@ -33,6 +34,7 @@ impl Section {
             Section::Serial => "serial",
             Section::Console => "console",
             Section::Devices => "devices",
+            Section::Vsock => "vsock",
             Section::Platform => "platform",
             Section::Vm => "VmConfig",
         }
@@ -50,6 +52,7 @@ impl Section {
             Section::Serial => "--serial",
             Section::Console => "--console",
             Section::Devices => "--device",
+            Section::Vsock => "--vsock",
             Section::Platform => "--platform",
             Section::Vm => "the configuration",
         }
@@ -211,7 +214,10 @@ mod tests {
             err.for_command_line(),
             "--disk: num_queues: 0 is not from 1 to 64"
         );
-        let err = ConfigError::new(Section::Vm, "vsock", Problem::Unsupported);
-        assert_eq!(err.to_string(), "VmConfig.vsock is not supported by warden");
+        let err = ConfigError::new(Section::Vm, "balloon", Problem::Unsupported);
+        assert_eq!(
+            err.to_string(),
+            "VmConfig.balloon is not supported by warden"
+        );
     }
 }

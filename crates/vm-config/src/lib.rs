@@ -20,6 +20,7 @@ pub mod options;
 pub mod payload;
 pub mod platform;
 pub mod rng;
+pub mod vsock;
 
 use std::collections::BTreeSet;
 
@@ -37,6 +38,7 @@ pub use net_util::MacAddr;
 pub use payload::PayloadConfig;
 pub use platform::PlatformConfig;
 pub use rng::RngConfig;
+pub use vsock::VsockConfig;
 
 use error::refuse;
 
@@ -51,8 +53,6 @@ pub struct NotYet {
     pub balloon: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,7 +83,6 @@ impl NotYet {
         let given = [
             ("balloon", &self.balloon),
             ("fs", &self.fs),
-            ("vsock", &self.vsock),
             ("pmem", &self.pmem),
             ("vdpa", &self.vdpa),
             ("user_devices", &self.user_devices),
@@ -133,6 +132,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// The machine has a virtio-iommu: asked for, or because a device sits behind it.
     #[serde(default)]
     pub iommu: bool,
@@ -204,6 +205,9 @@ impl VmConfig {
         for (i, device) in self.devices.iter().enumerate() {
             device.validate().map_err(|e| e.at(i))?;
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         for (section, index, segment) in self.segments() {
             if segment >= platform.num_pci_segments {
                 let err = ConfigError::new(
@@ -252,6 +256,11 @@ impl VmConfig {
                 .enumerate()
                 .map(|(i, d)| (Section::Devices, Some(i), d.pci_segment)),
         );
+        segments.extend(
+            self.vsock
+                .iter()
+                .map(|v| (Section::Vsock, None, v.pci_segment)),
+        );
         segments
     }
 
@@ -283,6 +292,11 @@ impl VmConfig {
                 .enumerate()
                 .filter_map(|(i, d)| Some((Section::Devices, Some(i), d.id.as_deref()?))),
         );
+        ids.extend(
+            self.vsock
+                .iter()
+                .filter_map(|v| Some((Section::Vsock, None, v.id.as_deref()?))),
+        );
         ids
     }
 
@@ -308,6 +322,18 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Takes the device `id` out (a disk, net, passed-through device or the vsock: what
+    /// `vm.remove-device` removes); whether there was one.
+    pub fn remove_device(&mut self, id: &str) -> bool {
+        let named = |given: &Option<String>| given.as_deref() == Some(id);
+        let before = self.disks.len() + self.net.len() + self.devices.len();
+        self.disks.retain(|d| !named(&d.id));
+        self.net.retain(|n| !named(&n.id));
+        self.devices.retain(|d| !named(&d.id));
+        let vsock = self.vsock.take_if(|v| named(&v.id)).is_some();
+        vsock || self.disks.len() + self.net.len() + self.devices.len() < before
+    }
+
     /// Whether an id is taken by a device of this configuration.
     pub fn has_id(&self, id: &str) -> bool {
         self.given_ids().iter().any(|&(_, _, given)| given == id)
@@ -318,7 +344,7 @@ impl VmConfig {
     /// platform's IOMMU segments sit behind the IOMMU (Kata's IOMMU mode leaves its root disk's
     /// flag off on such a segment: warden protects it rather than refuse it), the machine has
     /// a virtio-iommu if any device sits behind it, each device without an id gets Cloud
-    /// Hypervisor's (`_disk0`, `_net0`, `_vfio0`, the first free), and each net without a MAC a
+    /// Hypervisor's (`_disk0`, `_net0`, `_vfio0`, `_vsock0`, the first free), and each net without a MAC a
     /// random locally administered one.
     pub fn resolve(&mut self) -> std::io::Result<()> {
         let platform = self.platform();
@@ -334,6 +360,9 @@ impl VmConfig {
         for device in &mut self.devices {
             protect(&mut device.iommu, device.pci_segment);
         }
+        if let Some(vsock) = &mut self.vsock {
+            protect(&mut vsock.iommu, vsock.pci_segment);
+        }
         self.iommu |= platform
             .iommu_segments
             .as_ref()
@@ -342,7 +371,8 @@ impl VmConfig {
             || self.rng.iommu
             || self.disks.iter().any(|d| d.iommu)
             || self.net.iter().any(|n| n.iommu)
-            || self.devices.iter().any(|d| d.iommu);
+            || self.devices.iter().any(|d| d.iommu)
+            || self.vsock.as_ref().is_some_and(|v| v.iommu);
         for i in 0..self.disks.len() {
             if self.disks[i].id.is_none() {
                 self.disks[i].id = Some(self.free_id("_disk"));
@@ -359,6 +389,12 @@ impl VmConfig {
         for i in 0..self.devices.len() {
             if self.devices[i].id.is_none() {
                 self.devices[i].id = Some(self.free_id("_vfio"));
+            }
+        }
+        if self.vsock.as_ref().is_some_and(|v| v.id.is_none()) {
+            let id = self.free_id("_vsock");
+            if let Some(vsock) = &mut self.vsock {
+                vsock.id = Some(id);
             }
         }
         Ok(())

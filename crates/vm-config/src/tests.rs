@@ -1,7 +1,7 @@
 use super::*;
 
 /// Kata's `vm.create` body in its IOMMU mode (its Go runtime, clh.go), with one PCI segment
-/// and without virtio-fs and vsock, which wait for their own issue.
+/// and without virtio-fs, which waits for its own work.
 const KATA_IOMMU: &str = r#"{
   "console": {"iommu": true, "mode": "Off"},
   "cpus": {"boot_vcpus": 1, "kvm_hyperv": false, "max_vcpus": 2, "nested": true,
@@ -19,6 +19,7 @@ const KATA_IOMMU: &str = r#"{
   "pvpanic": false,
   "rng": {"iommu": true, "src": "/dev/urandom"},
   "serial": {"iommu": false, "mode": "Off"},
+  "vsock": {"cid": 3, "iommu": true, "socket": "/run/vc/vm/0123/clh.sock"},
   "watchdog": false
 }"#;
 
@@ -34,6 +35,9 @@ fn katas_iommu_mode_puts_every_device_behind_the_iommu() {
     assert!(config.disks[0].iommu, "its root disk is on IOMMU segment 0");
     assert!(config.rng.iommu && config.console.iommu);
     assert_eq!(config.disks[0].id.as_deref(), Some("_disk0"));
+    let vsock = config.vsock.as_ref().unwrap();
+    assert_eq!((vsock.cid, vsock.iommu), (3, true));
+    assert_eq!(vsock.id.as_deref(), Some("_vsock0"));
     assert_eq!(config.memory.hotplug_size, Some(16 << 30));
 }
 

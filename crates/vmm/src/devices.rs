@@ -16,6 +16,7 @@ use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper};
 use virtio_devices::net::{VhostIotlb, VhostKernel};
 use virtio_devices::{
     Block, BlockOptions, Console, DeviceMemory, Net, NetOptions, PollConfig, Rng, VirtioDevice,
+    Vsock,
 };
 use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
@@ -29,6 +30,7 @@ use crate::stats;
 use crate::taps::PassedTaps;
 use vm_config::{
     ConsoleConfig, ConsoleMode, DeviceConfig, DiskConfig, NetConfig, RngConfig, VmConfig,
+    VsockConfig,
 };
 
 /// A host device to pass through, opened, with its place on bus 0 and its DMA mapper.
@@ -123,6 +125,7 @@ pub(crate) enum DeviceKind<'a> {
     Disk(&'a DiskConfig),
     Net(&'a NetConfig),
     Rng(&'a RngConfig),
+    Vsock(&'a VsockConfig),
 }
 
 /// A virtio device with its place on bus 0 and whether the IOMMU translates its DMA.
@@ -142,7 +145,7 @@ impl PlannedDevice<'_> {
     }
 }
 
-/// The virtio devices in the order the guest sees them on bus 0: console, disks, nets, rng, after
+/// The virtio devices in the order the guest sees them on bus 0: console, disks, nets, rng, vsock, after
 /// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
 /// their addresses when the IOMMU is switched on).
 pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
@@ -157,8 +160,19 @@ pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
         .iter()
         .map(|net| (DeviceKind::Net(net), net.iommu));
     let rng = Some((DeviceKind::Rng(&config.rng), config.rng.iommu));
+    let vsock = config
+        .vsock
+        .as_ref()
+        .map(|vsock| (DeviceKind::Vsock(vsock), vsock.iommu));
     (IOMMU_DEVICE_NUMBER + 1..)
-        .zip(console.into_iter().chain(disks).chain(nets).chain(rng))
+        .zip(
+            console
+                .into_iter()
+                .chain(disks)
+                .chain(nets)
+                .chain(rng)
+                .chain(vsock),
+        )
         .map(|(device_number, (kind, iommu))| PlannedDevice {
             device_number,
             kind,
@@ -368,6 +382,10 @@ pub(crate) fn build_device<M: DeviceMemory>(
             Rng::new(mem, &rng.src, access_platform)
                 .map_err(|err| VmmError::Device(format!("rng: {err}")))?,
         ),
+        DeviceKind::Vsock(vsock) => Box::new(
+            Vsock::new(mem, u64::from(vsock.cid), &vsock.socket, access_platform)
+                .map_err(|err| VmmError::Device(format!("vsock: {err}")))?,
+        ),
     })
 }
 
@@ -446,6 +464,7 @@ pub(crate) fn device_ids(devices: &[PlannedDevice]) -> Vec<String> {
             DeviceKind::Rng(_) => "_rng".to_string(),
             DeviceKind::Disk(disk) => disk.id.clone().unwrap_or_default(),
             DeviceKind::Net(net) => net.id.clone().unwrap_or_default(),
+            DeviceKind::Vsock(vsock) => vsock.id.clone().unwrap_or_default(),
         })
         .collect()
 }
@@ -510,7 +529,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nets_sit_between_disks_and_rng_and_count_for_the_iommu() {
+    fn nets_sit_between_disks_and_rng_vsock_last_and_each_counts_for_the_iommu() {
         let disk = DiskConfig {
             path: Some("disk.img".into()),
             ..Default::default()
@@ -532,6 +551,12 @@ mod tests {
                 mode: ConsoleMode::Null,
                 ..Default::default()
             },
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: "v.sock".into(),
+                iommu: true,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         config.resolve().unwrap();
@@ -544,6 +569,7 @@ mod tests {
                     DeviceKind::Disk(_) => "disk",
                     DeviceKind::Net(_) => "net",
                     DeviceKind::Rng(_) => "rng",
+                    DeviceKind::Vsock(_) => "vsock",
                 };
                 (device.device_number, kind, device.iommu)
             })
@@ -557,11 +583,12 @@ mod tests {
                 (5, "net", true),
                 (6, "net", false),
                 (7, "rng", false),
+                (8, "vsock", true),
             ]
         );
         assert_eq!(
             device_ids(&plan_devices(&config)),
-            ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng"]
+            ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng", "_vsock0"]
         );
     }
 }

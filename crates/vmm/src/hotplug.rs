@@ -38,7 +38,7 @@ use crate::attach;
 use crate::bar_placement::BarPlacement;
 use crate::error::VmmError;
 use crate::threads;
-use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig};
+use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig, VsockConfig};
 
 use crate::devices::{build_device, build_net, open_tap, DeviceKind, Held};
 use crate::interrupts::GsiRouter;
@@ -55,6 +55,9 @@ pub const HOTPLUG_SLOTS: Range<u8> = 24..32;
 /// With a virtio-iommu, the VIOT puts these slots behind it: where `iommu=on` devices go.
 pub const PROTECTED_SLOTS: Range<u8> = 24..28;
 
+/// A second vsock, refused as Cloud Hypervisor refuses it (500).
+pub(crate) const ONE_VSOCK: &str = "the VM has a vsock device already, and takes one only";
+
 /// Where the hotplug thread sends its answer: straight to the API's client.
 pub(crate) type Reply = Sender<Result<Response, ApiError>>;
 
@@ -62,6 +65,10 @@ pub(crate) type Reply = Sender<Result<Response, ApiError>>;
 pub enum HotplugRequest {
     AddDisk {
         disk: DiskConfig,
+        reply: Reply,
+    },
+    AddVsock {
+        vsock: VsockConfig,
         reply: Reply,
     },
     /// A host PCI function to pass through.
@@ -143,6 +150,7 @@ enum NewDevice<'a> {
     Disk(&'a DiskConfig),
     /// Its tap's queues are open already.
     Net(&'a NetConfig, Vec<Tap>),
+    Vsock(&'a VsockConfig),
 }
 
 impl attach::Recipe<ApiError> for NewDevice<'_> {
@@ -151,15 +159,23 @@ impl attach::Recipe<ApiError> for NewDevice<'_> {
         mem: M,
         access_platform: bool,
     ) -> Result<Box<dyn VirtioDevice>, ApiError> {
+        let nothing = Held {
+            taps: &PassedTaps::default(),
+            ptys: &Ptys::default(),
+        };
         match self {
             NewDevice::Disk(disk) => {
-                let nothing = Held {
-                    taps: &PassedTaps::default(),
-                    ptys: &Ptys::default(),
-                };
                 build_device(&DeviceKind::Disk(disk), mem, access_platform, &[], nothing)
                     .map_err(|err| ApiError::bad_request(err.to_string()))
             }
+            NewDevice::Vsock(vsock) => build_device(
+                &DeviceKind::Vsock(vsock),
+                mem,
+                access_platform,
+                &[],
+                nothing,
+            )
+            .map_err(|err| ApiError::bad_request(err.to_string())),
             NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])
                 .map_err(|err| ApiError::bad_request(err.to_string())),
         }
@@ -262,6 +278,9 @@ impl Hotplug {
                 Ok(HotplugRequest::AddDisk { disk, reply }) => {
                     let _ = reply.send(self.add_disk(&mut slots, disk).map(Response::Added));
                 }
+                Ok(HotplugRequest::AddVsock { vsock, reply }) => {
+                    let _ = reply.send(self.add_vsock(&mut slots, vsock).map(Response::Added));
+                }
                 Ok(HotplugRequest::AddDevice { device, reply }) => {
                     let added = self.add_passthrough(&mut slots, device);
                     let _ = reply.send(added.map(Response::Added));
@@ -318,6 +337,27 @@ impl Hotplug {
             || {
                 let what = disk.path().display().to_string();
                 Ok((NewDevice::Disk(&disk), what, Listed::Disk(disk.clone())))
+            },
+        )
+    }
+
+    /// The VM's vsock, if it has none yet: its socket is bound here, on the hotplug thread.
+    fn add_vsock(
+        &self,
+        slots: &mut PluggedDevices,
+        vsock: VsockConfig,
+    ) -> Result<PciDeviceInfo, ApiError> {
+        if lock(&self.info).config.vsock.is_some() {
+            return Err(ApiError::new(Refusal::Failed, ONE_VSOCK));
+        }
+        let vsock = self.admit(|c| c.vsock = Some(vsock), |c| c.vsock.as_ref())?;
+        self.add(
+            slots,
+            vsock.iommu,
+            vsock.id.clone().unwrap_or_default(),
+            || {
+                let what = format!("socket {}", vsock.socket.display());
+                Ok((NewDevice::Vsock(&vsock), what, Listed::Vsock(vsock.clone())))
             },
         )
     }

@@ -19,6 +19,7 @@ pub(crate) enum Listed {
     Disk(vm_config::DiskConfig),
     Net(vm_config::NetConfig),
     Device(vm_config::DeviceConfig),
+    Vsock(vm_config::VsockConfig),
 }
 
 /// A device the API plugged in.
@@ -72,6 +73,7 @@ impl PluggedDevices {
             Listed::Disk(disk) => config.disks.push(disk),
             Listed::Net(net) => config.net.push(net),
             Listed::Device(device) => config.devices.push(device),
+            Listed::Vsock(vsock) => config.vsock = Some(vsock),
         }
         let node = device_node(&id, pci_bdf(slot));
         info.device_tree.insert(id, node);
@@ -82,13 +84,9 @@ impl PluggedDevices {
     /// Takes the device in `slot` out of the record and of `vm.info`.
     pub(crate) fn remove(&mut self, slot: u8) -> Option<Plugged> {
         let plugged = self.slots.remove(&slot)?;
-        let id = Some(plugged.id.as_str());
         let mut info = lock(&self.info);
         info.device_tree.remove(&plugged.id);
-        let config = &mut info.config;
-        config.disks.retain(|d| d.id.as_deref() != id);
-        config.net.retain(|n| n.id.as_deref() != id);
-        config.devices.retain(|d| d.id.as_deref() != id);
+        info.config.remove_device(&plugged.id);
         drop(info);
         Some(plugged)
     }
@@ -100,11 +98,7 @@ impl PluggedDevices {
             return;
         };
         plugged.leaving = true;
-        let id = Some(plugged.id.as_str());
-        let config = &mut lock(&self.info).config;
-        config.disks.retain(|d| d.id.as_deref() != id);
-        config.net.retain(|n| n.id.as_deref() != id);
-        config.devices.retain(|d| d.id.as_deref() != id);
+        lock(&self.info).config.remove_device(&plugged.id);
     }
 }
 

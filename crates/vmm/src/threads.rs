@@ -56,5 +56,6 @@ fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
         DeviceThread::Console => ThreadKind::Console,
         DeviceThread::IommuEvents => ThreadKind::IommuEvents,
         DeviceThread::IommuPoller => ThreadKind::IommuPoller,
+        DeviceThread::Vsock => ThreadKind::Vsock,
     }
 }

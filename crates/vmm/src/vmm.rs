@@ -29,7 +29,7 @@ use crate::error::VmmError;
 use crate::events::GuestExit;
 use crate::events::VmmEvent;
 use crate::host::Host;
-use crate::hotplug::HotplugRequest;
+use crate::hotplug::{HotplugRequest, ONE_VSOCK};
 use crate::monitor::{self, EventMonitor};
 use crate::options::VmmOptions;
 use crate::pause::PauseError;
@@ -279,6 +279,7 @@ impl Vmm {
                 )
             }
             Request::AddNet(net, files) => self.add_net(net, files.take(), reply.clone()),
+            Request::AddVsock(vsock) => self.add_vsock(vsock, reply.clone()),
             Request::AddDevice(device) => {
                 let added = device.clone();
                 self.plug(
@@ -531,6 +532,21 @@ impl Vmm {
         answer
     }
 
+    /// `vm.add-vsock`: a VM has one vsock at most (Cloud Hypervisor answers a second with 500).
+    fn add_vsock(
+        &mut self,
+        vsock: vm_config::VsockConfig,
+        reply: Sender<Result<Response, ApiError>>,
+    ) -> Handled {
+        if let Some(vm) = &self.vm {
+            return hand_on(vm, HotplugRequest::AddVsock { vsock, reply });
+        }
+        if self.config.as_ref().is_some_and(|c| c.vsock.is_some()) {
+            return Handled::Answer(Err(ApiError::new(Refusal::Failed, ONE_VSOCK)));
+        }
+        self.cold_plug(|config| config.vsock = Some(vsock))
+    }
+
     /// `vm.remove-device`: the running VM's hotplug thread asks the guest to let go, or the
     /// device leaves the created VM's configuration.
     fn unplug(&mut self, id: String, reply: Sender<Result<Response, ApiError>>) -> Handled {
@@ -540,14 +556,9 @@ impl Vmm {
         let Some(config) = &mut self.config else {
             return Handled::Answer(Err(not_created()));
         };
-        let before = config.disks.len() + config.net.len() + config.devices.len();
-        let named = |given: &Option<String>| given.as_deref() == Some(id.as_str());
-        config.disks.retain(|d| !named(&d.id));
-        config.net.retain(|n| !named(&n.id));
-        config.devices.retain(|d| !named(&d.id));
-        let after = config.disks.len() + config.net.len() + config.devices.len();
+        let removed = config.remove_device(&id);
         self.host.taps.remove(&id);
-        Handled::Answer(if after < before {
+        Handled::Answer(if removed {
             Ok(Response::Done)
         } else {
             Err(ApiError::new(

@@ -8,7 +8,7 @@ use clap::Parser;
 use vm_config::options::KeyValues;
 use vm_config::{
     ConfigError, ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, NetConfig,
-    PayloadConfig, PlatformConfig, RngConfig, Section, SerialConfig, VmConfig,
+    PayloadConfig, PlatformConfig, RngConfig, Section, SerialConfig, VmConfig, VsockConfig,
 };
 use vmm::options::{ApiSocket, MonitorTarget, VmmOptions};
 
@@ -97,6 +97,13 @@ pub struct Cli {
     /// RAM is mapped for it. The device must be bound to vfio-pci; warden needs root.
     #[arg(long, value_name = "path=SYSFS_PATH[,iommu=on][,id=ID]")]
     device: Vec<String>,
+
+    /// virtio-vsock: cid=N,socket=PATH[,iommu=on][,id=ID]. Host programs reach guest port P by
+    /// connecting to the Unix socket PATH and writing "CONNECT P\n" (answered "OK <host
+    /// port>\n"); the guest reaches host port P at the Unix socket PATH_P. PATH must not
+    /// exist; warden removes it when the device goes. Accepts iommu=on.
+    #[arg(long, value_name = "cid=N,socket=PATH[,iommu=on]")]
+    vsock: Option<String>,
 
     /// Platform settings: iommu=on creates the virtio-iommu even when no device starts behind
     /// it, so that protected devices can be hot-plugged (`--api-socket`); iommu_segments=[0]
@@ -284,6 +291,7 @@ impl Cli {
             serial: SerialConfig::parse(&self.serial)?,
             console: ConsoleConfig::parse(&self.console)?,
             devices: list(&self.device, DeviceConfig::parse)?,
+            vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
             iommu,
             platform: Some(platform),
             ..Default::default()

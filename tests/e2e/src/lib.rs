@@ -481,7 +481,13 @@ const GUEST_TOOLS: [&str; 3] = ["vfio-map", "blk-discard", "attacker"];
 
 /// Binaries of this crate the KVM host gets beside warden, on its scripts' `PATH` (and
 /// `api-client` as `$API_CLIENT`).
-const HOST_TOOLS: [&str; 4] = ["api-client", "tap-fd", "kata-replay", "libvirt-replay"];
+const HOST_TOOLS: [&str; 5] = [
+    "api-client",
+    "tap-fd",
+    "kata-replay",
+    "libvirt-replay",
+    "vsock-peer",
+];
 
 /// Serializes runs: tests in a crate run on parallel threads, and one QEMU already wants
 /// both cores of a small CI machine (and a nested guest is too slow to share them).

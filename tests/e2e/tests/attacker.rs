@@ -7,6 +7,9 @@
 //! - a protected vhost-net (the kernel's data path), first negotiated without
 //!   ACCESS_PLATFORM (refused: the device does not go live), then properly, with frames to
 //!   send and receive buffers outside its mappings;
+//! - a protected vsock: packets to send and receive buffers outside its mappings (a request
+//!   it must not read goes unanswered; the reset owed for one it may read skips a buffer it
+//!   must not write and lands in the next);
 //! - a disk hot-added behind the IOMMU whose ring the attacker keeps full while it writes the
 //!   eject register of its slot over and over: warden unplugs it anyway (its worker stops
 //!   though the ring never empties), queues nothing per write, and its API keeps answering,
@@ -116,6 +119,16 @@ keep attacker net $net
 say "ATTACK-NET-EXIT=$rc"
 say "ATTACK-NET-KERNEL-FAULTS=$(faults)"
 
+# The vsock (modern virtio-vsock: 1af4:1053).
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1053 ]; then vsock=$d; fi
+done
+to_vfio $vsock
+say "ATTACK-VSOCK-DRIVER=$(basename "$(readlink $vsock/driver)")"
+keep attacker vsock $vsock
+say "ATTACK-VSOCK-EXIT=$rc"
+say "ATTACK-VSOCK-KERNEL-FAULTS=$(faults)"
+
 # Signals to the host, in the other disk's 95th MiB, written through to the image.
 signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }
 signal 0 READY-HOTPLUG
@@ -170,6 +183,13 @@ const VHOST_REFUSED: [&str; 4] = [
     "VHOST-CANARY-TX",
     "VHOST-CANARY-RX",
 ];
+/// The vsock's checks, each of which must come back `refused` (and faults once at least).
+const VSOCK_REFUSED: [&str; 4] = [
+    "VSOCK-NEVER-MAPPED-TX",
+    "VSOCK-LURE-TX",
+    "VSOCK-NEVER-MAPPED-RX",
+    "VSOCK-CANARY-RX",
+];
 /// The refused vhost-net accesses that reach the IOMMU (all but the refused negotiation):
 /// each faults at least once (the kernel asks again as frames keep coming).
 const VHOST_FAULTS_AT_LEAST: u64 = 3;
@@ -216,6 +236,8 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
             "path=other.img,iommu=on",
             "--net",
             "tap=,mac=52:54:00:12:34:99,ip=192.168.253.1,iommu=on,vhost=on",
+            "--vsock",
+            "cid=3,socket=v.sock,iommu=on",
             "--api-socket",
             "path=api.sock",
         ])
@@ -272,9 +294,29 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         net_kernel_faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
         "the guest kernel logs the vhost-net's faults too: {net_kernel_faults}\n{out}"
     );
+
+    // The vsock: packets it must not read are not answered, buffers it must not write stay
+    // as they were, and what it owes the guest waits for a buffer it may write.
+    assert_eq!(out.marker("ATTACK-VSOCK-DRIVER"), Some("vfio-pci"), "{out}");
+    assert_eq!(out.marker("ATTACK-VSOCK-EXIT"), Some("0"), "{out}");
+    for check in VSOCK_REFUSED {
+        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
+    }
+    for check in ["VSOCK-BASELINE", "VSOCK-RECOVERED"] {
+        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
+    }
+    assert_eq!(verdict(&out, "VSOCK-CANARY"), "intact", "{out}");
+    let vsock_kernel_faults: u64 = out
+        .marker("ATTACK-VSOCK-KERNEL-FAULTS")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        vsock_kernel_faults >= net_kernel_faults + VSOCK_REFUSED.len() as u64,
+        "the guest kernel logs the vsock's faults too: {vsock_kernel_faults}\n{out}"
+    );
     let faults = out.iommu_counter("faults");
     assert!(
-        faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
+        faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST + VSOCK_REFUSED.len() as u64,
         "warden counts each: {faults}\n{out}"
     );
 

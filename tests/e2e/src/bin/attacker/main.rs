@@ -4,6 +4,7 @@
 //!
 //! - `attacker blk SYSFS_DEVICE_PATH`: a protected disk (`blk.rs`);
 //! - `attacker net SYSFS_DEVICE_PATH`: a protected vhost-net (`net.rs`);
+//! - `attacker vsock SYSFS_DEVICE_PATH`: a protected vsock (`vsock.rs`);
 //! - `attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT`: a disk's ring kept full while
 //!   its slot's eject register is written over and over (`flood.rs`).
 //!
@@ -15,6 +16,7 @@ mod blk;
 mod flood;
 mod net;
 mod vfio;
+mod vsock;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         [_, mode, device] if mode == "blk" => blk::run(Path::new(device)),
         [_, mode, device] if mode == "net" => net::run(Path::new(device)),
+        [_, mode, device] if mode == "vsock" => vsock::run(Path::new(device)),
         [_, mode, device, seconds, eject_at, slot] if mode == "flood" => {
             match (seconds.parse(), eject_at.parse(), slot.parse()) {
                 (Ok(seconds), Ok(eject_at), Ok(slot)) => {
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: attacker blk|net SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
+                "usage: attacker blk|net|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
             );
             return ExitCode::from(2);
         }

@@ -1,0 +1,259 @@
+//! The attack on a protected virtio-vsock: packets to transmit, and receive buffers, outside
+//! what the driver mapped (never mapped, the guest-physical address of its own pages).
+//!
+//! A packet the device can read always gets an answer here: the driver asks for host ports
+//! nobody listens on, and the device answers each request with a reset. So a transmitted
+//! packet the device must not read is a request placed where only a device without an IOMMU
+//! could read it (a "lure" page, by guest-physical address): a reset for it would show the
+//! device read it. A receive buffer the device must not write sits on the canary: the reset
+//! owed must come, unwritten there, in the next buffer inside the mapping.
+
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
+use crate::vfio::{
+    get_u16, guest_physical, pinned_pages, put, put_desc, report, Container, Desc, Device,
+    QueueLayout, DESC_F_WRITE,
+};
+
+const BUFFER_LEN: usize = 1 << 20;
+const QUEUE_SIZE: u16 = 16;
+const RX: u16 = 0;
+const TX: u16 = 1;
+const EVENT: u16 = 2;
+/// Each queue's table, available and used rings in the buffer.
+const QUEUE_BASE: [usize; 3] = [0x0000, 0x4000, 0x8000];
+/// The packets to send, then the receive buffers.
+const PACKETS: usize = 0xc000;
+const RX_BUFFERS: usize = 0x1_0000;
+const RX_BUFFER_LEN: u32 = 4096 + HEADER_LEN as u32;
+const HEADER_LEN: usize = 44;
+/// The guest's CID, as the test starts warden.
+const GUEST_CID: u64 = 3;
+const OP_REQUEST: u16 = 1;
+const OP_RST: u16 = 3;
+
+fn layout(queue: u16) -> QueueLayout {
+    let base = IOVA + QUEUE_BASE[usize::from(queue)] as u64;
+    QueueLayout {
+        size: QUEUE_SIZE,
+        desc: base,
+        avail: base + 0x1000,
+        used: base + 0x2000,
+    }
+}
+
+/// A stream REQUEST from guest port `src` to host port `dst`.
+fn request(src: u32, dst: u32) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+    header[8..16].copy_from_slice(&2u64.to_le_bytes());
+    header[16..20].copy_from_slice(&src.to_le_bytes());
+    header[20..24].copy_from_slice(&dst.to_le_bytes());
+    header[28..30].copy_from_slice(&1u16.to_le_bytes());
+    header[30..32].copy_from_slice(&OP_REQUEST.to_le_bytes());
+    header[36..40].copy_from_slice(&(256u32 << 10).to_le_bytes());
+    header
+}
+
+/// The driver: the device, its DMA buffer and each queue's position.
+struct Vsock {
+    dev: Device,
+    buf: &'static mut [u8],
+    avail: [u16; 3],
+    used: [u16; 3],
+}
+
+impl Vsock {
+    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets the three queues up in the
+    /// buffer, cleared once the reset is complete.
+    fn start(&mut self) -> Result<(), String> {
+        if !self.dev.negotiate(FEATURES)? {
+            return Err("the vsock refused VERSION_1 + ACCESS_PLATFORM".into());
+        }
+        self.buf[..PACKETS].fill(0);
+        for queue in [RX, TX, EVENT] {
+            self.dev.setup_queue(queue, layout(queue))?;
+        }
+        if !self.dev.driver_ok()? {
+            return Err("the vsock refused DRIVER_OK".into());
+        }
+        self.avail = [0; 3];
+        self.used = [0; 3];
+        Ok(())
+    }
+
+    /// Makes `desc` available on `queue` and notifies.
+    fn offer(&mut self, queue: u16, desc: Desc) -> Result<(), String> {
+        let base = QUEUE_BASE[usize::from(queue)];
+        let q = usize::from(queue);
+        let index = usize::from(self.avail[q] % QUEUE_SIZE);
+        put_desc(self.buf, base, index, desc);
+        put(
+            self.buf,
+            base + 0x1000 + 4 + 2 * index,
+            &(index as u16).to_le_bytes(),
+        );
+        fence(Ordering::SeqCst);
+        self.avail[q] = self.avail[q].wrapping_add(1);
+        put(self.buf, base + 0x1000 + 2, &self.avail[q].to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.dev.notify(queue)
+    }
+
+    /// Waits up to `wait` for `queue` to return a buffer: its length.
+    fn used(&mut self, queue: u16, wait: Duration) -> Option<u32> {
+        let q = usize::from(queue);
+        let used_ring = QUEUE_BASE[q] + 0x2000;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            fence(Ordering::SeqCst);
+            if get_u16(self.buf, used_ring + 2) != self.used[q] {
+                let entry = used_ring + 4 + 8 * usize::from(self.used[q] % QUEUE_SIZE);
+                let len = u32::from(get_u16(self.buf, entry + 4))
+                    | u32::from(get_u16(self.buf, entry + 6)) << 16;
+                self.used[q] = self.used[q].wrapping_add(1);
+                return Some(len);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    /// Transmits the header at `addr`; whether the device returned the buffer.
+    fn transmit(&mut self, addr: u64) -> Result<bool, String> {
+        let desc = Desc {
+            addr,
+            len: HEADER_LEN as u32,
+            flags: 0,
+            next: 0,
+        };
+        self.offer(TX, desc)?;
+        Ok(self.used(TX, Duration::from_secs(3)).is_some())
+    }
+
+    /// Posts a receive buffer at `addr` and waits up to `wait` for a packet in it: its
+    /// length (0: returned unwritten).
+    fn receive(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
+        let desc = Desc {
+            addr,
+            len: RX_BUFFER_LEN,
+            flags: DESC_F_WRITE,
+            next: 0,
+        };
+        self.offer(RX, desc)?;
+        Ok(self.used(RX, wait))
+    }
+
+    /// The operation and ports of the packet received into the mapped buffer `at`.
+    fn packet(&self, at: usize) -> (u16, u32, u32) {
+        let word = |offset: usize| {
+            u32::from(get_u16(self.buf, at + offset))
+                | u32::from(get_u16(self.buf, at + offset + 2)) << 16
+        };
+        (get_u16(self.buf, at + 30), word(16), word(20))
+    }
+}
+
+fn verdict(refused: bool) -> &'static str {
+    if refused {
+        "refused"
+    } else {
+        "ALLOWED"
+    }
+}
+
+/// Runs every check against the vsock at sysfs path `device`.
+pub fn run(device: &Path) -> Result<(), String> {
+    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
+    let container = Container::open(device)?;
+    let buf = pinned_pages(BUFFER_LEN, 0)?;
+    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
+    let canary = pinned_pages(4096, CANARY_BYTE)?;
+    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let lure = pinned_pages(4096, 0)?;
+    lure[..HEADER_LEN].copy_from_slice(&request(41, 7041));
+    let lure_gpa = guest_physical(lure.as_ptr())?;
+    let mut vsock = Vsock {
+        dev: Device::open(&container, &bdf)?,
+        buf,
+        avail: [0; 3],
+        used: [0; 3],
+    };
+    vsock.start()?;
+
+    // The tool works: a request from the mapping is answered with a reset into the mapping.
+    put(vsock.buf, PACKETS, &request(40, 7040));
+    if !vsock.transmit(IOVA + PACKETS as u64)? {
+        return Err("the baseline request was never taken".into());
+    }
+    let rx = IOVA + RX_BUFFERS as u64;
+    match vsock.receive(rx, Duration::from_secs(5))? {
+        Some(len) if vsock.packet(RX_BUFFERS) == (OP_RST, 7040, 40) => report(
+            "VSOCK-BASELINE",
+            "ok",
+            &format!("a request answered with a reset of {len} bytes"),
+        ),
+        other => return Err(format!("the baseline request got {other:?}")),
+    }
+
+    // Requests the device must not read: never mapped, and the lure's guest-physical address.
+    for (name, addr) in [
+        ("VSOCK-NEVER-MAPPED-TX", IOVA_NEVER_MAPPED),
+        ("VSOCK-LURE-TX", lure_gpa),
+    ] {
+        let taken = vsock.transmit(addr)?;
+        let answered = vsock.receive(rx + 0x2000, Duration::from_secs(2))?;
+        report(
+            name,
+            verdict(answered.is_none()),
+            &format!("addr={addr:#x} returned={taken} answer={answered:?}"),
+        );
+        vsock.start()?;
+    }
+
+    // Receive buffers the device must not write: the reset owed skips them, unwritten, and
+    // lands in the next one inside the mapping.
+    for (i, (name, addr)) in [
+        ("VSOCK-NEVER-MAPPED-RX", IOVA_NEVER_MAPPED),
+        ("VSOCK-CANARY-RX", canary_gpa),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = 7050 + i as u32;
+        put(vsock.buf, PACKETS, &request(50, port));
+        vsock.transmit(IOVA + PACKETS as u64)?;
+        let outside = vsock.receive(addr, Duration::from_secs(3))?;
+        let inside = vsock.receive(rx, Duration::from_secs(5))?;
+        let delivered = vsock.packet(RX_BUFFERS) == (OP_RST, port, 50);
+        let intact = canary.iter().all(|&b| b == CANARY_BYTE);
+        report(
+            name,
+            verdict(outside.is_none_or(|len| len == 0) && delivered && intact),
+            &format!("addr={addr:#x} outside={outside:?} inside={inside:?} delivered={delivered} canary-intact={intact}"),
+        );
+        vsock.start()?;
+    }
+
+    put(vsock.buf, PACKETS, &request(60, 7060));
+    vsock.transmit(IOVA + PACKETS as u64)?;
+    match vsock.receive(rx, Duration::from_secs(5))? {
+        Some(_) if vsock.packet(RX_BUFFERS) == (OP_RST, 7060, 60) => report(
+            "VSOCK-RECOVERED",
+            "ok",
+            "a request answered after the attacks",
+        ),
+        other => report("VSOCK-RECOVERED", "FAILED", &format!("got {other:?}")),
+    }
+    let intact =
+        canary.iter().all(|&b| b == CANARY_BYTE) && lure[HEADER_LEN..].iter().all(|&b| b == 0);
+    report(
+        "VSOCK-CANARY",
+        if intact { "intact" } else { "CHANGED" },
+        &format!("gpa={canary_gpa:#x} lure={lure_gpa:#x}"),
+    );
+    vsock.dev.reset()
+}
