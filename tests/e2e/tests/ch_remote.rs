@@ -41,6 +41,7 @@ fdnet_pings() {
 case "$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 6)" in
 PHASE1)
     echo CHR-GUEST-SECOND-BOOT=yes
+    echo "CHR-GUEST-SECOND-VSOCKS=$(grep -l 0x1053 /sys/bus/pci/devices/*/device | wc -l)"
     echo "CHR-GUEST-SECOND-FDNET-PINGS=$(fdnet_pings)"
     tell PHASE2 100
     tell BOOT2 80
@@ -48,6 +49,7 @@ PHASE1)
     ;;
 PHASE2)
     echo CHR-GUEST-THIRD-BOOT=yes
+    echo "CHR-GUEST-THIRD-VSOCKS=$(grep -l 0x1053 /sys/bus/pci/devices/*/device | wc -l)"
     echo "CHR-GUEST-THIRD-FDNET-PINGS=$(fdnet_pings)"
     tell PHASE3 100
     tell BOOT3 88
@@ -154,6 +156,10 @@ done
   echo $? >$name.rc
   chr info-fdnet info
   wait_sector 96 FDNETUP
+  # The vsock stays in the configuration: the later boots build it again on the same socket.
+  chr add-vsock add-vsock cid=3,socket=v.sock,iommu=on
+  chr info-vsock info
+  chr add-vsock-again add-vsock cid=4,socket=w.sock
   chr pause pause
   chr info-paused info
   chr resume resume
@@ -178,7 +184,7 @@ const HOST_CHECK: &str = r#"for r in 1 2; do
 done
 for f in ping info-none create info-created boot info add-missing remove-unknown add-1 \
          counters-1 remove-1 add-2 counters-2 remove-2 add-net info-net remove-net add-fdnet \
-         info-fdnet pause \
+         info-fdnet add-vsock info-vsock add-vsock-again pause \
          info-paused resume info-resumed shutdown-vm info-shut ping-shut boot-again info-again \
          reboot info-rebooted delete info-deleted shutdown; do
   echo "CHR-RC $f $(cat $f.rc 2>/dev/null)"
@@ -368,6 +374,34 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
             out.marker(&format!("CHR-GUEST-{boot}FDNET-PINGS")),
             Some("3"),
             "{boot}boot: {out}"
+        );
+    }
+
+    // A vsock hot-added behind the IOMMU, listed, refused a second time, and built again
+    // by the next boots (its socket removed with the device and bound anew).
+    let added = call("add-vsock").json("add-vsock", &out);
+    assert_eq!(added["id"], "_vsock0", "{out}");
+    let slot = added["bdf"]
+        .as_str()
+        .and_then(|bdf| u8::from_str_radix(&bdf[8..10], 16).ok());
+    assert!(
+        slot.is_some_and(|slot| (0x18..0x1c).contains(&slot)),
+        "a protected hotplug slot: {added}\n{out}"
+    );
+    let vsock = &call("info-vsock").json("info", &out)["config"]["vsock"];
+    assert_eq!(
+        (&vsock["cid"], &vsock["iommu"]),
+        (&3.into(), &true.into()),
+        "{out}"
+    );
+    let again = call("add-vsock-again");
+    assert_ne!(again.rc, Some(0), "{out}");
+    assert!(again.err.contains("takes one only"), "{}\n{out}", again.err);
+    for boot in ["SECOND", "THIRD"] {
+        assert_eq!(
+            out.marker(&format!("CHR-GUEST-{boot}-VSOCKS")),
+            Some("1"),
+            "{boot} boot: {out}"
         );
     }
 
