@@ -113,15 +113,16 @@ impl PciBdf {
         (u16::from(self.bus) << 8) | (u16::from(self.device) << 3) | u16::from(self.function)
     }
 
-    /// The virtio-iommu endpoint ID the guest uses for this device.
+    /// The virtio-iommu endpoint ID the guest uses for this device: `segment << 16 | bdf`,
+    /// as Cloud Hypervisor numbers them.
     ///
     /// Linux derives it from the VIOT PCI range node that covers the device as
-    /// `endpoint_start + (bdf - bdf_start)` (plus the segment offset from `segment_start`, zero
-    /// here since every node covers a single segment). Our nodes set `endpoint_start` to the
-    /// node's first BDF, so the endpoint ID is simply the device's 16-bit BDF. The
-    /// virtio-iommu device must use the same mapping to find the device an ATTACH names.
+    /// `endpoint_start + ((segment - segment_start) << 16) + (bdf - bdf_start)`. Each of our
+    /// nodes covers one segment and starts its endpoints at this ID of its first function
+    /// (see `viot.rs`). The virtio-iommu device must use the same mapping to find the device
+    /// an ATTACH names.
     pub fn endpoint_id(&self) -> u32 {
-        u32::from(self.bdf())
+        u32::from(self.segment) << 16 | u32::from(self.bdf())
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -154,7 +155,7 @@ pub struct IoApic {
     pub gsi_base: u32,
 }
 
-/// The PCI Express enhanced configuration region of the single host bridge.
+/// The PCI Express enhanced configuration region of one host bridge (a PCI segment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ecam {
     /// ECAM address of bus 0 of the segment, as MCFG defines it: bus `n` is at
@@ -219,10 +220,11 @@ pub const GED_POWER_BUTTON: u8 = 1;
 /// The event register's bit for a change in the PCI hotplug slots (see [`PciHotplug`]).
 pub const GED_PCI_HOTPLUG: u8 = 2;
 
-/// ACPI PCI hotplug on bus 0 (the way Linux's `acpiphp` drives it): each slot in `slots` is an
-/// ACPI device under the host bridge with `_ADR`, `_SUN` and `_EJ0`, and the Generic Event
-/// Device's `_EVT`, on [`GED_PCI_HOTPLUG`], runs `\_SB_.PCI0.PCNT`, which reads the
-/// controller's registers and notifies each slot they name.
+/// ACPI PCI hotplug on bus 0 of a segment (the way Linux's `acpiphp` drives it): each slot in
+/// `slots` is an ACPI device under the segment's host bridge with `_ADR`, `_SUN` and `_EJ0`,
+/// and the Generic Event Device's `_EVT`, on [`GED_PCI_HOTPLUG`], runs the bridge's `PCNT`
+/// (`\_SB_.PC00.PCNT` for segment 0), which reads the segment's controller's registers and
+/// notifies each slot they name.
 ///
 /// The controller's registers, 32 bits each, from `port` on (see the `PCI_HOTPLUG_*` offsets):
 /// the slots to check for a new device (bit `n` is slot `n`; reading clears them), the slots
@@ -252,10 +254,28 @@ pub struct Viot {
     /// The endpoints behind it (order and duplicates do not matter). Devices not listed
     /// bypass the IOMMU: the guest does not attach them to it.
     pub protected: Vec<PciBdf>,
-    /// Slots on the virtio-iommu's bus, empty for now, whose every function is behind the IOMMU too: where
-    /// protected devices are hot-plugged. The VIOT is read once, at boot, so a device the
-    /// guest is to put behind the IOMMU later must sit where the table already said so.
-    pub protected_slots: Range<u8>,
+    /// Slots on bus 0 of a segment, empty for now, whose every function is behind the IOMMU
+    /// too: where protected devices are hot-plugged. The VIOT is read once, at boot, so a
+    /// device the guest is to put behind the IOMMU later must sit where the table already
+    /// said so.
+    pub protected_slots: Vec<(u16, Range<u8>)>,
+}
+
+/// One PCI segment: a host bridge of its own (`\_SB_.PC00`, `PC01`, ...) with its bus 0, its
+/// ECAM region and the windows its devices' BARs are placed in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciSegment {
+    pub ecam: Ecam,
+    /// 32-bit PCI memory window (half-open, must end at or below 4 GiB); empty to omit it.
+    pub mmio32: Range<u64>,
+    /// 64-bit PCI memory window (half-open), typically above RAM; empty to omit it.
+    pub mmio64: Range<u64>,
+    /// PCI I/O port window (half-open, e.g. 0x1000..0x10000). If it covers the 0xCF8..0xD00
+    /// configuration ports, the window is split around them, since segment 0's host bridge
+    /// owns those ports.
+    pub pci_io: Option<Range<u32>>,
+    /// Slots that take devices while the guest runs; needs the Generic Event Device.
+    pub hotplug: Option<PciHotplug>,
 }
 
 /// Everything the tables describe.
@@ -266,15 +286,9 @@ pub struct AcpiLayout {
     pub ioapic: IoApic,
     /// Local APIC MMIO base, e.g. 0xFEE0_0000.
     pub lapic_address: u32,
-    pub ecam: Ecam,
-    /// 32-bit PCI memory window (half-open, must end at or below 4 GiB); empty to omit it.
-    pub mmio32: Range<u64>,
-    /// 64-bit PCI memory window (half-open), typically above RAM; empty to omit it.
-    pub mmio64: Range<u64>,
-    /// PCI I/O port window (half-open, e.g. 0x1000..0x10000). If it covers the 0xCF8..0xD00
-    /// configuration ports, the window is split around them, since the host bridge itself
-    /// owns those ports.
-    pub pci_io: Option<Range<u32>>,
+    /// The PCI segments, segment `n` at index `n`; segment 0 is reached through the 0xCF8
+    /// ports too.
+    pub segments: Vec<PciSegment>,
     /// COM1, declared in the DSDT so that Linux's PNP serial driver finds its IRQ (in
     /// hardware-reduced mode Linux sets up no legacy ISA IRQs on its own).
     pub serial: Option<Serial>,
@@ -287,8 +301,15 @@ pub struct AcpiLayout {
     pub events: Option<GenericEvents>,
     /// When set, a VIOT table describes the virtio-iommu and its endpoints.
     pub iommu: Option<Viot>,
-    /// Slots on bus 0 that take devices while the guest runs; needs `events`.
-    pub pci_hotplug: Option<PciHotplug>,
+}
+
+impl AcpiLayout {
+    /// The segments with hotplug slots, with their numbers.
+    fn hotplug(&self) -> impl Iterator<Item = (u16, &PciHotplug)> {
+        self.segments
+            .iter()
+            .filter_map(|s| Some((s.ecam.segment, s.hotplug.as_ref()?)))
+    }
 }
 
 /// One table as built: where it goes and its bytes (checksum included).
@@ -315,7 +336,76 @@ impl AcpiLayout {
         if self.cpus == 0 {
             return invalid("no vCPUs".into());
         }
-        let ecam = self.ecam;
+        if self.segments.is_empty() {
+            return invalid("no PCI segment".into());
+        }
+        let ecam_regions: Vec<Range<u64>> = self.segments.iter().map(|s| s.ecam.region()).collect();
+        let mut windows: Vec<(String, Range<u64>)> = Vec::new();
+        let mut io_windows: Vec<Range<u32>> = Vec::new();
+        for (index, segment) in self.segments.iter().enumerate() {
+            self.check_segment(index, segment, &ecam_regions)?;
+            for (name, window) in [("mmio32", &segment.mmio32), ("mmio64", &segment.mmio64)] {
+                let name = format!("segment {index}'s {name} window");
+                if let Some((other, _)) = windows.iter().find(|(_, w)| overlaps(w, window)) {
+                    return invalid(format!("{name} {window:#x?} overlaps {other}"));
+                }
+                windows.push((name, window.clone()));
+            }
+            if let Some(io) = &segment.pci_io {
+                if io_windows.iter().any(|other| overlaps(other, io)) {
+                    return invalid(format!(
+                        "segment {index}'s PCI I/O window {io:#x?} overlaps another segment's"
+                    ));
+                }
+                io_windows.push(io.clone());
+            }
+        }
+        if let Some(viot) = &self.iommu {
+            self.check_viot(viot)?;
+        }
+        let mut hotplug_ports: Vec<Range<u32>> = Vec::new();
+        for (segment, hotplug) in self.hotplug() {
+            if hotplug.slots.is_empty() || hotplug.slots.start == 0 || hotplug.slots.end > 32 {
+                return invalid(format!(
+                    "segment {segment}'s hotplug slots {:?} must be a non-empty range within 1..32",
+                    hotplug.slots
+                ));
+            }
+            if self.events.is_none() {
+                return invalid("PCI hotplug needs the Generic Event Device".into());
+            }
+            let ports =
+                u32::from(hotplug.port)..u32::from(hotplug.port) + u32::from(PCI_HOTPLUG_PORTS);
+            let taken = io_windows
+                .iter()
+                .chain(&hotplug_ports)
+                .any(|other| overlaps(other, &ports));
+            if ports.end > 0x1_0000 || taken {
+                return invalid(format!(
+                    "segment {segment}'s PCI hotplug registers at {ports:#x?} overlap a PCI I/O window or other registers, or end above 0xFFFF"
+                ));
+            }
+            hotplug_ports.push(ports);
+        }
+        Ok(())
+    }
+
+    /// Segment `index` alone: its ECAM region, and windows that stay clear of every
+    /// segment's ECAM region and of the ports the motherboard owns.
+    fn check_segment(
+        &self,
+        index: usize,
+        segment: &PciSegment,
+        ecam_regions: &[Range<u64>],
+    ) -> Result<(), Error> {
+        let invalid = |msg: String| Err(Error::InvalidLayout(msg));
+        let ecam = segment.ecam;
+        if usize::from(ecam.segment) != index {
+            return invalid(format!(
+                "segment {index} is described as segment {}",
+                ecam.segment
+            ));
+        }
         let ecam_region = ecam.region();
         if ecam.bus_start > ecam.bus_end {
             return invalid(format!(
@@ -330,23 +420,31 @@ impl AcpiLayout {
         if ecam_region.end > 1 << 32 {
             return invalid(format!("ECAM region {ecam_region:#x?} is above 4 GiB"));
         }
-        for (name, window) in [("mmio32", &self.mmio32), ("mmio64", &self.mmio64)] {
+        if let Some(other) = ecam_regions[..index]
+            .iter()
+            .find(|other| overlaps(other, &ecam_region))
+        {
+            return invalid(format!(
+                "ECAM region {ecam_region:#x?} overlaps {other:#x?}"
+            ));
+        }
+        for (name, window) in [("mmio32", &segment.mmio32), ("mmio64", &segment.mmio64)] {
             if window.start > window.end {
                 return invalid(format!("{name} window {window:#x?} is reversed"));
             }
-            if overlaps(window, &ecam_region) {
+            if let Some(region) = ecam_regions.iter().find(|r| overlaps(window, r)) {
                 return invalid(format!(
-                    "{name} window {window:#x?} overlaps ECAM {ecam_region:#x?}"
+                    "{name} window {window:#x?} overlaps ECAM {region:#x?}"
                 ));
             }
         }
-        if self.mmio32.end > 1 << 32 {
+        if segment.mmio32.end > 1 << 32 {
             return invalid(format!(
                 "mmio32 window {:#x?} ends above 4 GiB",
-                self.mmio32
+                segment.mmio32
             ));
         }
-        if let Some(io) = &self.pci_io {
+        if let Some(io) = &segment.pci_io {
             if io.start >= io.end || io.end > 0x1_0000 {
                 return invalid(format!("PCI I/O window {io:#x?} is empty or above 0xFFFF"));
             }
@@ -373,54 +471,37 @@ impl AcpiLayout {
                 ));
             }
         }
-        if let Some(viot) = &self.iommu {
-            for dev in std::iter::once(&viot.iommu).chain(&viot.protected) {
-                dev.check()?;
-                // One host bridge: the VIOT may only name functions it can reach.
-                if dev.segment != ecam.segment
-                    || !(ecam.bus_start..=ecam.bus_end).contains(&dev.bus)
-                {
-                    return invalid(format!(
-                        "{dev} is outside the host bridge (segment {}, buses {}..={})",
-                        ecam.segment, ecam.bus_start, ecam.bus_end
-                    ));
-                }
+        Ok(())
+    }
+
+    /// The VIOT names functions the host bridges reach, and not the IOMMU behind itself.
+    fn check_viot(&self, viot: &Viot) -> Result<(), Error> {
+        let invalid = |msg: String| Err(Error::InvalidLayout(msg));
+        let reaches = |segment: u16, bus: u8| {
+            self.segments
+                .get(usize::from(segment))
+                .is_some_and(|s| (s.ecam.bus_start..=s.ecam.bus_end).contains(&bus))
+        };
+        for dev in std::iter::once(&viot.iommu).chain(&viot.protected) {
+            dev.check()?;
+            if !reaches(dev.segment, dev.bus) {
+                return invalid(format!("{dev} is outside every host bridge"));
             }
-            if viot.protected_slots.end > 32 {
+        }
+        for (segment, slots) in &viot.protected_slots {
+            if !reaches(*segment, 0) || slots.end > 32 {
                 return invalid(format!(
-                    "protected slots {:?} go past device 31",
-                    viot.protected_slots
-                ));
-            }
-            // Linux would wait for the IOMMU to probe before probing the IOMMU.
-            if viot.protected.contains(&viot.iommu)
-                || (viot.iommu.segment == ecam.segment
-                    && viot.iommu.bus == 0
-                    && viot.protected_slots.contains(&viot.iommu.device))
-            {
-                return invalid(format!(
-                    "the virtio-iommu {} cannot be behind itself",
-                    viot.iommu
+                    "protected slots {slots:?} of segment {segment} are not on a host bridge's bus 0"
                 ));
             }
         }
-        if let Some(hotplug) = &self.pci_hotplug {
-            if hotplug.slots.is_empty() || hotplug.slots.start == 0 || hotplug.slots.end > 32 {
-                return invalid(format!(
-                    "hotplug slots {:?} must be a non-empty range within 1..32",
-                    hotplug.slots
-                ));
-            }
-            if self.events.is_none() {
-                return invalid("PCI hotplug needs the Generic Event Device".into());
-            }
-            let ports =
-                u32::from(hotplug.port)..u32::from(hotplug.port) + u32::from(PCI_HOTPLUG_PORTS);
-            if ports.end > 0x1_0000 || self.pci_io.as_ref().is_some_and(|io| overlaps(io, &ports)) {
-                return invalid(format!(
-                    "PCI hotplug registers at {ports:#x?} overlap the PCI I/O window or end above 0xFFFF"
-                ));
-            }
+        // Linux would wait for the IOMMU to probe before probing the IOMMU.
+        let iommu = viot.iommu;
+        let in_a_protected_slot = viot.protected_slots.iter().any(|(segment, slots)| {
+            *segment == iommu.segment && iommu.bus == 0 && slots.contains(&iommu.device)
+        });
+        if viot.protected.contains(&iommu) || in_a_protected_slot {
+            return invalid(format!("the virtio-iommu {iommu} cannot be behind itself"));
         }
         Ok(())
     }
@@ -468,8 +549,10 @@ pub fn build_tables(layout: &AcpiLayout, rsdp_addr: GuestAddress) -> Result<Vec<
     let madt = seal(madt::build(layout));
     let mcfg = {
         let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-        let ecam = layout.ecam;
-        mcfg.add_ecam(ecam.base, ecam.segment, ecam.bus_start, ecam.bus_end);
+        for segment in &layout.segments {
+            let ecam = segment.ecam;
+            mcfg.add_ecam(ecam.base, ecam.segment, ecam.bus_start, ecam.bus_end);
+        }
         seal(aml_bytes(&mcfg))
     };
     let viot = layout.iommu.as_ref().map(|v| seal(viot::build(v)));

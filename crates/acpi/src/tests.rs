@@ -19,15 +19,18 @@ fn layout() -> AcpiLayout {
             gsi_base: 0,
         },
         lapic_address: 0xFEE0_0000,
-        ecam: Ecam {
-            base: 0xE000_0000,
-            segment: 0,
-            bus_start: 0,
-            bus_end: 0,
-        },
-        mmio32: 0xC000_0000..0xE000_0000,
-        mmio64: 0x1_0000_0000..0x11_0000_0000,
-        pci_io: Some(0x1000..0x1_0000),
+        segments: vec![PciSegment {
+            ecam: Ecam {
+                base: 0xE000_0000,
+                segment: 0,
+                bus_start: 0,
+                bus_end: 0,
+            },
+            mmio32: 0xC000_0000..0xE000_0000,
+            mmio64: 0x1_0000_0000..0x11_0000_0000,
+            pci_io: Some(0x1000..0x1_0000),
+            hotplug: None,
+        }],
         serial: Some(Serial {
             port: 0x3F8,
             irq: 4,
@@ -48,18 +51,31 @@ fn layout() -> AcpiLayout {
         iommu: Some(Viot {
             iommu: PciBdf::new(0, 0, 3, 0),
             protected: vec![PciBdf::new(0, 0, 4, 0), PciBdf::new(0, 0, 5, 0)],
-            protected_slots: 0..0,
+            protected_slots: vec![],
         }),
-        pci_hotplug: None,
     }
 }
 
-/// A layout whose segment, IOMMU BDF and protected BDFs are all different non-zero numbers,
-/// so a field written at the wrong offset shows.
+/// A layout with a second segment whose buses, IOMMU BDF and protected BDFs are all
+/// different non-zero numbers, so a field written at the wrong offset shows. The windows are
+/// split between the two segments.
 fn segment1_layout() -> AcpiLayout {
     let mut l = layout();
-    l.ecam.segment = 1;
-    l.ecam.bus_end = 1;
+    l.segments[0].mmio32 = 0xC000_0000..0xD000_0000;
+    l.segments[0].mmio64 = 0x1_0000_0000..0x9_0000_0000;
+    l.segments[0].pci_io = Some(0x1000..0x8000);
+    l.segments.push(PciSegment {
+        ecam: Ecam {
+            base: 0xE010_0000,
+            segment: 1,
+            bus_start: 0,
+            bus_end: 1,
+        },
+        mmio32: 0xD000_0000..0xE000_0000,
+        mmio64: 0x9_0000_0000..0x11_0000_0000,
+        pci_io: Some(0x8000..0x1_0000),
+        hotplug: None,
+    });
     l.iommu = Some(Viot {
         iommu: PciBdf::new(1, 0, 3, 0),
         protected: vec![
@@ -68,7 +84,7 @@ fn segment1_layout() -> AcpiLayout {
             PciBdf::new(1, 1, 0, 0),
             PciBdf::new(1, 0, 4, 0),
         ],
-        protected_slots: 0..0,
+        protected_slots: vec![],
     });
     l
 }
@@ -226,11 +242,14 @@ fn madt_has_each_cpu_the_ioapic_the_timer_override_and_the_nmi() {
 fn mcfg_has_the_ecam_entry() {
     let tables = build_tables(&segment1_layout(), RSDP_AT).unwrap();
     let mcfg = &table(&tables, "MCFG").bytes;
-    assert_eq!(mcfg.len(), 44 + 16);
+    assert_eq!(mcfg.len(), 44 + 2 * 16, "an entry per segment");
     assert_eq!(u64_at(mcfg, 36), 0, "reserved");
     assert_eq!(u64_at(mcfg, 44), 0xE000_0000, "base address");
-    assert_eq!(u16_at(mcfg, 52), 1, "segment");
-    assert_eq!((mcfg[54], mcfg[55]), (0, 1), "bus range");
+    assert_eq!(u16_at(mcfg, 52), 0, "segment");
+    assert_eq!((mcfg[54], mcfg[55]), (0, 0), "bus range");
+    assert_eq!(u64_at(mcfg, 60), 0xE010_0000, "base address");
+    assert_eq!(u16_at(mcfg, 68), 1, "segment");
+    assert_eq!((mcfg[70], mcfg[71]), (0, 1), "bus range");
 }
 
 #[test]
@@ -354,8 +373,9 @@ fn viot_bytes_follow_the_spec() {
     assert_eq!(&viot[48..56], [3, 0, 16, 0, 1, 0, 0x18, 0]);
     assert_eq!(iommu_offset, 48);
 
+    // Segment 1's endpoints are numbered from 1 << 16, as `PciBdf::endpoint_id` says.
     let node = |start: u16, end: u16| RangeNode {
-        endpoint_start: start.into(),
+        endpoint_start: 1 << 16 | u32::from(start),
         segment_start: 1,
         segment_end: 1,
         bdf_start: start,
@@ -410,7 +430,7 @@ fn viot_covers_exactly_the_protected_devices_with_their_endpoint_ids() {
 #[test]
 fn viot_checksum_holds_past_255_nodes() {
     let mut l = layout();
-    l.ecam.bus_end = 9;
+    l.segments[0].ecam.bus_end = 9;
     // Function 0 of every slot on buses 1..=9: 288 devices, none adjacent.
     let protected: Vec<_> = (1..=9)
         .flat_map(|bus| (0..32).map(move |dev| PciBdf::new(0, bus, dev, 0)))
@@ -418,7 +438,7 @@ fn viot_checksum_holds_past_255_nodes() {
     l.iommu = Some(Viot {
         iommu: PciBdf::new(0, 0, 3, 0),
         protected,
-        protected_slots: 0..0,
+        protected_slots: vec![],
     });
     let tables = build_tables(&l, RSDP_AT).unwrap();
     let viot = &table(&tables, "VIOT").bytes;
@@ -435,14 +455,18 @@ fn inconsistent_layouts_are_rejected() {
     let cases: Vec<BadLayout> = vec![
         ("no vCPUs", |l| l.cpus = 0),
         ("overlaps the serial port", |l| {
-            l.pci_io = Some(0x3F0..0x3F9)
+            l.segments[0].pci_io = Some(0x3F0..0x3F9)
         }),
         ("overlaps the sleep control register", |l| {
-            l.pci_io = Some(0x3C0..0x3C1)
+            l.segments[0].pci_io = Some(0x3C0..0x3C1)
         }),
-        ("above 0xFFFF", |l| l.pci_io = Some(0x1000..0x1_0001)),
-        ("overlaps ECAM", |l| l.mmio32 = 0xC000_0000..0xE000_1000),
-        ("above 4 GiB", |l| l.ecam.base = 0x1_0000_0000),
+        ("above 0xFFFF", |l| {
+            l.segments[0].pci_io = Some(0x1000..0x1_0001)
+        }),
+        ("overlaps ECAM", |l| {
+            l.segments[0].mmio32 = 0xC000_0000..0xE000_1000
+        }),
+        ("above 4 GiB", |l| l.segments[0].ecam.base = 0x1_0000_0000),
         ("cannot be behind itself", |l| {
             let v = l.iommu.as_mut().unwrap();
             v.protected.push(v.iommu);
@@ -450,27 +474,33 @@ fn inconsistent_layouts_are_rejected() {
         ("device >= 32", |l| {
             l.iommu.as_mut().unwrap().protected[0].device = 32
         }),
-        ("outside the host bridge", |l| {
+        ("outside every host bridge", |l| {
             l.iommu.as_mut().unwrap().protected[0].bus = 1
         }),
-        ("outside the host bridge", |l| {
+        ("outside every host bridge", |l| {
             l.iommu.as_mut().unwrap().iommu.segment = 2
         }),
         ("cannot be behind itself", |l| {
-            l.iommu.as_mut().unwrap().protected_slots = 2..4
+            l.iommu.as_mut().unwrap().protected_slots = vec![(0, 2..4)]
         }),
-        ("go past device 31", |l| {
-            l.iommu.as_mut().unwrap().protected_slots = 24..33
+        ("are not on a host bridge's bus 0", |l| {
+            l.iommu.as_mut().unwrap().protected_slots = vec![(0, 24..33)]
         }),
-        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(0..4))),
-        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(24..24))),
-        ("within 1..32", |l| l.pci_hotplug = Some(hotplug(24..33))),
+        ("within 1..32", |l| {
+            l.segments[0].hotplug = Some(hotplug(0..4))
+        }),
+        ("within 1..32", |l| {
+            l.segments[0].hotplug = Some(hotplug(24..24))
+        }),
+        ("within 1..32", |l| {
+            l.segments[0].hotplug = Some(hotplug(24..33))
+        }),
         ("needs the Generic Event Device", |l| {
-            l.pci_hotplug = Some(hotplug(24..32));
+            l.segments[0].hotplug = Some(hotplug(24..32));
             l.events = None;
         }),
-        ("overlap the PCI I/O window", |l| {
-            l.pci_hotplug = Some(PciHotplug {
+        ("overlap a PCI I/O window", |l| {
+            l.segments[0].hotplug = Some(PciHotplug {
                 port: 0x1000,
                 slots: 24..32,
             })
@@ -491,7 +521,7 @@ fn inconsistent_layouts_are_rejected() {
 #[test]
 fn io_window_around_the_config_ports_is_accepted() {
     let mut l = layout();
-    l.pci_io = Some(0x0C00..0x1_0000);
+    l.segments[0].pci_io = Some(0x0C00..0x1_0000);
     assert!(build_tables(&l, RSDP_AT).is_ok());
 }
 
@@ -565,7 +595,7 @@ fn hotplug(slots: std::ops::Range<u8>) -> PciHotplug {
 #[test]
 fn viot_covers_the_protected_hotplug_slots_with_one_node() {
     let mut l = layout();
-    l.iommu.as_mut().unwrap().protected_slots = 24..28;
+    l.iommu.as_mut().unwrap().protected_slots = vec![(0, 24..28)];
     let tables = build_tables(&l, RSDP_AT).unwrap();
     let (_, _, ranges) = parse_viot(&table(&tables, "VIOT").bytes);
     let node = |start: u16, end: u16| RangeNode {
@@ -604,7 +634,7 @@ fn hotplug_slots_are_in_the_dsdt_only_when_asked_for() {
     for needle in [&b"PCNT"[..], b"PHPR", b"_EJ0", b"SL18"] {
         assert!(!has(&plain, needle), "{}", String::from_utf8_lossy(needle));
     }
-    l.pci_hotplug = Some(hotplug(24..26));
+    l.segments[0].hotplug = Some(hotplug(24..26));
     let bytes = dsdt(&l);
     for needle in [
         &b"PCNT"[..],

@@ -3,7 +3,12 @@
 //!
 //! acpi_tables 0.2.1's VIOT builder writes the virtio-pci IOMMU node as segment then BDF, the
 //! order ACPI 6.5 (5.2.32.3) and Linux's `struct acpi_viot_virtio_iommu_pci` use (an earlier
-//! revision had them swapped); the tests pin that down byte by byte.
+//! revision had them swapped); the tests pin that down byte by byte. Its PCI range node sets
+//! `endpoint_start` to the first function's BDF alone, so on a segment other than 0 the
+//! node's endpoint IDs would be segment 0's: those are set afterwards to the segment's
+//! ([`PciBdf::endpoint_id`]).
+
+use std::collections::BTreeMap;
 
 use acpi_tables::viot::{PciDevice, PciRange, VirtIoPciIommu, VIOT};
 
@@ -20,7 +25,7 @@ fn pci_device(dev: &PciBdf) -> PciDevice {
 /// A PCI range node covers every BDF from its start to its end, so one node per run covers
 /// exactly the protected devices: functions 0..n of a multi-function device share a node,
 /// while single-function devices at different slots (BDFs 8 apart) each get their own.
-/// All devices are in one segment (the host bridge's), checked by the caller.
+/// All devices are in one segment, as the caller groups them.
 pub(crate) fn protected_runs(protected: &[PciBdf]) -> Vec<(PciBdf, PciBdf)> {
     let mut devices = protected.to_vec();
     devices.sort_by_key(PciBdf::bdf);
@@ -35,24 +40,41 @@ pub(crate) fn protected_runs(protected: &[PciBdf]) -> Vec<(PciBdf, PciBdf)> {
     runs
 }
 
-/// The VIOT's bytes.
+/// Where the nodes start (after the header, the node count and offset, and 8 reserved
+/// bytes), and where a PCI range node keeps its `endpoint_start`.
+const NODES: usize = 48;
+const IOMMU_NODE_LEN: usize = 16;
+const RANGE_NODE_LEN: usize = 24;
+const ENDPOINT_START: usize = 4;
+
+/// The VIOT's bytes (checksum left to the caller).
 pub(crate) fn build(viot: &Viot) -> Vec<u8> {
     let mut table = VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let iommu = table.add_virtio_pci_iommu(VirtIoPciIommu::new(pci_device(&viot.iommu)));
     // Every function of a protected slot, so that one node covers the whole range.
-    let slots = viot
-        .protected_slots
-        .clone()
-        .flat_map(|device| (0..8).map(move |function| (device, function)))
-        .map(|(device, function)| {
-            PciBdf::new(viot.iommu.segment, viot.iommu.bus, device, function)
-        });
-    let protected: Vec<PciBdf> = viot.protected.iter().copied().chain(slots).collect();
-    for (first, last) in protected_runs(&protected) {
-        // Sets endpoint_start to first's BDF: see `PciBdf::endpoint_id`.
-        table.add_pci_range(PciRange::new(pci_device(&first), pci_device(&last), &iommu));
+    let slots = viot.protected_slots.iter().flat_map(|(segment, slots)| {
+        let segment = *segment;
+        slots.clone().flat_map(move |device| {
+            (0..8).map(move |function| PciBdf::new(segment, 0, device, function))
+        })
+    });
+    let mut by_segment: BTreeMap<u16, Vec<PciBdf>> = BTreeMap::new();
+    for dev in viot.protected.iter().copied().chain(slots) {
+        by_segment.entry(dev.segment).or_default().push(dev);
     }
-    aml_bytes(&table)
+    let runs: Vec<(PciBdf, PciBdf)> = by_segment
+        .values()
+        .flat_map(|devices| protected_runs(devices))
+        .collect();
+    for (first, last) in &runs {
+        table.add_pci_range(PciRange::new(pci_device(first), pci_device(last), &iommu));
+    }
+    let mut bytes = aml_bytes(&table);
+    for (i, (first, _)) in runs.iter().enumerate() {
+        let at = NODES + IOMMU_NODE_LEN + i * RANGE_NODE_LEN + ENDPOINT_START;
+        bytes[at..at + 4].copy_from_slice(&first.endpoint_id().to_le_bytes());
+    }
+    bytes
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use acpi::{
-    build_tables, AcpiLayout, AcpiTable, Ecam, IoApic, PciBdf, Serial, SleepRegisters, Viot,
+    build_tables, AcpiLayout, AcpiTable, Ecam, IoApic, PciBdf, PciSegment, Serial, SleepRegisters,
+    Viot,
 };
 use vm_memory::GuestAddress;
 
@@ -22,16 +23,35 @@ fn layout() -> AcpiLayout {
             gsi_base: 0,
         },
         lapic_address: 0xFEE0_0000,
-        ecam: Ecam {
-            base: 0xE000_0000,
-            segment: 1,
-            bus_start: 0,
-            bus_end: 1,
-        },
-        mmio32: 0xC000_0000..0xE000_0000,
-        mmio64: 0x1_0000_0000..0x11_0000_0000,
-        // Covers the configuration ports, so the window must come out split around them.
-        pci_io: Some(0x0C00..0x1_0000),
+        // Two segments, the windows split between them; the second with two buses.
+        segments: vec![
+            PciSegment {
+                ecam: Ecam {
+                    base: 0xE000_0000,
+                    segment: 0,
+                    bus_start: 0,
+                    bus_end: 0,
+                },
+                mmio32: 0xC000_0000..0xD000_0000,
+                mmio64: 0x1_0000_0000..0x9_0000_0000,
+                // Covers the configuration ports, so the window must come out split around
+                // them.
+                pci_io: Some(0x0C00..0x8000),
+                hotplug: None,
+            },
+            PciSegment {
+                ecam: Ecam {
+                    base: 0xE010_0000,
+                    segment: 1,
+                    bus_start: 0,
+                    bus_end: 1,
+                },
+                mmio32: 0xD000_0000..0xE000_0000,
+                mmio64: 0x9_0000_0000..0x11_0000_0000,
+                pci_io: Some(0x8000..0x1_0000),
+                hotplug: None,
+            },
+        ],
         serial: Some(Serial {
             port: 0x3F8,
             irq: 4,
@@ -56,9 +76,8 @@ fn layout() -> AcpiLayout {
                 PciBdf::new(1, 1, 0, 0),
                 PciBdf::new(1, 1, 0, 1),
             ],
-            protected_slots: 0..0,
+            protected_slots: vec![],
         }),
-        pci_hotplug: None,
     }
 }
 
@@ -147,40 +166,53 @@ fn disassemble(table: &AcpiTable) -> Disassembly {
 }
 
 #[test]
-fn dsdt_has_the_host_bridge_its_windows_serial_and_s5() {
+fn dsdt_has_a_host_bridge_per_segment_its_windows_serial_and_s5() {
     let tables = tables(&layout());
     let dsl = disassemble(table(&tables, "DSDT"));
     dsl.assert_has(&[
-        "Scope (\\_SB) { Device (PCI0) {",
+        "Scope (\\_SB) { Device (PC00) {",
         "Name (_HID, EisaId (\"PNP0A08\") /* PCI Express Bus */)",
         "Name (_CID, EisaId (\"PNP0A03\") /* PCI Bus */)",
-        "Name (_SEG, One)",
-        "Name (_BBN, Zero)",
-        "Name (_UID, Zero)",
-        // Bus range 0..=1.
-        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0001, \
-         0x0000, 0x0002,",
-        // The bridge owns the configuration ports ...
+        "Name (_SEG, Zero) Name (_BBN, Zero) Name (_UID, Zero)",
+        // Segment 0: bus 0 alone; it owns the configuration ports ...
+        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0000, \
+         0x0000, 0x0001,",
         "IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, )",
-        // ... and the I/O window goes around them.
+        // ... and its I/O window goes around them.
         "WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0C00, \
          0x0CF7, 0x0000, 0x00F8,",
         "WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0D00, \
-         0xFFFF, 0x0000, 0xF300,",
+         0x7FFF, 0x0000, 0x7300,",
         "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, \
-         0x00000000, 0xC0000000, 0xDFFFFFFF, 0x00000000, 0x20000000,",
+         0x00000000, 0xC0000000, 0xCFFFFFFF, 0x00000000, 0x10000000,",
         "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, \
-         0x0000000000000000, 0x0000000100000000, 0x00000010FFFFFFFF, 0x0000000000000000, \
-         0x0000001000000000,",
-        // ECAM for buses 0..=1 reserved as a motherboard resource, with the sleep registers.
+         0x0000000000000000, 0x0000000100000000, 0x00000008FFFFFFFF, 0x0000000000000000, \
+         0x0000000800000000,",
+        // Segment 1: its own number, buses 0..=1 and windows, no configuration ports.
+        "Device (PC01) {",
+        "Name (_SEG, One) Name (_BBN, Zero) Name (_UID, One)",
+        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0001, \
+         0x0000, 0x0002,",
+        "WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x8000, \
+         0xFFFF, 0x0000, 0x8000,",
+        "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, \
+         0x00000000, 0xD0000000, 0xDFFFFFFF, 0x00000000, 0x10000000,",
+        "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, \
+         0x0000000000000000, 0x0000000900000000, 0x00000010FFFFFFFF, 0x0000000000000000, \
+         0x0000000800000000,",
+        // Each segment's ECAM reserved as a motherboard resource, with the sleep registers.
         "Device (MBRS) { Name (_HID, EisaId (\"PNP0C02\") /* PNP Motherboard Resources */)",
-        "Memory32Fixed (ReadWrite, 0xE0000000, 0x00200000, ) \
+        "Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000, ) \
+         Memory32Fixed (ReadWrite, 0xE0100000, 0x00200000, ) \
          IO (Decode16, 0x03C0, 0x03C0, 0x01, 0x01, ) IO (Decode16, 0x03C1, 0x03C1, 0x01, 0x01, )",
         "Device (COM1) { Name (_HID, EisaId (\"PNP0501\") /* 16550A-compatible COM Serial Port */)",
         "IO (Decode16, 0x03F8, 0x03F8, 0x01, 0x08, ) \
          Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000004, }",
         "Name (_S5, Package (0x02) { 0x05, Zero })",
     ]);
+    let pc01 = dsl.flat.split("Device (PC01)").nth(1).unwrap_or_default();
+    let pc01 = pc01.split("Device (MBRS)").next().unwrap_or_default();
+    assert!(!pc01.contains("0x0CF8"), "{}", dsl.raw);
 }
 
 #[test]
@@ -203,25 +235,33 @@ fn dsdt_has_a_power_button_behind_a_generic_event_device() {
 #[test]
 fn dsdt_has_hotplug_slots_with_eject_and_a_notify_method_the_ged_runs() {
     let mut l = layout();
-    l.pci_hotplug = Some(acpi::PciHotplug {
+    l.segments[0].hotplug = Some(acpi::PciHotplug {
         port: 0x3d0,
         slots: 24..26,
+    });
+    l.segments[1].hotplug = Some(acpi::PciHotplug {
+        port: 0x3e0,
+        slots: 3..4,
     });
     let tables = tables(&l);
     let dsl = disassemble(table(&tables, "DSDT"));
     dsl.assert_has(&[
-        "Scope (\\_SB.PCI0) { OperationRegion (PHPR, SystemIO, 0x03D0, 0x0C)",
+        "Scope (\\_SB.PC00) { OperationRegion (PHPR, SystemIO, 0x03D0, 0x0C)",
         "Field (PHPR, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32 }",
         "Device (SL18) { Name (_ADR, 0x00180000) Name (_SUN, 0x18) \
-         Method (_EJ0, 1, NotSerialized) { \\_SB.PCI0.B0EJ = 0x01000000 } }",
+         Method (_EJ0, 1, NotSerialized) { \\_SB.PC00.B0EJ = 0x01000000 } }",
         "Device (SL19) { Name (_ADR, 0x00190000) Name (_SUN, 0x19)",
         "Method (PCNT, 0, Serialized) { Local0 = PCIU",
         "Local1 = PCID",
-        "Local2 = (Local0 & 0x01000000) If ((Local2 == 0x01000000)) { Notify (\\_SB.PCI0.SL18, One) }",
-        "Local2 = (Local1 & 0x02000000) If ((Local2 == 0x02000000)) { Notify (\\_SB.PCI0.SL19, 0x03) }",
-        "Local2 = (Local0 & 0x02) If ((Local2 == 0x02)) { \\_SB.PCI0.PCNT () }",
-        // The controller's registers are reserved with the other motherboard ports.
-        "IO (Decode16, 0x03D0, 0x03D0, 0x01, 0x0C, )",
+        "Local2 = (Local0 & 0x01000000) If ((Local2 == 0x01000000)) { Notify (\\_SB.PC00.SL18, One) }",
+        "Local2 = (Local1 & 0x02000000) If ((Local2 == 0x02000000)) { Notify (\\_SB.PC00.SL19, 0x03) }",
+        // Segment 1's slots, with its own controller, and both segments' PCNT run by the GED.
+        "Scope (\\_SB.PC01) { OperationRegion (PHPR, SystemIO, 0x03E0, 0x0C)",
+        "Device (SL03) { Name (_ADR, 0x00030000) Name (_SUN, 0x03) \
+         Method (_EJ0, 1, NotSerialized) { \\_SB.PC01.B0EJ = 0x08 } }",
+        "Local2 = (Local0 & 0x02) If ((Local2 == 0x02)) { \\_SB.PC00.PCNT () \\_SB.PC01.PCNT () }",
+        // The controllers' registers are reserved with the other motherboard ports.
+        "IO (Decode16, 0x03D0, 0x03D0, 0x01, 0x0C, ) IO (Decode16, 0x03E0, 0x03E0, 0x01, 0x0C, )",
     ]);
     assert!(!dsl.flat.contains("SL1A"), "{}", dsl.raw);
 }
@@ -230,18 +270,20 @@ fn dsdt_has_hotplug_slots_with_eject_and_a_notify_method_the_ged_runs() {
 fn dsdt_leaves_out_what_the_machine_lacks() {
     let mut l = layout();
     l.serial = None;
-    l.pci_io = None;
-    l.mmio64 = 0..0;
+    l.segments[0].pci_io = None;
+    l.segments[0].mmio64 = 0..0;
     l.sleep.status_port = l.sleep.control_port;
     l.events = None;
+    l.segments.truncate(1);
+    l.iommu = None;
     let tables = tables(&l);
     let dsl = disassemble(table(&tables, "DSDT"));
     dsl.assert_has(&[
-        "Device (PCI0)",
+        "Device (PC00)",
         "IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, )",
         "DWordMemory",
         // One register for both sleep control and status.
-        "Memory32Fixed (ReadWrite, 0xE0000000, 0x00200000, ) \
+        "Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000, ) \
          IO (Decode16, 0x03C0, 0x03C0, 0x01, 0x01, ) }",
         "Name (_S5, Package (0x02) { 0x05, Zero })",
     ]);
@@ -312,7 +354,9 @@ fn madt_decodes_with_cpus_ioapic_override_and_nmi() {
 fn mcfg_and_xsdt_decode() {
     let tables = tables(&layout());
     disassemble(table(&tables, "MCFG")).assert_has(&[
-        "Base Address : 00000000E0000000 Segment Group Number : 0001 Start Bus Number : 00 \
+        "Base Address : 00000000E0000000 Segment Group Number : 0000 Start Bus Number : 00 \
+         End Bus Number : 00",
+        "Base Address : 00000000E0100000 Segment Group Number : 0001 Start Bus Number : 00 \
          End Bus Number : 01",
     ]);
     let entries: Vec<String> = ["FACP", "APIC", "MCFG", "VIOT"]
@@ -366,11 +410,12 @@ fn viot_decodes_with_the_iommu_and_one_range_per_run() {
         // Segment 1, then the BDF of 00:03.0.
         "Type : 03 [VirtIO-PCI IOMMU] Reserved : 00 Length : 0010 PCI Segment : 0001 \
          PCI BDF number : 0018",
-        // 00:04.0 alone, then 01:00.0 and 01:00.1 in one node, both behind node 0x30.
-        "Type : 01 [PCI Range] Reserved : 00 Length : 0018 Endpoint start : 00000020 \
+        // 00:04.0 alone, then 01:00.0 and 01:00.1 in one node, both behind node 0x30, their
+        // endpoints numbered from segment 1's (1 << 16).
+        "Type : 01 [PCI Range] Reserved : 00 Length : 0018 Endpoint start : 00010020 \
          PCI Segment start : 0001 PCI Segment end : 0001 PCI BDF start : 0020 \
          PCI BDF end : 0020 Output node : 0030",
-        "Type : 01 [PCI Range] Reserved : 00 Length : 0018 Endpoint start : 00000100 \
+        "Type : 01 [PCI Range] Reserved : 00 Length : 0018 Endpoint start : 00010100 \
          PCI Segment start : 0001 PCI Segment end : 0001 PCI BDF start : 0100 \
          PCI BDF end : 0101 Output node : 0030",
     ]);

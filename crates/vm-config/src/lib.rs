@@ -36,7 +36,7 @@ pub use memory::{MemoryBacking, MemoryConfig};
 pub use net::NetConfig;
 pub use net_util::MacAddr;
 pub use payload::PayloadConfig;
-pub use platform::PlatformConfig;
+pub use platform::{PlatformConfig, MAX_PCI_SEGMENTS};
 pub use rng::RngConfig;
 pub use vsock::VsockConfig;
 

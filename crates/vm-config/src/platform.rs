@@ -14,6 +14,10 @@ pub const DEFAULT_IOMMU_POLL_US: u64 = 2000;
 pub const MAX_IOMMU_POLL_US: u64 = 1_000_000;
 
 /// `PlatformConfig`.
+/// PCI segments a machine may have: each is a host bridge with its bus 0, its ECAM MiB and a
+/// share of the PCI windows (Cloud Hypervisor allows 96; Kata asks for 2).
+pub const MAX_PCI_SEGMENTS: u16 = 16;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformConfig {
     #[serde(default = "one")]
@@ -112,14 +116,15 @@ impl PlatformConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_pci_segments != 1 {
+        if !(1..=MAX_PCI_SEGMENTS).contains(&self.num_pci_segments) {
             return refuse(
                 SECTION,
                 "num_pci_segments",
-                Problem::UnsupportedValue(format!(
-                    "{} (warden has PCI segment 0 only)",
-                    self.num_pci_segments
-                )),
+                Problem::OutOfRange {
+                    value: u64::from(self.num_pci_segments),
+                    min: 1,
+                    max: u64::from(MAX_PCI_SEGMENTS),
+                },
             );
         }
         for &segment in self.iommu_segments.iter().flatten() {
@@ -171,7 +176,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn iommu_segments_protect_their_devices_and_segments_past_zero_wait_for_their_issue() {
+    fn iommu_segments_protect_their_devices_and_segments_are_bounded() {
         let (platform, iommu) =
             PlatformConfig::parse("iommu_segments=[0],iommu_poll_us=0").unwrap();
         platform.validate().unwrap();
@@ -182,10 +187,21 @@ mod tests {
             r#"{"num_pci_segments":2,"iommu_segments":[0],"sev_snp":false,"tdx":false}"#,
         )
         .unwrap();
-        assert_eq!(
-            kata.validate().unwrap_err().to_string(),
-            "platform.num_pci_segments: 2 (warden has PCI segment 0 only) is not supported by warden"
-        );
+        kata.validate().unwrap();
+        for count in [0, MAX_PCI_SEGMENTS + 1] {
+            let err = PlatformConfig {
+                num_pci_segments: count,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "platform.num_pci_segments: {count} is not from 1 to 16"
+                )),
+                "{err}"
+            );
+        }
         let (_, iommu) = PlatformConfig::parse("iommu=on").unwrap();
         assert!(iommu);
         let aliased: PlatformConfig = serde_json::from_str(r#"{"uuid":"x"}"#).unwrap();

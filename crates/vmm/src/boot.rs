@@ -263,7 +263,11 @@ fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
             map.push((start, end - start, E820_RAM));
         }
     }
-    map.push((layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, E820_RESERVED));
+    map.push((
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_AREA_SIZE,
+        E820_RESERVED,
+    ));
     map.sort_unstable();
     map
 }
@@ -356,7 +360,11 @@ mod tests {
                     E820_RESERVED
                 ),
                 (0x100000, (256 << 20) - 0x100000, E820_RAM),
-                (layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, E820_RESERVED),
+                (
+                    layout::PCI_ECAM_START,
+                    layout::PCI_ECAM_AREA_SIZE,
+                    E820_RESERVED
+                ),
             ]
         );
     }

@@ -38,7 +38,7 @@ use crate::legacy::{
 };
 use crate::memory::{self, GuestRam};
 use crate::pause::PauseGate;
-use crate::pci_bus::{PciBus, IOMMU_DEVICE_NUMBER};
+use crate::pci_bus::{PciSegments, IOMMU_DEVICE_NUMBER};
 use crate::pci_hotplug::PciHotplugController;
 use crate::plugged::SharedInfo;
 use crate::stats::StatsReport;
@@ -64,14 +64,22 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
     let mut buses = Buses::default();
     let power_button =
         attach_legacy_devices(&mut buses.pio, &router, &config.serial, &exits, host)?;
-    let mut pci = PciBus::new(config.memory.size, &mut buses.pio, &mut buses.mmio)
-        .map_err(VmmError::Device)?;
+    let segments = config.platform().num_pci_segments;
+    let mut pci = PciSegments::new(
+        config.memory.size,
+        segments,
+        &mut buses.pio,
+        &mut buses.mmio,
+    )
+    .map_err(VmmError::Device)?;
     let mut devices = plan_devices(config);
     open_vhost(&mut devices, &ram.memory)?;
     let kvm_vfio = (!config.devices.is_empty() || host.hotplug)
         .then(|| kvm_vfio_device(&fd))
         .flatten();
     let passthrough = open_passthrough(config, kvm_vfio.as_ref(), &devices, &ram.memory)?;
+    let entries = device_entries(&devices, &passthrough, config.iommu);
+    check_hotplug_slots_free(host.hotplug, &entries)?;
     let machine = Machine {
         fd: &fd,
         router: &router,
@@ -96,8 +104,6 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
             ptys: &host.ptys,
         },
     )?;
-    let entries = device_entries(&devices, &passthrough, iommu.is_some());
-    check_hotplug_slots_free(host.hotplug, &entries)?;
     let protected = protected_endpoints(&devices, &passthrough);
     let (vfio_devices, vfio_stats) =
         attach_passthrough(passthrough, &machine, &mut pci, &mut buses)?;
@@ -106,7 +112,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
     let (pio, mmio) = (Arc::new(buses.pio), Arc::new(buses.mmio));
     let hotplug = if host.hotplug {
         Some(attach_hotplug(
-            &pci,
+            &mut pci,
             &machine,
             (&pio, &mmio),
             kvm_vfio,
@@ -129,7 +135,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
         number,
         pid: host.pid,
         _memory: ram.memory.clone(),
-        root: pci.root(),
+        roots: pci.roots(),
         clock: PausedClock::new(Arc::clone(&fd)),
         _fd: fd,
         pio,
@@ -186,7 +192,7 @@ fn attach_iommu(
     machine: &Machine,
     devices: &[PlannedDevice],
     passthrough: &[Passthrough],
-    pci: &mut PciBus,
+    pci: &mut PciSegments,
     buses: &mut Buses,
 ) -> Result<Option<Arc<VirtioIommu>>, VmmError> {
     if !config.iommu {
@@ -205,15 +211,16 @@ fn attach_iommu(
         machine.ram.memory.clone(),
         iommu_polling(Duration::from_micros(platform.iommu_poll_us())),
     ));
-    pci.add_virtio(
-        IOMMU_DEVICE_NUMBER,
-        device,
-        machine.router,
-        machine.fd,
-        &mut buses.pio,
-        &mut buses.mmio,
-    )
-    .map_err(VmmError::Device)?;
+    pci.segment(0)
+        .add_virtio(
+            IOMMU_DEVICE_NUMBER,
+            device,
+            machine.router,
+            machine.fd,
+            &mut buses.pio,
+            &mut buses.mmio,
+        )
+        .map_err(VmmError::Device)?;
     Ok(Some(model))
 }
 
@@ -223,7 +230,7 @@ fn attach_virtio_devices(
     machine: &Machine,
     devices: &[PlannedDevice],
     iommu: Option<&Arc<VirtioIommu>>,
-    pci: &mut PciBus,
+    pci: &mut PciSegments,
     buses: &mut Buses,
     held: Held<'_>,
 ) -> Result<Vec<Counted>, VmmError> {
@@ -241,24 +248,31 @@ fn attach_virtio_devices(
         if let Some(device_counters) = device.counters() {
             counters.push((id, device_counters));
         }
-        pci.add_virtio(
-            planned.device_number,
-            device,
-            machine.router,
-            machine.fd,
-            &mut buses.pio,
-            &mut buses.mmio,
-        )
-        .map_err(VmmError::Device)?;
+        pci.segment(planned.segment)
+            .add_virtio(
+                planned.device_number,
+                device,
+                machine.router,
+                machine.fd,
+                &mut buses.pio,
+                &mut buses.mmio,
+            )
+            .map_err(VmmError::Device)?;
     }
     Ok(counters)
 }
 
-/// With hotplug, slots 24..31 stay free for it.
+/// With hotplug, slots 24..31 of segment 0 stay free for it; every bus has 32 slots.
 fn check_hotplug_slots_free(hotplug: bool, entries: &[DeviceEntry]) -> Result<(), VmmError> {
+    if let Some(full) = entries.iter().find(|d| d.device_number >= pci::MAX_DEVICES) {
+        return Err(VmmError::Device(format!(
+            "bus 0 of PCI segment {} is full (32 slots): {} finds none; start with fewer devices",
+            full.segment, full.id
+        )));
+    }
     let full = entries
         .iter()
-        .find(|d| hotplug && d.device_number >= HOTPLUG_SLOTS.start);
+        .find(|d| hotplug && d.segment == 0 && d.device_number >= HOTPLUG_SLOTS.start);
     match full {
         Some(full) => Err(VmmError::Device(format!(
             "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
@@ -294,7 +308,7 @@ fn protected_endpoints(
 fn attach_passthrough(
     passthrough: Vec<Passthrough>,
     machine: &Machine,
-    pci: &mut PciBus,
+    pci: &mut PciSegments,
     buses: &mut Buses,
 ) -> Result<Passed, VmmError> {
     // KVM memory slots after guest RAM's, for the BARs of passed-through devices.
@@ -308,15 +322,16 @@ fn attach_passthrough(
         })
         .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
         let device = Arc::new(Mutex::new(device));
-        pci.add_vfio(
-            p.device_number,
-            device.clone(),
-            machine.fd,
-            &mut buses.pio,
-            &mut buses.mmio,
-            &mut next_slot,
-        )
-        .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
+        pci.segment(p.segment)
+            .add_vfio(
+                p.device_number,
+                device.clone(),
+                machine.fd,
+                &mut buses.pio,
+                &mut buses.mmio,
+                &mut next_slot,
+            )
+            .map_err(|err| VmmError::Device(format!("device {name}: {err}")))?;
         devices.push(device);
         mappers.push((name, p.mapper));
     }
@@ -327,7 +342,7 @@ fn attach_passthrough(
 /// gives hot-plugged devices, and starts the thread that plugs them in.
 #[allow(clippy::too_many_arguments)]
 fn attach_hotplug(
-    pci: &PciBus,
+    pci: &mut PciSegments,
     machine: &Machine,
     (pio, mmio): (&Arc<Bus>, &Arc<Bus>),
     kvm_vfio: Option<Arc<VfioDeviceFd>>,
@@ -351,9 +366,11 @@ fn attach_hotplug(
     )
     .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
     let placement = BarPlacement::new(Arc::clone(pio), Arc::clone(mmio), Arc::clone(machine.fd));
-    lock(&pci.root()).set_bar_moves(placement.clone());
+    // Devices are hot-plugged on segment 0.
+    let root = pci.segment(0).root();
+    lock(&root).set_bar_moves(placement.clone());
     Hotplug {
-        root: pci.root(),
+        root,
         router: Arc::clone(machine.router),
         memory: machine.ram.memory.clone(),
         iommu,
@@ -444,14 +461,36 @@ fn create_vcpus(
 
 /// The machine as the guest's ACPI tables describe it.
 ///
-/// With `hotplug` (an API to plug devices in), the hotplug slots are there too, and with a
-/// virtio-iommu the VIOT covers the slots for protected hotplug.
+/// Each PCI segment is a host bridge with its share of the windows. With `hotplug` (an API to
+/// plug devices in), segment 0's hotplug slots are there too, and with a virtio-iommu the VIOT
+/// covers the slots for protected hotplug.
 fn acpi_layout(
     config: &VmConfig,
     hotplug: bool,
     protected: Option<Vec<acpi::PciBdf>>,
 ) -> acpi::AcpiLayout {
-    let mmio64_start = layout::pci_mmio64_start(config.memory.size);
+    let count = config.platform().num_pci_segments;
+    let segments = (0..count)
+        .map(|segment| {
+            let windows = layout::segment_windows(config.memory.size, segment, count);
+            acpi::PciSegment {
+                ecam: acpi::Ecam {
+                    base: windows.ecam,
+                    segment,
+                    bus_start: 0,
+                    bus_end: 0,
+                },
+                mmio32: windows.mmio32,
+                mmio64: windows.mmio64,
+                // Virtio queue notifications live in I/O BARs.
+                pci_io: Some(windows.io),
+                hotplug: (hotplug && segment == 0).then_some(acpi::PciHotplug {
+                    port: layout::PCI_HOTPLUG_PORT,
+                    slots: HOTPLUG_SLOTS,
+                }),
+            }
+        })
+        .collect();
     // Validated: 1 to 254.
     let cpus = config.cpus.boot_vcpus as u8;
     acpi::AcpiLayout {
@@ -463,16 +502,7 @@ fn acpi_layout(
             gsi_base: 0,
         },
         lapic_address: layout::LAPIC_START as u32,
-        ecam: acpi::Ecam {
-            base: layout::PCI_ECAM_START,
-            segment: 0,
-            bus_start: 0,
-            bus_end: 0,
-        },
-        mmio32: layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE,
-        mmio64: mmio64_start..mmio64_start + layout::PCI_MMIO64_SIZE,
-        // Virtio queue notifications live in I/O BARs.
-        pci_io: Some(layout::PCI_IO_START..layout::PCI_IO_END),
+        segments,
         serial: (config.serial.mode != ConsoleMode::Off).then_some(acpi::Serial {
             port: layout::COM1_PORT,
             irq: layout::COM1_IRQ,
@@ -494,11 +524,11 @@ fn acpi_layout(
         iommu: protected.map(|protected| acpi::Viot {
             iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
             protected,
-            protected_slots: if hotplug { PROTECTED_SLOTS } else { 0..0 },
-        }),
-        pci_hotplug: hotplug.then_some(acpi::PciHotplug {
-            port: layout::PCI_HOTPLUG_PORT,
-            slots: HOTPLUG_SLOTS,
+            protected_slots: if hotplug {
+                vec![(0, PROTECTED_SLOTS)]
+            } else {
+                Vec::new()
+            },
         }),
     }
 }

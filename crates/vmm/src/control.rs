@@ -130,6 +130,7 @@ pub(crate) fn serve_api(
 /// A device on bus 0 as `vm.info` lists it.
 pub struct DeviceEntry {
     pub id: String,
+    pub segment: u16,
     pub device_number: u8,
 }
 
@@ -138,7 +139,7 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry]) -> api::VmInfo {
     let device_tree: BTreeMap<String, api::DeviceNode> = devices
         .iter()
         .map(|device| {
-            let bdf = pci_bdf(device.device_number);
+            let bdf = pci_bdf(device.segment, device.device_number);
             (device.id.clone(), device_node(&device.id, bdf))
         })
         .collect();

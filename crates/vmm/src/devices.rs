@@ -1,6 +1,6 @@
-//! The devices the boot path plugs in: the plan of bus 0, the virtio devices over plain or
-//! translated memory, the virtio-iommu model and its endpoints, passed-through devices, and
-//! the ids `vm.info` gives them.
+//! The devices the boot path plugs in: the plan of each segment's bus 0, the virtio devices
+//! over plain or translated memory, the virtio-iommu model and its endpoints, passed-through
+//! devices, and the ids `vm.info` gives them.
 
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
@@ -33,9 +33,10 @@ use vm_config::{
     VsockConfig,
 };
 
-/// A host device to pass through, opened, with its place on bus 0 and its DMA mapper.
+/// A host device to pass through, opened, with its place and its DMA mapper.
 pub(crate) struct Passthrough<'a> {
     pub(crate) config: &'a DeviceConfig,
+    pub(crate) segment: u16,
     pub(crate) device_number: u8,
     pub(crate) opened: OpenedDevice,
     pub(crate) mapper: Arc<VfioMapper>,
@@ -43,7 +44,7 @@ pub(crate) struct Passthrough<'a> {
 
 impl Passthrough<'_> {
     pub(crate) fn endpoint(&self) -> acpi::PciBdf {
-        acpi::PciBdf::new(0, 0, self.device_number, 0)
+        acpi::PciBdf::new(self.segment, 0, self.device_number, 0)
     }
 
     /// Its id (resolved: the one given, or `_vfioN`).
@@ -52,7 +53,7 @@ impl Passthrough<'_> {
     }
 }
 
-/// Opens every `--device`, in order, on the bus slots after the virtio devices. A device
+/// Opens every `--device`, in order, on its segment's slots after the virtio devices. A device
 /// without `iommu=on` gets all guest RAM mapped now (IOVA = GPA, as if there were no IOMMU);
 /// one with `iommu=on` gets nothing until the guest maps it through the virtio-iommu.
 pub(crate) fn open_passthrough<'a>(
@@ -64,17 +65,16 @@ pub(crate) fn open_passthrough<'a>(
     if config.devices.is_empty() {
         return Ok(Vec::new());
     }
-    let first = devices
-        .last()
-        .map_or(IOMMU_DEVICE_NUMBER, |d| d.device_number)
-        + 1;
+    let mut slots = Slots::after(devices);
     let entry_limit = vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH));
     let mut opened = Vec::new();
-    for (device_config, device_number) in config.devices.iter().zip(first..) {
+    for device_config in &config.devices {
+        let segment = device_config.pci_segment;
+        let device_number = slots.take(segment);
         if device_number >= pci::MAX_DEVICES {
-            return Err(VmmError::Device(
-                "devices: bus 0 is full (32 slots); pass fewer devices".into(),
-            ));
+            return Err(VmmError::Device(format!(
+                "devices: bus 0 of PCI segment {segment} is full (32 slots); pass fewer devices"
+            )));
         }
         let name = device_config.id.clone().unwrap_or_default();
         let device = vfio::open(device_config.path(), kvm_vfio.cloned())?;
@@ -93,6 +93,7 @@ pub(crate) fn open_passthrough<'a>(
         }
         opened.push(Passthrough {
             config: device_config,
+            segment,
             device_number,
             opened: device,
             mapper,
@@ -128,8 +129,10 @@ pub(crate) enum DeviceKind<'a> {
     Vsock(&'a VsockConfig),
 }
 
-/// A virtio device with its place on bus 0 and whether the IOMMU translates its DMA.
+/// A virtio device with its place (segment, and device number on its bus 0) and whether the
+/// IOMMU translates its DMA.
 pub(crate) struct PlannedDevice<'a> {
+    pub(crate) segment: u16,
     pub(crate) device_number: u8,
     pub(crate) kind: DeviceKind<'a>,
     pub(crate) iommu: bool,
@@ -141,40 +144,74 @@ impl PlannedDevice<'_> {
     /// The endpoint ID the guest uses for this device in IOMMU requests: its PCI BDF, as the
     /// VIOT's PCI range nodes define it.
     pub(crate) fn endpoint(&self) -> acpi::PciBdf {
-        acpi::PciBdf::new(0, 0, self.device_number, 0)
+        acpi::PciBdf::new(self.segment, 0, self.device_number, 0)
     }
 }
 
-/// The virtio devices in the order the guest sees them on bus 0: console, disks, nets, rng, vsock, after
-/// the slot reserved for the virtio-iommu (kept free even without one, so that devices keep
-/// their addresses when the IOMMU is switched on).
+/// Hands out device numbers on each segment's bus 0, in order: on segment 0 after the slot
+/// kept for the virtio-iommu (free even without one, so that devices keep their addresses
+/// when the IOMMU is switched on), on the others after their host bridge.
+struct Slots(std::collections::BTreeMap<u16, u8>);
+
+impl Slots {
+    /// The slots after the virtio devices of `devices`.
+    fn after(devices: &[PlannedDevice]) -> Self {
+        let mut slots = Slots(Default::default());
+        for device in devices {
+            let next = slots.0.entry(device.segment).or_default();
+            *next = (*next).max(device.device_number + 1);
+        }
+        slots
+    }
+
+    fn take(&mut self, segment: u16) -> u8 {
+        let first = if segment == 0 {
+            IOMMU_DEVICE_NUMBER + 1
+        } else {
+            1
+        };
+        let next = self.0.entry(segment).or_insert(first);
+        let taken = (*next).max(first);
+        *next = taken + 1;
+        taken
+    }
+}
+
+/// The virtio devices in the order the guest sees them on their segments' bus 0: console,
+/// disks, nets, rng, vsock.
 pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
-    let console = (config.console.mode != ConsoleMode::Off)
-        .then_some((DeviceKind::Console(&config.console), config.console.iommu));
+    let console = (config.console.mode != ConsoleMode::Off).then_some((
+        DeviceKind::Console(&config.console),
+        config.console.iommu,
+        config.console.pci_segment,
+    ));
     let disks = config
         .disks
         .iter()
-        .map(|disk| (DeviceKind::Disk(disk), disk.iommu));
+        .map(|disk| (DeviceKind::Disk(disk), disk.iommu, disk.pci_segment));
     let nets = config
         .net
         .iter()
-        .map(|net| (DeviceKind::Net(net), net.iommu));
-    let rng = Some((DeviceKind::Rng(&config.rng), config.rng.iommu));
+        .map(|net| (DeviceKind::Net(net), net.iommu, net.pci_segment));
+    let rng = Some((
+        DeviceKind::Rng(&config.rng),
+        config.rng.iommu,
+        config.rng.pci_segment,
+    ));
     let vsock = config
         .vsock
         .as_ref()
-        .map(|vsock| (DeviceKind::Vsock(vsock), vsock.iommu));
-    (IOMMU_DEVICE_NUMBER + 1..)
-        .zip(
-            console
-                .into_iter()
-                .chain(disks)
-                .chain(nets)
-                .chain(rng)
-                .chain(vsock),
-        )
-        .map(|(device_number, (kind, iommu))| PlannedDevice {
-            device_number,
+        .map(|vsock| (DeviceKind::Vsock(vsock), vsock.iommu, vsock.pci_segment));
+    let mut slots = Slots(Default::default());
+    console
+        .into_iter()
+        .chain(disks)
+        .chain(nets)
+        .chain(rng)
+        .chain(vsock)
+        .map(|(kind, iommu, segment)| PlannedDevice {
+            segment,
+            device_number: slots.take(segment),
             kind,
             iommu,
             vhost: Vec::new(),
@@ -469,8 +506,8 @@ pub(crate) fn device_ids(devices: &[PlannedDevice]) -> Vec<String> {
         .collect()
 }
 
-/// The devices on bus 0 as `vm.info` names them: the virtio devices by [`device_ids`], the
-/// virtio-iommu under the id of its counters, passed-through devices by their id.
+/// The devices as `vm.info` names them: the virtio devices by [`device_ids`], the virtio-iommu
+/// under the id of its counters, passed-through devices by their id.
 pub(crate) fn device_entries(
     devices: &[PlannedDevice],
     passthrough: &[Passthrough],
@@ -481,17 +518,20 @@ pub(crate) fn device_entries(
         .zip(device_ids(devices))
         .map(|(device, id)| DeviceEntry {
             id,
+            segment: device.segment,
             device_number: device.device_number,
         })
         .collect();
     if iommu {
         entries.push(DeviceEntry {
             id: stats::IOMMU_ID.into(),
+            segment: 0,
             device_number: IOMMU_DEVICE_NUMBER,
         });
     }
     entries.extend(passthrough.iter().map(|p| DeviceEntry {
         id: p.id(),
+        segment: p.segment,
         device_number: p.device_number,
     }));
     entries
@@ -590,5 +630,53 @@ mod tests {
             device_ids(&plan_devices(&config)),
             ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng", "_vsock0"]
         );
+    }
+
+    #[test]
+    fn each_segment_numbers_its_devices_from_its_first_free_slot() {
+        let disk = |segment| DiskConfig {
+            path: Some("disk.img".into()),
+            pci_segment: segment,
+            ..Default::default()
+        };
+        let mut config = VmConfig {
+            disks: vec![disk(1), disk(0), disk(1)],
+            platform: Some(vm_config::PlatformConfig {
+                num_pci_segments: 2,
+                iommu_segments: Some(vec![1]),
+                ..Default::default()
+            }),
+            rng: RngConfig {
+                pci_segment: 1,
+                ..Default::default()
+            },
+            console: ConsoleConfig {
+                mode: ConsoleMode::Off,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        config.resolve().unwrap();
+        let plan = plan_devices(&config);
+        let places: Vec<(u16, u8, bool)> = plan
+            .iter()
+            .map(|d| (d.segment, d.device_number, d.iommu))
+            .collect();
+        // Segment 0 after the virtio-iommu's slot, segment 1 after its host bridge; the
+        // IOMMU segment's devices are behind it.
+        assert_eq!(
+            places,
+            [(1, 1, true), (0, 2, false), (1, 2, true), (1, 3, true)]
+        );
+        assert_eq!(plan[2].endpoint().endpoint_id(), 1 << 16 | 2 << 3);
+        let entries = device_entries(&plan, &[], true);
+        let info = crate::control::vm_info(&config, &entries);
+        let bdf = |id: &str| info.device_tree[id].pci_bdf.clone().unwrap();
+        assert_eq!(bdf("_disk0"), "0001:00:01.0");
+        assert_eq!(bdf("_disk1"), "0000:00:02.0");
+        assert_eq!(bdf("_rng"), "0001:00:03.0");
+        assert_eq!(bdf("virtio-iommu"), "0000:00:01.0");
+        let mut slots = Slots::after(&plan);
+        assert_eq!((slots.take(0), slots.take(1), slots.take(2)), (3, 4, 1));
     }
 }

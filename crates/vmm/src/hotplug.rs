@@ -332,7 +332,7 @@ impl Hotplug {
         let disk = self.admit(|c| c.disks.push(disk), |c| c.disks.last())?;
         self.add(
             slots,
-            disk.iommu,
+            (disk.pci_segment, disk.iommu),
             disk.id.clone().unwrap_or_default(),
             || {
                 let what = disk.path().display().to_string();
@@ -353,7 +353,7 @@ impl Hotplug {
         let vsock = self.admit(|c| c.vsock = Some(vsock), |c| c.vsock.as_ref())?;
         self.add(
             slots,
-            vsock.iommu,
+            (vsock.pci_segment, vsock.iommu),
             vsock.id.clone().unwrap_or_default(),
             || {
                 let what = format!("socket {}", vsock.socket.display());
@@ -375,7 +375,7 @@ impl Hotplug {
         if !fds.is_empty() {
             self.taps.insert(&id, fds);
         }
-        let added = self.add(slots, net.iommu, id.clone(), || {
+        let added = self.add(slots, (net.pci_segment, net.iommu), id.clone(), || {
             let tap = open_tap(&net, &self.taps).map_err(tap_refusal)?;
             let name = tap[0].name().to_string();
             // A tap warden created is listed by name; one passed as a descriptor stays
@@ -396,9 +396,20 @@ impl Hotplug {
         added
     }
 
-    /// A free slot for the new device `id`, behind the IOMMU or not; 409 while a device the
-    /// guest has not released yet still has the id.
-    fn reserve(&self, slots: &PluggedDevices, id: &str, iommu: bool) -> Result<u8, ApiError> {
+    /// A free slot for the new device `id` on its segment (0: the hotplug slots are there),
+    /// behind the IOMMU or not; 409 while a device the guest has not released yet still has
+    /// the id.
+    fn reserve(
+        &self,
+        slots: &PluggedDevices,
+        id: &str,
+        (segment, iommu): (u16, bool),
+    ) -> Result<u8, ApiError> {
+        if segment != 0 {
+            return Err(ApiError::bad_request(format!(
+                "pci_segment {segment}: devices are hot-plugged on PCI segment 0, where the hotplug slots are"
+            )));
+        }
         if slots.has_id(id) {
             return Err(ApiError::new(
                 Refusal::Conflict,
@@ -430,11 +441,11 @@ impl Hotplug {
     fn add<'a>(
         &self,
         slots: &mut PluggedDevices,
-        iommu: bool,
+        (segment, iommu): (u16, bool),
         id: String,
         make: impl FnOnce() -> Result<(NewDevice<'a>, String, Listed), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
-        let slot = self.reserve(slots, &id, iommu)?;
+        let slot = self.reserve(slots, &id, (segment, iommu))?;
         let (new, what, listed) = make()?;
         let endpoint = match &self.iommu {
             Some(model) if iommu => {
@@ -473,7 +484,7 @@ impl Hotplug {
     ) -> Result<PciDeviceInfo, ApiError> {
         let device = self.admit(|c| c.devices.push(device), |c| c.devices.last())?;
         let id = device.id.clone().unwrap_or_default();
-        let slot = self.reserve(slots, &id, device.iommu)?;
+        let slot = self.reserve(slots, &id, (device.pci_segment, device.iommu))?;
         let refused = |err: vfio::OpenError| ApiError::bad_request(err.to_string());
         let opened = vfio::open(device.path(), self.kvm_vfio.clone()).map_err(refused)?;
         let mapper = Arc::new(VfioMapper::new(
@@ -566,7 +577,7 @@ impl Hotplug {
         );
         PciDeviceInfo {
             id,
-            bdf: pci_bdf(slot),
+            bdf: pci_bdf(0, slot),
         }
     }
 
@@ -654,7 +665,7 @@ impl Hotplug {
             self.monitor.as_deref(),
             "vm",
             "device-removed",
-            &[("id", &plugged.id), ("bdf", &pci_bdf(slot))],
+            &[("id", &plugged.id), ("bdf", &pci_bdf(0, slot))],
         );
         self.stats.remove_device(&plugged.id);
         // Dropping the transport stops the device's threads, frees its vectors and closes its

@@ -4,6 +4,8 @@
 //! ECAM region, the IOAPIC and the LAPIC; RAM beyond 3 GiB continues at 4 GiB; the 64-bit PCI
 //! window sits above the end of RAM.
 
+use std::ops::Range;
+
 /// Where the boot GDT lives (four 8-byte entries).
 pub const BOOT_GDT_START: u64 = 0x500;
 /// An empty IDT right after the GDT: interrupts stay off until the kernel installs its own.
@@ -38,9 +40,11 @@ pub const MEM_32BIT_HOLE_START: u64 = 0xc000_0000;
 /// The 32-bit PCI MMIO window, for BARs that must stay below 4 GiB.
 pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
-/// PCI Express enhanced configuration (ECAM) for bus 0 only.
+/// PCI Express enhanced configuration (ECAM): bus 0 of each PCI segment, segment `n`'s at
+/// `PCI_ECAM_START + n MiB`; the area for every segment a machine may have is reserved.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+pub const PCI_ECAM_AREA_SIZE: u64 = (vm_config::MAX_PCI_SEGMENTS as u64) * PCI_ECAM_SIZE;
 /// In-kernel IOAPIC and LAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
@@ -93,6 +97,58 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     regions
 }
 
+/// Where one PCI segment's host bridge decodes: its ECAM MiB and its share of the windows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentWindows {
+    pub ecam: u64,
+    pub mmio32: Range<u64>,
+    pub mmio64: Range<u64>,
+    pub io: Range<u32>,
+}
+
+/// Segment `segment` of `segments` (at most `vm_config::MAX_PCI_SEGMENTS`) in a guest with
+/// `ram_size` bytes of RAM: the 32-bit window, the 64-bit window and the I/O ports shared
+/// equally, as Cloud Hypervisor shares its windows by default (in 1 MiB, 1 GiB and 256-port
+/// units; the last segment takes what rounding leaves). Every segment gets I/O ports: virtio
+/// queue notifications are in I/O BARs.
+pub fn segment_windows(ram_size: u64, segment: u16, segments: u16) -> SegmentWindows {
+    fn share(range: Range<u64>, unit: u64, index: u64, count: u64) -> Range<u64> {
+        let each = (range.end - range.start) / count / unit * unit;
+        let start = range.start + index * each;
+        let end = if index + 1 == count {
+            range.end
+        } else {
+            start + each
+        };
+        start..end
+    }
+    let (index, count) = (u64::from(segment), u64::from(segments.max(1)));
+    let mmio64_start = pci_mmio64_start(ram_size);
+    let io = share(
+        u64::from(PCI_IO_START)..u64::from(PCI_IO_END),
+        0x100,
+        index,
+        count,
+    );
+    SegmentWindows {
+        ecam: PCI_ECAM_START + index * PCI_ECAM_SIZE,
+        mmio32: share(
+            PCI_MMIO32_START..PCI_MMIO32_START + PCI_MMIO32_SIZE,
+            1 << 20,
+            index,
+            count,
+        ),
+        mmio64: share(
+            mmio64_start..mmio64_start + PCI_MMIO64_SIZE,
+            1 << 30,
+            index,
+            count,
+        ),
+        // Below 0x10000.
+        io: io.start as u32..io.end as u32,
+    }
+}
+
 /// The 64-bit PCI window for a guest with `ram_size` bytes of RAM: 1 GiB-aligned past its end.
 pub fn pci_mmio64_start(ram_size: u64) -> u64 {
     let ram_end = ram_regions(ram_size)
@@ -109,6 +165,36 @@ mod tests {
     fn small_guests_fit_below_the_hole() {
         assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
         assert_eq!(pci_mmio64_start(512 << 20), RAM_64BIT_START);
+    }
+
+    #[test]
+    fn segments_share_the_windows_without_overlap_and_cover_them() {
+        let one = segment_windows(512 << 20, 0, 1);
+        assert_eq!(one.ecam, PCI_ECAM_START);
+        assert_eq!(
+            one.mmio32,
+            PCI_MMIO32_START..PCI_MMIO32_START + PCI_MMIO32_SIZE
+        );
+        assert_eq!(one.io, PCI_IO_START..PCI_IO_END);
+        for count in [2u16, 3, vm_config::MAX_PCI_SEGMENTS] {
+            let all: Vec<SegmentWindows> = (0..count)
+                .map(|s| segment_windows(8 << 30, s, count))
+                .collect();
+            for pair in all.windows(2) {
+                assert_eq!(pair[0].mmio32.end, pair[1].mmio32.start);
+                assert_eq!(pair[0].mmio64.end, pair[1].mmio64.start);
+                assert_eq!(pair[0].io.end, pair[1].io.start);
+                assert_eq!(pair[0].ecam + PCI_ECAM_SIZE, pair[1].ecam);
+            }
+            let last = all.last().unwrap();
+            assert_eq!(last.mmio32.end, PCI_MMIO32_START + PCI_MMIO32_SIZE);
+            assert_eq!(last.io.end, PCI_IO_END);
+            assert!(last.ecam + PCI_ECAM_SIZE <= PCI_ECAM_START + PCI_ECAM_AREA_SIZE);
+            assert!(all.iter().all(|w| !w.mmio32.is_empty() && !w.io.is_empty()));
+            assert!(all
+                .iter()
+                .all(|w| w.mmio64.start >= pci_mmio64_start(8 << 30)));
+        }
     }
 
     #[test]

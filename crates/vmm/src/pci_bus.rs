@@ -1,5 +1,6 @@
-//! Bus 0 as the VMM assembles it: devices plugged in at fixed numbers, BARs placed in the PCI
-//! windows and put on the port or MMIO bus, queue notifications turned into KVM ioeventfds.
+//! Bus 0 of each PCI segment as the VMM assembles it: devices plugged in at fixed numbers, BARs
+//! placed in the segment's windows and put on the port or MMIO bus, queue notifications turned
+//! into KVM ioeventfds.
 
 use std::sync::{Arc, Mutex};
 
@@ -18,34 +19,72 @@ use crate::layout;
 /// the same address whatever else is plugged in.
 pub const IOMMU_DEVICE_NUMBER: u8 = 1;
 
+/// Bus 0 of every segment, segment `n` at index `n`.
+pub struct PciSegments(Vec<PciBus>);
+
+impl PciSegments {
+    /// `segments` empty buses, each with its share of the windows of a guest with `ram_size`
+    /// bytes of RAM, their config mechanisms on the port and MMIO buses.
+    pub fn new(
+        ram_size: u64,
+        segments: u16,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<Self, String> {
+        (0..segments)
+            .map(|segment| {
+                let windows = layout::segment_windows(ram_size, segment, segments);
+                PciBus::new(segment, &windows, pio, mmio)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(PciSegments)
+    }
+
+    /// Segment `segment`'s bus 0 (validated: it exists).
+    pub fn segment(&mut self, segment: u16) -> &mut PciBus {
+        &mut self.0[usize::from(segment)]
+    }
+
+    /// Every segment's bus, to clear when the VM ends.
+    pub fn roots(&self) -> Vec<Arc<Mutex<PciRoot>>> {
+        self.0.iter().map(PciBus::root).collect()
+    }
+}
+
 pub struct PciBus {
     root: Arc<Mutex<PciRoot>>,
     allocator: BarAllocator,
 }
 
 impl PciBus {
-    /// An empty bus 0 (host bridge only) whose BARs go to the windows of a guest with
-    /// `ram_size` bytes of RAM, with its config mechanisms on the port and MMIO buses.
-    pub fn new(ram_size: u64, pio: &mut Bus, mmio: &mut Bus) -> Result<Self, String> {
+    /// An empty bus 0 (host bridge only) of `segment`, whose BARs go to `windows`, with its
+    /// ECAM on the MMIO bus; segment 0 is reached through the 0xCF8 ports too.
+    fn new(
+        segment: u16,
+        windows: &layout::SegmentWindows,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<Self, String> {
         let root = Arc::new(Mutex::new(PciRoot::new()));
+        let length = |range: &std::ops::Range<u64>| range.end - range.start;
+        let io = u64::from(windows.io.start)..u64::from(windows.io.end);
         let allocator = BarAllocator::new(
-            (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-            Some((layout::pci_mmio64_start(ram_size), layout::PCI_MMIO64_SIZE)),
-            Some((
-                u64::from(layout::PCI_IO_START),
-                u64::from(layout::PCI_IO_END - layout::PCI_IO_START),
-            )),
+            (windows.mmio32.start, length(&windows.mmio32)),
+            Some((windows.mmio64.start, length(&windows.mmio64))),
+            Some((io.start, length(&io))),
         )
         .map_err(|err| err.to_string())?;
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-            u64::from(layout::PCI_CONFIG_PORT),
-            u64::from(layout::PCI_CONFIG_PORT_SIZE),
-        )
-        .map_err(|err| err.to_string())?;
+        if segment == 0 {
+            pio.insert(
+                Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+                u64::from(layout::PCI_CONFIG_PORT),
+                u64::from(layout::PCI_CONFIG_PORT_SIZE),
+            )
+            .map_err(|err| err.to_string())?;
+        }
         mmio.insert(
             Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
-            layout::PCI_ECAM_START,
+            windows.ecam,
             layout::PCI_ECAM_SIZE,
         )
         .map_err(|err| err.to_string())?;

@@ -75,7 +75,7 @@ impl PluggedDevices {
             Listed::Device(device) => config.devices.push(device),
             Listed::Vsock(vsock) => config.vsock = Some(vsock),
         }
-        let node = device_node(&id, pci_bdf(slot));
+        let node = device_node(&id, pci_bdf(0, slot));
         info.device_tree.insert(id, node);
         drop(info);
         self.slots.insert(slot, plugged);
@@ -102,9 +102,10 @@ impl PluggedDevices {
     }
 }
 
-/// The address `vm.info` and the API give a device in `slot` of bus 0.
-pub(crate) fn pci_bdf(slot: u8) -> String {
-    format!("0000:00:{slot:02x}.0")
+/// The address `vm.info` and the API give a device in `slot` of bus 0 of `segment`
+/// (`0001:00:03.0`).
+pub(crate) fn pci_bdf(segment: u16, slot: u8) -> String {
+    acpi::PciBdf::new(segment, 0, slot, 0).to_string()
 }
 
 /// A device as `vm.info`'s device tree lists it.

@@ -48,7 +48,8 @@ pub(crate) struct Vm {
     /// `vm.info`'s configuration and device tree; the hotplug thread keeps what it plugs.
     pub(crate) info: SharedInfo,
     pub(crate) vfio_devices: Vec<Arc<Mutex<VfioPciDevice>>>,
-    pub(crate) root: Arc<Mutex<PciRoot>>,
+    /// Each PCI segment's bus 0.
+    pub(crate) roots: Vec<Arc<Mutex<PciRoot>>>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) exits: ExitNotice,
@@ -158,9 +159,11 @@ impl Vm {
         for device in &self.vfio_devices {
             lock(device).reset();
         }
-        // The bus holds the devices and, through the handler that follows moved BARs, the
+        // A bus holds the devices and, through the handler that follows moved BARs, the
         // buses that hold the bus: emptied, that cycle lets go.
-        lock(&self.root).clear();
+        for root in &self.roots {
+            lock(root).clear();
+        }
     }
 }
 
