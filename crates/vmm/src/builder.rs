@@ -30,7 +30,9 @@ use crate::devices::{
 use crate::error::{kvm_error, VmmError};
 use crate::events::ExitNotice;
 use crate::host::Host;
-use crate::hotplug::{self, Hotplug, HotplugThread, HOTPLUG_SLOTS, PROTECTED_SLOTS};
+use crate::hotplug::{
+    self, Hotplug, HotplugThread, SegmentHotplug, HOTPLUG_SLOTS, PROTECTED_SLOTS,
+};
 use crate::interrupts::GsiRouter;
 use crate::layout;
 use crate::legacy::{
@@ -112,7 +114,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
     let (pio, mmio) = (Arc::new(buses.pio), Arc::new(buses.mmio));
     let hotplug = if host.hotplug {
         Some(attach_hotplug(
-            &mut pci,
+            &pci,
             &machine,
             (&pio, &mmio),
             kvm_vfio,
@@ -262,7 +264,7 @@ fn attach_virtio_devices(
     Ok(counters)
 }
 
-/// With hotplug, slots 24..31 of segment 0 stay free for it; every bus has 32 slots.
+/// With hotplug, slots 24..31 of every segment stay free for it; every bus has 32 slots.
 fn check_hotplug_slots_free(hotplug: bool, entries: &[DeviceEntry]) -> Result<(), VmmError> {
     if let Some(full) = entries.iter().find(|d| d.device_number >= pci::MAX_DEVICES) {
         return Err(VmmError::Device(format!(
@@ -272,7 +274,7 @@ fn check_hotplug_slots_free(hotplug: bool, entries: &[DeviceEntry]) -> Result<()
     }
     let full = entries
         .iter()
-        .find(|d| hotplug && d.segment == 0 && d.device_number >= HOTPLUG_SLOTS.start);
+        .find(|d| hotplug && d.device_number >= HOTPLUG_SLOTS.start);
     match full {
         Some(full) => Err(VmmError::Device(format!(
             "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
@@ -338,11 +340,11 @@ fn attach_passthrough(
     Ok((devices, mappers))
 }
 
-/// Puts the PCI hotplug controller on the port bus, has the bus follow the BARs the guest
-/// gives hot-plugged devices, and starts the thread that plugs them in.
+/// Puts each segment's PCI hotplug controller on the port bus, has each bus follow the BARs
+/// the guest gives hot-plugged devices, and starts the thread that plugs them in.
 #[allow(clippy::too_many_arguments)]
 fn attach_hotplug(
-    pci: &mut PciSegments,
+    pci: &PciSegments,
     machine: &Machine,
     (pio, mmio): (&Arc<Bus>, &Arc<Bus>),
     kvm_vfio: Option<Arc<VfioDeviceFd>>,
@@ -351,37 +353,43 @@ fn attach_hotplug(
     (info, stats): (SharedInfo, Arc<StatsReport>),
     host: &Host,
 ) -> Result<HotplugThread, VmmError> {
-    let (requests_tx, requests, ejects, ejected) = hotplug::channel_for_ejects();
+    let (requests_tx, requests) = std::sync::mpsc::channel();
     // What vm.info lists at boot: the devices the VM started with.
     let boot_ids = lock(&info).device_tree.keys().cloned().collect();
-    let controller = Arc::new(Mutex::new(PciHotplugController::new(
-        HOTPLUG_SLOTS,
-        Arc::clone(&power_button.0),
-        ejects,
-    )));
-    pio.insert(
-        controller.clone(),
-        u64::from(layout::PCI_HOTPLUG_PORT),
-        u64::from(acpi::PCI_HOTPLUG_PORTS),
-    )
-    .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
-    let placement = BarPlacement::new(Arc::clone(pio), Arc::clone(mmio), Arc::clone(machine.fd));
-    // Devices are hot-plugged on segment 0.
-    let root = pci.segment(0).root();
-    lock(&root).set_bar_moves(placement.clone());
+    let mut segments = Vec::new();
+    for (segment, root) in (0u16..).zip(pci.roots()) {
+        let (ejects, ejected) = hotplug::ejects_to(&requests_tx);
+        let controller = Arc::new(Mutex::new(PciHotplugController::new(
+            HOTPLUG_SLOTS,
+            Arc::clone(&power_button.0),
+            ejects,
+        )));
+        pio.insert(
+            controller.clone(),
+            u64::from(layout::pci_hotplug_port(segment)),
+            u64::from(acpi::PCI_HOTPLUG_PORTS),
+        )
+        .map_err(|err| VmmError::Device(format!("PCI hotplug controller: {err}")))?;
+        let placement =
+            BarPlacement::new(Arc::clone(pio), Arc::clone(mmio), Arc::clone(machine.fd));
+        lock(&root).set_bar_moves(placement.clone());
+        segments.push(SegmentHotplug {
+            root,
+            controller,
+            placement,
+            ejected,
+        });
+    }
     Hotplug {
-        root,
+        segments,
         router: Arc::clone(machine.router),
         memory: machine.ram.memory.clone(),
         iommu,
-        controller,
-        placement,
         kvm_vfio,
         vfio_entry_limit: vfio::host_dma_entry_limit(Path::new(vfio::DMA_ENTRY_LIMIT_PATH)),
         boot_ids,
         stats,
         info,
-        ejected,
         monitor: host.monitor.clone(),
         taps: host.taps.clone(),
     }
@@ -462,8 +470,8 @@ fn create_vcpus(
 /// The machine as the guest's ACPI tables describe it.
 ///
 /// Each PCI segment is a host bridge with its share of the windows. With `hotplug` (an API to
-/// plug devices in), segment 0's hotplug slots are there too, and with a virtio-iommu the VIOT
-/// covers the slots for protected hotplug.
+/// plug devices in), each segment's hotplug slots are there too, and with a virtio-iommu the
+/// VIOT covers each segment's slots for protected hotplug.
 fn acpi_layout(
     config: &VmConfig,
     hotplug: bool,
@@ -484,8 +492,8 @@ fn acpi_layout(
                 mmio64: windows.mmio64,
                 // Virtio queue notifications live in I/O BARs.
                 pci_io: Some(windows.io),
-                hotplug: (hotplug && segment == 0).then_some(acpi::PciHotplug {
-                    port: layout::PCI_HOTPLUG_PORT,
+                hotplug: hotplug.then_some(acpi::PciHotplug {
+                    port: layout::pci_hotplug_port(segment),
                     slots: HOTPLUG_SLOTS,
                 }),
             }
@@ -525,7 +533,9 @@ fn acpi_layout(
             iommu: acpi::PciBdf::new(0, 0, IOMMU_DEVICE_NUMBER, 0),
             protected,
             protected_slots: if hotplug {
-                vec![(0, PROTECTED_SLOTS)]
+                (0..count)
+                    .map(|segment| (segment, PROTECTED_SLOTS))
+                    .collect()
             } else {
                 Vec::new()
             },

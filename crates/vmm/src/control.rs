@@ -14,7 +14,7 @@ use vm_config::VmConfig;
 use crate::error::VmmError;
 use crate::events::VmmEvent;
 use crate::options::ApiSocket;
-use crate::plugged::{device_node, pci_bdf};
+use crate::plugged::{device_node, place};
 use crate::threads;
 
 /// The API's side of the VMM: hands each request to the VMM thread and waits for its answer
@@ -139,7 +139,7 @@ pub fn vm_info(config: &VmConfig, devices: &[DeviceEntry]) -> api::VmInfo {
     let device_tree: BTreeMap<String, api::DeviceNode> = devices
         .iter()
         .map(|device| {
-            let bdf = pci_bdf(device.segment, device.device_number);
+            let bdf = place(device.segment, device.device_number).to_string();
             (device.id.clone(), device_node(&device.id, bdf))
         })
         .collect();

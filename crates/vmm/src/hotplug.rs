@@ -1,7 +1,7 @@
 //! Devices plugged in and out while the guest runs (`vm.add-disk`, `vm.add-net`,
 //! `vm.add-device`, `vm.remove-device`), with
-//! ACPI PCI hotplug: the slots at the top of bus 0, the controller the DSDT's slot methods use,
-//! and the one thread that changes the machine for the API.
+//! ACPI PCI hotplug: the slots at the top of each segment's bus 0, the controllers the DSDT's
+//! slot methods use, and the one thread that changes the machine for the API.
 //!
 //! The API thread sends a [`HotplugRequest`] and waits for the answer; the `hotplug` thread
 //! builds the device (over guest RAM, or RAM seen through the virtio-iommu for `iommu=on`),
@@ -20,10 +20,11 @@
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use acpi::PciBdf;
 use api::{ApiError, PciDeviceInfo, Refusal, Response};
 use net_util::{Tap, TapError};
 use pci::{PciDevice, PciRoot};
@@ -45,7 +46,7 @@ use crate::interrupts::GsiRouter;
 use crate::legacy::IrqfdTrigger;
 use crate::monitor::{self, EventMonitor};
 use crate::pci_hotplug::{Ejected, PciHotplugController};
-use crate::plugged::{pci_bdf, Listed, Plugged, PluggedDevices, SharedInfo};
+use crate::plugged::{place, Listed, Plugged, PluggedDevices, SharedInfo};
 use crate::pty::Ptys;
 use crate::stats::StatsReport;
 use crate::taps::PassedTaps;
@@ -193,9 +194,9 @@ fn tap_refusal(err: TapError) -> ApiError {
     ApiError::new(refusal, format!("net: {err}"))
 }
 
-/// Tells the hotplug thread of the slots the guest ejects: a bit per slot, and one message
-/// whenever the bits go from none to some. However often the guest writes the eject register,
-/// what waits for the thread is a word and at most two messages.
+/// Tells the hotplug thread of the slots the guest ejects on one segment: a bit per slot, and
+/// one message whenever the bits go from none to some. However often the guest writes the
+/// eject register, what waits for the thread is a word and at most two messages per segment.
 struct EjectToThread {
     slots: Arc<AtomicU32>,
     thread: Mutex<Sender<HotplugRequest>>,
@@ -210,14 +211,23 @@ impl Ejected for EjectToThread {
     }
 }
 
+/// One PCI segment as the hotplug thread changes it: its bus 0, the controller of its slots,
+/// what follows the BARs the guest places there, and the slots its guest ejected that the
+/// thread has not looked at (see [`EjectToThread`]).
+pub(crate) struct SegmentHotplug {
+    pub(crate) root: Arc<Mutex<PciRoot>>,
+    pub(crate) controller: Arc<Mutex<PciHotplugController<IrqfdTrigger>>>,
+    pub(crate) placement: Arc<BarPlacement>,
+    pub(crate) ejected: Arc<AtomicU32>,
+}
+
 /// What the hotplug thread changes the machine with.
 pub(crate) struct Hotplug {
-    pub(crate) root: Arc<Mutex<PciRoot>>,
+    /// Each segment's, segment `n` at index `n`.
+    pub(crate) segments: Vec<SegmentHotplug>,
     pub(crate) router: Arc<GsiRouter>,
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) iommu: Option<Arc<VirtioIommu>>,
-    pub(crate) controller: Arc<Mutex<PciHotplugController<IrqfdTrigger>>>,
-    pub(crate) placement: Arc<BarPlacement>,
     /// The VM's KVM VFIO device, told of each passed-through device's group.
     pub(crate) kvm_vfio: Option<Arc<VfioDeviceFd>>,
     /// The host's limit of VFIO mappings per container.
@@ -228,29 +238,21 @@ pub(crate) struct Hotplug {
     pub(crate) stats: Arc<StatsReport>,
     /// `vm.info`, whose list of hot-plugged devices this thread keeps.
     pub(crate) info: SharedInfo,
-    /// The slots the guest ejected and the thread has not looked at (see [`EjectToThread`]).
-    pub(crate) ejected: Arc<AtomicU32>,
     /// Told of each device the guest let go of (`device-removed`).
     pub(crate) monitor: Option<Arc<EventMonitor>>,
     /// The taps clients passed, which a net added with them joins and a removed one leaves.
     pub(crate) taps: PassedTaps,
 }
 
-/// The channel the hotplug thread listens on, the controller's end of it, and the slots the
-/// controller marks ejected.
-pub(crate) fn channel_for_ejects() -> (
-    Sender<HotplugRequest>,
-    Receiver<HotplugRequest>,
-    Box<dyn Ejected>,
-    Arc<AtomicU32>,
-) {
-    let (tx, rx) = channel();
+/// A segment controller's way to the hotplug thread listening on `thread`, and the slots it
+/// marks ejected.
+pub(crate) fn ejects_to(thread: &Sender<HotplugRequest>) -> (Box<dyn Ejected>, Arc<AtomicU32>) {
     let slots = Arc::new(AtomicU32::new(0));
     let ejects = Box::new(EjectToThread {
         slots: Arc::clone(&slots),
-        thread: Mutex::new(tx.clone()),
+        thread: Mutex::new(thread.clone()),
     });
-    (tx, rx, ejects, slots)
+    (ejects, slots)
 }
 
 impl Hotplug {
@@ -294,9 +296,11 @@ impl Hotplug {
                     let _ = reply.send(asked.map(|()| Response::Done));
                 }
                 Ok(HotplugRequest::Ejected) => {
-                    let ejected = self.ejected.swap(0, Ordering::AcqRel);
-                    for slot in (0..32u8).filter(|slot| ejected & (1 << slot) != 0) {
-                        self.unplug(&mut slots, slot);
+                    for (segment, hotplug) in (0u16..).zip(&self.segments) {
+                        let ejected = hotplug.ejected.swap(0, Ordering::AcqRel);
+                        for slot in (0..32u8).filter(|slot| ejected & (1 << slot) != 0) {
+                            self.unplug(&mut slots, place(segment, slot));
+                        }
                     }
                 }
                 Ok(HotplugRequest::Stop) | Err(_) => return,
@@ -396,20 +400,14 @@ impl Hotplug {
         added
     }
 
-    /// A free slot for the new device `id` on its segment (0: the hotplug slots are there),
-    /// behind the IOMMU or not; 409 while a device the guest has not released yet still has
-    /// the id.
+    /// A free slot for the new device `id` on its segment (validated: it exists), behind the
+    /// IOMMU or not; 409 while a device the guest has not released yet still has the id.
     fn reserve(
         &self,
         slots: &PluggedDevices,
         id: &str,
         (segment, iommu): (u16, bool),
-    ) -> Result<u8, ApiError> {
-        if segment != 0 {
-            return Err(ApiError::bad_request(format!(
-                "pci_segment {segment}: devices are hot-plugged on PCI segment 0, where the hotplug slots are"
-            )));
-        }
+    ) -> Result<PciBdf, ApiError> {
         if slots.has_id(id) {
             return Err(ApiError::new(
                 Refusal::Conflict,
@@ -422,11 +420,12 @@ impl Hotplug {
             ));
         }
         let range = slot_range(iommu, self.iommu.is_some());
-        free_slot(|slot| slots.holds(slot), range.clone()).ok_or_else(|| {
+        let free = free_slot(|slot| slots.holds(place(segment, slot)), range.clone());
+        free.map(|slot| place(segment, slot)).ok_or_else(|| {
             ApiError::new(
                 Refusal::Conflict,
                 format!(
-                    "no free slot for a device {} the IOMMU: slots {:02x}..{:02x} are all in use; remove one first",
+                    "no free slot for a device {} the IOMMU: slots {:02x}..{:02x} of PCI segment {segment} are all in use; remove one first",
                     if iommu { "behind" } else { "outside" },
                     range.start,
                     range.end - 1
@@ -445,11 +444,11 @@ impl Hotplug {
         id: String,
         make: impl FnOnce() -> Result<(NewDevice<'a>, String, Listed), ApiError>,
     ) -> Result<PciDeviceInfo, ApiError> {
-        let slot = self.reserve(slots, &id, (segment, iommu))?;
+        let at = self.reserve(slots, &id, (segment, iommu))?;
         let (new, what, listed) = make()?;
         let endpoint = match &self.iommu {
             Some(model) if iommu => {
-                let endpoint = acpi::PciBdf::new(0, 0, slot, 0).endpoint_id();
+                let endpoint = at.endpoint_id();
                 model
                     .add_endpoint(endpoint, EndpointConfig::default())
                     .map_err(|err| {
@@ -462,7 +461,7 @@ impl Hotplug {
         let device = attach::virtio_device(new, &self.memory, endpoint);
         let endpoint = endpoint.map(|(_, endpoint)| endpoint);
         let counters = device.as_ref().ok().and_then(|device| device.counters());
-        let transport = match device.and_then(|device| self.plug(slot, device)) {
+        let transport = match device.and_then(|device| self.plug(at, device)) {
             Ok(transport) => transport,
             Err(err) => {
                 self.withdraw_endpoint(endpoint);
@@ -472,7 +471,7 @@ impl Hotplug {
         if let Some(counters) = counters {
             self.stats.add_device(&id, counters);
         }
-        Ok(self.record(slots, slot, id, (&what, listed), transport, endpoint))
+        Ok(self.record(slots, at, id, (&what, listed), transport, endpoint))
     }
 
     /// Passes the host PCI function `device` through in a free slot, behind the IOMMU (its
@@ -484,7 +483,7 @@ impl Hotplug {
     ) -> Result<PciDeviceInfo, ApiError> {
         let device = self.admit(|c| c.devices.push(device), |c| c.devices.last())?;
         let id = device.id.clone().unwrap_or_default();
-        let slot = self.reserve(slots, &id, (device.pci_segment, device.iommu))?;
+        let at = self.reserve(slots, &id, (device.pci_segment, device.iommu))?;
         let refused = |err: vfio::OpenError| ApiError::bad_request(err.to_string());
         let opened = vfio::open(device.path(), self.kvm_vfio.clone()).map_err(refused)?;
         let mapper = Arc::new(VfioMapper::new(
@@ -496,7 +495,7 @@ impl Hotplug {
         let endpoint = match &self.iommu {
             Some(model) if device.iommu => {
                 let regions = hot_reserved_regions(model.config(), &opened.iommu)?;
-                let endpoint = acpi::PciBdf::new(0, 0, slot, 0).endpoint_id();
+                let endpoint = at.endpoint_id();
                 let external: Arc<dyn ExternalMapper> = mapper.clone();
                 model
                     .add_endpoint(
@@ -524,7 +523,7 @@ impl Hotplug {
         let pci = VfioPciDevice::new(&id, opened.device, |vectors| self.router.msi_group(vectors))
             .map_err(|err| ApiError::new(Refusal::Failed, err));
         let transport: Result<Arc<Mutex<dyn PciDevice>>, ApiError> =
-            pci.and_then(|pci| self.insert(slot, Arc::new(Mutex::new(pci))));
+            pci.and_then(|pci| self.insert(at, Arc::new(Mutex::new(pci))));
         let transport = match transport {
             Ok(transport) => transport,
             Err(err) => {
@@ -535,7 +534,7 @@ impl Hotplug {
         self.stats.add_passthrough(&id, mapper);
         let what = device.path().display().to_string();
         let listed = (&*what, Listed::Device(device.clone()));
-        Ok(self.record(slots, slot, id, listed, transport, endpoint))
+        Ok(self.record(slots, at, id, listed, transport, endpoint))
     }
 
     /// Takes back the endpoint of a device that could not be plugged in.
@@ -545,20 +544,19 @@ impl Hotplug {
         }
     }
 
-    /// Notes the device plugged in at `slot` (`what` it is for the log, and how `vm.info`
+    /// Notes the device plugged in at `at` (`what` it is for the log, and how `vm.info`
     /// lists it); returns what the API answers.
     fn record(
         &self,
         slots: &mut PluggedDevices,
-        slot: u8,
+        at: PciBdf,
         id: String,
         (what, listed): (&str, Listed),
         transport: Arc<Mutex<dyn PciDevice>>,
         endpoint: Option<u32>,
     ) -> PciDeviceInfo {
-        let bdf = acpi::PciBdf::new(0, 0, slot, 0);
         log::info!(
-            "hotplug: {id} ({what}) plugged in at {bdf}{}",
+            "hotplug: {id} ({what}) plugged in at {at}{}",
             if endpoint.is_some() {
                 ", behind the IOMMU"
             } else {
@@ -566,7 +564,7 @@ impl Hotplug {
             }
         );
         slots.insert(
-            slot,
+            at,
             Plugged {
                 id: id.clone(),
                 transport,
@@ -577,34 +575,36 @@ impl Hotplug {
         );
         PciDeviceInfo {
             id,
-            bdf: pci_bdf(0, slot),
+            bdf: at.to_string(),
         }
     }
 
-    /// Puts `device` behind a virtio-pci transport in `slot` and tells the guest.
+    /// Puts `device` behind a virtio-pci transport at `at` and tells the guest.
     fn plug(
         &self,
-        slot: u8,
+        at: PciBdf,
         device: Box<dyn VirtioDevice>,
     ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
         let transport = attach::transport(device, &self.router)
             .map_err(|err| ApiError::new(Refusal::Failed, err))?;
-        self.insert(slot, transport)
+        self.insert(at, transport)
     }
 
-    /// Puts `transport` in `slot` of bus 0, its BARs following where the guest places them,
-    /// and tells the guest.
+    /// Puts `transport` at `at` (a slot of a segment's bus 0), its BARs following where the
+    /// guest places them, and tells the guest.
     fn insert(
         &self,
-        slot: u8,
+        at: PciBdf,
         transport: Arc<Mutex<dyn PciDevice>>,
     ) -> Result<Arc<Mutex<dyn PciDevice>>, ApiError> {
-        self.placement.track(slot);
-        if let Err(err) = lock(&self.root).add_device(slot, transport.clone()) {
-            self.placement.untrack(slot, &transport);
+        let segment = &self.segments[usize::from(at.segment)];
+        let slot = at.device;
+        segment.placement.track(slot);
+        if let Err(err) = lock(&segment.root).add_device(slot, transport.clone()) {
+            segment.placement.untrack(slot, &transport);
             return Err(ApiError::new(Refusal::Failed, format!("bus 0: {err}")));
         }
-        if let Err(err) = lock(&self.controller).plugged(slot) {
+        if let Err(err) = lock(&segment.controller).plugged(slot) {
             // The device is there; the guest finds it when it next rescans.
             log::warn!("hotplug: cannot raise the hotplug event: {err}");
         }
@@ -619,7 +619,7 @@ impl Hotplug {
                 "{id} was there at boot; only hot-plugged devices can be removed"
             )));
         }
-        let Some((slot, plugged)) = slots.find_mut(id) else {
+        let Some((at, plugged)) = slots.find_mut(id) else {
             return Err(ApiError::new(
                 Refusal::NotFound,
                 format!("no device has id {id:?}"),
@@ -631,41 +631,43 @@ impl Hotplug {
                 format!("{id} is already being removed"),
             ));
         }
-        lock(&self.controller).request_eject(slot).map_err(|err| {
+        let controller = &self.segments[usize::from(at.segment)].controller;
+        lock(controller).request_eject(at.device).map_err(|err| {
             ApiError::new(
                 Refusal::Failed,
                 format!("cannot raise the hotplug event: {err}"),
             )
         })?;
-        slots.mark_leaving(slot);
+        slots.mark_leaving(at);
         // Its taps' descriptors close now, as Cloud Hypervisor closes them (the device's own
         // copies go with it).
         self.taps.remove(id);
         Ok(())
     }
 
-    /// The guest let go of the device in `slot`: take it out of the machine. Asked for or not:
+    /// The guest let go of the device at `at`: take it out of the machine. Asked for or not:
     /// a guest may release a device on its own (`echo 0 > /sys/bus/pci/slots/N/power`), and
     /// Cloud Hypervisor then ejects it too. It stops taking part at once (off the bus and out
     /// of its IOMMU domain); its threads stop within one round of their bounded work.
-    fn unplug(&self, slots: &mut PluggedDevices, slot: u8) {
-        let Some(plugged) = slots.remove(slot) else {
-            log::debug!("hotplug: the guest ejected empty slot {slot:#x}");
+    fn unplug(&self, slots: &mut PluggedDevices, at: PciBdf) {
+        let Some(plugged) = slots.remove(at) else {
+            log::debug!("hotplug: the guest ejected empty slot {at}");
             return;
         };
-        lock(&self.root).remove_device(slot);
-        self.placement.untrack(slot, &plugged.transport);
+        let segment = &self.segments[usize::from(at.segment)];
+        lock(&segment.root).remove_device(at.device);
+        segment.placement.untrack(at.device, &plugged.transport);
         if let (Some(model), Some(endpoint)) = (&self.iommu, plugged.endpoint) {
             if let Err(err) = model.remove_endpoint(endpoint) {
                 log::error!("hotplug: {}: endpoint {endpoint:#x}: {err}", plugged.id);
             }
         }
-        log::info!("hotplug: {} removed from 00:{slot:02x}.0", plugged.id);
+        log::info!("hotplug: {} removed from {at}", plugged.id);
         monitor::emit(
             self.monitor.as_deref(),
             "vm",
             "device-removed",
-            &[("id", &plugged.id), ("bdf", &pci_bdf(0, slot))],
+            &[("id", &plugged.id), ("bdf", &at.to_string())],
         );
         self.stats.remove_device(&plugged.id);
         // Dropping the transport stops the device's threads, frees its vectors and closes its
@@ -775,7 +777,8 @@ mod tests {
     /// thread, not one per write: the slots are bits of a word the thread takes at once.
     #[test]
     fn eject_writes_coalesce_into_one_pending_message() {
-        let (_tx, rx, ejects, ejected) = channel_for_ejects();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ejects, ejected) = ejects_to(&tx);
         for _ in 0..10_000 {
             ejects.ejected(24);
             ejects.ejected(31);

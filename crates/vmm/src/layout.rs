@@ -80,8 +80,19 @@ pub const ACPI_RESET_VALUE: u8 = 0x0e;
 /// The Generic Event Device's event register (one byte) and interrupt: the power button.
 pub const GED_PORT: u16 = 0x3c3;
 pub const GED_IRQ: u32 = 5;
-/// The PCI hotplug controller's registers (`acpi::PCI_HOTPLUG_PORTS` ports).
+/// The PCI hotplug controllers' registers (`acpi::PCI_HOTPLUG_PORTS` ports each): segment
+/// 0's beside the ACPI registers, the other segments' 16 ports apart in a free block below the
+/// PCI I/O window.
 pub const PCI_HOTPLUG_PORT: u16 = 0x3d0;
+const PCI_HOTPLUG_PORTS_OTHER_SEGMENTS: u16 = 0x0b00;
+
+/// Segment `segment`'s PCI hotplug controller.
+pub fn pci_hotplug_port(segment: u16) -> u16 {
+    match segment {
+        0 => PCI_HOTPLUG_PORT,
+        _ => PCI_HOTPLUG_PORTS_OTHER_SEGMENTS + 16 * (segment - 1),
+    }
+}
 
 /// First GSI handed to MSI vectors; 0..24 are the IOAPIC pins.
 pub const MSI_GSI_BASE: u32 = 24;
@@ -194,6 +205,26 @@ mod tests {
             assert!(all
                 .iter()
                 .all(|w| w.mmio64.start >= pci_mmio64_start(8 << 30)));
+        }
+    }
+
+    #[test]
+    fn every_segments_hotplug_registers_have_ports_of_their_own() {
+        let ports: Vec<std::ops::Range<u16>> = (0..vm_config::MAX_PCI_SEGMENTS)
+            .map(|s| pci_hotplug_port(s)..pci_hotplug_port(s) + acpi::PCI_HOTPLUG_PORTS)
+            .collect();
+        for (i, a) in ports.iter().enumerate() {
+            assert!(
+                a.end as u32 <= PCI_IO_START,
+                "{a:#x?} below the PCI I/O window"
+            );
+            let fixed = [
+                COM1_PORT..COM1_PORT + 8,
+                PCI_CONFIG_PORT..PCI_CONFIG_PORT + 8,
+            ];
+            for b in ports[..i].iter().chain(&fixed) {
+                assert!(a.end <= b.start || b.end <= a.start, "{a:#x?} and {b:#x?}");
+            }
         }
     }
 

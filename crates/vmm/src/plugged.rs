@@ -1,4 +1,5 @@
-//! The devices the API plugged in, by slot of bus 0: the hotplug thread's record of them and
+//! The devices the API plugged in, by place (segment, slot of its bus 0): the hotplug
+//! thread's record of them and
 //! what `vm.info` lists of them, changed together in one place. However a device comes or goes
 //! (a client's call, or the guest ejecting it on its own), `vm.info` says what the machine
 //! has.
@@ -6,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use acpi::PciBdf;
 use pci::PciDevice;
 use vm_device::lock;
 
@@ -32,9 +34,10 @@ pub(crate) struct Plugged {
     pub(crate) leaving: bool,
 }
 
-/// The hot-plugged devices by slot, kept in step with `vm.info`.
+/// The hot-plugged devices by place (function 0 of a slot of a segment's bus 0), kept in step
+/// with `vm.info`.
 pub(crate) struct PluggedDevices {
-    slots: BTreeMap<u8, Plugged>,
+    slots: BTreeMap<PciBdf, Plugged>,
     info: SharedInfo,
 }
 
@@ -46,13 +49,13 @@ impl PluggedDevices {
         }
     }
 
-    /// Whether `slot` holds a device.
-    pub(crate) fn holds(&self, slot: u8) -> bool {
-        self.slots.contains_key(&slot)
+    /// Whether `place` holds a device.
+    pub(crate) fn holds(&self, place: PciBdf) -> bool {
+        self.slots.contains_key(&place)
     }
 
-    /// The device with id `id`, and its slot.
-    pub(crate) fn find_mut(&mut self, id: &str) -> Option<(u8, &mut Plugged)> {
+    /// The device with id `id`, and its place.
+    pub(crate) fn find_mut(&mut self, id: &str) -> Option<(PciBdf, &mut Plugged)> {
         self.slots
             .iter_mut()
             .find(|(_, p)| p.id == id)
@@ -64,8 +67,8 @@ impl PluggedDevices {
         self.slots.values().any(|p| p.id == id)
     }
 
-    /// Records `plugged` in `slot` and lists it in `vm.info` as `listed`.
-    pub(crate) fn insert(&mut self, slot: u8, plugged: Plugged, listed: Listed) {
+    /// Records `plugged` at `place` and lists it in `vm.info` as `listed`.
+    pub(crate) fn insert(&mut self, place: PciBdf, plugged: Plugged, listed: Listed) {
         let id = plugged.id.clone();
         let mut info = lock(&self.info);
         let config = &mut info.config;
@@ -75,15 +78,15 @@ impl PluggedDevices {
             Listed::Device(device) => config.devices.push(device),
             Listed::Vsock(vsock) => config.vsock = Some(vsock),
         }
-        let node = device_node(&id, pci_bdf(0, slot));
+        let node = device_node(&id, place.to_string());
         info.device_tree.insert(id, node);
         drop(info);
-        self.slots.insert(slot, plugged);
+        self.slots.insert(place, plugged);
     }
 
-    /// Takes the device in `slot` out of the record and of `vm.info`.
-    pub(crate) fn remove(&mut self, slot: u8) -> Option<Plugged> {
-        let plugged = self.slots.remove(&slot)?;
+    /// Takes the device at `place` out of the record and of `vm.info`.
+    pub(crate) fn remove(&mut self, place: PciBdf) -> Option<Plugged> {
+        let plugged = self.slots.remove(&place)?;
         let mut info = lock(&self.info);
         info.device_tree.remove(&plugged.id);
         info.config.remove_device(&plugged.id);
@@ -93,8 +96,8 @@ impl PluggedDevices {
 
     /// The device `id` is leaving: the configuration no longer lists it (a reboot builds the
     /// VM without it), the device tree does until the guest lets go.
-    pub(crate) fn mark_leaving(&mut self, slot: u8) {
-        let Some(plugged) = self.slots.get_mut(&slot) else {
+    pub(crate) fn mark_leaving(&mut self, place: PciBdf) {
+        let Some(plugged) = self.slots.get_mut(&place) else {
             return;
         };
         plugged.leaving = true;
@@ -102,10 +105,10 @@ impl PluggedDevices {
     }
 }
 
-/// The address `vm.info` and the API give a device in `slot` of bus 0 of `segment`
-/// (`0001:00:03.0`).
-pub(crate) fn pci_bdf(segment: u16, slot: u8) -> String {
-    acpi::PciBdf::new(segment, 0, slot, 0).to_string()
+/// Function 0 of `slot` of bus 0 of `segment`: where a device is plugged in; as a string, the
+/// address `vm.info` and the API give it (`0001:00:03.0`).
+pub(crate) fn place(segment: u16, slot: u8) -> PciBdf {
+    PciBdf::new(segment, 0, slot, 0)
 }
 
 /// A device as `vm.info`'s device tree lists it.
@@ -161,12 +164,12 @@ mod tests {
             id: Some("scratch".into()),
             ..Default::default()
         };
-        devices.insert(24, plugged("scratch"), Listed::Disk(disk));
+        devices.insert(place(0, 24), plugged("scratch"), Listed::Disk(disk));
         let net = vm_config::NetConfig {
             id: Some("_net0".into()),
             ..Default::default()
         };
-        devices.insert(28, plugged("_net0"), Listed::Net(net));
+        devices.insert(place(0, 28), plugged("_net0"), Listed::Net(net));
         assert_eq!(
             listed_ids(&info),
             (
@@ -179,15 +182,21 @@ mod tests {
             lock(&info).device_tree["scratch"].pci_bdf.as_deref(),
             Some("0000:00:18.0")
         );
-        assert!(devices.holds(24) && devices.holds(28));
+        assert!(devices.holds(place(0, 24)) && devices.holds(place(0, 28)));
 
         // The guest's own _EJ0 for slot 24.
-        assert_eq!(devices.remove(24).map(|p| p.id), Some("scratch".into()));
+        assert_eq!(
+            devices.remove(place(0, 24)).map(|p| p.id),
+            Some("scratch".into())
+        );
         assert_eq!(
             listed_ids(&info),
             (vec![], vec!["_net0".into()], vec!["_net0".into()])
         );
-        assert!(devices.remove(24).is_none(), "an empty slot ejects nothing");
+        assert!(
+            devices.remove(place(0, 24)).is_none(),
+            "an empty slot ejects nothing"
+        );
     }
 
     /// A device asked to leave is gone from the configuration at once (a reboot would not
@@ -201,11 +210,11 @@ mod tests {
             id: Some("scratch".into()),
             ..Default::default()
         };
-        devices.insert(24, plugged("scratch"), Listed::Disk(disk));
-        devices.mark_leaving(24);
+        devices.insert(place(0, 24), plugged("scratch"), Listed::Disk(disk));
+        devices.mark_leaving(place(0, 24));
         assert_eq!(listed_ids(&info), (vec![], vec![], vec!["scratch".into()]));
         assert!(devices.has_id("scratch"), "still plugged in");
-        assert!(devices.remove(24).is_some_and(|p| p.leaving));
+        assert!(devices.remove(place(0, 24)).is_some_and(|p| p.leaving));
         assert_eq!(listed_ids(&info), (vec![], vec![], vec![]));
     }
 }
