@@ -498,7 +498,24 @@ mod tests {
         ])
         .unwrap();
         assert!(segment.iommu && segment.disks[0].iommu && segment.rng.iommu);
-        assert!(error(&["--platform", "num_pci_segments=2"]).contains("PCI segment 0 only"));
+        let two = config(&[
+            "--platform",
+            "num_pci_segments=2",
+            "--disk",
+            &format!("path={},pci_segment=1", exe.display()),
+        ])
+        .unwrap();
+        assert_eq!(two.disks[0].pci_segment, 1);
+        assert_eq!(
+            error(&[
+                "--platform",
+                "num_pci_segments=2",
+                "--disk",
+                &format!("path={},pci_segment=2", exe.display()),
+            ]),
+            "--disk: pci_segment: 2 is not from 0 to 1"
+        );
+        assert!(error(&["--platform", "num_pci_segments=17"]).contains("is not from 1 to 16"));
     }
 
     #[test]
