@@ -7,13 +7,12 @@
 //! which pings an address behind the tap the whole time (ARP broadcasts).
 
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, put_desc, report, Container, Desc, Device,
-    QueueLayout, DESC_F_WRITE, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    guest_physical, pinned_pages, put, report, Container, Desc, Device, QueueLayout, Rings,
+    DESC_F_WRITE, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -32,22 +31,11 @@ const FRAME_LEN: usize = 12 + 60;
 /// VIRTIO_F_VERSION_1 alone.
 const WITHOUT_ACCESS_PLATFORM: u64 = 1 << 32;
 
-fn layout(queue: u16) -> QueueLayout {
-    let base = IOVA + QUEUE_BASE[usize::from(queue)] as u64;
-    QueueLayout {
-        size: QUEUE_SIZE,
-        desc: base,
-        avail: base + 0x1000,
-        used: base + 0x2000,
-    }
-}
-
-/// The driver: the device, its DMA buffer and each queue's position.
+/// The driver: the device, its DMA buffer and its queues.
 struct Net {
     dev: Device,
     buf: &'static mut [u8],
-    avail: [u16; 2],
-    used: [u16; 2],
+    rings: Rings,
 }
 
 impl Net {
@@ -59,44 +47,20 @@ impl Net {
         }
         self.buf[..FRAME].fill(0);
         for queue in [RX, TX] {
-            self.dev.setup_queue(queue, layout(queue))?;
+            self.dev.setup_queue(queue, self.rings.layout(queue))?;
         }
         if !self.dev.driver_ok()? {
             return Err("the net device refused DRIVER_OK".into());
         }
-        self.avail = [0; 2];
-        self.used = [0; 2];
+        self.rings.restart();
         Ok(())
     }
 
-    /// Makes `desc` available on `queue` (descriptor `avail % size` of its table), notifies,
-    /// and waits up to `wait` for the device to use it; whether it did, and the length.
+    /// Makes `desc` available on `queue`, notifies, and waits up to `wait` for the device to
+    /// use it; whether it did, and the length.
     fn offer(&mut self, queue: u16, desc: Desc, wait: Duration) -> Result<Option<u32>, String> {
-        let base = QUEUE_BASE[usize::from(queue)];
-        let q = usize::from(queue);
-        let index = usize::from(self.avail[q] % QUEUE_SIZE);
-        put_desc(self.buf, base, index, desc);
-        let slot = base + 0x1000 + 4 + 2 * index;
-        put(self.buf, slot, &(index as u16).to_le_bytes());
-        fence(Ordering::SeqCst);
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        put(self.buf, base + 0x1000 + 2, &self.avail[q].to_le_bytes());
-        fence(Ordering::SeqCst);
-        self.dev.notify(queue)?;
-        let used_ring = base + 0x2000;
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            fence(Ordering::SeqCst);
-            if get_u16(self.buf, used_ring + 2) != self.used[q] {
-                let entry = used_ring + 4 + 8 * usize::from(self.used[q] % QUEUE_SIZE);
-                let len = u32::from(get_u16(self.buf, entry + 4))
-                    | u32::from(get_u16(self.buf, entry + 6)) << 16;
-                self.used[q] = self.used[q].wrapping_add(1);
-                return Ok(Some(len));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(None)
+        self.rings.offer(self.buf, &self.dev, queue, desc)?;
+        Ok(self.rings.used(self.buf, queue, wait))
     }
 
     /// A frame to send from `addr`; `None` used means the device never sent it.
@@ -151,8 +115,7 @@ pub fn run(device: &Path) -> Result<(), String> {
     let mut net = Net {
         dev: Device::open(&container, &bdf)?,
         buf,
-        avail: [0; 2],
-        used: [0; 2],
+        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };
 
     // Without ACCESS_PLATFORM the device must not take the features, nor go live: its

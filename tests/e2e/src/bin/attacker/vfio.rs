@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::raw::c_ulong;
 use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 const VFIO_TYPE: c_ulong = b';' as c_ulong;
@@ -406,6 +407,91 @@ pub fn put_desc(buf: &mut [u8], table: usize, index: usize, d: Desc) {
     raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
     raw[14..].copy_from_slice(&d.next.to_le_bytes());
     put(buf, table + 16 * index, &raw);
+}
+
+/// The driver's side of queues laid out in its DMA buffer (mapped at I/O virtual address
+/// `iova`), one at each of `bases`: the descriptor table there, the available ring 0x1000 after
+/// it, the used ring 0x2000 after it; one descriptor per chain, the next available and used
+/// index of each.
+pub struct Rings {
+    iova: u64,
+    bases: &'static [usize],
+    size: u16,
+    avail: Vec<u16>,
+    used: Vec<u16>,
+}
+
+impl Rings {
+    pub fn new(iova: u64, bases: &'static [usize], size: u16) -> Self {
+        Rings {
+            iova,
+            bases,
+            size,
+            avail: vec![0; bases.len()],
+            used: vec![0; bases.len()],
+        }
+    }
+
+    /// Queue `queue` where the device is told it is.
+    pub fn layout(&self, queue: u16) -> QueueLayout {
+        let base = self.iova + self.bases[usize::from(queue)] as u64;
+        QueueLayout {
+            size: self.size,
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+        }
+    }
+
+    /// Back to the start, as after the device's reset.
+    pub fn restart(&mut self) {
+        self.avail.fill(0);
+        self.used.fill(0);
+    }
+
+    /// Makes `desc` available on `queue` (descriptor `avail % size` of its table) and
+    /// notifies.
+    pub fn offer(
+        &mut self,
+        buf: &mut [u8],
+        dev: &Device,
+        queue: u16,
+        desc: Desc,
+    ) -> Result<(), String> {
+        let q = usize::from(queue);
+        let base = self.bases[q];
+        let index = usize::from(self.avail[q] % self.size);
+        put_desc(buf, base, index, desc);
+        put(
+            buf,
+            base + 0x1000 + 4 + 2 * index,
+            &(index as u16).to_le_bytes(),
+        );
+        fence(Ordering::SeqCst);
+        self.avail[q] = self.avail[q].wrapping_add(1);
+        put(buf, base + 0x1000 + 2, &self.avail[q].to_le_bytes());
+        fence(Ordering::SeqCst);
+        dev.notify(queue)
+    }
+
+    /// Waits up to `wait` for `queue` to return a chain: the length the device wrote.
+    pub fn used(&mut self, buf: &[u8], queue: u16, wait: Duration) -> Option<u32> {
+        let q = usize::from(queue);
+        let used_ring = self.bases[q] + 0x2000;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            fence(Ordering::SeqCst);
+            if get_u16(buf, used_ring + 2) != self.used[q] {
+                let entry = used_ring + 4 + 8 * usize::from(self.used[q] % self.size);
+                let len =
+                    u32::from(get_u16(buf, entry + 4)) | u32::from(get_u16(buf, entry + 6)) << 16;
+                self.used[q] = self.used[q].wrapping_add(1);
+                return Some(len);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
 }
 
 pub fn report(name: &str, verdict: &str, details: &str) {

@@ -9,13 +9,12 @@
 //! owed must come, unwritten there, in the next buffer inside the mapping.
 
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, put_desc, report, Container, Desc, Device,
-    QueueLayout, DESC_F_WRITE,
+    get_u16, guest_physical, pinned_pages, put, report, Container, Desc, Device, Rings,
+    DESC_F_WRITE,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -35,16 +34,6 @@ const GUEST_CID: u64 = 3;
 const OP_REQUEST: u16 = 1;
 const OP_RST: u16 = 3;
 
-fn layout(queue: u16) -> QueueLayout {
-    let base = IOVA + QUEUE_BASE[usize::from(queue)] as u64;
-    QueueLayout {
-        size: QUEUE_SIZE,
-        desc: base,
-        avail: base + 0x1000,
-        used: base + 0x2000,
-    }
-}
-
 /// A stream REQUEST from guest port `src` to host port `dst`.
 fn request(src: u32, dst: u32) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
@@ -58,12 +47,11 @@ fn request(src: u32, dst: u32) -> [u8; HEADER_LEN] {
     header
 }
 
-/// The driver: the device, its DMA buffer and each queue's position.
+/// The driver: the device, its DMA buffer and its queues.
 struct Vsock {
     dev: Device,
     buf: &'static mut [u8],
-    avail: [u16; 3],
-    used: [u16; 3],
+    rings: Rings,
 }
 
 impl Vsock {
@@ -75,51 +63,13 @@ impl Vsock {
         }
         self.buf[..PACKETS].fill(0);
         for queue in [RX, TX, EVENT] {
-            self.dev.setup_queue(queue, layout(queue))?;
+            self.dev.setup_queue(queue, self.rings.layout(queue))?;
         }
         if !self.dev.driver_ok()? {
             return Err("the vsock refused DRIVER_OK".into());
         }
-        self.avail = [0; 3];
-        self.used = [0; 3];
+        self.rings.restart();
         Ok(())
-    }
-
-    /// Makes `desc` available on `queue` and notifies.
-    fn offer(&mut self, queue: u16, desc: Desc) -> Result<(), String> {
-        let base = QUEUE_BASE[usize::from(queue)];
-        let q = usize::from(queue);
-        let index = usize::from(self.avail[q] % QUEUE_SIZE);
-        put_desc(self.buf, base, index, desc);
-        put(
-            self.buf,
-            base + 0x1000 + 4 + 2 * index,
-            &(index as u16).to_le_bytes(),
-        );
-        fence(Ordering::SeqCst);
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        put(self.buf, base + 0x1000 + 2, &self.avail[q].to_le_bytes());
-        fence(Ordering::SeqCst);
-        self.dev.notify(queue)
-    }
-
-    /// Waits up to `wait` for `queue` to return a buffer: its length.
-    fn used(&mut self, queue: u16, wait: Duration) -> Option<u32> {
-        let q = usize::from(queue);
-        let used_ring = QUEUE_BASE[q] + 0x2000;
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            fence(Ordering::SeqCst);
-            if get_u16(self.buf, used_ring + 2) != self.used[q] {
-                let entry = used_ring + 4 + 8 * usize::from(self.used[q] % QUEUE_SIZE);
-                let len = u32::from(get_u16(self.buf, entry + 4))
-                    | u32::from(get_u16(self.buf, entry + 6)) << 16;
-                self.used[q] = self.used[q].wrapping_add(1);
-                return Some(len);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        None
     }
 
     /// Transmits the header at `addr`; whether the device returned the buffer.
@@ -130,8 +80,11 @@ impl Vsock {
             flags: 0,
             next: 0,
         };
-        self.offer(TX, desc)?;
-        Ok(self.used(TX, Duration::from_secs(3)).is_some())
+        self.rings.offer(self.buf, &self.dev, TX, desc)?;
+        Ok(self
+            .rings
+            .used(self.buf, TX, Duration::from_secs(3))
+            .is_some())
     }
 
     /// Posts a receive buffer at `addr` and waits up to `wait` for a packet in it: its
@@ -143,8 +96,8 @@ impl Vsock {
             flags: DESC_F_WRITE,
             next: 0,
         };
-        self.offer(RX, desc)?;
-        Ok(self.used(RX, wait))
+        self.rings.offer(self.buf, &self.dev, RX, desc)?;
+        Ok(self.rings.used(self.buf, RX, wait))
     }
 
     /// The operation and ports of the packet received into the mapped buffer `at`.
@@ -179,8 +132,7 @@ pub fn run(device: &Path) -> Result<(), String> {
     let mut vsock = Vsock {
         dev: Device::open(&container, &bdf)?,
         buf,
-        avail: [0; 3],
-        used: [0; 3],
+        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };
     vsock.start()?;
 
