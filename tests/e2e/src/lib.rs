@@ -477,7 +477,7 @@ impl Prepared {
 }
 
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
-const GUEST_TOOLS: [&str; 3] = ["vfio-map", "blk-discard", "attacker"];
+const GUEST_TOOLS: [&str; 4] = ["vfio-map", "blk-discard", "attacker", "vsock-agent"];
 
 /// Binaries of this crate the KVM host gets beside warden, on its scripts' `PATH` (and
 /// `api-client` as `$API_CLIENT`).

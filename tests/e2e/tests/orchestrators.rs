@@ -3,14 +3,17 @@
 //! (`src/bin/kata-replay.rs`, `src/bin/libvirt-replay.rs`, which say what they replay):
 //!
 //! - Kata Containers' Go runtime in its IOMMU mode: `--api-socket` alone, `vmm.ping` polled,
-//!   `vm.create` with Kata's body (`platform.iommu_segments: [0]`, a read-only rootfs whose own
-//!   flag says `iommu: false`, `iommu: true` on the rest), `vm.info` = `Created`, the NIC added
+//!   `vm.create` with Kata's body (`platform.iommu_segments: [0]`, two PCI segments, a
+//!   read-only rootfs whose own flag says `iommu: false`, `iommu: true` on the rest, the
+//!   agent's vsock; no virtio-fs, as with `shared_fs = "none"`), `vm.info` = `Created`, the NIC added
 //!   before boot with its tap's descriptor in one `sendmsg`, `vm.boot`, `vm.info` = `Running`, a
 //!   disk hot-plugged and removed within Kata's 5 s, `vm.resize` to what the VM has,
-//!   pause/resume, `vmm.shutdown` and the process gone within Kata's 3 s. The guest finds every
-//!   device in an IOMMU group (the rootfs too: its segment is behind the IOMMU), reads the
-//!   rootfs and the hot disk whole and writes 24 MiB to the hot disk (checksums both sides),
-//!   and pings the host over the tap.
+//!   pause/resume, `vmm.shutdown` and the process gone within Kata's 3 s; after boot the
+//!   runtime dials its agent (`CONNECT 1024` on the hybrid vsock socket; a guest tool stands in
+//!   for the agent) and a line goes each way. The guest finds every device in an IOMMU group
+//!   (the rootfs too: its segment is behind the IOMMU; the vsock too), sees segment 1, reads
+//!   the rootfs and the hot disk whole and writes 24 MiB to the hot disk (checksums both
+//!   sides), and pings the host over the tap.
 //! - libvirt's ch driver: `--version` parsed, `--api-socket fd=N` on the socket it bound,
 //!   `--event-monitor` on its FIFO, `vm.create` with PTY serial and console, the NIC (behind
 //!   the IOMMU) added with its tap's descriptor and answered within libvirt's 500 ms, the
@@ -53,6 +56,8 @@ pings() {
 "#;
 
 const KATA_GUEST: &str = r#"
+vsock-agent 1024 &
+echo "KATA-GUEST-SEGMENTS=$(ls /sys/bus/pci/devices | cut -d: -f1 | sort -u | tr '\n' ' ')"
 wait_for /dev/vda
 echo "KATA-GUEST-ROOTFS-RO=$(cat /sys/block/vda/ro)"
 echo "KATA-GUEST-ROOTFS-SUM=$(sha256sum </dev/vda | cut -d' ' -f1)"
@@ -112,6 +117,8 @@ fn kata_containers_drives_warden_in_its_iommu_mode() {
     let guest = format!("{GROUP_HELPERS}{KATA_GUEST}").replace("DATA_MIB", &DATA_MIB.to_string());
     let Some(out) = Scenario::new("kata_iommu")
         .launcher("kata-replay")
+        .warden_args(["--sandbox"])
+        .guest_tool("vsock-agent")
         .host_setup(&KATA_SETUP.replace("DATA_MIB", &DATA_MIB.to_string()))
         .guest_script(&guest)
         .host_check(KATA_CHECK)
@@ -145,6 +152,22 @@ fn kata_containers_drives_warden_in_its_iommu_mode() {
     ok("shutdown", 204);
     assert!(out.marker("KATA-STOPPED-MS").is_some(), "{out}");
     assert_eq!(out.warden_exit, Some(0), "{out}");
+
+    // The agent's channel: Kata's dialer through warden's hybrid vsock, behind the IOMMU.
+    let agent = out
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("KATA-AGENT "))
+        .unwrap_or_else(|| panic!("the runtime never reached its agent\n{out}"));
+    assert!(
+        agent.ends_with("KATA-AGENT-HELLO 3 echo=kata-ping"),
+        "{agent}\n{out}"
+    );
+    assert_eq!(
+        out.marker("KATA-GUEST-SEGMENTS"),
+        Some("0000 0001"),
+        "{out}"
+    );
 
     // Every device behind the IOMMU: the rootfs through its segment, whatever its own flag.
     let rootfs = out.marker("KATA-GUEST-ROOTFS-PCI").expect("rootfs");

@@ -4,14 +4,18 @@
 //! checks it makes on the replies. For the KVM host of the end-to-end tests
 //! (`tests/orchestrators.rs`) and the start-up benchmark (`src/bin/startup-bench.rs`).
 //!
-//! `kata-replay VMM [--plain] [--boot-only] [--rootfs-iommu] [--diagnose]`, run in a scratch directory with `L2_KERNEL` and
+//! `kata-replay VMM [--plain] [--boot-only] [--rootfs-iommu] [--sandbox] [--diagnose]`, run in a scratch directory with `L2_KERNEL` and
 //! `L2_INITRAMFS` set, `rootfs.img` there and, unless `--boot-only` (which stops once the
 //! guest's `/init` runs), `hot.img`. It starts
 //! `VMM --api-socket clh-api.sock -v` as Kata does with `enable_debug` (the serial console
 //! then on the VMM's stdout, which it copies to its own), in its IOMMU mode unless `--plain`:
 //! `platform.iommu_segments: [0]`, `iommu: true` on the rng, console, nets and hot-plugged
-//! disks, and `iommu=pt` on the command line. Until warden has several PCI segments, vsock
-//! and virtio-fs, `num_pci_segments` is 1 and there is no `vsock` or `fs`.
+//! disks, and `iommu=pt` on the command line. With `--sandbox`, the body is a sandbox's as Kata
+//! sends it with `shared_fs = "none"`: `num_pci_segments: 2` and the agent's `vsock`
+//! (`clh.sock`, behind the IOMMU in its IOMMU mode), and after boot the runtime dials its
+//! agent through it (`CONNECT 1024`, Kata's hybrid vsock dialer) until the agent answers;
+//! without it (the start-up benchmark), one segment and no vsock. No `fs`: virtio-fs is not
+//! warden's yet.
 //!
 //! It prints `KATA-STEP <name> <status> <ms> <body>` per call, `KATA-TIME <step>=<ms>` (`ping`
 //! from the VMM's start, the others from `vmm.ping`'s first answer), the VMM's peak RSS before
@@ -27,6 +31,12 @@ use e2e::wire::{self, console::Lines, Reply};
 use serde_json::{json, Value};
 
 const SOCKET: &str = "clh-api.sock";
+/// The hybrid vsock's socket, where Kata puts it beside the API's.
+const VSOCK_SOCKET: &str = "clh.sock";
+/// `vSockPort`: where Kata's agent listens.
+const AGENT_PORT: u32 = 1024;
+/// `dial_timeout`'s default in Kata's configuration.
+const AGENT_DIAL_TIMEOUT: Duration = Duration::from_secs(45);
 /// `clhTimeout`: how long Kata waits for `vmm.ping` to answer.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// `clhAPITimeout` as Kata stretches it for create and boot.
@@ -45,13 +55,16 @@ const GUEST_MAC: &str = "52:54:00:4b:41:01";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(vmm) = args.first() else {
-        eprintln!("usage: kata-replay VMM [--plain] [--boot-only] [--rootfs-iommu] [--diagnose]");
+        eprintln!(
+            "usage: kata-replay VMM [--plain] [--boot-only] [--rootfs-iommu] [--sandbox] [--diagnose]"
+        );
         return ExitCode::from(2);
     };
     let mode = Mode {
         iommu: !args.iter().any(|a| a == "--plain"),
         boot_only: args.iter().any(|a| a == "--boot-only"),
         rootfs_iommu: args.iter().any(|a| a == "--rootfs-iommu"),
+        sandbox: args.iter().any(|a| a == "--sandbox"),
         diagnose: args.iter().any(|a| a == "--diagnose"),
     };
     let mut child = match Command::new(vmm)
@@ -97,6 +110,8 @@ struct Mode {
     /// Hypervisor refuses Kata's body at `vm.boot` ("Device is on an IOMMU PCI segment (0)
     /// but not placed behind IOMMU"), warden puts the rootfs behind the IOMMU either way.
     rootfs_iommu: bool,
+    /// Two PCI segments and the agent's vsock, which the runtime then dials.
+    sandbox: bool,
     /// For a benchmark's diagnosis: the console's lines stamped with the milliseconds since
     /// the VMM started, and the decompressor's messages on it (`earlyprintk`).
     diagnose: bool,
@@ -142,6 +157,9 @@ impl Kata {
         let init = self.console.wait_for("WARDEN-L2-INIT", GUEST_TIMEOUT);
         init.ok_or("the guest's /init never ran")?;
         self.time("init", self.ready.expect("set"));
+        if self.mode.sandbox {
+            self.dial_agent()?;
+        }
         if !self.mode.boot_only {
             self.hotplug(&mut api)?;
             self.control(&mut api)?;
@@ -186,7 +204,8 @@ impl Kata {
         if self.mode.diagnose {
             cmdline += " earlyprintk=ttyS0";
         }
-        let mut platform = json!({"num_pci_segments": 1, "sev_snp": false, "tdx": false});
+        let segments = if self.mode.sandbox { 2 } else { 1 };
+        let mut platform = json!({"num_pci_segments": segments, "sev_snp": false, "tdx": false});
         if iommu {
             platform["iommu_segments"] = json!([0]);
         }
@@ -223,6 +242,10 @@ impl Kata {
             "serial": {"iommu": false, "mode": "Tty"},
             "watchdog": false
         });
+        let mut body = body;
+        if self.mode.sandbox {
+            body["vsock"] = json!({"cid": 3, "iommu": iommu, "socket": VSOCK_SOCKET});
+        }
         Ok(body.to_string())
     }
 
@@ -306,6 +329,32 @@ impl Kata {
             .wait_for("KATA-GUEST-HOT-GONE", GUEST_TIMEOUT)
             .ok_or("the hot-plugged disk never left the guest")?;
         Ok(())
+    }
+
+    /// The agent's channel as Kata's hybrid vsock dialer opens it: `CONNECT 1024` on the VMM's
+    /// socket, an answer starting `OK` within 10 s, redialled until `dial_timeout` (45 s); then
+    /// a line each way through it.
+    fn dial_agent(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match dial(AGENT_PORT) {
+                Ok((hello, echo)) => {
+                    println!(
+                        "KATA-AGENT {} {tries} {hello} echo={echo}",
+                        started.elapsed().as_millis()
+                    );
+                    return Ok(());
+                }
+                Err(err) if started.elapsed() > AGENT_DIAL_TIMEOUT => {
+                    return Err(format!(
+                        "the agent never answered on vsock port {AGENT_PORT}: {err}"
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// `ResizeVCPUs` to what the VM has (vCPU hotplug is not warden's yet), then
@@ -453,4 +502,30 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn available_cpus() -> Value {
     let count = std::thread::available_parallelism().map_or(1, |n| n.get());
     json!(count)
+}
+
+/// One dial of the agent: `CONNECT port`, `OK ...`, the agent's greeting, and a line echoed.
+fn dial(port: u32) -> Result<(String, String), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = UnixStream::connect(VSOCK_SOCKET).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    if !line.starts_with("OK") {
+        return Err(format!("answered {line:?}"));
+    }
+    let mut hello = String::new();
+    reader.read_line(&mut hello).map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"kata-ping\n")
+        .map_err(|e| e.to_string())?;
+    let mut echo = String::new();
+    reader.read_line(&mut echo).map_err(|e| e.to_string())?;
+    Ok((hello.trim().to_string(), echo.trim().to_string()))
 }
