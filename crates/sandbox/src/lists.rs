@@ -389,7 +389,9 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                     SYS_socket,
                     SYS_connect,
                     SYS_shutdown,
-                    // std reads and writes sockets with recv(2) and send(2).
+                    // std's socket reads and writes (a client's CONNECT line, the OK
+                    // line and bytes a slow client was kept waiting) are recv(2) and
+                    // send(2); the data path's are read(2)/write(2).
                     SYS_recvfrom,
                     SYS_sendto,
                 ],

@@ -102,7 +102,8 @@ impl DeviceCounters for RngCounters {
 }
 
 /// virtio-vsock: packets and stream bytes each way (`rx` towards the guest, `tx` from it, as
-/// for a net), connections opened either way, and those the host side ended with a reset.
+/// for a net), connections opened either way, and connections warden ended with a reset (the
+/// stream over, a rule broken, a host socket failed).
 #[derive(Debug, Default)]
 pub(crate) struct VsockCounters {
     pub(crate) rx_bytes: Counter,

@@ -102,7 +102,8 @@ pub(crate) trait WorkerHandler: Send + 'static {
     /// been drained, so the handler must consume everything that is available.
     fn queue_notified(&mut self, index: usize, poller: &Poller);
 
-    /// A device-specific fd added with `token` is readable (or hung up).
+    /// A device-specific fd added with `token` is readable (or hung up), or, added with
+    /// [`Poller::add_stream`], writable.
     fn fd_ready(&mut self, _token: u32, _poller: &Poller) {}
 }
 

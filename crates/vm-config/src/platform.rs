@@ -13,11 +13,11 @@ pub const DEFAULT_IOMMU_POLL_US: u64 = 2000;
 /// Longest accepted poll window: a second of spinning is surely a typo.
 pub const MAX_IOMMU_POLL_US: u64 = 1_000_000;
 
-/// `PlatformConfig`.
 /// PCI segments a machine may have: each is a host bridge with its bus 0, its ECAM MiB and a
 /// share of the PCI windows (Cloud Hypervisor allows 96; Kata asks for 2).
 pub const MAX_PCI_SEGMENTS: u16 = 16;
 
+/// `PlatformConfig`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformConfig {
     #[serde(default = "one")]

@@ -9,6 +9,8 @@ use crate::error::{refuse, ConfigError, Problem, Section};
 use crate::options::KeyValues;
 
 const SECTION: Section = Section::Vsock;
+/// Longest socket path, in bytes: `<path>_4294967295` must still fit a Unix socket address.
+pub const MAX_SOCKET_PATH: usize = 96;
 
 /// `VsockConfig`: `cid` and `socket` are required, as in Cloud Hypervisor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +64,20 @@ impl VsockConfig {
         if self.socket.as_os_str().is_empty() {
             return refuse(SECTION, "socket", Problem::Required);
         }
+        // A Unix socket's path holds 107 bytes, and the guest's connections go to
+        // `socket_<port>`: up to 11 more.
+        let len = self.socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return refuse(
+                SECTION,
+                "socket",
+                Problem::OutOfRange {
+                    value: len as u64,
+                    min: 1,
+                    max: MAX_SOCKET_PATH as u64,
+                },
+            );
+        }
         absent(SECTION, "pci_device_id", &self.pci_device_id)?;
         id(SECTION, self.id.as_deref())
     }
@@ -98,6 +114,13 @@ mod tests {
         }
         let err = VsockConfig::parse("cid=3").unwrap().validate().unwrap_err();
         assert!(err.to_string().contains("socket"), "{err}");
+        let long = format!("cid=3,socket=/{}", "s".repeat(MAX_SOCKET_PATH));
+        let err = VsockConfig::parse(&long).unwrap().validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("vsock.socket: 97 is not from 1 to 96"),
+            "{err}"
+        );
         let err = VsockConfig::parse("socket=/run/v.sock").unwrap_err();
         assert!(err.to_string().contains("cid"), "{err}");
         assert!(serde_json::from_str::<VsockConfig>(r#"{"cid":3}"#).is_err());

@@ -277,7 +277,8 @@ fn check_hotplug_slots_free(hotplug: bool, entries: &[DeviceEntry]) -> Result<()
         .find(|d| hotplug && d.device_number >= HOTPLUG_SLOTS.start);
     match full {
         Some(full) => Err(VmmError::Device(format!(
-            "bus 0 is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
+            "bus 0 of PCI segment {} is full: {} would take slot {}, but --api-socket keeps slots {}..={} for hotplug; start with fewer devices",
+            full.segment,
             full.id,
             full.device_number,
             HOTPLUG_SLOTS.start,

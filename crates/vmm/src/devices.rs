@@ -159,7 +159,7 @@ impl Slots {
         let mut slots = Slots(Default::default());
         for device in devices {
             let next = slots.0.entry(device.segment).or_default();
-            *next = (*next).max(device.device_number + 1);
+            *next = (*next).max(device.device_number.saturating_add(1));
         }
         slots
     }
@@ -172,7 +172,7 @@ impl Slots {
         };
         let next = self.0.entry(segment).or_insert(first);
         let taken = (*next).max(first);
-        *next = taken + 1;
+        *next = taken.saturating_add(1);
         taken
     }
 }

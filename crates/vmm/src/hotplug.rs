@@ -164,10 +164,9 @@ impl attach::Recipe<ApiError> for NewDevice<'_> {
             taps: &PassedTaps::default(),
             ptys: &Ptys::default(),
         };
-        match self {
+        let built = match self {
             NewDevice::Disk(disk) => {
                 build_device(&DeviceKind::Disk(disk), mem, access_platform, &[], nothing)
-                    .map_err(|err| ApiError::bad_request(err.to_string()))
             }
             NewDevice::Vsock(vsock) => build_device(
                 &DeviceKind::Vsock(vsock),
@@ -175,11 +174,10 @@ impl attach::Recipe<ApiError> for NewDevice<'_> {
                 access_platform,
                 &[],
                 nothing,
-            )
-            .map_err(|err| ApiError::bad_request(err.to_string())),
-            NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[])
-                .map_err(|err| ApiError::bad_request(err.to_string())),
-        }
+            ),
+            NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[]),
+        };
+        built.map_err(|err| ApiError::bad_request(err.to_string()))
     }
 }
 
@@ -351,7 +349,8 @@ impl Hotplug {
         slots: &mut PluggedDevices,
         vsock: VsockConfig,
     ) -> Result<PciDeviceInfo, ApiError> {
-        if lock(&self.info).config.vsock.is_some() {
+        // One leaving still counts: the guest's driver takes one device only.
+        if lock(&self.info).config.vsock.is_some() || slots.has_vsock() {
             return Err(ApiError::new(Refusal::Failed, ONE_VSOCK));
         }
         let vsock = self.admit(|c| c.vsock = Some(vsock), |c| c.vsock.as_ref())?;
@@ -563,6 +562,7 @@ impl Hotplug {
                 ""
             }
         );
+        let vsock = matches!(listed, Listed::Vsock(_));
         slots.insert(
             at,
             Plugged {
@@ -570,6 +570,7 @@ impl Hotplug {
                 transport,
                 endpoint,
                 leaving: false,
+                vsock,
             },
             listed,
         );

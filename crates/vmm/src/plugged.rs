@@ -1,8 +1,7 @@
 //! The devices the API plugged in, by place (segment, slot of its bus 0): the hotplug
-//! thread's record of them and
-//! what `vm.info` lists of them, changed together in one place. However a device comes or goes
-//! (a client's call, or the guest ejecting it on its own), `vm.info` says what the machine
-//! has.
+//! thread's record of them and what `vm.info` lists of them, changed together in one place.
+//! However a device comes or goes (a client's call, or the guest ejecting it on its own),
+//! `vm.info` says what the machine has.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +31,8 @@ pub(crate) struct Plugged {
     pub(crate) endpoint: Option<u32>,
     /// Asked to leave, and not let go of yet.
     pub(crate) leaving: bool,
+    /// The VM's vsock: while it is plugged in, leaving or not, it takes no other.
+    pub(crate) vsock: bool,
 }
 
 /// The hot-plugged devices by place (function 0 of a slot of a segment's bus 0), kept in step
@@ -60,6 +61,11 @@ impl PluggedDevices {
             .iter_mut()
             .find(|(_, p)| p.id == id)
             .map(|(&slot, p)| (slot, p))
+    }
+
+    /// Whether the vsock is plugged in, leaving or not.
+    pub(crate) fn has_vsock(&self) -> bool {
+        self.slots.values().any(|p| p.vsock)
     }
 
     /// Whether a plugged device, leaving or not, has id `id`.
@@ -131,6 +137,7 @@ mod tests {
             transport: Arc::new(Mutex::new(pci::HostBridge::new())),
             endpoint: None,
             leaving: false,
+            vsock: false,
         }
     }
 

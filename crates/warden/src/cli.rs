@@ -98,11 +98,14 @@ pub struct Cli {
     #[arg(long, value_name = "path=SYSFS_PATH[,iommu=on][,id=ID]")]
     device: Vec<String>,
 
-    /// virtio-vsock: cid=N,socket=PATH[,iommu=on][,id=ID]. Host programs reach guest port P by
-    /// connecting to the Unix socket PATH and writing "CONNECT P\n" (answered "OK <host
-    /// port>\n"); the guest reaches host port P at the Unix socket PATH_P. PATH must not
-    /// exist; warden removes it when the device goes. Accepts iommu=on.
-    #[arg(long, value_name = "cid=N,socket=PATH[,iommu=on]")]
+    /// virtio-vsock: cid=N,socket=PATH[,iommu=on][,id=ID][,pci_segment=N]. Host programs
+    /// reach guest port P by connecting to the Unix socket PATH and writing "CONNECT P\n"
+    /// (answered "OK <host port>\n"); the guest reaches host port P at the Unix socket
+    /// PATH_P. PATH (at most 96 bytes) must not exist; warden removes it when the device goes.
+    #[arg(
+        long,
+        value_name = "cid=N,socket=PATH[,iommu=on][,id=ID][,pci_segment=N]"
+    )]
     vsock: Option<String>,
 
     /// Platform settings: iommu=on creates the virtio-iommu even when no device starts behind

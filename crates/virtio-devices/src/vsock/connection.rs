@@ -110,12 +110,25 @@ pub(crate) struct Connection {
     pub(crate) queued: bool,
 }
 
+impl Key {
+    /// The connection a guest packet belongs to: its destination is the host side's port.
+    pub(crate) fn of(header: &Header) -> Self {
+        Key {
+            local_port: header.dst_port,
+            peer_port: header.src_port,
+        }
+    }
+}
+
 impl Connection {
-    /// A host client's connection to guest port `key.peer_port`: a REQUEST is owed.
+    /// A host client's connection to guest port `key.peer_port`: a REQUEST is owed. Bytes
+    /// the client wrote after its `CONNECT` line may wait in the socket already, with no
+    /// readiness event left to say so: it starts readable.
     pub(crate) fn from_host(stream: UnixStream, token: u32, key: Key, guest_cid: u64) -> Self {
         let mut connection = Connection::new(stream, token, key, guest_cid);
         connection.state = State::HostConnecting;
         connection.owed.request = true;
+        connection.readable = true;
         connection
     }
 
@@ -213,9 +226,7 @@ impl Connection {
         let mut written = 0usize;
         for slice in &slices {
             if !self.to_host.is_empty() {
-                let mut rest = vec![0u8; slice.len()];
-                slice.copy_to(&mut rest[..]);
-                self.to_host.extend(rest);
+                self.hold(slice);
                 continue;
             }
             let mut done = 0;
@@ -231,15 +242,19 @@ impl Connection {
             }
             written += done;
             if done < slice.len() {
-                let rest = slice.offset(done).expect("inside the slice");
-                let mut bytes = vec![0u8; rest.len()];
-                rest.copy_to(&mut bytes[..]);
-                self.to_host.extend(bytes);
+                self.hold(&slice.offset(done).expect("inside the slice"));
             }
         }
         self.fwd_cnt += written as u32;
         self.settle();
         Ok(())
+    }
+
+    /// Keeps guest bytes the host socket did not take, after those it is waiting for.
+    fn hold<B: vm_memory::bitmap::BitmapSlice>(&mut self, slice: &vm_memory::VolatileSlice<B>) {
+        let mut bytes = vec![0u8; slice.len()];
+        slice.copy_to(&mut bytes[..]);
+        self.to_host.extend(bytes);
     }
 
     /// The guest shut its side down (`flags`: it receives, sends no more).

@@ -13,7 +13,7 @@ mod packet;
 mod tests;
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +55,8 @@ pub struct Vsock<M> {
     cid: u64,
     listener: Arc<UnixListener>,
     path: PathBuf,
+    /// The socket file's device and inode as bound: what the drop may remove.
+    file: (u64, u64),
     core: DeviceWorker,
     counters: Arc<VsockCounters>,
 }
@@ -71,12 +73,20 @@ impl<M: DeviceMemory> Vsock<M> {
             source,
         };
         let listener = UnixListener::bind(path).map_err(listen)?;
-        listener.set_nonblocking(true).map_err(listen)?;
+        let file = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
+        let file = match listener.set_nonblocking(true).and(file) {
+            Ok(file) => file,
+            Err(err) => {
+                let _ = std::fs::remove_file(path);
+                return Err(listen(err));
+            }
+        };
         Ok(Vsock {
             mem,
             cid,
             listener: Arc::new(listener),
             path: path.to_owned(),
+            file,
             core: DeviceWorker::new(DeviceThread::Vsock, common_features(access_platform)),
             counters: Arc::default(),
         })
@@ -84,9 +94,11 @@ impl<M: DeviceMemory> Vsock<M> {
 }
 
 impl<M> Drop for Vsock<M> {
-    /// The socket file goes with the device, so the same path serves the next one.
+    /// The socket file goes with the device, so the same path serves the next one; a file
+    /// someone else put there since is left alone.
     fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket());
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file);
         if ours {
             if let Err(err) = std::fs::remove_file(&self.path) {
                 debug!("vsock: cannot remove {}: {err}", self.path.display());

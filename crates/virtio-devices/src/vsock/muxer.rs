@@ -66,6 +66,10 @@ pub(crate) struct Muxer {
     resets: VecDeque<Header>,
     next_port: u32,
     next_token: u32,
+    /// The listener is in the worker's epoll set: it leaves it while the process is out of
+    /// descriptors (a level-triggered listener it cannot accept from would wake it for ever)
+    /// and comes back when a connection closes.
+    listening: bool,
     counters: Arc<VsockCounters>,
 }
 
@@ -87,6 +91,7 @@ impl Muxer {
             resets: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             next_token: LISTENER_TOKEN,
+            listening: true,
             counters,
         }
     }
@@ -99,6 +104,12 @@ impl Muxer {
     #[cfg(test)]
     pub(crate) fn connections(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Connections queued for the guest.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.ready.len()
     }
 
     /// Whether the guest is owed a packet.
@@ -128,9 +139,17 @@ impl Muxer {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
-                Err(err) => {
-                    warn_limited!("vsock: cannot accept a host connection: {err}");
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    warn_limited!(
+                        "vsock: out of descriptors ({err}); host clients wait until a connection closes"
+                    );
+                    self.listening = poller.remove(self.listener_fd()).is_err();
                     return;
+                }
+                Err(err) => {
+                    // A client gone before it was accepted, and the like: the next one.
+                    debug!("vsock: cannot accept a host connection: {err}");
+                    continue;
                 }
             };
             if self.connections.len() + self.handshakes.len() >= MAX_CONNECTIONS {
@@ -234,6 +253,12 @@ impl Muxer {
         if let Some(connection) = self.connections.remove(&key) {
             self.tokens.remove(&connection.token);
             let _ = poller.remove(connection.stream().as_raw_fd());
+            if connection.queued {
+                self.ready.retain(|queued| *queued != key);
+            }
+        }
+        if !self.listening {
+            self.listening = poller.add(self.listener_fd(), LISTENER_TOKEN).is_ok();
         }
     }
 
@@ -285,10 +310,7 @@ impl Muxer {
         }
         self.counters.tx_packets.add(1);
         let op = header.op();
-        let key = Key {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = Key::of(&header);
         let payload = buffers::total_len(&chain.buffers) - HEADER_LEN as u64;
         let malformed = header.kind != TYPE_STREAM
             || header.len > MAX_PAYLOAD
@@ -355,10 +377,7 @@ impl Muxer {
 
     /// The guest connects to host port `header.dst_port`: to the Unix socket `PATH_<port>`.
     fn guest_connects(&mut self, header: &Header, poller: &Poller) {
-        let key = Key {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = Key::of(header);
         if self.connections.contains_key(&key) {
             // A second request on a live connection: the guest lost track of it.
             self.broken(key, header);
@@ -417,13 +436,41 @@ impl Muxer {
             self.counters.rx_packets.add(1);
             return Some(HEADER_LEN as u32);
         }
+        // Connections whose data does not fit this chain (a header's worth of it, which no
+        // driver should post), queued again after it.
+        let mut no_room = Vec::new();
+        let sent = self.send_next(mem, chain, poller, &mut no_room);
+        for key in no_room {
+            self.mark(key);
+        }
+        match sent {
+            None if self.has_packets() => {
+                warn_limited!("vsock: a receive buffer has no room for data; returned unused");
+                Some(0)
+            }
+            sent => sent,
+        }
+    }
+
+    /// [`Muxer::next_for_guest`]'s turn through the connections queued.
+    fn send_next<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        chain: &Chain,
+        poller: &Poller,
+        no_room: &mut Vec<Key>,
+    ) -> Option<u32> {
         while let Some(key) = self.ready.pop_front() {
             let Some(connection) = self.connections.get_mut(&key) else {
                 continue;
             };
             connection.queued = false;
             match connection.send(mem, &chain.buffers) {
-                Ok(Sent::Nothing) => {}
+                Ok(Sent::Nothing) => {
+                    if connection.has_packet() {
+                        no_room.push(key);
+                    }
+                }
                 Ok(Sent::Packet { len, payload }) => {
                     self.counters.rx_packets.add(1);
                     self.counters.rx_bytes.add(u64::from(payload));

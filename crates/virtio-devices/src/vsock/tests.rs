@@ -224,6 +224,43 @@ fn a_guest_refusing_a_host_client_closes_it() {
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+/// A guest that posts no receive buffers and resets every connection a host client opens
+/// leaves nothing queued behind: the queue holds live connections only.
+#[test]
+fn closed_connections_leave_the_queue_for_the_guest() {
+    let mut rig = Rig::new();
+    for port in 0..300 {
+        let mut client = UnixStream::connect(rig.path()).unwrap();
+        client.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        rig.pump();
+        let local = 1 << 30 | port;
+        rig.send(packet(Op::Rst, port, local), &[]);
+        assert_eq!(rig.muxer.connections(), 0);
+        assert_eq!(rig.muxer.queued(), 0, "after {port}");
+    }
+}
+
+/// Bytes a host client sends right behind its CONNECT line reach the guest once it accepts,
+/// with nothing more from the client; a receive buffer with no room past the header is
+/// returned unused and the bytes wait for the next one.
+#[test]
+fn bytes_behind_the_connect_line_and_a_buffer_too_small_for_them() {
+    let mut rig = Rig::new();
+    let mut client = UnixStream::connect(rig.path()).unwrap();
+    client.write_all(b"CONNECT 50\nearly").unwrap();
+    let (request, _) = rig.receive().unwrap();
+    rig.send(packet(Op::Response, 50, request.src_port), &[]);
+    let mut driver = Driver::new(&rig.mem, 0x1000, 16);
+    let header_only = driver.chain(&[wo(RX_BUFFER, HEADER_LEN as u32)]);
+    let poller = Poller::new(&rig.epoll);
+    assert_eq!(
+        rig.muxer.next_for_guest(&rig.mem, &header_only, &poller),
+        Some(0)
+    );
+    let (data, payload) = rig.receive().unwrap();
+    assert_eq!((data.op(), payload.as_slice()), (Some(Op::Rw), &b"early"[..]));
+}
+
 #[test]
 fn a_guest_connects_to_the_socket_named_after_the_port() {
     let mut rig = Rig::new();
@@ -515,7 +552,12 @@ fn the_device_needs_a_guest_cid_and_a_free_path_and_removes_its_socket() {
     assert_eq!(device.queue_max_sizes().len(), 3);
     drop(device);
     assert!(!path.exists());
-    Vsock::new(guest_memory(), 43, &path, false).unwrap();
+    // A socket another process put at the path since is not the device's to remove.
+    let device = Vsock::new(guest_memory(), 43, &path, false).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let _other = UnixListener::bind(&path).unwrap();
+    drop(device);
+    assert!(path.exists());
 }
 
 /// The device whole, behind an IOMMU that maps the guest's buffers: a host client's bytes
