@@ -231,7 +231,9 @@ fn closed_connections_leave_the_queue_for_the_guest() {
     let mut rig = Rig::new();
     for port in 0..300 {
         let mut client = UnixStream::connect(rig.path()).unwrap();
-        client.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        client
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
         rig.pump();
         let local = 1 << 30 | port;
         rig.send(packet(Op::Rst, port, local), &[]);
@@ -258,7 +260,10 @@ fn bytes_behind_the_connect_line_and_a_buffer_too_small_for_them() {
         Some(0)
     );
     let (data, payload) = rig.receive().unwrap();
-    assert_eq!((data.op(), payload.as_slice()), (Some(Op::Rw), &b"early"[..]));
+    assert_eq!(
+        (data.op(), payload.as_slice()),
+        (Some(Op::Rw), &b"early"[..])
+    );
 }
 
 #[test]
