@@ -11,7 +11,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, put_desc, report, Container, Desc, Device,
+    get_u16, guest_physical, pinned_pages, put, put_desc, report, verdict, Container, Desc, Device,
     QueueLayout, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET,
 };
 
@@ -252,16 +252,8 @@ pub fn run(device: &Path) -> Result<(), String> {
     for (name, kind, addr) in outside {
         // Writes target sector 8, which must keep the host's pattern.
         let answer = driver.request(kind, 8, addr)?;
-        let verdict = if answer.refused() {
-            "refused"
-        } else {
-            "ALLOWED"
-        };
-        report(
-            name,
-            verdict,
-            &format!("iova={addr:#x} {}", answer.describe()),
-        );
+        let details = format!("iova={addr:#x} {}", answer.describe());
+        report(name, verdict(answer.refused()), &details);
         driver.recover(&answer)?;
     }
 
@@ -275,13 +267,9 @@ pub fn run(device: &Path) -> Result<(), String> {
     later.fill(0);
     let answer = driver.request(BLK_T_IN, 0, IOVA_UNMAPPED_LATER)?;
     let reached = later.iter().any(|&b| b != 0);
-    let verdict = if answer.refused() && !reached {
-        "refused"
-    } else {
-        "ALLOWED"
-    };
+    let seen = verdict(answer.refused() && !reached);
     let details = format!("{} buffer-written={reached}", answer.describe());
-    report("AFTER-UNMAP-READ", verdict, &details);
+    report("AFTER-UNMAP-READ", seen, &details);
     driver.recover(&answer)?;
 
     // A data buffer that starts in the mapping and claims 4 GiB.
@@ -306,12 +294,11 @@ pub fn run(device: &Path) -> Result<(), String> {
         },
     ];
     let answer = driver.submit(BLK_T_IN, 0, &huge)?;
-    let verdict = if answer.refused() {
-        "refused"
-    } else {
-        "ALLOWED"
-    };
-    report("GIGABYTES-READ", verdict, &answer.describe());
+    report(
+        "GIGABYTES-READ",
+        verdict(answer.refused()),
+        &answer.describe(),
+    );
     driver.recover(&answer)?;
 
     // A chain that loops back on itself.
@@ -320,12 +307,11 @@ pub fn run(device: &Path) -> Result<(), String> {
     looped[2].flags |= DESC_F_NEXT;
     looped[2].next = 0;
     let answer = driver.submit(BLK_T_IN, 0, &looped)?;
-    let verdict = if answer.refused() {
-        "refused"
-    } else {
-        "ALLOWED"
-    };
-    report("LOOPED-CHAIN", verdict, &answer.describe());
+    report(
+        "LOOPED-CHAIN",
+        verdict(answer.refused()),
+        &answer.describe(),
+    );
     driver.recover(&answer)?;
 
     // Buffers that overlap the ring itself: inside the grant, so the device may write there,

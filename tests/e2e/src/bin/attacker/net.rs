@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    guest_physical, pinned_pages, put, report, Container, Desc, Device, QueueLayout, Rings,
-    DESC_F_WRITE, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, QueueLayout,
+    Rings, DESC_F_WRITE, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -94,14 +94,6 @@ fn frame() -> [u8; FRAME_LEN] {
     bytes[24..26].copy_from_slice(&0x88b5u16.to_be_bytes());
     bytes[26..45].copy_from_slice(b"WARDEN-VHOST-ATTACK");
     bytes
-}
-
-fn verdict(refused: bool) -> &'static str {
-    if refused {
-        "refused"
-    } else {
-        "ALLOWED"
-    }
 }
 
 /// Runs every check against the net device at sysfs path `device`.

@@ -494,6 +494,15 @@ impl Rings {
     }
 }
 
+/// A check's verdict: `refused` when the device kept out of what it was not granted.
+pub fn verdict(refused: bool) -> &'static str {
+    if refused {
+        "refused"
+    } else {
+        "ALLOWED"
+    }
+}
+
 pub fn report(name: &str, verdict: &str, details: &str) {
     println!("ATTACK-{name}={verdict} {details}");
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, report, Container, Desc, Device, Rings,
+    get_u16, guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, Rings,
     DESC_F_WRITE,
 };
 
@@ -107,14 +107,6 @@ impl Vsock {
                 | u32::from(get_u16(self.buf, at + offset + 2)) << 16
         };
         (get_u16(self.buf, at + 30), word(16), word(20))
-    }
-}
-
-fn verdict(refused: bool) -> &'static str {
-    if refused {
-        "refused"
-    } else {
-        "ALLOWED"
     }
 }
 
