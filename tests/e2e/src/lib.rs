@@ -349,6 +349,13 @@ impl Outcome {
             .find_map(|line| line.find(&needle).map(|i| line[i + needle.len()..].trim()))
     }
 
+    /// [`Outcome::marker`], which the run must have printed: a test fails naming it, with the
+    /// whole outcome, if it did not.
+    pub fn required_marker(&self, key: &str) -> &str {
+        self.marker(key)
+            .unwrap_or_else(|| panic!("no {key}\n{self}"))
+    }
+
     /// The virtio feature bits a guest printed as `KEY=` followed by sysfs's string of 0s and
     /// 1s (a device's `features` file), as bit numbers.
     pub fn feature_bits(&self, key: &str) -> Vec<u32> {

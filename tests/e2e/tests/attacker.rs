@@ -217,6 +217,11 @@ const REFUSED: [&str; 8] = [
 /// own DMA on the other disk never faults, so the totals are exactly six.
 const TRANSLATION_FAULTS: u64 = 6;
 
+/// A number the run reported, 0 if it did not.
+fn count(out: &Outcome, key: &str) -> u64 {
+    out.marker(key).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
 fn verdict<'a>(out: &'a Outcome, check: &str) -> &'a str {
     out.marker(&format!("ATTACK-{check}"))
         .and_then(|v| v.split(' ').next())
@@ -266,10 +271,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         "no refused write reached the attacked image\n{out}"
     );
 
-    let kernel_faults: u64 = out
-        .marker("ATTACK-KERNEL-FAULTS")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let kernel_faults = count(&out, "ATTACK-KERNEL-FAULTS");
     assert_eq!(
         kernel_faults, TRANSLATION_FAULTS,
         "the guest kernel logs a fault event for each\n{out}"
@@ -286,10 +288,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
     }
     assert_eq!(verdict(&out, "VHOST-CANARY"), "intact", "{out}");
-    let net_kernel_faults: u64 = out
-        .marker("ATTACK-NET-KERNEL-FAULTS")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let net_kernel_faults = count(&out, "ATTACK-NET-KERNEL-FAULTS");
     assert!(
         net_kernel_faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
         "the guest kernel logs the vhost-net's faults too: {net_kernel_faults}\n{out}"
@@ -306,10 +305,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
     }
     assert_eq!(verdict(&out, "VSOCK-CANARY"), "intact", "{out}");
-    let vsock_kernel_faults: u64 = out
-        .marker("ATTACK-VSOCK-KERNEL-FAULTS")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let vsock_kernel_faults = count(&out, "ATTACK-VSOCK-KERNEL-FAULTS");
     assert!(
         vsock_kernel_faults >= net_kernel_faults + VSOCK_REFUSED.len() as u64,
         "the guest kernel logs the vsock's faults too: {vsock_kernel_faults}\n{out}"
@@ -326,10 +322,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
     assert_eq!(out.marker("ATTACK-FLOOD-EXIT"), Some("0"), "{out}");
     assert_eq!(out.api_reply("add-flood").0, 200, "{out}");
     assert_eq!(out.marker("HOST-FLOOD-LISTED"), Some("listed"), "{out}");
-    let writes: u64 = out
-        .marker("ATTACK-FLOOD-EJECT-WRITES")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let writes = count(&out, "ATTACK-FLOOD-EJECT-WRITES");
     assert!(
         writes >= 1000,
         "the eject register was flooded: {writes}\n{out}"

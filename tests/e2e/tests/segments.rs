@@ -114,12 +114,7 @@ fn a_second_pci_segment_holds_plain_and_protected_disks_at_boot_and_hot_plugged(
     else {
         return;
     };
-    let marker = |key: &str| {
-        out.marker(key)
-            .unwrap_or_else(|| panic!("no {key}\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let marker = |key: &str| out.required_marker(key).to_string();
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");
     // Segment 1's devices from slot 1 on, in the configuration's order.
     assert_eq!(marker("SEG-PLAIN-PCI"), "0001:00:01.0", "{out}");

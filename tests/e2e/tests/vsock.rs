@@ -52,11 +52,7 @@ fn vsock_behind_the_iommu_moves_data_both_ways_on_both_sides_connections() {
     else {
         return;
     };
-    let marker = |key: &str| {
-        out.marker(key)
-            .unwrap_or_else(|| panic!("no {key}\n{out}"))
-            .to_string()
-    };
+    let marker = |key: &str| out.required_marker(key).to_string();
     assert_eq!(out.guest_script_exit(), Some(0), "{out}");
     assert_eq!(marker("VSOCK-GUEST-DRIVER"), "virtio-pci", "{out}");
     assert_eq!(

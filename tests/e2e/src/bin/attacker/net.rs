@@ -39,21 +39,10 @@ struct Net {
 }
 
 impl Net {
-    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets both queues up in the buffer,
-    /// cleared once the reset is complete (as `blk::start` does, and for its reason).
+    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets both queues up in the buffer.
     fn start(&mut self) -> Result<(), String> {
-        if !self.dev.negotiate(FEATURES)? {
-            return Err("the net device refused VERSION_1 + ACCESS_PLATFORM".into());
-        }
-        self.buf[..FRAME].fill(0);
-        for queue in [RX, TX] {
-            self.dev.setup_queue(queue, self.rings.layout(queue))?;
-        }
-        if !self.dev.driver_ok()? {
-            return Err("the net device refused DRIVER_OK".into());
-        }
-        self.rings.restart();
-        Ok(())
+        self.rings
+            .start(&self.dev, self.buf, (FEATURES, FRAME), "net device")
     }
 
     /// Makes `desc` available on `queue`, notifies, and waits up to `wait` for the device to

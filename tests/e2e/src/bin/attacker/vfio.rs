@@ -443,10 +443,30 @@ impl Rings {
         }
     }
 
-    /// Back to the start, as after the device's reset.
-    pub fn restart(&mut self) {
+    /// Resets `dev` (`what`, in errors), negotiates `features` and sets every queue up in
+    /// `buf`, whose first `rings` bytes (the rings) are cleared once the reset is complete:
+    /// until then the device may still complete a request of its previous life and write its
+    /// used index there.
+    pub fn start(
+        &mut self,
+        dev: &Device,
+        buf: &mut [u8],
+        (features, rings): (u64, usize),
+        what: &str,
+    ) -> Result<(), String> {
+        if !dev.negotiate(features)? {
+            return Err(format!("the {what} refused VERSION_1 + ACCESS_PLATFORM"));
+        }
+        buf[..rings].fill(0);
+        for queue in 0..self.bases.len() as u16 {
+            dev.setup_queue(queue, self.layout(queue))?;
+        }
+        if !dev.driver_ok()? {
+            return Err(format!("the {what} refused DRIVER_OK"));
+        }
         self.avail.fill(0);
         self.used.fill(0);
+        Ok(())
     }
 
     /// Makes `desc` available on `queue` (descriptor `avail % size` of its table) and

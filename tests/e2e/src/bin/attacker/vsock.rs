@@ -21,8 +21,7 @@ const BUFFER_LEN: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 16;
 const RX: u16 = 0;
 const TX: u16 = 1;
-const EVENT: u16 = 2;
-/// Each queue's table, available and used rings in the buffer.
+/// Each queue's table, available and used rings in the buffer: receive, transmit, events.
 const QUEUE_BASE: [usize; 3] = [0x0000, 0x4000, 0x8000];
 /// The packets to send, then the receive buffers.
 const PACKETS: usize = 0xc000;
@@ -56,20 +55,10 @@ struct Vsock {
 
 impl Vsock {
     /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets the three queues up in the
-    /// buffer, cleared once the reset is complete.
+    /// buffer.
     fn start(&mut self) -> Result<(), String> {
-        if !self.dev.negotiate(FEATURES)? {
-            return Err("the vsock refused VERSION_1 + ACCESS_PLATFORM".into());
-        }
-        self.buf[..PACKETS].fill(0);
-        for queue in [RX, TX, EVENT] {
-            self.dev.setup_queue(queue, self.rings.layout(queue))?;
-        }
-        if !self.dev.driver_ok()? {
-            return Err("the vsock refused DRIVER_OK".into());
-        }
-        self.rings.restart();
-        Ok(())
+        self.rings
+            .start(&self.dev, self.buf, (FEATURES, PACKETS), "vsock")
     }
 
     /// Transmits the header at `addr`; whether the device returned the buffer.
