@@ -101,6 +101,23 @@ impl DeviceCounters for RngCounters {
     }
 }
 
+/// virtio-fs: what warden sees of a share whose back end does the work: how often the back
+/// end went away, and the guest's requests answered with `ENOTCONN` meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct FsCounters {
+    pub(crate) backend_lost: Counter,
+    pub(crate) failed_requests: Counter,
+}
+
+impl DeviceCounters for FsCounters {
+    fn read(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("backend_lost", self.backend_lost.get()),
+            ("failed_requests", self.failed_requests.get()),
+        ]
+    }
+}
+
 /// virtio-vsock: packets and stream bytes each way (`rx` towards the guest, `tx` from it, as
 /// for a net), connections opened either way, and connections warden ended with a reset (the
 /// stream over, a rule broken, a host socket failed).

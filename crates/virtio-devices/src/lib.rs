@@ -24,8 +24,10 @@ mod buffers;
 pub mod console;
 mod counters;
 mod device_queue;
+pub mod fs;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod host_rings;
 pub mod iommu;
 pub mod net;
 pub mod rng;
@@ -37,6 +39,7 @@ mod worker;
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
 pub use counters::DeviceCounters;
+pub use fs::{Fs, FsBackend, FsError, VhostUserFs};
 pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};
@@ -183,6 +186,9 @@ pub enum ActivateError {
     /// The driver's configuration would let the device reach memory it was not granted.
     #[error("refused: {0}")]
     Refused(&'static str),
+    /// The device's back-end process refused the rings, or is gone.
+    #[error(transparent)]
+    Backend(#[from] vhost_user::Error),
 }
 
 /// The behaviour of one virtio device type, as the transport sees it.

@@ -121,6 +121,9 @@ pub enum DeviceThread {
     IommuPoller,
     /// virtio-vsock: its queues and the host's Unix sockets.
     Vsock,
+    /// virtio-fs: relays a vhost-user back end's interrupts, and answers the guest while the
+    /// back end is gone.
+    Fs,
 }
 
 impl DeviceThread {
@@ -133,6 +136,7 @@ impl DeviceThread {
             DeviceThread::Console => "con",
             DeviceThread::IommuEvents | DeviceThread::IommuPoller => "iommu",
             DeviceThread::Vsock => "vsock",
+            DeviceThread::Fs => "fs",
         }
     }
 }

@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::control::ControlQueue;
 use super::NetBackend;
+use crate::host_rings::{host_ring_addresses, ring_lengths};
 use crate::worker::{Poller, WorkerHandler};
 use crate::{ActivateError, DeviceMemory, VirtioInterrupt};
 
@@ -237,44 +238,17 @@ const PAGE_SIZE: u64 = 4096;
 
 /// Where the kernel finds `queue`: the driver's addresses as they are behind the IOMMU (the
 /// device IOTLB translates them, and refuses what is not mapped), else host addresses of
-/// guest RAM. The kernel then writes the used ring at the host address it is given for as
-/// many entries as the ring has, checking only that the address is a user one: each ring must
-/// lie whole inside one RAM region, or the kernel would write past that region's mapping into
-/// whatever of warden's memory follows it.
+/// guest RAM ([`host_ring_addresses`]).
 fn ring_addresses<M: DeviceMemory>(
     mem: &M,
     queue: &Queue,
     event_idx: bool,
 ) -> Result<RingAddresses, ActivateError> {
-    let (desc, avail, used) = (queue.desc_table(), queue.avail_ring(), queue.used_ring());
     if mem.mappings().is_some() {
+        let (desc, avail, used) = (queue.desc_table(), queue.avail_ring(), queue.used_ring());
         return Ok(RingAddresses { desc, avail, used });
     }
-    let [desc_len, avail_len, used_len] = ring_lengths(queue.size(), event_idx);
-    let host = |gpa: u64, len: u64, what: &'static str| {
-        let slice = usize::try_from(len)
-            .ok()
-            .and_then(|len| mem.ram().get_slice(GuestAddress(gpa), len).ok())
-            .ok_or(ActivateError::RingOutsideRam {
-                ring: what,
-                gpa,
-                len,
-            })?;
-        Ok::<u64, ActivateError>(slice.ptr_guard_mut().as_ptr() as u64)
-    };
-    Ok(RingAddresses {
-        desc: host(desc, desc_len, "descriptor table")?,
-        avail: host(avail, avail_len, "available ring")?,
-        used: host(used, used_len, "used ring")?,
-    })
-}
-
-/// Bytes of a split queue's descriptor table, available ring and used ring for `size`
-/// entries (virtio 1.2 §2.7), with the event words EVENT_IDX adds.
-pub(super) fn ring_lengths(size: u16, event_idx: bool) -> [u64; 3] {
-    let size = u64::from(size);
-    let event = if event_idx { 2 } else { 0 };
-    [16 * size, 4 + 2 * size + event, 4 + 8 * size + event]
+    host_ring_addresses(mem.ram(), queue, event_idx)
 }
 
 /// The device's thread beside the kernel's: interrupts for the rings, IOTLB misses, and the

@@ -439,7 +439,7 @@ fn a_ring_running_past_its_ram_region_is_refused() {
         kernel.calls()
     );
     // The last place a whole used ring fits is accepted.
-    let [_, _, used_len] = super::vhost::ring_lengths(QUEUE_SIZE, true);
+    let [_, _, used_len] = crate::host_rings::ring_lengths(QUEUE_SIZE, true);
     let last = (end - used_len) & !3;
     let (kernel, result) = activate_with(&mem, false, |offered| offered, Some(last));
     assert!(result.is_ok(), "{result:?}");
