@@ -2,7 +2,7 @@
 
 use serde::de::DeserializeOwned;
 
-use vm_config::{DeviceConfig, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use vm_config::{DeviceConfig, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 
 use crate::bodies::{VmRemoveDevice, VmResize};
 use crate::files::Files;
@@ -35,6 +35,7 @@ pub enum Request {
     AddNet(NetConfig, Files),
     AddDevice(DeviceConfig),
     AddVsock(VsockConfig),
+    AddFs(FsConfig),
     RemoveDevice(VmRemoveDevice),
 }
 
@@ -125,6 +126,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.add-net", "PUT"),
     ("vm.add-device", "PUT"),
     ("vm.add-vsock", "PUT"),
+    ("vm.add-fs", "PUT"),
     ("vm.remove-device", "PUT"),
 ];
 
@@ -179,6 +181,11 @@ pub fn route(method: &str, path: &str, body: &[u8], files: Files) -> Result<Requ
             let device: DeviceConfig = json(name, "DeviceConfig", body)?;
             device.validate().map_err(config_refusal)?;
             Request::AddDevice(device)
+        }
+        "vm.add-fs" => {
+            let fs: FsConfig = json(name, "FsConfig", body)?;
+            fs.validate().map_err(config_refusal)?;
+            Request::AddFs(fs)
         }
         "vm.add-vsock" => {
             let vsock: VsockConfig = json(name, "VsockConfig", body)?;

@@ -334,14 +334,29 @@ fn hotplug_bodies_are_parsed_with_ch_defaults_and_handed_on() {
         "vm.add-vsock",
         r#"{"cid":3,"socket":"/run/v.sock","iommu":true}"#,
     );
+    // Kata's Rust runtime's body: Cloud Hypervisor's defaults fill the rest.
+    server.call(
+        "PUT",
+        "vm.add-fs",
+        r#"{"tag":"kataShared","socket":"/run/fs.sock","pci_segment":1}"#,
+    );
     server.call("PUT", "vm.remove-device", r#"{"id":"hot0"}"#);
     let requests = server.requests();
-    let [Request::AddDisk(disk), Request::AddNet(net, files), Request::AddDevice(device), Request::AddVsock(vsock), Request::RemoveDevice(remove)] =
+    let [Request::AddDisk(disk), Request::AddNet(net, files), Request::AddDevice(device), Request::AddVsock(vsock), Request::AddFs(fs), Request::RemoveDevice(remove)] =
         requests.as_slice()
     else {
-        panic!("five hotplug requests: {requests:?}")
+        panic!("six hotplug requests: {requests:?}")
     };
     assert_eq!((vsock.cid, vsock.iommu), (3, true));
+    assert_eq!(
+        (
+            fs.tag.as_str(),
+            fs.num_queues,
+            fs.queue_size,
+            fs.pci_segment
+        ),
+        ("kataShared", 1, 1024, 1)
+    );
     assert_eq!(disk.path(), std::path::Path::new("/tmp/d.img"));
     assert!(disk.iommu && !disk.readonly);
     assert_eq!((disk.num_queues, disk.queue_size), (1, 128));

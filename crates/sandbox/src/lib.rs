@@ -72,6 +72,9 @@ pub enum ThreadKind {
     IommuPoller,
     /// virtio-vsock: its queues and the host programs' Unix sockets.
     Vsock,
+    /// virtio-fs: relays its vhost-user back end's interrupts, serves the queues once the back
+    /// end is gone.
+    Fs,
     /// Takes the process's signals: SIGUSR1 prints statistics, SIGTERM and SIGINT end the VMM.
     Signals,
     /// Forwards the terminal's input, or a serial pty's, to the serial port.
@@ -83,7 +86,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 13] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -93,6 +96,7 @@ impl ThreadKind {
         ThreadKind::IommuEvents,
         ThreadKind::IommuPoller,
         ThreadKind::Vsock,
+        ThreadKind::Fs,
         ThreadKind::Signals,
         ThreadKind::SerialInput,
         ThreadKind::Api,
@@ -111,6 +115,7 @@ impl ThreadKind {
             ThreadKind::IommuEvents => "virtio-iommu events",
             ThreadKind::IommuPoller => "virtio-iommu poller",
             ThreadKind::Vsock => "virtio-vsock",
+            ThreadKind::Fs => "virtio-fs",
             ThreadKind::Signals => "signals",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::Api => "api",

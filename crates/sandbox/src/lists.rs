@@ -346,6 +346,18 @@ pub(crate) const DEVICE_KINDS: &[ThreadKind] = &[
     ThreadKind::IommuEvents,
     ThreadKind::IommuPoller,
     ThreadKind::Vsock,
+    ThreadKind::Fs,
+];
+
+/// A vhost-user back end's socket (virtio-fs): connected (AF_UNIX) when the device is made,
+/// and again when it starts after the back end went away; messages, and the descriptors they
+/// carry (guest RAM, eventfds), go with sendmsg/recvmsg, under a deadline set on the socket.
+const VHOST_USER: &[Syscall] = syscalls![
+    SYS_socket,
+    SYS_connect,
+    SYS_setsockopt,
+    SYS_sendmsg,
+    SYS_recvmsg,
 ];
 
 pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
@@ -399,6 +411,8 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
             &[FIONBIO],
         )
         .with_socket_domains(&[UNIX_SOCKET]),
+        // Interrupts for the back end's rings; the guest's requests once it is gone.
+        ThreadKind::Fs => AllowList::new(&[BASE, WORKER_LOOP], &[]),
         // Serves MAP/UNMAP requests, which reach the host IOMMU for passed-through endpoints.
         ThreadKind::IommuPoller => {
             AllowList::new(&[BASE], &[VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA])
@@ -471,6 +485,9 @@ pub(crate) fn allow_list(kind: ThreadKind) -> AllowList {
                         SYS_unlink,
                         SYS_unlinkat,
                     ],
+                    // A share's back end, connected with the device, its rings stopped
+                    // on removal.
+                    VHOST_USER,
                 ],
                 &ioctls,
             )
@@ -599,6 +616,8 @@ fn vcpu() -> AllowList {
             BASE,
             THREAD_START,
             syscalls![SYS_read, SYS_pread64, SYS_pwrite64],
+            // A share's back end gets its rings on DRIVER_OK, stops them on reset.
+            VHOST_USER,
         ],
         &[
             KVM_RUN,
@@ -614,7 +633,8 @@ fn vcpu() -> AllowList {
             TUNSETOFFLOAD,
             VHOST_NET_SET_BACKEND,
         ],
-    );
+    )
+    .with_socket_domains(&[UNIX_SOCKET]);
     list.extend(&AllowList::new(&[], &VHOST_START));
     for &kind in DEVICE_KINDS {
         list.extend(&allow_list(kind));

@@ -15,6 +15,7 @@ pub enum Section {
     Serial,
     Console,
     Devices,
+    Fs,
     Vsock,
     Platform,
     /// The top level of `VmConfig` (`balloon`, `fs`, ...).
@@ -34,6 +35,7 @@ impl Section {
             Section::Serial => "serial",
             Section::Console => "console",
             Section::Devices => "devices",
+            Section::Fs => "fs",
             Section::Vsock => "vsock",
             Section::Platform => "platform",
             Section::Vm => "VmConfig",
@@ -52,6 +54,7 @@ impl Section {
             Section::Serial => "--serial",
             Section::Console => "--console",
             Section::Devices => "--device",
+            Section::Fs => "--fs",
             Section::Vsock => "--vsock",
             Section::Platform => "--platform",
             Section::Vm => "the configuration",

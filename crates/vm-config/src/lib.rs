@@ -14,6 +14,7 @@ pub mod cpus;
 pub mod device;
 pub mod disk;
 mod error;
+pub mod fs;
 pub mod memory;
 pub mod net;
 pub mod options;
@@ -32,6 +33,7 @@ pub use cpus::{CpuTopology, CpusConfig};
 pub use device::DeviceConfig;
 pub use disk::DiskConfig;
 pub use error::{ConfigError, Problem, Section};
+pub use fs::FsConfig;
 pub use memory::{MemoryBacking, MemoryConfig};
 pub use net::NetConfig;
 pub use net_util::MacAddr;
@@ -51,8 +53,6 @@ pub const IOMMU_ID: &str = "virtio-iommu";
 pub struct NotYet {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fs: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,7 +82,6 @@ impl NotYet {
     fn validate(&self) -> Result<(), ConfigError> {
         let given = [
             ("balloon", &self.balloon),
-            ("fs", &self.fs),
             ("pmem", &self.pmem),
             ("vdpa", &self.vdpa),
             ("user_devices", &self.user_devices),
@@ -132,6 +131,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
     /// The machine has a virtio-iommu: asked for, or because a device sits behind it.
@@ -205,6 +206,18 @@ impl VmConfig {
         for (i, device) in self.devices.iter().enumerate() {
             device.validate().map_err(|e| e.at(i))?;
         }
+        for (i, fs) in self.fs.iter().enumerate() {
+            fs.validate().map_err(|e| e.at(i))?;
+        }
+        if !self.fs.is_empty() && !self.memory.shared {
+            return refuse(
+                Section::Memory,
+                "shared",
+                Problem::Conflict(
+                    "virtio-fs needs guest RAM its vhost-user back end can map: set shared=on",
+                ),
+            );
+        }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
@@ -257,6 +270,12 @@ impl VmConfig {
                 .map(|(i, d)| (Section::Devices, Some(i), d.pci_segment)),
         );
         segments.extend(
+            self.fs
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (Section::Fs, Some(i), f.pci_segment)),
+        );
+        segments.extend(
             self.vsock
                 .iter()
                 .map(|v| (Section::Vsock, None, v.pci_segment)),
@@ -293,6 +312,12 @@ impl VmConfig {
                 .filter_map(|(i, d)| Some((Section::Devices, Some(i), d.id.as_deref()?))),
         );
         ids.extend(
+            self.fs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| Some((Section::Fs, Some(i), f.id.as_deref()?))),
+        );
+        ids.extend(
             self.vsock
                 .iter()
                 .filter_map(|v| Some((Section::Vsock, None, v.id.as_deref()?))),
@@ -322,16 +347,18 @@ impl VmConfig {
         Ok(())
     }
 
-    /// Takes the device `id` out (a disk, net, passed-through device or the vsock: what
+    /// Takes the device `id` out (a disk, net, passed-through device, share or the vsock: what
     /// `vm.remove-device` removes); whether there was one.
     pub fn remove_device(&mut self, id: &str) -> bool {
         let named = |given: &Option<String>| given.as_deref() == Some(id);
-        let before = self.disks.len() + self.net.len() + self.devices.len();
+        let count = |c: &Self| c.disks.len() + c.net.len() + c.devices.len() + c.fs.len();
+        let before = count(self);
         self.disks.retain(|d| !named(&d.id));
         self.net.retain(|n| !named(&n.id));
         self.devices.retain(|d| !named(&d.id));
+        self.fs.retain(|f| !named(&f.id));
         let vsock = self.vsock.take_if(|v| named(&v.id)).is_some();
-        vsock || self.disks.len() + self.net.len() + self.devices.len() < before
+        vsock || count(self) < before
     }
 
     /// Whether an id is taken by a device of this configuration.
@@ -344,7 +371,7 @@ impl VmConfig {
     /// platform's IOMMU segments sit behind the IOMMU (Kata's IOMMU mode leaves its root disk's
     /// flag off on such a segment: warden protects it rather than refuse it), the machine has
     /// a virtio-iommu if any device sits behind it, each device without an id gets Cloud
-    /// Hypervisor's (`_disk0`, `_net0`, `_vfio0`, `_vsock0`, the first free), and each net without a MAC a
+    /// Hypervisor's (`_disk0`, `_net0`, `_vfio0`, `_fs0`, `_vsock0`, the first free), and each net without a MAC a
     /// random locally administered one.
     pub fn resolve(&mut self) -> std::io::Result<()> {
         let platform = self.platform();
@@ -360,6 +387,9 @@ impl VmConfig {
         for device in &mut self.devices {
             protect(&mut device.iommu, device.pci_segment);
         }
+        for fs in &mut self.fs {
+            protect(&mut fs.iommu, fs.pci_segment);
+        }
         if let Some(vsock) = &mut self.vsock {
             protect(&mut vsock.iommu, vsock.pci_segment);
         }
@@ -372,6 +402,7 @@ impl VmConfig {
             || self.disks.iter().any(|d| d.iommu)
             || self.net.iter().any(|n| n.iommu)
             || self.devices.iter().any(|d| d.iommu)
+            || self.fs.iter().any(|f| f.iommu)
             || self.vsock.as_ref().is_some_and(|v| v.iommu);
         for i in 0..self.disks.len() {
             if self.disks[i].id.is_none() {
@@ -389,6 +420,11 @@ impl VmConfig {
         for i in 0..self.devices.len() {
             if self.devices[i].id.is_none() {
                 self.devices[i].id = Some(self.free_id("_vfio"));
+            }
+        }
+        for i in 0..self.fs.len() {
+            if self.fs[i].id.is_none() {
+                self.fs[i].id = Some(self.free_id("_fs"));
             }
         }
         if self.vsock.as_ref().is_some_and(|v| v.id.is_none()) {

@@ -1,7 +1,7 @@
 use super::*;
 
 /// Kata's `vm.create` body in its IOMMU mode (its Go runtime, clh.go), with one PCI segment
-/// and without virtio-fs, which waits for its own work.
+/// and without virtio-fs (`shared_fs = "none"`).
 const KATA_IOMMU: &str = r#"{
   "console": {"iommu": true, "mode": "Off"},
   "cpus": {"boot_vcpus": 1, "kvm_hyperv": false, "max_vcpus": 2, "nested": true,
@@ -42,11 +42,18 @@ fn katas_iommu_mode_puts_every_device_behind_the_iommu() {
 }
 
 #[test]
-fn katas_two_pci_segments_are_taken_and_virtio_fs_is_refused_by_name() {
+fn katas_sandbox_takes_two_segments_and_virtio_fs_off_the_iommu_on_shared_ram() {
     let mut body: serde_json::Value = serde_json::from_str(KATA_IOMMU).unwrap();
     body["platform"]["num_pci_segments"] = 2.into();
-    let config: VmConfig = serde_json::from_value(body.clone()).unwrap();
+    body["fs"] = serde_json::json!([{"tag":"kataShared","socket":"/run/v.sock","num_queues":1,"queue_size":1024,"pci_segment":1}]);
+    let mut config: VmConfig = serde_json::from_value(body.clone()).unwrap();
     config.validate().unwrap();
+    config.resolve().unwrap();
+    let fs = &config.fs[0];
+    assert_eq!((fs.tag.as_str(), fs.pci_segment), ("kataShared", 1));
+    assert!(!fs.iommu, "segment 1 is not an IOMMU segment");
+    assert_eq!(fs.id.as_deref(), Some("_fs0"));
+    assert!(config.remove_device("_fs0") && config.fs.is_empty());
     // A device on a segment the machine lacks is refused, naming it.
     body["rng"]["pci_segment"] = 2.into();
     let config: VmConfig = serde_json::from_value(body.clone()).unwrap();
@@ -55,11 +62,12 @@ fn katas_two_pci_segments_are_taken_and_virtio_fs_is_refused_by_name() {
         "rng.pci_segment: 2 is not from 0 to 1"
     );
     body["rng"]["pci_segment"] = 1.into();
-    body["fs"] = serde_json::json!([{"tag":"kataShared","socket":"/run/v.sock","num_queues":1,"queue_size":1024,"pci_segment":1}]);
+    // vhost-user needs RAM the back end can map.
+    body["memory"]["shared"] = false.into();
     let config: VmConfig = serde_json::from_value(body).unwrap();
     assert_eq!(
         config.validate().unwrap_err().to_string(),
-        "VmConfig.fs is not supported by warden"
+        "memory.shared: virtio-fs needs guest RAM its vhost-user back end can map: set shared=on"
     );
 }
 

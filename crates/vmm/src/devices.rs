@@ -15,8 +15,8 @@ use net_util::VhostNet;
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper};
 use virtio_devices::net::{VhostIotlb, VhostKernel};
 use virtio_devices::{
-    Block, BlockOptions, Console, DeviceMemory, Net, NetOptions, PollConfig, Rng, VirtioDevice,
-    Vsock,
+    Block, BlockOptions, Console, DeviceMemory, Fs, Net, NetOptions, PollConfig, Rng, VhostUserFs,
+    VirtioDevice, Vsock,
 };
 use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
@@ -29,7 +29,7 @@ use crate::pty::{Pty, Ptys};
 use crate::stats;
 use crate::taps::PassedTaps;
 use vm_config::{
-    ConsoleConfig, ConsoleMode, DeviceConfig, DiskConfig, NetConfig, RngConfig, VmConfig,
+    ConsoleConfig, ConsoleMode, DeviceConfig, DiskConfig, FsConfig, NetConfig, RngConfig, VmConfig,
     VsockConfig,
 };
 
@@ -127,6 +127,7 @@ pub(crate) enum DeviceKind<'a> {
     Net(&'a NetConfig),
     Rng(&'a RngConfig),
     Vsock(&'a VsockConfig),
+    Fs(&'a FsConfig),
 }
 
 /// A virtio device with its place (segment, and device number on its bus 0) and whether the
@@ -178,7 +179,7 @@ impl Slots {
 }
 
 /// The virtio devices in the order the guest sees them on their segments' bus 0: console,
-/// disks, nets, rng, vsock.
+/// disks, nets, rng, vsock, shares.
 pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
     let console = (config.console.mode != ConsoleMode::Off).then_some((
         DeviceKind::Console(&config.console),
@@ -202,6 +203,10 @@ pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
         .vsock
         .as_ref()
         .map(|vsock| (DeviceKind::Vsock(vsock), vsock.iommu, vsock.pci_segment));
+    let shares = config
+        .fs
+        .iter()
+        .map(|fs| (DeviceKind::Fs(fs), fs.iommu, fs.pci_segment));
     let mut slots = Slots(Default::default());
     console
         .into_iter()
@@ -209,6 +214,7 @@ pub(crate) fn plan_devices(config: &VmConfig) -> Vec<PlannedDevice<'_>> {
         .chain(nets)
         .chain(rng)
         .chain(vsock)
+        .chain(shares)
         .map(|(kind, iommu, segment)| PlannedDevice {
             segment,
             device_number: slots.take(segment),
@@ -423,7 +429,39 @@ pub(crate) fn build_device<M: DeviceMemory>(
             Vsock::new(mem, u64::from(vsock.cid), &vsock.socket, access_platform)
                 .map_err(|err| VmmError::Device(format!("vsock: {err}")))?,
         ),
+        DeviceKind::Fs(fs) => build_fs(mem.ram(), fs, access_platform)?,
     })
+}
+
+/// A virtio-fs share, connected to its vhost-user back end.
+fn build_fs(
+    ram: &GuestMemoryMmap,
+    fs: &FsConfig,
+    access_platform: bool,
+) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    let failed = |err: &dyn std::fmt::Display| {
+        let id = fs.id.as_deref().unwrap_or_default();
+        VmmError::Device(format!("fs {id}: {err}"))
+    };
+    // Validated: at most 16 request queues.
+    let request_queues = fs.num_queues as u16;
+    let backend = VhostUserFs::connect(&fs.socket, usize::from(request_queues) + 1)
+        .map_err(|err| failed(&err))?;
+    let device = Fs::new(
+        ram.clone(),
+        &fs.tag,
+        request_queues,
+        fs.queue_size,
+        Box::new(backend),
+        access_platform,
+    )
+    .map_err(|err| failed(&err))?;
+    log::info!(
+        "fs: tag {:?} served by the vhost-user back end at {}",
+        fs.tag,
+        fs.socket.display()
+    );
+    Ok(Box::new(device))
 }
 
 /// The tap queues of `net`, one per queue pair: copies of the descriptors its client passed
@@ -502,6 +540,7 @@ pub(crate) fn device_ids(devices: &[PlannedDevice]) -> Vec<String> {
             DeviceKind::Disk(disk) => disk.id.clone().unwrap_or_default(),
             DeviceKind::Net(net) => net.id.clone().unwrap_or_default(),
             DeviceKind::Vsock(vsock) => vsock.id.clone().unwrap_or_default(),
+            DeviceKind::Fs(fs) => fs.id.clone().unwrap_or_default(),
         })
         .collect()
 }
@@ -569,7 +608,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nets_sit_between_disks_and_rng_vsock_last_and_each_counts_for_the_iommu() {
+    fn nets_sit_between_disks_and_rng_shares_last_and_each_counts_for_the_iommu() {
         let disk = DiskConfig {
             path: Some("disk.img".into()),
             ..Default::default()
@@ -597,6 +636,11 @@ mod tests {
                 iommu: true,
                 ..Default::default()
             }),
+            fs: vec![FsConfig {
+                tag: "share".into(),
+                socket: "fs.sock".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         config.resolve().unwrap();
@@ -610,6 +654,7 @@ mod tests {
                     DeviceKind::Net(_) => "net",
                     DeviceKind::Rng(_) => "rng",
                     DeviceKind::Vsock(_) => "vsock",
+                    DeviceKind::Fs(_) => "fs",
                 };
                 (device.device_number, kind, device.iommu)
             })
@@ -624,11 +669,12 @@ mod tests {
                 (6, "net", false),
                 (7, "rng", false),
                 (8, "vsock", true),
+                (9, "fs", false),
             ]
         );
         assert_eq!(
             device_ids(&plan_devices(&config)),
-            ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng", "_vsock0"]
+            ["_console", "_disk0", "_disk1", "_net0", "_net1", "_rng", "_vsock0", "_fs0"]
         );
     }
 

@@ -39,7 +39,7 @@ use crate::attach;
 use crate::bar_placement::BarPlacement;
 use crate::error::VmmError;
 use crate::threads;
-use vm_config::{DeviceConfig, DiskConfig, NetConfig, Problem, VmConfig, VsockConfig};
+use vm_config::{DeviceConfig, DiskConfig, FsConfig, NetConfig, Problem, VmConfig, VsockConfig};
 
 use crate::devices::{build_device, build_net, open_tap, DeviceKind, Held};
 use crate::interrupts::GsiRouter;
@@ -70,6 +70,10 @@ pub enum HotplugRequest {
     },
     AddVsock {
         vsock: VsockConfig,
+        reply: Reply,
+    },
+    AddFs {
+        fs: FsConfig,
         reply: Reply,
     },
     /// A host PCI function to pass through.
@@ -152,6 +156,7 @@ enum NewDevice<'a> {
     /// Its tap's queues are open already.
     Net(&'a NetConfig, Vec<Tap>),
     Vsock(&'a VsockConfig),
+    Fs(&'a FsConfig),
 }
 
 impl attach::Recipe<ApiError> for NewDevice<'_> {
@@ -175,6 +180,9 @@ impl attach::Recipe<ApiError> for NewDevice<'_> {
                 &[],
                 nothing,
             ),
+            NewDevice::Fs(fs) => {
+                build_device(&DeviceKind::Fs(fs), mem, access_platform, &[], nothing)
+            }
             NewDevice::Net(net, tap) => build_net(mem, tap, net, access_platform, &[]),
         };
         built.map_err(|err| ApiError::bad_request(err.to_string()))
@@ -281,6 +289,9 @@ impl Hotplug {
                 Ok(HotplugRequest::AddVsock { vsock, reply }) => {
                     let _ = reply.send(self.add_vsock(&mut slots, vsock).map(Response::Added));
                 }
+                Ok(HotplugRequest::AddFs { fs, reply }) => {
+                    let _ = reply.send(self.add_fs(&mut slots, fs).map(Response::Added));
+                }
                 Ok(HotplugRequest::AddDevice { device, reply }) => {
                     let added = self.add_passthrough(&mut slots, device);
                     let _ = reply.send(added.map(Response::Added));
@@ -339,6 +350,20 @@ impl Hotplug {
             || {
                 let what = disk.path().display().to_string();
                 Ok((NewDevice::Disk(&disk), what, Listed::Disk(disk.clone())))
+            },
+        )
+    }
+
+    /// A share, connected to its back end here, on the hotplug thread.
+    fn add_fs(&self, slots: &mut PluggedDevices, fs: FsConfig) -> Result<PciDeviceInfo, ApiError> {
+        let fs = self.admit(|c| c.fs.push(fs), |c| c.fs.last())?;
+        self.add(
+            slots,
+            (fs.pci_segment, fs.iommu),
+            fs.id.clone().unwrap_or_default(),
+            || {
+                let what = format!("tag {:?}, back end {}", fs.tag, fs.socket.display());
+                Ok((NewDevice::Fs(&fs), what, Listed::Fs(fs.clone())))
             },
         )
     }

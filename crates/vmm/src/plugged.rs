@@ -21,6 +21,7 @@ pub(crate) enum Listed {
     Net(vm_config::NetConfig),
     Device(vm_config::DeviceConfig),
     Vsock(vm_config::VsockConfig),
+    Fs(vm_config::FsConfig),
 }
 
 /// A device the API plugged in.
@@ -83,6 +84,7 @@ impl PluggedDevices {
             Listed::Net(net) => config.net.push(net),
             Listed::Device(device) => config.devices.push(device),
             Listed::Vsock(vsock) => config.vsock = Some(vsock),
+            Listed::Fs(fs) => config.fs.push(fs),
         }
         let node = device_node(&id, place.to_string());
         info.device_tree.insert(id, node);

@@ -57,5 +57,6 @@ fn device_thread_kind(kind: DeviceThread) -> ThreadKind {
         DeviceThread::IommuEvents => ThreadKind::IommuEvents,
         DeviceThread::IommuPoller => ThreadKind::IommuPoller,
         DeviceThread::Vsock => ThreadKind::Vsock,
+        DeviceThread::Fs => ThreadKind::Fs,
     }
 }

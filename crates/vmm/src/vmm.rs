@@ -280,6 +280,14 @@ impl Vmm {
             }
             Request::AddNet(net, files) => self.add_net(net, files.take(), reply.clone()),
             Request::AddVsock(vsock) => self.add_vsock(vsock, reply.clone()),
+            Request::AddFs(fs) => {
+                let added = fs.clone();
+                self.plug(
+                    |reply| HotplugRequest::AddFs { fs, reply },
+                    |config| config.fs.push(added),
+                    reply.clone(),
+                )
+            }
             Request::AddDevice(device) => {
                 let added = device.clone();
                 self.plug(

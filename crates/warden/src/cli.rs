@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use vm_config::options::KeyValues;
 use vm_config::{
-    ConfigError, ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, NetConfig,
-    PayloadConfig, PlatformConfig, RngConfig, Section, SerialConfig, VmConfig, VsockConfig,
+    ConfigError, ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig, FsConfig, MemoryConfig,
+    NetConfig, PayloadConfig, PlatformConfig, RngConfig, Section, SerialConfig, VmConfig,
+    VsockConfig,
 };
 use vmm::options::{ApiSocket, MonitorTarget, VmmOptions};
 
@@ -107,6 +108,16 @@ pub struct Cli {
         value_name = "cid=N,socket=PATH[,iommu=on][,id=ID][,pci_segment=N]"
     )]
     vsock: Option<String>,
+
+    /// virtio-fs share (repeatable): tag=TAG,socket=PATH[,num_queues=1][,queue_size=1024][,id=ID][,pci_segment=N].
+    /// A vhost-user back end (virtiofsd) must listen at PATH; the guest mounts the share with
+    /// `mount -t virtiofs TAG DIR`. Needs --memory shared=on (the back end maps guest RAM).
+    /// Not behind the IOMMU: put it on a segment outside iommu_segments.
+    #[arg(
+        long,
+        value_name = "tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=ID][,pci_segment=N]"
+    )]
+    fs: Vec<String>,
 
     /// Platform settings: iommu=on creates the virtio-iommu even when no device starts behind
     /// it, so that protected devices can be hot-plugged (`--api-socket`); iommu_segments=[0]
@@ -295,6 +306,7 @@ impl Cli {
             console: ConsoleConfig::parse(&self.console)?,
             devices: list(&self.device, DeviceConfig::parse)?,
             vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
+            fs: list(&self.fs, FsConfig::parse)?,
             iommu,
             platform: Some(platform),
             ..Default::default()
@@ -611,6 +623,41 @@ mod tests {
         assert_eq!(
             error(&["--device", "path=/proc,iommu=yes"]),
             "--device: iommu: yes is not on or off"
+        );
+    }
+
+    #[test]
+    fn shares_need_shared_memory_and_a_tag() {
+        let c = config(&[
+            "--memory",
+            "size=512M,shared=on",
+            "--platform",
+            "num_pci_segments=2",
+            "--fs",
+            "tag=share,socket=/run/fs.sock,pci_segment=1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.fs[0].tag.as_str(),
+                c.fs[0].pci_segment,
+                c.fs[0].queue_size
+            ),
+            ("share", 1, 1024)
+        );
+        assert_eq!(c.fs[0].id.as_deref(), Some("_fs0"));
+        assert_eq!(
+            error(&["--fs", "tag=share,socket=/run/fs.sock"]),
+            "--memory: shared: virtio-fs needs guest RAM its vhost-user back end can map: set shared=on"
+        );
+        assert_eq!(
+            error(&[
+                "--memory",
+                "size=512M,shared=on",
+                "--fs",
+                "socket=/run/fs.sock"
+            ]),
+            "--fs: tag is required"
         );
     }
 
