@@ -23,10 +23,11 @@ readonly PINNED_ABI="${WARDEN_GUEST_KERNEL_ABI:-6.12.117+deb12}"
 
 # L2 modules, in load order (the order the guest README measured; deps are added first).
 # button and evdev: the ACPI power button warden presses, readable as /dev/input/eventN;
-# vmw_vsock_virtio_transport: virtio-vsock (the Kata replay's agent listens on it).
+# vmw_vsock_virtio_transport: virtio-vsock (the Kata replay's agent listens on it);
+# virtiofs (it brings fuse): the Kata replay's share.
 readonly L2_MODULES=(virtio-iommu virtio_blk failover net_failover virtio_net virtio-rng
     vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci button evdev
-    vmw_vsock_virtio_transport)
+    vmw_vsock_virtio_transport virtiofs)
 # L1 modules: KVM for AMD SVM (TCG emulates an AMD CPU), nested so L1's /dev/kvm can run L2;
 # tun for tap networking, vhost_net for `--net vhost=on` (it brings vhost, vhost_iotlb, tap);
 # virtio_blk for a disk image QEMU gives L1 (Scenario::host_disk);

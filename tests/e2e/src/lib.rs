@@ -38,6 +38,8 @@
 mod cpio;
 pub mod distro;
 pub mod packages;
+pub mod virtiofsd;
+pub mod vsock;
 pub mod wire;
 
 pub use distro::DistroImage;
@@ -484,7 +486,13 @@ impl Prepared {
 }
 
 /// This crate's binaries that guest scripts may ask for ([`Scenario::guest_tool`]).
-const GUEST_TOOLS: [&str; 4] = ["vfio-map", "blk-discard", "attacker", "vsock-agent"];
+const GUEST_TOOLS: [&str; 5] = [
+    "vfio-map",
+    "blk-discard",
+    "attacker",
+    "vsock-agent",
+    "vsock-guest",
+];
 
 /// Binaries of this crate the KVM host gets beside warden, on its scripts' `PATH` (and
 /// `api-client` as `$API_CLIENT`).

@@ -2,18 +2,21 @@
 //! source byte for byte by a tool of this crate that starts warden as the orchestrator does
 //! (`src/bin/kata-replay.rs`, `src/bin/libvirt-replay.rs`, which say what they replay):
 //!
-//! - Kata Containers' Go runtime in its IOMMU mode: `--api-socket` alone, `vmm.ping` polled,
-//!   `vm.create` with Kata's body (`platform.iommu_segments: [0]`, two PCI segments, a
-//!   read-only rootfs whose own flag says `iommu: false`, `iommu: true` on the rest, the
-//!   agent's vsock; no virtio-fs, as with `shared_fs = "none"`), `vm.info` = `Created`, the NIC added
-//!   before boot with its tap's descriptor in one `sendmsg`, `vm.boot`, `vm.info` = `Running`, a
-//!   disk hot-plugged and removed within Kata's 5 s, `vm.resize` to what the VM has,
-//!   pause/resume, `vmm.shutdown` and the process gone within Kata's 3 s; after boot the
-//!   runtime dials its agent (`CONNECT 1024` on the hybrid vsock socket; a guest tool stands in
-//!   for the agent) and a line goes each way. The guest finds every device in an IOMMU group
-//!   (the rootfs too: its segment is behind the IOMMU; the vsock too), sees segment 1, reads
-//!   the rootfs and the hot disk whole and writes 24 MiB to the hot disk (checksums both
-//!   sides), and pings the host over the tap.
+//! - Kata Containers' Go runtime in its IOMMU mode: virtiofsd started first, `--api-socket`
+//!   alone, `vmm.ping` polled, `vm.create` with Kata's body (`platform.iommu_segments: [0]`,
+//!   two PCI segments, a read-only rootfs whose own flag says `iommu: false`, `iommu: true` on
+//!   the rest, the agent's vsock, the `kataShared` virtio-fs on segment 1), `vm.info` =
+//!   `Created`, the NIC added before boot with its tap's descriptor in one `sendmsg`,
+//!   `vm.boot`, `vm.info` = `Running`, a disk hot-plugged and removed within Kata's 5 s,
+//!   `vm.resize` to what the VM has, pause/resume, `vmm.shutdown` and the process gone within
+//!   Kata's 3 s; after boot the runtime dials its agent (`CONNECT 1024` on the hybrid vsock
+//!   socket; a guest tool stands in for the agent) and a line goes each way. The guest finds
+//!   every device but the share in an IOMMU group (the rootfs too: its segment is behind the
+//!   IOMMU; the vsock too), sees segment 1, moves 64 MiB each way over the vsock (connections
+//!   the host opens and connections the guest opens, then four at once), mounts the share
+//!   and reads and writes 64 MiB of files there (checksums on both sides), finds the share's
+//!   I/O failing once virtiofsd is killed, then reads the rootfs and the hot disk whole and
+//!   writes 24 MiB to the hot disk (checksums both sides), and pings the host over the tap.
 //! - libvirt's ch driver: `--version` parsed, `--api-socket fd=N` on the socket it bound,
 //!   `--event-monitor` on its FIFO, `vm.create` with PTY serial and console, the NIC (behind
 //!   the IOMMU) added with its tap's descriptor and answered within libvirt's 500 ms, the
@@ -26,13 +29,17 @@ use std::time::Duration;
 
 /// Mebibytes of the Kata hot-plugged disk and of each libvirt data region.
 const DATA_MIB: usize = 24;
+/// Mebibytes the Kata sandbox moves each way over its vsock and through its share.
+const SANDBOX_MIB: usize = 64;
 
 const GROUP_HELPERS: &str = r#"
 group_devices() { ls "/sys/kernel/iommu_groups/$(basename "$(readlink "$1/iommu_group")")/devices" 2>/dev/null | tr '\n' ' '; }
-# Virtio devices (vendor 0x1af4) other than the virtio-iommu (0x1057) with no IOMMU group.
+# Virtio devices (vendor 0x1af4) other than the virtio-iommu (0x1057) and virtio-fs (0x105a,
+# a vhost-user device, outside the IOMMU) with no IOMMU group.
 ungrouped() {
     for d in /sys/bus/pci/devices/*; do
-        [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" != 0x1057 ] || continue
+        [ "$(cat $d/vendor)" = 0x1af4 ] || continue
+        case "$(cat $d/device)" in 0x1057|0x105a) continue ;; esac
         [ -e "$d/iommu_group" ] || printf '%s ' "${d##*/}"
     done
 }
@@ -57,6 +64,30 @@ pings() {
 
 const KATA_GUEST: &str = r#"
 vsock-agent 1024 &
+vsock-guest SANDBOX_MIB &
+vsock_data=$!
+mkdir -p /mnt/share
+mount -t virtiofs kataShared /mnt/share && echo KATA-GUEST-FS-MOUNTED=yes
+fs=$(readlink -f /sys/bus/virtio/drivers/virtiofs/virtio*/..)
+echo "KATA-GUEST-FS-PCI=${fs##*/}"
+echo "KATA-GUEST-FS-GROUP=$(group_devices "$fs")"
+for i in 1 2 3 4; do
+    echo "KATA-GUEST-FS-READ-$i=$(sha256sum </mnt/share/r$i | cut -d' ' -f1)"
+done
+for i in 1 2 3 4; do
+    sum=$(dd if=/dev/urandom bs=1M count=$((SANDBOX_MIB / 4)) 2>/dev/null | tee /mnt/share/w$i | sha256sum | cut -d' ' -f1)
+    echo "KATA-GUEST-FS-WROTE-$i=$sum"
+done
+sync
+echo KATA-GUEST-FS-DONE
+# Kata's runtime kills virtiofsd now: the share's I/O fails, and nothing else.
+n=0
+while [ $n -lt 120 ]; do
+    err=$(touch /mnt/share/after-kill-$n 2>&1) || break
+    n=$((n + 1))
+    sleep 1
+done
+echo "KATA-GUEST-FS-AFTER-KILL=${err##*: }"
 echo "KATA-GUEST-SEGMENTS=$(ls /sys/bus/pci/devices | cut -d: -f1 | sort -u | tr '\n' ' ')"
 wait_for /dev/vda
 echo "KATA-GUEST-ROOTFS-RO=$(cat /sys/block/vda/ro)"
@@ -67,6 +98,7 @@ echo "KATA-GUEST-ROOTFS-PCI=${rootfs##*/}"
 echo "KATA-GUEST-NET-PINGS=$(pings 192.168.249)"
 echo "KATA-GUEST-NET-MAC=$(cat /sys/class/net/eth0/address)"
 echo "KATA-GUEST-UNGROUPED=$(ungrouped)"
+wait $vsock_data
 echo KATA-GUEST-READY
 wait_for /dev/vdb 120
 hot=$(disk_pci vdb)
@@ -83,7 +115,13 @@ echo "KATA-GUEST-HOT-GONE=$(gone "$hot")"
 sleep 600
 "#;
 
-const KATA_SETUP: &str = r#"dd if=/dev/urandom of=rootfs.img bs=1M count=16 2>/dev/null
+const KATA_SETUP: &str = r#"vsock-peer clh.sock SANDBOX_MIB >peer.log 2>&1 &
+mkdir share
+for i in 1 2 3 4; do
+    dd if=/dev/urandom of=share/r$i bs=1M count=$((SANDBOX_MIB / 4)) 2>/dev/null
+    sha256sum share/r$i | cut -d' ' -f1 >r$i.sum
+done
+dd if=/dev/urandom of=rootfs.img bs=1M count=16 2>/dev/null
 sha256sum rootfs.img | cut -d' ' -f1 >rootfs.sum
 dd if=/dev/urandom of=hot.img bs=1M count=DATA_MIB 2>/dev/null
 sha256sum hot.img | cut -d' ' -f1 >hot.before"#;
@@ -91,7 +129,12 @@ sha256sum hot.img | cut -d' ' -f1 >hot.before"#;
 const KATA_CHECK: &str = r#"echo "KATA-HOST-ROOTFS-SUM=$(cat rootfs.sum)"
 echo "KATA-HOST-ROOTFS-AFTER=$(sha256sum rootfs.img | cut -d' ' -f1)"
 echo "KATA-HOST-HOT-BEFORE=$(cat hot.before)"
-echo "KATA-HOST-HOT-AFTER=$(sha256sum hot.img | cut -d' ' -f1)""#;
+echo "KATA-HOST-HOT-AFTER=$(sha256sum hot.img | cut -d' ' -f1)"
+for i in 1 2 3 4; do
+    echo "KATA-HOST-FS-READ-$i=$(cat r$i.sum)"
+    echo "KATA-HOST-FS-WROTE-$i=$(sha256sum share/w$i | cut -d' ' -f1)"
+done
+cat peer.log"#;
 
 /// `KATA-STEP NAME STATUS MS BODY` as (status, milliseconds, body).
 fn step(out: &Outcome, prefix: &str, name: &str) -> (u16, u64, String) {
@@ -114,15 +157,20 @@ fn step(out: &Outcome, prefix: &str, name: &str) -> (u16, u64, String) {
 
 #[test]
 fn kata_containers_drives_warden_in_its_iommu_mode() {
-    let guest = format!("{GROUP_HELPERS}{KATA_GUEST}").replace("DATA_MIB", &DATA_MIB.to_string());
+    let sizes = |text: &str| {
+        text.replace("SANDBOX_MIB", &SANDBOX_MIB.to_string())
+            .replace("DATA_MIB", &DATA_MIB.to_string())
+    };
     let Some(out) = Scenario::new("kata_iommu")
         .launcher("kata-replay")
         .warden_args(["--sandbox"])
         .guest_tool("vsock-agent")
-        .host_setup(&KATA_SETUP.replace("DATA_MIB", &DATA_MIB.to_string()))
-        .guest_script(&guest)
-        .host_check(KATA_CHECK)
-        .timeout(Duration::from_secs(420))
+        .guest_tool("vsock-guest")
+        .host_binary(&e2e::virtiofsd::binary())
+        .host_setup(&sizes(KATA_SETUP))
+        .guest_script(&sizes(&format!("{GROUP_HELPERS}{KATA_GUEST}")))
+        .host_check(&sizes(KATA_CHECK))
+        .timeout(Duration::from_secs(900))
         .run()
     else {
         return;
@@ -208,6 +256,46 @@ fn kata_containers_drives_warden_in_its_iommu_mode() {
         "{out}"
     );
     assert_eq!(out.marker("KATA-GUEST-HOT-GONE"), Some("yes"), "{out}");
+    sandbox_moved_its_data(&out);
+}
+
+/// The sandbox's vsock and share moved their data intact, and the share alone failed once its
+/// back end was killed.
+fn sandbox_moved_its_data(out: &Outcome) {
+    let marker = |key: &str| out.required_marker(key).to_string();
+    // The vsock: host to guest and back on the host's connections and on the guest's.
+    let whole = format!("{} {}", marker("VSOCK-GUEST-BLOB"), SANDBOX_MIB << 20);
+    assert_eq!(marker("VSOCK-HOST-GOT-5001"), whole, "{out}");
+    assert_eq!(marker("VSOCK-HOST-GOT-6000"), whole, "{out}");
+    assert_eq!(
+        marker("VSOCK-HOST-REPLY-5000"),
+        marker("VSOCK-HOST-SENT-5000"),
+        "{out}"
+    );
+    assert_eq!(
+        marker("VSOCK-GUEST-GOT-6001"),
+        marker("VSOCK-HOST-SENT-6001"),
+        "{out}"
+    );
+    assert_eq!(marker("VSOCK-HOST-PARALLEL"), "4/4", "{out}");
+    assert_eq!(marker("VSOCK-GUEST-UPLOAD"), "done", "{out}");
+    assert!(out.console.contains("VSOCK-GUEST-DONE"), "{out}");
+    // The share: on segment 1, outside the IOMMU, read and written whole.
+    assert_eq!(marker("KATA-GUEST-FS-MOUNTED"), "yes", "{out}");
+    assert!(marker("KATA-GUEST-FS-PCI").starts_with("0001:00:"), "{out}");
+    assert_eq!(marker("KATA-GUEST-FS-GROUP"), "", "{out}");
+    for i in 1..=4 {
+        for way in ["READ", "WROTE"] {
+            let guest = marker(&format!("KATA-GUEST-FS-{way}-{i}"));
+            assert_eq!(guest.len(), 64, "{way} {i}\n{out}");
+            assert_eq!(guest, marker(&format!("KATA-HOST-FS-{way}-{i}")), "{out}");
+        }
+    }
+    assert!(out.console.contains("KATA-VIRTIOFSD-KILLED"), "{out}");
+    assert!(
+        marker("KATA-GUEST-FS-AFTER-KILL").contains("not connected"),
+        "{out}"
+    );
 }
 
 const LIBVIRT_GUEST: &str = r#"

@@ -11,11 +11,13 @@
 //! then on the VMM's stdout, which it copies to its own), in its IOMMU mode unless `--plain`:
 //! `platform.iommu_segments: [0]`, `iommu: true` on the rng, console, nets and hot-plugged
 //! disks, and `iommu=pt` on the command line. With `--sandbox`, the body is a sandbox's as Kata
-//! sends it with `shared_fs = "none"`: `num_pci_segments: 2` and the agent's `vsock`
-//! (`clh.sock`, behind the IOMMU in its IOMMU mode), and after boot the runtime dials its
-//! agent through it (`CONNECT 1024`, Kata's hybrid vsock dialer) until the agent answers;
-//! without it (the start-up benchmark), one segment and no vsock. No `fs`: virtio-fs is not
-//! warden's yet.
+//! sends it by default (`shared_fs = "virtio-fs"`): `num_pci_segments: 2`, the agent's `vsock`
+//! (`clh.sock`, behind the IOMMU in its IOMMU mode) and the share (`fs`, tag `kataShared`, on
+//! segment 1), its virtiofsd started first with Kata's arguments on the directory `share`
+//! (`virtiofsd` on `PATH`); after boot the runtime dials its agent through the vsock
+//! (`CONNECT 1024`, Kata's hybrid vsock dialer) until the agent answers, and once the guest
+//! says `KATA-GUEST-FS-DONE` virtiofsd is killed (`KATA-VIRTIOFSD-KILLED`), as when it
+//! crashes. Without `--sandbox` (the start-up benchmark), one segment, no vsock, no share.
 //!
 //! It prints `KATA-STEP <name> <status> <ms> <body>` per call, `KATA-TIME <step>=<ms>` (`ping`
 //! from the VMM's start, the others from `vmm.ping`'s first answer), the VMM's peak RSS before
@@ -33,6 +35,9 @@ use serde_json::{json, Value};
 const SOCKET: &str = "clh-api.sock";
 /// The hybrid vsock's socket, where Kata puts it beside the API's.
 const VSOCK_SOCKET: &str = "clh.sock";
+/// virtiofsd's socket (`virtiofsd.sock` in the sandbox's directory) and the shared directory.
+const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
+const SHARED_DIR: &str = "share";
 /// `vSockPort`: where Kata's agent listens.
 const AGENT_PORT: u32 = 1024;
 /// `dial_timeout`'s default in Kata's configuration.
@@ -67,6 +72,14 @@ fn main() -> ExitCode {
         sandbox: args.iter().any(|a| a == "--sandbox"),
         diagnose: args.iter().any(|a| a == "--diagnose"),
     };
+    // `setupVirtiofsDaemon`: virtiofsd listens before the VMM starts.
+    let virtiofsd = match mode.sandbox.then(start_virtiofsd).transpose() {
+        Ok(virtiofsd) => virtiofsd,
+        Err(why) => {
+            println!("KATA-FAIL {why}");
+            return ExitCode::from(3);
+        }
+    };
     let mut child = match Command::new(vmm)
         .args(["--api-socket", SOCKET, "-v"])
         .stdin(Stdio::null())
@@ -88,8 +101,13 @@ fn main() -> ExitCode {
         started,
         ready: None,
         mode,
+        virtiofsd,
     };
     let result = kata.run(&mut child);
+    if let Some(mut virtiofsd) = kata.virtiofsd.take() {
+        let _ = virtiofsd.kill();
+        let _ = virtiofsd.wait();
+    }
     if let Err(why) = &result {
         println!("KATA-FAIL {why}");
         let _ = child.kill();
@@ -123,6 +141,35 @@ struct Kata {
     /// When `vmm.ping` first answered.
     ready: Option<Instant>,
     mode: Mode,
+    /// The share's back end, until it is killed.
+    virtiofsd: Option<Child>,
+}
+
+/// virtiofsd as `virtiofsd.go` starts it (`virtio_fs_cache = auto`, Kata's default extra
+/// arguments), but for the nested host's bare initramfs: `--sandbox none`, and its log on
+/// stderr rather than a syslog there is none of. Returns once its socket is there.
+fn start_virtiofsd() -> Result<Child, String> {
+    std::fs::create_dir_all(SHARED_DIR).map_err(|e| format!("cannot make {SHARED_DIR}: {e}"))?;
+    let mut child = Command::new("virtiofsd")
+        .args(["--cache=auto", "--sandbox=none"])
+        .arg(format!("--shared-dir={SHARED_DIR}"))
+        .arg(format!("--socket-path={VIRTIOFSD_SOCKET}"))
+        .args(["--thread-pool-size=1", "--announce-submounts"])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start virtiofsd: {e}"))?;
+    let started = Instant::now();
+    while !std::path::Path::new(VIRTIOFSD_SOCKET).exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("virtiofsd exited: {status}"));
+        }
+        if started.elapsed() > LAUNCH_TIMEOUT {
+            let _ = child.kill();
+            return Err("virtiofsd never listened".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
 }
 
 impl Kata {
@@ -159,6 +206,7 @@ impl Kata {
         self.time("init", self.ready.expect("set"));
         if self.mode.sandbox {
             self.dial_agent()?;
+            self.kill_virtiofsd()?;
         }
         if !self.mode.boot_only {
             self.hotplug(&mut api)?;
@@ -245,6 +293,10 @@ impl Kata {
         let mut body = body;
         if self.mode.sandbox {
             body["vsock"] = json!({"cid": 3, "iommu": iommu, "socket": VSOCK_SOCKET});
+            body["fs"] = json!([{
+                "num_queues": 1, "pci_segment": 1, "queue_size": 1024,
+                "socket": VIRTIOFSD_SOCKET, "tag": "kataShared"
+            }]);
         }
         Ok(body.to_string())
     }
@@ -355,6 +407,23 @@ impl Kata {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
+    }
+
+    /// Kills the share's back end once the guest has used it, as a crash would.
+    fn kill_virtiofsd(&mut self) -> Result<(), String> {
+        self.console
+            .wait_for("KATA-GUEST-FS-DONE", GUEST_TIMEOUT)
+            .ok_or("the guest never finished with the share")?;
+        let mut virtiofsd = self.virtiofsd.take().ok_or("no virtiofsd")?;
+        if let Ok(Some(status)) = virtiofsd.try_wait() {
+            return Err(format!("virtiofsd had exited already: {status}"));
+        }
+        virtiofsd
+            .kill()
+            .and_then(|()| virtiofsd.wait())
+            .map_err(|e| format!("cannot kill virtiofsd: {e}"))?;
+        println!("KATA-VIRTIOFSD-KILLED");
+        Ok(())
     }
 
     /// `ResizeVCPUs` to what the VM has (vCPU hotplug is not warden's yet), then

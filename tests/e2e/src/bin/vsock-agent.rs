@@ -6,9 +6,10 @@
 //! `vsock-agent [PORT]` (1024 by default); serves one connection at a time, for ever.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+
+use e2e::vsock;
 
 fn main() -> ExitCode {
     let port = match std::env::args().nth(1).map(|p| p.parse::<u32>()) {
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match listen(port) {
+    let listener = match vsock::listen(port) {
         Ok(fd) => fd,
         Err(err) => {
             eprintln!("vsock-agent: cannot listen on vsock port {port}: {err}");
@@ -28,38 +29,10 @@ fn main() -> ExitCode {
     };
     let cid = local_cid().unwrap_or(u32::MAX);
     loop {
-        // SAFETY: accept(2) on the listening socket; the peer address is not asked for.
-        let fd = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
-        if fd < 0 {
-            continue;
+        if let Ok(stream) = vsock::accept(&listener) {
+            let _ = serve(stream, cid);
         }
-        // SAFETY: `fd` is a connected stream socket nothing else owns; a Unix stream's std
-        // type only reads and writes it.
-        let stream = unsafe { UnixStream::from_raw_fd(fd) };
-        let _ = serve(stream, cid);
     }
-}
-
-/// A stream socket bound to vsock port `port` of any local CID, listening.
-fn listen(port: u32) -> std::io::Result<libc::c_int> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: an all-zero sockaddr_vm is a valid value of the plain C struct.
-    let mut address: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    address.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    address.svm_port = port;
-    address.svm_cid = libc::VMADDR_CID_ANY;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `address` is a valid sockaddr_vm of `len` bytes; `fd` is open.
-    let bound = unsafe { libc::bind(fd, (&address as *const libc::sockaddr_vm).cast(), len) };
-    // SAFETY: listen(2) on the socket just bound.
-    if bound < 0 || unsafe { libc::listen(fd, 16) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
 }
 
 /// This guest's CID, as `/dev/vsock` tells it.

@@ -9,12 +9,14 @@
 //! through `sha256sum`, and connects to port 5002 to tell the guest it is done. Prints
 //! `VSOCK-HOST-...=` lines; exits non-zero on a failure.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use e2e::vsock::{checksum_of, Sha256Sum};
 
 /// How long the guest may take to listen (its boot included).
 const GUEST_DEADLINE: Duration = Duration::from_secs(600);
@@ -175,50 +177,4 @@ fn send(stream: &mut UnixStream, seed: u64, len: usize) -> io::Result<String> {
         left -= n;
     }
     sum.finish()
-}
-
-/// Reads `stream` to its end: the sha256 and the length of what came.
-fn checksum_of(mut stream: UnixStream) -> io::Result<(String, usize)> {
-    let mut sum = Sha256Sum::start()?;
-    let mut chunk = vec![0u8; CHUNK];
-    let mut len = 0;
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        sum.feed(&chunk[..n])?;
-        len += n;
-    }
-    Ok((sum.finish()?, len))
-}
-
-/// The KVM host's `sha256sum`, fed as bytes go by (the guest's checksums are its
-/// coreutils' `sha256sum`: the two are compared as text).
-struct Sha256Sum(std::process::Child);
-
-impl Sha256Sum {
-    fn start() -> io::Result<Self> {
-        Command::new("sha256sum")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map(Sha256Sum)
-    }
-
-    fn feed(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0.stdin.as_mut().expect("piped").write_all(bytes)
-    }
-
-    fn finish(mut self) -> io::Result<String> {
-        drop(self.0.stdin.take());
-        let mut out = String::new();
-        BufReader::new(self.0.stdout.take().expect("piped")).read_line(&mut out)?;
-        self.0.wait()?;
-        Ok(out
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string())
-    }
 }
