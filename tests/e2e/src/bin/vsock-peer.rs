@@ -8,6 +8,10 @@
 //! host's data). Moves MIB MiB each way both ways, then four streams at once, checksums
 //! through `sha256sum`, and connects to port 5002 to tell the guest it is done. Prints
 //! `VSOCK-HOST-...=` lines; exits non-zero on a failure.
+//!
+//! `vsock-peer --serve SOCKET`, for the benchmark (`src/bin/bench`): host port 7000 reads each
+//! connection to its end and answers `ok`; host port 7001 reads a byte count and sends that
+//! many bytes. Runs until killed.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -26,8 +30,16 @@ const PARALLEL: usize = 4;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [serve, socket] = args.as_slice() {
+        if serve == "--serve" {
+            if let Err(err) = serve_bench(socket) {
+                eprintln!("vsock-peer: {err}");
+            }
+            return ExitCode::FAILURE;
+        }
+    }
     let [socket, mib] = args.as_slice() else {
-        eprintln!("usage: vsock-peer SOCKET MIB");
+        eprintln!("usage: vsock-peer SOCKET MIB | vsock-peer --serve SOCKET");
         return ExitCode::from(2);
     };
     let Ok(mib) = mib.parse::<usize>() else {
@@ -112,6 +124,32 @@ fn run(socket: &str, bytes: usize) -> io::Result<()> {
     let mut done = connect(socket, 5002, Duration::from_secs(30))?;
     done.write_all(b"done\n")?;
     println!("VSOCK-HOST-DONE");
+    Ok(())
+}
+
+/// The benchmark's host ports, each connection on a thread of its own.
+fn serve_bench(socket: &str) -> io::Result<()> {
+    let sink = UnixListener::bind(format!("{socket}_7000"))?;
+    let source = UnixListener::bind(format!("{socket}_7001"))?;
+    thread::spawn(move || {
+        for stream in sink.incoming().flatten() {
+            thread::spawn(move || -> io::Result<()> {
+                let mut stream = stream;
+                io::copy(&mut stream, &mut io::sink())?;
+                stream.write_all(b"ok\n")
+            });
+        }
+    });
+    for stream in source.incoming() {
+        let mut stream = stream?;
+        thread::spawn(move || -> io::Result<()> {
+            let count: u64 = read_line(&mut stream)?
+                .parse()
+                .map_err(|_| io::Error::other("not a byte count"))?;
+            io::copy(&mut io::repeat(0).take(count), &mut stream)?;
+            stream.shutdown(Shutdown::Write)
+        });
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! another VMM with the same command line in the same batch. Prints one markdown table.
 //!
 //! `cargo run --release -p e2e --bin bench -- [--rounds N] [--peer PATH] [--disk-opts OPTS]
-//! [--net-opts OPTS]`
+//! [--net-opts OPTS] [--one-l1-cpu] [--sandbox]`
 //!
 //! Each boot is the Debian 12 image (`Scenario::distro`, root on the virtio disk, 1 vCPU,
 //! 512 MiB) in one configuration: disk and tap both `iommu=on`, or both plain; warden, or the
@@ -12,6 +12,14 @@
 //! file in the root file system, 4 s each (4 KiB random read at depth 1 and 16, 1 MiB
 //! sequential read at depth 4, 4 KiB random write at depth 16), then iperf3 TCP for 4 s each
 //! way against the host end of the tap.
+//!
+//! With `--sandbox`, a container sandbox's devices too (guest RAM then shared, as vhost-user
+//! needs): a vsock (behind the IOMMU in the `on` boots) and a virtio-fs share served by
+//! virtiofsd (`--cache=never`, so every read and write crosses the device). Their jobs: 64 MiB
+//! each way over the vsock on one connection and on four (socat in the guest, `vsock-peer
+//! --serve` on the host, which acknowledges what it read), 1 MiB sequential reads and writes
+//! on the share for 4 s (fio, psync), and 500 small files created, looked up and read (shell
+//! builtins, so no process per file), their rate in operations per second.
 //!
 //! Host CPU: around each job the guest asks the KVM host, over the tap, to stamp the VMM
 //! process's utime+stime (`/proc/PID/stat`, all threads) and waits for the answer; the
@@ -49,15 +57,30 @@ const GUEST_MAC: &str = "52:54:00:12:34:56";
 const GUEST_DIR: &str = "/root/warden-bench";
 /// Seconds each job runs.
 const JOB_SECONDS: u32 = 4;
-/// The time limit per boot: a nested boot and its jobs take 1.5–5 minutes; a nested host
-/// that hangs (its emulated CPUs halted, QEMU at 0 % CPU: seen once) costs this much.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
+/// The time limit per boot: a nested boot and its jobs take 1.5–5 minutes (more with
+/// `--sandbox`); a nested host that hangs (its emulated CPUs halted, QEMU at 0 % CPU: seen
+/// once) costs this much.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// What each vsock job moves, and the small files of the share's job.
+const VSOCK_BYTES: u64 = 64 << 20;
+const SMALL_FILES: u32 = 500;
+/// Where the guest mounts the share.
+const SHARE_DIR: &str = "/mnt/bench";
 
 /// What a job reports: IOPS for small blocks, MiB/s for the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
     Iops,
     MibPerSecond,
+}
+
+/// The device a job measures, for the issues' targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Disk,
+    Net,
+    Vsock,
+    Share,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +92,12 @@ enum Work {
     },
     /// iperf3 from the guest to the host, or (`reverse`) from the host to the guest.
     Tcp { reverse: bool },
+    /// [`VSOCK_BYTES`] over `connections` at once, from the guest or (`to_guest`) to it.
+    Vsock { to_guest: bool, connections: u32 },
+    /// fio on a file of the share, 1 MiB blocks.
+    ShareFio { rw: &'static str },
+    /// [`SMALL_FILES`] files created, looked up, read.
+    SmallFiles,
 }
 
 /// One benchmark job: `name` names its JSON file and stamps, `title` its row.
@@ -77,12 +106,14 @@ pub struct Job {
     pub name: &'static str,
     pub title: &'static str,
     pub unit: Unit,
+    pub device: Device,
     work: Work,
 }
 
 pub const JOBS: [Job; 6] = [
     Job {
         name: "randread-4k-qd1",
+        device: Device::Disk,
         title: "4 KiB random read, depth 1",
         unit: Unit::Iops,
         work: Work::Fio {
@@ -93,6 +124,7 @@ pub const JOBS: [Job; 6] = [
     },
     Job {
         name: "randread-4k-qd16",
+        device: Device::Disk,
         title: "4 KiB random read, depth 16",
         unit: Unit::Iops,
         work: Work::Fio {
@@ -103,6 +135,7 @@ pub const JOBS: [Job; 6] = [
     },
     Job {
         name: "read-1m-qd4",
+        device: Device::Disk,
         title: "1 MiB sequential read, depth 4",
         unit: Unit::MibPerSecond,
         work: Work::Fio {
@@ -113,6 +146,7 @@ pub const JOBS: [Job; 6] = [
     },
     Job {
         name: "randwrite-4k-qd16",
+        device: Device::Disk,
         title: "4 KiB random write, depth 16",
         unit: Unit::Iops,
         work: Work::Fio {
@@ -123,17 +157,90 @@ pub const JOBS: [Job; 6] = [
     },
     Job {
         name: "tcp-guest-to-host",
+        device: Device::Net,
         title: "TCP guest → host",
         unit: Unit::MibPerSecond,
         work: Work::Tcp { reverse: false },
     },
     Job {
         name: "tcp-host-to-guest",
+        device: Device::Net,
         title: "TCP host → guest",
         unit: Unit::MibPerSecond,
         work: Work::Tcp { reverse: true },
     },
 ];
+
+/// The sandbox's jobs (`--sandbox`), after [`JOBS`].
+pub const SANDBOX_JOBS: [Job; 7] = [
+    Job {
+        name: "vsock-guest-to-host",
+        device: Device::Vsock,
+        title: "vsock guest → host, 1 connection",
+        unit: Unit::MibPerSecond,
+        work: Work::Vsock {
+            to_guest: false,
+            connections: 1,
+        },
+    },
+    Job {
+        name: "vsock-host-to-guest",
+        device: Device::Vsock,
+        title: "vsock host → guest, 1 connection",
+        unit: Unit::MibPerSecond,
+        work: Work::Vsock {
+            to_guest: true,
+            connections: 1,
+        },
+    },
+    Job {
+        name: "vsock-guest-to-host-x4",
+        device: Device::Vsock,
+        title: "vsock guest → host, 4 connections",
+        unit: Unit::MibPerSecond,
+        work: Work::Vsock {
+            to_guest: false,
+            connections: 4,
+        },
+    },
+    Job {
+        name: "vsock-host-to-guest-x4",
+        device: Device::Vsock,
+        title: "vsock host → guest, 4 connections",
+        unit: Unit::MibPerSecond,
+        work: Work::Vsock {
+            to_guest: true,
+            connections: 4,
+        },
+    },
+    Job {
+        name: "fs-read-1m",
+        device: Device::Share,
+        title: "virtio-fs 1 MiB sequential read",
+        unit: Unit::MibPerSecond,
+        work: Work::ShareFio { rw: "read" },
+    },
+    Job {
+        name: "fs-write-1m",
+        device: Device::Share,
+        title: "virtio-fs 1 MiB sequential write",
+        unit: Unit::MibPerSecond,
+        work: Work::ShareFio { rw: "write" },
+    },
+    Job {
+        name: "fs-small-files",
+        device: Device::Share,
+        title: "virtio-fs small files, create + stat + read",
+        unit: Unit::Iops,
+        work: Work::SmallFiles,
+    },
+];
+
+/// The jobs a run with `opts` has, in order.
+pub fn jobs(opts: &BootOpts) -> Vec<Job> {
+    let sandbox: &[Job] = if opts.sandbox { &SANDBOX_JOBS } else { &[] };
+    JOBS.iter().chain(sandbox).copied().collect()
+}
 
 /// Which VMM a boot runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +276,11 @@ impl Sample {
     }
 
     /// Host CPU seconds per GiB moved: all of it, and without the guest's own time.
+    /// NaN for a job that moves no bytes to speak of (small files).
     pub fn cpu_per_gib(&self) -> (f64, f64) {
+        if self.measured.bytes == 0 {
+            return (f64::NAN, f64::NAN);
+        }
         let gib = self.measured.bytes as f64 / f64::from(1 << 30);
         (
             self.cpu.total / gib,
@@ -183,7 +294,7 @@ impl Sample {
 pub struct Boot {
     pub config: Config,
     pub round: usize,
-    /// Per job, in [`JOBS`] order.
+    /// Per job, in [`jobs`] order.
     pub samples: Vec<Sample>,
     /// The VMM's CPU time from its start to the guest's first stamp (the boot).
     pub boot_cpu: f64,
@@ -212,9 +323,11 @@ pub struct BootOpts {
     /// (docs/net-soak-investigation.md) then spare the protected boots they otherwise kill
     /// again and again, but all the VMM's threads share one CPU.
     pub one_l1_cpu: bool,
+    /// A vsock and a virtio-fs share besides, and their jobs.
+    pub sandbox: bool,
 }
 
-const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS] [--net-opts OPTS] [--one-l1-cpu]";
+const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS] [--net-opts OPTS] [--one-l1-cpu] [--sandbox]";
 
 fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut o = Options {
@@ -236,6 +349,7 @@ fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
             "--disk-opts" => o.opts.disk = value()?,
             "--net-opts" => o.opts.net = value()?,
             "--one-l1-cpu" => o.opts.one_l1_cpu = true,
+            "--sandbox" => o.opts.sandbox = true,
             _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
         }
     }
@@ -349,9 +463,9 @@ fn boot_with_retries(
     }
 }
 
-/// The guest's script: wait for the network, stamp, lay out the fio file, then each job
-/// between two stamps, its JSON in [`GUEST_DIR`].
-fn guest_script() -> String {
+/// The guest's script: wait for the network, stamp, lay out the fio file (and mount the
+/// share), then each job between two stamps, its JSON in [`GUEST_DIR`].
+fn guest_script(opts: &BootOpts) -> String {
     let mut s = format!(
         r#"B={GUEST_DIR}
 mkdir -p "$B"
@@ -378,7 +492,10 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
     --direct=1 --iodepth=4 --output-format=json --output="$B/layout.json"
 "#
     );
-    for job in &JOBS {
+    if opts.sandbox {
+        s.push_str(&SANDBOX_HELPERS.replace("SHARE_DIR", SHARE_DIR));
+    }
+    for job in &jobs(opts) {
         let command = match job.work {
             Work::Fio { rw, bs, depth } => format!(
                 "fio --name={name} --filename=\"$B/file\" --size=64M --rw={rw} --bs={bs} \
@@ -391,6 +508,21 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
                 if reverse { " -R" } else { "" },
                 job.name
             ),
+            Work::Vsock {
+                to_guest,
+                connections,
+            } => format!(
+                "vsock_job {} {connections} {VSOCK_BYTES} {}",
+                if to_guest { 7001 } else { 7000 },
+                job.name
+            ),
+            Work::ShareFio { rw } => format!(
+                "fio --name={name} --filename={SHARE_DIR}/file --size=64M --rw={rw} --bs=1m \
+                 --ioengine=psync --time_based --runtime={JOB_SECONDS} --output-format=json \
+                 --output=\"$B/{name}.json\"",
+                name = job.name
+            ),
+            Work::SmallFiles => format!("small_files {SMALL_FILES} {}", job.name),
         };
         s.push_str(&format!(
             "stamp 'begin {name}'\n{command}\nstamp 'end {name}'\necho BENCH-JOB={name}\n",
@@ -400,6 +532,42 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
     s.push_str("sync\necho BENCH-DONE=yes\n");
     s
 }
+
+/// The sandbox's jobs in the guest. `vsock_job PORT CONNECTIONS BYTES NAME`: each connection
+/// to host port 7000 sends its share and waits for the host's acknowledgement; to 7001 it asks
+/// for its share and reads it to the end. `small_files N NAME`: N files created, looked up and
+/// read with shell builtins. Both write `{"bytes", "ops", "nanoseconds"}`.
+const SANDBOX_HELPERS: &str = r#"mkdir -p SHARE_DIR
+mount -t virtiofs bench SHARE_DIR || { echo BENCH-SHARE=unmounted; exit 1; }
+fio --name=fs-layout --filename=SHARE_DIR/file --size=64M --rw=write --bs=1M --ioengine=psync \
+    --output-format=json --output="$B/fs-layout.json"
+timed() {
+    echo "{\"bytes\": $1, \"ops\": $2, \"nanoseconds\": $(( $(date +%s%N) - $3 ))}" >"$B/$4.json"
+}
+vsock_job() {
+    each=$(($3 / $2)) t0=$(date +%s%N)
+    for i in $(seq "$2"); do
+        if [ "$1" = 7000 ]; then
+            head -c "$each" /dev/zero | socat -t 60 - VSOCK-CONNECT:2:7000 >/dev/null &
+        else
+            echo "$each" | socat -t 60 - VSOCK-CONNECT:2:7001 | wc -c >"$B/$4.$i.got" &
+        fi
+    done
+    wait
+    got=$(cat "$B/$4".*.got 2>/dev/null | awk '{ n += $1 } END { print n + 0 }')
+    [ "$1" = 7000 ] || [ "$got" = "$3" ] || { echo "BENCH-VSOCK-SHORT=$4 $got"; exit 1; }
+    timed "$3" 0 "$t0" "$4"
+}
+small_files() {
+    d=SHARE_DIR/small t0=$(date +%s%N)
+    mkdir "$d"
+    for i in $(seq "$1"); do echo x >"$d/f$i"; done
+    for i in $(seq "$1"); do [ -e "$d/f$i" ] || exit 1; done
+    for i in $(seq "$1"); do read -r line <"$d/f$i"; done
+    timed 0 $((3 * $1)) "$t0" "$2"
+    rm -r "$d"
+}
+"#;
 
 /// The KVM host before the VMM starts: the stamp server (busybox `nc -ll`, one `stamp.sh` per
 /// connection) and the iperf3 server, both in the background, killed by [`HOST_CHECK`].
@@ -434,6 +602,21 @@ iperf3 -s >iperf3-server.log 2>&1 &
 echo $! >iperf3-server.pid
 "#;
 
+/// The sandbox's host end: virtiofsd on `share`, every read and write to the back end
+/// (`--cache=never`), and `vsock-peer --serve` on the vsock's socket; stopped by
+/// [`SANDBOX_CHECK`].
+const SANDBOX_SETUP: &str = r#"mkdir -p share
+virtiofsd --socket-path=fs.sock --shared-dir=share --cache=never --sandbox=none >virtiofsd.log 2>&1 &
+echo $! >virtiofsd.pid
+vsock-peer --serve v.sock >vsock-peer.log 2>&1 &
+echo $! >vsock-peer.pid
+n=0
+until [ -S fs.sock ]; do n=$((n + 1)); [ $n -lt 100 ] || break; sleep 0.1; done
+"#;
+
+const SANDBOX_CHECK: &str = r#"kill "$(cat virtiofsd.pid)" "$(cat vsock-peer.pid)" 2>/dev/null || true
+cat vsock-peer.log"#;
+
 /// The KVM host after the VMM exits: the servers stopped, the stamps (and warden's counters)
 /// printed.
 const HOST_CHECK: &str = r#"kill "$(cat stamp-server.pid)" "$(cat iperf3-server.pid)" 2>/dev/null || true
@@ -453,11 +636,16 @@ fn vmm_args(config: Config, opts: &BootOpts) -> Vec<String> {
         }
     };
     let (disk_opts, net_opts) = (extra(&opts.disk), extra(&opts.net));
-    [
+    let memory = if opts.sandbox {
+        "size=512M,shared=on"
+    } else {
+        "size=512M"
+    };
+    let mut args = [
         "--cpus",
         "boot=1",
         "--memory",
-        "size=512M",
+        memory,
         "--console",
         "off",
         "--disk",
@@ -466,7 +654,19 @@ fn vmm_args(config: Config, opts: &BootOpts) -> Vec<String> {
         &format!("tap=,mac={GUEST_MAC},ip={HOST_IP},mask=255.255.255.0{net_opts}{iommu}"),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    if opts.sandbox {
+        args.extend(
+            [
+                "--vsock",
+                &format!("cid=3,socket=v.sock{iommu}"),
+                "--fs",
+                "tag=bench,socket=fs.sock",
+            ]
+            .map(String::from),
+        );
+    }
+    args
 }
 
 fn load_average() -> f64 {
@@ -500,12 +700,19 @@ fn boot(
     if !opts.one_l1_cpu {
         scenario = scenario.on_every_l1_cpu();
     }
+    let mut setup = HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string());
+    let mut check = HOST_CHECK.to_string();
+    if opts.sandbox {
+        setup.push_str(SANDBOX_SETUP);
+        check = format!("{SANDBOX_CHECK}\n{check}");
+        scenario = scenario.host_binary(&e2e::virtiofsd::binary());
+    }
     scenario = scenario
         .distro()
-        .host_setup(&HOST_SETUP.replace("STAMP_PORT", &STAMP_PORT.to_string()))
+        .host_setup(&setup)
         .warden_args(args)
-        .guest_script(&guest_script())
-        .host_check(HOST_CHECK)
+        .guest_script(&guest_script(opts))
+        .host_check(&check)
         .timeout(BOOT_TIMEOUT);
     if config.vmm == Vmm::Peer {
         scenario = scenario.vmm(peer.expect("peer configurations only with --peer"));
@@ -530,15 +737,16 @@ fn boot(
             .ok_or_else(|| format!("{name}: no stamp {label:?} from the KVM host\n{out}"))
     };
     let mut samples = Vec::new();
-    for job in &JOBS {
+    for job in &jobs(opts) {
         let path = format!("{GUEST_DIR}/{}.json", job.name);
         let text = out
             .guest_file(&path)
             .ok_or_else(|| format!("{name}: {path} is not on the guest's disk\n{out}"))?;
         let text = String::from_utf8_lossy(&text);
         let measured = match job.work {
-            Work::Fio { .. } => parse::fio(&text),
+            Work::Fio { .. } | Work::ShareFio { .. } => parse::fio(&text),
             Work::Tcp { .. } => parse::iperf3(&text),
+            Work::Vsock { .. } | Work::SmallFiles => parse::timed(&text),
         }
         .map_err(|e| format!("{name}: {e}"))?;
         let (begin, end) = (format!("begin {}", job.name), format!("end {}", job.name));
@@ -611,6 +819,7 @@ mod tests {
                 disk: "direct=on".into(),
                 net: "vhost=on".into(),
                 one_l1_cpu: false,
+                sandbox: false,
             },
         );
         assert_eq!(on[7], "path=host-disk,direct=on,iommu=on");
@@ -634,8 +843,13 @@ mod tests {
 
     #[test]
     fn every_job_is_stamped_and_written_where_it_is_read_back() {
-        let script = guest_script();
-        for job in &JOBS {
+        let opts = BootOpts {
+            sandbox: true,
+            ..Default::default()
+        };
+        let script = guest_script(&opts);
+        assert_eq!(jobs(&opts).len(), JOBS.len() + SANDBOX_JOBS.len());
+        for job in &jobs(&opts) {
             assert!(script.contains(&format!("stamp 'begin {}'", job.name)));
             assert!(script.contains(&format!("stamp 'end {}'", job.name)));
             assert!(script.contains(&format!("\"$B/{}.json\"", job.name)));

@@ -83,6 +83,22 @@ pub fn iperf3(text: &str) -> Result<Measured, String> {
     })
 }
 
+/// A job the guest timed itself (the sandbox's): `{"bytes", "ops", "nanoseconds"}`.
+pub fn timed(text: &str) -> Result<Measured, String> {
+    let v = json(text, "timed job")?;
+    let bytes = number(&v, "/bytes", "timed job")?;
+    let ops = number(&v, "/ops", "timed job")?;
+    let seconds = number(&v, "/nanoseconds", "timed job")? / 1e9;
+    if seconds <= 0.0 || (bytes == 0.0 && ops == 0.0) {
+        return Err(format!("timed job: nothing measured in {text:?}"));
+    }
+    Ok(Measured {
+        iops: ops / seconds,
+        bytes_per_second: bytes / seconds,
+        bytes: bytes as u64,
+    })
+}
+
 /// The VMM process's CPU time at one stamp, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CpuTime {
