@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use vm_device::error_limited;
 use vm_device::{lock, InterruptGroup, MsiMessage};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{PciConfiguration, PciError};
 
@@ -92,6 +93,11 @@ impl MsixState {
             return Ok(());
         }
         self.interrupt.trigger(index)
+    }
+
+    /// The eventfd that fires `vector` in KVM (its irqfd), whatever its mask bit says.
+    pub fn irqfd(&self, vector: u16) -> Option<&EventFd> {
+        self.interrupt.notifier(usize::from(vector))
     }
 
     /// Whether `vector` has a pending bit set.
@@ -338,7 +344,6 @@ impl Msix {
 pub(crate) mod tests {
     use super::*;
     use crate::{BarKind, BarSpec, PciHeader};
-    use vmm_sys_util::eventfd::EventFd;
 
     /// Records every call the device makes on its interrupt group.
     pub(crate) struct FakeInterrupts {

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -24,6 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// How long a back end has to answer one message.
 const REPLY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a back end may take to be listening: a VM's reboot builds its devices again at
+/// once, while a supervisor restarts the back end whose connection the old device closed.
+const LISTEN_PATIENCE: Duration = Duration::from_secs(5);
 /// `VIRTIO_F_VERSION_1`: the only virtio warden's transport speaks.
 const VERSION_1: u64 = 1 << 32;
 /// The protocol features warden uses: several queues, and an answer to every request (so a
@@ -77,13 +80,14 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the back end listening at `path` for a device of `queues` queues.
+    /// Connects to the back end listening at `path` for a device of `queues` queues, waiting
+    /// up to [`LISTEN_PATIENCE`] for its socket to appear and take connections.
     pub fn connect(path: &Path, queues: usize) -> Result<Self, Error> {
         let connect = |source| Error::Connect {
             path: path.to_owned(),
             source,
         };
-        let stream = UnixStream::connect(path).map_err(connect)?;
+        let stream = listening(path).map_err(connect)?;
         stream
             .set_read_timeout(Some(REPLY_DEADLINE))
             .and_then(|()| stream.set_write_timeout(Some(REPLY_DEADLINE)))
@@ -210,10 +214,48 @@ impl Connection {
     }
 }
 
+/// A stream to the socket at `path`, once something listens there.
+fn listening(path: &Path) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + LISTEN_PATIENCE;
+    loop {
+        match UnixStream::connect(path) {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl AsRawFd for Connection {
     /// The socket: readable only when the back end hangs up or speaks out of turn, since
     /// every answer is read as it is asked for.
     fn as_raw_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_back_end_restarting_is_waited_for() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/warden-vu-").unwrap();
+        let path = dir.as_path().join("fs.sock");
+        let later = path.clone();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let listener = UnixListener::bind(later).unwrap();
+            listener.accept().unwrap();
+        });
+        assert!(listening(&path).is_ok(), "connected once it listened");
+        server.join().unwrap();
     }
 }

@@ -152,6 +152,16 @@ pub trait VirtioInterrupt: Send + Sync {
     /// a queue (virtio 1.2 §2.1.2): the transport sets DEVICE_NEEDS_RESET in the device status
     /// and signals a configuration change, once until the next reset.
     fn needs_reset(&self) -> io::Result<()>;
+    /// An eventfd that raises queue `queue_index`'s interrupt when written, for a data path
+    /// in another process (a vhost-user back end) to signal without a hop through warden: the
+    /// irqfd of the MSI-X vector the driver gave the queue. `None` where there is none (no
+    /// vector yet, or an interrupt not delivered through KVM); the device relays then.
+    ///
+    /// Such writes bypass the MSI-X table's mask bits (a masked vector still fires), which
+    /// only the driver of that device can observe.
+    fn queue_irqfd(&self, _queue_index: usize) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue the driver enabled, handed to the device on activation.

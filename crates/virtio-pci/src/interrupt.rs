@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use pci::MsixState;
 use virtio_devices::VirtioInterrupt;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::VIRTIO_MSI_NO_VECTOR;
 
@@ -85,5 +86,13 @@ impl VirtioInterrupt for VirtioPciInterrupt {
             return Ok(());
         }
         self.notify_config()
+    }
+
+    fn queue_irqfd(&self, queue_index: usize) -> Option<EventFd> {
+        let vector = self.queue_vectors.get(queue_index)?.load(Ordering::SeqCst);
+        if vector == VIRTIO_MSI_NO_VECTOR {
+            return None;
+        }
+        vm_device::lock(&self.msix).irqfd(vector)?.try_clone().ok()
     }
 }

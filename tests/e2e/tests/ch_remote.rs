@@ -5,7 +5,8 @@
 //! behind the IOMMU, which the guest reads whole and overwrites with data of its own (24 MiB
 //! each way, checksums on both sides), then removing it; a hot-added net behind the IOMMU that
 //! the guest pings the host across, removed again; pause and resume; two refusals, whose
-//! messages it must print; `shutdown` (warden stays, state `Created`), `boot` again (the guest
+//! messages it must print; a virtio-fs share hot-added (`add-fs`), which the guest mounts,
+//! reads and writes; `shutdown` (warden stays, state `Created`), `boot` again (the guest
 //! boots a second time), `reboot` (a third), `delete` (`vm.info` then has no VM) and
 //! `shutdown-vmm`, which ends warden (exit 0). `ch-remote` reads replies more strictly than
 //! curl (a status line with a reason phrase was an error to it), so this is what "Cloud
@@ -14,7 +15,12 @@
 //! Host and guest take turns through sectors of the boot disk: the guest writes `READY` (8),
 //! `HOTn` (8 + 8n: round n's disk is read and written), `GONEn` (40 + 8n: it has left the
 //! guest), `NETUP` (64: the host answered pings over the hot-added net), `NETGONE` (72),
-//! `BOOT2` (80) and `BOOT3` (88); sector 100 tells each boot which one it is.
+//! `BOOT2` (80), `BOOT3` (88) and `FSDONE` (104: the hot-added share was mounted, read and
+//! written); sector 100 tells each boot which one it is.
+//!
+//! The share's virtiofsd serves one connection and exits; the host starts it again each
+//! time, as a supervisor would, so that the later boots (which build the share again) find
+//! one listening.
 
 use e2e::{Outcome, Scenario};
 use serde_json::Value;
@@ -38,11 +44,22 @@ fdnet_pings() {
     done
     ping -c 3 -W 5 192.168.252.1 | grep -c 'bytes from'
 }
+# The share (tag chrfs) mounted once it is there, and the host's greeting read from it.
+share_hello() {
+    mkdir -p /mnt/share
+    n=0
+    until mount -t virtiofs chrfs /mnt/share 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 120 ] && return
+        sleep 1
+    done
+    cat /mnt/share/hello
+}
 case "$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 6)" in
 PHASE1)
     echo CHR-GUEST-SECOND-BOOT=yes
     echo "CHR-GUEST-SECOND-VSOCKS=$(grep -l 0x1053 /sys/bus/pci/devices/*/device | wc -l)"
     echo "CHR-GUEST-SECOND-FDNET-PINGS=$(fdnet_pings)"
+    echo "CHR-GUEST-SECOND-FS=$(share_hello)"
     tell PHASE2 100
     tell BOOT2 80
     sleep 600
@@ -51,6 +68,7 @@ PHASE2)
     echo CHR-GUEST-THIRD-BOOT=yes
     echo "CHR-GUEST-THIRD-VSOCKS=$(grep -l 0x1053 /sys/bus/pci/devices/*/device | wc -l)"
     echo "CHR-GUEST-THIRD-FDNET-PINGS=$(fdnet_pings)"
+    echo "CHR-GUEST-THIRD-FS=$(share_hello)"
     tell PHASE3 100
     tell BOOT3 88
     sleep 600
@@ -99,6 +117,9 @@ echo "CHR-GUEST-FDNET-PINGS=$(fdnet_pings)"
 echo "CHR-GUEST-FDNET-MAC=$(cat /sys/class/net/eth0/address)"
 tell PHASE1 100
 tell FDNETUP 96
+echo "CHR-GUEST-FS=$(share_hello)"
+echo from-the-guest >/mnt/share/guest && sync && echo CHR-GUEST-FS-WROTE=yes
+tell FSDONE 104
 # The host shuts the VM down, then boots it again.
 sleep 600
 "#;
@@ -106,8 +127,16 @@ sleep 600
 /// The host's half, in the background while warden runs: `chr NAME ARGS` runs `ch-remote
 /// ARGS` and keeps its stdout, stderr and exit status as `NAME.out`, `NAME.err`, `NAME.rc`.
 const HOST_CLIENT: &str = r#"dd if=/dev/zero of=disk.img bs=1M count=8 2>/dev/null
+mkdir share
+echo from-the-host >share/hello
+(
+  until [ -e fs.stop ]; do
+    virtiofsd --socket-path=fs.sock --shared-dir=share --sandbox=none >>virtiofsd.log 2>&1
+    sleep 0.2
+  done
+) &
 cat >vm.json <<EOF
-{"cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 536870912},
+{"cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 536870912, "shared": true},
  "payload": {"kernel": "$L2_KERNEL", "initramfs": "$L2_INITRAMFS", "cmdline": "console=ttyS0 panic=-1"},
  "disks": [{"path": "disk.img", "iommu": true}],
  "serial": {"mode": "Tty"}, "console": {"mode": "Off"}}
@@ -160,6 +189,10 @@ done
   chr add-vsock add-vsock cid=3,socket=v.sock,iommu=on
   chr info-vsock info
   chr add-vsock-again add-vsock cid=4,socket=w.sock
+  # The share stays in the configuration too: the later boots connect to a new virtiofsd.
+  chr add-fs add-fs tag=chrfs,socket=fs.sock
+  chr info-fs info
+  wait_sector 104 FSDONE
   chr pause pause
   chr info-paused info
   chr resume resume
@@ -176,15 +209,18 @@ done
   chr delete delete
   chr info-deleted info
   chr shutdown shutdown-vmm
+  touch fs.stop
+  pkill virtiofsd
 ) >/dev/null 2>&1 &"#;
 
-const HOST_CHECK: &str = r#"for r in 1 2; do
+const HOST_CHECK: &str = r#"echo "CHR-HOST-FS-GUEST=$(cat share/guest 2>/dev/null)"
+for r in 1 2; do
   echo "CHR-HOST-$r-BEFORE=$(cat hot$r.before)"
   echo "CHR-HOST-$r-AFTER=$(cat hot$r.after 2>/dev/null)"
 done
 for f in ping info-none create info-created boot info add-missing remove-unknown add-1 \
          counters-1 remove-1 add-2 counters-2 remove-2 add-net info-net remove-net add-fdnet \
-         info-fdnet add-vsock info-vsock add-vsock-again pause \
+         info-fdnet add-vsock info-vsock add-vsock-again add-fs info-fs pause \
          info-paused resume info-resumed shutdown-vm info-shut ping-shut boot-again info-again \
          reboot info-rebooted delete info-deleted shutdown; do
   echo "CHR-RC $f $(cat $f.rc 2>/dev/null)"
@@ -246,6 +282,7 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
     let mib = HOT_DISK_MIB.to_string();
     let Some(out) = Scenario::new("ch_remote")
         .host_binary(&ch_remote)
+        .host_binary(&e2e::virtiofsd::binary())
         .host_setup(&HOST_CLIENT.replace("HOT_DISK_MIB", &mib))
         .without_default_args()
         .warden_args(["--api-socket", "path=api.sock"])
@@ -401,6 +438,31 @@ fn cloud_hypervisors_ch_remote_drives_warden() {
         assert_eq!(
             out.marker(&format!("CHR-GUEST-{boot}-VSOCKS")),
             Some("1"),
+            "{boot} boot: {out}"
+        );
+    }
+
+    // A share hot-added outside the IOMMU, mounted, read and written by the guest, and built
+    // again by the next boots on a new virtiofsd.
+    let added = call("add-fs").json("add-fs", &out);
+    assert_eq!(added["id"], "_fs0", "{out}");
+    let share = &call("info-fs").json("info", &out)["config"]["fs"][0];
+    assert_eq!(
+        (&share["tag"], &share["socket"]),
+        (&"chrfs".into(), &"fs.sock".into()),
+        "{out}"
+    );
+    assert_eq!(out.marker("CHR-GUEST-FS"), Some("from-the-host"), "{out}");
+    assert_eq!(out.marker("CHR-GUEST-FS-WROTE"), Some("yes"), "{out}");
+    assert_eq!(
+        out.marker("CHR-HOST-FS-GUEST"),
+        Some("from-the-guest"),
+        "{out}"
+    );
+    for boot in ["SECOND", "THIRD"] {
+        assert_eq!(
+            out.marker(&format!("CHR-GUEST-{boot}-FS")),
+            Some("from-the-host"),
             "{boot} boot: {out}"
         );
     }

@@ -2,8 +2,10 @@
 //! requests served by a vhost-user back end (virtiofsd) in a process of its own.
 //!
 //! Warden keeps the configuration space and the transport; on DRIVER_OK it hands the back end
-//! guest RAM (shared memory, as file descriptors) and the rings, and one thread of its own
-//! relays the back end's interrupts ([`relay`]). The back end reaches guest RAM by the
+//! guest RAM (shared memory, as file descriptors) and the rings. The back end signals each
+//! queue's MSI-X irqfd itself, as Cloud Hypervisor has it, so an interrupt costs no hop
+//! through warden; one thread of warden's watches the back end and relays what cannot go
+//! straight to KVM ([`relay`]). The back end reaches guest RAM by the
 //! addresses the driver wrote, untranslated: a device behind the IOMMU would need the back end
 //! to speak vhost-user's IOTLB protocol, which virtiofsd does not, so one is refused.
 
@@ -102,24 +104,32 @@ impl Fs {
         })
     }
 
-    /// Hands the back end guest RAM and the rings; the call eventfds it signals, by queue.
+    /// Hands the back end guest RAM and the rings; the relay's eventfd of each queue (the
+    /// back end's "call" where the queue has no irqfd, else only the relay's own).
     fn start_backend(
         &mut self,
         queues: &[ActivatedQueue],
+        interrupt: &dyn VirtioInterrupt,
     ) -> Result<Vec<(usize, EventFd)>, ActivateError> {
         let acked = self.core.acked_features();
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut relayed = Vec::with_capacity(queues.len());
         let mut calls = Vec::with_capacity(queues.len());
         let mut addresses = Vec::with_capacity(queues.len());
         for activated in queues {
-            calls.push((activated.index, EventFd::new(EFD_NONBLOCK)?));
+            let relay = EventFd::new(EFD_NONBLOCK)?;
+            calls.push(match interrupt.queue_irqfd(activated.index) {
+                Some(irqfd) => irqfd,
+                None => relay.try_clone()?,
+            });
+            relayed.push((activated.index, relay));
             addresses.push(host_ring_addresses(&self.ram, &activated.queue, event_idx)?);
         }
         let rings: Vec<vhost_user::Ring> = queues
             .iter()
             .zip(&calls)
             .zip(&addresses)
-            .map(|((activated, (_, call)), at)| vhost_user::Ring {
+            .map(|((activated, call), at)| vhost_user::Ring {
                 index: activated.index,
                 size: activated.queue.size(),
                 next_avail: activated.queue.next_avail(),
@@ -141,7 +151,7 @@ impl Fs {
             self.backend.start(acked, &self.ram, &rings)?;
         }
         self.started = true;
-        Ok(calls)
+        Ok(relayed)
     }
 }
 
@@ -181,7 +191,7 @@ impl VirtioDevice for Fs {
         let queues = (0..self.queue_sizes.len())
             .map(|index| take_queue(&mut queues, index))
             .collect::<Result<Vec<_>, _>>()?;
-        let calls = self.start_backend(&queues)?;
+        let relayed = self.start_backend(&queues, interrupt.as_ref())?;
         let relay = FsRelay::new(
             self.ram.clone(),
             interrupt,
@@ -191,7 +201,7 @@ impl VirtioDevice for Fs {
             Arc::clone(&self.gone),
             Arc::clone(&self.counters),
         );
-        self.core.start(calls, relay)
+        self.core.start(relayed, relay)
     }
 
     fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {

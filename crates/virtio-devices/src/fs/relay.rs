@@ -1,5 +1,5 @@
 //! The device's thread beside its back end: it turns the back end's "call" eventfds into
-//! interrupts (through [`VirtioInterrupt`], which follows the driver's MSI-X vectors), and
+//! interrupts for the queues without an irqfd of their own (through [`VirtioInterrupt`]), and
 //! watches the back end's socket. When the back end goes away (killed, crashed, or speaking
 //! out of turn) the thread takes the rings over and answers every FUSE request the guest made
 //! and makes with `ENOTCONN`, as a FUSE mount whose daemon died answers: the guest's file
@@ -167,7 +167,8 @@ impl WorkerHandler for FsRelay {
         poller.add(self.backend, BACKEND_TOKEN)
     }
 
-    /// A "call" from the back end, or this thread's own [`Poller::rearm`] once it serves.
+    /// A "call" from the back end relayed here, or this thread's own [`Poller::rearm`] once it
+    /// serves.
     fn queue_notified(&mut self, index: usize, poller: &Poller) {
         if self.gone.load(Ordering::SeqCst) {
             self.serve(index, poller);

@@ -336,3 +336,63 @@ fn a_ring_that_leaves_guest_ram_is_refused_before_the_back_end_sees_it() {
     );
     assert!(log.lock().unwrap().starts.is_empty());
 }
+
+/// An interrupt whose queues have irqfds, as the virtio-pci transport's have once the driver
+/// gave them MSI-X vectors.
+struct WithIrqfds {
+    relayed: FakeInterrupt,
+    irqfds: Vec<EventFd>,
+}
+
+impl crate::VirtioInterrupt for WithIrqfds {
+    fn notify_queue(&self, queue_index: usize) -> std::io::Result<()> {
+        self.relayed.notify_queue(queue_index)
+    }
+
+    fn notify_config(&self) -> std::io::Result<()> {
+        self.relayed.notify_config()
+    }
+
+    fn needs_reset(&self) -> std::io::Result<()> {
+        self.relayed.needs_reset()
+    }
+
+    fn queue_irqfd(&self, queue_index: usize) -> Option<EventFd> {
+        self.irqfds.get(queue_index)?.try_clone().ok()
+    }
+}
+
+#[test]
+fn with_an_irqfd_per_queue_the_back_end_signals_kvm_without_warden() {
+    let mem = guest_memory();
+    let (mut fs, _backend, log) = share(&mem, VERSION_1);
+    let drivers = [
+        Driver::new(&mem, 0, QUEUE_SIZE),
+        Driver::new(&mem, 0x1000, QUEUE_SIZE),
+    ];
+    let interrupt = Arc::new(WithIrqfds {
+        relayed: FakeInterrupt::default(),
+        irqfds: (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect(),
+    });
+    let queues = drivers
+        .iter()
+        .enumerate()
+        .map(|(index, driver)| ActivatedQueue {
+            index,
+            queue: driver.queue(),
+            notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
+        })
+        .collect();
+    fs.ack_features(VERSION_1);
+    fs.activate(queues, interrupt.clone()).unwrap();
+    // The relay's first pass over its queues, as every worker's, is behind us after this.
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(50));
+    settle();
+    let relayed = interrupt.relayed.count(1);
+    log.lock().unwrap().calls[1].write(1).unwrap();
+    assert_eq!(interrupt.irqfds[1].read().unwrap(), 1, "the irqfd itself");
+    settle();
+    assert_eq!(interrupt.relayed.count(1), relayed, "nothing relayed");
+}
