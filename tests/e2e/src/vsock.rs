@@ -1,10 +1,12 @@
-//! What the vsock tools share: guest-side `AF_VSOCK` stream sockets (the guest tools), and
-//! the `sha256sum` both ends compare.
+//! What the vsock tools share: guest-side `AF_VSOCK` stream sockets (the guest tools), the
+//! `sha256sum` both ends compare, and the check of what `vsock-peer` and its guest side moved.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
+
+use crate::Outcome;
 
 /// The host's CID, as a guest reaches it.
 pub const HOST_CID: u32 = 2;
@@ -127,4 +129,29 @@ pub fn checksum_of(mut stream: impl Read) -> io::Result<(String, usize)> {
         len += n;
     }
     Ok((sum.finish()?, len))
+}
+
+/// Asserts that `vsock-peer` and the guest's side (socat, or `vsock-guest`) moved `mib` MiB
+/// intact each way on the host's connections and on the guest's, and four streams at once.
+pub fn assert_peer_moved_data(out: &Outcome, mib: usize) {
+    let marker = |key: &str| out.required_marker(key).to_string();
+    let whole = format!("{} {}", marker("VSOCK-GUEST-BLOB"), mib << 20);
+    // Host to guest, on the host's connection.
+    assert_eq!(
+        marker("VSOCK-HOST-REPLY-5000"),
+        marker("VSOCK-HOST-SENT-5000"),
+        "{out}"
+    );
+    // Guest to host, on the host's connection and on the guest's.
+    assert_eq!(marker("VSOCK-HOST-GOT-5001"), whole, "{out}");
+    assert_eq!(marker("VSOCK-HOST-GOT-6000"), whole, "{out}");
+    // Host to guest, on the guest's connection.
+    assert_eq!(
+        marker("VSOCK-GUEST-GOT-6001"),
+        marker("VSOCK-HOST-SENT-6001"),
+        "{out}"
+    );
+    assert_eq!(marker("VSOCK-HOST-PARALLEL"), "4/4", "{out}");
+    assert_eq!(marker("VSOCK-GUEST-UPLOAD"), "done", "{out}");
+    assert!(out.console.contains("VSOCK-GUEST-DONE"), "{out}");
 }

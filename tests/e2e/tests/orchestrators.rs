@@ -263,23 +263,7 @@ fn kata_containers_drives_warden_in_its_iommu_mode() {
 /// back end was killed.
 fn sandbox_moved_its_data(out: &Outcome) {
     let marker = |key: &str| out.required_marker(key).to_string();
-    // The vsock: host to guest and back on the host's connections and on the guest's.
-    let whole = format!("{} {}", marker("VSOCK-GUEST-BLOB"), SANDBOX_MIB << 20);
-    assert_eq!(marker("VSOCK-HOST-GOT-5001"), whole, "{out}");
-    assert_eq!(marker("VSOCK-HOST-GOT-6000"), whole, "{out}");
-    assert_eq!(
-        marker("VSOCK-HOST-REPLY-5000"),
-        marker("VSOCK-HOST-SENT-5000"),
-        "{out}"
-    );
-    assert_eq!(
-        marker("VSOCK-GUEST-GOT-6001"),
-        marker("VSOCK-HOST-SENT-6001"),
-        "{out}"
-    );
-    assert_eq!(marker("VSOCK-HOST-PARALLEL"), "4/4", "{out}");
-    assert_eq!(marker("VSOCK-GUEST-UPLOAD"), "done", "{out}");
-    assert!(out.console.contains("VSOCK-GUEST-DONE"), "{out}");
+    e2e::vsock::assert_peer_moved_data(out, SANDBOX_MIB);
     // The share: on segment 1, outside the IOMMU, read and written whole.
     assert_eq!(marker("KATA-GUEST-FS-MOUNTED"), "yes", "{out}");
     assert!(marker("KATA-GUEST-FS-PCI").starts_with("0001:00:"), "{out}");
