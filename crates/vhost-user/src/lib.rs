@@ -72,6 +72,8 @@ pub struct Ring<'a> {
 
 /// One connection to a back end, past the handshake.
 pub struct Connection {
+    /// Where the back end listens, to connect again.
+    path: PathBuf,
     frontend: Frontend,
     /// The device's virtio features the back end implements (vhost-user's own bits removed).
     features: u64,
@@ -130,11 +132,23 @@ impl Connection {
             });
         }
         Ok(Connection {
+            path: path.to_owned(),
             frontend,
             features: offered & !protocol_bit,
             protocol,
             queues,
         })
+    }
+
+    /// Connects again, to a back end that came back at the same socket; the driver
+    /// negotiated with the first one, so the new one must do at least as much.
+    pub fn reconnect(&mut self) -> Result<(), Error> {
+        let connection = Connection::connect(&self.path, self.queues)?;
+        if self.features & !connection.features != 0 {
+            return Err(Error::Lacks("features the first back end offered"));
+        }
+        *self = connection;
+        Ok(())
     }
 
     /// The device's virtio features the back end implements.

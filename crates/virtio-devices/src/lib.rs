@@ -39,7 +39,7 @@ mod worker;
 pub use block::{Block, BlockError, BlockOptions};
 pub use console::Console;
 pub use counters::DeviceCounters;
-pub use fs::{Fs, FsBackend, FsError, VhostUserFs};
+pub use fs::{Fs, FsBackend, FsError, VhostUserConnection};
 pub use iommu::{Iommu, PollConfig};
 pub use net::{Net, NetBackend, NetOptions};
 pub use rng::{Rng, RngError};

@@ -15,8 +15,8 @@ use net_util::VhostNet;
 use vfio::{OpenedDevice, VfioDeviceFd, VfioMapper};
 use virtio_devices::net::{VhostIotlb, VhostKernel};
 use virtio_devices::{
-    Block, BlockOptions, Console, DeviceMemory, Fs, Net, NetOptions, PollConfig, Rng, VhostUserFs,
-    VirtioDevice, Vsock,
+    Block, BlockOptions, Console, DeviceMemory, Fs, Net, NetOptions, PollConfig, Rng,
+    VhostUserConnection, VirtioDevice, Vsock,
 };
 use virtio_iommu::{EndpointConfig, ExternalMapper, IommuConfig, VirtioIommu};
 use vm_memory::GuestMemoryMmap;
@@ -445,7 +445,7 @@ fn build_fs(
     };
     // Validated: at most 16 request queues.
     let request_queues = fs.num_queues as u16;
-    let backend = VhostUserFs::connect(&fs.socket, usize::from(request_queues) + 1)
+    let backend = VhostUserConnection::connect(&fs.socket, usize::from(request_queues) + 1)
         .map_err(|err| failed(&err))?;
     let device = Fs::new(
         ram.clone(),

@@ -32,8 +32,9 @@ use crate::{
     read_config_bytes, take_queue, ActivateError, ActivatedQueue, DeviceCounters, VirtioDevice,
     VirtioInterrupt,
 };
-pub use backend::{FsBackend, VhostUserFs};
+pub use backend::FsBackend;
 use relay::FsRelay;
+pub use vhost_user::Connection as VhostUserConnection;
 
 /// The longest tag the configuration space holds.
 pub const TAG_LEN: usize = 36;
