@@ -101,6 +101,24 @@ impl DeviceCounters for RngCounters {
     }
 }
 
+/// virtio-iommu's request queue: requests answered, and the notifications that brought some
+/// of them. The driver spins on each request until it is answered, so a request that needed a
+/// notification cost the guest a VM exit; the rest were found by polling, in parallel with it.
+#[derive(Debug, Default)]
+pub(crate) struct IommuQueueCounters {
+    pub(crate) requests: Counter,
+    pub(crate) notifications: Counter,
+}
+
+impl DeviceCounters for IommuQueueCounters {
+    fn read(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("requests", self.requests.get()),
+            ("notifications", self.notifications.get()),
+        ]
+    }
+}
+
 /// virtio-fs: what warden sees of a share whose back end does the work: how often the back
 /// end went away, and the guest's requests answered with `ENOTCONN` meanwhile.
 #[derive(Debug, Default)]

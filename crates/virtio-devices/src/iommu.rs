@@ -32,9 +32,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_device::{error_limited, warn_limited};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::counters::IommuQueueCounters;
 use crate::worker::{thread_started, DeviceThread, Poller, Worker, WorkerHandler};
 use crate::{
-    take_queue, ActivateError, ActivatedQueue, DeviceMemory, VirtioDevice, VirtioInterrupt,
+    take_queue, ActivateError, ActivatedQueue, DeviceCounters, DeviceMemory, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Queue 0 carries requests (ATTACH, MAP, ...); queue 1 carries fault events to the driver.
@@ -59,6 +61,7 @@ pub struct Iommu<M> {
     requests: Option<Arc<RequestQueue<M>>>,
     poller: Option<RequestPoller>,
     worker: Option<Worker>,
+    counters: Arc<IommuQueueCounters>,
 }
 
 /// How the request queue is polled after a notification.
@@ -82,6 +85,7 @@ impl<M: DeviceMemory> Iommu<M> {
             requests: None,
             poller: None,
             worker: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -99,6 +103,7 @@ struct RequestQueue<M> {
     /// The driver broke the queue; see [`RequestQueue::serve`].
     broken: AtomicBool,
     epoch: Instant,
+    counters: Arc<IommuQueueCounters>,
 }
 
 impl<M: DeviceMemory> RequestQueue<M> {
@@ -152,6 +157,8 @@ impl<M: DeviceMemory> RequestQueue<M> {
             return false;
         }
         self.last_request.store(self.now(), Ordering::Relaxed);
+        let served = queue.next_avail().wrapping_sub(next);
+        self.counters.requests.add(u64::from(served));
         true
     }
 
@@ -326,6 +333,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             window: AtomicU64::new(MIN_POLL_WINDOW.min(self.poll.max_window).as_nanos() as u64),
             broken: AtomicBool::new(false),
             epoch: Instant::now(),
+            counters: Arc::clone(&self.counters),
         });
         if !self.poll.max_window.is_zero() {
             let poller =
@@ -361,6 +369,7 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
         let Some(requests) = self.requests.as_ref().filter(|_| index == REQUEST_QUEUE) else {
             return;
         };
+        self.counters.notifications.add(1);
         let mut queue = requests.lock();
         // Measured before serving, which makes this the latest request.
         let idle = self.poller.as_ref().map(|_| requests.idle());
@@ -372,6 +381,10 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             }
             poller.wake();
         }
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(Arc::clone(&self.counters) as Arc<dyn DeviceCounters>)
     }
 
     fn reset(&mut self) {
@@ -570,6 +583,9 @@ mod tests {
             "notifications are asked for again"
         );
         assert_eq!(requests.used().len(), 3);
+        // Three requests answered, two of them after a notification (a VM exit each).
+        let counters = iommu.counters().unwrap().read();
+        assert_eq!(counters, [("requests", 3), ("notifications", 2)]);
         iommu.reset();
     }
 
@@ -589,6 +605,7 @@ mod tests {
             window: AtomicU64::new(MIN_POLL_WINDOW.as_nanos() as u64),
             broken: AtomicBool::new(false),
             epoch: Instant::now(),
+            counters: Arc::default(),
         };
         requests.set_avail_idx(17);
         let stop = AtomicBool::new(false);

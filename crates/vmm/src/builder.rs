@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vfio::{VfioDeviceFd, VfioPciDevice};
-use virtio_devices::Iommu;
+use virtio_devices::{Iommu, VirtioDevice};
 use virtio_iommu::VirtioIommu;
 use vm_config::{ConsoleMode, SerialConfig, VmConfig};
 use vm_device::{lock, Bus};
@@ -87,7 +87,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
         router: &router,
         ram: &ram,
     };
-    let iommu = attach_iommu(
+    let (iommu, iommu_counters) = attach_iommu(
         config,
         &machine,
         &devices,
@@ -106,6 +106,7 @@ pub(crate) fn build(config: &VmConfig, host: &Host, number: u64) -> Result<Vm, V
             ptys: &host.ptys,
         },
     )?;
+    stats.extend(iommu_counters);
     let protected = protected_endpoints(&devices, &passthrough);
     let (vfio_devices, vfio_stats) =
         attach_passthrough(passthrough, &machine, &mut pci, &mut buses)?;
@@ -188,7 +189,7 @@ fn attach_kvm_vm(kvm: &Kvm, memory: &GuestMemoryMmap) -> Result<Arc<VmFd>, VmmEr
 }
 
 /// The virtio-iommu, in its own slot, when the configuration asks for one; returns its model,
-/// through which protected devices translate.
+/// through which protected devices translate, and the request queue's counters.
 fn attach_iommu(
     config: &VmConfig,
     machine: &Machine,
@@ -196,9 +197,9 @@ fn attach_iommu(
     passthrough: &[Passthrough],
     pci: &mut PciSegments,
     buses: &mut Buses,
-) -> Result<Option<Arc<VirtioIommu>>, VmmError> {
+) -> Result<(Option<Arc<VirtioIommu>>, Option<Counted>), VmmError> {
     if !config.iommu {
-        return Ok(None);
+        return Ok((None, None));
     }
     let platform = config.platform();
     let model = create_iommu_model(
@@ -213,6 +214,9 @@ fn attach_iommu(
         machine.ram.memory.clone(),
         iommu_polling(Duration::from_micros(platform.iommu_poll_us())),
     ));
+    let counters = device
+        .counters()
+        .map(|counters| (vm_config::IOMMU_ID.to_string(), counters));
     pci.segment(0)
         .add_virtio(
             IOMMU_DEVICE_NUMBER,
@@ -223,7 +227,7 @@ fn attach_iommu(
             &mut buses.mmio,
         )
         .map_err(VmmError::Device)?;
-    Ok(Some(model))
+    Ok((Some(model), counters))
 }
 
 /// Each virtio device in its slot, over guest RAM or, behind the IOMMU, RAM seen through it;

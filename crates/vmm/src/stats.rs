@@ -135,9 +135,9 @@ impl StatsReport {
             let values = device
                 .read()
                 .into_iter()
-                .map(|(name, value)| (name.to_string(), value))
-                .collect();
-            counters.insert(id.clone(), values);
+                .map(|(name, value)| (name.to_string(), value));
+            // The virtio-iommu device's own counters join its model's.
+            counters.entry(id.clone()).or_default().extend(values);
         }
         counters
     }
@@ -287,5 +287,19 @@ mod tests {
         report.remove_device("hot0");
         let ids: Vec<String> = report.counters().into_keys().collect();
         assert_eq!(ids, ["_disk0"]);
+    }
+
+    #[test]
+    fn the_iommu_devices_counters_join_its_models() {
+        let model = Arc::new(VirtioIommu::new(IommuConfig::default()).unwrap());
+        let queue = Arc::new(FakeCounters(2.into()));
+        let report = StatsReport::new(
+            Some(model),
+            Vec::new(),
+            [(IOMMU_ID.to_string(), queue as _)],
+        );
+        let iommu = &report.counters()[IOMMU_ID];
+        assert_eq!((iommu["maps"], iommu["read_ops"]), (0, 2));
+        assert_eq!(iommu.len(), 10, "{iommu:?}");
     }
 }

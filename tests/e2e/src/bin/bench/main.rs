@@ -239,7 +239,11 @@ pub const SANDBOX_JOBS: [Job; 7] = [
 /// The jobs a run with `opts` has, in order.
 pub fn jobs(opts: &BootOpts) -> Vec<Job> {
     let sandbox: &[Job] = if opts.sandbox { &SANDBOX_JOBS } else { &[] };
-    JOBS.iter().chain(sandbox).copied().collect()
+    JOBS.iter()
+        .chain(sandbox)
+        .filter(|job| opts.only.is_empty() || opts.only.iter().any(|name| name == job.name))
+        .copied()
+        .collect()
 }
 
 /// Which VMM a boot runs.
@@ -305,6 +309,7 @@ pub struct Boot {
     pub retried: bool,
 }
 
+#[derive(Debug)]
 struct Options {
     rounds: usize,
     peer: Option<PathBuf>,
@@ -325,9 +330,15 @@ pub struct BootOpts {
     pub one_l1_cpu: bool,
     /// A vsock and a virtio-fs share besides, and their jobs.
     pub sandbox: bool,
+    /// Only the jobs of these names (`--only`), to look at one effect in short boots; all
+    /// when empty.
+    pub only: Vec<String>,
+    /// Warden's `--platform` (`--warden-platform`, e.g. `iommu_poll_us=0`), to compare its
+    /// settings; the peer's boots never get it.
+    pub warden_platform: String,
 }
 
-const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS] [--net-opts OPTS] [--one-l1-cpu] [--sandbox]";
+const USAGE: &str = "usage: bench [--rounds N (default 3)] [--peer PATH-TO-VMM] [--disk-opts OPTS] [--net-opts OPTS] [--one-l1-cpu] [--sandbox] [--only JOB,JOB...] [--warden-platform OPTS]";
 
 fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut o = Options {
@@ -350,8 +361,20 @@ fn options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
             "--net-opts" => o.opts.net = value()?,
             "--one-l1-cpu" => o.opts.one_l1_cpu = true,
             "--sandbox" => o.opts.sandbox = true,
+            "--only" => o.opts.only = value()?.split(',').map(String::from).collect(),
+            "--warden-platform" => o.opts.warden_platform = value()?,
             _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
         }
+    }
+    let known: Vec<&str> = JOBS.iter().chain(&SANDBOX_JOBS).map(|j| j.name).collect();
+    if let Some(unknown) = o.opts.only.iter().find(|n| !known.contains(&n.as_str())) {
+        return Err(format!(
+            "--only: no job {unknown:?}; the jobs: {}",
+            known.join(", ")
+        ));
+    }
+    if !o.opts.only.is_empty() && jobs(&o.opts).is_empty() {
+        return Err("--only: none of these jobs runs without --sandbox".into());
     }
     Ok(o)
 }
@@ -695,6 +718,9 @@ fn boot(
     if config.vmm == Vmm::Warden {
         // Where the stamp server reads warden's counters.
         args.extend(["--api-socket", "api.sock"].map(String::from));
+        if !opts.warden_platform.is_empty() {
+            args.extend(["--platform".to_string(), opts.warden_platform.clone()]);
+        }
     }
     let mut scenario = Scenario::new(&name);
     if !opts.one_l1_cpu {
@@ -803,6 +829,13 @@ mod tests {
             ("direct=on", "vhost=on")
         );
         assert!(o.opts.one_l1_cpu);
+        let o = args(&["--sandbox", "--only", "vsock-guest-to-host,randread-4k-qd1"]).unwrap();
+        let names: Vec<&str> = jobs(&o.opts).iter().map(|j| j.name).collect();
+        assert_eq!(names, ["randread-4k-qd1", "vsock-guest-to-host"]);
+        assert!(args(&["--only", "vsock-guest-to-host"])
+            .unwrap_err()
+            .contains("without --sandbox"));
+        assert!(args(&["--only", "fastest"]).unwrap_err().contains("no job"));
         assert!(args(&["--rounds", "0"]).is_err());
         assert!(args(&["--rounds"]).is_err());
         assert!(args(&["--fast"]).is_err());
@@ -819,7 +852,7 @@ mod tests {
                 disk: "direct=on".into(),
                 net: "vhost=on".into(),
                 one_l1_cpu: false,
-                sandbox: false,
+                ..Default::default()
             },
         );
         assert_eq!(on[7], "path=host-disk,direct=on,iommu=on");

@@ -135,11 +135,15 @@ pub fn table(batch: &Batch) -> String {
         batch.mode,
         batch.rounds,
         if batch.rounds == 1 { "" } else { "s" },
-        [("disk", &batch.opts.disk), ("net", &batch.opts.net)]
-            .iter()
-            .filter(|(_, opts)| !opts.is_empty())
-            .map(|(device, opts)| format!(", {device} `{opts}`"))
-            .collect::<String>(),
+        [
+            ("disk", &batch.opts.disk),
+            ("net", &batch.opts.net),
+            ("warden's platform", &batch.opts.warden_platform)
+        ]
+        .iter()
+        .filter(|(_, opts)| !opts.is_empty())
+        .map(|(what, opts)| format!(", {what} `{opts}`"))
+        .collect::<String>(),
         if batch.opts.one_l1_cpu {
             ", the VMM on one L1 CPU"
         } else {
@@ -530,7 +534,7 @@ mod tests {
                 disk: "direct=on".into(),
                 net: "vhost=on".into(),
                 one_l1_cpu: true,
-                sandbox: false,
+                ..Default::default()
             },
             lost: vec![Lost {
                 config: Config {
