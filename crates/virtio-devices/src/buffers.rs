@@ -5,6 +5,7 @@
 //! all slices of a transfer are obtained before any byte moves, so a refused buffer leaves guest
 //! memory untouched.
 
+use virtio_iommu::Footprint;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::BS;
 use vm_memory::{
@@ -69,6 +70,17 @@ pub(crate) enum ChainError {
 pub(crate) struct Chain {
     pub(crate) head: u16,
     pub(crate) buffers: Vec<Buffer>,
+}
+
+impl Chain {
+    /// The I/O addresses a transfer of this chain may touch: its buffers.
+    pub(crate) fn footprint(&self) -> Footprint {
+        Footprint::of(
+            self.buffers
+                .iter()
+                .map(|buffer| (buffer.addr.0, u64::from(buffer.len))),
+        )
+    }
 }
 
 /// Reads the chain at `head` of the descriptor table at `table` (`size` entries), following

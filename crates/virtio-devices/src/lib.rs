@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::{DmaFence, DmaGuard, MappingLookup};
+use virtio_iommu::{DmaFence, DmaGuard, Footprint, MappingLookup};
 use virtio_queue::Queue;
 use vm_memory::{GuestMemory, GuestMemoryMmap, IommuMemory};
 use vmm_sys_util::eventfd::EventFd;
@@ -55,10 +55,16 @@ pub use worker::{set_thread_start_hook, DeviceThread, ThreadStartHook};
 /// Without dirty-page tracking (`Bitmap = ()`): an asynchronous disk read lands after the
 /// slices it was translated to are gone, so nothing could mark those pages dirty.
 pub trait DeviceMemory: GuestMemory<Bitmap = ()> + Clone + Send + Sync + 'static {
-    /// Starts one transfer (a request, a frame): held from before its first translation until
-    /// its last byte moved, it makes an UNMAP of its buffers wait for it (see
-    /// `virtio_iommu::inflight`). `None` where nothing translates.
-    fn begin_dma(&self) -> Option<DmaGuard>;
+    /// Starts one transfer (a request, a frame) that touches no I/O address outside
+    /// `footprint`: held from before its first translation until its last byte moved, it makes
+    /// an UNMAP of any of those addresses wait for it (see `virtio_iommu::inflight`). `None`
+    /// where nothing translates.
+    fn begin_dma_within(&self, footprint: Footprint) -> Option<DmaGuard>;
+    /// [`DeviceMemory::begin_dma_within`] for a transfer whose buffers are not known up front:
+    /// every UNMAP waits for it.
+    fn begin_dma(&self) -> Option<DmaGuard> {
+        self.begin_dma_within(Footprint::EVERYTHING)
+    }
     /// Guest RAM itself, for a data path the kernel runs (vhost-net), which reaches it by
     /// host address.
     fn ram(&self) -> &GuestMemoryMmap;
@@ -68,7 +74,7 @@ pub trait DeviceMemory: GuestMemory<Bitmap = ()> + Clone + Send + Sync + 'static
 }
 
 impl DeviceMemory for GuestMemoryMmap {
-    fn begin_dma(&self) -> Option<DmaGuard> {
+    fn begin_dma_within(&self, _footprint: Footprint) -> Option<DmaGuard> {
         None
     }
 
@@ -85,8 +91,9 @@ impl<I> DeviceMemory for IommuMemory<GuestMemoryMmap, I>
 where
     I: vm_memory::Iommu + DmaFence + MappingLookup + Send + Sync + 'static,
 {
-    fn begin_dma(&self) -> Option<DmaGuard> {
-        self.get_iommu_enabled().then(|| self.iommu().begin_dma())
+    fn begin_dma_within(&self, footprint: Footprint) -> Option<DmaGuard> {
+        self.get_iommu_enabled()
+            .then(|| self.iommu().begin_dma(footprint))
     }
 
     fn ram(&self) -> &GuestMemoryMmap {

@@ -16,7 +16,7 @@ use vm_memory::{
 };
 
 use virtio_iommu::inflight::InflightDma;
-use virtio_iommu::{DmaFence, DmaGuard, FaultReason, MappedBlock, MappingLookup};
+use virtio_iommu::{DmaFence, DmaGuard, FaultReason, Footprint, MappedBlock, MappingLookup};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -344,8 +344,8 @@ pub(crate) struct TestIommu {
 pub(crate) const BUFFERS_START: u64 = 0x1_0000;
 
 impl DmaFence for TestIommu {
-    fn begin_dma(&self) -> DmaGuard {
-        self.dma.begin()
+    fn begin_dma(&self, footprint: Footprint) -> DmaGuard {
+        self.dma.begin(footprint)
     }
 }
 
@@ -400,7 +400,8 @@ impl Iommu for TestIommu {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        if iova.0 >= BUFFERS_START && self.dma.in_flight() == 0 {
+        let last = iova.0.saturating_add(length.max(1) as u64 - 1);
+        if iova.0 >= BUFFERS_START && !self.dma.touched(iova.0, last) {
             self.unguarded.fetch_add(1, Ordering::SeqCst);
         }
         Iotlb::lookup(self.iotlb.read().unwrap(), iova, length, access).map_err(|fails| {

@@ -9,7 +9,7 @@ use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
 
 use crate::device::{perms_of, read_lock, EndpointShared, FaultReason, MappedBlock, VirtioIommu};
-use crate::inflight::{DmaFence, DmaGuard};
+use crate::inflight::{DmaFence, DmaGuard, Footprint};
 use crate::iotlb::IotlbGuard;
 use crate::table::{PERM_READ, PERM_WRITE};
 
@@ -135,7 +135,7 @@ impl MappingLookup for EndpointIommu {
 }
 
 impl DmaFence for EndpointIommu {
-    fn begin_dma(&self) -> DmaGuard {
-        self.shared.dma.begin()
+    fn begin_dma(&self, footprint: Footprint) -> DmaGuard {
+        self.shared.dma.begin(footprint)
     }
 }

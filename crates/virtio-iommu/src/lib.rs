@@ -40,7 +40,7 @@ pub use device::{
     IommuConfig, MappedBlock, Translation, VirtioIommu, PROTECTED_DEVICE_FEATURES,
     RETIRED_DOMAINS_KEPT, VIRTIO_F_VERSION_1,
 };
-pub use inflight::{DmaFence, DmaGuard};
+pub use inflight::{DmaFence, DmaGuard, Footprint};
 pub use iommu_memory::{EndpointIommu, MappingLookup};
 pub use iotlb::{IotlbGuard, IOTLB_MAX_ENTRIES};
 pub use mapper::{ExternalMapper, MapPerms, MapperError};

@@ -265,13 +265,18 @@ fn a_removed_endpoint_keeps_nothing_in_its_iotlb() {
 fn unmap_completes_only_after_transfers_that_translated_before_it() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
-    use virtio_iommu::DmaFence;
+    use virtio_iommu::{DmaFence, Footprint};
 
     let (d, mem, dm) = setup(false);
     assert_eq!(attach(&d, 1, 1), Status::Ok);
     assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
-    // The device starts a transfer and translates its buffer...
-    let transfer = dm.iommu().begin_dma();
+    let elsewhere = IOVA + 0x10_0000;
+    assert_eq!(
+        map(&d, 1, elsewhere, elsewhere + 0xfff, 0x5000, RW),
+        Status::Ok
+    );
+    // The device starts a transfer of 8 bytes at IOVA and translates its buffer...
+    let transfer = dm.iommu().begin_dma(Footprint::of([(IOVA, 8)]));
     let slice = dm
         .get_slices(GuestAddress(IOVA), 8, Permissions::Write)
         .expect("mapped buffer translates")
@@ -292,6 +297,15 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
         !answered.load(Ordering::SeqCst),
         "UNMAP answered while a transfer through the mapping was still moving data"
     );
+    // An UNMAP of what the transfer does not touch is answered meanwhile.
+    let (answer, other) = std::sync::mpsc::channel();
+    let d2 = d.clone();
+    std::thread::spawn(move || answer.send(unmap(&d2, 1, elsewhere, elsewhere + 0xfff)));
+    assert_eq!(
+        other.recv_timeout(Duration::from_secs(5)),
+        Ok(Status::Ok),
+        "a transfer held up the UNMAP of addresses it does not touch"
+    );
     // ... and moves its data later, still into the page the guest granted.
     slice.write_obj(0x5a5a_5a5a_u32, 0).unwrap();
     drop(transfer);
@@ -301,7 +315,7 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
         0x5a5a_5a5a
     );
     // Transfers that begin after the UNMAP see it.
-    let _later = dm.iommu().begin_dma();
+    let _later = dm.iommu().begin_dma(Footprint::EVERYTHING);
     assert!(dm
         .get_slices(GuestAddress(IOVA), 8, Permissions::Write)
         .is_err());
@@ -313,14 +327,14 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
 fn a_transfer_holds_up_only_its_own_endpoints_unmaps() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
-    use virtio_iommu::DmaFence;
+    use virtio_iommu::{DmaFence, Footprint};
 
     let (d, _mem, dm) = setup(false);
     assert_eq!(attach(&d, 1, 1), Status::Ok);
     assert_eq!(attach(&d, 2, 2), Status::Ok);
     assert_eq!(map(&d, 1, IOVA, IOVA + 0xfff, 0x4000, RW), Status::Ok);
     assert_eq!(map(&d, 2, IOVA, IOVA + 0xfff, 0x8000, RW), Status::Ok);
-    let stuck = dm.iommu().begin_dma();
+    let stuck = dm.iommu().begin_dma(Footprint::EVERYTHING);
     // The other endpoint's domain unmaps at once (a thread, so that a wait fails the test
     // rather than hanging it).
     let (answer, other) = std::sync::mpsc::channel();

@@ -154,8 +154,9 @@ impl Requests {
         let Some(slot) = self.free.last().copied() else {
             return Started::NoRoom;
         };
-        // From before the first translation to the completion, one transfer.
-        let dma = mem.begin_dma();
+        // From before the first translation to the completion, one transfer, of the chain's
+        // buffers: an UNMAP of another request's waits for that one only.
+        let dma = mem.begin_dma_within(chain.footprint());
         let Some(request) = request::parse(&self.disk, mem, chain) else {
             return Started::Done(head, 0);
         };

@@ -8,6 +8,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
+use virtio_iommu::Footprint;
 use vm_device::warn_limited;
 use vm_memory::{GuestAddress, Permissions};
 
@@ -118,7 +119,7 @@ impl StatusByte {
         let ptr = match self.ptr {
             Some(ptr) => ptr,
             None => {
-                _dma = mem.begin_dma();
+                _dma = mem.begin_dma_within(Footprint::of([(self.at.0, 1)]));
                 let byte = [Buffer {
                     addr: self.at,
                     len: 1,

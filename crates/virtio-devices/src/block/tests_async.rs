@@ -511,12 +511,17 @@ fn an_unmap_waits_for_io_in_flight() {
     let chain = driver.chain(&[ro(hdr, 16), wo(data, 512), wo(status_iova, 1)]);
     assert_eq!(requests.start(&mem, &chain), Started::Queued);
     assert_eq!(mem.iommu().dma.in_flight(), 1);
+    // The request touches its own buffers only: an UNMAP of the page after its status byte
+    // (another request's, say) does not wait for it.
+    mem.iommu()
+        .dma
+        .wait_for_earlier_touching(status_iova + 1, 0x1000_ffff);
 
     let unmapped = Arc::new(AtomicBool::new(false));
     let unmap = {
         let (dma, unmapped) = (Arc::clone(&mem.iommu().dma), Arc::clone(&unmapped));
         std::thread::spawn(move || {
-            dma.wait_for_earlier();
+            dma.wait_for_earlier_touching(data + 511, data + 0xfff);
             unmapped.store(true, Ordering::SeqCst);
         })
     };

@@ -186,7 +186,7 @@ impl<M: DeviceMemory> VsockWorker<M> {
     fn serve_tx(&mut self, poller: &Poller) {
         let (mem, muxer) = (&self.mem, &mut self.muxer);
         let served = self.tx.process(mem, |chain| {
-            let _transfer = mem.begin_dma();
+            let _transfer = mem.begin_dma_within(chain.footprint());
             muxer.guest_sent(mem, chain, poller);
             Some(0)
         });
@@ -202,7 +202,7 @@ impl<M: DeviceMemory> VsockWorker<M> {
         }
         let (mem, muxer) = (&self.mem, &mut self.muxer);
         let served = self.rx.process(mem, |chain| {
-            let _transfer = mem.begin_dma();
+            let _transfer = mem.begin_dma_within(chain.footprint());
             muxer.next_for_guest(mem, chain, poller)
         });
         if served == Served::Budget {

@@ -174,10 +174,14 @@ fn transfers_of(st: &State, which: impl Fn(u32, &Endpoint) -> bool) -> Vec<Arc<I
         .collect()
 }
 
-/// Returns once every transfer that began before this call on any of `transfers` ended.
-fn wait_for_transfers(transfers: &[Arc<InflightDma>]) {
+/// Every I/O address: what an ATTACH, a DETACH or a change of bypass takes away.
+pub(crate) const EVERY_ADDRESS: (u64, u64) = (0, u64::MAX);
+
+/// Returns once every transfer that began before this call on any of `transfers`, and may
+/// touch an address from `first` to `last` (inclusive), ended.
+fn wait_for_transfers(transfers: &[Arc<InflightDma>], (first, last): (u64, u64)) {
     for dma in transfers {
-        dma.wait_for_earlier();
+        dma.wait_for_earlier_touching(first, last);
     }
 }
 
@@ -490,7 +494,7 @@ impl VirtioIommu {
         self.set_global_bypass(&mut st, value & 1 != 0);
         let unattached = transfers_of(&st, |_, ep| ep.domain.is_none());
         drop(st);
-        wait_for_transfers(&unattached);
+        wait_for_transfers(&unattached, EVERY_ADDRESS);
     }
 
     /// Change the `bypass` field: unattached endpoints switch mode, so their IOTLBs are
@@ -546,7 +550,7 @@ impl VirtioIommu {
         lock(&self.faults).pending.clear();
         let every = transfers_of(&st, |_, _| true);
         drop(st);
-        wait_for_transfers(&every);
+        wait_for_transfers(&every, EVERY_ADDRESS);
     }
 
     /// Restore the `bypass` field to its boot value (system reset, not device reset).

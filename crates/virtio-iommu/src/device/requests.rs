@@ -12,7 +12,7 @@ use super::mapper_sync::{
 use super::translate::permissions_from;
 use super::{
     lock, transfers_of, wait_for_transfers, write_lock, Domain, EndpointShared, State, VirtioIommu,
-    RETIRED_DOMAINS_KEPT,
+    EVERY_ADDRESS, RETIRED_DOMAINS_KEPT,
 };
 use crate::mapper::ExternalMapper;
 use crate::protocol::*;
@@ -71,19 +71,22 @@ impl VirtioIommu {
             Request::Unmap(r) => (self.unmap_req(&mut st, r), Vec::new()),
             Request::Probe(r) => self.probe_req(&st, r, props_len),
         };
-        // The endpoints that lost translations: an UNMAP's domain's, or the one (re)attached
-        // or detached.
-        let affected = match *req {
-            _ if answer.0 != Status::Ok => Vec::new(),
+        // The endpoints that lost translations, and which: an UNMAP's domain's, of its range;
+        // or every one of the endpoint (re)attached or detached.
+        let (affected, lost) = match *req {
+            _ if answer.0 != Status::Ok => (Vec::new(), EVERY_ADDRESS),
             Request::Attach(AttachRequest { endpoint, .. })
             | Request::Detach(DetachRequest { endpoint, .. }) => {
-                transfers_of(&st, |id, _| id == endpoint)
+                (transfers_of(&st, |id, _| id == endpoint), EVERY_ADDRESS)
             }
-            Request::Unmap(r) => transfers_of(&st, |_, ep| ep.domain == Some(r.domain)),
-            Request::Map(_) | Request::Probe(_) => Vec::new(),
+            Request::Unmap(r) => (
+                transfers_of(&st, |_, ep| ep.domain == Some(r.domain)),
+                (r.virt_start, r.virt_end),
+            ),
+            Request::Map(_) | Request::Probe(_) => (Vec::new(), EVERY_ADDRESS),
         };
         drop(st);
-        wait_for_transfers(&affected);
+        wait_for_transfers(&affected, lost);
         debug!("virtio-iommu: {req:?} -> {:?}", answer.0);
         answer
     }
