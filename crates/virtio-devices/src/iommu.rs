@@ -56,6 +56,8 @@ pub struct Iommu<M> {
     model: Arc<VirtioIommu>,
     mem: M,
     thread_name: String,
+    /// `iommu-poll-N`: within the 15 bytes a thread name keeps, so `top` tells it apart.
+    poller_name: String,
     poll: PollConfig,
     /// The request queue while the device is active.
     requests: Option<Arc<RequestQueue<M>>>,
@@ -74,13 +76,12 @@ pub struct PollConfig {
 
 impl<M: DeviceMemory> Iommu<M> {
     pub fn new(model: Arc<VirtioIommu>, mem: M, poll: PollConfig) -> Self {
+        let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         Iommu {
             model,
             mem,
-            thread_name: format!(
-                "virtio-iommu-{}",
-                NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
-            ),
+            thread_name: format!("virtio-iommu-{instance}"),
+            poller_name: format!("iommu-poll-{instance}"),
             poll,
             requests: None,
             poller: None,
@@ -336,9 +337,8 @@ impl<M: DeviceMemory> VirtioDevice for Iommu<M> {
             counters: Arc::clone(&self.counters),
         });
         if !self.poll.max_window.is_zero() {
-            let poller =
-                RequestPoller::spawn(format!("{}-poll", self.thread_name), Arc::clone(&shared))
-                    .map_err(ActivateError::Io)?;
+            let poller = RequestPoller::spawn(self.poller_name.clone(), Arc::clone(&shared))
+                .map_err(ActivateError::Io)?;
             self.poller = Some(poller);
         }
         self.requests = Some(shared);

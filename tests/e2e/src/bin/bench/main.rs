@@ -36,6 +36,7 @@
 mod parse;
 mod report;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -261,13 +262,15 @@ pub struct Config {
 }
 
 /// One job's result in one boot.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Sample {
     pub measured: Measured,
     /// The VMM's CPU time over the job.
     pub cpu: CpuTime,
     /// The virtio-iommu's MAP requests over the job (warden behind its IOMMU only).
     pub maps: Option<u64>,
+    /// Each kind of the VMM's threads: its share of one host CPU over the job.
+    pub threads: BTreeMap<String, f64>,
 }
 
 impl Sample {
@@ -596,7 +599,9 @@ small_files() {
 /// connection) and the iperf3 server, both in the background, killed by [`HOST_CHECK`].
 /// `stamp.sh` finds the VMM by its file name (`$WARDEN` is the peer for the peer's boots) and
 /// its working directory, this one; where warden's API socket is, it first writes warden's
-/// counters (`COUNTERS LABEL|STATUS JSON`); it answers `ok` once the stamp is written.
+/// counters (`COUNTERS LABEL|STATUS JSON`); with the stamp go the host's clock and each of
+/// the VMM's threads' CPU time (`CLOCK LABEL|SECONDS`, `THREAD LABEL|NAME|UTIME STIME`); it
+/// answers `ok` once the stamp is written.
 const HOST_SETUP: &str = r#"dir=$(pwd -P)
 name=$(basename "$WARDEN")
 cat >stamp.sh <<EOF
@@ -613,6 +618,13 @@ fi
 if [ -n "\$pid" ] && [ -r "/proc/\$pid/stat" ]; then
     set -- \$(cut -d' ' -f14,15,43 "/proc/\$pid/stat")
     echo "STAMP \$1 \$2 \$3 \$label" >>"$dir/stamps.log"
+    # Each thread's utime and stime (the fields after the name, which may hold spaces).
+    {
+        echo "CLOCK \$label|\$(cut -d' ' -f1 /proc/uptime)"
+        for t in /proc/\$pid/task/*; do
+            echo "THREAD \$label|\$(cat \$t/comm)|\$(sed 's/.*) //' \$t/stat | cut -d' ' -f12,13)"
+        done
+    } >>"$dir/threads.log"
     echo ok
 else
     echo "no-$name-process-in-$dir"
@@ -644,7 +656,8 @@ cat vsock-peer.log"#;
 /// printed.
 const HOST_CHECK: &str = r#"kill "$(cat stamp-server.pid)" "$(cat iperf3-server.pid)" 2>/dev/null || true
 cat stamps.log
-[ ! -f counters.log ] || cat counters.log"#;
+[ ! -f counters.log ] || cat counters.log
+[ ! -f threads.log ] || cat threads.log"#;
 
 /// warden's (and the peer's) arguments for `config`; the harness adds the kernel, initrd,
 /// command line and `--serial tty`. `--console off`: Cloud Hypervisor's default console is the
@@ -756,6 +769,7 @@ fn boot(
     }
     let stamps = parse::stamps(out.host_check_output())?;
     let maps = parse::map_requests(out.host_check_output())?;
+    let threads = parse::threads(out.host_check_output())?;
     let stamp = |label: &str| {
         stamps
             .get(label)
@@ -781,10 +795,15 @@ fn boot(
             (Some(Some(begin)), Some(Some(end))) => Some(end - begin),
             _ => None,
         };
+        let threads = match (threads.get(&begin), threads.get(&end)) {
+            (Some(begin), Some(end)) => end.busy_since(begin),
+            _ => BTreeMap::new(),
+        };
         samples.push(Sample {
             measured,
             cpu,
             maps,
+            threads,
         });
     }
     Ok(Boot {

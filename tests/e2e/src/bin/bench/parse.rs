@@ -1,7 +1,7 @@
 //! What the benchmark reads back: fio's and iperf3's JSON (written in the guest, read from its
 //! disk after the run) and the KVM host's CPU-time stamps of the VMM process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
@@ -153,6 +153,80 @@ pub fn stamps(text: &str) -> Result<HashMap<String, CpuTime>, String> {
     Ok(out)
 }
 
+/// The host's clock and the VMM's threads' CPU time at one stamp, in seconds; threads of one
+/// kind (see [`thread_kind`]) summed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Threads {
+    pub clock: f64,
+    pub cpu: BTreeMap<String, f64>,
+}
+
+/// A thread's kind: its name without instance numbers or the separators left around them
+/// (`vcpu0` → `vcpu`, `iou-wrk-186` → `iou-wrk`, `_disk0_q0` → `disk_q`).
+pub fn thread_kind(name: &str) -> String {
+    let mut kind = String::new();
+    for c in name.chars().filter(|c| !c.is_ascii_digit()) {
+        let separator = c == '-' || c == '_';
+        if !(separator && kind.ends_with(c)) {
+            kind.push(c);
+        }
+    }
+    kind.trim_matches(|c| c == '-' || c == '_').to_string()
+}
+
+/// The host's `CLOCK LABEL|SECONDS` and `THREAD LABEL|NAME|UTIME STIME` lines (ticks from
+/// each `/proc/PID/task/TID/stat`), by label; other lines are ignored.
+pub fn threads(text: &str) -> Result<HashMap<String, Threads>, String> {
+    let mut out: HashMap<String, Threads> = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let bad = || format!("bad thread line {line:?}");
+        if let Some(rest) = line.strip_prefix("CLOCK ") {
+            let (label, seconds) = rest.split_once('|').ok_or_else(bad)?;
+            let seconds = seconds.trim().parse().map_err(|_| bad())?;
+            out.entry(label.to_string()).or_default().clock = seconds;
+        } else if let Some(rest) = line.strip_prefix("THREAD ") {
+            let mut fields = rest.splitn(3, '|');
+            let (Some(label), Some(name), Some(ticks)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(bad());
+            };
+            let mut ticks = ticks.split(' ').map(|t| t.parse::<u64>());
+            let (Some(Ok(utime)), Some(Ok(stime)), None) =
+                (ticks.next(), ticks.next(), ticks.next())
+            else {
+                return Err(bad());
+            };
+            *out.entry(label.to_string())
+                .or_default()
+                .cpu
+                .entry(thread_kind(name))
+                .or_default() += (utime + stime) as f64 / USER_HZ;
+        }
+    }
+    Ok(out)
+}
+
+impl Threads {
+    /// Each thread kind's share of one host CPU from `earlier` to this stamp (1.0: a CPU all
+    /// the time). A thread that ended in between took its time with it: its kind may show
+    /// less than it used, never below zero.
+    pub fn busy_since(&self, earlier: &Threads) -> BTreeMap<String, f64> {
+        let seconds = self.clock - earlier.clock;
+        if seconds <= 0.0 {
+            return BTreeMap::new();
+        }
+        self.cpu
+            .iter()
+            .map(|(kind, cpu)| {
+                let before = earlier.cpu.get(kind).copied().unwrap_or(0.0);
+                (kind.clone(), ((cpu - before) / seconds).max(0.0))
+            })
+            .collect()
+    }
+}
+
 /// The host's `COUNTERS LABEL|STATUS JSON` lines (warden's `vm.counters`, read by the stamp
 /// server just before each stamp), by label: the virtio-iommu's MAP requests so far, or `None`
 /// for a VM without one. A VMM without warden's API (the peer) has no such lines.
@@ -244,6 +318,33 @@ mod tests {
         assert!(stamps("STAMP 1 2 3 boot\nSTAMP 4 5 6 boot\n").is_err());
         assert!(stamps("STAMP 1 x 3 boot\n").is_err());
         assert!(stamps("STAMP 1 2 3\n").is_err());
+    }
+
+    #[test]
+    fn threads_are_summed_by_kind_and_give_their_share_of_a_cpu() {
+        assert_eq!(thread_kind("vcpu0"), "vcpu");
+        assert_eq!(thread_kind("iou-wrk-186"), "iou-wrk");
+        assert_eq!(thread_kind("_disk0_q0"), "disk_q");
+        assert_eq!(thread_kind("iommu-poll-0"), "iommu-poll");
+        assert_eq!(thread_kind("virtio-blk-12"), "virtio-blk");
+        let text = "CLOCK begin job|100.00\n\
+                    THREAD begin job|vcpu0|100 50\n\
+                    THREAD begin job|iou-wrk-3|10 0\n\
+                    STAMP 1 2 3 begin job\n\
+                    CLOCK end job|104.00\n\
+                    THREAD end job|vcpu0|450 100\n\
+                    THREAD end job|virtio-blk-0|40 40\n\
+                    THREAD end job|iou-wrk-3|5 0\n\
+                    THREAD end job|iou-wrk-4|15 0\n";
+        let t = threads(text).unwrap();
+        let busy = t["end job"].busy_since(&t["begin job"]);
+        assert_eq!(busy["vcpu"], 1.0);
+        assert_eq!(busy["virtio-blk"], 0.2);
+        assert_eq!(busy["iou-wrk"], 0.025);
+        assert!(threads("THREAD a|vcpu0|1\n").is_err());
+        assert!(threads("THREAD a|vcpu0|1 2 3\n").is_err());
+        assert!(threads("CLOCK a|soon\n").is_err());
+        assert!(t["end job"].busy_since(&t["end job"]).is_empty());
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Batch {
 
     fn medians(&self, config: Config, job: usize) -> Medians {
         let unit = self.jobs()[job].unit;
-        let samples: Vec<_> = self.boots_of(config).map(|b| b.samples[job]).collect();
+        let samples: Vec<_> = self.boots_of(config).map(|b| &b.samples[job]).collect();
         Medians {
             rate: median(samples.iter().map(|s| s.rate(unit)).collect()),
             cpu: median(samples.iter().map(|s| s.cpu_per_gib().0).collect()),
@@ -206,8 +206,72 @@ pub fn table(batch: &Batch) -> String {
     }
     targets(&mut s, batch);
     costs(&mut s, batch);
+    threads(&mut s, batch);
     samples(&mut s, batch);
     s
+}
+
+/// A thread kind below this share of a CPU is left out of [`threads`]'s cells.
+const THREAD_SHOWN: f64 = 0.02;
+
+/// Where each VMM's host CPU went over each job: every kind of its threads (vCPU, device
+/// workers, the IOMMU's poller, io_uring's workers) with its median share of one host CPU,
+/// so a job bound by one thread, or by two sharing a CPU, shows as such.
+fn threads(s: &mut String, batch: &Batch) {
+    if batch
+        .boots
+        .iter()
+        .all(|b| b.samples.iter().all(|x| x.threads.is_empty()))
+    {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nThe VMM's threads over each job (medians; share of one host CPU, 1.00 = all the time; \
+         below {THREAD_SHOWN} left out):\n"
+    );
+    let configs: Vec<Config> = batch
+        .vmms()
+        .into_iter()
+        .flat_map(|vmm| [true, false].map(|iommu| Config { vmm, iommu }))
+        .collect();
+    let mut header = vec!["job".to_string()];
+    header.extend(configs.iter().map(|&c| batch.name(c)));
+    row(s, &header);
+    row(s, &vec!["---".to_string(); header.len()]);
+    for (j, job) in batch.jobs().iter().enumerate() {
+        let mut cells = vec![job.name.to_string()];
+        for &config in &configs {
+            let boots: Vec<&Boot> = batch.boots_of(config).collect();
+            let mut kinds: Vec<&String> = boots
+                .iter()
+                .flat_map(|b| b.samples[j].threads.keys())
+                .collect();
+            kinds.sort();
+            kinds.dedup();
+            let mut shares: Vec<(f64, &String)> = kinds
+                .into_iter()
+                .map(|kind| {
+                    let each = boots
+                        .iter()
+                        .map(|b| b.samples[j].threads.get(kind).copied().unwrap_or(0.0));
+                    (median(each.collect()), kind)
+                })
+                .filter(|(share, _)| *share >= THREAD_SHOWN)
+                .collect();
+            shares.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let text: Vec<String> = shares
+                .iter()
+                .map(|(share, kind)| format!("{kind} {share:.2}"))
+                .collect();
+            cells.push(if text.is_empty() {
+                "n/a".to_string()
+            } else {
+                text.join(", ")
+            });
+        }
+        row(s, &cells);
+    }
 }
 
 /// What the IOMMU's requests cost warden's guest, from warden's own counters: MAP requests
@@ -394,11 +458,27 @@ mod tests {
             },
             // 1 GiB moved in 4 KiB I/Os or not, warden on makes 3 MAPs per 4 KiB.
             maps: (vmm == Vmm::Warden && iommu).then_some(3 << 18),
+            // The vCPU at half a CPU a round (median 1.00 over rounds 1 to 3), warden's poller
+            // where it polls, the peer's disk thread, and a kind too idle to be shown.
+            threads: [
+                ("vcpu", 0.5 * round as f64),
+                ("iou-wrk", 0.01),
+                (
+                    match vmm {
+                        Vmm::Warden if iommu => "iommu-poll",
+                        Vmm::Warden => "virtio-blk",
+                        Vmm::Peer => "disk_q",
+                    },
+                    0.3,
+                ),
+            ]
+            .map(|(kind, share)| (kind.to_string(), share))
+            .into(),
         };
         Boot {
             config: Config { vmm, iommu },
             round,
-            samples: vec![sample; crate::JOBS.len()],
+            samples: vec![sample.clone(); crate::JOBS.len()],
             boot_cpu: 30.0,
             elapsed: Duration::from_secs(120),
             load: (1.0, 1.5),
@@ -474,6 +554,14 @@ mod tests {
             "{t}"
         );
         assert!(
+            t.contains(
+                "| tcp-host-to-guest | vcpu 1.00, iommu-poll 0.30 | vcpu 1.00, virtio-blk 0.30 \
+                 | vcpu 1.00, disk_q 0.30 | vcpu 1.00, disk_q 0.30 |"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("iou-wrk"), "below the threshold: {t}");
+        assert!(
             t.contains("| cloud-hypervisor off | 3 | 120 s | 30.0 s | 1.00 → 1.50 | no |"),
             "{t}"
         );
@@ -487,7 +575,7 @@ mod tests {
         };
         let count = jobs(&opts).len();
         let with_jobs = |mut boot: Boot| {
-            boot.samples = vec![boot.samples[0]; count];
+            boot.samples = vec![boot.samples[0].clone(); count];
             boot
         };
         let batch = Batch {
@@ -521,7 +609,11 @@ mod tests {
         );
         // The share's rows are not held to the protected targets, nor costed in MAPs.
         assert!(!t.contains("fs-read-1m 0.70"), "{t}");
-        assert_eq!(t.matches("| fs-read-1m |").count(), 1, "samples only: {t}");
+        assert_eq!(
+            t.matches("| fs-read-1m |").count(),
+            2,
+            "the threads and the samples, not the costs: {t}"
+        );
     }
 
     #[test]
