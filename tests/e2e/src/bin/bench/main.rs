@@ -622,7 +622,9 @@ if [ -n "\$pid" ] && [ -r "/proc/\$pid/stat" ]; then
     {
         echo "CLOCK \$label|\$(cut -d' ' -f1 /proc/uptime)"
         for t in /proc/\$pid/task/*; do
-            echo "THREAD \$label|\$(cat \$t/comm)|\$(sed 's/.*) //' \$t/stat | cut -d' ' -f12,13)"
+            # A thread may end between the listing and the reads: then it has no line.
+            c=\$(cat \$t/comm 2>/dev/null) && s=\$(sed 's/.*) //' \$t/stat 2>/dev/null) &&
+                [ -n "\$s" ] && echo "THREAD \$label|\$c|\$(echo "\$s" | cut -d' ' -f12,13)"
         done
     } >>"$dir/threads.log"
     echo ok

@@ -192,6 +192,11 @@ pub fn threads(text: &str) -> Result<HashMap<String, Threads>, String> {
             else {
                 return Err(bad());
             };
+            // A thread that ended while its stamp was read (the host script skips it; an
+            // older one wrote it with nothing read).
+            if name.is_empty() && ticks.is_empty() {
+                continue;
+            }
             let mut ticks = ticks.split(' ').map(|t| t.parse::<u64>());
             let (Some(Ok(utime)), Some(Ok(stime)), None) =
                 (ticks.next(), ticks.next(), ticks.next())
@@ -342,6 +347,7 @@ mod tests {
         assert_eq!(busy["virtio-blk"], 0.2);
         assert_eq!(busy["iou-wrk"], 0.025);
         assert!(threads("THREAD a|vcpu0|1\n").is_err());
+        assert!(threads("THREAD a||\n").unwrap().is_empty());
         assert!(threads("THREAD a|vcpu0|1 2 3\n").is_err());
         assert!(threads("CLOCK a|soon\n").is_err());
         assert!(t["end job"].busy_since(&t["end job"]).is_empty());
