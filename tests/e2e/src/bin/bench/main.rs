@@ -271,6 +271,8 @@ pub struct Sample {
     pub maps: Option<u64>,
     /// Each kind of the VMM's threads: its share of one host CPU over the job.
     pub threads: BTreeMap<String, f64>,
+    /// The guest's interrupts from virtio devices over the job (and its two stamps).
+    pub interrupts: Option<u64>,
 }
 
 impl Sample {
@@ -280,6 +282,21 @@ impl Sample {
             Unit::Iops => self.measured.iops,
             Unit::MibPerSecond => self.measured.bytes_per_second / f64::from(1 << 20),
         }
+    }
+
+    /// The guest's virtio interrupts per I/O, or per MiB for a job without I/Os of its own
+    /// (TCP, vsock, small files); NaN without a count.
+    pub fn interrupts_per_io(&self) -> f64 {
+        let Some(interrupts) = self.interrupts else {
+            return f64::NAN;
+        };
+        let m = &self.measured;
+        let units = if m.iops > 0.0 && m.bytes_per_second > 0.0 {
+            m.bytes as f64 * m.iops / m.bytes_per_second
+        } else {
+            m.bytes as f64 / f64::from(1 << 20)
+        };
+        interrupts as f64 / units
     }
 
     /// Host CPU seconds per GiB moved: all of it, and without the guest's own time.
@@ -513,6 +530,11 @@ stamp() {{
         n=$((n + 1)); sleep 0.2
     done
 }}
+# irqs NAME: each virtio interrupt's count so far (all CPUs), by name, into $B/NAME.irq.
+irqs() {{
+    awk '/virtio/ {{ n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print $NF, n }}' \
+        /proc/interrupts >"$B/$1.irq"
+}}
 stamp boot
 fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=libaio \
     --direct=1 --iodepth=4 --output-format=json --output="$B/layout.json"
@@ -551,7 +573,8 @@ fio --name=layout --filename="$B/file" --size=64M --rw=write --bs=1M --ioengine=
             Work::SmallFiles => format!("small_files {SMALL_FILES} {}", job.name),
         };
         s.push_str(&format!(
-            "stamp 'begin {name}'\n{command}\nstamp 'end {name}'\necho BENCH-JOB={name}\n",
+            "irqs begin-{name}\nstamp 'begin {name}'\n{command}\nstamp 'end {name}'\n\
+             irqs end-{name}\necho BENCH-JOB={name}\n",
             name = job.name
         ));
     }
@@ -801,11 +824,20 @@ fn boot(
             (Some(begin), Some(end)) => end.busy_since(begin),
             _ => BTreeMap::new(),
         };
+        let irqs = |when: &str| {
+            let path = format!("{GUEST_DIR}/{when}-{}.irq", job.name);
+            let text = out.guest_file(&path)?;
+            parse::interrupts(&String::from_utf8_lossy(&text)).ok()
+        };
+        let interrupts = irqs("end")
+            .zip(irqs("begin"))
+            .map(|(end, begin)| end.saturating_sub(begin));
         samples.push(Sample {
             measured,
             cpu,
             maps,
             threads,
+            interrupts,
         });
     }
     Ok(Boot {
@@ -896,6 +928,28 @@ mod tests {
     }
 
     #[test]
+    fn interrupts_are_counted_per_io_or_per_mib() {
+        let sample = |iops: f64, interrupts| Sample {
+            measured: Measured {
+                iops,
+                bytes_per_second: 4096.0 * 1000.0,
+                bytes: 4096 * 4000,
+            },
+            cpu: CpuTime {
+                total: 1.0,
+                guest: 0.5,
+            },
+            maps: None,
+            threads: BTreeMap::new(),
+            interrupts,
+        };
+        // 4000 I/Os of 4 KiB; without I/Os, 15.6 MiB.
+        assert_eq!(sample(1000.0, Some(2000)).interrupts_per_io(), 0.5);
+        assert_eq!(sample(0.0, Some(2000)).interrupts_per_io(), 128.0);
+        assert!(sample(1000.0, None).interrupts_per_io().is_nan());
+    }
+
+    #[test]
     fn every_job_is_stamped_and_written_where_it_is_read_back() {
         let opts = BootOpts {
             sandbox: true,
@@ -907,6 +961,8 @@ mod tests {
             let name = job.name;
             assert!(script.contains(&format!("stamp 'begin {name}'")));
             assert!(script.contains(&format!("stamp 'end {name}'")));
+            assert!(script.contains(&format!("irqs begin-{name}\nstamp 'begin {name}'")));
+            assert!(script.contains(&format!("stamp 'end {name}'\nirqs end-{name}\n")));
             // fio and iperf3 write it; the sandbox's helpers take the name last and write
             // it through `timed`.
             let direct = script.contains(&format!("\"$B/{name}.json\""));

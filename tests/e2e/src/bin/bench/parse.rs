@@ -232,6 +232,18 @@ impl Threads {
     }
 }
 
+/// The guest's `NAME COUNT` lines (its virtio interrupts, from `/proc/interrupts`): their sum.
+pub fn interrupts(text: &str) -> Result<u64, String> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            line.rsplit_once(' ')
+                .and_then(|(_, count)| count.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("bad interrupt line {line:?}"))
+        })
+        .sum()
+}
+
 /// The host's `COUNTERS LABEL|STATUS JSON` lines (warden's `vm.counters`, read by the stamp
 /// server just before each stamp), by label: the virtio-iommu's MAP requests so far, or `None`
 /// for a VM without one. A VMM without warden's API (the peer) has no such lines.
@@ -351,6 +363,14 @@ mod tests {
         assert!(threads("THREAD a|vcpu0|1 2 3\n").is_err());
         assert!(threads("CLOCK a|soon\n").is_err());
         assert!(t["end job"].busy_since(&t["end job"]).is_empty());
+    }
+
+    #[test]
+    fn interrupts_are_summed_over_the_devices() {
+        let text = "virtio0-config 1\nvirtio1-req.0 5120\nvirtio2-input.0 40\n\n";
+        assert_eq!(interrupts(text), Ok(5161));
+        assert_eq!(interrupts(""), Ok(0));
+        assert!(interrupts("virtio1-req.0 many\n").is_err());
     }
 
     #[test]
