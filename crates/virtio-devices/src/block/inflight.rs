@@ -144,6 +144,19 @@ impl Requests {
         self.engine().in_flight() > 0
     }
 
+    /// Reads and writes in the engine: their completions come at the device's pace (no
+    /// `fdatasync` or `fallocate` in them), and each wakes the queue's thread.
+    pub(super) fn moving_data(&self) -> usize {
+        if !self.busy() {
+            return 0;
+        }
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|r| matches!(r.stage, Stage::Read | Stage::Write) && !r.stabilizing)
+            .count()
+    }
+
     pub(super) fn completion_fd(&self) -> std::os::fd::RawFd {
         self.engine().completion_fd()
     }
