@@ -7,6 +7,8 @@ use e2e::Mode;
 
 use crate::{jobs, Boot, BootOpts, Config, Device, Job, Unit, Vmm};
 
+mod breakdown;
+
 /// Every boot of one run of the benchmark.
 pub struct Batch {
     pub mode: Mode,
@@ -206,73 +208,10 @@ pub fn table(batch: &Batch) -> String {
     }
     targets(&mut s, batch);
     costs(&mut s, batch);
-    threads(&mut s, batch);
-    interrupts(&mut s, batch);
+    breakdown::threads(&mut s, batch);
+    breakdown::interrupts(&mut s, batch);
     samples(&mut s, batch);
     s
-}
-
-/// A thread kind below this share of a CPU is left out of [`threads`]'s cells.
-const THREAD_SHOWN: f64 = 0.02;
-
-/// Where each VMM's host CPU went over each job: every kind of its threads (vCPU, device
-/// workers, the IOMMU's poller, io_uring's workers) with its median share of one host CPU,
-/// so a job bound by one thread, or by two sharing a CPU, shows as such.
-fn threads(s: &mut String, batch: &Batch) {
-    if batch
-        .boots
-        .iter()
-        .all(|b| b.samples.iter().all(|x| x.threads.is_empty()))
-    {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\nThe VMM's threads over each job (medians; share of one host CPU, 1.00 = all the time; \
-         below {THREAD_SHOWN} left out):\n"
-    );
-    let configs: Vec<Config> = batch
-        .vmms()
-        .into_iter()
-        .flat_map(|vmm| [true, false].map(|iommu| Config { vmm, iommu }))
-        .collect();
-    let mut header = vec!["job".to_string()];
-    header.extend(configs.iter().map(|&c| batch.name(c)));
-    row(s, &header);
-    row(s, &vec!["---".to_string(); header.len()]);
-    for (j, job) in batch.jobs().iter().enumerate() {
-        let mut cells = vec![job.name.to_string()];
-        for &config in &configs {
-            let boots: Vec<&Boot> = batch.boots_of(config).collect();
-            let mut kinds: Vec<&String> = boots
-                .iter()
-                .flat_map(|b| b.samples[j].threads.keys())
-                .collect();
-            kinds.sort();
-            kinds.dedup();
-            let mut shares: Vec<(f64, &String)> = kinds
-                .into_iter()
-                .map(|kind| {
-                    let each = boots
-                        .iter()
-                        .map(|b| b.samples[j].threads.get(kind).copied().unwrap_or(0.0));
-                    (median(each.collect()), kind)
-                })
-                .filter(|(share, _)| *share >= THREAD_SHOWN)
-                .collect();
-            shares.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let text: Vec<String> = shares
-                .iter()
-                .map(|(share, kind)| format!("{kind} {share:.2}"))
-                .collect();
-            cells.push(if text.is_empty() {
-                "n/a".to_string()
-            } else {
-                text.join(", ")
-            });
-        }
-        row(s, &cells);
-    }
 }
 
 /// What the IOMMU's requests cost warden's guest, from warden's own counters: MAP requests
@@ -386,45 +325,6 @@ fn targets(s: &mut String, batch: &Batch) {
         let off = batch.medians(batch.config(Vmm::Warden, false), j).cpu;
         (jobs[j].device != Device::Share && !on.is_nan()).then(|| (on <= 1.5 * off, on / off))
     });
-}
-
-/// How often the guest was interrupted by its virtio devices per I/O: what a VMM that
-/// signals each completion apart costs a guest whose vCPU is the bottleneck.
-fn interrupts(s: &mut String, batch: &Batch) {
-    if batch
-        .boots
-        .iter()
-        .all(|b| b.samples.iter().all(|x| x.interrupts.is_none()))
-    {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\nThe guest's interrupts from virtio devices (medians; per I/O, or per MiB for the jobs \
-         without I/Os: TCP, vsock, small files):\n"
-    );
-    let configs: Vec<Config> = batch
-        .vmms()
-        .into_iter()
-        .flat_map(|vmm| [true, false].map(|iommu| Config { vmm, iommu }))
-        .collect();
-    let mut header = vec!["job".to_string()];
-    header.extend(configs.iter().map(|&c| batch.name(c)));
-    row(s, &header);
-    let mut rule = vec!["---:".to_string(); header.len()];
-    rule[0] = "---".into();
-    row(s, &rule);
-    for (j, job) in batch.jobs().iter().enumerate() {
-        let mut cells = vec![job.name.to_string()];
-        for &config in &configs {
-            let each = batch
-                .boots_of(config)
-                .map(|b| b.samples[j].interrupts_per_io())
-                .filter(|x| !x.is_nan());
-            cells.push(num(median(each.collect())));
-        }
-        row(s, &cells);
-    }
 }
 
 /// Each round's rate, and the boots themselves, so the medians can be checked.
