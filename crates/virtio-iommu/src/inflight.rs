@@ -141,11 +141,12 @@ impl InflightDma {
     /// `first` to `last` (inclusive) has ended. A transfer registers before it translates and
     /// this snapshot is taken after the caller's change, both under the same lock: one that
     /// registered later translates under the new state.
-    pub fn wait_for_earlier_touching(&self, first: u64, last: u64) {
+    /// Says whether there was any to wait for.
+    pub fn wait_for_earlier_touching(&self, first: u64, last: u64) -> bool {
         let boundary = {
             let live = self.live();
             if !live.any_before(live.next, first, last) {
-                return;
+                return false;
             }
             live.next
         };
@@ -155,7 +156,7 @@ impl InflightDma {
             // Transfers end on device threads, after system calls: give them the CPU.
             std::thread::yield_now();
             if !self.live().any_before(boundary, first, last) {
-                return;
+                return true;
             }
             // The guest's driver spins until the request completes: a transfer that never
             // ends freezes it silently, so say which wait it is stuck in.

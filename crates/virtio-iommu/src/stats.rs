@@ -217,6 +217,10 @@ pub struct IommuStats {
     pub dropped_fault_events: u64,
     /// Translations answered from endpoint IOTLBs without consulting the model.
     pub iotlb_hits: u64,
+    /// UNMAP, ATTACH and DETACH requests that completed only once the device transfers in
+    /// flight through the translations they took away had ended: how often the guest's
+    /// driver waited for DMA, and the evidence that a race of the two was met.
+    pub requests_waited_for_dma: u64,
 }
 
 #[cfg(test)]

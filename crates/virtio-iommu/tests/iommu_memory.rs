@@ -308,8 +308,14 @@ fn unmap_completes_only_after_transfers_that_translated_before_it() {
     );
     // ... and moves its data later, still into the page the guest granted.
     slice.write_obj(0x5a5a_5a5a_u32, 0).unwrap();
+    assert_eq!(d.stats().requests_waited_for_dma, 0);
     drop(transfer);
     assert_eq!(unmapper.join().unwrap(), Status::Ok);
+    assert_eq!(
+        d.stats().requests_waited_for_dma,
+        1,
+        "the UNMAP that waited is counted, the one that did not is not"
+    );
     assert_eq!(
         mem.read_obj::<u32>(GuestAddress(0x4000)).unwrap(),
         0x5a5a_5a5a

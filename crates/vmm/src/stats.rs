@@ -104,6 +104,10 @@ impl StatsReport {
             let mut total = snapshot_counters(&stats.total);
             total.insert("iotlb_hits".into(), stats.iotlb_hits);
             total.insert("dropped_fault_events".into(), stats.dropped_fault_events);
+            total.insert(
+                "requests_waited_for_dma".into(),
+                stats.requests_waited_for_dma,
+            );
             counters.insert(IOMMU_ID.into(), total);
             let domains = stats.domains.iter().map(|d| (d, false));
             let retired = stats.retired_domains.iter().map(|d| (d, true));
@@ -189,9 +193,10 @@ impl StatsReport {
             }
             lines.push(line("total", total));
             lines.push(format!(
-                "warden: virtio-iommu: {} IOTLB hits, {} fault events dropped",
+                "warden: virtio-iommu: {} IOTLB hits, {} fault events dropped, {} requests waited for DMA",
                 get(total, "iotlb_hits"),
-                get(total, "dropped_fault_events")
+                get(total, "dropped_fault_events"),
+                get(total, "requests_waited_for_dma")
             ));
         }
         for (name, _) in lock(&self.vfio).iter() {
@@ -224,7 +229,7 @@ mod tests {
         let report = StatsReport::new(Some(Arc::clone(&model)), Vec::new(), []);
         let counters = report.counters();
         assert_eq!(counters[IOMMU_ID]["maps"], 0);
-        assert_eq!(counters[IOMMU_ID].len(), 8, "{counters:?}");
+        assert_eq!(counters[IOMMU_ID].len(), 9, "{counters:?}");
         let mut faked = counters.clone();
         faked.get_mut(IOMMU_ID).unwrap().insert("maps".into(), 5);
         faked.insert(
@@ -240,7 +245,7 @@ mod tests {
                 "warden: virtio-iommu domain 2: 3 maps, 0 unmaps, 0 bytes mapped, 0 faults, 9 translations",
                 "warden: virtio-iommu domain 10: 0 maps, 0 unmaps, 0 bytes mapped, 1 faults, 0 translations",
                 "warden: virtio-iommu total: 5 maps, 0 unmaps, 0 bytes mapped, 0 faults, 0 translations",
-                "warden: virtio-iommu: 0 IOTLB hits, 0 fault events dropped",
+                "warden: virtio-iommu: 0 IOTLB hits, 0 fault events dropped, 0 requests waited for DMA",
             ]
         );
     }
@@ -300,6 +305,6 @@ mod tests {
         );
         let iommu = &report.counters()[IOMMU_ID];
         assert_eq!((iommu["maps"], iommu["read_ops"]), (0, 2));
-        assert_eq!(iommu.len(), 10, "{iommu:?}");
+        assert_eq!(iommu.len(), 11, "{iommu:?}");
     }
 }

@@ -371,20 +371,28 @@ impl Outcome {
             .collect()
     }
 
-    /// One count of warden's exit report of the virtio-iommu's totals (the line `warden:
-    /// virtio-iommu total: 5 maps, 0 unmaps, ...`), by the name after its number (`maps`,
-    /// `faults`, `translations`, ...).
+    /// One count of warden's exit report of the virtio-iommu's totals (the lines `warden:
+    /// virtio-iommu total: 5 maps, 0 unmaps, ...` and `warden: virtio-iommu: 9 IOTLB hits,
+    /// ...`), by the name after its number (`maps`, `faults`, `IOTLB hits`, ...).
     pub fn iommu_counter(&self, name: &str) -> u64 {
-        let total = self
+        let totals: Vec<&str> = self
             .guest_output()
             .lines()
-            .find_map(|line| line.trim().strip_prefix("warden: virtio-iommu total: "))
-            .unwrap_or_else(|| panic!("warden printed no IOMMU statistics\n{self}"));
+            .filter_map(|line| {
+                let line = line.trim();
+                line.strip_prefix("warden: virtio-iommu total: ")
+                    .or_else(|| line.strip_prefix("warden: virtio-iommu: "))
+            })
+            .collect();
+        if totals.is_empty() {
+            panic!("warden printed no IOMMU statistics\n{self}");
+        }
         let suffix = format!(" {name}");
-        total
-            .split(", ")
+        totals
+            .iter()
+            .flat_map(|line| line.split(", "))
             .find_map(|field| field.strip_suffix(&suffix)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} count in the IOMMU's total {total:?}\n{self}"))
+            .unwrap_or_else(|| panic!("no {name} count in the IOMMU's totals {totals:?}\n{self}"))
     }
 
     /// The host check's `API-REPLY NAME STATUS BODY` line for `name` (the tests' convention for

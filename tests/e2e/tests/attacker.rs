@@ -3,7 +3,8 @@
 //! - a protected disk bound to vfio-pci in L2 and driven from user space, which maps one
 //!   buffer and then points the device everywhere else: an IOVA never mapped, the
 //!   guest-physical address of a canary page, an IOVA it just unmapped, the MSI window, 4 GiB
-//!   lengths, looping and overlapping chains;
+//!   lengths, looping and overlapping chains; then a long read into a buffer unmapped while
+//!   the read is in flight, whose pages are reused as soon as the unmap returns;
 //! - a protected vhost-net (the kernel's data path), first negotiated without
 //!   ACCESS_PLATFORM (refused: the device does not go live), then properly, with frames to
 //!   send and receive buffers outside its mappings;
@@ -108,6 +109,10 @@ say "ATTACK-EXIT=$rc"
 faults() { dmesg | grep -i virtio_iommu | grep -ci fault; }
 say "ATTACK-KERNEL-FAULTS=$(faults)"
 dmesg | grep -i virtio_iommu | grep -i fault | head -4
+# Its reads unmapped while in flight, after the faults are counted: how many of them fault
+# depends on who wins each race.
+keep attacker blk-unmap-race $dev
+say "ATTACK-RACE-EXIT=$rc"
 
 # The vhost-net (modern virtio-net: 1af4:1041).
 for d in /sys/bus/pci/devices/*; do
@@ -275,6 +280,17 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
     assert_eq!(
         kernel_faults, TRANSLATION_FAULTS,
         "the guest kernel logs a fault event for each\n{out}"
+    );
+
+    // Reads unmapped while in flight: nothing lands on the pages once the UNMAP returned.
+    // Warden counts the UNMAPs that waited for a transfer (the guest's own traffic unmaps
+    // only what has completed): at least one race was met.
+    assert_eq!(out.marker("ATTACK-RACE-EXIT"), Some("0"), "{out}");
+    assert_eq!(verdict(&out, "UNMAP-IN-FLIGHT"), "intact", "{out}");
+    let waited = out.iommu_counter("requests waited for DMA");
+    assert!(
+        waited >= 1,
+        "no UNMAP met a read in flight: the race was never run\n{out}"
     );
 
     // The vhost-net: refused without ACCESS_PLATFORM, then its buffers outside the grant

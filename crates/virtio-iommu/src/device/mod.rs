@@ -179,10 +179,10 @@ pub(crate) const EVERY_ADDRESS: (u64, u64) = (0, u64::MAX);
 
 /// Returns once every transfer that began before this call on any of `transfers`, and may
 /// touch an address from `first` to `last` (inclusive), ended.
-fn wait_for_transfers(transfers: &[Arc<InflightDma>], (first, last): (u64, u64)) {
-    for dma in transfers {
-        dma.wait_for_earlier_touching(first, last);
-    }
+fn wait_for_transfers(transfers: &[Arc<InflightDma>], (first, last): (u64, u64)) -> bool {
+    transfers.iter().fold(false, |waited, dma| {
+        dma.wait_for_earlier_touching(first, last) | waited
+    })
 }
 
 pub(crate) fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
@@ -273,6 +273,9 @@ pub struct VirtioIommu {
     /// The last destroyed domains' counters, newest last: a guest resets the IOMMU when it
     /// shuts down, and what each domain did must still be reportable afterwards.
     retired: Mutex<VecDeque<(u32, StatsSnapshot)>>,
+    /// Requests that completed only once device transfers still in flight through what they
+    /// took away had ended ([`IommuStats::requests_waited_for_dma`]).
+    requests_waited_for_dma: AtomicU64,
 }
 
 /// How many destroyed domains [`IommuStats::retired_domains`] remembers.
@@ -317,6 +320,7 @@ impl VirtioIommu {
             bypass_hits: HitCounter::default(),
             dir: EndpointDir::new(),
             retired: Mutex::new(VecDeque::new()),
+            requests_waited_for_dma: AtomicU64::new(0),
             config,
         };
         if dev.config.probe_size > MAX_PROBE_SIZE {
@@ -586,6 +590,7 @@ impl VirtioIommu {
             domains,
             retired_domains: lock(&self.retired).iter().copied().collect(),
             dropped_fault_events: lock(&self.faults).dropped,
+            requests_waited_for_dma: self.requests_waited_for_dma.load(Ordering::Relaxed),
             iotlb_hits: st
                 .endpoints
                 .values()

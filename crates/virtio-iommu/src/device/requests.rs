@@ -1,6 +1,7 @@
 //! Request semantics: ATTACH, DETACH, MAP, UNMAP and PROBE against the device state, with
 //! the endpoints' IOTLBs and external mappers kept in step.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::debug;
@@ -86,7 +87,9 @@ impl VirtioIommu {
             Request::Map(_) | Request::Probe(_) => (Vec::new(), EVERY_ADDRESS),
         };
         drop(st);
-        wait_for_transfers(&affected, lost);
+        if wait_for_transfers(&affected, lost) {
+            self.requests_waited_for_dma.fetch_add(1, Ordering::Relaxed);
+        }
         debug!("virtio-iommu: {req:?} -> {:?}", answer.0);
         answer
     }

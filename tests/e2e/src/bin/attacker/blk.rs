@@ -29,15 +29,15 @@ const MSI_WINDOW: u64 = 0xfee0_0000;
 pub const DESC: usize = 0x0000;
 pub const AVAIL: usize = 0x1000;
 pub const USED: usize = 0x2000;
-const HEADER: usize = 0x3000;
-const STATUS: usize = 0x3100;
+pub const HEADER: usize = 0x3000;
+pub const STATUS: usize = 0x3100;
 const DATA: usize = 0x4000;
 pub const QUEUE_SIZE: u16 = 16;
 const SECTOR_BYTES: usize = 4096;
 
-const BLK_T_IN: u32 = 0;
+pub const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
-const BLK_S_OK: u8 = 0;
+pub const BLK_S_OK: u8 = 0;
 /// What the status byte holds until the device writes it.
 const STATUS_UNWRITTEN: u8 = 0xee;
 /// VIRTIO_F_VERSION_1 and VIRTIO_F_ACCESS_PLATFORM.
@@ -75,7 +75,7 @@ pub fn start(dev: &Device, ring: &mut [u8]) -> Result<(), String> {
 
 /// How the device answered a request.
 #[derive(Debug, PartialEq)]
-enum Answer {
+pub enum Answer {
     Completed { status: u8 },
     Ignored { needs_reset: bool },
 }
@@ -85,7 +85,7 @@ impl Answer {
         !matches!(self, Answer::Completed { status: BLK_S_OK })
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Answer::Completed { status } => format!("status={status}"),
             Answer::Ignored { needs_reset } => {
@@ -96,7 +96,7 @@ impl Answer {
 }
 
 /// The driver: the device, its DMA buffer and the ring's position.
-struct Driver {
+pub struct Driver {
     dev: Device,
     buf: &'static mut [u8],
     avail_idx: u16,
@@ -114,6 +114,13 @@ impl Driver {
     /// Writes the descriptors at the table's start and the request header, publishes
     /// descriptor 0 and waits for the used ring to move.
     fn submit(&mut self, kind: u32, sector: u64, descs: &[Desc]) -> Result<Answer, String> {
+        self.publish(kind, sector, descs)?;
+        self.answer()
+    }
+
+    /// Writes the descriptors at the table's start and the request header, publishes
+    /// descriptor 0 and notifies the device, without waiting.
+    pub fn publish(&mut self, kind: u32, sector: u64, descs: &[Desc]) -> Result<(), String> {
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&kind.to_le_bytes());
         header[8..].copy_from_slice(&sector.to_le_bytes());
@@ -128,11 +135,20 @@ impl Driver {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         put(self.buf, AVAIL + 2, &self.avail_idx.to_le_bytes());
         fence(Ordering::SeqCst);
-        self.dev.notify(0)?;
+        self.dev.notify(0)
+    }
+
+    /// Whether the device has completed the request published last.
+    pub fn completed(&self) -> bool {
+        fence(Ordering::SeqCst);
+        get_u16(self.buf, USED + 2) != self.used_idx
+    }
+
+    /// Waits up to 3 s for the request published last to complete.
+    pub fn answer(&mut self) -> Result<Answer, String> {
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            fence(Ordering::SeqCst);
-            if get_u16(self.buf, USED + 2) != self.used_idx {
+            if self.completed() {
                 self.used_idx = self.used_idx.wrapping_add(1);
                 // SAFETY: inside the buffer.
                 let status = unsafe { std::ptr::read_volatile(&self.buf[STATUS]) };
@@ -175,7 +191,7 @@ impl Driver {
 
     /// After a refused request the device may want a reset (or have dropped the request):
     /// start afresh so the next check begins from a clean queue.
-    fn recover(&mut self, answer: &Answer) -> Result<(), String> {
+    pub fn recover(&mut self, answer: &Answer) -> Result<(), String> {
         if matches!(answer, Answer::Ignored { .. }) || self.dev.status()? & STATUS_NEEDS_RESET != 0
         {
             self.restart()?;
@@ -214,16 +230,13 @@ fn disk_pattern(sector: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Runs every check against the disk at sysfs path `device`.
-pub fn run(device: &Path) -> Result<(), String> {
+/// Puts the disk at sysfs path `device` in a type1 container of its own, maps the ring's
+/// buffer at [`IOVA`] and starts the device.
+pub fn attach(device: &Path) -> Result<(Container, Driver), String> {
     let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
     let container = Container::open(device)?;
     let buf = pinned_pages(BUFFER_LEN, 0)?;
     container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
-    let canary = pinned_pages(SECTOR_BYTES, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
-    let later = pinned_pages(SECTOR_BYTES, 0)?;
-
     let mut driver = Driver {
         dev: Device::open(&container, &bdf)?,
         buf,
@@ -231,6 +244,15 @@ pub fn run(device: &Path) -> Result<(), String> {
         used_idx: 0,
     };
     driver.restart()?;
+    Ok((container, driver))
+}
+
+/// Runs every check against the disk at sysfs path `device`.
+pub fn run(device: &Path) -> Result<(), String> {
+    let (container, mut driver) = attach(device)?;
+    let canary = pinned_pages(SECTOR_BYTES, CANARY_BYTE)?;
+    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let later = pinned_pages(SECTOR_BYTES, 0)?;
     let pattern = disk_pattern(0);
 
     // The tool works: a read into the mapping returns what the host wrote.

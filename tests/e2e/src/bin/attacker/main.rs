@@ -3,6 +3,8 @@
 //! vfio-pci in the guest and driven from user space.
 //!
 //! - `attacker blk SYSFS_DEVICE_PATH`: a protected disk (`blk.rs`);
+//! - `attacker blk-unmap-race SYSFS_DEVICE_PATH`: a protected disk's read unmapped while in
+//!   flight (`blk_race.rs`);
 //! - `attacker net SYSFS_DEVICE_PATH`: a protected vhost-net (`net.rs`);
 //! - `attacker vsock SYSFS_DEVICE_PATH`: a protected vsock (`vsock.rs`);
 //! - `attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT`: a disk's ring kept full while
@@ -13,6 +15,7 @@
 //! through. Exits 0 once every check has run, 1 if the tool itself could not run.
 
 mod blk;
+mod blk_race;
 mod flood;
 mod net;
 mod vfio;
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.as_slice() {
         [_, mode, device] if mode == "blk" => blk::run(Path::new(device)),
+        [_, mode, device] if mode == "blk-unmap-race" => blk_race::run(Path::new(device)),
         [_, mode, device] if mode == "net" => net::run(Path::new(device)),
         [_, mode, device] if mode == "vsock" => vsock::run(Path::new(device)),
         [_, mode, device, seconds, eject_at, slot] if mode == "flood" => {
@@ -37,7 +41,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: attacker blk|net|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
+                "usage: attacker blk|blk-unmap-race|net|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
             );
             return ExitCode::from(2);
         }
