@@ -62,6 +62,8 @@ pub(super) struct Requests {
     /// Guest segments of the requests in flight, against [`SEGMENT_BUDGET`].
     segments: usize,
     completions: Vec<Completion>,
+    /// Data bytes of the reads and writes started since the last [`Requests::submit`].
+    unsubmitted_bytes: u64,
 }
 
 struct InFlight {
@@ -127,6 +129,7 @@ impl Requests {
             bounce_bytes: 0,
             segments: 0,
             completions: Vec::new(),
+            unsubmitted_bytes: 0,
         }
     }
 
@@ -144,17 +147,27 @@ impl Requests {
         self.engine().in_flight() > 0
     }
 
-    /// Reads and writes in the engine: their completions come at the device's pace (no
-    /// `fdatasync` or `fallocate` in them), and each wakes the queue's thread.
-    pub(super) fn moving_data(&self) -> usize {
+    /// Reads and writes of at most `max_bytes` in the engine: their completions come soon,
+    /// at the device's pace (no `fdatasync` or `fallocate` in them), and each wakes the
+    /// queue's thread.
+    pub(super) fn short_transfers(&self, max_bytes: u64) -> usize {
         if !self.busy() {
             return 0;
         }
         self.slots
             .iter()
             .flatten()
-            .filter(|r| matches!(r.stage, Stage::Read | Stage::Write) && !r.stabilizing)
+            .filter(|r| {
+                matches!(r.stage, Stage::Read | Stage::Write)
+                    && !r.stabilizing
+                    && r.data_len <= max_bytes
+            })
             .count()
+    }
+
+    /// Data bytes the reads and writes started since the last submission move.
+    pub(super) fn unsubmitted_bytes(&self) -> u64 {
+        self.unsubmitted_bytes
     }
 
     pub(super) fn completion_fd(&self) -> std::os::fd::RawFd {
@@ -296,6 +309,7 @@ impl Requests {
         };
         self.next_seq += 1;
         self.free.pop();
+        self.unsubmitted_bytes += entry.data_len;
         self.bounce_bytes += entry.bounce.as_ref().map_or(0, |b| b.layout.size());
         entry.segments = segments;
         self.segments += segments;
@@ -380,6 +394,7 @@ impl Requests {
 
     /// Hands the queued operations to the kernel.
     pub(super) fn submit(&mut self) {
+        self.unsubmitted_bytes = 0;
         if let Err(err) = self.engine().submit() {
             warn_limited!("virtio-blk: cannot submit I/O: {err}");
         }
