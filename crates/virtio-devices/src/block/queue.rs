@@ -69,8 +69,8 @@ impl<M: DeviceMemory> QueueWorker<M> {
     /// worker's other events); then interrupts the driver once, if it wants to be
     /// (EVENT_IDX).
     ///
-    /// A drained queue with [`QUIET_FROM`] short reads or writes in flight asks the driver for no
-    /// notification: their completions bring the thread back, and the chains made available
+    /// A drained queue with [`QUIET_FROM`] short reads or writes in flight asks the driver for
+    /// no notification: their completions bring the thread back, and the chains made available
     /// meanwhile are taken then. At depth each request would otherwise cost the guest a
     /// notification, a VM exit, for a thread about to look anyway (4 KiB reads at depth 16:
     /// 4452 to 7292 IOPS in the nested host, docs/iommu-performance.md). FLUSHes, discards

@@ -178,7 +178,7 @@ fn transfers_of(st: &State, which: impl Fn(u32, &Endpoint) -> bool) -> Vec<Arc<I
 pub(crate) const EVERY_ADDRESS: (u64, u64) = (0, u64::MAX);
 
 /// Returns once every transfer that began before this call on any of `transfers`, and may
-/// touch an address from `first` to `last` (inclusive), ended.
+/// touch an address from `first` to `last` (inclusive), ended; says whether there was any.
 fn wait_for_transfers(transfers: &[Arc<InflightDma>], (first, last): (u64, u64)) -> bool {
     transfers.iter().fold(false, |waited, dma| {
         dma.wait_for_earlier_touching(first, last) | waited
