@@ -12,8 +12,9 @@ use super::inflight::{Requests, Started};
 const COMPLETIONS: u32 = 0;
 /// Short reads and writes in flight from which a drained queue asks for no notification: a
 /// request the driver makes available meanwhile waits for the next completion, which costs
-/// at most one request of depth in this many. From 4 on, 1 MiB reads at depth 4 (two
-/// requests each: 6 left in flight) lost a third in the nested host.
+/// at most one request of depth in this many. From 4 on (when every read and write counted),
+/// 1 MiB reads at depth 4 (two requests each: 6 left in flight) lost a third in the nested
+/// host.
 const QUIET_FROM: usize = 8;
 /// The longest transfer counted for [`QUIET_FROM`]: a request waiting for the next
 /// completion waits for one transfer, short for these, as long as many VM exits for a

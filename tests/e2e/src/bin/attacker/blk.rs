@@ -37,7 +37,7 @@ const SECTOR_BYTES: usize = 4096;
 
 pub const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
-pub const BLK_S_OK: u8 = 0;
+const BLK_S_OK: u8 = 0;
 /// What the status byte holds until the device writes it.
 const STATUS_UNWRITTEN: u8 = 0xee;
 /// VIRTIO_F_VERSION_1 and VIRTIO_F_ACCESS_PLATFORM.
@@ -81,11 +81,11 @@ pub enum Answer {
 }
 
 impl Answer {
-    fn refused(&self) -> bool {
+    pub fn refused(&self) -> bool {
         !matches!(self, Answer::Completed { status: BLK_S_OK })
     }
 
-    pub fn describe(&self) -> String {
+    fn describe(&self) -> String {
         match self {
             Answer::Completed { status } => format!("status={status}"),
             Answer::Ignored { needs_reset } => {

@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 
-use crate::blk::{self, Answer, BLK_S_OK, BLK_T_IN, HEADER, IOVA, STATUS};
+use crate::blk::{self, BLK_T_IN, HEADER, IOVA, STATUS};
 use crate::vfio::{pinned_pages, report, Desc, DESC_F_NEXT, DESC_F_WRITE};
 
 /// Where the raced buffer sits for the device, clear of the ring's buffer.
@@ -104,7 +104,7 @@ pub fn run(device: &Path) -> Result<(), String> {
             (false, true) => tally.done_during_unmap += 1,
             (false, false) => tally.done_later += 1,
         }
-        if answer != (Answer::Completed { status: BLK_S_OK }) {
+        if answer.refused() {
             tally.refused += 1;
         }
         driver.recover(&answer)?;
