@@ -8,6 +8,7 @@
 //!
 //! The lists are for x86_64 (system call numbers differ per architecture).
 
+mod glibc;
 mod lists;
 mod sigsys;
 
@@ -172,7 +173,7 @@ impl Filters {
         if mode == Mode::Enforce {
             sigsys::install_handler().map_err(Error::Handler)?;
         }
-        fix_malloc_arena_limit();
+        glibc::read_what_malloc_reads_once();
         Ok(Some(Filters { programs }))
     }
 
@@ -187,17 +188,6 @@ impl Filters {
         sigsys::record_thread(kind);
         seccompiler::apply_filter(program).map_err(|source| Error::Install { kind, source })
     }
-}
-
-/// glibc's malloc counts the host's CPUs, by reading `/sys/devices/system/cpu/online`, the
-/// first time a thread needs an arena of its own; that could be any confined thread, and no
-/// list allows opening files. Setting the limit (to glibc's default, 8 arenas per CPU) spares
-/// it the count.
-fn fix_malloc_arena_limit() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
-    // SAFETY: mallopt only sets a tunable; M_ARENA_MAX takes any positive count.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 fn compile(
