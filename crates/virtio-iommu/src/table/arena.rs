@@ -19,7 +19,7 @@
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
-use super::Node;
+use super::radix::Node;
 
 /// Size and alignment of a node.
 pub(super) const NODE_SIZE: usize = 4096;
