@@ -5,9 +5,10 @@
 //!   guest-physical address of a canary page, an IOVA it just unmapped, the MSI window, 4 GiB
 //!   lengths, looping and overlapping chains; then a long read into a buffer unmapped while
 //!   the read is in flight, whose pages are reused as soon as the unmap returns;
-//! - a protected vhost-net (the kernel's data path), first negotiated without
-//!   ACCESS_PLATFORM (refused: the device does not go live), then properly, with frames to
-//!   send and receive buffers outside its mappings;
+//! - a protected virtio-net on each data path, the kernel's vhost-net and warden's own
+//!   worker: first negotiated without ACCESS_PLATFORM (refused: the device does not go live),
+//!   then properly, with frames to send and receive buffers outside its mappings; the host
+//!   counts the frames each tap got, so a refused frame cannot have left unseen;
 //! - a protected vsock: packets to send and receive buffers outside its mappings (a request
 //!   it must not read goes unanswered; the reset owed for one it may read skips a buffer it
 //!   must not write and lands in the next);
@@ -41,11 +42,25 @@ echo "HOST-OTHER-MD5=$(head -c 33554432 other.img | md5sum | cut -d' ' -f1)"
     usleep 200000
   done
 ) >/dev/null 2>&1 &
-# Frames for the vhost-net's receive queue: ARP requests for an address behind the tap.
-(
-  set +e
-  while :; do ping -c 1 -W 1 192.168.253.2 >/dev/null 2>&1 || usleep 200000; done
-) >/dev/null 2>&1 &
+# Frames for the net devices' receive queues: ARP requests for an address behind each tap.
+for peer in 192.168.253.2 192.168.254.2; do
+  (
+    set +e
+    while :; do ping -c 1 -W 1 $peer >/dev/null 2>&1 || usleep 200000; done
+  ) >/dev/null 2>&1 &
+done
+# The frames each net device sent, as its tap counts them, until warden is gone.
+for tap in atkvhost0 atkown0; do
+  (
+    set +e
+    stats=/sys/class/net/$tap/statistics/rx_packets
+    while ! [ -e $stats ]; do usleep 100000; done
+    while [ -e $stats ]; do
+      cat $stats >$tap.next 2>/dev/null && [ -s $tap.next ] && mv $tap.next $tap.txt
+      usleep 200000
+    done
+  ) >/dev/null 2>&1 &
+done
 # The API's side: once the guest is ready, hot-add the disk it floods; while it floods, time
 # vm.info (in hundredths of a second, from /proc/uptime) and note whether the disk is listed;
 # once the flood is over, hot-add another disk.
@@ -114,15 +129,23 @@ dmesg | grep -i virtio_iommu | grep -i fault | head -4
 keep attacker blk-unmap-race $dev
 say "ATTACK-RACE-EXIT=$rc"
 
-# The vhost-net (modern virtio-net: 1af4:1041).
+# The net devices, told apart by their MAC addresses while the guest's driver has them.
 for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1041 ]; then net=$d; fi
+    case "$(cat $d/virtio*/net/*/address 2>/dev/null)" in
+        52:54:00:12:34:99) net=$d ;;
+        52:54:00:12:34:98) own=$d ;;
+    esac
 done
 to_vfio $net
 say "ATTACK-NET-DRIVER=$(basename "$(readlink $net/driver)")"
 keep attacker net $net
 say "ATTACK-NET-EXIT=$rc"
 say "ATTACK-NET-KERNEL-FAULTS=$(faults)"
+to_vfio $own
+say "ATTACK-OWN-NET-DRIVER=$(basename "$(readlink $own/driver)")"
+keep attacker net-warden $own
+say "ATTACK-OWN-NET-EXIT=$rc"
+say "ATTACK-OWN-NET-KERNEL-FAULTS=$(faults)"
 
 # The vsock (modern virtio-vsock: 1af4:1053).
 for d in /sys/bus/pci/devices/*; do
@@ -174,6 +197,8 @@ for round in 1 2 3; do
     echo "HOST-OTHER-$round-MD5=$(dd if=other.img bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 done
 echo "HOST-WARDEN-HWM-KB=$(cat hwm.txt)"
+echo "HOST-VHOST-TAP-FRAMES=$(cat atkvhost0.txt 2>/dev/null)"
+echo "HOST-OWN-TAP-FRAMES=$(cat atkown0.txt 2>/dev/null)"
 echo "HOST-API-MAX-CS=$(cat api-max.txt 2>/dev/null)"
 echo "HOST-FLOOD-LISTED=$(cat flood-listed.txt 2>/dev/null)"
 echo "HOST-ADD-AFTER-CS=$(cat add-after-took.txt 2>/dev/null)"
@@ -181,13 +206,18 @@ for f in add-flood info-after-flood add-after info-after-add; do
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
 done"#;
 
-/// The vhost-net's checks, each of which must come back `refused`.
-const VHOST_REFUSED: [&str; 4] = [
-    "VHOST-WITHOUT-ACCESS-PLATFORM",
-    "VHOST-NEVER-MAPPED-TX",
-    "VHOST-CANARY-TX",
-    "VHOST-CANARY-RX",
+/// Each net device's checks (after its path's prefix), each of which must come back
+/// `refused`.
+const NET_REFUSED: [&str; 4] = [
+    "WITHOUT-ACCESS-PLATFORM",
+    "NEVER-MAPPED-TX",
+    "CANARY-TX",
+    "CANARY-RX",
 ];
+/// Each net device's checks that must come back `ok`.
+const NET_OK: [&str; 4] = ["BASELINE-TX", "BASELINE-RX", "RECOVERED", "RECOVERED-TX"];
+/// The frames each net device may have sent: the baseline and the one after the attacks.
+const NET_FRAMES_SENT: u64 = 2;
 /// The vsock's checks, each of which must come back `refused` (and faults once at least).
 const VSOCK_REFUSED: [&str; 4] = [
     "VSOCK-NEVER-MAPPED-TX",
@@ -195,9 +225,9 @@ const VSOCK_REFUSED: [&str; 4] = [
     "VSOCK-NEVER-MAPPED-RX",
     "VSOCK-CANARY-RX",
 ];
-/// The refused vhost-net accesses that reach the IOMMU (all but the refused negotiation):
-/// each faults at least once (the kernel asks again as frames keep coming).
-const VHOST_FAULTS_AT_LEAST: u64 = 3;
+/// The refused net accesses that reach the IOMMU (all but the refused negotiation): each
+/// faults at least once on either path (vhost-net asks again as frames keep coming).
+const NET_FAULTS_AT_LEAST: u64 = 3;
 /// Longest a `vm.info` may take while the guest floods a ring, in hundredths of a second.
 const API_ANSWER_CS: u64 = 500;
 
@@ -245,7 +275,9 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
             "--disk",
             "path=other.img,iommu=on",
             "--net",
-            "tap=,mac=52:54:00:12:34:99,ip=192.168.253.1,iommu=on,vhost=on",
+            "tap=atkvhost0,mac=52:54:00:12:34:99,ip=192.168.253.1,iommu=on,vhost=on",
+            "--net",
+            "tap=atkown0,mac=52:54:00:12:34:98,ip=192.168.254.1,iommu=on",
             "--vsock",
             "cid=3,socket=v.sock,iommu=on",
             "--api-socket",
@@ -293,22 +325,53 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         "no UNMAP met a read in flight: the race was never run\n{out}"
     );
 
-    // The vhost-net: refused without ACCESS_PLATFORM, then its buffers outside the grant
-    // fault as the disk's did, and it still serves what it was granted.
-    assert_eq!(out.marker("ATTACK-NET-DRIVER"), Some("vfio-pci"), "{out}");
-    assert_eq!(out.marker("ATTACK-NET-EXIT"), Some("0"), "{out}");
-    for check in VHOST_REFUSED {
-        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
+    // Each net device: refused without ACCESS_PLATFORM, then its buffers outside the grant
+    // fault as the disk's did, no refused frame reaches its tap, and it still serves what it
+    // was granted.
+    let mut kernel_faults_before = kernel_faults;
+    for (path, prefix, tap) in [("NET", "VHOST", "VHOST"), ("OWN-NET", "WARDEN-NET", "OWN")] {
+        assert_eq!(
+            out.marker(&format!("ATTACK-{path}-DRIVER")),
+            Some("vfio-pci"),
+            "{out}"
+        );
+        assert_eq!(
+            out.marker(&format!("ATTACK-{path}-EXIT")),
+            Some("0"),
+            "{out}"
+        );
+        for check in NET_REFUSED {
+            assert_eq!(
+                verdict(&out, &format!("{prefix}-{check}")),
+                "refused",
+                "{prefix}-{check}\n{out}"
+            );
+        }
+        for check in NET_OK {
+            assert_eq!(
+                verdict(&out, &format!("{prefix}-{check}")),
+                "ok",
+                "{prefix}-{check}\n{out}"
+            );
+        }
+        assert_eq!(
+            verdict(&out, &format!("{prefix}-CANARY")),
+            "intact",
+            "{out}"
+        );
+        assert_eq!(
+            count(&out, &format!("HOST-{tap}-TAP-FRAMES")),
+            NET_FRAMES_SENT,
+            "{prefix}: the frames the host got from the guest\n{out}"
+        );
+        let faults = count(&out, &format!("ATTACK-{path}-KERNEL-FAULTS"));
+        assert!(
+            faults >= kernel_faults_before + NET_FAULTS_AT_LEAST,
+            "the guest kernel logs {prefix}'s faults too: {faults}\n{out}"
+        );
+        kernel_faults_before = faults;
     }
-    for check in ["VHOST-BASELINE-TX", "VHOST-BASELINE-RX", "VHOST-RECOVERED"] {
-        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
-    }
-    assert_eq!(verdict(&out, "VHOST-CANARY"), "intact", "{out}");
-    let net_kernel_faults = count(&out, "ATTACK-NET-KERNEL-FAULTS");
-    assert!(
-        net_kernel_faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST,
-        "the guest kernel logs the vhost-net's faults too: {net_kernel_faults}\n{out}"
-    );
+    let net_kernel_faults = kernel_faults_before;
 
     // The vsock: packets it must not read are not answered, buffers it must not write stay
     // as they were, and what it owes the guest waits for a buffer it may write.
@@ -328,7 +391,7 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
     );
     let faults = out.iommu_counter("faults");
     assert!(
-        faults >= TRANSLATION_FAULTS + VHOST_FAULTS_AT_LEAST + VSOCK_REFUSED.len() as u64,
+        faults >= TRANSLATION_FAULTS + 2 * NET_FAULTS_AT_LEAST + VSOCK_REFUSED.len() as u64,
         "warden counts each: {faults}\n{out}"
     );
 

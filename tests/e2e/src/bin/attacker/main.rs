@@ -6,6 +6,8 @@
 //! - `attacker blk-unmap-race SYSFS_DEVICE_PATH`: a protected disk's read unmapped while in
 //!   flight (`blk_race.rs`);
 //! - `attacker net SYSFS_DEVICE_PATH`: a protected vhost-net (`net.rs`);
+//! - `attacker net-warden SYSFS_DEVICE_PATH`: a protected virtio-net on warden's own data
+//!   path (`net.rs`);
 //! - `attacker vsock SYSFS_DEVICE_PATH`: a protected vsock (`vsock.rs`);
 //! - `attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT`: a disk's ring kept full while
 //!   its slot's eject register is written over and over (`flood.rs`).
@@ -29,7 +31,10 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         [_, mode, device] if mode == "blk" => blk::run(Path::new(device)),
         [_, mode, device] if mode == "blk-unmap-race" => blk_race::run(Path::new(device)),
-        [_, mode, device] if mode == "net" => net::run(Path::new(device)),
+        [_, mode, device] if mode == "net" => net::run(Path::new(device), net::Datapath::Vhost),
+        [_, mode, device] if mode == "net-warden" => {
+            net::run(Path::new(device), net::Datapath::Warden)
+        }
         [_, mode, device] if mode == "vsock" => vsock::run(Path::new(device)),
         [_, mode, device, seconds, eject_at, slot] if mode == "flood" => {
             match (seconds.parse(), eject_at.parse(), slot.parse()) {
@@ -41,7 +46,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: attacker blk|blk-unmap-race|net|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
+                "usage: attacker blk|blk-unmap-race|net|net-warden|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
             );
             return ExitCode::from(2);
         }

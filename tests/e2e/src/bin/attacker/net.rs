@@ -1,10 +1,14 @@
-//! The attack on a protected virtio-net whose data path is the kernel's vhost-net: first a
-//! driver that leaves `VIRTIO_F_ACCESS_PLATFORM` out (warden must refuse it: the kernel would
-//! take its addresses as warden's own), rings pointed at the canary; then a proper driver whose
-//! transmit and receive buffers lie outside what it mapped (never mapped, the canary's
-//! guest-physical address). The kernel asks warden to translate each (an IOTLB miss), warden
-//! refuses and reports a fault, and the ring waits. Frames to receive come from the host,
-//! which pings an address behind the tap the whole time (ARP broadcasts).
+//! The attack on a protected virtio-net, through either data path: the kernel's vhost-net or
+//! warden's own worker. First a driver that leaves `VIRTIO_F_ACCESS_PLATFORM` out (warden must
+//! refuse it: vhost-net would take its addresses as warden's own), rings pointed at the canary;
+//! then a proper driver whose transmit and receive buffers lie outside what it mapped (never
+//! mapped; a frame whose header is mapped and whose payload is the canary's guest-physical
+//! address; a receive buffer there). Refused either way, the paths differ in what the driver
+//! sees: vhost-net asks warden to translate each (an IOTLB miss), warden refuses and reports a
+//! fault, and the ring waits; warden's own worker faults, drops the frame and returns the chain
+//! unused. Whether a refused frame left anyway only the host can tell: it counts the frames its
+//! tap got (two: the baseline and the one sent after the attacks). Frames to receive come from
+//! the host, which pings an address behind the tap the whole time (ARP broadcasts).
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,10 +30,40 @@ const QUEUE_BASE: [usize; 2] = [0x0000, 0x4000];
 const FRAME: usize = 0x8000;
 const RX_BUFFERS: usize = 0x1_0000;
 const RX_BUFFER_LEN: u32 = 2048;
-/// The virtio-net header (VERSION_1: 12 bytes) and an Ethernet frame of 60 bytes.
-const FRAME_LEN: usize = 12 + 60;
+/// The virtio-net header (VERSION_1: 12 bytes).
+const HEADER_LEN: usize = 12;
+/// The header and an Ethernet frame of 60 bytes.
+const FRAME_LEN: usize = HEADER_LEN + 60;
 /// VIRTIO_F_VERSION_1 alone.
 const WITHOUT_ACCESS_PLATFORM: u64 = 1 << 32;
+
+/// Whose data path serves the device.
+#[derive(Clone, Copy)]
+pub enum Datapath {
+    /// The kernel's vhost-net, translating through warden's IOTLB.
+    Vhost,
+    /// Warden's own worker.
+    Warden,
+}
+
+impl Datapath {
+    /// The prefix of this path's check names.
+    fn name(self) -> &'static str {
+        match self {
+            Datapath::Vhost => "VHOST",
+            Datapath::Warden => "WARDEN-NET",
+        }
+    }
+
+    /// Whether a chain outside the grant came back as refused: vhost-net's ring waits on the
+    /// refused miss; warden's worker returns the chain with nothing written.
+    fn refused(self, used: Option<u32>) -> bool {
+        match self {
+            Datapath::Vhost => used.is_none(),
+            Datapath::Warden => used == Some(0),
+        }
+    }
+}
 
 /// The driver: the device, its DMA buffer and its queues.
 struct Net {
@@ -45,22 +79,36 @@ impl Net {
             .start(&self.dev, self.buf, (FEATURES, FRAME), "net device")
     }
 
-    /// Makes `desc` available on `queue`, notifies, and waits up to `wait` for the device to
-    /// use it; whether it did, and the length.
-    fn offer(&mut self, queue: u16, desc: Desc, wait: Duration) -> Result<Option<u32>, String> {
-        self.rings.offer(self.buf, &self.dev, queue, desc)?;
+    /// Makes the chain `descs` available on `queue`, notifies, and waits up to `wait` for the
+    /// device to use it; whether it did, and the length.
+    fn offer(&mut self, queue: u16, descs: &[Desc], wait: Duration) -> Result<Option<u32>, String> {
+        self.rings.offer(self.buf, &self.dev, queue, descs)?;
         Ok(self.rings.used(self.buf, queue, wait))
     }
 
-    /// A frame to send from `addr`; `None` used means the device never sent it.
-    fn send(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let desc = Desc {
+    /// A frame to send: its header at `header`, its Ethernet frame at `payload`; `None` used
+    /// means the device never returned it.
+    fn send(&mut self, header: u64, payload: u64, wait: Duration) -> Result<Option<u32>, String> {
+        let part = |addr, len: usize| Desc {
             addr,
-            len: FRAME_LEN as u32,
+            len: len as u32,
             flags: 0,
             next: 0,
         };
-        self.offer(TX, desc, wait)
+        self.offer(
+            TX,
+            &[
+                part(header, HEADER_LEN),
+                part(payload, FRAME_LEN - HEADER_LEN),
+            ],
+            wait,
+        )
+    }
+
+    /// The frame at `FRAME` of the mapping, sent.
+    fn send_mapped(&mut self, wait: Duration) -> Result<Option<u32>, String> {
+        let frame = IOVA + FRAME as u64;
+        self.send(frame, frame + HEADER_LEN as u64, wait)
     }
 
     /// A receive buffer at `addr`; the length of the frame the device put there, if any.
@@ -71,7 +119,7 @@ impl Net {
             flags: DESC_F_WRITE,
             next: 0,
         };
-        self.offer(RX, desc, wait)
+        self.offer(RX, &[desc], wait)
     }
 }
 
@@ -81,12 +129,12 @@ fn frame() -> [u8; FRAME_LEN] {
     bytes[12..18].fill(0xff);
     bytes[18..24].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x99]);
     bytes[24..26].copy_from_slice(&0x88b5u16.to_be_bytes());
-    bytes[26..45].copy_from_slice(b"WARDEN-VHOST-ATTACK");
+    bytes[26..45].copy_from_slice(b"WARDEN-ATTACK-FRAME");
     bytes
 }
 
-/// Runs every check against the net device at sysfs path `device`.
-pub fn run(device: &Path) -> Result<(), String> {
+/// Runs every check against the net device at sysfs path `device`, served by `path`.
+pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
     let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
     let container = Container::open(device)?;
     let buf = pinned_pages(BUFFER_LEN, 0)?;
@@ -98,6 +146,7 @@ pub fn run(device: &Path) -> Result<(), String> {
         buf,
         rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };
+    let name = |check: &str| format!("{}-{check}", path.name());
 
     // Without ACCESS_PLATFORM the device must not take the features, nor go live: its
     // rings, pointed at the canary's guest-physical address, reach no kernel.
@@ -118,28 +167,34 @@ pub fn run(device: &Path) -> Result<(), String> {
     let status = net.dev.status()?;
     let refused = !accepted && !live && status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) == 0;
     report(
-        "VHOST-WITHOUT-ACCESS-PLATFORM",
+        &name("WITHOUT-ACCESS-PLATFORM"),
         verdict(refused),
         &format!("features-ok={accepted} driver-ok={live} status={status:#x}"),
     );
 
     net.start()?;
     put(net.buf, FRAME, &frame());
-    match net.send(IOVA + FRAME as u64, Duration::from_secs(5))? {
-        Some(_) => report("VHOST-BASELINE-TX", "ok", "a frame sent from the mapping"),
+    match net.send_mapped(Duration::from_secs(5))? {
+        Some(_) => report(&name("BASELINE-TX"), "ok", "a frame sent from the mapping"),
         None => return Err("the baseline frame was never sent".into()),
     }
 
-    // Frames to send from outside the grant: the kernel's miss is refused, the ring waits.
-    for (name, addr) in [
-        ("VHOST-NEVER-MAPPED-TX", IOVA_NEVER_MAPPED),
-        ("VHOST-CANARY-TX", canary_gpa),
+    // Frames to send from outside the grant: a header never mapped, and a mapped header
+    // whose payload is the canary. Neither may reach the tap (the host counts).
+    let header = IOVA + FRAME as u64;
+    for (check, header, payload) in [
+        (
+            "NEVER-MAPPED-TX",
+            IOVA_NEVER_MAPPED,
+            header + HEADER_LEN as u64,
+        ),
+        ("CANARY-TX", header, canary_gpa),
     ] {
-        let sent = net.send(addr, Duration::from_secs(3))?;
+        let used = net.send(header, payload, Duration::from_secs(3))?;
         report(
-            name,
-            verdict(sent.is_none()),
-            &format!("iova={addr:#x} used={sent:?}"),
+            &name(check),
+            verdict(path.refused(used)),
+            &format!("header={header:#x} payload={payload:#x} used={used:?}"),
         );
         net.start()?;
     }
@@ -148,25 +203,37 @@ pub fn run(device: &Path) -> Result<(), String> {
     // gets nothing, and the canary stays as it was.
     let received = net.receive(IOVA + RX_BUFFERS as u64, Duration::from_secs(30))?;
     match received {
-        Some(len) => report("VHOST-BASELINE-RX", "ok", &format!("len={len}")),
-        None => return Err("no frame from the host reached the mapped receive buffer".into()),
+        Some(len) if len > 0 => report(&name("BASELINE-RX"), "ok", &format!("len={len}")),
+        _ => return Err("no frame from the host reached the mapped receive buffer".into()),
     }
     net.start()?;
     let received = net.receive(canary_gpa, Duration::from_secs(5))?;
     let intact = canary.iter().all(|&b| b == CANARY_BYTE);
     report(
-        "VHOST-CANARY-RX",
-        verdict(received.is_none() && intact),
+        &name("CANARY-RX"),
+        verdict(received.is_none_or(|len| len == 0) && intact),
         &format!("gpa={canary_gpa:#x} used={received:?} canary-intact={intact}"),
     );
     net.start()?;
     match net.receive(IOVA + RX_BUFFERS as u64 + 2048, Duration::from_secs(30))? {
-        Some(len) => report("VHOST-RECOVERED", "ok", &format!("len={len}")),
-        None => report("VHOST-RECOVERED", "FAILED", "no frame after a reset"),
+        Some(len) if len > 0 => report(&name("RECOVERED"), "ok", &format!("len={len}")),
+        other => report(
+            &name("RECOVERED"),
+            "FAILED",
+            &format!("no frame after a reset: {other:?}"),
+        ),
+    }
+    match net.send_mapped(Duration::from_secs(5))? {
+        Some(_) => report(
+            &name("RECOVERED-TX"),
+            "ok",
+            "a frame sent after the attacks",
+        ),
+        None => report(&name("RECOVERED-TX"), "FAILED", "never sent"),
     }
     let intact = canary.iter().all(|&b| b == CANARY_BYTE);
     report(
-        "VHOST-CANARY",
+        &name("CANARY"),
         if intact { "intact" } else { "CHANGED" },
         &format!("gpa={canary_gpa:#x}"),
     );

@@ -411,8 +411,7 @@ pub fn put_desc(buf: &mut [u8], table: usize, index: usize, d: Desc) {
 
 /// The driver's side of queues laid out in its DMA buffer (mapped at I/O virtual address
 /// `iova`), one at each of `bases`: the descriptor table there, the available ring 0x1000 after
-/// it, the used ring 0x2000 after it; one descriptor per chain, the next available and used
-/// index of each.
+/// it, the used ring 0x2000 after it; the next available and used index of each.
 pub struct Rings {
     iova: u64,
     bases: &'static [usize],
@@ -469,23 +468,34 @@ impl Rings {
         Ok(())
     }
 
-    /// Makes `desc` available on `queue` (descriptor `avail % size` of its table) and
-    /// notifies.
+    /// Makes the chain `descs` available on `queue` and notifies: its head is descriptor
+    /// `avail % size` of the table, the rest follow it (wrapping), linked in order. The caller
+    /// waits for each chain (or resets the device) before offering the next, so a chain's
+    /// descriptors are free again by then.
     pub fn offer(
         &mut self,
         buf: &mut [u8],
         dev: &Device,
         queue: u16,
-        desc: Desc,
+        descs: &[Desc],
     ) -> Result<(), String> {
         let q = usize::from(queue);
         let base = self.bases[q];
-        let index = usize::from(self.avail[q] % self.size);
-        put_desc(buf, base, index, desc);
+        let size = usize::from(self.size);
+        let head = usize::from(self.avail[q]) % size;
+        for (k, desc) in descs.iter().enumerate() {
+            let index = (head + k) % size;
+            let mut desc = *desc;
+            if k + 1 < descs.len() {
+                desc.flags |= DESC_F_NEXT;
+                desc.next = ((index + 1) % size) as u16;
+            }
+            put_desc(buf, base, index, desc);
+        }
         put(
             buf,
-            base + 0x1000 + 4 + 2 * index,
-            &(index as u16).to_le_bytes(),
+            base + 0x1000 + 4 + 2 * head,
+            &(head as u16).to_le_bytes(),
         );
         fence(Ordering::SeqCst);
         self.avail[q] = self.avail[q].wrapping_add(1);

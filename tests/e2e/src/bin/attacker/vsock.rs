@@ -69,7 +69,7 @@ impl Vsock {
             flags: 0,
             next: 0,
         };
-        self.rings.offer(self.buf, &self.dev, TX, desc)?;
+        self.rings.offer(self.buf, &self.dev, TX, &[desc])?;
         Ok(self
             .rings
             .used(self.buf, TX, Duration::from_secs(3))
@@ -85,7 +85,7 @@ impl Vsock {
             flags: DESC_F_WRITE,
             next: 0,
         };
-        self.rings.offer(self.buf, &self.dev, RX, desc)?;
+        self.rings.offer(self.buf, &self.dev, RX, &[desc])?;
         Ok(self.rings.used(self.buf, RX, wait))
     }
 
