@@ -12,6 +12,8 @@
 //! - a protected vsock: packets to send and receive buffers outside its mappings (a request
 //!   it must not read goes unanswered; the reset owed for one it may read skips a buffer it
 //!   must not write and lands in the next);
+//! - a protected virtio-rng: request buffers outside its mappings, alone, after a mapped
+//!   buffer in one chain, or running past the mapping's end, get nothing, all or nothing;
 //! - a disk hot-added behind the IOMMU whose ring the attacker keeps full while it writes the
 //!   eject register of its slot over and over: warden unplugs it anyway (its worker stops
 //!   though the ring never empties), queues nothing per write, and its API keeps answering,
@@ -157,6 +159,16 @@ keep attacker vsock $vsock
 say "ATTACK-VSOCK-EXIT=$rc"
 say "ATTACK-VSOCK-KERNEL-FAULTS=$(faults)"
 
+# The rng (modern virtio-rng: 1af4:1044).
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1044 ]; then rng=$d; fi
+done
+to_vfio $rng
+say "ATTACK-RNG-DRIVER=$(basename "$(readlink $rng/driver)")"
+keep attacker rng $rng
+say "ATTACK-RNG-EXIT=$rc"
+say "ATTACK-RNG-KERNEL-FAULTS=$(faults)"
+
 # Signals to the host, in the other disk's 95th MiB, written through to the image.
 signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }
 signal 0 READY-HOTPLUG
@@ -228,6 +240,13 @@ const VSOCK_REFUSED: [&str; 4] = [
 /// The refused net accesses that reach the IOMMU (all but the refused negotiation): each
 /// faults at least once on either path (vhost-net asks again as frames keep coming).
 const NET_FAULTS_AT_LEAST: u64 = 3;
+/// The rng's checks, each of which must come back `refused` (and fault once at least).
+const RNG_REFUSED: [&str; 4] = [
+    "RNG-NEVER-MAPPED",
+    "RNG-CANARY",
+    "RNG-HALF-CANARY",
+    "RNG-PAST-MAPPING",
+];
 /// Longest a `vm.info` may take while the guest floods a ring, in hundredths of a second.
 const API_ANSWER_CS: u64 = 500;
 
@@ -280,6 +299,8 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
             "tap=atkown0,mac=52:54:00:12:34:98,ip=192.168.254.1,iommu=on",
             "--vsock",
             "cid=3,socket=v.sock,iommu=on",
+            "--rng",
+            "iommu=on",
             "--api-socket",
             "path=api.sock",
         ])
@@ -389,9 +410,29 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         vsock_kernel_faults >= net_kernel_faults + VSOCK_REFUSED.len() as u64,
         "the guest kernel logs the vsock's faults too: {vsock_kernel_faults}\n{out}"
     );
+    // The rng: nothing delivered outside the grant, not even into the mapped part of a chain
+    // that also reaches outside it.
+    assert_eq!(out.marker("ATTACK-RNG-DRIVER"), Some("vfio-pci"), "{out}");
+    assert_eq!(out.marker("ATTACK-RNG-EXIT"), Some("0"), "{out}");
+    for check in RNG_REFUSED {
+        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
+    }
+    for check in ["RNG-BASELINE", "RNG-RECOVERED"] {
+        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
+    }
+    assert_eq!(verdict(&out, "RNG-CANARY-PAGE"), "intact", "{out}");
+    let rng_kernel_faults = count(&out, "ATTACK-RNG-KERNEL-FAULTS");
+    assert!(
+        rng_kernel_faults >= vsock_kernel_faults + RNG_REFUSED.len() as u64,
+        "the guest kernel logs the rng's faults too: {rng_kernel_faults}\n{out}"
+    );
+
     let faults = out.iommu_counter("faults");
     assert!(
-        faults >= TRANSLATION_FAULTS + 2 * NET_FAULTS_AT_LEAST + VSOCK_REFUSED.len() as u64,
+        faults
+            >= TRANSLATION_FAULTS
+                + 2 * NET_FAULTS_AT_LEAST
+                + (VSOCK_REFUSED.len() + RNG_REFUSED.len()) as u64,
         "warden counts each: {faults}\n{out}"
     );
 

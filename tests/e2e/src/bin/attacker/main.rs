@@ -9,6 +9,7 @@
 //! - `attacker net-warden SYSFS_DEVICE_PATH`: a protected virtio-net on warden's own data
 //!   path (`net.rs`);
 //! - `attacker vsock SYSFS_DEVICE_PATH`: a protected vsock (`vsock.rs`);
+//! - `attacker rng SYSFS_DEVICE_PATH`: a protected virtio-rng (`rng.rs`);
 //! - `attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT`: a disk's ring kept full while
 //!   its slot's eject register is written over and over (`flood.rs`).
 //!
@@ -20,6 +21,7 @@ mod blk;
 mod blk_race;
 mod flood;
 mod net;
+mod rng;
 mod vfio;
 mod vsock;
 
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
             net::run(Path::new(device), net::Datapath::Warden)
         }
         [_, mode, device] if mode == "vsock" => vsock::run(Path::new(device)),
+        [_, mode, device] if mode == "rng" => rng::run(Path::new(device)),
         [_, mode, device, seconds, eject_at, slot] if mode == "flood" => {
             match (seconds.parse(), eject_at.parse(), slot.parse()) {
                 (Ok(seconds), Ok(eject_at), Ok(slot)) => {
@@ -46,7 +49,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: attacker blk|blk-unmap-race|net|net-warden|vsock SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
+                "usage: attacker blk|blk-unmap-race|net|net-warden|vsock|rng SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
             );
             return ExitCode::from(2);
         }
