@@ -14,6 +14,9 @@
 //!   must not write and lands in the next);
 //! - a protected virtio-rng: request buffers outside its mappings, alone, after a mapped
 //!   buffer in one chain, or running past the mapping's end, get nothing, all or nothing;
+//! - a protected virtio-console printing to a host file: text outside its mappings, alone or
+//!   chained after a mapped line, never reaches the file (which holds exactly the two lines
+//!   printed from the mapping);
 //! - a disk hot-added behind the IOMMU whose ring the attacker keeps full while it writes the
 //!   eject register of its slot over and over: warden unplugs it anyway (its worker stops
 //!   though the ring never empties), queues nothing per write, and its API keeps answering,
@@ -169,6 +172,16 @@ keep attacker rng $rng
 say "ATTACK-RNG-EXIT=$rc"
 say "ATTACK-RNG-KERNEL-FAULTS=$(faults)"
 
+# The console (modern virtio-console: 1af4:1043).
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1043 ]; then console=$d; fi
+done
+to_vfio $console
+say "ATTACK-CONSOLE-DRIVER=$(basename "$(readlink $console/driver)")"
+keep attacker console $console
+say "ATTACK-CONSOLE-EXIT=$rc"
+say "ATTACK-CONSOLE-KERNEL-FAULTS=$(faults)"
+
 # Signals to the host, in the other disk's 95th MiB, written through to the image.
 signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }
 signal 0 READY-HOTPLUG
@@ -209,6 +222,9 @@ for round in 1 2 3; do
     echo "HOST-OTHER-$round-MD5=$(dd if=other.img bs=1M skip=$((16 + 16 * round)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 done
 echo "HOST-WARDEN-HWM-KB=$(cat hwm.txt)"
+echo "HOST-CONSOLE-BYTES=$(wc -c <console.out)"
+echo "HOST-CONSOLE-LINES=$(grep -c -e WARDEN-CONSOLE-BASELINE -e WARDEN-CONSOLE-RECOVERED console.out)"
+echo "HOST-CONSOLE-CANARY-BYTES=$(tr -dc '\245' <console.out | wc -c)"
 echo "HOST-VHOST-TAP-FRAMES=$(cat atkvhost0.txt 2>/dev/null)"
 echo "HOST-OWN-TAP-FRAMES=$(cat atkown0.txt 2>/dev/null)"
 echo "HOST-API-MAX-CS=$(cat api-max.txt 2>/dev/null)"
@@ -247,6 +263,14 @@ const RNG_REFUSED: [&str; 4] = [
     "RNG-HALF-CANARY",
     "RNG-PAST-MAPPING",
 ];
+/// The console's checks: each chain comes back (the host's file tells what was printed).
+const CONSOLE_REFUSED: [&str; 3] = [
+    "CONSOLE-NEVER-MAPPED",
+    "CONSOLE-CANARY",
+    "CONSOLE-HALF-CANARY",
+];
+/// What the console may have printed: its baseline and recovered lines, and nothing else.
+const CONSOLE_PRINTED: &str = "WARDEN-CONSOLE-BASELINE\nWARDEN-CONSOLE-RECOVERED\n";
 /// Longest a `vm.info` may take while the guest floods a ring, in hundredths of a second.
 const API_ANSWER_CS: u64 = 500;
 
@@ -301,6 +325,8 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
             "cid=3,socket=v.sock,iommu=on",
             "--rng",
             "iommu=on",
+            "--console",
+            "file=console.out,iommu=on",
             "--api-socket",
             "path=api.sock",
         ])
@@ -427,12 +453,40 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         "the guest kernel logs the rng's faults too: {rng_kernel_faults}\n{out}"
     );
 
+    // The console: no refused text in the host's file, not even the mapped line chained to
+    // the canary.
+    assert_eq!(
+        out.marker("ATTACK-CONSOLE-DRIVER"),
+        Some("vfio-pci"),
+        "{out}"
+    );
+    assert_eq!(out.marker("ATTACK-CONSOLE-EXIT"), Some("0"), "{out}");
+    for check in CONSOLE_REFUSED {
+        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
+    }
+    for check in ["CONSOLE-BASELINE", "CONSOLE-RECOVERED"] {
+        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
+    }
+    assert_eq!(verdict(&out, "CONSOLE-CANARY-PAGE"), "intact", "{out}");
+    assert_eq!(count(&out, "HOST-CONSOLE-LINES"), 2, "{out}");
+    assert_eq!(count(&out, "HOST-CONSOLE-CANARY-BYTES"), 0, "{out}");
+    assert_eq!(
+        count(&out, "HOST-CONSOLE-BYTES"),
+        CONSOLE_PRINTED.len() as u64,
+        "the console's file holds its two lines and nothing else\n{out}"
+    );
+    let console_kernel_faults = count(&out, "ATTACK-CONSOLE-KERNEL-FAULTS");
+    assert!(
+        console_kernel_faults >= rng_kernel_faults + CONSOLE_REFUSED.len() as u64,
+        "the guest kernel logs the console's faults too: {console_kernel_faults}\n{out}"
+    );
+
     let faults = out.iommu_counter("faults");
     assert!(
         faults
             >= TRANSLATION_FAULTS
                 + 2 * NET_FAULTS_AT_LEAST
-                + (VSOCK_REFUSED.len() + RNG_REFUSED.len()) as u64,
+                + (VSOCK_REFUSED.len() + RNG_REFUSED.len() + CONSOLE_REFUSED.len()) as u64,
         "warden counts each: {faults}\n{out}"
     );
 

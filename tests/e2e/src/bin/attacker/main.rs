@@ -10,6 +10,7 @@
 //!   path (`net.rs`);
 //! - `attacker vsock SYSFS_DEVICE_PATH`: a protected vsock (`vsock.rs`);
 //! - `attacker rng SYSFS_DEVICE_PATH`: a protected virtio-rng (`rng.rs`);
+//! - `attacker console SYSFS_DEVICE_PATH`: a protected virtio-console (`console.rs`);
 //! - `attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT`: a disk's ring kept full while
 //!   its slot's eject register is written over and over (`flood.rs`).
 //!
@@ -19,6 +20,7 @@
 
 mod blk;
 mod blk_race;
+mod console;
 mod flood;
 mod net;
 mod rng;
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         }
         [_, mode, device] if mode == "vsock" => vsock::run(Path::new(device)),
         [_, mode, device] if mode == "rng" => rng::run(Path::new(device)),
+        [_, mode, device] if mode == "console" => console::run(Path::new(device)),
         [_, mode, device, seconds, eject_at, slot] if mode == "flood" => {
             match (seconds.parse(), eject_at.parse(), slot.parse()) {
                 (Ok(seconds), Ok(eject_at), Ok(slot)) => {
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: attacker blk|blk-unmap-race|net|net-warden|vsock|rng SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
+                "usage: attacker blk|blk-unmap-race|net|net-warden|vsock|rng|console SYSFS_DEVICE_PATH\n       attacker flood SYSFS_DEVICE_PATH SECONDS EJECT_AT SLOT"
             );
             return ExitCode::from(2);
         }

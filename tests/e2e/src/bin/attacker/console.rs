@@ -1,0 +1,119 @@
+//! The attack on a protected virtio-console, whose output the host keeps in a file: text to
+//! print from outside what the driver mapped (never mapped, the canary's guest-physical
+//! address, a mapped line chained to the canary). The device returns each unprinted, and the
+//! host's file must hold the two lines printed from the mapping and nothing else: no canary
+//! byte, and not the mapped line of the refused chain either (a chain prints whole or not at
+//! all).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
+use crate::vfio::{
+    guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, Rings,
+};
+
+const BUFFER_LEN: usize = 1 << 20;
+const QUEUE_SIZE: u16 = 16;
+const TX: u16 = 1;
+/// Each queue's table, available and used rings in the buffer: receive, transmit.
+const QUEUE_BASE: [usize; 2] = [0x0000, 0x4000];
+/// Where the text to print starts.
+const TEXT: usize = 0x8000;
+/// The lines the host must find in its file, in this order, and only them.
+const BASELINE: &[u8] = b"WARDEN-CONSOLE-BASELINE\n";
+const RECOVERED: &[u8] = b"WARDEN-CONSOLE-RECOVERED\n";
+/// The mapped half of a refused chain: the host must not find it.
+const REFUSED_HALF: &[u8] = b"WARDEN-CONSOLE-LEAK\n";
+
+/// The driver: the device, its DMA buffer and its queues.
+struct Console {
+    dev: Device,
+    buf: &'static mut [u8],
+    rings: Rings,
+}
+
+impl Console {
+    /// Prints the buffers `(addr, len)` as one chain; whether the device returned it.
+    fn print(&mut self, parts: &[(u64, usize)]) -> Result<bool, String> {
+        let descs: Vec<Desc> = parts
+            .iter()
+            .map(|&(addr, len)| Desc {
+                addr,
+                len: len as u32,
+                flags: 0,
+                next: 0,
+            })
+            .collect();
+        self.rings.offer(self.buf, &self.dev, TX, &descs)?;
+        Ok(self
+            .rings
+            .used(self.buf, TX, Duration::from_secs(5))
+            .is_some())
+    }
+
+    /// Puts `text` at `at` of the mapping and prints it.
+    fn print_mapped(&mut self, at: usize, text: &[u8]) -> Result<bool, String> {
+        put(self.buf, at, text);
+        self.print(&[(IOVA + at as u64, text.len())])
+    }
+}
+
+/// Runs every check against the console at sysfs path `device`.
+pub fn run(device: &Path) -> Result<(), String> {
+    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
+    let container = Container::open(device)?;
+    let buf = pinned_pages(BUFFER_LEN, 0)?;
+    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
+    let canary = pinned_pages(4096, CANARY_BYTE)?;
+    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let mut console = Console {
+        dev: Device::open(&container, &bdf)?,
+        buf,
+        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
+    };
+    console
+        .rings
+        .start(&console.dev, console.buf, (FEATURES, TEXT), "console")?;
+
+    if !console.print_mapped(TEXT, BASELINE)? {
+        return Err("the baseline line was never printed".into());
+    }
+    report("CONSOLE-BASELINE", "ok", "a line printed from the mapping");
+
+    // Text from outside the grant: each chain comes back, and the host's file shows whether
+    // any of it was printed.
+    let half = TEXT + 0x100;
+    put(console.buf, half, REFUSED_HALF);
+    for (check, parts) in [
+        ("CONSOLE-NEVER-MAPPED", vec![(IOVA_NEVER_MAPPED, 64)]),
+        ("CONSOLE-CANARY", vec![(canary_gpa, 64)]),
+        (
+            "CONSOLE-HALF-CANARY",
+            vec![(IOVA + half as u64, REFUSED_HALF.len()), (canary_gpa, 64)],
+        ),
+    ] {
+        let returned = console.print(&parts)?;
+        report(
+            check,
+            verdict(returned),
+            &format!("first={:#x} returned={returned}", parts[0].0),
+        );
+    }
+
+    match console.print_mapped(TEXT + 0x200, RECOVERED)? {
+        true => report(
+            "CONSOLE-RECOVERED",
+            "ok",
+            "a line printed after the attacks",
+        ),
+        false => report("CONSOLE-RECOVERED", "FAILED", "never printed"),
+    }
+    let intact = canary.iter().all(|&b| b == CANARY_BYTE);
+    report(
+        "CONSOLE-CANARY-PAGE",
+        if intact { "intact" } else { "CHANGED" },
+        &format!("gpa={canary_gpa:#x}"),
+    );
+    console.dev.reset()
+}
