@@ -23,8 +23,11 @@ const TEXT: usize = 0x8000;
 /// The lines the host must find in its file, in this order, and only them.
 const BASELINE: &[u8] = b"WARDEN-CONSOLE-BASELINE\n";
 const RECOVERED: &[u8] = b"WARDEN-CONSOLE-RECOVERED\n";
-/// The mapped half of a refused chain: the host must not find it.
-const REFUSED_HALF: &[u8] = b"WARDEN-CONSOLE-LEAK\n";
+/// The line the mapped half of a refused chain repeats: the host must not find it.
+const REFUSED_LINE: &[u8] = b"WARDEN-CONSOLE-LEAK\n";
+/// The mapped half's length: several of the device's output chunks (4 KiB), so that a device
+/// printing a chain a chunk at a time until it meets the canary would show.
+const REFUSED_HALF_LEN: usize = 16 << 10;
 
 /// The driver: the device, its DMA buffer and its queues.
 struct Console {
@@ -83,14 +86,16 @@ pub fn run(device: &Path) -> Result<(), String> {
 
     // Text from outside the grant: each chain comes back, and the host's file shows whether
     // any of it was printed.
-    let half = TEXT + 0x100;
-    put(console.buf, half, REFUSED_HALF);
+    let half = TEXT + 0x1000;
+    for line in 0..REFUSED_HALF_LEN / REFUSED_LINE.len() {
+        put(console.buf, half + line * REFUSED_LINE.len(), REFUSED_LINE);
+    }
     for (check, parts) in [
         ("CONSOLE-NEVER-MAPPED", vec![(IOVA_NEVER_MAPPED, 64)]),
         ("CONSOLE-CANARY", vec![(canary_gpa, 64)]),
         (
             "CONSOLE-HALF-CANARY",
-            vec![(IOVA + half as u64, REFUSED_HALF.len()), (canary_gpa, 64)],
+            vec![(IOVA + half as u64, REFUSED_HALF_LEN), (canary_gpa, 64)],
         ),
     ] {
         let returned = console.print(&parts)?;
@@ -101,7 +106,7 @@ pub fn run(device: &Path) -> Result<(), String> {
         );
     }
 
-    match console.print_mapped(TEXT + 0x200, RECOVERED)? {
+    match console.print_mapped(half + REFUSED_HALF_LEN, RECOVERED)? {
         true => report(
             "CONSOLE-RECOVERED",
             "ok",
