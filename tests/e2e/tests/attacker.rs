@@ -134,6 +134,22 @@ dmesg | grep -i virtio_iommu | grep -i fault | head -4
 keep attacker blk-unmap-race $dev
 say "ATTACK-RACE-EXIT=$rc"
 
+# Hands the device at sysfs path $3 to vfio-pci and runs `attacker $2` on it; reports
+# ATTACK-$1-DRIVER, -EXIT and the guest kernel's fault count after it, -KERNEL-FAULTS.
+attack() {
+    to_vfio $3
+    say "ATTACK-$1-DRIVER=$(basename "$(readlink $3/driver)")"
+    keep attacker $2 $3
+    say "ATTACK-$1-EXIT=$rc"
+    say "ATTACK-$1-KERNEL-FAULTS=$(faults)"
+}
+# The sysfs path of the PCI device whose vendor:device is $1 (the last, if several).
+by_id() {
+    for d in /sys/bus/pci/devices/*; do
+        if [ "$(cat $d/vendor):$(cat $d/device)" = $1 ]; then found=$d; fi
+    done
+    echo $found
+}
 # The net devices, told apart by their MAC addresses while the guest's driver has them.
 for d in /sys/bus/pci/devices/*; do
     case "$(cat $d/virtio*/net/*/address 2>/dev/null)" in
@@ -141,46 +157,12 @@ for d in /sys/bus/pci/devices/*; do
         52:54:00:12:34:98) own=$d ;;
     esac
 done
-to_vfio $net
-say "ATTACK-NET-DRIVER=$(basename "$(readlink $net/driver)")"
-keep attacker net $net
-say "ATTACK-NET-EXIT=$rc"
-say "ATTACK-NET-KERNEL-FAULTS=$(faults)"
-to_vfio $own
-say "ATTACK-OWN-NET-DRIVER=$(basename "$(readlink $own/driver)")"
-keep attacker net-warden $own
-say "ATTACK-OWN-NET-EXIT=$rc"
-say "ATTACK-OWN-NET-KERNEL-FAULTS=$(faults)"
-
-# The vsock (modern virtio-vsock: 1af4:1053).
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1053 ]; then vsock=$d; fi
-done
-to_vfio $vsock
-say "ATTACK-VSOCK-DRIVER=$(basename "$(readlink $vsock/driver)")"
-keep attacker vsock $vsock
-say "ATTACK-VSOCK-EXIT=$rc"
-say "ATTACK-VSOCK-KERNEL-FAULTS=$(faults)"
-
-# The rng (modern virtio-rng: 1af4:1044).
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1044 ]; then rng=$d; fi
-done
-to_vfio $rng
-say "ATTACK-RNG-DRIVER=$(basename "$(readlink $rng/driver)")"
-keep attacker rng $rng
-say "ATTACK-RNG-EXIT=$rc"
-say "ATTACK-RNG-KERNEL-FAULTS=$(faults)"
-
-# The console (modern virtio-console: 1af4:1043).
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1043 ]; then console=$d; fi
-done
-to_vfio $console
-say "ATTACK-CONSOLE-DRIVER=$(basename "$(readlink $console/driver)")"
-keep attacker console $console
-say "ATTACK-CONSOLE-EXIT=$rc"
-say "ATTACK-CONSOLE-KERNEL-FAULTS=$(faults)"
+attack NET net $net
+attack OWN-NET net-warden $own
+# Modern virtio ids: vsock 1af4:1053, rng 1af4:1044, console 1af4:1043.
+attack VSOCK vsock $(by_id 0x1af4:0x1053)
+attack RNG rng $(by_id 0x1af4:0x1044)
+attack CONSOLE console $(by_id 0x1af4:0x1043)
 
 # Signals to the host, in the other disk's 95th MiB, written through to the image.
 signal() { printf $2 | dd of=$other bs=512 seek=$((95 * 2048 + $1)) count=1 conv=sync,notrunc oflag=direct 2>/dev/null; }

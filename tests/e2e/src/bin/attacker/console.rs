@@ -9,9 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{
-    guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, Rings,
-};
+use crate::vfio::{attach, put, report, verdict, Attached, Desc, Device, Rings};
 
 const BUFFER_LEN: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 16;
@@ -64,14 +62,14 @@ impl Console {
 
 /// Runs every check against the console at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
-    let container = Container::open(device)?;
-    let buf = pinned_pages(BUFFER_LEN, 0)?;
-    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
-    let canary = pinned_pages(4096, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let Attached {
+        dev,
+        buf,
+        canary,
+        canary_gpa,
+    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
     let mut console = Console {
-        dev: Device::open(&container, &bdf)?,
+        dev,
         buf,
         rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, QueueLayout,
-    Rings, DESC_F_WRITE, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    attach, put, report, verdict, Attached, Desc, Device, QueueLayout, Rings, DESC_F_WRITE,
+    STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -135,14 +135,14 @@ fn frame() -> [u8; FRAME_LEN] {
 
 /// Runs every check against the net device at sysfs path `device`, served by `path`.
 pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
-    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
-    let container = Container::open(device)?;
-    let buf = pinned_pages(BUFFER_LEN, 0)?;
-    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
-    let canary = pinned_pages(4096, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let Attached {
+        dev,
+        buf,
+        canary,
+        canary_gpa,
+    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
     let mut net = Net {
-        dev: Device::open(&container, &bdf)?,
+        dev,
         buf,
         rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };

@@ -8,9 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{
-    guest_physical, pinned_pages, report, verdict, Container, Desc, Device, Rings, DESC_F_WRITE,
-};
+use crate::vfio::{attach, report, verdict, Attached, Desc, Device, Rings, DESC_F_WRITE};
 
 const BUFFER_LEN: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 16;
@@ -69,14 +67,14 @@ fn filled(rng: &mut Rng, at: usize) -> Result<(Option<u32>, bool), String> {
 
 /// Runs every check against the rng at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
-    let container = Container::open(device)?;
-    let buf = pinned_pages(BUFFER_LEN, 0)?;
-    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
-    let canary = pinned_pages(4096, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let Attached {
+        dev,
+        buf,
+        canary,
+        canary_gpa,
+    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
     let mut rng = Rng {
-        dev: Device::open(&container, &bdf)?,
+        dev,
         buf,
         rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };

@@ -125,6 +125,32 @@ pub fn guest_physical(addr: *const u8) -> Result<u64, String> {
     Ok(pfn * 4096 + (addr as u64 % 4096))
 }
 
+/// A device taken for an attack, as every attack but the disk's starts: in a container of its
+/// own (whose descriptors stay open for the process's life), `len` bytes of pinned memory
+/// mapped for it at `iova`, and a canary page filled with `canary_byte` that is mapped nowhere.
+pub struct Attached {
+    pub dev: Device,
+    pub buf: &'static mut [u8],
+    pub canary: &'static mut [u8],
+    pub canary_gpa: u64,
+}
+
+/// Takes the device at sysfs path `device` (bound to vfio-pci); see [`Attached`].
+pub fn attach(device: &Path, iova: u64, len: usize, canary_byte: u8) -> Result<Attached, String> {
+    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
+    let container = Container::open(device)?;
+    let buf = pinned_pages(len, 0)?;
+    container.map(buf.as_ptr() as u64, iova, len)?;
+    let canary = pinned_pages(4096, canary_byte)?;
+    let canary_gpa = guest_physical(canary.as_ptr())?;
+    Ok(Attached {
+        dev: Device::open(&container, &bdf)?,
+        buf,
+        canary,
+        canary_gpa,
+    })
+}
+
 /// The device's group in a type1 container of its own: what it may reach is what is mapped
 /// here.
 pub struct Container {

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, report, verdict, Container, Desc, Device, Rings,
-    DESC_F_WRITE,
+    attach, get_u16, guest_physical, pinned_pages, put, report, verdict, Attached, Desc, Device,
+    Rings, DESC_F_WRITE,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -101,17 +101,17 @@ impl Vsock {
 
 /// Runs every check against the vsock at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
-    let container = Container::open(device)?;
-    let buf = pinned_pages(BUFFER_LEN, 0)?;
-    container.map(buf.as_ptr() as u64, IOVA, BUFFER_LEN)?;
-    let canary = pinned_pages(4096, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let Attached {
+        dev,
+        buf,
+        canary,
+        canary_gpa,
+    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
     let lure = pinned_pages(4096, 0)?;
     lure[..HEADER_LEN].copy_from_slice(&request(41, 7041));
     let lure_gpa = guest_physical(lure.as_ptr())?;
     let mut vsock = Vsock {
-        dev: Device::open(&container, &bdf)?,
+        dev,
         buf,
         rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
     };
