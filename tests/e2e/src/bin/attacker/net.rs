@@ -56,7 +56,9 @@ impl Datapath {
     }
 
     /// Whether a chain outside the grant came back as refused: vhost-net's ring waits on the
-    /// refused miss; warden's worker returns the chain with nothing written.
+    /// refused miss; warden's worker returns the chain with nothing written. For a frame to
+    /// send, warden's worker returns it so whether it left or not: only the host's count of
+    /// the frames its tap got tells.
     fn refused(self, used: Option<u32>) -> bool {
         match self {
             Datapath::Vhost => used.is_none(),
