@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{attach, put, report, verdict, Attached, Desc, Device, Rings};
+use crate::vfio::{attach, put, report, verdict, Attached, Device, Rings};
 
 const BUFFER_LEN: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 16;
@@ -37,20 +37,10 @@ struct Console {
 impl Console {
     /// Prints the buffers `(addr, len)` as one chain; whether the device returned it.
     fn print(&mut self, parts: &[(u64, usize)]) -> Result<bool, String> {
-        let descs: Vec<Desc> = parts
-            .iter()
-            .map(|&(addr, len)| Desc {
-                addr,
-                len: len as u32,
-                flags: 0,
-                next: 0,
-            })
-            .collect();
-        self.rings.offer(self.buf, &self.dev, TX, &descs)?;
-        Ok(self
-            .rings
-            .used(self.buf, TX, Duration::from_secs(5))
-            .is_some())
+        let used =
+            self.rings
+                .submit(self.buf, &self.dev, TX, (parts, 0), Duration::from_secs(5))?;
+        Ok(used.is_some())
     }
 
     /// Puts `text` at `at` of the mapping and prints it.

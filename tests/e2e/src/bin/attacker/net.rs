@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    attach, put, report, verdict, Attached, Desc, Device, QueueLayout, Rings, DESC_F_WRITE,
+    attach, put, report, verdict, Attached, Device, QueueLayout, Rings, DESC_F_WRITE,
     STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 
@@ -81,30 +81,22 @@ impl Net {
             .start(&self.dev, self.buf, (FEATURES, FRAME), "net device")
     }
 
-    /// Makes the chain `descs` available on `queue`, notifies, and waits up to `wait` for the
-    /// device to use it; whether it did, and the length.
-    fn offer(&mut self, queue: u16, descs: &[Desc], wait: Duration) -> Result<Option<u32>, String> {
-        self.rings.offer(self.buf, &self.dev, queue, descs)?;
-        Ok(self.rings.used(self.buf, queue, wait))
+    /// Makes the buffers `parts` available on `queue` as one chain, notifies, and waits up to
+    /// `wait` for the device to use it; whether it did, and the length.
+    fn offer(
+        &mut self,
+        queue: u16,
+        parts: (&[(u64, usize)], u16),
+        wait: Duration,
+    ) -> Result<Option<u32>, String> {
+        self.rings.submit(self.buf, &self.dev, queue, parts, wait)
     }
 
     /// A frame to send: its header at `header`, its Ethernet frame at `payload`; `None` used
     /// means the device never returned it.
     fn send(&mut self, header: u64, payload: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let part = |addr, len: usize| Desc {
-            addr,
-            len: len as u32,
-            flags: 0,
-            next: 0,
-        };
-        self.offer(
-            TX,
-            &[
-                part(header, HEADER_LEN),
-                part(payload, FRAME_LEN - HEADER_LEN),
-            ],
-            wait,
-        )
+        let parts = [(header, HEADER_LEN), (payload, FRAME_LEN - HEADER_LEN)];
+        self.offer(TX, (&parts, 0), wait)
     }
 
     /// The frame at `FRAME` of the mapping, sent.
@@ -115,13 +107,8 @@ impl Net {
 
     /// A receive buffer at `addr`; the length of the frame the device put there, if any.
     fn receive(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let desc = Desc {
-            addr,
-            len: RX_BUFFER_LEN,
-            flags: DESC_F_WRITE,
-            next: 0,
-        };
-        self.offer(RX, &[desc], wait)
+        let buffer = [(addr, RX_BUFFER_LEN as usize)];
+        self.offer(RX, (&buffer, DESC_F_WRITE), wait)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{attach, report, verdict, Attached, Desc, Device, Rings, DESC_F_WRITE};
+use crate::vfio::{attach, report, verdict, Attached, Device, Rings, DESC_F_WRITE};
 
 const BUFFER_LEN: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 16;
@@ -32,17 +32,13 @@ impl Rng {
     /// Offers the buffers `(addr, len)` as one request; how many bytes the device delivered,
     /// `None` if it never answered.
     fn request(&mut self, parts: &[(u64, usize)]) -> Result<Option<u32>, String> {
-        let descs: Vec<Desc> = parts
-            .iter()
-            .map(|&(addr, len)| Desc {
-                addr,
-                len: len as u32,
-                flags: DESC_F_WRITE,
-                next: 0,
-            })
-            .collect();
-        self.rings.offer(self.buf, &self.dev, REQUESTS, &descs)?;
-        Ok(self.rings.used(self.buf, REQUESTS, Duration::from_secs(5)))
+        self.rings.submit(
+            self.buf,
+            &self.dev,
+            REQUESTS,
+            (parts, DESC_F_WRITE),
+            Duration::from_secs(5),
+        )
     }
 
     /// Whether the mapped bytes `[at, at + len)` still hold what the attacker left there.

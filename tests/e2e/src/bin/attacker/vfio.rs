@@ -494,11 +494,35 @@ impl Rings {
         Ok(())
     }
 
+    /// Makes the buffers `parts` (address, length), each with `flags`, available on `queue`
+    /// as one chain, notifies, and waits up to `wait` for the device to use it: the length it
+    /// wrote, `None` if it never returned the chain.
+    pub fn submit(
+        &mut self,
+        buf: &mut [u8],
+        dev: &Device,
+        queue: u16,
+        (parts, flags): (&[(u64, usize)], u16),
+        wait: Duration,
+    ) -> Result<Option<u32>, String> {
+        let descs: Vec<Desc> = parts
+            .iter()
+            .map(|&(addr, len)| Desc {
+                addr,
+                len: len as u32,
+                flags,
+                next: 0,
+            })
+            .collect();
+        self.offer(buf, dev, queue, &descs)?;
+        Ok(self.used(buf, queue, wait))
+    }
+
     /// Makes the chain `descs` available on `queue` and notifies: its head is descriptor
     /// `avail % size` of the table, the rest follow it (wrapping), linked in order. The caller
     /// waits for each chain (or resets the device) before offering the next, so a chain's
     /// descriptors are free again by then.
-    pub fn offer(
+    fn offer(
         &mut self,
         buf: &mut [u8],
         dev: &Device,
@@ -531,7 +555,7 @@ impl Rings {
     }
 
     /// Waits up to `wait` for `queue` to return a chain: the length the device wrote.
-    pub fn used(&mut self, buf: &[u8], queue: u16, wait: Duration) -> Option<u32> {
+    fn used(&mut self, buf: &[u8], queue: u16, wait: Duration) -> Option<u32> {
         let q = usize::from(queue);
         let used_ring = self.bases[q] + 0x2000;
         let deadline = Instant::now() + wait;

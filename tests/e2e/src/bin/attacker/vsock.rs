@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    attach, get_u16, guest_physical, pinned_pages, put, report, verdict, Attached, Desc, Device,
-    Rings, DESC_F_WRITE,
+    attach, get_u16, guest_physical, pinned_pages, put, report, verdict, Attached, Device, Rings,
+    DESC_F_WRITE,
 };
 
 const BUFFER_LEN: usize = 1 << 20;
@@ -63,30 +63,23 @@ impl Vsock {
 
     /// Transmits the header at `addr`; whether the device returned the buffer.
     fn transmit(&mut self, addr: u64) -> Result<bool, String> {
-        let desc = Desc {
-            addr,
-            len: HEADER_LEN as u32,
-            flags: 0,
-            next: 0,
-        };
-        self.rings.offer(self.buf, &self.dev, TX, &[desc])?;
-        Ok(self
-            .rings
-            .used(self.buf, TX, Duration::from_secs(3))
-            .is_some())
+        let header = [(addr, HEADER_LEN)];
+        let used = self.rings.submit(
+            self.buf,
+            &self.dev,
+            TX,
+            (&header, 0),
+            Duration::from_secs(3),
+        )?;
+        Ok(used.is_some())
     }
 
     /// Posts a receive buffer at `addr` and waits up to `wait` for a packet in it: its
     /// length (0: returned unwritten).
     fn receive(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let desc = Desc {
-            addr,
-            len: RX_BUFFER_LEN,
-            flags: DESC_F_WRITE,
-            next: 0,
-        };
-        self.rings.offer(self.buf, &self.dev, RX, &[desc])?;
-        Ok(self.rings.used(self.buf, RX, wait))
+        let buffer = [(addr, RX_BUFFER_LEN as usize)];
+        self.rings
+            .submit(self.buf, &self.dev, RX, (&buffer, DESC_F_WRITE), wait)
     }
 
     /// The operation and ports of the packet received into the mapped buffer `at`.
