@@ -216,40 +216,84 @@ for f in add-flood info-after-flood add-after info-after-add; do
   echo "API-REPLY $f $(cat $f.txt 2>/dev/null)"
 done"#;
 
-/// Each net device's checks (after its path's prefix), each of which must come back
-/// `refused`.
-const NET_REFUSED: [&str; 4] = [
+/// The frames each net device may have sent: the baseline and the one after the attacks.
+const NET_FRAMES_SENT: u64 = 2;
+
+/// One device the guest script's `attack` ran against: the name its run reported under, the
+/// prefix of its checks, and what each check must come back as.
+struct DeviceAttack {
+    run: &'static str,
+    prefix: &'static str,
+    /// Checks that must come back `refused`.
+    refused: &'static [&'static str],
+    /// Checks that must come back `ok`.
+    ok: &'static [&'static str],
+    /// The check of the canary page after the attacks, which must come back `intact`.
+    canary: &'static str,
+    /// Faults the guest kernel logs for the device at least: one per refused check that
+    /// reaches the IOMMU (a refused negotiation does not).
+    faults_at_least: u64,
+}
+
+/// Both net data paths' checks: the negotiation without ACCESS_PLATFORM is refused before any
+/// address is translated; each other refused access faults at least once (vhost-net asks
+/// again as frames keep coming).
+const NET_REFUSED: &[&str] = &[
     "WITHOUT-ACCESS-PLATFORM",
     "NEVER-MAPPED-TX",
     "CANARY-TX",
     "CANARY-RX",
 ];
-/// Each net device's checks that must come back `ok`.
-const NET_OK: [&str; 4] = ["BASELINE-TX", "BASELINE-RX", "RECOVERED", "RECOVERED-TX"];
-/// The frames each net device may have sent: the baseline and the one after the attacks.
-const NET_FRAMES_SENT: u64 = 2;
-/// The vsock's checks, each of which must come back `refused` (and faults once at least).
-const VSOCK_REFUSED: [&str; 4] = [
-    "VSOCK-NEVER-MAPPED-TX",
-    "VSOCK-LURE-TX",
-    "VSOCK-NEVER-MAPPED-RX",
-    "VSOCK-CANARY-RX",
-];
-/// The refused net accesses that reach the IOMMU (all but the refused negotiation): each
-/// faults at least once on either path (vhost-net asks again as frames keep coming).
-const NET_FAULTS_AT_LEAST: u64 = 3;
-/// The rng's checks, each of which must come back `refused` (and fault once at least).
-const RNG_REFUSED: [&str; 4] = [
-    "RNG-NEVER-MAPPED",
-    "RNG-CANARY",
-    "RNG-HALF-CANARY",
-    "RNG-PAST-MAPPING",
-];
-/// The console's checks: each chain comes back (the host's file tells what was printed).
-const CONSOLE_REFUSED: [&str; 3] = [
-    "CONSOLE-NEVER-MAPPED",
-    "CONSOLE-CANARY",
-    "CONSOLE-HALF-CANARY",
+const NET_OK: &[&str] = &["BASELINE-TX", "BASELINE-RX", "RECOVERED", "RECOVERED-TX"];
+
+/// The devices after the disk, in the order the guest script attacks them (each one's faults
+/// come on top of those before it).
+const DEVICE_ATTACKS: [DeviceAttack; 5] = [
+    DeviceAttack {
+        run: "NET",
+        prefix: "VHOST",
+        refused: NET_REFUSED,
+        ok: NET_OK,
+        canary: "CANARY",
+        faults_at_least: 3,
+    },
+    DeviceAttack {
+        run: "OWN-NET",
+        prefix: "WARDEN-NET",
+        refused: NET_REFUSED,
+        ok: NET_OK,
+        canary: "CANARY",
+        faults_at_least: 3,
+    },
+    // Packets it must not read are not answered, buffers it must not write stay as they
+    // were, and what it owes the guest waits for a buffer it may write.
+    DeviceAttack {
+        run: "VSOCK",
+        prefix: "VSOCK",
+        refused: &["NEVER-MAPPED-TX", "LURE-TX", "NEVER-MAPPED-RX", "CANARY-RX"],
+        ok: &["BASELINE", "RECOVERED"],
+        canary: "CANARY",
+        faults_at_least: 4,
+    },
+    // Nothing delivered outside the grant, not even into the mapped part of a chain that
+    // also reaches outside it.
+    DeviceAttack {
+        run: "RNG",
+        prefix: "RNG",
+        refused: &["NEVER-MAPPED", "CANARY", "HALF-CANARY", "PAST-MAPPING"],
+        ok: &["BASELINE", "RECOVERED"],
+        canary: "CANARY-PAGE",
+        faults_at_least: 4,
+    },
+    // Each refused chain comes back; the host's file tells what was printed.
+    DeviceAttack {
+        run: "CONSOLE",
+        prefix: "CONSOLE",
+        refused: &["NEVER-MAPPED", "CANARY", "HALF-CANARY"],
+        ok: &["BASELINE", "RECOVERED"],
+        canary: "CANARY-PAGE",
+        faults_at_least: 3,
+    },
 ];
 /// What the console may have printed: its baseline and recovered lines, and nothing else.
 const CONSOLE_PRINTED: &str = "WARDEN-CONSOLE-BASELINE\nWARDEN-CONSOLE-RECOVERED\n";
@@ -286,6 +330,37 @@ fn verdict<'a>(out: &'a Outcome, check: &str) -> &'a str {
     out.marker(&format!("ATTACK-{check}"))
         .and_then(|v| v.split(' ').next())
         .unwrap_or_else(|| panic!("the attacker did not report {check}\n{out}"))
+}
+
+/// Checks what the guest script's `attack` reported for one device; returns the guest
+/// kernel's fault count after it, which must be at least `faults_before` plus the device's.
+fn check_device_attack(out: &Outcome, attack: &DeviceAttack, faults_before: u64) -> u64 {
+    let DeviceAttack { run, prefix, .. } = attack;
+    assert_eq!(
+        out.marker(&format!("ATTACK-{run}-DRIVER")),
+        Some("vfio-pci"),
+        "{out}"
+    );
+    assert_eq!(
+        out.marker(&format!("ATTACK-{run}-EXIT")),
+        Some("0"),
+        "{out}"
+    );
+    let expected = [("refused", attack.refused), ("ok", attack.ok)];
+    for (want, checks) in expected {
+        for check in checks {
+            let check = format!("{prefix}-{check}");
+            assert_eq!(verdict(out, &check), want, "{check}\n{out}");
+        }
+    }
+    let canary = format!("{prefix}-{}", attack.canary);
+    assert_eq!(verdict(out, &canary), "intact", "{out}");
+    let faults = count(out, &format!("ATTACK-{run}-KERNEL-FAULTS"));
+    assert!(
+        faults >= faults_before + attack.faults_at_least,
+        "the guest kernel logs {prefix}'s faults too: {faults}\n{out}"
+    );
+    faults
 }
 
 #[test]
@@ -354,102 +429,21 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         "no UNMAP met a read in flight: the race was never run\n{out}"
     );
 
-    // Each net device: refused without ACCESS_PLATFORM, then its buffers outside the grant
-    // fault as the disk's did, no refused frame reaches its tap, and it still serves what it
-    // was granted.
+    // Every other device: bound to vfio-pci, its checks as required, the canary intact, and
+    // each refused access logged as a fault by the guest kernel on top of the ones before.
     let mut kernel_faults_before = kernel_faults;
-    for (path, prefix, tap) in [("NET", "VHOST", "VHOST"), ("OWN-NET", "WARDEN-NET", "OWN")] {
-        assert_eq!(
-            out.marker(&format!("ATTACK-{path}-DRIVER")),
-            Some("vfio-pci"),
-            "{out}"
-        );
-        assert_eq!(
-            out.marker(&format!("ATTACK-{path}-EXIT")),
-            Some("0"),
-            "{out}"
-        );
-        for check in NET_REFUSED {
-            assert_eq!(
-                verdict(&out, &format!("{prefix}-{check}")),
-                "refused",
-                "{prefix}-{check}\n{out}"
-            );
-        }
-        for check in NET_OK {
-            assert_eq!(
-                verdict(&out, &format!("{prefix}-{check}")),
-                "ok",
-                "{prefix}-{check}\n{out}"
-            );
-        }
-        assert_eq!(
-            verdict(&out, &format!("{prefix}-CANARY")),
-            "intact",
-            "{out}"
-        );
+    for attack in &DEVICE_ATTACKS {
+        kernel_faults_before = check_device_attack(&out, attack, kernel_faults_before);
+    }
+    // No refused frame reached either tap.
+    for tap in ["VHOST", "OWN"] {
         assert_eq!(
             count(&out, &format!("HOST-{tap}-TAP-FRAMES")),
             NET_FRAMES_SENT,
-            "{prefix}: the frames the host got from the guest\n{out}"
+            "{tap}: the frames the host got from the guest\n{out}"
         );
-        let faults = count(&out, &format!("ATTACK-{path}-KERNEL-FAULTS"));
-        assert!(
-            faults >= kernel_faults_before + NET_FAULTS_AT_LEAST,
-            "the guest kernel logs {prefix}'s faults too: {faults}\n{out}"
-        );
-        kernel_faults_before = faults;
     }
-    let net_kernel_faults = kernel_faults_before;
-
-    // The vsock: packets it must not read are not answered, buffers it must not write stay
-    // as they were, and what it owes the guest waits for a buffer it may write.
-    assert_eq!(out.marker("ATTACK-VSOCK-DRIVER"), Some("vfio-pci"), "{out}");
-    assert_eq!(out.marker("ATTACK-VSOCK-EXIT"), Some("0"), "{out}");
-    for check in VSOCK_REFUSED {
-        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
-    }
-    for check in ["VSOCK-BASELINE", "VSOCK-RECOVERED"] {
-        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
-    }
-    assert_eq!(verdict(&out, "VSOCK-CANARY"), "intact", "{out}");
-    let vsock_kernel_faults = count(&out, "ATTACK-VSOCK-KERNEL-FAULTS");
-    assert!(
-        vsock_kernel_faults >= net_kernel_faults + VSOCK_REFUSED.len() as u64,
-        "the guest kernel logs the vsock's faults too: {vsock_kernel_faults}\n{out}"
-    );
-    // The rng: nothing delivered outside the grant, not even into the mapped part of a chain
-    // that also reaches outside it.
-    assert_eq!(out.marker("ATTACK-RNG-DRIVER"), Some("vfio-pci"), "{out}");
-    assert_eq!(out.marker("ATTACK-RNG-EXIT"), Some("0"), "{out}");
-    for check in RNG_REFUSED {
-        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
-    }
-    for check in ["RNG-BASELINE", "RNG-RECOVERED"] {
-        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
-    }
-    assert_eq!(verdict(&out, "RNG-CANARY-PAGE"), "intact", "{out}");
-    let rng_kernel_faults = count(&out, "ATTACK-RNG-KERNEL-FAULTS");
-    assert!(
-        rng_kernel_faults >= vsock_kernel_faults + RNG_REFUSED.len() as u64,
-        "the guest kernel logs the rng's faults too: {rng_kernel_faults}\n{out}"
-    );
-
-    // The console: no refused text in the host's file, not even the mapped line chained to
-    // the canary.
-    assert_eq!(
-        out.marker("ATTACK-CONSOLE-DRIVER"),
-        Some("vfio-pci"),
-        "{out}"
-    );
-    assert_eq!(out.marker("ATTACK-CONSOLE-EXIT"), Some("0"), "{out}");
-    for check in CONSOLE_REFUSED {
-        assert_eq!(verdict(&out, check), "refused", "{check}\n{out}");
-    }
-    for check in ["CONSOLE-BASELINE", "CONSOLE-RECOVERED"] {
-        assert_eq!(verdict(&out, check), "ok", "{check}\n{out}");
-    }
-    assert_eq!(verdict(&out, "CONSOLE-CANARY-PAGE"), "intact", "{out}");
+    // No refused text in the console's file, not even the mapped line chained to the canary.
     assert_eq!(count(&out, "HOST-CONSOLE-LINES"), 2, "{out}");
     assert_eq!(count(&out, "HOST-CONSOLE-CANARY-BYTES"), 0, "{out}");
     assert_eq!(
@@ -457,18 +451,15 @@ fn a_user_space_driver_in_the_guest_reaches_nothing_outside_its_mappings() {
         CONSOLE_PRINTED.len() as u64,
         "the console's file holds its two lines and nothing else\n{out}"
     );
-    let console_kernel_faults = count(&out, "ATTACK-CONSOLE-KERNEL-FAULTS");
-    assert!(
-        console_kernel_faults >= rng_kernel_faults + CONSOLE_REFUSED.len() as u64,
-        "the guest kernel logs the console's faults too: {console_kernel_faults}\n{out}"
-    );
 
     let faults = out.iommu_counter("faults");
     assert!(
         faults
             >= TRANSLATION_FAULTS
-                + 2 * NET_FAULTS_AT_LEAST
-                + (VSOCK_REFUSED.len() + RNG_REFUSED.len() + CONSOLE_REFUSED.len()) as u64,
+                + DEVICE_ATTACKS
+                    .iter()
+                    .map(|a| a.faults_at_least)
+                    .sum::<u64>(),
         "warden counts each: {faults}\n{out}"
     );
 
