@@ -11,17 +11,13 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::vfio::{
-    get_u16, guest_physical, pinned_pages, put, put_desc, report, verdict, Container, Desc, Device,
-    QueueLayout, DESC_F_NEXT, DESC_F_WRITE, STATUS_NEEDS_RESET,
+    get_u16, pinned_pages, put, put_desc, report, verdict, Canary, Container, Desc, Device,
+    QueueLayout, DESC_F_NEXT, DESC_F_WRITE, FEATURES, IOVA, IOVA_NEVER_MAPPED, STATUS_NEEDS_RESET,
 };
 
-/// Where the DMA buffer sits for the device: clear of page 0 and of the x86 MSI window.
-pub const IOVA: u64 = 1 << 30;
 const BUFFER_LEN: usize = 1 << 20;
 /// The second buffer, mapped, used once, then unmapped.
 const IOVA_UNMAPPED_LATER: u64 = 0x5000_0000;
-/// Never mapped by anyone: the type1 container starts empty.
-pub const IOVA_NEVER_MAPPED: u64 = 0x8000_0000;
 /// The x86 MSI doorbell window, which the virtio-iommu reserves.
 const MSI_WINDOW: u64 = 0xfee0_0000;
 
@@ -40,12 +36,9 @@ const BLK_T_OUT: u32 = 1;
 const BLK_S_OK: u8 = 0;
 /// What the status byte holds until the device writes it.
 const STATUS_UNWRITTEN: u8 = 0xee;
-/// VIRTIO_F_VERSION_1 and VIRTIO_F_ACCESS_PLATFORM.
-pub const FEATURES: u64 = 0b11 << 32;
 
 /// The disk's content, as the host wrote it.
 const PATTERN: &[u8] = b"WARDEN-ATTACK-DISK\n";
-pub const CANARY_BYTE: u8 = 0xa5;
 
 /// The ring in the buffer, at the buffer's I/O virtual address.
 fn layout() -> QueueLayout {
@@ -250,8 +243,8 @@ pub fn attach(device: &Path) -> Result<(Container, Driver), String> {
 /// Runs every check against the disk at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
     let (container, mut driver) = attach(device)?;
-    let canary = pinned_pages(SECTOR_BYTES, CANARY_BYTE)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
+    let canary = Canary::new(SECTOR_BYTES)?;
+    let canary_gpa = canary.gpa;
     let later = pinned_pages(SECTOR_BYTES, 0)?;
     let pattern = disk_pattern(0);
 
@@ -349,7 +342,7 @@ pub fn run(device: &Path) -> Result<(), String> {
 
     // Nothing reached the canary, sector 8 still holds the host's data, and the device
     // still serves a well-formed request after all that.
-    if canary.iter().all(|&b| b == CANARY_BYTE) {
+    if canary.intact() {
         report("CANARY", "intact", &format!("gpa={canary_gpa:#x}"));
     } else {
         report("CANARY", "CHANGED", &format!("gpa={canary_gpa:#x}"));

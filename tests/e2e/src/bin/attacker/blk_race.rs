@@ -13,8 +13,8 @@
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 
-use crate::blk::{self, BLK_T_IN, HEADER, IOVA, STATUS};
-use crate::vfio::{pinned_pages, report, Desc, DESC_F_NEXT, DESC_F_WRITE};
+use crate::blk::{self, BLK_T_IN, HEADER, STATUS};
+use crate::vfio::{pinned_pages, report, Desc, DESC_F_NEXT, DESC_F_WRITE, IOVA};
 
 /// Where the raced buffer sits for the device, clear of the ring's buffer.
 const IOVA_RACED: u64 = 0x6000_0000;

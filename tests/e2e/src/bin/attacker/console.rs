@@ -8,11 +8,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{attach, put, report, verdict, Attached, Device, Rings};
+use crate::vfio::{put, report, verdict, Canary, Driven, IOVA, IOVA_NEVER_MAPPED};
 
-const BUFFER_LEN: usize = 1 << 20;
-const QUEUE_SIZE: u16 = 16;
 const TX: u16 = 1;
 /// Each queue's table, available and used rings in the buffer: receive, transmit.
 const QUEUE_BASE: [usize; 2] = [0x0000, 0x4000];
@@ -27,47 +24,26 @@ const REFUSED_LINE: &[u8] = b"WARDEN-CONSOLE-LEAK\n";
 /// printing a chain a chunk at a time until it meets the canary would show.
 const REFUSED_HALF_LEN: usize = 16 << 10;
 
-/// The driver: the device, its DMA buffer and its queues.
-struct Console {
-    dev: Device,
-    buf: &'static mut [u8],
-    rings: Rings,
+/// Prints the buffers `(addr, len)` as one chain; whether the device returned it.
+fn print(console: &mut Driven, parts: &[(u64, usize)]) -> Result<bool, String> {
+    let used = console.submit(TX, (parts, 0), Duration::from_secs(5))?;
+    Ok(used.is_some())
 }
 
-impl Console {
-    /// Prints the buffers `(addr, len)` as one chain; whether the device returned it.
-    fn print(&mut self, parts: &[(u64, usize)]) -> Result<bool, String> {
-        let used =
-            self.rings
-                .submit(self.buf, &self.dev, TX, (parts, 0), Duration::from_secs(5))?;
-        Ok(used.is_some())
-    }
-
-    /// Puts `text` at `at` of the mapping and prints it.
-    fn print_mapped(&mut self, at: usize, text: &[u8]) -> Result<bool, String> {
-        put(self.buf, at, text);
-        self.print(&[(IOVA + at as u64, text.len())])
-    }
+/// Puts `text` at `at` of the mapping and prints it.
+fn print_mapped(console: &mut Driven, at: usize, text: &[u8]) -> Result<bool, String> {
+    put(console.buf, at, text);
+    print(console, &[(IOVA + at as u64, text.len())])
 }
 
 /// Runs every check against the console at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let Attached {
-        dev,
-        buf,
-        canary,
-        canary_gpa,
-    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
-    let mut console = Console {
-        dev,
-        buf,
-        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
-    };
-    console
-        .rings
-        .start(&console.dev, console.buf, (FEATURES, TEXT), "console")?;
+    let mut console = Driven::attach(device, &QUEUE_BASE, TEXT, "console")?;
+    console.start()?;
+    let canary = Canary::new(4096)?;
+    let canary_gpa = canary.gpa;
 
-    if !console.print_mapped(TEXT, BASELINE)? {
+    if !print_mapped(&mut console, TEXT, BASELINE)? {
         return Err("the baseline line was never printed".into());
     }
     report("CONSOLE-BASELINE", "ok", "a line printed from the mapping");
@@ -86,7 +62,7 @@ pub fn run(device: &Path) -> Result<(), String> {
             vec![(IOVA + half as u64, REFUSED_HALF_LEN), (canary_gpa, 64)],
         ),
     ] {
-        let returned = console.print(&parts)?;
+        let returned = print(&mut console, &parts)?;
         report(
             check,
             verdict(returned),
@@ -94,7 +70,7 @@ pub fn run(device: &Path) -> Result<(), String> {
         );
     }
 
-    match console.print_mapped(half + REFUSED_HALF_LEN, RECOVERED)? {
+    match print_mapped(&mut console, half + REFUSED_HALF_LEN, RECOVERED)? {
         true => report(
             "CONSOLE-RECOVERED",
             "ok",
@@ -102,10 +78,9 @@ pub fn run(device: &Path) -> Result<(), String> {
         ),
         false => report("CONSOLE-RECOVERED", "FAILED", "never printed"),
     }
-    let intact = canary.iter().all(|&b| b == CANARY_BYTE);
     report(
         "CONSOLE-CANARY-PAGE",
-        if intact { "intact" } else { "CHANGED" },
+        if canary.intact() { "intact" } else { "CHANGED" },
         &format!("gpa={canary_gpa:#x}"),
     );
     console.dev.reset()

@@ -10,9 +10,9 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::blk::{self, AVAIL, DESC, IOVA, QUEUE_SIZE, USED};
+use crate::blk::{self, AVAIL, DESC, QUEUE_SIZE, USED};
 use crate::vfio::{
-    get_u16, pinned_pages, put, put_desc, Container, Desc, Device, DESC_F_NEXT, DESC_F_WRITE,
+    get_u16, pinned_pages, put, put_desc, Container, Desc, Device, DESC_F_NEXT, DESC_F_WRITE, IOVA,
 };
 
 const BUFFER_LEN: usize = 1 << 16;

@@ -13,14 +13,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    attach, put, report, verdict, Attached, Device, QueueLayout, Rings, DESC_F_WRITE,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    put, report, verdict, Canary, Driven, QueueLayout, DESC_F_WRITE, DRIVEN_QUEUE_SIZE, IOVA,
+    IOVA_NEVER_MAPPED, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 
-const BUFFER_LEN: usize = 1 << 20;
-const QUEUE_SIZE: u16 = 16;
 const RX: u16 = 0;
 const TX: u16 = 1;
 /// Each queue's table, available and used rings in the buffer: receive at 0, transmit at
@@ -67,49 +64,28 @@ impl Datapath {
     }
 }
 
-/// The driver: the device, its DMA buffer and its queues.
-struct Net {
-    dev: Device,
-    buf: &'static mut [u8],
-    rings: Rings,
+/// A frame to send: its header at `header`, its Ethernet frame at `payload`; `None` used means
+/// the device never returned it.
+fn send(
+    net: &mut Driven,
+    header: u64,
+    payload: u64,
+    wait: Duration,
+) -> Result<Option<u32>, String> {
+    let parts = [(header, HEADER_LEN), (payload, FRAME_LEN - HEADER_LEN)];
+    net.submit(TX, (&parts, 0), wait)
 }
 
-impl Net {
-    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets both queues up in the buffer.
-    fn start(&mut self) -> Result<(), String> {
-        self.rings
-            .start(&self.dev, self.buf, (FEATURES, FRAME), "net device")
-    }
+/// The frame at `FRAME` of the mapping, sent.
+fn send_mapped(net: &mut Driven, wait: Duration) -> Result<Option<u32>, String> {
+    let frame = IOVA + FRAME as u64;
+    send(net, frame, frame + HEADER_LEN as u64, wait)
+}
 
-    /// Makes the buffers `parts` available on `queue` as one chain, notifies, and waits up to
-    /// `wait` for the device to use it; whether it did, and the length.
-    fn offer(
-        &mut self,
-        queue: u16,
-        parts: (&[(u64, usize)], u16),
-        wait: Duration,
-    ) -> Result<Option<u32>, String> {
-        self.rings.submit(self.buf, &self.dev, queue, parts, wait)
-    }
-
-    /// A frame to send: its header at `header`, its Ethernet frame at `payload`; `None` used
-    /// means the device never returned it.
-    fn send(&mut self, header: u64, payload: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let parts = [(header, HEADER_LEN), (payload, FRAME_LEN - HEADER_LEN)];
-        self.offer(TX, (&parts, 0), wait)
-    }
-
-    /// The frame at `FRAME` of the mapping, sent.
-    fn send_mapped(&mut self, wait: Duration) -> Result<Option<u32>, String> {
-        let frame = IOVA + FRAME as u64;
-        self.send(frame, frame + HEADER_LEN as u64, wait)
-    }
-
-    /// A receive buffer at `addr`; the length of the frame the device put there, if any.
-    fn receive(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let buffer = [(addr, RX_BUFFER_LEN as usize)];
-        self.offer(RX, (&buffer, DESC_F_WRITE), wait)
-    }
+/// A receive buffer at `addr`; the length of the frame the device put there, if any.
+fn receive(net: &mut Driven, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
+    let buffer = [(addr, RX_BUFFER_LEN as usize)];
+    net.submit(RX, (&buffer, DESC_F_WRITE), wait)
 }
 
 /// A broadcast Ethernet frame of an experimental type, with its (zero) virtio-net header.
@@ -124,17 +100,9 @@ fn frame() -> [u8; FRAME_LEN] {
 
 /// Runs every check against the net device at sysfs path `device`, served by `path`.
 pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
-    let Attached {
-        dev,
-        buf,
-        canary,
-        canary_gpa,
-    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
-    let mut net = Net {
-        dev,
-        buf,
-        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
-    };
+    let mut net = Driven::attach(device, &QUEUE_BASE, FRAME, "net device")?;
+    let canary = Canary::new(4096)?;
+    let canary_gpa = canary.gpa;
     let name = |check: &str| format!("{}-{check}", path.name());
 
     // Without ACCESS_PLATFORM the device must not take the features, nor go live: its
@@ -142,7 +110,7 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
     let accepted = net.dev.negotiate(WITHOUT_ACCESS_PLATFORM)?;
     for queue in [RX, TX] {
         let at_canary = QueueLayout {
-            size: QUEUE_SIZE,
+            size: DRIVEN_QUEUE_SIZE,
             desc: canary_gpa,
             avail: canary_gpa,
             used: canary_gpa,
@@ -163,7 +131,7 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
 
     net.start()?;
     put(net.buf, FRAME, &frame());
-    match net.send_mapped(Duration::from_secs(5))? {
+    match send_mapped(&mut net, Duration::from_secs(5))? {
         Some(_) => report(&name("BASELINE-TX"), "ok", "a frame sent from the mapping"),
         None => return Err("the baseline frame was never sent".into()),
     }
@@ -179,7 +147,7 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
         ),
         ("CANARY-TX", header, canary_gpa),
     ] {
-        let used = net.send(header, payload, Duration::from_secs(3))?;
+        let used = send(&mut net, header, payload, Duration::from_secs(3))?;
         report(
             &name(check),
             verdict(path.refused(used)),
@@ -190,21 +158,25 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
 
     // Receiving: a buffer in the mapping gets the host's frames; one at the canary's address
     // gets nothing, and the canary stays as it was.
-    let received = net.receive(IOVA + RX_BUFFERS as u64, Duration::from_secs(30))?;
+    let received = receive(&mut net, IOVA + RX_BUFFERS as u64, Duration::from_secs(30))?;
     match received {
         Some(len) if len > 0 => report(&name("BASELINE-RX"), "ok", &format!("len={len}")),
         _ => return Err("no frame from the host reached the mapped receive buffer".into()),
     }
     net.start()?;
-    let received = net.receive(canary_gpa, Duration::from_secs(5))?;
-    let intact = canary.iter().all(|&b| b == CANARY_BYTE);
+    let received = receive(&mut net, canary_gpa, Duration::from_secs(5))?;
+    let intact = canary.intact();
     report(
         &name("CANARY-RX"),
         verdict(received.is_none_or(|len| len == 0) && intact),
         &format!("gpa={canary_gpa:#x} used={received:?} canary-intact={intact}"),
     );
     net.start()?;
-    match net.receive(IOVA + RX_BUFFERS as u64 + 2048, Duration::from_secs(30))? {
+    match receive(
+        &mut net,
+        IOVA + RX_BUFFERS as u64 + 2048,
+        Duration::from_secs(30),
+    )? {
         Some(len) if len > 0 => report(&name("RECOVERED"), "ok", &format!("len={len}")),
         other => report(
             &name("RECOVERED"),
@@ -212,7 +184,7 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
             &format!("no frame after a reset: {other:?}"),
         ),
     }
-    match net.send_mapped(Duration::from_secs(5))? {
+    match send_mapped(&mut net, Duration::from_secs(5))? {
         Some(_) => report(
             &name("RECOVERED-TX"),
             "ok",
@@ -220,10 +192,9 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
         ),
         None => report(&name("RECOVERED-TX"), "FAILED", "never sent"),
     }
-    let intact = canary.iter().all(|&b| b == CANARY_BYTE);
     report(
         &name("CANARY"),
-        if intact { "intact" } else { "CHANGED" },
+        if canary.intact() { "intact" } else { "CHANGED" },
         &format!("gpa={canary_gpa:#x}"),
     );
     net.dev.reset()

@@ -7,11 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
-use crate::vfio::{attach, report, verdict, Attached, Device, Rings, DESC_F_WRITE};
+use crate::vfio::{report, verdict, Canary, Driven, DESC_F_WRITE, IOVA, IOVA_NEVER_MAPPED};
 
-const BUFFER_LEN: usize = 1 << 20;
-const QUEUE_SIZE: u16 = 16;
 const REQUESTS: u16 = 0;
 /// The request queue's table, available and used rings at the start of the buffer.
 const QUEUE_BASE: [usize; 1] = [0x0000];
@@ -21,36 +18,21 @@ const REQUEST_LEN: usize = 4096;
 /// What the attacker leaves in a buffer before asking: random bytes change most of it.
 const UNTOUCHED: u8 = 0x5a;
 
-/// The driver: the device, its DMA buffer and its queue.
-struct Rng {
-    dev: Device,
-    buf: &'static mut [u8],
-    rings: Rings,
+/// Offers the buffers `(addr, len)` as one request; how many bytes the device delivered,
+/// `None` if it never answered.
+fn request(rng: &mut Driven, parts: &[(u64, usize)]) -> Result<Option<u32>, String> {
+    rng.submit(REQUESTS, (parts, DESC_F_WRITE), Duration::from_secs(5))
 }
 
-impl Rng {
-    /// Offers the buffers `(addr, len)` as one request; how many bytes the device delivered,
-    /// `None` if it never answered.
-    fn request(&mut self, parts: &[(u64, usize)]) -> Result<Option<u32>, String> {
-        self.rings.submit(
-            self.buf,
-            &self.dev,
-            REQUESTS,
-            (parts, DESC_F_WRITE),
-            Duration::from_secs(5),
-        )
-    }
-
-    /// Whether the mapped bytes `[at, at + len)` still hold what the attacker left there.
-    fn untouched(&self, at: usize, len: usize) -> bool {
-        self.buf[at..at + len].iter().all(|&b| b == UNTOUCHED)
-    }
+/// Whether the mapped bytes `[at, at + len)` still hold what the attacker left there.
+fn untouched(rng: &Driven, at: usize, len: usize) -> bool {
+    rng.buf[at..at + len].iter().all(|&b| b == UNTOUCHED)
 }
 
 /// A request filled inside the mapping: delivered, and most of its bytes changed.
-fn filled(rng: &mut Rng, at: usize) -> Result<(Option<u32>, bool), String> {
+fn filled(rng: &mut Driven, at: usize) -> Result<(Option<u32>, bool), String> {
     rng.buf[at..at + REQUEST_LEN].fill(UNTOUCHED);
-    let used = rng.request(&[(IOVA + at as u64, REQUEST_LEN)])?;
+    let used = request(rng, &[(IOVA + at as u64, REQUEST_LEN)])?;
     let changed = rng.buf[at..at + REQUEST_LEN]
         .iter()
         .filter(|&&b| b != UNTOUCHED)
@@ -63,19 +45,10 @@ fn filled(rng: &mut Rng, at: usize) -> Result<(Option<u32>, bool), String> {
 
 /// Runs every check against the rng at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let Attached {
-        dev,
-        buf,
-        canary,
-        canary_gpa,
-    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
-    let mut rng = Rng {
-        dev,
-        buf,
-        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
-    };
-    rng.rings
-        .start(&rng.dev, rng.buf, (FEATURES, BUFFERS), "rng")?;
+    let mut rng = Driven::attach(device, &QUEUE_BASE, BUFFERS, "rng")?;
+    rng.start()?;
+    let canary = Canary::new(4096)?;
+    let canary_gpa = canary.gpa;
 
     match filled(&mut rng, BUFFERS)? {
         (_, true) => report("RNG-BASELINE", "ok", "random bytes in the mapping"),
@@ -85,7 +58,7 @@ pub fn run(device: &Path) -> Result<(), String> {
     // Requests outside the grant: nothing delivered, the canary and the mapped parts as
     // they were.
     let head = BUFFERS + REQUEST_LEN;
-    let last_page = BUFFER_LEN - REQUEST_LEN;
+    let last_page = rng.buf.len() - REQUEST_LEN;
     rng.buf[head..head + REQUEST_LEN].fill(UNTOUCHED);
     rng.buf[last_page..].fill(UNTOUCHED);
     let mapped = |at: usize| IOVA + at as u64;
@@ -107,9 +80,9 @@ pub fn run(device: &Path) -> Result<(), String> {
             Some(last_page),
         ),
     ] {
-        let used = rng.request(&parts)?;
-        let canary_intact = canary.iter().all(|&b| b == CANARY_BYTE);
-        let mapped_intact = inside.is_none_or(|at| rng.untouched(at, REQUEST_LEN));
+        let used = request(&mut rng, &parts)?;
+        let canary_intact = canary.intact();
+        let mapped_intact = inside.is_none_or(|at| untouched(&rng, at, REQUEST_LEN));
         report(
             check,
             verdict(used == Some(0) && canary_intact && mapped_intact),
@@ -125,10 +98,9 @@ pub fn run(device: &Path) -> Result<(), String> {
         (_, true) => report("RNG-RECOVERED", "ok", "random bytes after the attacks"),
         (used, false) => report("RNG-RECOVERED", "FAILED", &format!("used={used:?}")),
     }
-    let intact = canary.iter().all(|&b| b == CANARY_BYTE);
     report(
         "RNG-CANARY-PAGE",
-        if intact { "intact" } else { "CHANGED" },
+        if canary.intact() { "intact" } else { "CHANGED" },
         &format!("gpa={canary_gpa:#x}"),
     );
     rng.dev.reset()

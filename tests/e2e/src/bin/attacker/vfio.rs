@@ -125,30 +125,91 @@ pub fn guest_physical(addr: *const u8) -> Result<u64, String> {
     Ok(pfn * 4096 + (addr as u64 % 4096))
 }
 
-/// A device taken for an attack, as every attack but the disk's starts: in a container of its
-/// own (whose descriptors stay open for the process's life), `len` bytes of pinned memory
-/// mapped for it at `iova`, and a canary page filled with `canary_byte` that is mapped nowhere.
-pub struct Attached {
-    pub dev: Device,
-    pub buf: &'static mut [u8],
-    pub canary: &'static mut [u8],
-    pub canary_gpa: u64,
+/// Where an attack's DMA buffer sits for the device: clear of page 0 and of the x86 MSI window.
+pub const IOVA: u64 = 1 << 30;
+/// Never mapped by anyone: a type1 container starts empty.
+pub const IOVA_NEVER_MAPPED: u64 = 0x8000_0000;
+/// VIRTIO_F_VERSION_1 and VIRTIO_F_ACCESS_PLATFORM.
+pub const FEATURES: u64 = 0b11 << 32;
+/// What a canary page holds.
+pub const CANARY_BYTE: u8 = 0xa5;
+/// A [`Driven`] device's DMA buffer: its rings, then its buffers.
+const DRIVEN_BUFFER_LEN: usize = 1 << 20;
+/// Each queue's entries in a [`Driven`] device.
+pub const DRIVEN_QUEUE_SIZE: u16 = 16;
+
+/// Pinned pages of [`CANARY_BYTE`] mapped for no device: what a device without an IOMMU
+/// would reach at their guest-physical address `gpa`.
+pub struct Canary {
+    page: &'static mut [u8],
+    pub gpa: u64,
 }
 
-/// Takes the device at sysfs path `device` (bound to vfio-pci); see [`Attached`].
-pub fn attach(device: &Path, iova: u64, len: usize, canary_byte: u8) -> Result<Attached, String> {
-    let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
-    let container = Container::open(device)?;
-    let buf = pinned_pages(len, 0)?;
-    container.map(buf.as_ptr() as u64, iova, len)?;
-    let canary = pinned_pages(4096, canary_byte)?;
-    let canary_gpa = guest_physical(canary.as_ptr())?;
-    Ok(Attached {
-        dev: Device::open(&container, &bdf)?,
-        buf,
-        canary,
-        canary_gpa,
-    })
+impl Canary {
+    pub fn new(len: usize) -> Result<Canary, String> {
+        let page = pinned_pages(len, CANARY_BYTE)?;
+        let gpa = guest_physical(page.as_ptr())?;
+        Ok(Canary { page, gpa })
+    }
+
+    /// Whether every byte is still the canary's.
+    pub fn intact(&self) -> bool {
+        self.page.iter().all(|&b| b == CANARY_BYTE)
+    }
+}
+
+/// A virtio device driven from user space, as every attack but the disk's drives one: its
+/// group in a container of its own (whose descriptors stay open for the process's life), and
+/// 1 MiB of pinned memory mapped for it at [`IOVA`] that holds its rings (16 entries, a queue
+/// at each of `queue_bases`) in its first `rings_len` bytes and its buffers after them. Each
+/// attack module adds its device's operations.
+pub struct Driven {
+    pub dev: Device,
+    pub buf: &'static mut [u8],
+    rings: Rings,
+    rings_len: usize,
+    /// The device, in errors.
+    what: &'static str,
+}
+
+impl Driven {
+    /// Takes the device at sysfs path `device` (bound to vfio-pci); [`Driven::start`] starts it.
+    pub fn attach(
+        device: &Path,
+        queue_bases: &'static [usize],
+        rings_len: usize,
+        what: &'static str,
+    ) -> Result<Driven, String> {
+        let bdf = device.file_name().unwrap().to_string_lossy().into_owned();
+        let container = Container::open(device)?;
+        let buf = pinned_pages(DRIVEN_BUFFER_LEN, 0)?;
+        container.map(buf.as_ptr() as u64, IOVA, DRIVEN_BUFFER_LEN)?;
+        Ok(Driven {
+            dev: Device::open(&container, &bdf)?,
+            buf,
+            rings: Rings::new(IOVA, queue_bases, DRIVEN_QUEUE_SIZE),
+            rings_len,
+            what,
+        })
+    }
+
+    /// Resets the device, negotiates [`FEATURES`] and sets every queue up afresh.
+    pub fn start(&mut self) -> Result<(), String> {
+        self.rings
+            .start(&self.dev, self.buf, (FEATURES, self.rings_len), self.what)
+    }
+
+    /// Offers the buffers `parts` (address, length), each with the flags given, on `queue` as
+    /// one chain and waits up to `wait` for the device to use it: the length it wrote, `None`
+    /// if it never returned the chain.
+    pub fn submit(
+        &mut self,
+        queue: u16,
+        parts: (&[(u64, usize)], u16),
+        wait: Duration,
+    ) -> Result<Option<u32>, String> {
+        self.rings.submit(self.buf, &self.dev, queue, parts, wait)
+    }
 }
 
 /// The device's group in a type1 container of its own: what it may reach is what is mapped
@@ -438,7 +499,7 @@ pub fn put_desc(buf: &mut [u8], table: usize, index: usize, d: Desc) {
 /// The driver's side of queues laid out in its DMA buffer (mapped at I/O virtual address
 /// `iova`), one at each of `bases`: the descriptor table there, the available ring 0x1000 after
 /// it, the used ring 0x2000 after it; the next available and used index of each.
-pub struct Rings {
+struct Rings {
     iova: u64,
     bases: &'static [usize],
     size: u16,
@@ -447,7 +508,7 @@ pub struct Rings {
 }
 
 impl Rings {
-    pub fn new(iova: u64, bases: &'static [usize], size: u16) -> Self {
+    fn new(iova: u64, bases: &'static [usize], size: u16) -> Self {
         Rings {
             iova,
             bases,
@@ -458,7 +519,7 @@ impl Rings {
     }
 
     /// Queue `queue` where the device is told it is.
-    pub fn layout(&self, queue: u16) -> QueueLayout {
+    fn layout(&self, queue: u16) -> QueueLayout {
         let base = self.iova + self.bases[usize::from(queue)] as u64;
         QueueLayout {
             size: self.size,
@@ -472,7 +533,7 @@ impl Rings {
     /// `buf`, whose first `rings` bytes (the rings) are cleared once the reset is complete:
     /// until then the device may still complete a request of its previous life and write its
     /// used index there.
-    pub fn start(
+    fn start(
         &mut self,
         dev: &Device,
         buf: &mut [u8],
@@ -494,10 +555,9 @@ impl Rings {
         Ok(())
     }
 
-    /// Makes the buffers `parts` (address, length), each with `flags`, available on `queue`
-    /// as one chain, notifies, and waits up to `wait` for the device to use it: the length it
-    /// wrote, `None` if it never returned the chain.
-    pub fn submit(
+    /// Makes the buffers `parts` available on `queue` as one chain, notifies, and waits for
+    /// it: see [`Driven::submit`].
+    fn submit(
         &mut self,
         buf: &mut [u8],
         dev: &Device,

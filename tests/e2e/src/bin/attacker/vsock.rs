@@ -11,14 +11,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::blk::{CANARY_BYTE, FEATURES, IOVA, IOVA_NEVER_MAPPED};
 use crate::vfio::{
-    attach, get_u16, guest_physical, pinned_pages, put, report, verdict, Attached, Device, Rings,
-    DESC_F_WRITE,
+    get_u16, guest_physical, pinned_pages, put, report, verdict, Canary, Driven, DESC_F_WRITE,
+    IOVA, IOVA_NEVER_MAPPED,
 };
 
-const BUFFER_LEN: usize = 1 << 20;
-const QUEUE_SIZE: u16 = 16;
 const RX: u16 = 0;
 const TX: u16 = 1;
 /// Each queue's table, available and used rings in the buffer: receive, transmit, events.
@@ -46,78 +43,47 @@ fn request(src: u32, dst: u32) -> [u8; HEADER_LEN] {
     header
 }
 
-/// The driver: the device, its DMA buffer and its queues.
-struct Vsock {
-    dev: Device,
-    buf: &'static mut [u8],
-    rings: Rings,
+/// Transmits the header at `addr`; whether the device returned the buffer.
+fn transmit(vsock: &mut Driven, addr: u64) -> Result<bool, String> {
+    let header = [(addr, HEADER_LEN)];
+    let used = vsock.submit(TX, (&header, 0), Duration::from_secs(3))?;
+    Ok(used.is_some())
 }
 
-impl Vsock {
-    /// Resets, negotiates VERSION_1 + ACCESS_PLATFORM and sets the three queues up in the
-    /// buffer.
-    fn start(&mut self) -> Result<(), String> {
-        self.rings
-            .start(&self.dev, self.buf, (FEATURES, PACKETS), "vsock")
-    }
+/// Posts a receive buffer at `addr` and waits up to `wait` for a packet in it: its length (0:
+/// returned unwritten).
+fn receive(vsock: &mut Driven, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
+    let buffer = [(addr, RX_BUFFER_LEN as usize)];
+    vsock.submit(RX, (&buffer, DESC_F_WRITE), wait)
+}
 
-    /// Transmits the header at `addr`; whether the device returned the buffer.
-    fn transmit(&mut self, addr: u64) -> Result<bool, String> {
-        let header = [(addr, HEADER_LEN)];
-        let used = self.rings.submit(
-            self.buf,
-            &self.dev,
-            TX,
-            (&header, 0),
-            Duration::from_secs(3),
-        )?;
-        Ok(used.is_some())
-    }
-
-    /// Posts a receive buffer at `addr` and waits up to `wait` for a packet in it: its
-    /// length (0: returned unwritten).
-    fn receive(&mut self, addr: u64, wait: Duration) -> Result<Option<u32>, String> {
-        let buffer = [(addr, RX_BUFFER_LEN as usize)];
-        self.rings
-            .submit(self.buf, &self.dev, RX, (&buffer, DESC_F_WRITE), wait)
-    }
-
-    /// The operation and ports of the packet received into the mapped buffer `at`.
-    fn packet(&self, at: usize) -> (u16, u32, u32) {
-        let word = |offset: usize| {
-            u32::from(get_u16(self.buf, at + offset))
-                | u32::from(get_u16(self.buf, at + offset + 2)) << 16
-        };
-        (get_u16(self.buf, at + 30), word(16), word(20))
-    }
+/// The operation and ports of the packet received into the mapped buffer `at`.
+fn packet(vsock: &Driven, at: usize) -> (u16, u32, u32) {
+    let word = |offset: usize| {
+        u32::from(get_u16(vsock.buf, at + offset))
+            | u32::from(get_u16(vsock.buf, at + offset + 2)) << 16
+    };
+    (get_u16(vsock.buf, at + 30), word(16), word(20))
 }
 
 /// Runs every check against the vsock at sysfs path `device`.
 pub fn run(device: &Path) -> Result<(), String> {
-    let Attached {
-        dev,
-        buf,
-        canary,
-        canary_gpa,
-    } = attach(device, IOVA, BUFFER_LEN, CANARY_BYTE)?;
+    let mut vsock = Driven::attach(device, &QUEUE_BASE, PACKETS, "vsock")?;
+    let canary = Canary::new(4096)?;
+    let canary_gpa = canary.gpa;
     let lure = pinned_pages(4096, 0)?;
     lure[..HEADER_LEN].copy_from_slice(&request(41, 7041));
     let lure_gpa = guest_physical(lure.as_ptr())?;
-    let mut vsock = Vsock {
-        dev,
-        buf,
-        rings: Rings::new(IOVA, &QUEUE_BASE, QUEUE_SIZE),
-    };
     vsock.start()?;
 
     // The tool works: a request from the mapping is answered with a reset into the mapping.
     put(vsock.buf, PACKETS, &request(40, 7040));
-    if !vsock.transmit(IOVA + PACKETS as u64)? {
+    if !transmit(&mut vsock, IOVA + PACKETS as u64)? {
         return Err("the baseline request was never taken".into());
     }
     let rx = IOVA + RX_BUFFERS as u64;
-    match vsock.receive(rx, Duration::from_secs(5))? {
-        Some(len) if vsock.packet(RX_BUFFERS) == (OP_RST, 7040, 40) => report(
+    match receive(&mut vsock, rx, Duration::from_secs(5))? {
+        Some(len) if packet(&vsock, RX_BUFFERS) == (OP_RST, 7040, 40) => report(
             "VSOCK-BASELINE",
             "ok",
             &format!("a request answered with a reset of {len} bytes"),
@@ -130,8 +96,8 @@ pub fn run(device: &Path) -> Result<(), String> {
         ("VSOCK-NEVER-MAPPED-TX", IOVA_NEVER_MAPPED),
         ("VSOCK-LURE-TX", lure_gpa),
     ] {
-        let taken = vsock.transmit(addr)?;
-        let answered = vsock.receive(rx + 0x2000, Duration::from_secs(2))?;
+        let taken = transmit(&mut vsock, addr)?;
+        let answered = receive(&mut vsock, rx + 0x2000, Duration::from_secs(2))?;
         report(
             name,
             verdict(answered.is_none()),
@@ -151,11 +117,11 @@ pub fn run(device: &Path) -> Result<(), String> {
     {
         let port = 7050 + i as u32;
         put(vsock.buf, PACKETS, &request(50, port));
-        vsock.transmit(IOVA + PACKETS as u64)?;
-        let outside = vsock.receive(addr, Duration::from_secs(3))?;
-        let inside = vsock.receive(rx, Duration::from_secs(5))?;
-        let delivered = vsock.packet(RX_BUFFERS) == (OP_RST, port, 50);
-        let intact = canary.iter().all(|&b| b == CANARY_BYTE);
+        transmit(&mut vsock, IOVA + PACKETS as u64)?;
+        let outside = receive(&mut vsock, addr, Duration::from_secs(3))?;
+        let inside = receive(&mut vsock, rx, Duration::from_secs(5))?;
+        let delivered = packet(&vsock, RX_BUFFERS) == (OP_RST, port, 50);
+        let intact = canary.intact();
         report(
             name,
             verdict(outside.is_none_or(|len| len == 0) && delivered && intact),
@@ -165,17 +131,16 @@ pub fn run(device: &Path) -> Result<(), String> {
     }
 
     put(vsock.buf, PACKETS, &request(60, 7060));
-    vsock.transmit(IOVA + PACKETS as u64)?;
-    match vsock.receive(rx, Duration::from_secs(5))? {
-        Some(_) if vsock.packet(RX_BUFFERS) == (OP_RST, 7060, 60) => report(
+    transmit(&mut vsock, IOVA + PACKETS as u64)?;
+    match receive(&mut vsock, rx, Duration::from_secs(5))? {
+        Some(_) if packet(&vsock, RX_BUFFERS) == (OP_RST, 7060, 60) => report(
             "VSOCK-RECOVERED",
             "ok",
             "a request answered after the attacks",
         ),
         other => report("VSOCK-RECOVERED", "FAILED", &format!("got {other:?}")),
     }
-    let intact =
-        canary.iter().all(|&b| b == CANARY_BYTE) && lure[HEADER_LEN..].iter().all(|&b| b == 0);
+    let intact = canary.intact() && lure[HEADER_LEN..].iter().all(|&b| b == 0);
     report(
         "VSOCK-CANARY",
         if intact { "intact" } else { "CHANGED" },
