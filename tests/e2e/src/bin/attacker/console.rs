@@ -78,10 +78,6 @@ pub fn run(device: &Path) -> Result<(), String> {
         ),
         false => report("CONSOLE-RECOVERED", "FAILED", "never printed"),
     }
-    report(
-        "CONSOLE-CANARY-PAGE",
-        if canary.intact() { "intact" } else { "CHANGED" },
-        &format!("gpa={canary_gpa:#x}"),
-    );
+    canary.report("CONSOLE-CANARY-PAGE");
     console.dev.reset()
 }

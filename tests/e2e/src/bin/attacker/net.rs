@@ -192,10 +192,6 @@ pub fn run(device: &Path, path: Datapath) -> Result<(), String> {
         ),
         None => report(&name("RECOVERED-TX"), "FAILED", "never sent"),
     }
-    report(
-        &name("CANARY"),
-        if canary.intact() { "intact" } else { "CHANGED" },
-        &format!("gpa={canary_gpa:#x}"),
-    );
+    canary.report(&name("CANARY"));
     net.dev.reset()
 }

@@ -156,6 +156,12 @@ impl Canary {
     pub fn intact(&self) -> bool {
         self.page.iter().all(|&b| b == CANARY_BYTE)
     }
+
+    /// Reports check `name`: `intact`, or `CHANGED` if a device wrote the canary.
+    pub fn report(&self, name: &str) {
+        let verdict = if self.intact() { "intact" } else { "CHANGED" };
+        report(name, verdict, &format!("gpa={:#x}", self.gpa));
+    }
 }
 
 /// A virtio device driven from user space, as every attack but the disk's drives one: its
